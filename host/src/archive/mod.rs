@@ -1,0 +1,501 @@
+//! Model archives: `MANIFEST.toml` + `model-config.toml` + model files, as a `.tar.gz`, a
+//! `.zip` or a plain directory.
+
+mod create;
+mod extract;
+
+pub use create::{create_archive, ArchiveFormat, ArchiveOptions};
+pub use extract::{ExtractError, ExtractLimits};
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest's file name at the archive root.
+pub const MANIFEST_FILE: &str = "MANIFEST.toml";
+/// The model configuration's file name at the archive root.
+pub const MODEL_CONFIG_FILE: &str = "model-config.toml";
+
+/// `MANIFEST.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version of this manifest (1).
+    #[serde(default = "default_manifest_version")]
+    pub manifest_version: u32,
+    /// Who wrote the archive, e.g. `cresset 0.1.0`.
+    #[serde(default)]
+    pub created_by: String,
+    /// The model this archive holds.
+    pub model: ManifestModel,
+}
+
+fn default_manifest_version() -> u32 {
+    1
+}
+
+/// `[model]` of `MANIFEST.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestModel {
+    /// The model name.
+    pub name: String,
+    /// The model version.
+    pub version: String,
+    /// A built-in plugin name (`echo`, `torchscript`, ...) or the path, inside the archive, of
+    /// a bundled plugin library (`handler/libmy_plugin.so`).
+    pub handler: String,
+    /// The `cresset-plugin-api` version the handler was built against.
+    #[serde(default)]
+    pub abi_version: String,
+    /// One line for people.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// Where a model's plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerRef {
+    /// A plugin that ships with the server, found in the plugin directory.
+    BuiltIn(String),
+    /// A library bundled in the archive (absolute path after extraction).
+    Bundled(PathBuf),
+}
+
+/// `model-config.toml`: TorchServe's model-config.yaml keys in snake_case.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Workers started at load.
+    #[serde(default = "one")]
+    pub min_workers: u32,
+    /// The most workers scaling may start.
+    #[serde(default = "one")]
+    pub max_workers: u32,
+    /// The most requests one `execute` call receives.
+    #[serde(default = "one")]
+    pub batch_size: u32,
+    /// How long a partial batch may wait while every instance is busy.
+    #[serde(default = "default_batch_delay")]
+    pub max_batch_delay_ms: u64,
+    /// How long a client waits for a response before it gets a 504.
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout_s: u64,
+    /// `cpu` or `gpu`.
+    #[serde(default)]
+    pub device_type: DeviceKind,
+    /// The GPUs to use (round-robin over instances, or all of them for tensor parallelism).
+    #[serde(default)]
+    pub device_ids: Vec<i32>,
+    /// `""`, `pp` or `tp` (used by the LLM plugins).
+    #[serde(default)]
+    pub parallel_type: String,
+    /// Requests the queue holds before answering 503.
+    #[serde(default = "default_queue_size")]
+    pub job_queue_size: u32,
+    /// Free-form configuration passed to the plugin as JSON.
+    #[serde(default)]
+    pub handler: toml::Table,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_batch_delay() -> u64 {
+    100
+}
+fn default_response_timeout() -> u64 {
+    120
+}
+fn default_queue_size() -> u32 {
+    100
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("an empty model config parses: this is a bug")
+    }
+}
+
+/// The device kind of `model-config.toml`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// CPU.
+    #[default]
+    Cpu,
+    /// CUDA GPUs.
+    Gpu,
+}
+
+impl ModelConfig {
+    /// Check values that parse but make no sense, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_size == 0 {
+            return Err("`batch_size` must be >= 1. Given: 0".into());
+        }
+        if self.max_workers < self.min_workers {
+            return Err(format!(
+                "`max_workers` must be >= `min_workers` ({}). Given: {}",
+                self.min_workers, self.max_workers
+            ));
+        }
+        if self.job_queue_size == 0 {
+            return Err("`job_queue_size` must be >= 1. Given: 0".into());
+        }
+        if self.response_timeout_s == 0 {
+            return Err("`response_timeout_s` must be >= 1. Given: 0".into());
+        }
+        if !["", "pp", "tp", "pptp"].contains(&self.parallel_type.as_str()) {
+            return Err(format!(
+                "`parallel_type` must be one of \"\", \"pp\", \"tp\", \"pptp\". Given: {:?}",
+                self.parallel_type
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Errors opening an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The archive does not exist.
+    #[error("model archive `{0}` does not exist")]
+    NotFound(PathBuf),
+    /// The file is neither a `.tar.gz`, a `.zip` nor a directory.
+    #[error("`{0}` is not a model archive: expected a .tar.gz/.tgz, a .zip or a directory")]
+    UnknownFormat(PathBuf),
+    /// Extraction refused or failed.
+    #[error("cannot extract `{path}`: {source}")]
+    Extract {
+        /// The archive.
+        path: PathBuf,
+        /// Why.
+        source: ExtractError,
+    },
+    /// `MANIFEST.toml` or `model-config.toml` is missing or malformed.
+    #[error("bad `{file}` in `{archive}`: {message}")]
+    BadFile {
+        /// The archive.
+        archive: PathBuf,
+        /// The file inside it.
+        file: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Reading failed.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// An archive opened for loading: its files are in `dir` for as long as this value lives.
+#[derive(Debug)]
+pub struct OpenedArchive {
+    /// The archive it came from.
+    pub source: PathBuf,
+    /// The folder with the model files.
+    pub dir: PathBuf,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The model configuration (defaults when the file is absent).
+    pub config: ModelConfig,
+    /// Owns the extraction folder (None for a directory archive used in place).
+    _extracted: Option<tempfile::TempDir>,
+}
+
+impl OpenedArchive {
+    /// Open `source`, extracting it under `work_dir` when it is a file.
+    pub fn open(
+        source: &Path,
+        work_dir: &Path,
+        limits: &ExtractLimits,
+    ) -> Result<Self, ArchiveError> {
+        let io = |source: std::io::Error| ArchiveError::Io {
+            path: work_dir.to_owned(),
+            source,
+        };
+        let meta =
+            std::fs::metadata(source).map_err(|_| ArchiveError::NotFound(source.to_owned()))?;
+        let (dir, extracted) = if meta.is_dir() {
+            (source.to_owned(), None)
+        } else {
+            let format = ArchiveFormat::of_file(source)
+                .ok_or_else(|| ArchiveError::UnknownFormat(source.to_owned()))?;
+            std::fs::create_dir_all(work_dir).map_err(io)?;
+            let tmp = tempfile::Builder::new()
+                .prefix("model-")
+                .tempdir_in(work_dir)
+                .map_err(io)?;
+            extract::extract(source, format, tmp.path(), limits).map_err(|e| {
+                ArchiveError::Extract {
+                    path: source.to_owned(),
+                    source: e,
+                }
+            })?;
+            (tmp.path().to_owned(), Some(tmp))
+        };
+        let manifest: Manifest =
+            read_toml(source, &dir, MANIFEST_FILE)?.ok_or_else(|| ArchiveError::BadFile {
+                archive: source.to_owned(),
+                file: MANIFEST_FILE,
+                message: "the archive has no MANIFEST.toml at its root".into(),
+            })?;
+        let config: ModelConfig = read_toml(source, &dir, MODEL_CONFIG_FILE)?.unwrap_or_default();
+        let bad = |file, message: String| ArchiveError::BadFile {
+            archive: source.to_owned(),
+            file,
+            message,
+        };
+        validate_name("model.name", &manifest.model.name).map_err(|m| bad(MANIFEST_FILE, m))?;
+        validate_version(&manifest.model.version).map_err(|m| bad(MANIFEST_FILE, m))?;
+        if manifest.model.handler.trim().is_empty() {
+            return Err(bad(
+                MANIFEST_FILE,
+                "`model.handler` must not be empty".into(),
+            ));
+        }
+        config.validate().map_err(|m| bad(MODEL_CONFIG_FILE, m))?;
+        Ok(Self {
+            source: source.to_owned(),
+            dir,
+            manifest,
+            config,
+            _extracted: extracted,
+        })
+    }
+
+    /// Where the plugin comes from. A bundled path must stay inside the archive.
+    pub fn handler(&self) -> Result<HandlerRef, ArchiveError> {
+        let handler = self.manifest.model.handler.trim();
+        if !handler.contains('/') && !handler.ends_with(std::env::consts::DLL_SUFFIX) {
+            return Ok(HandlerRef::BuiltIn(handler.to_owned()));
+        }
+        let rel = Path::new(handler);
+        if !is_plain_relative(rel) {
+            return Err(ArchiveError::BadFile {
+                archive: self.source.clone(),
+                file: MANIFEST_FILE,
+                message: format!("`model.handler` must be a built-in name or a relative path inside the archive. Given: {handler:?}"),
+            });
+        }
+        Ok(HandlerRef::Bundled(self.dir.join(rel)))
+    }
+
+    /// The `[handler]` table as JSON, for the plugin.
+    pub fn handler_config_json(&self) -> String {
+        serde_json::to_string(&self.config.handler).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The whole model config as JSON, for the plugin.
+    pub fn model_config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(
+    archive: &Path,
+    dir: &Path,
+    file: &'static str,
+) -> Result<Option<T>, ArchiveError> {
+    let path = dir.join(file);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ArchiveError::Io { path, source }),
+    };
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| ArchiveError::BadFile {
+            archive: archive.to_owned(),
+            file,
+            message: e.to_string(),
+        })
+}
+
+/// A path made only of normal components (no root, no `..`, no `.` only).
+pub(crate) fn is_plain_relative(path: &Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && path.components().any(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Model names go into URLs and file names: letters, digits, `_`, `-` and `.`, not starting
+/// with `.`.
+pub fn validate_name(field: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{field}` must be 1-128 characters of letters, digits, `_`, `-` and `.`, not starting with `.`. Given: {name:?}"
+        ))
+    }
+}
+
+fn validate_version(version: &str) -> Result<(), String> {
+    validate_name("model.version", version)
+}
+
+/// The archive formats, for reading and writing.
+impl ArchiveFormat {
+    /// The format a file's name says it is.
+    pub fn of_file(path: &Path) -> Option<Self> {
+        let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+        if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+            Some(Self::Tgz)
+        } else if name.ends_with(".zip") {
+            Some(Self::Zip)
+        } else {
+            None
+        }
+    }
+}
+
+/// Model specs on the command line: `name=archive`, or just `archive` (the name comes from
+/// the manifest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSource {
+    /// The name to register under, overriding the manifest's.
+    pub name: Option<String>,
+    /// The archive: a name in the model store, or a path.
+    pub archive: String,
+}
+
+impl std::str::FromStr for ModelSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, archive)) => {
+                validate_name("models", name)?;
+                if archive.is_empty() {
+                    return Err(format!("`models` entry {s:?} has an empty archive"));
+                }
+                Ok(Self {
+                    name: Some(name.to_owned()),
+                    archive: archive.to_owned(),
+                })
+            }
+            None if s.is_empty() => Err("`models` entries must not be empty".into()),
+            None => Ok(Self {
+                name: None,
+                archive: s.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Find an archive named `archive` in the model store: the path itself, or with one of the
+/// archive extensions. Absolute paths are taken as they are.
+pub fn resolve_in_store(store: &Path, archive: &str) -> Result<PathBuf, ArchiveError> {
+    let base = Path::new(archive);
+    if base.is_absolute() {
+        return if base.exists() {
+            Ok(base.to_owned())
+        } else {
+            Err(ArchiveError::NotFound(base.to_owned()))
+        };
+    }
+    if !is_plain_relative(base) {
+        return Err(ArchiveError::NotFound(base.to_owned()));
+    }
+    let direct = store.join(base);
+    let candidates = [
+        direct.clone(),
+        store.join(format!("{archive}.tar.gz")),
+        store.join(format!("{archive}.tgz")),
+        store.join(format!("{archive}.zip")),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .ok_or(ArchiveError::NotFound(direct))
+}
+
+/// Every archive in the store (for `--models all`): directories with a manifest, and archive
+/// files.
+pub fn list_store(store: &Path) -> Result<BTreeMap<String, PathBuf>, ArchiveError> {
+    let io = |source| ArchiveError::Io {
+        path: store.to_owned(),
+        source,
+    };
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(store).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() && path.join(MANIFEST_FILE).exists() {
+            found.insert(name, path);
+        } else if let Some(format) = ArchiveFormat::of_file(&path) {
+            let stem = name
+                .trim_end_matches(format.extension())
+                .trim_end_matches(".tgz")
+                .to_owned();
+            found.insert(stem, path);
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_config_defaults_match_torchserve() {
+        let c = ModelConfig::default();
+        assert_eq!((c.min_workers, c.max_workers, c.batch_size), (1, 1, 1));
+        assert_eq!(c.max_batch_delay_ms, 100);
+        assert_eq!(c.response_timeout_s, 120);
+        assert_eq!(c.device_type, DeviceKind::Cpu);
+    }
+
+    #[test]
+    fn model_config_rejects_unknown_keys_and_bad_values() {
+        let err = toml::from_str::<ModelConfig>("minWorkers = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("minWorkers"), "{err}");
+        let c: ModelConfig = toml::from_str("batch_size = 0").expect("parses");
+        assert_eq!(
+            c.validate().unwrap_err(),
+            "`batch_size` must be >= 1. Given: 0"
+        );
+    }
+
+    #[test]
+    fn model_sources_parse_names_and_paths() {
+        let s: ModelSource = "a=b.tar.gz".parse().expect("parses");
+        assert_eq!(
+            s,
+            ModelSource {
+                name: Some("a".into()),
+                archive: "b.tar.gz".into()
+            }
+        );
+        assert!("../x=y".parse::<ModelSource>().is_err());
+        assert_eq!("echo".parse::<ModelSource>().expect("parses").name, None);
+    }
+
+    #[test]
+    fn names_that_would_escape_a_folder_are_refused() {
+        assert!(validate_name("n", "..").is_err());
+        assert!(validate_name("n", "a/b").is_err());
+        assert!(validate_name("n", "resnet-18_v1.0").is_ok());
+    }
+}

@@ -1,0 +1,317 @@
+//! Command line, `cresset.toml` and `CRESSET_*` variables, merged into one validated
+//! [`ServerConfig`]. Precedence: flag or variable, then the file, then the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::archive::{ArchiveFormat, ExtractLimits, ModelSource};
+
+/// Cresset: a model server with handler plugins.
+#[derive(Debug, Parser)]
+#[command(name = "cresset", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Build a model archive (the torch-model-archiver of Cresset).
+    Archive(ArchiveArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `cresset serve` flags. Each has a `CRESSET_*` variable and a `cresset.toml` key of the same
+/// name in snake_case.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// A `cresset.toml` to read.
+    #[arg(long, env = "CRESSET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The folder holding model archives. [default: ./model_store]
+    #[arg(long, env = "CRESSET_MODEL_STORE")]
+    pub model_store: Option<PathBuf>,
+    /// Models to load at start-up: `name=archive` or `archive` (a name in the model store or a
+    /// path), or `all` for every archive in the store.
+    #[arg(long, env = "CRESSET_MODELS", value_delimiter = ',', num_args = 1..)]
+    pub models: Vec<String>,
+    /// Inference API address. [default: 127.0.0.1:8080]
+    #[arg(long, env = "CRESSET_INFERENCE_ADDRESS")]
+    pub inference_address: Option<String>,
+    /// Metrics API address (`/metrics`). [default: 127.0.0.1:8082]
+    #[arg(long, env = "CRESSET_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
+    /// Where built-in plugins (`libcresset_plugin_<name>.so`) are. [default: the folder of the
+    /// cresset executable]
+    #[arg(long, env = "CRESSET_PLUGIN_DIR")]
+    pub plugin_dir: Option<PathBuf>,
+    /// Scratch space: staged plugin libraries and extracted archives. [default: <tmp>/cresset]
+    #[arg(long, env = "CRESSET_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Largest request body, in bytes; larger ones get 413. [default: 6553500]
+    #[arg(long, env = "CRESSET_MAX_REQUEST_SIZE")]
+    pub max_request_size: Option<usize>,
+    /// Intra-op threads per instance; 0 divides the cores among a model's instances. [default: 0]
+    #[arg(long, env = "CRESSET_INTRA_OP_THREADS")]
+    pub intra_op_threads: Option<u32>,
+    /// HTTP worker threads. [default: 2]
+    #[arg(long, env = "CRESSET_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+    /// Most entries an archive may hold. [default: 10000]
+    #[arg(long, env = "CRESSET_MAX_ARCHIVE_ENTRIES")]
+    pub max_archive_entries: Option<u64>,
+    /// Most bytes an archive may unpack to. [default: 68719476736]
+    #[arg(long, env = "CRESSET_MAX_ARCHIVE_UNPACKED_BYTES")]
+    pub max_archive_unpacked_bytes: Option<u64>,
+    /// Most unpacked bytes per packed byte (past 16 MiB). [default: 100]
+    #[arg(long, env = "CRESSET_MAX_ARCHIVE_RATIO")]
+    pub max_archive_ratio: Option<u64>,
+    /// Log format. [default: text]
+    #[arg(long, env = "CRESSET_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info,cresset::access=warn`). [default: info]
+    #[arg(long, env = "CRESSET_LOG")]
+    pub log: Option<String>,
+}
+
+/// `cresset.toml`: the same keys as the flags, in snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    model_store: Option<PathBuf>,
+    #[serde(default)]
+    models: Vec<String>,
+    inference_address: Option<String>,
+    metrics_address: Option<String>,
+    plugin_dir: Option<PathBuf>,
+    work_dir: Option<PathBuf>,
+    max_request_size: Option<usize>,
+    intra_op_threads: Option<u32>,
+    http_workers: Option<usize>,
+    max_archive_entries: Option<u64>,
+    max_archive_unpacked_bytes: Option<u64>,
+    max_archive_ratio: Option<u64>,
+    log_format: Option<LogFormat>,
+    log: Option<String>,
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model store.
+    pub model_store: PathBuf,
+    /// Models to load at start-up.
+    pub models: Vec<ModelSource>,
+    /// Inference API address.
+    pub inference_address: SocketAddr,
+    /// Metrics API address.
+    pub metrics_address: SocketAddr,
+    /// Built-in plugin folder.
+    pub plugin_dir: PathBuf,
+    /// Scratch space.
+    pub work_dir: PathBuf,
+    /// Largest request body.
+    pub max_request_size: usize,
+    /// Intra-op threads per instance (0 = auto).
+    pub intra_op_threads: u32,
+    /// HTTP worker threads.
+    pub http_workers: usize,
+    /// Archive extraction caps.
+    pub extract_limits: ExtractLimits,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log: String,
+}
+
+fn parse_address(field: &str, value: &str) -> anyhow::Result<SocketAddr> {
+    value.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "`{field}` must be an IP address and port such as 127.0.0.1:8080. Given: {value:?}"
+        )
+    })
+}
+
+impl ServerConfig {
+    /// Merge flags, variables and the file, and validate the result.
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Self> {
+        let file: FileConfig = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read `config` {}", path.display()))?;
+                toml::from_str(&text).with_context(|| {
+                    format!("`config` {} is not a valid cresset.toml", path.display())
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let model_store = args
+            .model_store
+            .or(file.model_store)
+            .unwrap_or_else(|| PathBuf::from("model_store"));
+        if !model_store.is_dir() {
+            bail!(
+                "`model_store` must be an existing folder. Given: {}",
+                model_store.display()
+            );
+        }
+        let models_raw = if args.models.is_empty() {
+            file.models
+        } else {
+            args.models
+        };
+        let models = expand_models(&model_store, &models_raw)?;
+
+        let inference_address = parse_address(
+            "inference_address",
+            &args
+                .inference_address
+                .or(file.inference_address)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+        )?;
+        let metrics_address = parse_address(
+            "metrics_address",
+            &args
+                .metrics_address
+                .or(file.metrics_address)
+                .unwrap_or_else(|| "127.0.0.1:8082".into()),
+        )?;
+
+        let plugin_dir = match args.plugin_dir.or(file.plugin_dir) {
+            Some(dir) => dir,
+            None => std::env::current_exe()
+                .context("cannot find the cresset executable to locate built-in plugins; set `plugin_dir`")?
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from(".")),
+        };
+        if !plugin_dir.is_dir() {
+            bail!(
+                "`plugin_dir` must be an existing folder. Given: {}",
+                plugin_dir.display()
+            );
+        }
+        let work_dir = args
+            .work_dir
+            .or(file.work_dir)
+            .unwrap_or_else(|| std::env::temp_dir().join("cresset"));
+        std::fs::create_dir_all(&work_dir)
+            .with_context(|| format!("cannot create `work_dir` {}", work_dir.display()))?;
+
+        let max_request_size = args
+            .max_request_size
+            .or(file.max_request_size)
+            .unwrap_or(6_553_500);
+        if max_request_size == 0 {
+            bail!("`max_request_size` must be >= 1. Given: 0");
+        }
+        let http_workers = args.http_workers.or(file.http_workers).unwrap_or(2);
+        if http_workers == 0 {
+            bail!("`http_workers` must be >= 1. Given: 0");
+        }
+        let defaults = ExtractLimits::default();
+        let extract_limits = ExtractLimits {
+            max_entries: args
+                .max_archive_entries
+                .or(file.max_archive_entries)
+                .unwrap_or(defaults.max_entries),
+            max_unpacked_bytes: args
+                .max_archive_unpacked_bytes
+                .or(file.max_archive_unpacked_bytes)
+                .unwrap_or(defaults.max_unpacked_bytes),
+            max_ratio: args
+                .max_archive_ratio
+                .or(file.max_archive_ratio)
+                .unwrap_or(defaults.max_ratio),
+            ratio_floor_bytes: defaults.ratio_floor_bytes,
+        };
+        let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
+        tracing_subscriber::EnvFilter::try_new(&log)
+            .map_err(|e| anyhow::anyhow!("`log` is not a valid filter. Given: {log:?} ({e})"))?;
+        Ok(Self {
+            model_store,
+            models,
+            inference_address,
+            metrics_address,
+            plugin_dir,
+            work_dir,
+            max_request_size,
+            intra_op_threads: args.intra_op_threads.or(file.intra_op_threads).unwrap_or(0),
+            http_workers,
+            extract_limits,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            log,
+        })
+    }
+}
+
+fn expand_models(store: &Path, raw: &[String]) -> anyhow::Result<Vec<ModelSource>> {
+    let mut out = Vec::new();
+    for item in raw.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if item == "all" {
+            for (name, path) in crate::archive::list_store(store)? {
+                out.push(ModelSource {
+                    name: Some(name),
+                    archive: path.to_string_lossy().into_owned(),
+                });
+            }
+        } else {
+            out.push(item.parse::<ModelSource>().map_err(anyhow::Error::msg)?);
+        }
+    }
+    Ok(out)
+}
+
+/// `cresset archive` flags, in the spirit of torch-model-archiver.
+#[derive(Debug, Args)]
+pub struct ArchiveArgs {
+    /// The model name.
+    #[arg(long)]
+    pub model_name: String,
+    /// The model version.
+    #[arg(long, default_value = "1.0")]
+    pub version: String,
+    /// A built-in plugin name (`echo`, `torchscript`, ...) or the path of a plugin library to
+    /// bundle.
+    #[arg(long)]
+    pub handler: String,
+    /// The main model file (e.g. `model.pt`), stored at the archive root.
+    #[arg(long)]
+    pub serialized_file: Option<PathBuf>,
+    /// More files or folders, comma-separated, stored at the root under their own names.
+    #[arg(long, value_delimiter = ',')]
+    pub extra_files: Vec<PathBuf>,
+    /// A `model-config.toml` to include.
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// One line describing the model.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "tgz")]
+    pub archive_format: ArchiveFormat,
+    /// Folder to write the archive to.
+    #[arg(long, default_value = ".")]
+    pub export_path: PathBuf,
+    /// Overwrite an existing archive.
+    #[arg(long)]
+    pub force: bool,
+}

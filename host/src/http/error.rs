@@ -1,0 +1,90 @@
+//! API errors, mapped to HTTP statuses in one place, with TorchServe's body shape:
+//! `{"code": 404, "type": "ModelNotFoundException", "message": "..."}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use cresset_plugin_api::{ErrorCode, PluginError};
+
+/// Everything a route can answer with other than success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No such model or version.
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is larger than `max_request_size`.
+    #[error("the request body is larger than `max_request_size` ({0} bytes)")]
+    PayloadTooLarge(usize),
+    /// The model cannot take the request now (loading, failed, queue full).
+    #[error("{0}")]
+    Unavailable(String),
+    /// No final response within `response_timeout_s`.
+    #[error("model `{model}` gave no response within `response_timeout_s` ({seconds} s)")]
+    Timeout {
+        /// The model.
+        model: String,
+        /// The timeout.
+        seconds: u64,
+    },
+    /// The plugin refused or failed.
+    #[error("{0}")]
+    Plugin(PluginError),
+    /// A bug or an unexpected failure in the host.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Self::ModelNotFound(_) => "ModelNotFoundException",
+            Self::BadRequest(_) => "BadRequestException",
+            Self::PayloadTooLarge(_) => "RequestEntityTooLargeException",
+            Self::Unavailable(_) => "ServiceUnavailableException",
+            Self::Timeout { .. } => "ResponseTimeoutException",
+            Self::Internal(_) => "InternalServerException",
+            Self::Plugin(e) => match e.code {
+                ErrorCode::INVALID_INPUT => "BadRequestException",
+                ErrorCode::NOT_FOUND => "NotFoundException",
+                ErrorCode::UNAVAILABLE | ErrorCode::CANCELLED => "ServiceUnavailableException",
+                ErrorCode::UNSUPPORTED => "NotImplementedException",
+                _ => "PredictionException",
+            },
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Plugin(e) => match e.code {
+                ErrorCode::INVALID_INPUT => StatusCode::BAD_REQUEST,
+                ErrorCode::NOT_FOUND => StatusCode::NOT_FOUND,
+                ErrorCode::UNAVAILABLE | ErrorCode::CANCELLED => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::UNSUPPORTED => StatusCode::NOT_IMPLEMENTED,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        let message = match self {
+            Self::Plugin(e) => e.message.to_string(),
+            other => other.to_string(),
+        };
+        HttpResponse::build(status).json(serde_json::json!({
+            "code": status.as_u16(),
+            "type": self.type_name(),
+            "message": message,
+        }))
+    }
+}

@@ -1,0 +1,351 @@
+//! TorchServe's inference API: `/ping`, `/predictions/{model}[/{version}]`,
+//! `/explanations/{model}[/{version}]`.
+
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use cresset_plugin_api::{KeyValue, Request, Response};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{ApiError, AppState};
+use crate::registry::{LookupError, ModelVersion, SubmitError};
+use crate::worker::{Job, JobKind, Reply, REPLY_BUFFER};
+
+/// Register the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ping", web::get().to(ping))
+        .route("/predictions/{model}", web::post().to(predict))
+        .route(
+            "/predictions/{model}/{version}",
+            web::post().to(predict_version),
+        )
+        .route("/explanations/{model}", web::post().to(explain))
+        .route(
+            "/explanations/{model}/{version}",
+            web::post().to(explain_version),
+        );
+}
+
+/// Healthy only when every model that should have workers has them all up.
+async fn ping(state: web::Data<AppState>) -> HttpResponse {
+    let (ready, not_ready) = state.registry.readiness();
+    if ready {
+        HttpResponse::Ok().json(serde_json::json!({ "status": "Healthy" }))
+    } else {
+        HttpResponse::InternalServerError()
+            .json(serde_json::json!({ "status": "Unhealthy", "models": not_ready }))
+    }
+}
+
+async fn predict(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    run(
+        state,
+        path.into_inner(),
+        None,
+        JobKind::Predict,
+        req,
+        payload,
+    )
+    .await
+}
+
+async fn predict_version(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (model, version) = path.into_inner();
+    run(state, model, Some(version), JobKind::Predict, req, payload).await
+}
+
+async fn explain(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    run(
+        state,
+        path.into_inner(),
+        None,
+        JobKind::Explain,
+        req,
+        payload,
+    )
+    .await
+}
+
+async fn explain_version(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (model, version) = path.into_inner();
+    run(state, model, Some(version), JobKind::Explain, req, payload).await
+}
+
+/// Headers never passed to plugins.
+const PRIVATE_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
+
+fn request_id(req: &HttpRequest) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn run(
+    state: web::Data<AppState>,
+    model: String,
+    version: Option<String>,
+    kind: JobKind,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let target = state
+        .registry
+        .get(&model, version.as_deref())
+        .map_err(|e| match e {
+            LookupError::NoModel(m) => ApiError::ModelNotFound(format!("Model not found: {m}")),
+            LookupError::NoVersion(m, v) => {
+                ApiError::ModelNotFound(format!("Model version {v} does not exist for model {m}"))
+            }
+        })?;
+    let id = request_id(&req);
+    let started = Instant::now();
+    let result = answer(&state, &target, &id, kind, &req, payload).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status_code(),
+    };
+    let labels = [target.name.as_str(), target.version.as_str()];
+    state
+        .metrics
+        .requests_total
+        .with_label_values(&[labels[0], labels[1], status.as_str()])
+        .inc();
+    state
+        .metrics
+        .inference_latency
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    // Errors carry the version and request id too.
+    let mut response = result.unwrap_or_else(|e| e.error_response());
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&target.version) {
+        headers.insert(HeaderName::from_static("x-model-version"), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    Ok(response)
+}
+
+async fn answer(
+    state: &AppState,
+    target: &ModelVersion,
+    id: &str,
+    kind: JobKind,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (content_type, body, mut params) =
+        read_body(req, payload, state.config.max_request_size).await?;
+    if let Ok(query) = web::Query::<Vec<(String, String)>>::from_query(req.query_string()) {
+        params.extend(
+            query
+                .into_inner()
+                .into_iter()
+                .map(|(k, v)| KeyValue::new(k, v)),
+        );
+    }
+    let headers = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| !PRIVATE_HEADERS.contains(&name.as_str()))
+        .filter_map(|(name, value)| value.to_str().ok().map(|v| KeyValue::new(name.as_str(), v)))
+        .collect::<Vec<_>>();
+    let request = Request {
+        id: id.into(),
+        content_type: content_type.into(),
+        body: body.into(),
+        headers: headers.into(),
+        params: params.into(),
+    };
+    let (tx, mut rx) = mpsc::channel(REPLY_BUFFER);
+    target
+        .submit(Job { request, kind, reply: tx, enqueued: Instant::now() })
+        .map_err(|e| match e {
+            SubmitError::NotReady(why) => ApiError::Unavailable(why),
+            SubmitError::QueueFull(n) => ApiError::Unavailable(format!(
+                "model `{}` already has {n} requests queued, the most `job_queue_size` allows; retry later",
+                target.name
+            )),
+        })?;
+    let timeout = Duration::from_secs(target.config.response_timeout_s);
+    let timed_out = || ApiError::Timeout {
+        model: target.name.clone(),
+        seconds: target.config.response_timeout_s,
+    };
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Err(_) => Err(timed_out()),
+        Ok(None) => Err(ApiError::Internal(format!(
+            "the worker of model `{}` stopped without answering",
+            target.name
+        ))),
+        Ok(Some(Reply::Final(Ok(response)))) => Ok(whole(response)),
+        Ok(Some(Reply::Final(Err(e)))) => Err(ApiError::Plugin(e)),
+        Ok(Some(Reply::Chunk(first))) => Ok(streamed(first, rx, timeout, target.name.clone())),
+    }
+}
+
+fn with_plugin_headers(builder: &mut actix_web::HttpResponseBuilder, headers: &[KeyValue]) {
+    for kv in headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(kv.key.as_str()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            builder.insert_header((name, value));
+        }
+    }
+}
+
+fn whole(response: Response) -> HttpResponse {
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
+    let mut builder = HttpResponse::build(status);
+    if !response.content_type.is_empty() {
+        builder.content_type(response.content_type.as_str());
+    }
+    with_plugin_headers(&mut builder, &response.headers);
+    builder.body(response.body.into_vec())
+}
+
+/// A chunked response: the first chunk, the chunks that follow, then the final body. A plugin
+/// error or a stall longer than the response timeout after the first chunk aborts the stream,
+/// so the client sees an incomplete body rather than a false success.
+fn streamed(
+    first: Response,
+    rx: mpsc::Receiver<Reply>,
+    idle_timeout: Duration,
+    model: String,
+) -> HttpResponse {
+    let mut builder = HttpResponse::Ok();
+    if !first.content_type.is_empty() {
+        builder.content_type(first.content_type.as_str());
+    }
+    with_plugin_headers(&mut builder, &first.headers);
+    let head = futures_util::stream::once(async move {
+        Ok::<Bytes, actix_web::Error>(Bytes::from(first.body.into_vec()))
+    });
+    let tail = futures_util::stream::unfold(Some(rx), move |rx| {
+        let model = model.clone();
+        async move {
+            let mut rx = rx?;
+            match tokio::time::timeout(idle_timeout, rx.recv()).await {
+                Ok(Some(Reply::Chunk(c))) => Some((Ok(Bytes::from(c.body.into_vec())), Some(rx))),
+                Ok(Some(Reply::Final(Ok(r)))) => Some((Ok(Bytes::from(r.body.into_vec())), None)),
+                Ok(Some(Reply::Final(Err(e)))) => {
+                    tracing::warn!(%model, "stream ended with an error: {e}");
+                    Some((
+                        Err(actix_web::error::ErrorInternalServerError(e.to_string())),
+                        None,
+                    ))
+                }
+                Ok(None) | Err(_) => {
+                    tracing::warn!(%model, "stream ended without a final response");
+                    Some((
+                        Err(actix_web::error::ErrorGatewayTimeout("no final response")),
+                        None,
+                    ))
+                }
+            }
+        }
+    });
+    builder.streaming(head.chain(tail))
+}
+
+/// Read the body: raw bytes or JSON as they are; for `multipart/form-data`, the `data` (or
+/// `body`) field is the body and the other fields become parameters.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    max: usize,
+) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        return read_multipart(req, payload, max).await;
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        if body.len() + chunk.len() > max {
+            return Err(ApiError::PayloadTooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((content_type, body, Vec::new()))
+}
+
+async fn read_multipart(
+    req: &HttpRequest,
+    payload: web::Payload,
+    max: usize,
+) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
+    let mut form = actix_multipart::Multipart::new(req.headers(), payload);
+    let mut data: Option<(String, Vec<u8>)> = None;
+    let mut params = Vec::new();
+    let mut total = 0usize;
+    while let Some(field) = form.next().await {
+        let mut field =
+            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let name = field.name().unwrap_or_default().to_owned();
+        let field_type = field
+            .content_type()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::BadRequest(format!("malformed multipart field `{name}`: {e}"))
+            })?;
+            total += chunk.len();
+            if total > max {
+                return Err(ApiError::PayloadTooLarge(max));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if (name == "data" || name == "body") && data.is_none() {
+            data = Some((field_type, bytes));
+        } else {
+            params.push(KeyValue::new(
+                name,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    let (content_type, body) =
+        data.ok_or_else(|| ApiError::BadRequest("the multipart form has no `data` field".into()))?;
+    Ok((content_type, body, params))
+}

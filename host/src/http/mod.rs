@@ -1,0 +1,127 @@
+//! The HTTP APIs: inference (TorchServe's) and metrics.
+
+mod error;
+mod inference;
+
+pub use error::ApiError;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::dev::{Service, ServiceResponse};
+use actix_web::{web, App, HttpResponse, HttpServer};
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::registry::ModelRegistry;
+
+/// What every route can reach.
+pub struct AppState {
+    /// The models.
+    pub registry: Arc<ModelRegistry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The configuration.
+    pub config: Arc<ServerConfig>,
+}
+
+/// Bind the listeners and return the running server and the addresses it bound (port 0 picks a
+/// free port).
+pub fn bind(
+    state: Arc<AppState>,
+) -> std::io::Result<(
+    actix_web::dev::Server,
+    Vec<(&'static str, std::net::SocketAddr)>,
+)> {
+    let config = state.config.clone();
+    let data = web::Data::from(state);
+    let inference_data = data.clone();
+    let max = config.max_request_size;
+    let inference = HttpServer::new(move || {
+        App::new()
+            .app_data(inference_data.clone())
+            .app_data(web::PayloadConfig::new(max))
+            .wrap_fn(access_log)
+            .configure(inference::routes)
+    })
+    .workers(config.http_workers)
+    .bind(config.inference_address)?;
+    let mut addresses: Vec<(&'static str, std::net::SocketAddr)> = inference
+        .addrs()
+        .into_iter()
+        .map(|a| ("inference", a))
+        .collect();
+
+    let metrics_data = data.clone();
+    let metrics = HttpServer::new(move || {
+        App::new()
+            .app_data(metrics_data.clone())
+            .route("/metrics", web::get().to(render_metrics))
+    })
+    .workers(1)
+    .bind(config.metrics_address)?;
+    addresses.extend(metrics.addrs().into_iter().map(|a| ("metrics", a)));
+
+    let inference = inference.run();
+    let metrics = metrics.run();
+    let metrics_handle = metrics.handle();
+    // Run the metrics server beside the inference server; stop it when the latter stops.
+    let combined = inference;
+    actix_web::rt::spawn(async move {
+        let _ = metrics.await;
+    });
+    let stopper = combined.handle();
+    actix_web::rt::spawn(async move {
+        let _ = actix_web::rt::signal::ctrl_c().await;
+        metrics_handle.stop(true).await;
+        stopper.stop(true).await;
+    });
+    Ok((combined, addresses))
+}
+
+async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+/// One structured line per request, target `cresset::access`.
+fn access_log<S>(
+    req: actix_web::dev::ServiceRequest,
+    srv: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse, actix_web::Error>>
+where
+    S: Service<
+        actix_web::dev::ServiceRequest,
+        Response = ServiceResponse,
+        Error = actix_web::Error,
+    >,
+{
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let path = req.path().to_owned();
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let fut = srv.call(req);
+    async move {
+        let res = fut.await?;
+        let header = |name: &str| {
+            res.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        tracing::info!(
+            target: "cresset::access",
+            %method,
+            %path,
+            status = res.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            %peer,
+            request_id = %header("x-request-id"),
+            model_version = %header("x-model-version"),
+            "request"
+        );
+        Ok(res)
+    }
+}

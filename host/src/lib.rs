@@ -1,0 +1,13 @@
+//! The Cresset model server: the HTTP host, the plugin loader, model archives.
+//!
+//! The host never links libtorch: every model runs inside a handler plugin (`cdylib`) loaded
+//! through the stable ABI of `cresset-plugin-api`.
+
+pub mod archive;
+pub mod config;
+pub mod http;
+pub mod loader;
+pub mod metrics;
+pub mod registry;
+pub mod services;
+pub mod worker;

@@ -1,0 +1,108 @@
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use cresset::archive::{create_archive, ArchiveOptions};
+use cresset::config::{ArchiveArgs, Cli, Command, LogFormat, ServeArgs, ServerConfig};
+use cresset::http::{self, AppState};
+use cresset::loader::PluginLoader;
+use cresset::metrics::Metrics;
+use cresset::registry::{register_from_store, LoadContext, ModelRegistry};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Archive(args) => archive(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cresset: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Arc::new(ServerConfig::resolve(args)?);
+    init_logging(config.log_format, &config.log);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        plugin_abi = cresset_plugin_api::ABI_VERSION,
+        model_store = %config.model_store.display(),
+        plugin_dir = %config.plugin_dir.display(),
+        "starting cresset"
+    );
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(ModelRegistry::default());
+    // Each server process stages and extracts in its own folder, removed when it exits.
+    let scratch = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(&config.work_dir)
+        .with_context(|| {
+            format!(
+                "cannot create a scratch folder in `work_dir` {}",
+                config.work_dir.display()
+            )
+        })?;
+    let ctx = Arc::new(LoadContext {
+        loader: PluginLoader::new(config.work_dir.join("plugins")),
+        metrics: metrics.clone(),
+        plugin_dir: config.plugin_dir.clone(),
+        extract_dir: scratch.path().join("models"),
+        limits: config.extract_limits,
+        intra_op_threads: config.intra_op_threads,
+    });
+    for source in &config.models {
+        register_from_store(&ctx, &registry, &config.model_store, source)
+            .context("cannot start a loader thread")?;
+    }
+
+    let state = Arc::new(AppState {
+        registry,
+        metrics,
+        config: config.clone(),
+    });
+    actix_web::rt::System::new().block_on(async move {
+        let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;
+        for (api, address) in &addresses {
+            tracing::info!(%api, %address, "listening");
+            // One machine-readable line on stdout per listener, for scripts and tests that
+            // ask for port 0.
+            println!("{}", serde_json::json!({ "event": "listening", "api": api, "address": address.to_string() }));
+        }
+        server.await.context("the HTTP server failed")
+    })?;
+    drop(scratch);
+    Ok(())
+}
+
+fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
+    let path = create_archive(&ArchiveOptions {
+        model_name: args.model_name,
+        version: args.version,
+        handler: args.handler,
+        serialized_file: args.serialized_file,
+        extra_files: args.extra_files,
+        config_file: args.config_file,
+        description: args.description,
+        format: args.archive_format,
+        export_path: args.export_path,
+        force: args.force,
+    })?;
+    println!("{}", path.display());
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Prometheus metrics, `cresset_` prefixed (see ARCHITECTURE.md for the names).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus::{
+    CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// The server's metrics, and the metrics plugins report.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// `cresset_inference_requests_total{model,version,status}`.
+    pub requests_total: IntCounterVec,
+    /// `cresset_inference_latency_seconds{model,version}`: from queueing to the final response.
+    pub inference_latency: HistogramVec,
+    /// `cresset_queue_latency_seconds{model,version}`: from queueing to dispatch.
+    pub queue_latency: HistogramVec,
+    /// `cresset_batch_size{model,version}`.
+    pub batch_size: HistogramVec,
+    /// `cresset_model_load_seconds{model,version}`.
+    pub model_load_seconds: HistogramVec,
+    plugin: Mutex<HashMap<String, PluginMetric>>,
+}
+
+enum PluginMetric {
+    Counter(CounterVec),
+    Gauge(GaugeVec),
+    Histogram(HistogramVec),
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &["model", "version"],
+    )
+    .expect("static histogram options are valid: this is a bug");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric names are unique: this is a bug");
+    h
+}
+
+impl Metrics {
+    /// A fresh registry with the server's metrics.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "cresset_inference_requests_total",
+                "Inference requests answered, by final status",
+            ),
+            &["model", "version", "status"],
+        )
+        .expect("static counter options are valid: this is a bug");
+        registry
+            .register(Box::new(requests_total.clone()))
+            .expect("metric names are unique: this is a bug");
+        let lat = LATENCY_BUCKETS.to_vec();
+        Self {
+            inference_latency: histogram(
+                &registry,
+                "cresset_inference_latency_seconds",
+                "Time from queueing to the final response",
+                lat.clone(),
+            ),
+            queue_latency: histogram(
+                &registry,
+                "cresset_queue_latency_seconds",
+                "Time a request waited in the queue",
+                lat.clone(),
+            ),
+            batch_size: histogram(
+                &registry,
+                "cresset_batch_size",
+                "Requests per execute call",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            ),
+            model_load_seconds: histogram(
+                &registry,
+                "cresset_model_load_seconds",
+                "Time to load a model version and start its workers",
+                lat,
+            ),
+            requests_total,
+            registry,
+            plugin: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Record a metric reported by a plugin. Returns an error message for an invalid name or
+    /// a label set that differs from the first use of the name.
+    pub fn plugin_metric(
+        &self,
+        kind: cresset_plugin_api::MetricKind,
+        name: &str,
+        help: &str,
+        model: &str,
+        version: &str,
+        labels: &[(String, String)],
+        value: f64,
+    ) -> Result<(), String> {
+        use cresset_plugin_api::MetricKind;
+        let mut keys: Vec<&str> = vec!["model", "version"];
+        keys.extend(labels.iter().map(|(k, _)| k.as_str()));
+        let mut values: Vec<&str> = vec![model, version];
+        values.extend(labels.iter().map(|(_, v)| v.as_str()));
+        let help = if help.is_empty() { name } else { help };
+        let mut map = self.plugin.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(name) {
+            let opts = Opts::new(name, help);
+            let metric = match kind {
+                MetricKind::COUNTER => CounterVec::new(opts, &keys).map(PluginMetric::Counter),
+                MetricKind::GAUGE => GaugeVec::new(opts, &keys).map(PluginMetric::Gauge),
+                MetricKind::HISTOGRAM => HistogramVec::new(
+                    HistogramOpts::from(opts).buckets(LATENCY_BUCKETS.to_vec()),
+                    &keys,
+                )
+                .map(PluginMetric::Histogram),
+                other => return Err(format!("unknown metric kind {}", other.0)),
+            }
+            .map_err(|e| format!("metric `{name}`: {e}"))?;
+            let collector: Box<dyn prometheus::core::Collector> = match &metric {
+                PluginMetric::Counter(m) => Box::new(m.clone()),
+                PluginMetric::Gauge(m) => Box::new(m.clone()),
+                PluginMetric::Histogram(m) => Box::new(m.clone()),
+            };
+            self.registry
+                .register(collector)
+                .map_err(|e| format!("metric `{name}`: {e}"))?;
+            map.insert(name.to_owned(), metric);
+        }
+        let err = |e: prometheus::Error| format!("metric `{name}`: {e}");
+        match (map.get(name), kind) {
+            (Some(PluginMetric::Counter(m)), MetricKind::COUNTER) if value >= 0.0 => m.get_metric_with_label_values(&values).map_err(err)?.inc_by(value),
+            (Some(PluginMetric::Gauge(m)), MetricKind::GAUGE) => m.get_metric_with_label_values(&values).map_err(err)?.set(value),
+            (Some(PluginMetric::Histogram(m)), MetricKind::HISTOGRAM) => m.get_metric_with_label_values(&values).map_err(err)?.observe(value),
+            _ => return Err(format!("metric `{name}` was first used with another kind, or a counter was given a negative value")),
+        }
+        Ok(())
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

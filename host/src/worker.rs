@@ -1,0 +1,211 @@
+//! Instance workers: one OS thread per plugin instance, fed by the model version's bounded
+//! queue. HTTP threads never run plugin code.
+//!
+//! Scheduling: an idle worker takes whatever is queued, up to `batch_size`, at once; it never
+//! waits for a batch to fill while it could be working (TorchServe does, and pays for it at
+//! low concurrency).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RSlice};
+use cresset_plugin_api::{
+    InstanceAssignment, ModelBox, PluginError, Request, Response, ResponseSink, SinkRef,
+};
+use crossbeam_channel::Receiver;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// What a worker is asked to do with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// `execute`.
+    Predict,
+    /// `explain`.
+    Explain,
+}
+
+/// What flows back to the HTTP handler.
+#[derive(Debug)]
+pub enum Reply {
+    /// An intermediate chunk (streaming).
+    Chunk(Response),
+    /// The final response.
+    Final(Result<Response, PluginError>),
+}
+
+/// One queued request.
+pub struct Job {
+    /// The request.
+    pub request: Request,
+    /// Predict or explain.
+    pub kind: JobKind,
+    /// Where replies go. When the receiver is dropped (the client went away or timed out),
+    /// the request counts as cancelled.
+    pub reply: mpsc::Sender<Reply>,
+    /// When it was queued.
+    pub enqueued: Instant,
+}
+
+/// Chunks buffered per request before a streaming plugin blocks on a slow client.
+pub const REPLY_BUFFER: usize = 64;
+
+/// How a worker was set up.
+pub struct WorkerSpec {
+    /// Model name and version, for logs and metrics.
+    pub model: String,
+    /// The version.
+    pub version: String,
+    /// The loaded model.
+    pub plugin_model: Arc<ModelBox>,
+    /// Where it runs.
+    pub assignment: InstanceAssignment,
+    /// The version's queue.
+    pub queue: Receiver<Job>,
+    /// The most requests per `execute`.
+    pub batch_size: usize,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Start a worker thread. `ready` receives `Ok` once the instance exists, or the error.
+pub fn spawn(
+    spec: WorkerSpec,
+    ready: std::sync::mpsc::Sender<Result<(), PluginError>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let name = format!(
+        "cresset-{}-{}-w{}",
+        spec.model, spec.version, spec.assignment.index
+    );
+    std::thread::Builder::new()
+        .name(truncate(name, 60))
+        .spawn(move || run(spec, ready))
+}
+
+fn truncate(mut s: String, n: usize) -> String {
+    if s.len() > n {
+        let mut end = n;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>) {
+    let span = tracing::info_span!("worker", model = %spec.model, version = %spec.version, index = spec.assignment.index);
+    let _entered = span.enter();
+    let mut instance = match spec.plugin_model.new_instance(&spec.assignment) {
+        RResult::ROk(instance) => instance,
+        RResult::RErr(e) => {
+            tracing::error!("instance failed to start: {e}");
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    tracing::debug!("instance ready");
+    let labels = [spec.model.as_str(), spec.version.as_str()];
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match spec.queue.recv() {
+                Ok(job) => job,
+                Err(_) => break, // the version was dropped: finish
+            },
+        };
+        let kind = first.kind;
+        let mut batch = vec![first];
+        while batch.len() < spec.batch_size {
+            match spec.queue.try_recv() {
+                Ok(job) if job.kind == kind => batch.push(job),
+                Ok(job) => {
+                    carried = Some(job);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Requests whose clients already left are answered (nobody listens) and skipped.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        for job in &batch {
+            spec.metrics
+                .queue_latency
+                .with_label_values(&labels)
+                .observe((now - job.enqueued).as_secs_f64());
+        }
+        spec.metrics
+            .batch_size
+            .with_label_values(&labels)
+            .observe(batch.len() as f64);
+
+        let requests: Vec<Request> = batch.iter().map(|job| job.request.clone()).collect();
+        let mut sink = JobSink {
+            jobs: &batch,
+            finished: vec![false; batch.len()],
+        };
+        let outcome = {
+            let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
+            match kind {
+                JobKind::Predict => instance.execute(RSlice::from_slice(&requests), sink_ref),
+                JobKind::Explain => instance.explain(RSlice::from_slice(&requests), sink_ref),
+            }
+        };
+        let fallback = match outcome {
+            RResult::ROk(()) => None,
+            RResult::RErr(e) => {
+                tracing::warn!(batch = batch.len(), "execute failed: {e}");
+                Some(e)
+            }
+        };
+        for i in 0..batch.len() {
+            if !sink.finished[i] {
+                let error = fallback.clone().unwrap_or_else(|| {
+                    PluginError::internal(format!(
+                        "the plugin sent no final response for request {}",
+                        batch[i].request.id
+                    ))
+                });
+                sink.send_final(i, RResult::RErr(error));
+            }
+        }
+    }
+    tracing::debug!("worker stopped");
+    drop(instance);
+}
+
+/// The sink one batch writes to: replies go to each request's channel.
+struct JobSink<'a> {
+    jobs: &'a [Job],
+    finished: Vec<bool>,
+}
+
+impl ResponseSink for JobSink<'_> {
+    fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
+        match (self.jobs.get(index), self.finished.get(index)) {
+            (Some(job), Some(false)) => job.reply.blocking_send(Reply::Chunk(chunk)).is_ok(),
+            _ => false,
+        }
+    }
+
+    fn send_final(&mut self, index: usize, result: RResult<Response, PluginError>) {
+        if let (Some(job), Some(done)) = (self.jobs.get(index), self.finished.get_mut(index)) {
+            if !*done {
+                *done = true;
+                let _ = job.reply.blocking_send(Reply::Final(result.into()));
+            }
+        }
+    }
+
+    fn is_cancelled(&self, index: usize) -> bool {
+        self.jobs.get(index).is_none_or(|job| job.reply.is_closed())
+    }
+}

@@ -1,0 +1,609 @@
+//! Helpers for plugin authors (feature `sdk`): a [`Handler`] trait in TorchServe's shape, the
+//! [`export_handler!`](crate::export_handler) macro, JSON helpers and a bridge that sends the
+//! plugin's `tracing` events to the host's log.
+//!
+//! # A complete plugin
+//!
+//! `Cargo.toml`:
+//!
+//! ```toml
+//! [package]
+//! name = "cresset-plugin-shout"
+//! version = "0.1.0"
+//! edition = "2021"
+//!
+//! [lib]
+//! crate-type = ["cdylib"]
+//!
+//! [dependencies]
+//! cresset-plugin-api = { version = "1", features = ["sdk"] }
+//! ```
+//!
+//! `src/lib.rs`:
+//!
+//! ```
+//! use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext};
+//! use cresset_plugin_api::{PluginError, Request, Response};
+//!
+//! /// Answers every request with its text body in upper case.
+//! pub struct Shout {
+//!     suffix: String,
+//! }
+//!
+//! impl Handler for Shout {
+//!     const NAME: &'static str = "shout";
+//!     type Input = String;
+//!     type Output = String;
+//!
+//!     // Called once per worker: load weights, read config.
+//!     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+//!         let suffix = ctx.handler_config["suffix"].as_str().unwrap_or("!").to_owned();
+//!         Ok(Shout { suffix })
+//!     }
+//!
+//!     // One request in, one model input out. An error fails this request alone (400).
+//!     fn preprocess(&mut self, request: &Request) -> Result<String, PluginError> {
+//!         request
+//!             .text()
+//!             .map(str::to_owned)
+//!             .ok_or_else(|| PluginError::invalid_input("the body must be UTF-8 text"))
+//!     }
+//!
+//!     // The whole batch at once.
+//!     fn inference(&mut self, batch: Vec<String>, _ctx: &mut BatchContext<'_, '_>) -> Result<Vec<String>, PluginError> {
+//!         Ok(batch.into_iter().map(|s| s.to_uppercase() + &self.suffix).collect())
+//!     }
+//!
+//!     fn postprocess(&mut self, output: String) -> Result<Response, PluginError> {
+//!         Ok(Response::ok("text/plain", output))
+//!     }
+//! }
+//!
+//! cresset_plugin_api::export_handler!(Shout);
+//! # fn main() {}
+//! ```
+//!
+//! Build it with `cargo build --release`, archive the `.so` with
+//! `cresset archive --handler target/release/libcresset_plugin_shout.so ...`, and register it.
+
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use serde_json::Value;
+
+use crate::{
+    Capabilities, DeviceType, ErrorCode, HostHandle, InstanceAssignment, InstanceBox, KeyValue,
+    LogLevel, MetricKind, ModelBox, ModelSpec, PluginDescription, PluginError, PluginInstance,
+    PluginMod, PluginModRef, PluginModel, Request, Response, SinkRef, ABI_VERSION,
+};
+
+impl Response {
+    /// A 200 `application/json` response holding `value`.
+    pub fn json(value: &impl serde::Serialize) -> Result<Self, PluginError> {
+        serde_json::to_vec(value)
+            .map(|body| Self::ok("application/json", body))
+            .map_err(|e| PluginError::internal(format!("cannot serialize the response: {e}")))
+    }
+}
+
+impl Request {
+    /// The body parsed as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, PluginError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| PluginError::invalid_input(format!("the body is not valid JSON: {e}")))
+    }
+}
+
+/// A TorchServe-shaped handler. One value of it lives in each worker instance.
+///
+/// The default [`Handler::handle`] runs `preprocess` on every request, `inference` once on the
+/// requests that preprocessed, and `postprocess` on each output. A request whose
+/// `preprocess` or `postprocess` fails gets its own error; its neighbours still succeed.
+pub trait Handler: Sized + Send + 'static {
+    /// The plugin's name (reported by `describe`).
+    const NAME: &'static str;
+    /// One line for people.
+    const SUMMARY: &'static str = "";
+    /// Optional capabilities (set `STREAMING` if you call [`BatchContext::send_chunk`]).
+    const CAPABILITIES: Capabilities = Capabilities::NONE;
+
+    /// One request's model input.
+    type Input: Send;
+    /// One request's model output.
+    type Output: Send;
+
+    /// Load what the worker needs (weights, tokenizer, config). Called on the worker's thread.
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError>;
+
+    /// Turn one request into a model input.
+    fn preprocess(&mut self, request: &Request) -> Result<Self::Input, PluginError>;
+
+    /// Run the model on a batch. Must return one output per input, in order.
+    fn inference(
+        &mut self,
+        batch: Vec<Self::Input>,
+        ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<Self::Output>, PluginError>;
+
+    /// Turn one model output into a response.
+    fn postprocess(&mut self, output: Self::Output) -> Result<Response, PluginError>;
+
+    /// Handle a batch: one result per request, in order.
+    fn handle(
+        &mut self,
+        requests: &[Request],
+        ctx: &mut BatchContext<'_, '_>,
+    ) -> Vec<Result<Response, PluginError>> {
+        let mut results: Vec<Option<Result<Response, PluginError>>> =
+            (0..requests.len()).map(|_| None).collect();
+        let mut inputs = Vec::with_capacity(requests.len());
+        let mut positions = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            if ctx.is_cancelled(i) {
+                results[i] = Some(Err(PluginError::new(ErrorCode::CANCELLED, "cancelled")));
+                continue;
+            }
+            match self.preprocess(request) {
+                Ok(input) => {
+                    inputs.push(input);
+                    positions.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !inputs.is_empty() {
+            let outer = std::mem::replace(&mut ctx.positions, positions.clone());
+            let outputs = self.inference(inputs, ctx);
+            ctx.positions = outer;
+            match outputs {
+                Ok(outputs) if outputs.len() == positions.len() => {
+                    for (i, output) in positions.into_iter().zip(outputs) {
+                        results[i] = Some(self.postprocess(output));
+                    }
+                }
+                Ok(outputs) => {
+                    let e = PluginError::internal(format!(
+                        "`{}` inference returned {} outputs for {} inputs",
+                        Self::NAME,
+                        outputs.len(),
+                        positions.len()
+                    ));
+                    for i in positions {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    for i in positions {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(PluginError::internal("no result: this is a bug"))))
+            .collect()
+    }
+
+    /// Explain a batch. The default says the handler has no explanations.
+    fn explain(
+        &mut self,
+        requests: &[Request],
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Vec<Result<Response, PluginError>> {
+        requests
+            .iter()
+            .map(|_| {
+                Err(PluginError::unsupported(format!(
+                    "the `{}` handler has no explanations",
+                    Self::NAME
+                )))
+            })
+            .collect()
+    }
+}
+
+/// What [`Handler::initialize`] gets.
+#[derive(Debug, Clone)]
+pub struct InitContext {
+    /// The model name.
+    pub model_name: String,
+    /// The model version.
+    pub model_version: String,
+    /// The folder holding the archive's files.
+    pub model_dir: PathBuf,
+    /// The `[handler]` table of `model-config.toml` (`{}` when absent).
+    pub handler_config: Value,
+    /// The whole `model-config.toml`.
+    pub model_config: Value,
+    /// Where this instance runs.
+    pub assignment: InstanceAssignment,
+    /// Host services (metrics).
+    pub host: Host,
+}
+
+impl InitContext {
+    /// `cuda:N` for a GPU assignment, else `cpu`.
+    pub fn device_name(&self) -> String {
+        match self.assignment.device_ids.first() {
+            Some(id) if self.assignment.device_type == DeviceType::GPU => format!("cuda:{id}"),
+            _ => "cpu".to_owned(),
+        }
+    }
+}
+
+/// Host services as handlers use them.
+#[derive(Clone)]
+pub struct Host {
+    handle: HostHandle,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Host")
+    }
+}
+
+impl Host {
+    /// Add `value` to a counter.
+    pub fn counter(&self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.metric(MetricKind::COUNTER, name, help, labels, value);
+    }
+    /// Set a gauge.
+    pub fn gauge(&self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.metric(MetricKind::GAUGE, name, help, labels, value);
+    }
+    /// Observe one histogram value.
+    pub fn observe(&self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.metric(MetricKind::HISTOGRAM, name, help, labels, value);
+    }
+    fn metric(
+        &self,
+        kind: MetricKind,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        let labels: Vec<KeyValue> = labels.iter().map(|(k, v)| KeyValue::new(*k, *v)).collect();
+        self.handle.metric(
+            kind,
+            name.into(),
+            help.into(),
+            RSlice::from_slice(&labels),
+            value,
+        );
+    }
+}
+
+/// A batch in flight: streaming and cancellation for its requests.
+///
+/// Indices are positions in the slice the current call received: in `inference`, position `i`
+/// is the `i`-th input, which the default `handle` maps back to its request.
+pub struct BatchContext<'s, 'a> {
+    sink: &'s mut SinkRef<'a>,
+    positions: Vec<usize>,
+}
+
+impl<'s, 'a> BatchContext<'s, 'a> {
+    fn new(sink: &'s mut SinkRef<'a>, len: usize) -> Self {
+        Self {
+            sink,
+            positions: (0..len).collect(),
+        }
+    }
+
+    fn request_index(&self, position: usize) -> usize {
+        self.positions.get(position).copied().unwrap_or(usize::MAX)
+    }
+
+    /// Stream an intermediate chunk to the client of position `i`. Returns `false` when that
+    /// client has gone away.
+    pub fn send_chunk(&mut self, i: usize, chunk: Response) -> bool {
+        let index = self.request_index(i);
+        self.sink.send_chunk(index, chunk)
+    }
+
+    /// Whether the client of position `i` went away or timed out.
+    pub fn is_cancelled(&self, i: usize) -> bool {
+        self.sink.is_cancelled(self.request_index(i))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ABI side: what `export_handler!` wires up.
+// ---------------------------------------------------------------------------------------------
+
+/// Run `f`, turning a panic into an `INTERNAL` error: panics must never cross the ABI.
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, PluginError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.into(),
+        Err(payload) => {
+            let detail = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            RResult::RErr(PluginError::internal(format!(
+                "the handler panicked in {what}: {detail}"
+            )))
+        }
+    }
+}
+
+#[doc(hidden)]
+pub fn describe<H: Handler>(plugin_version: &str) -> PluginDescription {
+    PluginDescription {
+        name: H::NAME.into(),
+        plugin_version: plugin_version.into(),
+        abi_version: ABI_VERSION.into(),
+        capabilities: H::CAPABILITIES,
+        summary: H::SUMMARY.into(),
+    }
+}
+
+#[doc(hidden)]
+pub extern "C" fn load_model<H: Handler>(
+    spec: &ModelSpec,
+    host: HostHandle,
+) -> RResult<ModelBox, PluginError> {
+    guard("load_model", || {
+        install_log_bridge(&host);
+        let model = SdkModel::<H> {
+            spec: spec.clone(),
+            host: Host { handle: host },
+            handler: PhantomData,
+        };
+        Ok(ModelBox::from_value(model, TD_Opaque))
+    })
+}
+
+#[doc(hidden)]
+pub fn root_module(
+    describe: extern "C" fn() -> PluginDescription,
+    load_model: extern "C" fn(&ModelSpec, HostHandle) -> RResult<ModelBox, PluginError>,
+) -> PluginModRef {
+    PluginMod {
+        describe,
+        load_model,
+    }
+    .leak_into_prefix()
+}
+
+fn parse_json(field: &str, text: &str) -> Result<Value, PluginError> {
+    if text.trim().is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_str(text)
+        .map_err(|e| PluginError::internal(format!("the host sent a bad `{field}`: {e}")))
+}
+
+struct SdkModel<H> {
+    spec: ModelSpec,
+    host: Host,
+    handler: PhantomData<fn() -> H>,
+}
+
+impl<H: Handler> PluginModel for SdkModel<H> {
+    fn new_instance(&self, assignment: &InstanceAssignment) -> RResult<InstanceBox, PluginError> {
+        guard("initialize", || {
+            let ctx = InitContext {
+                model_name: self.spec.name.to_string(),
+                model_version: self.spec.version.to_string(),
+                model_dir: PathBuf::from(self.spec.model_dir.as_str()),
+                handler_config: parse_json("handler_config_json", &self.spec.handler_config_json)?,
+                model_config: parse_json("model_config_json", &self.spec.model_config_json)?,
+                assignment: assignment.clone(),
+                host: self.host.clone(),
+            };
+            let handler = H::initialize(&ctx)?;
+            Ok(InstanceBox::from_value(
+                SdkInstance {
+                    handler: Some(handler),
+                },
+                TD_Opaque,
+            ))
+        })
+    }
+
+    fn metadata_json(&self) -> RString {
+        RString::from("{}")
+    }
+}
+
+struct SdkInstance<H> {
+    handler: Option<H>,
+}
+
+impl<H: Handler> SdkInstance<H> {
+    fn run(
+        &mut self,
+        what: &str,
+        requests: RSlice<'_, Request>,
+        mut sink: SinkRef<'_>,
+        call: fn(
+            &mut H,
+            &[Request],
+            &mut BatchContext<'_, '_>,
+        ) -> Vec<Result<Response, PluginError>>,
+    ) -> RResult<(), PluginError> {
+        let handler = match self.handler.as_mut() {
+            Some(h) => h,
+            None => return RResult::RErr(PluginError::internal("the instance was dropped")),
+        };
+        guard(what, || {
+            let mut ctx = BatchContext::new(&mut sink, requests.len());
+            let results = call(handler, requests.as_slice(), &mut ctx);
+            for (i, result) in results.into_iter().enumerate().take(requests.len()) {
+                sink.send_final(i, result.into());
+            }
+            Ok(())
+        })
+    }
+}
+
+impl<H: Handler> PluginInstance for SdkInstance<H> {
+    fn execute(
+        &mut self,
+        requests: RSlice<'_, Request>,
+        sink: SinkRef<'_>,
+    ) -> RResult<(), PluginError> {
+        self.run("handle", requests, sink, H::handle)
+    }
+
+    fn explain(
+        &mut self,
+        requests: RSlice<'_, Request>,
+        sink: SinkRef<'_>,
+    ) -> RResult<(), PluginError> {
+        self.run("explain", requests, sink, H::explain)
+    }
+}
+
+impl<H> Drop for SdkInstance<H> {
+    fn drop(&mut self) {
+        let handler = self.handler.take();
+        // A panicking destructor must not unwind into the host either.
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(handler)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging bridge: the plugin's `tracing` events → the host's subscriber.
+// ---------------------------------------------------------------------------------------------
+
+/// Install (once per plugin library) a global `tracing` dispatcher that forwards events to the
+/// host. A `cdylib` carries its own copy of `tracing-core`, so without this a plugin's logs would
+/// go nowhere.
+fn install_log_bridge(host: &HostHandle) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let bridge = LogBridge { host: host.clone() };
+        let _ = tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(bridge));
+    });
+}
+
+struct LogBridge {
+    host: HostHandle,
+}
+
+fn level_of(level: &tracing_core::Level) -> LogLevel {
+    match *level {
+        tracing_core::Level::TRACE => LogLevel::TRACE,
+        tracing_core::Level::DEBUG => LogLevel::DEBUG,
+        tracing_core::Level::INFO => LogLevel::INFO,
+        tracing_core::Level::WARN => LogLevel::WARN,
+        _ => LogLevel::ERROR,
+    }
+}
+
+#[derive(Default)]
+struct FieldCollector {
+    message: String,
+    fields: Vec<KeyValue>,
+}
+
+impl tracing_core::field::Visit for FieldCollector {
+    fn record_debug(&mut self, field: &tracing_core::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields
+                .push(KeyValue::new(field.name(), format!("{value:?}")));
+        }
+    }
+    fn record_str(&mut self, field: &tracing_core::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_owned();
+        } else {
+            self.fields.push(KeyValue::new(field.name(), value));
+        }
+    }
+}
+
+impl tracing_core::Subscriber for LogBridge {
+    fn register_callsite(
+        &self,
+        _: &'static tracing_core::Metadata<'static>,
+    ) -> tracing_core::subscriber::Interest {
+        // Ask per event: the host's filter may change at run time.
+        tracing_core::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, metadata: &tracing_core::Metadata<'_>) -> bool {
+        self.host.log_enabled(level_of(metadata.level()))
+    }
+    fn new_span(&self, _: &tracing_core::span::Attributes<'_>) -> tracing_core::span::Id {
+        // Spans are not forwarded (yet); events inside them are.
+        tracing_core::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing_core::span::Id, _: &tracing_core::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing_core::span::Id, _: &tracing_core::span::Id) {}
+    fn event(&self, event: &tracing_core::Event<'_>) {
+        let mut collector = FieldCollector::default();
+        event.record(&mut collector);
+        let metadata = event.metadata();
+        self.host.log(
+            level_of(metadata.level()),
+            RStr::from_str(metadata.target()),
+            RStr::from_str(&collector.message),
+            RSlice::from_slice(&collector.fields),
+        );
+    }
+    fn enter(&self, _: &tracing_core::span::Id) {}
+    fn exit(&self, _: &tracing_core::span::Id) {}
+}
+
+/// Export a [`Handler`] as this library's plugin root module.
+///
+/// Use once per `cdylib` crate: `cresset_plugin_api::export_handler!(MyHandler);`
+#[macro_export]
+macro_rules! export_handler {
+    ($handler:ty) => {
+        const _: () = {
+            extern "C" fn cresset_describe() -> $crate::PluginDescription {
+                // `describe` builds plain data and cannot panic in practice; still, never unwind.
+                match ::std::panic::catch_unwind(|| {
+                    $crate::sdk::describe::<$handler>(env!("CARGO_PKG_VERSION"))
+                }) {
+                    Ok(d) => d,
+                    Err(_) => ::std::process::abort(),
+                }
+            }
+
+            fn cresset_root_module() -> $crate::PluginModRef {
+                $crate::sdk::root_module(cresset_describe, $crate::sdk::load_model::<$handler>)
+            }
+
+            extern "C" fn cresset_erased_root_module(
+            ) -> $crate::abi_stable::library::RootModuleResult {
+                $crate::abi_stable::library::__call_root_module_loader(cresset_root_module)
+            }
+
+            // The symbol abi_stable's loader looks up (`abi_stable::library::ROOT_MODULE_LOADER_NAME`;
+            // a unit test in cresset-plugin-api checks the literal).
+            #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
+            static CRESSET_PLUGIN_ROOT: $crate::abi_stable::library::LibHeader = unsafe {
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::PluginModRef>(
+                    cresset_erased_root_module,
+                    $crate::abi_stable::library::CheckTypeLayout::Yes,
+                )
+            };
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_export_macro_uses_abi_stables_symbol_name() {
+        assert_eq!(
+            crate::ROOT_MODULE_SYMBOL,
+            "_1as_0lib_1header_0root_bmodule_bloader"
+        );
+    }
+}

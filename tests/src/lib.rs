@@ -1,1 +1,333 @@
+//! The e2e harness: start the real `cresset` binary on ephemeral loopback ports, talk to it
+//! over HTTP, stop it. Binaries and plugins come from the same cargo target dir as the test
+//! executable (`make test` builds them first).
 
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// `target/<profile>`: where this test executable, the server and the plugins were built.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps")
+        .to_owned()
+}
+
+/// A file in the profile dir, which must exist.
+fn built(relative: &str) -> PathBuf {
+    let path = profile_dir().join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: build with `make build` (or run `make test`)",
+        path.display()
+    );
+    path
+}
+
+/// The `cresset` binary.
+pub fn cresset_bin() -> PathBuf {
+    built("cresset")
+}
+
+/// A built plugin library by crate name suffix, e.g. `plugin_echo` or `fixture_panicky`.
+pub fn library(stem: &str) -> PathBuf {
+    built(&format!("libcresset_{stem}.so"))
+}
+
+/// The `reverse` build of the echo plugin (made by `make build`).
+pub fn echo_reverse_library() -> PathBuf {
+    let path = profile_dir()
+        .parent()
+        .expect("target dir")
+        .join("variants/libcresset_plugin_echo_reverse.so");
+    assert!(
+        path.exists(),
+        "{} is missing: build with `make build`",
+        path.display()
+    );
+    path
+}
+
+/// The generated reference outputs.
+pub fn expected_json() -> serde_json::Value {
+    let path = repo_root().join("tests/fixtures/generated/expected.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make models`", path.display()));
+    serde_json::from_str(&text).expect("expected.json is JSON")
+}
+
+/// Write a directory archive: a manifest for `handler`, an optional model config, files.
+pub fn dir_archive(
+    root: &Path,
+    name: &str,
+    handler: &str,
+    config: &str,
+    files: &[(&str, &[u8])],
+) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let manifest = format!(
+        "[model]\nname = \"{name}\"\nversion = \"1.0\"\nhandler = \"{handler}\"\nabi_version = \"1.0.0\"\n"
+    );
+    std::fs::write(dir.join("MANIFEST.toml"), manifest).expect("write manifest");
+    std::fs::write(dir.join("model-config.toml"), config).expect("write config");
+    for (file, bytes) in files {
+        let path = dir.join(file);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write file");
+    }
+    dir
+}
+
+/// A response, whatever its status.
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers, lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// A header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A running server; killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of the inference API.
+    pub inference: String,
+    /// `http://127.0.0.1:PORT` of the metrics API.
+    pub metrics: String,
+    log: Arc<Mutex<String>>,
+    _work: tempfile::TempDir,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn into_reply(mut response: ureq::http::Response<ureq::Body>) -> Reply {
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let mut body = Vec::new();
+    response
+        .body_mut()
+        .as_reader()
+        .read_to_end(&mut body)
+        .expect("read body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+impl Server {
+    /// Start `cresset serve` with these extra arguments (`--model-store` defaults to the repo's
+    /// `model_store/`).
+    pub fn start(args: &[&str]) -> Server {
+        let work = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new(cresset_bin());
+        command
+            .arg("serve")
+            .args([
+                "--inference-address",
+                "127.0.0.1:0",
+                "--metrics-address",
+                "127.0.0.1:0",
+            ])
+            .arg("--work-dir")
+            .arg(work.path())
+            .args(["--log", "info,cresset::access=warn"])
+            .env_remove("CRESSET_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if !args.contains(&"--model-store") {
+            command
+                .arg("--model-store")
+                .arg(repo_root().join("model_store"));
+        }
+        command.args(args);
+        let mut child = command.spawn().expect("spawn cresset");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().expect("log lock");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut inference, mut metrics) = (None, None);
+        while inference.is_none() || metrics.is_none() {
+            let line = match lines.next() {
+                Some(Ok(line)) => line,
+                _ => {
+                    let _ = child.wait();
+                    panic!(
+                        "cresset exited before listening:\n{}",
+                        log.lock().expect("log lock")
+                    );
+                }
+            };
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let address = format!("http://{}", event["address"].as_str().unwrap_or_default());
+            match event["api"].as_str() {
+                Some("inference") => inference = Some(address),
+                Some("metrics") => metrics = Some(address),
+                _ => {}
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            inference: inference.expect("inference address"),
+            metrics: metrics.expect("metrics address"),
+            log,
+            _work: work,
+        }
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Wait until `/ping` is healthy.
+    pub fn wait_healthy(&self) -> &Self {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let reply = self.get("/ping");
+            if reply.status == 200 {
+                return self;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not healthy after 120 s: {}\n{}",
+                reply.text(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until no model is loading any more (whether it then failed or not).
+    pub fn wait_settled(&self) -> &Self {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let reply = self.get("/ping");
+            let loading = reply.json()["models"]
+                .as_object()
+                .map(|m| m.values().any(|v| v == "Loading"))
+                .unwrap_or(false);
+            if !loading {
+                return self;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "models still loading after 120 s\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET a path of the inference API.
+    pub fn get(&self, path: &str) -> Reply {
+        into_reply(
+            agent()
+                .get(format!("{}{path}", self.inference))
+                .call()
+                .expect("GET"),
+        )
+    }
+
+    /// GET the metrics page.
+    pub fn metrics_text(&self) -> String {
+        into_reply(
+            agent()
+                .get(format!("{}/metrics", self.metrics))
+                .call()
+                .expect("GET /metrics"),
+        )
+        .text()
+    }
+
+    /// POST a body with a content type.
+    pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Reply {
+        let response = agent()
+            .post(format!("{}{path}", self.inference))
+            .header("content-type", content_type)
+            .send(body)
+            .expect("POST");
+        into_reply(response)
+    }
+
+    /// POST JSON.
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Reply {
+        self.post(path, "application/json", body.to_string().as_bytes())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `cresset archive` with these arguments; returns (success, stdout, stderr).
+pub fn run_archiver(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(cresset_bin())
+        .arg("archive")
+        .args(args)
+        .output()
+        .expect("run cresset archive");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

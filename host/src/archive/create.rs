@@ -94,26 +94,25 @@ pub fn create_archive(opts: &ArchiveOptions) -> anyhow::Result<PathBuf> {
 
     let mut items: Vec<Item> = Vec::new();
     let handler_path = Path::new(&opts.handler);
-    let handler = if opts.handler.contains('/')
-        || opts.handler.ends_with(std::env::consts::DLL_SUFFIX)
-    {
-        if !handler_path.is_file() {
-            bail!(
+    let handler =
+        if opts.handler.contains('/') || opts.handler.ends_with(std::env::consts::DLL_SUFFIX) {
+            if !handler_path.is_file() {
+                bail!(
                 "`--handler` {:?} is neither a built-in plugin name nor an existing library file",
                 opts.handler
             );
-        }
-        let file = file_name(handler_path)?;
-        let name = format!("handler/{file}");
-        items.push(Item {
-            source: Source::File(handler_path.to_owned()),
-            name: name.clone(),
-        });
-        name
-    } else {
-        validate_name("--handler", &opts.handler).map_err(anyhow::Error::msg)?;
-        opts.handler.clone()
-    };
+            }
+            let file = file_name(handler_path)?;
+            let name = format!("handler/{file}");
+            items.push(Item {
+                source: Source::File(handler_path.to_owned()),
+                name: name.clone(),
+            });
+            name
+        } else {
+            validate_name("--handler", &opts.handler).map_err(anyhow::Error::msg)?;
+            opts.handler.clone()
+        };
 
     let manifest = Manifest {
         manifest_version: 1,

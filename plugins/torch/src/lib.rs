@@ -1,1 +1,74 @@
+//! What Cresset's torch plugins share: device choice, libtorch threads, and tensors to and from
+//! JSON (TorchServe's `{"data": [[...]]}` and KServe v2's `inputs` lists).
+//!
+//! Later issues add weight loading, tokenizers, architectures and sampling here.
 
+mod json;
+
+pub use json::{
+    tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, V2Input, V2Output,
+};
+
+use std::sync::OnceLock;
+
+pub use tch;
+
+/// Errors from this crate, with messages meant for clients.
+#[derive(Debug, thiserror::Error)]
+pub enum TorchError {
+    /// The input is malformed; the message names the field.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The device for an instance: `cuda:N` when a GPU is assigned and CUDA is available, else the
+/// CPU (with a warning when a GPU was asked for but none is usable).
+pub fn select_device(gpu_ids: &[i32], wants_gpu: bool) -> (tch::Device, Option<String>) {
+    if !wants_gpu {
+        return (tch::Device::Cpu, None);
+    }
+    let Some(&id) = gpu_ids.first() else {
+        return (
+            tch::Device::Cpu,
+            Some("a GPU was asked for but no device id was assigned; using the CPU".into()),
+        );
+    };
+    if !tch::Cuda::is_available() {
+        return (
+            tch::Device::Cpu,
+            Some(format!(
+                "GPU {id} was asked for but CUDA is not available; using the CPU"
+            )),
+        );
+    }
+    let count = tch::Cuda::device_count();
+    if id < 0 || i64::from(id) >= count {
+        return (
+            tch::Device::Cpu,
+            Some(format!(
+                "GPU {id} was asked for but only {count} GPUs are visible; using the CPU"
+            )),
+        );
+    }
+    (tch::Device::Cuda(id as usize), None)
+}
+
+/// Set libtorch's intra-op thread count. libtorch has one pool per process, shared by every
+/// torch plugin, so the first caller wins; later calls with another value are ignored and
+/// reported.
+pub fn configure_threads(intra_op_threads: u32) -> Option<String> {
+    static SET: OnceLock<i32> = OnceLock::new();
+    let wanted = intra_op_threads.max(1) as i32;
+    let set = *SET.get_or_init(|| {
+        tch::set_num_threads(wanted);
+        wanted
+    });
+    (set != wanted).then(|| {
+        format!(
+            "libtorch already uses {set} intra-op threads in this process; {wanted} was asked for"
+        )
+    })
+}

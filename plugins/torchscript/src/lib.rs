@@ -1,1 +1,418 @@
+//! The TorchScript plugin: Cresset's BaseHandler.
+//!
+//! It loads `model.pt` (a TorchScript module) on the instance's device and runs it without
+//! autograd. Requests carry tensors as JSON, either TorchServe's `{"data": [[...]]}` (the first
+//! dimension is the batch) or KServe v2's `{"inputs": [{"name", "shape", "datatype", "data"}]}`.
+//! With an `index_to_name.json`, outputs of the first form become the top-k labels with their
+//! probabilities, as TorchServe's classifier handlers return them.
+//!
+//! `[handler]` keys: `model_file` (default `model.pt`), `labels_file` (default
+//! `index_to_name.json`, optional), `topk` (default 5), `softmax` (default true: apply softmax
+//! to the output before ranking labels).
+//!
+//! Batching: requests whose tensors share their trailing shape and dtype are concatenated on
+//! the first dimension and run in one forward pass, then split back. If that pass fails, each
+//! request of the group is run alone, so a malformed request fails by itself.
 
+use std::path::Path;
+
+use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext};
+use cresset_plugin_api::{DeviceType, PluginError, Request, Response};
+use cresset_torch::tch::{self, CModule, Device, IValue, Kind, Tensor};
+use cresset_torch::{
+    tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, TorchError, V2Input,
+};
+use serde_json::{json, Map, Value};
+
+/// How a request framed its tensors (and so how its answer is framed).
+#[derive(Debug, Clone)]
+pub enum Framing {
+    /// `{"data": [[...]]}`.
+    Data,
+    /// KServe v2, with the request's `id` if it gave one.
+    V2 {
+        /// The request id to echo.
+        id: Option<String>,
+    },
+}
+
+/// One preprocessed request.
+pub struct Prepared {
+    framing: Framing,
+    inputs: Vec<Tensor>,
+}
+
+/// One request's outputs, or its own error.
+pub type Produced = Result<(Framing, Vec<Tensor>), PluginError>;
+
+/// The TorchScript BaseHandler.
+pub struct TorchScriptHandler {
+    module: CModule,
+    device: Device,
+    labels: Option<Vec<String>>,
+    topk: i64,
+    softmax: bool,
+    model_name: String,
+    model_version: String,
+}
+
+fn torch_err(e: TorchError) -> PluginError {
+    match e {
+        TorchError::InvalidInput(m) => PluginError::invalid_input(m),
+        TorchError::Torch(e) => PluginError::internal(format!("libtorch: {e}")),
+    }
+}
+
+fn config_str<'a>(config: &'a Value, key: &str, default: &'a str) -> Result<&'a str, PluginError> {
+    match config.get(key) {
+        None => Ok(default),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be a string. Given: {other}"
+        ))),
+    }
+}
+
+/// Read `index_to_name.json`: `{"0": "cat"}` or TorchServe's ImageNet form
+/// `{"0": ["n01440764", "tench"]}` (the last string is the name).
+pub fn read_labels(path: &Path) -> Result<Vec<String>, PluginError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| PluginError::internal(format!("cannot read {}: {e}", path.display())))?;
+    let map: Map<String, Value> = serde_json::from_str(&text).map_err(|e| {
+        PluginError::invalid_input(format!(
+            "{} must be a JSON object of index → name: {e}",
+            path.display()
+        ))
+    })?;
+    let mut pairs = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let index: usize = key.parse().map_err(|_| {
+            PluginError::invalid_input(format!(
+                "{}: key {key:?} is not a class index",
+                path.display()
+            ))
+        })?;
+        let name = match &value {
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .rev()
+                .find_map(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            other => other.to_string(),
+        };
+        pairs.push((index, name));
+    }
+    pairs.sort();
+    let mut labels = vec![String::new(); pairs.last().map(|(i, _)| i + 1).unwrap_or(0)];
+    for (i, name) in pairs {
+        labels[i] = name;
+    }
+    Ok(labels)
+}
+
+impl TorchScriptHandler {
+    /// Parse one request's body.
+    pub fn parse(body: &[u8]) -> Result<Prepared, PluginError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            PluginError::invalid_input(format!(
+                "the body must be JSON with `data` (a nested list of numbers) or `inputs` (KServe v2 tensors): {e}"
+            ))
+        })?;
+        if let Some(inputs) = value.get("inputs") {
+            let inputs: Vec<V2Input> = serde_json::from_value(inputs.clone()).map_err(|e| {
+                PluginError::invalid_input(format!(
+                    "`inputs` must be a list of {{name, shape, datatype, data}}: {e}"
+                ))
+            })?;
+            if inputs.is_empty() {
+                return Err(PluginError::invalid_input("`inputs` must not be empty"));
+            }
+            let tensors = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, input)| tensor_from_v2(input, i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(torch_err)?;
+            let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+            return Ok(Prepared {
+                framing: Framing::V2 { id },
+                inputs: tensors,
+            });
+        }
+        let data = match &value {
+            Value::Object(map) => map.get("data").ok_or_else(|| {
+                PluginError::invalid_input("the body must have a `data` or an `inputs` field")
+            })?,
+            list @ Value::Array(_) => list,
+            _ => {
+                return Err(PluginError::invalid_input(
+                    "the body must be a JSON object with `data` or `inputs`",
+                ))
+            }
+        };
+        let tensor = tensor_from_nested("data", data).map_err(torch_err)?;
+        if tensor.dim() == 0 || tensor.size()[0] == 0 {
+            return Err(PluginError::invalid_input(
+                "`data` must hold at least one row",
+            ));
+        }
+        Ok(Prepared {
+            framing: Framing::Data,
+            inputs: vec![tensor],
+        })
+    }
+
+    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+        let _no_grad = tch::no_grad_guard();
+        let args: Vec<IValue> = inputs
+            .iter()
+            .map(|t| IValue::Tensor(t.to_device(self.device)))
+            .collect();
+        let outputs = match self.module.forward_is(&args)? {
+            IValue::Tensor(t) => vec![t],
+            IValue::Tuple(items) | IValue::GenericList(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    _ => Err(tch::TchError::Convert(
+                        "the model returned a non-tensor item".into(),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            IValue::TensorList(ts) => ts,
+            _ => {
+                return Err(tch::TchError::Convert(
+                    "the model must return a tensor or a tuple of tensors".into(),
+                ))
+            }
+        };
+        Ok(outputs
+            .into_iter()
+            .map(|t| t.to_device(Device::Cpu))
+            .collect())
+    }
+
+    /// Run a group of requests with the same signature in one pass and split the outputs.
+    /// `None` when the pass failed or did not keep the batch dimension.
+    fn forward_group(&self, group: &[&Prepared]) -> Option<Vec<Vec<Tensor>>> {
+        let rows: Vec<i64> = group.iter().map(|p| p.inputs[0].size()[0]).collect();
+        let total: i64 = rows.iter().sum();
+        let inputs: Vec<Tensor> = (0..group[0].inputs.len())
+            .map(|i| Tensor::cat(&group.iter().map(|p| &p.inputs[i]).collect::<Vec<_>>(), 0))
+            .collect();
+        let outputs = self.forward(&inputs).ok()?;
+        if outputs.iter().any(|o| o.dim() == 0 || o.size()[0] != total) {
+            return None;
+        }
+        let mut per_request: Vec<Vec<Tensor>> = group.iter().map(|_| Vec::new()).collect();
+        for output in outputs {
+            for (slot, part) in per_request
+                .iter_mut()
+                .zip(output.split_with_sizes(&rows, 0))
+            {
+                slot.push(part);
+            }
+        }
+        Some(per_request)
+    }
+
+    fn labelled(&self, output: &Tensor, labels: &[String]) -> Result<Value, PluginError> {
+        let scores = if output.dim() == 1 {
+            output.unsqueeze(0)
+        } else {
+            output.shallow_clone()
+        };
+        let scores = scores.to_kind(Kind::Float);
+        let probs = if self.softmax {
+            scores.softmax(-1, Kind::Float)
+        } else {
+            scores
+        };
+        let k = self.topk.min(*probs.size().last().unwrap_or(&0));
+        let (values, indices) = probs.topk(k, -1, true, true);
+        let values =
+            Vec::<Vec<f32>>::try_from(&values).map_err(|e| PluginError::internal(e.to_string()))?;
+        let indices = Vec::<Vec<i64>>::try_from(&indices)
+            .map_err(|e| PluginError::internal(e.to_string()))?;
+        let rows = values
+            .into_iter()
+            .zip(indices)
+            .map(|(vals, idxs)| {
+                let mut row = Map::new();
+                for (v, i) in vals.into_iter().zip(idxs) {
+                    let name = labels
+                        .get(i as usize)
+                        .filter(|n| !n.is_empty())
+                        .cloned()
+                        .unwrap_or_else(|| i.to_string());
+                    row.insert(name, json!(v));
+                }
+                Value::Object(row)
+            })
+            .collect();
+        Ok(Value::Array(rows))
+    }
+}
+
+impl Handler for TorchScriptHandler {
+    const NAME: &'static str = "torchscript";
+    const SUMMARY: &'static str =
+        "runs a TorchScript model on JSON tensors (TorchServe's BaseHandler)";
+    type Input = Prepared;
+    type Output = Produced;
+
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        let config = &ctx.handler_config;
+        let model_file = ctx
+            .model_dir
+            .join(config_str(config, "model_file", "model.pt")?);
+        let (device, warning) = cresset_torch::select_device(
+            &ctx.assignment.device_ids,
+            ctx.assignment.device_type == DeviceType::GPU,
+        );
+        if let Some(w) = warning {
+            tracing::warn!(model = %ctx.model_name, "{w}");
+        }
+        if let Some(w) = cresset_torch::configure_threads(ctx.assignment.intra_op_threads) {
+            tracing::info!(model = %ctx.model_name, "{w}");
+        }
+        if !model_file.is_file() {
+            return Err(PluginError::not_found(format!(
+                "the archive has no model file `{}`",
+                model_file.display()
+            )));
+        }
+        let mut module = CModule::load_on_device(&model_file, device).map_err(|e| {
+            PluginError::invalid_input(format!(
+                "cannot load {} as TorchScript: {e}",
+                model_file.display()
+            ))
+        })?;
+        module.set_eval();
+        let labels_path =
+            ctx.model_dir
+                .join(config_str(config, "labels_file", "index_to_name.json")?);
+        let labels = if labels_path.is_file() {
+            Some(read_labels(&labels_path)?)
+        } else {
+            None
+        };
+        let topk = match config.get("topk") {
+            None => 5,
+            Some(v) => v.as_i64().filter(|k| *k >= 1).ok_or_else(|| {
+                PluginError::invalid_input(format!(
+                    "`handler.topk` must be an integer >= 1. Given: {v}"
+                ))
+            })?,
+        };
+        let softmax = match config.get("softmax") {
+            None => true,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                PluginError::invalid_input(format!(
+                    "`handler.softmax` must be true or false. Given: {v}"
+                ))
+            })?,
+        };
+        tracing::info!(model = %ctx.model_name, device = ?device, labels = labels.as_ref().map(Vec::len), "TorchScript model loaded");
+        Ok(Self {
+            module,
+            device,
+            labels,
+            topk,
+            softmax,
+            model_name: ctx.model_name.clone(),
+            model_version: ctx.model_version.clone(),
+        })
+    }
+
+    fn preprocess(&mut self, request: &Request) -> Result<Prepared, PluginError> {
+        Self::parse(&request.body)
+    }
+
+    fn inference(
+        &mut self,
+        batch: Vec<Prepared>,
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<Produced>, PluginError> {
+        // Group by signature: every input's trailing shape and dtype.
+        let signature = |p: &Prepared| -> Vec<(Vec<i64>, Kind)> {
+            p.inputs
+                .iter()
+                .map(|t| (t.size()[1..].to_vec(), t.kind()))
+                .collect()
+        };
+        let mut groups: Vec<(Vec<(Vec<i64>, Kind)>, Vec<usize>)> = Vec::new();
+        for (i, p) in batch.iter().enumerate() {
+            let sig = signature(p);
+            let batchable = p
+                .inputs
+                .iter()
+                .all(|t| t.dim() >= 1 && t.size()[0] == p.inputs[0].size()[0]);
+            match groups.iter_mut().find(|(s, _)| batchable && *s == sig) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((sig, vec![i])),
+            }
+        }
+        let mut results: Vec<Option<Produced>> = batch.iter().map(|_| None).collect();
+        for (_, members) in groups {
+            let group: Vec<&Prepared> = members.iter().map(|&i| &batch[i]).collect();
+            if group.len() > 1 {
+                if let Some(outputs) = self.forward_group(&group) {
+                    for (&i, out) in members.iter().zip(outputs) {
+                        results[i] = Some(Ok((batch[i].framing.clone(), out)));
+                    }
+                    continue;
+                }
+            }
+            // Alone: a failure here is this request's own.
+            for &i in &members {
+                let p = &batch[i];
+                results[i] = Some(
+                    self.forward(&p.inputs)
+                        .map(|out| (p.framing.clone(), out))
+                        .map_err(|e| {
+                            PluginError::invalid_input(format!("the model rejected the input: {e}"))
+                        }),
+                );
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(PluginError::internal("no output: this is a bug"))))
+            .collect())
+    }
+
+    fn postprocess(&mut self, output: Produced) -> Result<Response, PluginError> {
+        let (framing, outputs) = output?;
+        let body = match framing {
+            Framing::V2 { id } => {
+                let outputs = outputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| tensor_to_v2(&format!("output{i}"), t))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(torch_err)?;
+                let mut body = json!({ "model_name": self.model_name, "model_version": self.model_version, "outputs": outputs });
+                if let Some(id) = id {
+                    body["id"] = json!(id);
+                }
+                body
+            }
+            Framing::Data => match (&self.labels, outputs.as_slice()) {
+                (Some(labels), [first, ..]) => self.labelled(first, labels)?,
+                (None, [single]) => json!({ "data": tensor_to_nested(single).map_err(torch_err)? }),
+                (Some(_), []) => {
+                    return Err(PluginError::internal("the model returned no outputs"))
+                }
+                (None, many) => {
+                    json!({ "data": many.iter().map(tensor_to_nested).collect::<Result<Vec<_>, _>>().map_err(torch_err)? })
+                }
+            },
+        };
+        Response::json(&body)
+    }
+}
+
+cresset_plugin_api::export_handler!(TorchScriptHandler);

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make serve   build, fetch and generate what is needed, and run the server on model_store/
+#   make test    the same set-up, then the whole test suite
+# Caches (the torch venv, the cargo target dir) live outside the clone: see scripts/env.sh.
+
+SHELL := /bin/bash
+ENV := source scripts/env.sh &&
+
+.PHONY: setup build models serve test clean-cache
+
+setup:
+	@scripts/setup-venv.sh
+
+# The `reverse` build of the echo plugin is a second build of the same plugin, used by the
+# tests; it is built first and copied aside, then the normal build replaces it.
+build: setup
+	@$(ENV) cargo build --release -p cresset-plugin-echo --features reverse \
+	  && mkdir -p "$$CARGO_TARGET_DIR/variants" \
+	  && cp "$$CARGO_TARGET_DIR/release/libcresset_plugin_echo.so" "$$CARGO_TARGET_DIR/variants/libcresset_plugin_echo_reverse.so"
+	@$(ENV) cargo build --release --workspace
+
+models: setup
+	@$(ENV) scripts/make-models.sh
+
+serve: build models
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all
+
+test: build models
+	@$(ENV) cargo test --release --workspace --no-fail-fast
+
+clean-cache:
+	@$(ENV) rm -rf "$$CARGO_TARGET_DIR"

@@ -1,0 +1,158 @@
+//! Every way a plugin can fail to load gives a clear error naming the file and both ABI
+//! versions, and the server goes on serving the other models.
+
+use cresset_e2e::{dir_archive, library, Server};
+
+const HOST_ABI: &str = "1.0.0";
+
+/// An archive that bundles `lib` as its handler.
+fn bundling(root: &std::path::Path, name: &str, lib: &std::path::Path) -> String {
+    let bytes = std::fs::read(lib).expect("read library");
+    let file = lib
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned();
+    let dir = dir_archive(
+        root,
+        name,
+        &format!("handler/{file}"),
+        "",
+        &[(&format!("handler/{file}"), &bytes)],
+    );
+    format!("{name}={}", dir.display())
+}
+
+fn message(server: &Server, model: &str) -> String {
+    let reply = server.post(&format!("/predictions/{model}"), "text/plain", b"x");
+    assert_eq!(reply.status, 503, "{model}: {}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["type"], "ServiceUnavailableException");
+    body["message"].as_str().expect("message").to_owned()
+}
+
+#[test]
+fn each_loader_failure_has_its_own_clear_error_and_the_server_keeps_serving() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let r = root.path();
+    let garbage = r.join("garbage.so");
+    std::fs::write(&garbage, b"this is not an ELF file").expect("write");
+    let models = [
+        "echo".to_owned(),
+        format!("{}", {
+            let dir = dir_archive(r, "missing", "handler/libnothing.so", "", &[]);
+            format!("missing={}", dir.display())
+        }),
+        format!(
+            "unknown_builtin={}",
+            dir_archive(r, "unknown_builtin", "no_such_plugin", "", &[]).display()
+        ),
+        bundling(r, "garbage", &garbage),
+        bundling(r, "not_a_plugin", &library("fixture_not_a_plugin")),
+        bundling(r, "abi_mismatch", &library("fixture_abi_mismatch")),
+        bundling(r, "init_error", &library("fixture_init_error")),
+        bundling(r, "init_panic", &library("fixture_init_panic")),
+        format!(
+            "load_panic={}",
+            dir_archive(
+                r,
+                "load_panic",
+                "handler/libcresset_fixture_panicky.so",
+                "[handler]\npanic_in = \"initialize\"\n",
+                &[(
+                    "handler/libcresset_fixture_panicky.so",
+                    &std::fs::read(library("fixture_panicky")).expect("read")
+                )]
+            )
+            .display()
+        ),
+    ];
+    let server = Server::start(&["--models", &models.join(",")]);
+    server.wait_settled();
+
+    // The good model answers.
+    assert_eq!(
+        server
+            .post("/predictions/echo", "text/plain", b"still here")
+            .text(),
+        "still here"
+    );
+
+    let m = message(&server, "missing");
+    assert!(
+        m.contains("does not exist") && m.contains("libnothing.so") && m.contains(HOST_ABI),
+        "{m}"
+    );
+
+    let m = message(&server, "unknown_builtin");
+    assert!(
+        m.contains("unknown handler `no_such_plugin`")
+            && m.contains("libcresset_plugin_no_such_plugin.so"),
+        "{m}"
+    );
+
+    let m = message(&server, "garbage");
+    assert!(
+        m.contains("is not a loadable shared library")
+            && m.contains("garbage.so")
+            && m.contains(HOST_ABI),
+        "{m}"
+    );
+
+    let m = message(&server, "not_a_plugin");
+    assert!(
+        m.contains("not a Cresset plugin")
+            && m.contains("libcresset_fixture_not_a_plugin.so")
+            && m.contains(HOST_ABI),
+        "{m}"
+    );
+
+    let m = message(&server, "abi_mismatch");
+    assert!(
+        m.contains("built against plugin ABI 2.0.0")
+            && m.contains(&format!("this host speaks plugin ABI {HOST_ABI}"))
+            && m.contains("libcresset_fixture_abi_mismatch.so"),
+        "{m}"
+    );
+
+    let m = message(&server, "init_error");
+    assert!(
+        m.contains("failed to initialise")
+            && m.contains("the licence file is missing")
+            && m.contains("plugin ABI 1.0.0")
+            && m.contains(&format!("host plugin ABI {HOST_ABI}"))
+            && m.contains("libcresset_fixture_init_error.so"),
+        "{m}"
+    );
+
+    let m = message(&server, "init_panic");
+    assert!(
+        m.contains("panicked while initialising")
+            && m.contains("libcresset_fixture_init_panic.so")
+            && m.contains(HOST_ABI),
+        "{m}"
+    );
+
+    let m = message(&server, "load_panic");
+    assert!(
+        m.contains("a worker failed to start") && m.contains("panicked in initialize"),
+        "{m}"
+    );
+
+    // The errors are in the log too, and the server is reported unhealthy while models failed.
+    let log = server.log();
+    assert!(log.contains("built against plugin ABI 2.0.0"), "{log}");
+    let ping = server.get("/ping");
+    assert_eq!(ping.status, 500);
+    assert_eq!(ping.json()["status"], "Unhealthy");
+    assert!(ping.json()["models"]["init_error/1.0"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("Failed"));
+    assert_eq!(
+        server
+            .post("/predictions/echo", "text/plain", b"after")
+            .text(),
+        "after"
+    );
+}

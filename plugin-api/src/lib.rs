@@ -17,6 +17,9 @@
 //!
 //! 1. **The crate version is the ABI version.** Both versions are logged at load, and a plugin
 //!    whose ABI major version differs from the host's is refused with an error naming both.
+//!    Within a major version, abi_stable's layout check accepts a plugin whose prefix types
+//!    are shorter or longer than the host's; items appended after a plugin was built read as
+//!    `None` through their accessors, so hosts must handle their absence.
 //! 2. **Append only.** Prefix types ([`PluginMod`], and the `#[sabi_trait]` vtables of
 //!    [`PluginModel`], [`PluginInstance`], [`ResponseSink`] and [`HostServices`]) may only grow
 //!    by *appending* fields or methods after the one marked `#[sabi(last_prefix_field)]`; move
@@ -482,7 +485,6 @@ pub type InstanceBox = PluginInstance_TO<'static, RBox<()>>;
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
-#[sabi(missing_field(panic))]
 pub struct PluginMod {
     /// Describe the plugin: name, versions, capabilities.
     pub describe: extern "C" fn() -> PluginDescription,

@@ -607,3 +607,120 @@ mod tests {
         );
     }
 }
+
+/// Helpers for unit-testing a [`Handler`] as a plain library, without the host or `dlopen`.
+///
+/// ```
+/// # use cresset_plugin_api::sdk::{testing, Handler, BatchContext, InitContext};
+/// # use cresset_plugin_api::{PluginError, Request, Response};
+/// # struct Up;
+/// # impl Handler for Up {
+/// #     const NAME: &'static str = "up";
+/// #     type Input = String; type Output = String;
+/// #     fn initialize(_: &InitContext) -> Result<Self, PluginError> { Ok(Up) }
+/// #     fn preprocess(&mut self, r: &Request) -> Result<String, PluginError> { Ok(r.text().unwrap_or("").to_owned()) }
+/// #     fn inference(&mut self, b: Vec<String>, _: &mut BatchContext<'_, '_>) -> Result<Vec<String>, PluginError> { Ok(b.into_iter().map(|s| s.to_uppercase()).collect()) }
+/// #     fn postprocess(&mut self, o: String) -> Result<Response, PluginError> { Ok(Response::ok("text/plain", o)) }
+/// # }
+/// let ctx = testing::init_context(std::env::temp_dir(), serde_json::json!({}));
+/// let mut handler = Up::initialize(&ctx).unwrap();
+/// let run = testing::run(&mut handler, &[testing::request("text/plain", "hi")]);
+/// assert_eq!(run.finals[0].as_ref().unwrap().body.as_slice(), b"HI");
+/// ```
+pub mod testing {
+    use super::*;
+    use crate::HostServices;
+    use abi_stable::std_types::RArc;
+
+    #[derive(Clone)]
+    struct QuietHost;
+
+    impl HostServices for QuietHost {
+        fn log_enabled(&self, _: LogLevel) -> bool {
+            false
+        }
+        fn log(&self, _: LogLevel, _: RStr<'_>, _: RStr<'_>, _: RSlice<'_, KeyValue>) {}
+        fn metric(&self, _: MetricKind, _: RStr<'_>, _: RStr<'_>, _: RSlice<'_, KeyValue>, _: f64) {
+        }
+    }
+
+    /// Host services that drop logs and metrics.
+    pub fn host() -> Host {
+        Host {
+            handle: HostHandle::from_ptr(RArc::new(QuietHost), TD_Opaque),
+        }
+    }
+
+    /// An [`InitContext`] for model files in `model_dir`, on the CPU with one thread.
+    pub fn init_context(model_dir: impl Into<PathBuf>, handler_config: Value) -> InitContext {
+        InitContext {
+            model_name: "test".into(),
+            model_version: "1.0".into(),
+            model_dir: model_dir.into(),
+            handler_config,
+            model_config: Value::Object(Default::default()),
+            assignment: InstanceAssignment {
+                index: 0,
+                device_type: DeviceType::CPU,
+                device_ids: Default::default(),
+                intra_op_threads: 1,
+            },
+            host: host(),
+        }
+    }
+
+    /// A request with this content type and body.
+    pub fn request(content_type: &str, body: impl Into<Vec<u8>>) -> Request {
+        Request {
+            id: "test".into(),
+            content_type: content_type.into(),
+            body: body.into().into(),
+            headers: Default::default(),
+            params: Default::default(),
+        }
+    }
+
+    /// What one batch produced: the chunks streamed to each request, and its final result.
+    pub struct Run {
+        /// Intermediate chunks, per request.
+        pub chunks: Vec<Vec<Response>>,
+        /// Final results, per request.
+        pub finals: Vec<Result<Response, PluginError>>,
+    }
+
+    struct Collect {
+        chunks: Vec<Vec<Response>>,
+    }
+
+    impl crate::ResponseSink for Collect {
+        fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
+            match self.chunks.get_mut(index) {
+                Some(list) => {
+                    list.push(chunk);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn send_final(&mut self, _: usize, _: RResult<Response, PluginError>) {}
+        fn is_cancelled(&self, _: usize) -> bool {
+            false
+        }
+    }
+
+    /// Run one batch through `handler.handle`, as a worker would.
+    pub fn run<H: Handler>(handler: &mut H, requests: &[Request]) -> Run {
+        let mut collect = Collect {
+            chunks: requests.iter().map(|_| Vec::new()).collect(),
+        };
+        let finals = {
+            let mut sink = SinkRef::from_ptr(&mut collect, TD_Opaque);
+            let mut ctx = BatchContext::new(&mut sink, requests.len());
+            handler.handle(requests, &mut ctx)
+        };
+        Run {
+            chunks: collect.chunks,
+            finals,
+        }
+    }
+}

@@ -177,10 +177,12 @@ impl Server {
             ])
             .arg("--work-dir")
             .arg(work.path())
-            .args(["--log", "info,cresset::access=warn"])
             .env_remove("CRESSET_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !args.contains(&"--log") {
+            command.args(["--log", "info,cresset::access=warn"]);
+        }
         if !args.contains(&"--model-store") {
             command
                 .arg("--model-store")

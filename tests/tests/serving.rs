@@ -197,3 +197,52 @@ fn cresset_toml_and_environment_configure_the_server() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("modle_store"), "{err}");
 }
+
+#[test]
+fn explanations_from_a_plugin_without_them_get_501() {
+    let server = Server::start(&["--models", "echo"]);
+    server.wait_healthy();
+    let reply = server.post("/explanations/echo", "text/plain", b"why");
+    assert_eq!(reply.status, 501, "{}", reply.text());
+    assert_eq!(reply.json()["type"], "NotImplementedException");
+    assert!(reply.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("has no explanations"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_an_access_record_per_request() {
+    let server = Server::start(&["--models", "echo", "--log-format", "json", "--log", "info"]);
+    server.wait_healthy();
+    assert_eq!(
+        server.post("/predictions/echo", "text/plain", b"j").status,
+        200
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = server.log();
+        let records: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        assert_eq!(
+            records.len(),
+            log.lines().count(),
+            "every line is JSON:\n{log}"
+        );
+        let access = records
+            .iter()
+            .find(|r| r["target"] == "cresset::access" && r["path"] == "/predictions/echo");
+        if let Some(access) = access {
+            assert_eq!(access["status"], 200);
+            assert_eq!(access["model_version"], "1.0");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access record:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -28,6 +28,9 @@ pub enum ApiError {
         /// The timeout.
         seconds: u64,
     },
+    /// The client closed the connection before the answer was ready (nobody reads this).
+    #[error("the client closed the connection")]
+    ClientGone,
     /// The plugin refused or failed.
     #[error("{0}")]
     Plugin(PluginError),
@@ -45,6 +48,7 @@ impl ApiError {
             Self::Unavailable(_) => "ServiceUnavailableException",
             Self::Timeout { .. } => "ResponseTimeoutException",
             Self::Internal(_) => "InternalServerException",
+            Self::ClientGone => "ClientClosedRequest",
             Self::Plugin(e) => match e.code {
                 ErrorCode::INVALID_INPUT => "BadRequestException",
                 ErrorCode::NOT_FOUND => "NotFoundException",
@@ -65,6 +69,8 @@ impl ResponseError for ApiError {
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // nginx's 499: recorded in logs and metrics only.
+            Self::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Self::Plugin(e) => match e.code {
                 ErrorCode::INVALID_INPUT => StatusCode::BAD_REQUEST,
                 ErrorCode::NOT_FOUND => StatusCode::NOT_FOUND,

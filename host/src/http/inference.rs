@@ -11,6 +11,7 @@ use cresset_plugin_api::{KeyValue, Request, Response};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use super::peer::PeerSocket;
 use super::{ApiError, AppState};
 use crate::registry::{LookupError, ModelVersion, SubmitError};
 use crate::worker::{Job, JobKind, Reply, REPLY_BUFFER};
@@ -18,16 +19,10 @@ use crate::worker::{Job, JobKind, Reply, REPLY_BUFFER};
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ping", web::get().to(ping))
-        .route("/predictions/{model}", web::post().to(predict))
-        .route(
-            "/predictions/{model}/{version}",
-            web::post().to(predict_version),
-        )
-        .route("/explanations/{model}", web::post().to(explain))
-        .route(
-            "/explanations/{model}/{version}",
-            web::post().to(explain_version),
-        );
+        .route("/predictions/{model}", web::post().to(infer))
+        .route("/predictions/{model}/{version}", web::post().to(infer))
+        .route("/explanations/{model}", web::post().to(infer))
+        .route("/explanations/{model}/{version}", web::post().to(infer));
 }
 
 /// Healthy only when every model that should have workers has them all up.
@@ -41,59 +36,24 @@ async fn ping(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-async fn predict(
+/// `/predictions/...` and `/explanations/...`, with or without a version.
+async fn infer(
     state: web::Data<AppState>,
-    path: web::Path<String>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    run(
-        state,
-        path.into_inner(),
-        None,
-        JobKind::Predict,
-        req,
-        payload,
-    )
-    .await
+    let kind = if req.path().starts_with("/explanations/") {
+        JobKind::Explain
+    } else {
+        JobKind::Predict
+    };
+    let model = req.match_info().get("model").unwrap_or_default().to_owned();
+    let version = req.match_info().get("version").map(str::to_owned);
+    run(state, model, version, kind, req, payload).await
 }
 
-async fn predict_version(
-    state: web::Data<AppState>,
-    path: web::Path<(String, String)>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let (model, version) = path.into_inner();
-    run(state, model, Some(version), JobKind::Predict, req, payload).await
-}
-
-async fn explain(
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    run(
-        state,
-        path.into_inner(),
-        None,
-        JobKind::Explain,
-        req,
-        payload,
-    )
-    .await
-}
-
-async fn explain_version(
-    state: web::Data<AppState>,
-    path: web::Path<(String, String)>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let (model, version) = path.into_inner();
-    run(state, model, Some(version), JobKind::Explain, req, payload).await
-}
+/// How often a waiting request checks that its client is still connected.
+const CLIENT_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Headers never passed to plugins.
 const PRIVATE_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
@@ -196,12 +156,28 @@ async fn answer(
             )),
         })?;
     let timeout = Duration::from_secs(target.config.response_timeout_s);
-    let timed_out = || ApiError::Timeout {
-        model: target.name.clone(),
-        seconds: target.config.response_timeout_s,
+    let deadline = tokio::time::Instant::now() + timeout;
+    let peer = req.conn_data::<PeerSocket>();
+    let first = loop {
+        let tick = (tokio::time::Instant::now() + CLIENT_CHECK_INTERVAL).min(deadline);
+        tokio::select! {
+            reply = rx.recv() => break Ok(reply),
+            _ = tokio::time::sleep_until(tick) => {
+                if peer.is_some_and(PeerSocket::is_gone) {
+                    tracing::debug!(model = %target.name, request_id = id, "client went away; cancelling");
+                    return Err(ApiError::ClientGone);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break Err(());
+                }
+            }
+        }
     };
-    match tokio::time::timeout(timeout, rx.recv()).await {
-        Err(_) => Err(timed_out()),
+    match first {
+        Err(()) => Err(ApiError::Timeout {
+            model: target.name.clone(),
+            seconds: target.config.response_timeout_s,
+        }),
         Ok(None) => Err(ApiError::Internal(format!(
             "the worker of model `{}` stopped without answering",
             target.name

@@ -2,6 +2,7 @@
 
 mod error;
 mod inference;
+mod peer;
 
 pub use error::ApiError;
 
@@ -44,6 +45,7 @@ pub fn bind(
             .wrap_fn(access_log)
             .configure(inference::routes)
     })
+    .on_connect(peer::remember_socket)
     .workers(config.http_workers)
     .bind(config.inference_address)?;
     let mut addresses: Vec<(&'static str, std::net::SocketAddr)> = inference

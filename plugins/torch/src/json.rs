@@ -116,7 +116,16 @@ pub fn tensor_from_v2(input: &V2Input, position: usize) -> Result<Tensor, TorchE
             input.shape
         )));
     }
-    let expected: i64 = input.shape.iter().product();
+    let expected = input
+        .shape
+        .iter()
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            invalid(format!(
+                "`{field}.shape` is too large. Given: {:?}",
+                input.shape
+            ))
+        })?;
     let mut flat = Vec::new();
     collect_flat(&input.data, &mut flat);
     if flat.len() as i64 != expected {
@@ -285,6 +294,12 @@ mod tests {
         let err = tensor_from_v2(&bad, 1).expect_err("count").to_string();
         assert!(err.contains("`inputs[1].data` must hold 3 values"), "{err}");
         let out = tensor_to_v2("y", &t).expect("converts");
+        let huge: V2Input = serde_json::from_value(
+            json!({"name": "x", "shape": [i64::MAX, 4], "datatype": "FP32", "data": [1]}),
+        )
+        .expect("parses");
+        let err = tensor_from_v2(&huge, 0).expect_err("overflow").to_string();
+        assert!(err.contains("`inputs[0].shape` is too large"), "{err}");
         assert_eq!((out.datatype, out.data.len()), ("INT64", 4));
     }
 }

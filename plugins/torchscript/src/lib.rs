@@ -54,6 +54,8 @@ pub struct TorchScriptHandler {
     softmax: bool,
     model_name: String,
     model_version: String,
+    /// Forward passes run so far (the batching tests count them).
+    forward_passes: u64,
 }
 
 fn torch_err(e: TorchError) -> PluginError {
@@ -164,7 +166,8 @@ impl TorchScriptHandler {
         })
     }
 
-    fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
+        self.forward_passes += 1;
         let _no_grad = tch::no_grad_guard();
         let args: Vec<IValue> = inputs
             .iter()
@@ -196,7 +199,7 @@ impl TorchScriptHandler {
 
     /// Run a group of requests with the same signature in one pass and split the outputs.
     /// `None` when the pass failed or did not keep the batch dimension.
-    fn forward_group(&self, group: &[&Prepared]) -> Option<Vec<Vec<Tensor>>> {
+    fn forward_group(&mut self, group: &[&Prepared]) -> Option<Vec<Vec<Tensor>>> {
         let rows: Vec<i64> = group.iter().map(|p| p.inputs[0].size()[0]).collect();
         let total: i64 = rows.iter().sum();
         let inputs: Vec<Tensor> = (0..group[0].inputs.len())
@@ -324,6 +327,7 @@ impl Handler for TorchScriptHandler {
             softmax,
             model_name: ctx.model_name.clone(),
             model_version: ctx.model_version.clone(),
+            forward_passes: 0,
         })
     }
 
@@ -416,3 +420,105 @@ impl Handler for TorchScriptHandler {
 }
 
 cresset_plugin_api::export_handler!(TorchScriptHandler);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cresset_plugin_api::sdk::testing;
+    use cresset_plugin_api::ErrorCode;
+
+    /// The default store's iris model, made by `make models`.
+    fn iris() -> TorchScriptHandler {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../model_store/iris");
+        assert!(dir.join("model.pt").is_file(), "run `make models` first");
+        TorchScriptHandler::initialize(&testing::init_context(
+            dir,
+            json!({"labels_file": "none.json"}),
+        ))
+        .expect("loads")
+    }
+
+    fn data(rows: Value) -> Request {
+        testing::request("application/json", json!({ "data": rows }).to_string())
+    }
+
+    #[test]
+    fn same_shaped_requests_share_one_forward_pass_and_a_bad_one_fails_alone() {
+        let mut h = iris();
+        let batch = [
+            data(json!([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])),
+            data(json!([[1.0, 2.0]])),
+            data(json!([[4.0, 3.0, 2.0, 1.0]])),
+            testing::request("application/json", "{not json"),
+        ];
+        let run = testing::run(&mut h, &batch);
+        // Requests 0 and 2 run together; request 1 (2 features) runs alone and fails.
+        assert_eq!(h.forward_passes, 2);
+        let rows = |i: usize| -> usize {
+            let r = run.finals[i].as_ref().expect("ok");
+            serde_json::from_slice::<Value>(&r.body).expect("json")["data"]
+                .as_array()
+                .expect("rows")
+                .len()
+        };
+        assert_eq!((rows(0), rows(2)), (2, 1));
+        let e1 = run.finals[1].as_ref().expect_err("bad shape");
+        assert_eq!(e1.code, ErrorCode::INVALID_INPUT);
+        assert!(
+            e1.message.contains("the model rejected the input"),
+            "{}",
+            e1.message
+        );
+        let e3 = run.finals[3].as_ref().expect_err("bad json");
+        assert!(e3.message.contains("must be JSON"), "{}", e3.message);
+    }
+
+    #[test]
+    fn a_batched_answer_equals_the_answers_one_by_one() {
+        let mut h = iris();
+        let a = json!([[5.1, 3.5, 1.4, 0.2]]);
+        let b = json!([[6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]);
+        let together = testing::run(&mut h, &[data(a.clone()), data(b.clone())]);
+        let alone_a = testing::run(&mut h, &[data(a)]);
+        let alone_b = testing::run(&mut h, &[data(b)]);
+        // Batching may change the order of float reductions, not the answer.
+        let rows = |r: &Result<Response, PluginError>| -> Vec<Vec<f64>> {
+            let v: Value = serde_json::from_slice(&r.as_ref().expect("ok").body).expect("json");
+            serde_json::from_value(v["data"].clone()).expect("rows of numbers")
+        };
+        let close = |a: Vec<Vec<f64>>, b: Vec<Vec<f64>>| {
+            assert_eq!(a.len(), b.len());
+            let diff = a
+                .iter()
+                .flatten()
+                .zip(b.iter().flatten())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            assert!(diff <= 1e-5, "max abs diff {diff}");
+        };
+        close(rows(&together.finals[0]), rows(&alone_a.finals[0]));
+        close(rows(&together.finals[1]), rows(&alone_b.finals[0]));
+    }
+
+    #[test]
+    fn bad_handler_config_is_refused_with_the_key_named() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../model_store/iris");
+        let err =
+            TorchScriptHandler::initialize(&testing::init_context(dir.clone(), json!({"topk": 0})))
+                .err()
+                .expect("refused");
+        assert!(
+            err.message
+                .contains("`handler.topk` must be an integer >= 1"),
+            "{}",
+            err.message
+        );
+        let err = TorchScriptHandler::initialize(&testing::init_context(
+            dir,
+            json!({"model_file": "missing.pt"}),
+        ))
+        .err()
+        .expect("refused");
+        assert_eq!(err.code, ErrorCode::NOT_FOUND);
+    }
+}

@@ -1,41 +1,82 @@
-//! Test fixture: a plugin that panics on request.
+//! Test fixture: a plugin that misbehaves on request, to test the host's defences.
 //!
-//! Body `panic` panics in `inference`; `[handler] panic_in = "initialize"` panics while a
-//! worker initialises. Any other body is answered with `ok`.
+//! Bodies: `panic` panics in `inference`; `sleep:MS` sleeps MS milliseconds; `stream:N` sends
+//! N chunks then a final `done`; `wait-cancel` waits (up to 20 s) for its client to go away,
+//! then counts it in the metric `cresset_fixture_cancelled_total`. Anything else is answered
+//! with `ok`. `[handler] panic_in = "initialize"` panics while a worker initialises.
 
-use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext};
-use cresset_plugin_api::{PluginError, Request, Response};
+use std::time::{Duration, Instant};
 
-pub struct Panicky;
+use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext};
+use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+
+pub struct Panicky {
+    host: Host,
+}
 
 impl Handler for Panicky {
     const NAME: &'static str = "panicky";
-    type Input = Vec<u8>;
-    type Output = Vec<u8>;
+    const CAPABILITIES: Capabilities = Capabilities::STREAMING;
+    type Input = String;
+    type Output = String;
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         if ctx.handler_config.get("panic_in").and_then(|v| v.as_str()) == Some("initialize") {
             panic!("panicky fixture: asked to panic in initialize");
         }
-        Ok(Panicky)
+        tracing::info!(
+            index = ctx.assignment.index,
+            "panicky fixture instance initialised"
+        );
+        Ok(Panicky {
+            host: ctx.host.clone(),
+        })
     }
 
-    fn preprocess(&mut self, request: &Request) -> Result<Vec<u8>, PluginError> {
-        Ok(request.body.to_vec())
+    fn preprocess(&mut self, request: &Request) -> Result<String, PluginError> {
+        Ok(request.text().unwrap_or_default().to_owned())
     }
 
     fn inference(
         &mut self,
-        batch: Vec<Vec<u8>>,
-        _: &mut BatchContext<'_, '_>,
-    ) -> Result<Vec<Vec<u8>>, PluginError> {
-        if batch.iter().any(|b| b == b"panic") {
-            panic!("panicky fixture: asked to panic in inference");
+        batch: Vec<String>,
+        ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<String>, PluginError> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, command) in batch.iter().enumerate() {
+            if command == "panic" {
+                panic!("panicky fixture: asked to panic in inference");
+            } else if let Some(ms) = command.strip_prefix("sleep:") {
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+                out.push("ok".to_owned());
+            } else if let Some(n) = command.strip_prefix("stream:") {
+                for k in 0..n.parse().unwrap_or(0) {
+                    ctx.send_chunk(i, Response::ok("text/plain", format!("chunk-{k}\n")));
+                }
+                out.push("done".to_owned());
+            } else if command == "wait-cancel" {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !ctx.is_cancelled(i) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if ctx.is_cancelled(i) {
+                    self.host.counter(
+                        "cresset_fixture_cancelled_total",
+                        "Requests seen cancelled",
+                        &[],
+                        1.0,
+                    );
+                    tracing::warn!("panicky fixture saw its client go away");
+                }
+                out.push("late".to_owned());
+            } else {
+                out.push("ok".to_owned());
+            }
         }
-        Ok(batch.into_iter().map(|_| b"ok".to_vec()).collect())
+        Ok(out)
     }
 
-    fn postprocess(&mut self, output: Vec<u8>) -> Result<Response, PluginError> {
+    fn postprocess(&mut self, output: String) -> Result<Response, PluginError> {
         Ok(Response::ok("text/plain", output))
     }
 }

@@ -1,0 +1,121 @@
+//! What the host gives plugins and clients around a request: streaming, response timeouts,
+//! cancellation, the log bridge and plugin metrics.
+
+use std::time::{Duration, Instant};
+
+use cresset_e2e::{dir_archive, library, Server};
+
+fn faulty(root: &std::path::Path, config: &str) -> String {
+    let bytes = std::fs::read(library("fixture_panicky")).expect("read");
+    let dir = dir_archive(
+        root,
+        "faulty",
+        "handler/libpanicky.so",
+        config,
+        &[("handler/libpanicky.so", &bytes)],
+    );
+    format!("faulty={}", dir.display())
+}
+
+#[test]
+fn intermediate_chunks_stream_before_the_final_response() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &faulty(root.path(), "")]);
+    server.wait_healthy();
+    let reply = server.post("/predictions/faulty", "text/plain", b"stream:3");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "chunk-0\nchunk-1\nchunk-2\ndone");
+    assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(reply.header("x-model-version"), Some("1.0"));
+}
+
+#[test]
+fn a_slow_response_gets_504_and_the_worker_goes_on() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&[
+        "--models",
+        &faulty(
+            root.path(),
+            "min_workers = 2\nmax_workers = 2\nresponse_timeout_s = 1\n",
+        ),
+    ]);
+    server.wait_healthy();
+    let started = Instant::now();
+    let reply = server.post("/predictions/faulty", "text/plain", b"sleep:2500");
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["type"], "ResponseTimeoutException");
+    assert!(
+        started.elapsed() < Duration::from_millis(2400),
+        "the timeout did not cut the wait short"
+    );
+    // The other worker answers now; once the slow one is done, both answer again.
+    assert_eq!(
+        server
+            .post("/predictions/faulty", "text/plain", b"x")
+            .text(),
+        "ok"
+    );
+    std::thread::sleep(Duration::from_millis(1700));
+    for _ in 0..4 {
+        assert_eq!(
+            server
+                .post("/predictions/faulty", "text/plain", b"x")
+                .text(),
+            "ok"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_goes_away_sets_the_cancellation_flag_and_plugin_metrics_are_exported() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &faulty(root.path(), "")]);
+    server.wait_healthy();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(300)))
+        .build()
+        .into();
+    let result = agent
+        .post(format!("{}/predictions/faulty", server.inference))
+        .send(&b"wait-cancel"[..]);
+    assert!(result.is_err(), "the client should have given up");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = r#"cresset_fixture_cancelled_total{model="faulty",version="1.0"} 1"#;
+    loop {
+        let metrics = server.metrics_text();
+        if metrics.contains(want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the plugin never saw the cancellation:\n{metrics}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server
+        .log()
+        .contains("panicky fixture saw its client go away"));
+    assert_eq!(
+        server
+            .post("/predictions/faulty", "text/plain", b"x")
+            .text(),
+        "ok"
+    );
+}
+
+#[test]
+fn plugin_tracing_events_reach_the_host_log_with_the_model_name() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &faulty(root.path(), "")]);
+    server.wait_healthy();
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("panicky fixture instance initialised"))
+        .unwrap_or_else(|| panic!("no plugin log line in:\n{log}"));
+    assert!(
+        line.contains("cresset::plugin") && line.contains("faulty"),
+        "{line}"
+    );
+}

@@ -268,9 +268,14 @@ fn expand_models(store: &Path, raw: &[String]) -> anyhow::Result<Vec<ModelSource
     for item in raw.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         if item == "all" {
             for (name, path) in crate::archive::list_store(store)? {
+                // Relative to the store, as every other entry is.
+                let archive = path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| name.clone());
                 out.push(ModelSource {
                     name: Some(name),
-                    archive: path.to_string_lossy().into_owned(),
+                    archive,
                 });
             }
         } else {

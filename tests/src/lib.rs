@@ -168,6 +168,7 @@ impl Server {
         let work = tempfile::tempdir().expect("tempdir");
         let mut command = Command::new(cresset_bin());
         command
+            .current_dir(repo_root())
             .arg("serve")
             .args([
                 "--inference-address",
@@ -245,6 +246,19 @@ impl Server {
             if reply.status == 200 {
                 return self;
             }
+            let failed = reply.json()["models"]
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .any(|v| v.as_str().is_some_and(|s| s.starts_with("Failed")))
+                })
+                .unwrap_or(false);
+            assert!(
+                !failed,
+                "a model failed to load: {}\n{}",
+                reply.text(),
+                self.log()
+            );
             assert!(
                 Instant::now() < deadline,
                 "not healthy after 120 s: {}\n{}",

@@ -108,7 +108,8 @@ fn bodies_over_max_request_size_get_413_and_the_server_goes_on() {
 
 #[test]
 fn ping_is_healthy_only_once_models_are_ready_and_metrics_count_requests() {
-    let server = Server::start(&["--models", "echo,iris"]);
+    // The arguments `make serve` uses: a relative store and every model in it.
+    let server = Server::start(&["--model-store", "model_store", "--models", "all"]);
     server.wait_healthy();
     assert_eq!(server.get("/ping").json()["status"], "Healthy");
     for _ in 0..3 {
@@ -132,6 +133,11 @@ fn ping_is_healthy_only_once_models_are_ready_and_metrics_count_requests() {
         metrics.contains(r#"cresset_model_load_seconds_count{model="iris",version="1.0"} 1"#),
         "{metrics}"
     );
+    let iris = server.post_json(
+        "/predictions/iris",
+        &serde_json::json!({"data": [[5.1, 3.5, 1.4, 0.2]]}),
+    );
+    assert_eq!(iris.status, 200, "{}", iris.text());
 }
 
 #[test]

@@ -147,10 +147,14 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
             .with_label_values(&labels)
             .observe(batch.len() as f64);
 
-        let requests: Vec<Request> = batch.iter().map(|job| job.request.clone()).collect();
+        // Move the requests out (bodies can be large): the sink keeps only the reply ends.
+        let (requests, replies): (Vec<Request>, Vec<mpsc::Sender<Reply>>) = batch
+            .into_iter()
+            .map(|job| (job.request, job.reply))
+            .unzip();
         let mut sink = JobSink {
-            jobs: &batch,
-            finished: vec![false; batch.len()],
+            replies: &replies,
+            finished: vec![false; replies.len()],
         };
         let outcome = {
             let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
@@ -162,16 +166,16 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
         let fallback = match outcome {
             RResult::ROk(()) => None,
             RResult::RErr(e) => {
-                tracing::warn!(batch = batch.len(), "execute failed: {e}");
+                tracing::warn!(batch = requests.len(), "execute failed: {e}");
                 Some(e)
             }
         };
-        for i in 0..batch.len() {
+        for i in 0..requests.len() {
             if !sink.finished[i] {
                 let error = fallback.clone().unwrap_or_else(|| {
                     PluginError::internal(format!(
                         "the plugin sent no final response for request {}",
-                        batch[i].request.id
+                        requests[i].id
                     ))
                 });
                 sink.send_final(i, RResult::RErr(error));
@@ -184,28 +188,30 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
 
 /// The sink one batch writes to: replies go to each request's channel.
 struct JobSink<'a> {
-    jobs: &'a [Job],
+    replies: &'a [mpsc::Sender<Reply>],
     finished: Vec<bool>,
 }
 
 impl ResponseSink for JobSink<'_> {
     fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
-        match (self.jobs.get(index), self.finished.get(index)) {
-            (Some(job), Some(false)) => job.reply.blocking_send(Reply::Chunk(chunk)).is_ok(),
+        match (self.replies.get(index), self.finished.get(index)) {
+            (Some(reply), Some(false)) => reply.blocking_send(Reply::Chunk(chunk)).is_ok(),
             _ => false,
         }
     }
 
     fn send_final(&mut self, index: usize, result: RResult<Response, PluginError>) {
-        if let (Some(job), Some(done)) = (self.jobs.get(index), self.finished.get_mut(index)) {
+        if let (Some(reply), Some(done)) = (self.replies.get(index), self.finished.get_mut(index)) {
             if !*done {
                 *done = true;
-                let _ = job.reply.blocking_send(Reply::Final(result.into()));
+                let _ = reply.blocking_send(Reply::Final(result.into()));
             }
         }
     }
 
     fn is_cancelled(&self, index: usize) -> bool {
-        self.jobs.get(index).is_none_or(|job| job.reply.is_closed())
+        self.replies
+            .get(index)
+            .is_none_or(|reply| reply.is_closed())
     }
 }

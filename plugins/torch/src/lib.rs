@@ -72,3 +72,26 @@ pub fn configure_threads(intra_op_threads: u32) -> Option<String> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_chosen_unless_a_usable_gpu_is_assigned() {
+        assert_eq!(select_device(&[], false), (tch::Device::Cpu, None));
+        let (device, warning) = select_device(&[], true);
+        assert_eq!(device, tch::Device::Cpu);
+        assert!(warning.is_some_and(|w| w.contains("no device id")));
+        if !tch::Cuda::is_available() {
+            let (device, warning) = select_device(&[0], true);
+            assert_eq!(device, tch::Device::Cpu);
+            assert!(warning.is_some_and(|w| w.contains("CUDA is not available")));
+        } else {
+            assert_eq!(select_device(&[0], true).0, tch::Device::Cuda(0));
+            assert!(select_device(&[999], true)
+                .1
+                .is_some_and(|w| w.contains("GPUs are visible")));
+        }
+    }
+}

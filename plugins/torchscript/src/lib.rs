@@ -521,4 +521,48 @@ mod tests {
         .expect("refused");
         assert_eq!(err.code, ErrorCode::NOT_FOUND);
     }
+
+    /// On a GPU machine: the same model on `cuda:0` answers as on the CPU (within 1e-5).
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn gpu_outputs_match_cpu_outputs() {
+        assert!(
+            tch::Cuda::is_available(),
+            "the gpu feature needs a CUDA device"
+        );
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../model_store/iris");
+        let config = json!({"labels_file": "none.json"});
+        let mut cpu =
+            TorchScriptHandler::initialize(&testing::init_context(dir.clone(), config.clone()))
+                .expect("cpu");
+        let mut ctx = testing::init_context(dir, config);
+        ctx.assignment.device_type = DeviceType::GPU;
+        ctx.assignment.device_ids = vec![0].into();
+        let mut gpu = TorchScriptHandler::initialize(&ctx).expect("gpu");
+        assert_eq!(gpu.device, Device::Cuda(0));
+        let request = data(json!([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]));
+        let parse = |h: &mut TorchScriptHandler| -> Vec<f64> {
+            let run = testing::run(h, std::slice::from_ref(&request));
+            let v: Value =
+                serde_json::from_slice(&run.finals[0].as_ref().expect("ok").body).expect("json");
+            v["data"]
+                .as_array()
+                .expect("rows")
+                .iter()
+                .flat_map(|r| {
+                    r.as_array()
+                        .expect("row")
+                        .iter()
+                        .map(|x| x.as_f64().expect("number"))
+                })
+                .collect()
+        };
+        let (a, b) = (parse(&mut cpu), parse(&mut gpu));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(diff <= 1e-5, "max abs diff {diff}");
+    }
 }

@@ -212,9 +212,8 @@ impl ServerConfig {
         let work_dir = args
             .work_dir
             .or(file.work_dir)
-            .unwrap_or_else(|| std::env::temp_dir().join("cresset"));
-        std::fs::create_dir_all(&work_dir)
-            .with_context(|| format!("cannot create `work_dir` {}", work_dir.display()))?;
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("cresset-{}", effective_uid())));
+        private_dir(&work_dir)?;
 
         let max_request_size = args
             .max_request_size
@@ -261,6 +260,42 @@ impl ServerConfig {
             log,
         })
     }
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Create `dir` if needed and make sure it is ours alone: plugin libraries staged there are
+/// loaded into this process, so another user who could write there could run code in it.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create `work_dir` {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot read `work_dir` {}", dir.display()))?;
+    if meta.file_type().is_symlink() || !meta.is_dir() {
+        bail!(
+            "`work_dir` must be a folder, not a link or a file. Given: {}",
+            dir.display()
+        );
+    }
+    if meta.uid() != effective_uid() {
+        bail!(
+            "`work_dir` {} belongs to another user (uid {}); plugins staged there would run in this server. Choose a folder of your own",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make `work_dir` {} private", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn expand_models(store: &Path, raw: &[String]) -> anyhow::Result<Vec<ModelSource>> {
@@ -319,4 +354,28 @@ pub struct ArchiveArgs {
     /// Overwrite an existing archive.
     #[arg(long)]
     pub force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_work_dir_is_made_private_and_another_users_folder_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        private_dir(&open).expect("ours");
+        let mode = std::fs::metadata(&open).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        if effective_uid() == 0 {
+            let theirs = root.path().join("theirs");
+            std::fs::create_dir(&theirs).expect("mkdir");
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+            let err = private_dir(&theirs).expect_err("refused").to_string();
+            assert!(err.contains("belongs to another user"), "{err}");
+        }
+    }
 }

@@ -154,13 +154,12 @@ impl PluginLoader {
                 host_abi: ABI_VERSION,
             });
         }
-        let sha256 = sha256_file(path).map_err(io)?;
         // Hold the lock across the load: two loads of the same bytes must not race.
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let (sha256, runtime_path) = self.stage(path).map_err(io)?;
         if let Some(library) = loaded.get(&sha256) {
             return Ok(library.clone());
         }
-        let runtime_path = self.stage(path, &sha256).map_err(io)?;
         let module = open(path, &runtime_path)?;
         let description = (module.describe())();
         tracing::info!(
@@ -184,24 +183,30 @@ impl PluginLoader {
         Ok(library)
     }
 
-    /// Copy `path` to its content-addressed runtime path. An existing copy has the same bytes
-    /// by construction, so it is reused and never written over.
-    fn stage(&self, path: &Path, sha256: &str) -> std::io::Result<PathBuf> {
+    /// Copy `path` into the runtime folder, hash the copy (not the source, which could change
+    /// between hashing and copying), and move it to its content-addressed name. A file already
+    /// there has the same bytes by construction (the folder is private to this user), so it is
+    /// reused and never written over.
+    fn stage(&self, path: &Path) -> std::io::Result<(String, PathBuf)> {
         std::fs::create_dir_all(&self.runtime_dir)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin.so".into());
-        let target = self.runtime_dir.join(format!("{}-{name}", &sha256[..32]));
-        if target.is_file() && sha256_file(&target)? == sha256 {
-            return Ok(target);
-        }
         let tmp = tempfile::NamedTempFile::new_in(&self.runtime_dir)?;
         std::fs::copy(path, tmp.path())?;
-        tmp.as_file().sync_all()?;
-        // Rename is atomic; another process staging the same bytes writes the same content.
-        tmp.persist(&target).map_err(|e| e.error)?;
-        Ok(target)
+        let sha256 = sha256_file(tmp.path())?;
+        let target = self.runtime_dir.join(format!("{}-{name}", &sha256[..32]));
+        if !target.is_file() {
+            tmp.as_file().sync_all()?;
+            match tmp.persist_noclobber(&target) {
+                Ok(_) => {}
+                // Another process staged the same bytes first: use its copy.
+                Err(e) if target.is_file() => drop(e),
+                Err(e) => return Err(e.error),
+            }
+        }
+        Ok((sha256, target))
     }
 }
 

@@ -67,7 +67,8 @@ pub struct ModelVersion {
     /// The handler the manifest names.
     pub handler: String,
     state: RwLock<ModelState>,
-    queue_tx: Sender<Job>,
+    /// `None` once the version stopped taking requests: its workers then finish and exit.
+    queue_tx: RwLock<Option<Sender<Job>>>,
     queue_rx: Receiver<Job>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     plugin: Mutex<Option<Arc<PluginLibrary>>>,
@@ -99,7 +100,7 @@ impl ModelVersion {
             config,
             handler,
             state: RwLock::new(state),
-            queue_tx,
+            queue_tx: RwLock::new(Some(queue_tx)),
             queue_rx,
             workers: Mutex::new(Vec::new()),
             plugin: Mutex::new(None),
@@ -118,7 +119,7 @@ impl ModelVersion {
 
     /// Requests waiting in the queue.
     pub fn queue_depth(&self) -> usize {
-        self.queue_tx.len()
+        self.queue_rx.len()
     }
 
     /// The plugin, once loaded.
@@ -146,12 +147,27 @@ impl ModelVersion {
                 )))
             }
         }
-        self.queue_tx.try_send(job).map_err(|e| match e {
+        let queue = self.queue_tx.read().unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = queue.as_ref() else {
+            return Err(SubmitError::NotReady(format!(
+                "model `{}` is shutting down",
+                self.name
+            )));
+        };
+        queue.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::QueueFull(self.config.job_queue_size as usize),
             TrySendError::Disconnected(_) => {
                 SubmitError::NotReady(format!("model `{}` is shutting down", self.name))
             }
         })
+    }
+
+    /// Stop taking requests; workers finish what is queued, drop their instances and exit.
+    pub fn close_queue(&self) {
+        self.queue_tx
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// Load the plugin, the model and `min_workers` instances. Sets the state to `Ready` or
@@ -170,6 +186,8 @@ impl ModelVersion {
             Err(why) => {
                 tracing::error!(model = %self.name, version = %self.version, "model failed to load: {why}");
                 self.set_state(ModelState::Failed(why));
+                // Workers that did start must not hold their instances (and weights) forever.
+                self.close_queue();
             }
         }
     }
@@ -234,6 +252,7 @@ impl ModelVersion {
                 queue: self.queue_rx.clone(),
                 batch_size: self.config.batch_size as usize,
                 metrics: ctx.metrics.clone(),
+                reply_timeout: std::time::Duration::from_secs(self.config.response_timeout_s),
             };
             let handle = worker::spawn(spec, ready_tx.clone())
                 .map_err(|e| format!("cannot start a worker thread: {e}"))?;

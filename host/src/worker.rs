@@ -6,7 +6,7 @@
 //! low concurrency).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RResult, RSlice};
@@ -68,6 +68,9 @@ pub struct WorkerSpec {
     pub batch_size: usize,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// How long a send to one client may wait for room (a client that stopped reading a
+    /// stream); past it the request is abandoned as cancelled.
+    pub reply_timeout: Duration,
 }
 
 /// Start a worker thread. `ready` receives `Ok` once the instance exists, or the error.
@@ -155,6 +158,8 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
         let mut sink = JobSink {
             replies: &replies,
             finished: vec![false; replies.len()],
+            abandoned: vec![false; replies.len()],
+            timeout: spec.reply_timeout,
         };
         let outcome = {
             let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
@@ -190,28 +195,95 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
 struct JobSink<'a> {
     replies: &'a [mpsc::Sender<Reply>],
     finished: Vec<bool>,
+    /// Requests whose client stopped reading: no more waiting on them.
+    abandoned: Vec<bool>,
+    timeout: Duration,
+}
+
+impl JobSink<'_> {
+    /// Send without blocking forever: a streaming client that stops reading fills its channel,
+    /// and must not stall the worker (and every request behind it). Gives up after `timeout`,
+    /// marking the request abandoned.
+    fn send(&mut self, index: usize, mut message: Reply) -> bool {
+        let Some(reply) = self.replies.get(index) else {
+            return false;
+        };
+        if self.abandoned[index] {
+            return false;
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_micros(100);
+        loop {
+            match reply.try_send(message) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        tracing::warn!(
+                            index,
+                            "a client stopped reading its stream; abandoning the request"
+                        );
+                        self.abandoned[index] = true;
+                        return false;
+                    }
+                    message = back;
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
+        }
+    }
 }
 
 impl ResponseSink for JobSink<'_> {
     fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
-        match (self.replies.get(index), self.finished.get(index)) {
-            (Some(reply), Some(false)) => reply.blocking_send(Reply::Chunk(chunk)).is_ok(),
+        match self.finished.get(index) {
+            Some(false) => self.send(index, Reply::Chunk(chunk)),
             _ => false,
         }
     }
 
     fn send_final(&mut self, index: usize, result: RResult<Response, PluginError>) {
-        if let (Some(reply), Some(done)) = (self.replies.get(index), self.finished.get_mut(index)) {
-            if !*done {
-                *done = true;
-                let _ = reply.blocking_send(Reply::Final(result.into()));
-            }
+        if let Some(false) = self.finished.get(index) {
+            self.finished[index] = true;
+            self.send(index, Reply::Final(result.into()));
         }
     }
 
     fn is_cancelled(&self, index: usize) -> bool {
-        self.replies
-            .get(index)
-            .is_none_or(|reply| reply.is_closed())
+        match self.replies.get(index) {
+            Some(reply) => self.abandoned[index] || reply.is_closed(),
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_that_stops_reading_is_abandoned_instead_of_stalling_the_worker() {
+        let (tx, _rx_kept_but_never_read) = mpsc::channel(1);
+        let replies = [tx];
+        let mut sink = JobSink {
+            replies: &replies,
+            finished: vec![false],
+            abandoned: vec![false],
+            timeout: Duration::from_millis(50),
+        };
+        assert!(sink.send_chunk(0, Response::ok("text/plain", "a")));
+        assert!(!sink.is_cancelled(0));
+        let started = Instant::now();
+        assert!(
+            !sink.send_chunk(0, Response::ok("text/plain", "b")),
+            "the channel is full"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(sink.is_cancelled(0));
+        // Later sends give up at once.
+        let started = Instant::now();
+        sink.send_final(0, RResult::ROk(Response::ok("text/plain", "c")));
+        assert!(started.elapsed() < Duration::from_millis(40));
     }
 }

@@ -401,10 +401,11 @@ impl<H: Handler> PluginModel for SdkModel<H> {
                 assignment: assignment.clone(),
                 host: self.host.clone(),
             };
-            let handler = H::initialize(&ctx)?;
+            let handler = with_host(&self.host.handle, || H::initialize(&ctx))?;
             Ok(InstanceBox::from_value(
                 SdkInstance {
                     handler: Some(handler),
+                    host: self.host.handle.clone(),
                 },
                 TD_Opaque,
             ))
@@ -418,6 +419,7 @@ impl<H: Handler> PluginModel for SdkModel<H> {
 
 struct SdkInstance<H> {
     handler: Option<H>,
+    host: HostHandle,
 }
 
 impl<H: Handler> SdkInstance<H> {
@@ -436,9 +438,10 @@ impl<H: Handler> SdkInstance<H> {
             Some(h) => h,
             None => return RResult::RErr(PluginError::internal("the instance was dropped")),
         };
+        let host = &self.host;
         guard(what, || {
             let mut ctx = BatchContext::new(&mut sink, requests.len());
-            let results = call(handler, requests.as_slice(), &mut ctx);
+            let results = with_host(host, || call(handler, requests.as_slice(), &mut ctx));
             for (i, result) in results.into_iter().enumerate().take(requests.len()) {
                 sink.send_final(i, result.into());
             }
@@ -469,7 +472,9 @@ impl<H> Drop for SdkInstance<H> {
     fn drop(&mut self) {
         let handler = self.handler.take();
         // A panicking destructor must not unwind into the host either.
-        let _ = catch_unwind(AssertUnwindSafe(move || drop(handler)));
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            with_host(&self.host, move || drop(handler))
+        }));
     }
 }
 
@@ -477,9 +482,33 @@ impl<H> Drop for SdkInstance<H> {
 // Logging bridge: the plugin's `tracing` events → the host's subscriber.
 // ---------------------------------------------------------------------------------------------
 
+thread_local! {
+    /// The host of the model whose handler code runs on this thread now, so that log records
+    /// carry the right model even when several models share one plugin library.
+    static CURRENT_HOST: std::cell::RefCell<Option<HostHandle>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` with `host` as this thread's current host (restoring the previous one after).
+fn with_host<T>(host: &HostHandle, f: impl FnOnce() -> T) -> T {
+    let previous = CURRENT_HOST
+        .try_with(|c| c.replace(Some(host.clone())))
+        .ok()
+        .flatten();
+    struct Restore(Option<HostHandle>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            let _ = CURRENT_HOST.try_with(|c| c.replace(previous));
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
 /// Install (once per plugin library) a global `tracing` dispatcher that forwards events to the
 /// host. A `cdylib` carries its own copy of `tracing-core`, so without this a plugin's logs would
-/// go nowhere.
+/// go nowhere. Events go to the current model's host (see [`with_host`]), else to the host of
+/// the first model loaded from this library.
 fn install_log_bridge(host: &HostHandle) {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
@@ -490,6 +519,13 @@ fn install_log_bridge(host: &HostHandle) {
 
 struct LogBridge {
     host: HostHandle,
+}
+
+impl LogBridge {
+    fn with_current<T>(&self, f: impl FnOnce(&HostHandle) -> T) -> T {
+        let current = CURRENT_HOST.try_with(|c| c.borrow().clone()).ok().flatten();
+        f(current.as_ref().unwrap_or(&self.host))
+    }
 }
 
 fn level_of(level: &tracing_core::Level) -> LogLevel {
@@ -535,7 +571,7 @@ impl tracing_core::Subscriber for LogBridge {
         tracing_core::subscriber::Interest::sometimes()
     }
     fn enabled(&self, metadata: &tracing_core::Metadata<'_>) -> bool {
-        self.host.log_enabled(level_of(metadata.level()))
+        self.with_current(|host| host.log_enabled(level_of(metadata.level())))
     }
     fn new_span(&self, _: &tracing_core::span::Attributes<'_>) -> tracing_core::span::Id {
         // Spans are not forwarded (yet); events inside them are.
@@ -547,12 +583,14 @@ impl tracing_core::Subscriber for LogBridge {
         let mut collector = FieldCollector::default();
         event.record(&mut collector);
         let metadata = event.metadata();
-        self.host.log(
-            level_of(metadata.level()),
-            RStr::from_str(metadata.target()),
-            RStr::from_str(&collector.message),
-            RSlice::from_slice(&collector.fields),
-        );
+        self.with_current(|host| {
+            host.log(
+                level_of(metadata.level()),
+                RStr::from_str(metadata.target()),
+                RStr::from_str(&collector.message),
+                RSlice::from_slice(&collector.fields),
+            )
+        });
     }
     fn enter(&self, _: &tracing_core::span::Id) {}
     fn exit(&self, _: &tracing_core::span::Id) {}

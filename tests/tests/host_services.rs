@@ -105,17 +105,34 @@ fn a_client_that_goes_away_sets_the_cancellation_flag_and_plugin_metrics_are_exp
 }
 
 #[test]
-fn plugin_tracing_events_reach_the_host_log_with_the_model_name() {
+fn plugin_tracing_events_reach_the_host_log_with_the_right_model_name() {
     let root = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&["--models", &faulty(root.path(), "")]);
+    let bytes = std::fs::read(library("fixture_panicky")).expect("read");
+    // Two models from the same library bytes: one plugin load, two models.
+    let other = dir_archive(
+        root.path(),
+        "other",
+        "handler/libpanicky.so",
+        "",
+        &[("handler/libpanicky.so", &bytes)],
+    );
+    let server = Server::start(&[
+        "--models",
+        &format!("{},other={}", faulty(root.path(), ""), other.display()),
+    ]);
     server.wait_healthy();
     let log = server.log();
-    let line = log
+    let lines: Vec<&str> = log
         .lines()
-        .find(|l| l.contains("panicky fixture instance initialised"))
-        .unwrap_or_else(|| panic!("no plugin log line in:\n{log}"));
-    assert!(
-        line.contains("cresset::plugin") && line.contains("faulty"),
-        "{line}"
-    );
+        .filter(|l| l.contains("panicky fixture instance initialised"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(lines.iter().all(|l| l.contains("cresset::plugin")), "{log}");
+    for model in ["faulty", "other"] {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("model={model}"))
+                || l.contains(&format!("model=\"{model}\""))),
+            "{model}: {log}"
+        );
+    }
 }

@@ -104,6 +104,23 @@ fn bodies_over_max_request_size_get_413_and_the_server_goes_on() {
             .text(),
         "small"
     );
+    // Multipart part headers count too (the parser would buffer them without a cap).
+    let header_bomb = format!(
+        "--b\r\nContent-Disposition: form-data; name=\"data\"; x=\"{}\"",
+        "y".repeat(8192)
+    );
+    let reply = server.post(
+        "/predictions/echo",
+        "multipart/form-data; boundary=b",
+        header_bomb.as_bytes(),
+    );
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(
+        server
+            .post("/predictions/echo", "text/plain", b"still")
+            .text(),
+        "still"
+    );
 }
 
 #[test]

@@ -132,20 +132,28 @@ pub enum DeviceKind {
 impl ModelConfig {
     /// Check values that parse but make no sense, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.batch_size == 0 {
-            return Err("`batch_size` must be >= 1. Given: 0".into());
-        }
+        // Upper bounds keep a typo (or a hostile archive) from allocating a huge queue,
+        // starting thousands of threads or overflowing a deadline.
+        let bounded = |field: &str, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                Err(format!(
+                    "`{field}` must be between {min} and {max}. Given: {value}"
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        bounded("min_workers", self.min_workers.into(), 0, 1024)?;
+        bounded("max_workers", self.max_workers.into(), 0, 1024)?;
+        bounded("batch_size", self.batch_size.into(), 1, 4096)?;
+        bounded("max_batch_delay_ms", self.max_batch_delay_ms, 0, 3_600_000)?;
+        bounded("response_timeout_s", self.response_timeout_s, 1, 31_536_000)?;
+        bounded("job_queue_size", self.job_queue_size.into(), 1, 1_000_000)?;
         if self.max_workers < self.min_workers {
             return Err(format!(
                 "`max_workers` must be >= `min_workers` ({}). Given: {}",
                 self.min_workers, self.max_workers
             ));
-        }
-        if self.job_queue_size == 0 {
-            return Err("`job_queue_size` must be >= 1. Given: 0".into());
-        }
-        if self.response_timeout_s == 0 {
-            return Err("`response_timeout_s` must be >= 1. Given: 0".into());
         }
         if !["", "pp", "tp", "pptp"].contains(&self.parallel_type.as_str()) {
             return Err(format!(
@@ -474,8 +482,16 @@ mod tests {
         let c: ModelConfig = toml::from_str("batch_size = 0").expect("parses");
         assert_eq!(
             c.validate().unwrap_err(),
-            "`batch_size` must be >= 1. Given: 0"
+            "`batch_size` must be between 1 and 4096. Given: 0"
         );
+        let c: ModelConfig = toml::from_str("job_queue_size = 4000000000").expect("parses");
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("`job_queue_size` must be between 1 and 1000000"));
+        let c: ModelConfig =
+            toml::from_str("response_timeout_s = 9223372036854775807").expect("parses");
+        assert!(c.validate().unwrap_err().contains("`response_timeout_s`"));
     }
 
     #[test]

@@ -289,13 +289,31 @@ async fn read_multipart(
     payload: web::Payload,
     max: usize,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
-    let mut form = actix_multipart::Multipart::new(req.headers(), payload);
+    // Count every byte of the body, part headers included: actix-multipart buffers headers
+    // without a cap of its own.
+    let seen = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    let counter = seen.clone();
+    let limited = payload.map(move |chunk| {
+        let chunk = chunk?;
+        counter.set(counter.get() + chunk.len());
+        if counter.get() > max {
+            Err(actix_web::error::PayloadError::Overflow)
+        } else {
+            Ok(chunk)
+        }
+    });
+    let failed = |what: String| {
+        if seen.get() > max {
+            ApiError::PayloadTooLarge(max)
+        } else {
+            ApiError::BadRequest(what)
+        }
+    };
+    let mut form = actix_multipart::Multipart::new(req.headers(), limited);
     let mut data: Option<(String, Vec<u8>)> = None;
     let mut params = Vec::new();
-    let mut total = 0usize;
     while let Some(field) = form.next().await {
-        let mut field =
-            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let mut field = field.map_err(|e| failed(format!("malformed multipart body: {e}")))?;
         let name = field.name().unwrap_or_default().to_owned();
         let field_type = field
             .content_type()
@@ -303,13 +321,8 @@ async fn read_multipart(
             .unwrap_or_default();
         let mut bytes = Vec::new();
         while let Some(chunk) = field.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::BadRequest(format!("malformed multipart field `{name}`: {e}"))
-            })?;
-            total += chunk.len();
-            if total > max {
-                return Err(ApiError::PayloadTooLarge(max));
-            }
+            let chunk =
+                chunk.map_err(|e| failed(format!("malformed multipart field `{name}`: {e}")))?;
             bytes.extend_from_slice(&chunk);
         }
         if (name == "data" || name == "body") && data.is_none() {

@@ -28,7 +28,9 @@ pub fn tensor_from_nested(field: &str, value: &Value) -> Result<Tensor, TorchErr
             kind_of(value)
         )));
     }
-    let mut flat = Vec::with_capacity(shape.iter().product::<i64>().max(0) as usize);
+    // No reservation from the claimed shape: it is read from first elements only, and a small
+    // hostile body can claim terabytes. The values pushed are bounded by the body itself.
+    let mut flat = Vec::new();
     flatten(field, value, &shape, 0, &mut flat)?;
     Ok(Tensor::from_slice(&flat).reshape(&shape))
 }
@@ -277,6 +279,23 @@ mod tests {
             .expect_err("not a list")
             .to_string();
         assert!(err.contains("a string"), "{err}");
+    }
+
+    #[test]
+    fn a_small_body_claiming_a_huge_shape_is_refused_without_allocating_it() {
+        // The first-element chain claims 10^4 x 10^4 x 10^4 values; the body holds ~2 x 10^4.
+        let row: Vec<Value> = (0..10_000).map(|_| json!(0)).collect();
+        let mut middle = vec![Value::Array(row)];
+        middle.extend((1..10_000).map(|_| json!(0)));
+        let mut outer = vec![Value::Array(middle)];
+        outer.extend((1..10_000).map(|_| json!(0)));
+        let err = tensor_from_nested("data", &Value::Array(outer))
+            .expect_err("not rectangular")
+            .to_string();
+        assert!(
+            err.contains("`data` must be a rectangular nested list"),
+            "{err}"
+        );
     }
 
     #[test]

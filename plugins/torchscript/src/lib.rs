@@ -107,6 +107,15 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, PluginError> {
         pairs.push((index, name));
     }
     pairs.sort();
+    // The label table is dense; refuse indices that would allocate absurd amounts.
+    const MAX_CLASSES: usize = 1_000_000;
+    if let Some((index, _)) = pairs.last().filter(|(i, _)| *i >= MAX_CLASSES) {
+        return Err(PluginError::invalid_input(format!(
+            "{}: class index {index} is too large (the most is {})",
+            path.display(),
+            MAX_CLASSES - 1
+        )));
+    }
     let mut labels = vec![String::new(); pairs.last().map(|(i, _)| i + 1).unwrap_or(0)];
     for (i, name) in pairs {
         labels[i] = name;
@@ -130,6 +139,15 @@ impl TorchScriptHandler {
             })?;
             if inputs.is_empty() {
                 return Err(PluginError::invalid_input("`inputs` must not be empty"));
+            }
+            if let Some((i, _)) = inputs
+                .iter()
+                .enumerate()
+                .find(|(_, input)| input.shape.is_empty())
+            {
+                return Err(PluginError::invalid_input(format!(
+                    "`inputs[{i}].shape` must have at least one dimension (the first is the batch). Given: []"
+                )));
             }
             let tensors = inputs
                 .iter()
@@ -200,6 +218,7 @@ impl TorchScriptHandler {
     /// Run a group of requests with the same signature in one pass and split the outputs.
     /// `None` when the pass failed or did not keep the batch dimension.
     fn forward_group(&mut self, group: &[&Prepared]) -> Option<Vec<Vec<Tensor>>> {
+        // Only batchable requests (see `inference`) reach here: each has inputs with a first dim.
         let rows: Vec<i64> = group.iter().map(|p| p.inputs[0].size()[0]).collect();
         let total: i64 = rows.iter().sum();
         let inputs: Vec<Tensor> = (0..group[0].inputs.len())
@@ -340,21 +359,24 @@ impl Handler for TorchScriptHandler {
         batch: Vec<Prepared>,
         _ctx: &mut BatchContext<'_, '_>,
     ) -> Result<Vec<Produced>, PluginError> {
-        // Group by signature: every input's trailing shape and dtype.
-        let signature = |p: &Prepared| -> Vec<(Vec<i64>, Kind)> {
+        // Group batchable requests by signature (every input's trailing shape and dtype). A
+        // request is batchable when all its inputs share one first (batch) dimension; any other
+        // request runs alone and never opens a group that others could join.
+        type Signature = Vec<(Vec<i64>, Kind)>;
+        let signature = |p: &Prepared| -> Option<Signature> {
+            let rows = p.inputs.first()?.size().first().copied()?;
             p.inputs
                 .iter()
-                .map(|t| (t.size()[1..].to_vec(), t.kind()))
+                .map(|t| {
+                    let size = t.size();
+                    (size.first() == Some(&rows)).then(|| (size[1..].to_vec(), t.kind()))
+                })
                 .collect()
         };
-        let mut groups: Vec<(Vec<(Vec<i64>, Kind)>, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<(Option<Signature>, Vec<usize>)> = Vec::new();
         for (i, p) in batch.iter().enumerate() {
             let sig = signature(p);
-            let batchable = p
-                .inputs
-                .iter()
-                .all(|t| t.dim() >= 1 && t.size()[0] == p.inputs[0].size()[0]);
-            match groups.iter_mut().find(|(s, _)| batchable && *s == sig) {
+            match groups.iter_mut().find(|(s, _)| sig.is_some() && *s == sig) {
                 Some((_, members)) => members.push(i),
                 None => groups.push((sig, vec![i])),
             }
@@ -498,6 +520,53 @@ mod tests {
         };
         close(rows(&together.finals[0]), rows(&alone_a.finals[0]));
         close(rows(&together.finals[1]), rows(&alone_b.finals[0]));
+    }
+
+    #[test]
+    fn a_scalar_v2_input_fails_alone_and_its_neighbours_succeed() {
+        let mut h = iris();
+        let scalar =
+            json!({"inputs": [{"name": "x", "shape": [], "datatype": "FP32", "data": [1.0]}]});
+        let run = testing::run(
+            &mut h,
+            &[
+                testing::request("application/json", scalar.to_string()),
+                data(json!([[1.0, 2.0, 3.0, 4.0]])),
+            ],
+        );
+        let e = run.finals[0].as_ref().expect_err("scalar");
+        assert!(
+            e.message
+                .contains("`inputs[0].shape` must have at least one dimension"),
+            "{}",
+            e.message
+        );
+        assert!(run.finals[1].is_ok());
+    }
+
+    #[test]
+    fn a_label_file_with_an_absurd_index_is_refused() {
+        let dir = tempfile_dir();
+        let path = dir.join("index_to_name.json");
+        std::fs::write(&path, r#"{"0": "a", "100000000000": "b"}"#).expect("write");
+        let err = read_labels(&path).expect_err("refused");
+        assert!(
+            err.message
+                .contains("class index 100000000000 is too large"),
+            "{}",
+            err.message
+        );
+        std::fs::write(&path, r#"{"0": ["n0", "tench"], "2": "c"}"#).expect("write");
+        assert_eq!(
+            read_labels(&path).expect("reads"),
+            vec!["tench".to_owned(), String::new(), "c".to_owned()]
+        );
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("cresset-ts-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub struct ServeArgs {
     /// cresset executable]
     #[arg(long, env = "CRESSET_PLUGIN_DIR")]
     pub plugin_dir: Option<PathBuf>,
-    /// Scratch space: staged plugin libraries and extracted archives. [default: <tmp>/cresset]
+    /// Scratch space: staged plugin libraries and extracted archives. [default: <tmp>/cresset-<uid>]
     #[arg(long, env = "CRESSET_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
     /// Largest request body, in bytes; larger ones get 413. [default: 6553500]

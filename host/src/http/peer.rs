@@ -26,7 +26,9 @@ pub fn remember_socket(connection: &dyn Any, extensions: &mut Extensions) {
 
 impl PeerSocket {
     /// Whether the client closed or reset the connection. Pipelined bytes mean it is still
-    /// there. The socket is non-blocking (tokio set it so; the flag is shared with the
+    /// there. A client that shuts down only its sending side after the request (allowed by
+    /// HTTP/1.1, rare in practice) reads the same as a closed one and is taken as gone, as Go's
+    /// net/http does. The socket is non-blocking (tokio set it so; the flag is shared with the
     /// duplicate), so this never waits.
     pub fn is_gone(&self) -> bool {
         let mut byte = [0u8; 1];

@@ -1,10 +1,27 @@
-// Every crate that links libtorch needs these lines: tch's own build script sets the rpath for
-// its own targets only, and without `--no-as-needed -ltorch` the linker drops libtorch_cuda,
-// so CUDA is never found on a GPU machine. See ARCHITECTURE.md, "libtorch".
+// Every crate that links libtorch needs the rpath and `--no-as-needed -ltorch` lines: tch's own
+// build script sets the rpath for its own targets only, and without `--no-as-needed -ltorch`
+// the linker drops libtorch_cuda, so CUDA is never found on a GPU machine. See ARCHITECTURE.md,
+// "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode.
+use std::path::Path;
+
 fn main() {
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    }
+    println!("cargo:rerun-if-changed=src/inference_mode.cpp");
+    let lib =
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
+    let include = Path::new(&lib)
+        .parent()
+        .expect("libtorch's lib dir has a parent")
+        .join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/inference_mode.cpp")
+        .include(&include)
+        .flag("-std=c++17")
+        // torch 2.x wheels use the new libstdc++ ABI.
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .warnings(false)
+        .compile("cresset_torch_inference_mode");
 }

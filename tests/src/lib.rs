@@ -92,6 +92,20 @@ pub fn dir_archive(
     dir
 }
 
+/// A directory archive `name` whose handler is a copy of the plugin library `lib`, as a
+/// `--models` entry (`name=dir`).
+pub fn bundled_archive(root: &Path, name: &str, lib: &Path, config: &str) -> String {
+    let bytes = std::fs::read(lib).unwrap_or_else(|e| panic!("{}: {e}", lib.display()));
+    let file = lib
+        .file_name()
+        .expect("a library file name")
+        .to_string_lossy()
+        .into_owned();
+    let handler = format!("handler/{file}");
+    let dir = dir_archive(root, name, &handler, config, &[(&handler, &bytes)]);
+    format!("{name}={}", dir.display())
+}
+
 /// A response, whatever its status.
 #[derive(Debug)]
 pub struct Reply {

@@ -3,18 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use cresset_e2e::{dir_archive, library, Server};
+use cresset_e2e::{bundled_archive, library, Server};
 
 fn faulty(root: &std::path::Path, config: &str) -> String {
-    let bytes = std::fs::read(library("fixture_panicky")).expect("read");
-    let dir = dir_archive(
-        root,
-        "faulty",
-        "handler/libpanicky.so",
-        config,
-        &[("handler/libpanicky.so", &bytes)],
-    );
-    format!("faulty={}", dir.display())
+    bundled_archive(root, "faulty", &library("fixture_panicky"), config)
 }
 
 #[test]
@@ -107,19 +99,9 @@ fn a_client_that_goes_away_sets_the_cancellation_flag_and_plugin_metrics_are_exp
 #[test]
 fn plugin_tracing_events_reach_the_host_log_with_the_right_model_name() {
     let root = tempfile::tempdir().expect("tempdir");
-    let bytes = std::fs::read(library("fixture_panicky")).expect("read");
     // Two models from the same library bytes: one plugin load, two models.
-    let other = dir_archive(
-        root.path(),
-        "other",
-        "handler/libpanicky.so",
-        "",
-        &[("handler/libpanicky.so", &bytes)],
-    );
-    let server = Server::start(&[
-        "--models",
-        &format!("{},other={}", faulty(root.path(), ""), other.display()),
-    ]);
+    let other = bundled_archive(root.path(), "other", &library("fixture_panicky"), "");
+    let server = Server::start(&["--models", &format!("{},{other}", faulty(root.path(), ""))]);
     server.wait_healthy();
     let log = server.log();
     let lines: Vec<&str> = log

@@ -1,27 +1,9 @@
 //! Every way a plugin can fail to load gives a clear error naming the file and both ABI
 //! versions, and the server goes on serving the other models.
 
-use cresset_e2e::{dir_archive, library, Server};
+use cresset_e2e::{bundled_archive, dir_archive, library, Server};
 
 const HOST_ABI: &str = "1.0.0";
-
-/// An archive that bundles `lib` as its handler.
-fn bundling(root: &std::path::Path, name: &str, lib: &std::path::Path) -> String {
-    let bytes = std::fs::read(lib).expect("read library");
-    let file = lib
-        .file_name()
-        .expect("file name")
-        .to_string_lossy()
-        .into_owned();
-    let dir = dir_archive(
-        root,
-        name,
-        &format!("handler/{file}"),
-        "",
-        &[(&format!("handler/{file}"), &bytes)],
-    );
-    format!("{name}={}", dir.display())
-}
 
 fn message(server: &Server, model: &str) -> String {
     let reply = server.post(&format!("/predictions/{model}"), "text/plain", b"x");
@@ -47,24 +29,16 @@ fn each_loader_failure_has_its_own_clear_error_and_the_server_keeps_serving() {
             "unknown_builtin={}",
             dir_archive(r, "unknown_builtin", "no_such_plugin", "", &[]).display()
         ),
-        bundling(r, "garbage", &garbage),
-        bundling(r, "not_a_plugin", &library("fixture_not_a_plugin")),
-        bundling(r, "abi_mismatch", &library("fixture_abi_mismatch")),
-        bundling(r, "init_error", &library("fixture_init_error")),
-        bundling(r, "init_panic", &library("fixture_init_panic")),
-        format!(
-            "load_panic={}",
-            dir_archive(
-                r,
-                "load_panic",
-                "handler/libcresset_fixture_panicky.so",
-                "[handler]\npanic_in = \"initialize\"\n",
-                &[(
-                    "handler/libcresset_fixture_panicky.so",
-                    &std::fs::read(library("fixture_panicky")).expect("read")
-                )]
-            )
-            .display()
+        bundled_archive(r, "garbage", &garbage, ""),
+        bundled_archive(r, "not_a_plugin", &library("fixture_not_a_plugin"), ""),
+        bundled_archive(r, "abi_mismatch", &library("fixture_abi_mismatch"), ""),
+        bundled_archive(r, "init_error", &library("fixture_init_error"), ""),
+        bundled_archive(r, "init_panic", &library("fixture_init_panic"), ""),
+        bundled_archive(
+            r,
+            "load_panic",
+            &library("fixture_panicky"),
+            "[handler]\npanic_in = \"initialize\"\n",
         ),
     ];
     let server = Server::start(&["--models", &models.join(",")]);

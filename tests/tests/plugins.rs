@@ -1,21 +1,16 @@
 //! Plugins side by side: panics stay inside their request, different plugins and two builds
 //! of one plugin share a process, and a third-party plugin is archived and served.
 
-use cresset_e2e::{dir_archive, echo_reverse_library, library, repo_root, run_archiver, Server};
+use cresset_e2e::{
+    bundled_archive, echo_reverse_library, library, repo_root, run_archiver, Server,
+};
 use serde_json::json;
 
 #[test]
 fn a_plugin_panic_fails_that_request_only_and_the_server_goes_on() {
     let root = tempfile::tempdir().expect("tempdir");
-    let bytes = std::fs::read(library("fixture_panicky")).expect("read");
-    let dir = dir_archive(
-        root.path(),
-        "panicky",
-        "handler/libpanicky.so",
-        "",
-        &[("handler/libpanicky.so", &bytes)],
-    );
-    let server = Server::start(&["--models", &format!("echo,panicky={}", dir.display())]);
+    let panicky = bundled_archive(root.path(), "panicky", &library("fixture_panicky"), "");
+    let server = Server::start(&["--models", &format!("echo,{panicky}")]);
     server.wait_healthy();
 
     let reply = server.post("/predictions/panicky", "text/plain", b"panic");
@@ -54,14 +49,8 @@ fn different_plugins_and_two_builds_of_one_plugin_serve_side_by_side() {
         reverse,
         std::fs::read(library("plugin_echo")).expect("read")
     );
-    let dir = dir_archive(
-        root.path(),
-        "echo_b",
-        "handler/libcresset_plugin_echo.so",
-        "",
-        &[("handler/libcresset_plugin_echo.so", &reverse)],
-    );
-    let server = Server::start(&["--models", &format!("echo,iris,echo_b={}", dir.display())]);
+    let echo_b = bundled_archive(root.path(), "echo_b", &echo_reverse_library(), "");
+    let server = Server::start(&["--models", &format!("echo,iris,{echo_b}")]);
     server.wait_healthy();
 
     for _ in 0..3 {

@@ -5,6 +5,49 @@
 
 mod json;
 
+mod inference_mode {
+    use std::ffi::c_void;
+
+    extern "C" {
+        fn cresset_inference_mode_enter() -> *mut c_void;
+        fn cresset_inference_mode_exit(guard: *mut c_void);
+    }
+
+    /// libtorch's InferenceMode for the current scope and thread: no autograd, no version
+    /// counters, no view tracking. Tensors made inside are inference tensors: they can be read
+    /// anywhere but not modified in place or used for autograd outside the mode. Falls back to
+    /// `no_grad` if the guard cannot be made. Not `Send`: the mode is per thread.
+    pub struct InferenceMode {
+        guard: *mut c_void,
+        _fallback: Option<tch::NoGradGuard>,
+    }
+
+    impl InferenceMode {
+        /// Enter inference mode until the value is dropped.
+        pub fn enter() -> Self {
+            // SAFETY: the shim allocates a guard (or returns null); we free it once, in Drop.
+            let guard = unsafe { cresset_inference_mode_enter() };
+            let fallback = guard.is_null().then(tch::no_grad_guard);
+            Self {
+                guard,
+                _fallback: fallback,
+            }
+        }
+    }
+
+    impl Drop for InferenceMode {
+        fn drop(&mut self) {
+            if !self.guard.is_null() {
+                // SAFETY: made by cresset_inference_mode_enter on this thread (the type is
+                // !Send), freed exactly once.
+                unsafe { cresset_inference_mode_exit(self.guard) };
+            }
+        }
+    }
+}
+
+pub use inference_mode::InferenceMode;
+
 pub use json::{
     tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, V2Input, V2Output,
 };
@@ -76,6 +119,20 @@ pub fn configure_threads(intra_op_threads: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inference_mode_makes_inference_tensors_and_ends_with_its_scope() {
+        let before = tch::Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu));
+        let inside = {
+            let _mode = InferenceMode::enter();
+            &before * 2.0
+        };
+        assert!(inside.is_inference());
+        assert!(!before.is_inference());
+        let after = &before * 2.0;
+        assert!(!after.is_inference(), "the mode ends with the guard");
+        assert_eq!(Vec::<f32>::try_from(&inside).expect("read"), vec![2.0, 2.0]);
+    }
 
     #[test]
     fn cpu_is_chosen_unless_a_usable_gpu_is_assigned() {

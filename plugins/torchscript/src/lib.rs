@@ -1,10 +1,11 @@
 //! The TorchScript plugin: Cresset's BaseHandler.
 //!
-//! It loads `model.pt` (a TorchScript module) on the instance's device and runs it without
-//! autograd. Requests carry tensors as JSON, either TorchServe's `{"data": [[...]]}` (the first
-//! dimension is the batch) or KServe v2's `{"inputs": [{"name", "shape", "datatype", "data"}]}`.
-//! With an `index_to_name.json`, outputs of the first form become the top-k labels with their
-//! probabilities, as TorchServe's classifier handlers return them.
+//! It loads `model.pt` (a TorchScript module) on the instance's device and runs it under
+//! libtorch's InferenceMode. Requests carry tensors as JSON, either TorchServe's
+//! `{"data": [[...]]}` (the first dimension is the batch) or KServe v2's
+//! `{"inputs": [{"name", "shape", "datatype", "data"}]}`. With an `index_to_name.json`, outputs
+//! of the first form become the top-k labels with their probabilities, as TorchServe's
+//! classifier handlers return them.
 //!
 //! `[handler]` keys: `model_file` (default `model.pt`), `labels_file` (default
 //! `index_to_name.json`, optional), `topk` (default 5), `softmax` (default true: apply softmax
@@ -186,7 +187,7 @@ impl TorchScriptHandler {
 
     fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, tch::TchError> {
         self.forward_passes += 1;
-        let _no_grad = tch::no_grad_guard();
+        let _inference = cresset_torch::InferenceMode::enter();
         let args: Vec<IValue> = inputs
             .iter()
             .map(|t| IValue::Tensor(t.to_device(self.device)))

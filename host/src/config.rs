@@ -56,9 +56,19 @@ pub struct ServeArgs {
     /// Inference API address. [default: 127.0.0.1:8080]
     #[arg(long, env = "CRESSET_INFERENCE_ADDRESS")]
     pub inference_address: Option<String>,
+    /// Management API address. [default: 127.0.0.1:8081]
+    #[arg(long, env = "CRESSET_MANAGEMENT_ADDRESS")]
+    pub management_address: Option<String>,
     /// Metrics API address (`/metrics`). [default: 127.0.0.1:8082]
     #[arg(long, env = "CRESSET_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+    /// Regular expressions (comma-separated) of the http(s) URLs that models may be registered
+    /// from; each must match the whole URL. [default: none: only archives in the model store]
+    #[arg(long, env = "CRESSET_ALLOWED_URLS", value_delimiter = ',')]
+    pub allowed_urls: Vec<String>,
+    /// Largest archive a registration may upload or download, in bytes. [default: 4294967296]
+    #[arg(long, env = "CRESSET_MAX_UPLOAD_SIZE")]
+    pub max_upload_size: Option<u64>,
     /// Where built-in plugins (`libcresset_plugin_<name>.so`) are. [default: the folder of the
     /// cresset executable]
     #[arg(long, env = "CRESSET_PLUGIN_DIR")]
@@ -100,7 +110,11 @@ struct FileConfig {
     #[serde(default)]
     models: Vec<String>,
     inference_address: Option<String>,
+    management_address: Option<String>,
     metrics_address: Option<String>,
+    #[serde(default)]
+    allowed_urls: Vec<String>,
+    max_upload_size: Option<u64>,
     plugin_dir: Option<PathBuf>,
     work_dir: Option<PathBuf>,
     max_request_size: Option<usize>,
@@ -122,8 +136,14 @@ pub struct ServerConfig {
     pub models: Vec<ModelSource>,
     /// Inference API address.
     pub inference_address: SocketAddr,
+    /// Management API address.
+    pub management_address: SocketAddr,
     /// Metrics API address.
     pub metrics_address: SocketAddr,
+    /// URLs models may be registered from (each matches a whole URL).
+    pub allowed_urls: Vec<regex::Regex>,
+    /// Largest archive a registration may upload or download.
+    pub max_upload_size: u64,
     /// Built-in plugin folder.
     pub plugin_dir: PathBuf,
     /// Scratch space.
@@ -187,6 +207,36 @@ impl ServerConfig {
                 .or(file.inference_address)
                 .unwrap_or_else(|| "127.0.0.1:8080".into()),
         )?;
+        let management_address = parse_address(
+            "management_address",
+            &args
+                .management_address
+                .or(file.management_address)
+                .unwrap_or_else(|| "127.0.0.1:8081".into()),
+        )?;
+        let allowed_raw = if args.allowed_urls.is_empty() {
+            file.allowed_urls
+        } else {
+            args.allowed_urls
+        };
+        let allowed_urls = allowed_raw
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
+                    anyhow::anyhow!(
+                        "`allowed_urls` entry {p:?} is not a valid regular expression: {e}"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let max_upload_size = args
+            .max_upload_size
+            .or(file.max_upload_size)
+            .unwrap_or(4 << 30);
+        if max_upload_size == 0 {
+            bail!("`max_upload_size` must be >= 1. Given: 0");
+        }
         let metrics_address = parse_address(
             "metrics_address",
             &args
@@ -249,7 +299,10 @@ impl ServerConfig {
             model_store,
             models,
             inference_address,
+            management_address,
             metrics_address,
+            allowed_urls,
+            max_upload_size,
             plugin_dir,
             work_dir,
             max_request_size,

@@ -78,6 +78,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         registry,
         metrics,
         config: config.clone(),
+        ctx,
     });
     actix_web::rt::System::new().block_on(async move {
         let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;

@@ -1,22 +1,30 @@
 //! The model registry: model name → versions (each with its plugin, queue and workers) and the
 //! default version.
+//!
+//! A version's life: `Loading` → `Ready` (or `Failed`) → `Draining` → gone. Unregistering a
+//! version takes it out of the registry at once (no new request can reach it), lets every
+//! request that already holds it finish, then stops its workers, which drops its instances and
+//! its model, freeing their weights.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use abi_stable::std_types::RResult;
-use cresset_plugin_api::{plugin_file_name, DeviceType, InstanceAssignment, ModelSpec};
+use cresset_plugin_api::{plugin_file_name, DeviceType, InstanceAssignment, ModelBox, ModelSpec};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::watch;
 
 use crate::archive::{
-    resolve_in_store, ExtractLimits, HandlerRef, ModelConfig, ModelSource, OpenedArchive,
+    resolve_in_store, DeviceKind, ExtractLimits, HandlerRef, ModelConfig, ModelSource,
+    OpenedArchive,
 };
 use crate::loader::{PluginLibrary, PluginLoader};
 use crate::metrics::Metrics;
 use crate::services::PluginServices;
-use crate::worker::{self, Job, WorkerSpec};
+use crate::worker::{self, Job, StatusCell, WorkerSpec, WorkerStatus};
 
 /// The life of a model version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +33,8 @@ pub enum ModelState {
     Loading,
     /// Every `min_workers` instance is up.
     Ready,
+    /// Unregistered: finishing the requests it already has, then freeing its instances.
+    Draining,
     /// Loading failed; the message says why.
     Failed(String),
 }
@@ -35,6 +45,7 @@ impl ModelState {
         match self {
             Self::Loading => "Loading",
             Self::Ready => "Ready",
+            Self::Draining => "Draining",
             Self::Failed(_) => "Failed",
         }
     }
@@ -56,65 +67,142 @@ pub struct LoadContext {
     pub intra_op_threads: u32,
 }
 
+/// One worker thread of a version.
+pub struct WorkerHandle {
+    /// Its id within the version (also its instance index).
+    pub id: u32,
+    /// What it is doing.
+    pub status: StatusCell,
+    /// When it started.
+    pub started: SystemTime,
+    stop: Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct WorkerPool {
+    next_id: u32,
+    workers: Vec<WorkerHandle>,
+}
+
 /// One model version.
 pub struct ModelVersion {
     /// The model name.
     pub name: String,
     /// The version.
     pub version: String,
-    /// Its `model-config.toml`.
+    /// Its `model-config.toml`, with any registration overrides applied.
     pub config: ModelConfig,
     /// The handler the manifest names.
     pub handler: String,
-    state: RwLock<ModelState>,
+    /// Where it was registered from (a store name, a URL, or an upload's file).
+    pub url: String,
+    /// Whether it was loaded at start-up.
+    pub loaded_at_startup: bool,
+    state: watch::Sender<ModelState>,
+    /// `min_workers` and `max_workers` as last set (the config's, or the scale API's), packed.
+    worker_bounds: AtomicU64,
     /// `None` once the version stopped taking requests: its workers then finish and exit.
     queue_tx: RwLock<Option<Sender<Job>>>,
     queue_rx: Receiver<Job>,
-    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    pool: Mutex<WorkerPool>,
     plugin: Mutex<Option<Arc<PluginLibrary>>>,
+    model: Mutex<Option<Arc<ModelBox>>>,
     archive: Option<OpenedArchive>,
 }
 
 /// Why a request could not be queued.
 #[derive(Debug)]
 pub enum SubmitError {
-    /// The version is not ready (loading or failed); the message says which.
+    /// The version is not ready (loading, failed or draining); the message says which.
     NotReady(String),
     /// The queue is full.
     QueueFull(usize),
 }
 
 impl ModelVersion {
+    /// A version for an opened archive, in state `Loading`. `name` overrides the manifest's.
+    pub fn from_archive(
+        archive: OpenedArchive,
+        name: Option<String>,
+        config: ModelConfig,
+        url: String,
+        at_startup: bool,
+    ) -> Self {
+        let name = name.unwrap_or_else(|| archive.manifest.model.name.clone());
+        let version = archive.manifest.model.version.clone();
+        let handler = archive.manifest.model.handler.clone();
+        Self::new(
+            name,
+            version,
+            config,
+            handler,
+            url,
+            at_startup,
+            ModelState::Loading,
+            Some(archive),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn new(
         name: String,
         version: String,
         config: ModelConfig,
         handler: String,
+        url: String,
+        loaded_at_startup: bool,
         state: ModelState,
         archive: Option<OpenedArchive>,
     ) -> Self {
         let (queue_tx, queue_rx) = crossbeam_channel::bounded(config.job_queue_size as usize);
+        let worker_bounds = AtomicU64::new(pack(config.min_workers, config.max_workers));
         Self {
             name,
             version,
             config,
             handler,
-            state: RwLock::new(state),
+            url,
+            loaded_at_startup,
+            worker_bounds,
+            state: watch::Sender::new(state),
             queue_tx: RwLock::new(Some(queue_tx)),
             queue_rx,
-            workers: Mutex::new(Vec::new()),
+            pool: Mutex::new(WorkerPool::default()),
             plugin: Mutex::new(None),
+            model: Mutex::new(None),
             archive,
         }
     }
 
     /// The current state.
     pub fn state(&self) -> ModelState {
-        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.state.borrow().clone()
     }
 
     fn set_state(&self, state: ModelState) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.state.send_replace(state);
+    }
+
+    /// Wait until the version is no longer `Loading`, and return its state.
+    pub async fn settled(&self) -> ModelState {
+        let mut rx = self.state.subscribe();
+        let result = rx.wait_for(|s| *s != ModelState::Loading).await;
+        match result {
+            Ok(state) => state.clone(),
+            Err(_) => self.state(),
+        }
+    }
+
+    /// `(min_workers, max_workers)` as last set.
+    pub fn worker_bounds(&self) -> (u32, u32) {
+        let packed = self.worker_bounds.load(Ordering::Relaxed);
+        ((packed >> 32) as u32, packed as u32)
+    }
+
+    /// Record new worker bounds (the scale API).
+    pub fn set_worker_bounds(&self, min: u32, max: u32) {
+        self.worker_bounds.store(pack(min, max), Ordering::Relaxed);
     }
 
     /// Requests waiting in the queue.
@@ -130,10 +218,28 @@ impl ModelVersion {
             .clone()
     }
 
-    /// Queue a job, or say why not.
+    /// The workers: id, status, start time.
+    pub fn workers(&self) -> Vec<(u32, WorkerStatus, SystemTime)> {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.workers
+            .iter()
+            .map(|w| (w.id, w.status.get(), w.started))
+            .collect()
+    }
+
+    /// Live workers (not stopped).
+    pub fn live_workers(&self) -> usize {
+        self.workers()
+            .iter()
+            .filter(|(_, s, _)| *s != WorkerStatus::Stopped)
+            .count()
+    }
+
+    /// Queue a job, or say why not. A `Draining` version still takes jobs from requests that
+    /// looked it up before it was unregistered, so that a swap fails no request.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         match self.state() {
-            ModelState::Ready => {}
+            ModelState::Ready | ModelState::Draining => {}
             ModelState::Loading => {
                 return Err(SubmitError::NotReady(format!(
                     "model `{}` version `{}` is still loading",
@@ -146,6 +252,12 @@ impl ModelVersion {
                     self.name, self.version
                 )))
             }
+        }
+        if self.live_workers() == 0 {
+            return Err(SubmitError::NotReady(format!(
+                "model `{}` version `{}` has no workers; scale it up with PUT /models/{}",
+                self.name, self.version, self.name
+            )));
         }
         let queue = self.queue_tx.read().unwrap_or_else(|p| p.into_inner());
         let Some(queue) = queue.as_ref() else {
@@ -163,7 +275,7 @@ impl ModelVersion {
     }
 
     /// Stop taking requests; workers finish what is queued, drop their instances and exit.
-    pub fn close_queue(&self) {
+    fn close_queue(&self) {
         self.queue_tx
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -172,9 +284,12 @@ impl ModelVersion {
 
     /// Load the plugin, the model and `min_workers` instances. Sets the state to `Ready` or
     /// `Failed`. Runs on a loader thread.
-    fn start(&self, ctx: &LoadContext) {
+    pub fn start(&self, ctx: &LoadContext) {
         let began = Instant::now();
-        match self.try_start(ctx) {
+        let result = self
+            .load(ctx)
+            .and_then(|()| self.scale(ctx, self.config.min_workers));
+        match result {
             Ok(()) => {
                 ctx.metrics
                     .model_load_seconds
@@ -187,12 +302,12 @@ impl ModelVersion {
                 tracing::error!(model = %self.name, version = %self.version, "model failed to load: {why}");
                 self.set_state(ModelState::Failed(why));
                 // Workers that did start must not hold their instances (and weights) forever.
-                self.close_queue();
+                self.stop_all();
             }
         }
     }
 
-    fn try_start(&self, ctx: &LoadContext) -> Result<(), String> {
+    fn load(&self, ctx: &LoadContext) -> Result<(), String> {
         let archive = self
             .archive
             .as_ref()
@@ -213,53 +328,94 @@ impl ModelVersion {
         };
         let library = ctx.loader.load(&plugin_path).map_err(|e| e.to_string())?;
         *self.plugin.lock().unwrap_or_else(|p| p.into_inner()) = Some(library.clone());
-
+        let config = &self.config;
         let spec = ModelSpec {
             name: self.name.as_str().into(),
             version: self.version.as_str().into(),
             model_dir: archive.dir.to_string_lossy().into_owned().into(),
-            handler_config_json: archive.handler_config_json().into(),
-            model_config_json: archive.model_config_json().into(),
+            handler_config_json: serde_json::to_string(&config.handler)
+                .unwrap_or_else(|_| "{}".into())
+                .into(),
+            model_config_json: serde_json::to_string(&config)
+                .unwrap_or_else(|_| "{}".into())
+                .into(),
         };
         let host = PluginServices::handle(&self.name, &self.version, ctx.metrics.clone());
-        let model = match (library.module.load_model())(&spec, host) {
-            RResult::ROk(model) => Arc::new(model),
-            RResult::RErr(e) => {
-                return Err(format!(
-                    "plugin `{}` could not load the model: {e}",
-                    library.description.name
-                ))
+        match (library.module.load_model())(&spec, host) {
+            RResult::ROk(model) => {
+                *self.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(model));
+                Ok(())
             }
-        };
+            RResult::RErr(e) => Err(format!(
+                "plugin `{}` could not load the model: {e}",
+                library.description.name
+            )),
+        }
+    }
 
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let count = self.config.min_workers;
+    /// Start or stop workers until `target` are live. New workers are waited for; a worker
+    /// that fails to start is an error. Stopped workers finish their current batch first.
+    pub fn scale(&self, ctx: &LoadContext, target: u32) -> Result<(), String> {
+        let model = self
+            .model
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                format!(
+                    "model `{}` version `{}` is not loaded",
+                    self.name, self.version
+                )
+            })?;
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.workers
+            .retain(|w| w.status.get() != WorkerStatus::Stopped);
+        let live = pool.workers.len() as u32;
+        if target < live {
+            for worker in pool.workers.drain(target as usize..) {
+                let _ = worker.stop.send(());
+            }
+            return Ok(());
+        }
         let threads = match ctx.intra_op_threads {
             0 => std::thread::available_parallelism()
                 .map(|n| n.get() as u32)
                 .unwrap_or(1)
-                .div_euclid(count.max(1))
+                .div_euclid(target.max(1))
                 .max(1),
             n => n,
         };
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        for index in 0..count {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        for _ in live..target {
+            let id = pool.next_id;
+            pool.next_id += 1;
+            let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+            let status = StatusCell::default();
             let spec = WorkerSpec {
                 model: self.name.clone(),
                 version: self.version.clone(),
                 plugin_model: model.clone(),
-                assignment: self.assignment(index, threads),
+                assignment: self.assignment(id, threads),
                 queue: self.queue_rx.clone(),
+                stop: stop_rx,
+                status: status.clone(),
                 batch_size: self.config.batch_size as usize,
                 metrics: ctx.metrics.clone(),
-                reply_timeout: std::time::Duration::from_secs(self.config.response_timeout_s),
+                reply_timeout: Duration::from_secs(self.config.response_timeout_s),
             };
-            let handle = worker::spawn(spec, ready_tx.clone())
+            let thread = worker::spawn(spec, ready_tx.clone())
                 .map_err(|e| format!("cannot start a worker thread: {e}"))?;
-            workers.push(handle);
+            pool.workers.push(WorkerHandle {
+                id,
+                status,
+                started: SystemTime::now(),
+                stop: stop_tx,
+                thread: Some(thread),
+            });
         }
+        drop(pool);
         drop(ready_tx);
-        for _ in 0..count {
+        for _ in live..target {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(format!("a worker failed to start: {e}")),
@@ -269,18 +425,30 @@ impl ModelVersion {
         Ok(())
     }
 
+    /// Stop every worker and drop the model (after the workers drop their instances).
+    fn stop_all(&self) {
+        self.close_queue();
+        let workers =
+            std::mem::take(&mut self.pool.lock().unwrap_or_else(|p| p.into_inner()).workers);
+        for mut worker in workers {
+            let _ = worker.stop.send(());
+            if let Some(thread) = worker.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        self.model.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
     /// Which device instance `index` gets: GPUs round-robin over `device_ids` (all of them for
     /// tensor parallelism), else the CPU.
     fn assignment(&self, index: u32, threads: u32) -> InstanceAssignment {
         let c = &self.config;
         let (device_type, device_ids) = match c.device_type {
-            crate::archive::DeviceKind::Cpu => (DeviceType::CPU, Vec::new()),
-            crate::archive::DeviceKind::Gpu
-                if c.parallel_type.contains("tp") && !c.device_ids.is_empty() =>
-            {
+            DeviceKind::Cpu => (DeviceType::CPU, Vec::new()),
+            DeviceKind::Gpu if c.parallel_type.contains("tp") && !c.device_ids.is_empty() => {
                 (DeviceType::GPU, c.device_ids.clone())
             }
-            crate::archive::DeviceKind::Gpu => {
+            DeviceKind::Gpu => {
                 let id = if c.device_ids.is_empty() {
                     index as i32
                 } else {
@@ -298,6 +466,34 @@ impl ModelVersion {
     }
 }
 
+fn pack(min: u32, max: u32) -> u64 {
+    (u64::from(min) << 32) | u64::from(max)
+}
+
+/// Drain an unregistered version on a thread of its own: wait until no request holds it any
+/// more (each in-flight request holds an `Arc`), then stop its workers, which drops its
+/// instances and its model. Returns at once.
+pub fn drain(version: Arc<ModelVersion>) {
+    version.set_state(ModelState::Draining);
+    let name = format!("cresset-drain-{}", version.name);
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let began = Instant::now();
+        while Arc::strong_count(&version) > 1 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        version.stop_all();
+        tracing::info!(
+            model = %version.name,
+            version = %version.version,
+            seconds = began.elapsed().as_secs_f64(),
+            "version drained; its instances and model were dropped"
+        );
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a drain thread: {e}");
+    }
+}
+
 /// A model: its versions and which one answers by default.
 pub struct ModelEntry {
     /// Versions by version string.
@@ -306,13 +502,30 @@ pub struct ModelEntry {
     pub default_version: String,
 }
 
-/// Why a lookup failed.
-#[derive(Debug)]
-pub enum LookupError {
+/// Why a registry operation failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RegistryError {
     /// No such model.
     NoModel(String),
     /// No such version.
     NoVersion(String, String),
+    /// The version is already registered.
+    Exists(String, String),
+    /// The operation conflicts with the version's state (message says why).
+    Conflict(String),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoModel(m) => write!(f, "Model not found: {m}"),
+            Self::NoVersion(m, v) => write!(f, "Model version {v} does not exist for model {m}"),
+            Self::Exists(m, v) => {
+                write!(f, "Model version {v} for model {m} is already registered")
+            }
+            Self::Conflict(why) => f.write_str(why),
+        }
+    }
 }
 
 /// All models.
@@ -323,7 +536,7 @@ pub struct ModelRegistry {
 
 impl ModelRegistry {
     /// Add a version; the first version of a model becomes its default.
-    pub fn insert(&self, version: Arc<ModelVersion>) -> Result<(), String> {
+    pub fn insert(&self, version: Arc<ModelVersion>) -> Result<(), RegistryError> {
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
         let entry = models
             .entry(version.name.clone())
@@ -332,9 +545,9 @@ impl ModelRegistry {
                 default_version: version.version.clone(),
             });
         if entry.versions.contains_key(&version.version) {
-            return Err(format!(
-                "model `{}` version `{}` is already registered",
-                version.name, version.version
+            return Err(RegistryError::Exists(
+                version.name.clone(),
+                version.version.clone(),
             ));
         }
         entry.versions.insert(version.version.clone(), version);
@@ -342,20 +555,102 @@ impl ModelRegistry {
     }
 
     /// The named version, or the default one.
-    pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>, LookupError> {
+    pub fn get(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         let entry = models
             .get(name)
-            .ok_or_else(|| LookupError::NoModel(name.to_owned()))?;
+            .ok_or_else(|| RegistryError::NoModel(name.to_owned()))?;
         let version = version.unwrap_or(&entry.default_version);
         entry
             .versions
             .get(version)
             .cloned()
-            .ok_or_else(|| LookupError::NoVersion(name.to_owned(), version.to_owned()))
+            .ok_or_else(|| RegistryError::NoVersion(name.to_owned(), version.to_owned()))
     }
 
-    /// Every version, for readiness and describe output.
+    /// Every version of a model with the default one's version string.
+    pub fn versions(&self, name: &str) -> Result<(Vec<Arc<ModelVersion>>, String), RegistryError> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let entry = models
+            .get(name)
+            .ok_or_else(|| RegistryError::NoModel(name.to_owned()))?;
+        Ok((
+            entry.versions.values().cloned().collect(),
+            entry.default_version.clone(),
+        ))
+    }
+
+    /// Model names with their default version, sorted, from `offset`, at most `limit`.
+    pub fn list(&self, offset: usize, limit: usize) -> (Vec<Arc<ModelVersion>>, usize) {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        let total = models.len();
+        let page = models
+            .values()
+            .skip(offset)
+            .take(limit)
+            .filter_map(|e| e.versions.get(&e.default_version).cloned())
+            .collect();
+        (page, total)
+    }
+
+    /// Make `version` the default: new requests go to it from now on. Only a `Ready` version
+    /// can be the default, so a swap never sends traffic to a version that cannot answer.
+    pub fn set_default(&self, name: &str, version: &str) -> Result<(), RegistryError> {
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let entry = models
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NoModel(name.to_owned()))?;
+        let target = entry
+            .versions
+            .get(version)
+            .ok_or_else(|| RegistryError::NoVersion(name.to_owned(), version.to_owned()))?;
+        let state = target.state();
+        if state != ModelState::Ready {
+            return Err(RegistryError::Conflict(format!(
+                "model `{name}` version `{version}` is {}; only a Ready version can be the default",
+                state.name()
+            )));
+        }
+        entry.default_version = version.to_owned();
+        Ok(())
+    }
+
+    /// Take a version out (the default one if `version` is `None`) and return it for draining.
+    /// The default version cannot be removed while the model has others: set another default
+    /// first.
+    pub fn remove(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ModelVersion>, RegistryError> {
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let entry = models
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NoModel(name.to_owned()))?;
+        let version = version.unwrap_or(&entry.default_version).to_owned();
+        if !entry.versions.contains_key(&version) {
+            return Err(RegistryError::NoVersion(name.to_owned(), version));
+        }
+        if version == entry.default_version && entry.versions.len() > 1 {
+            return Err(RegistryError::Conflict(format!(
+                "version `{version}` is the default of model `{name}`, which has other versions; make another version the default first"
+            )));
+        }
+        let removed = entry
+            .versions
+            .remove(&version)
+            .ok_or_else(|| RegistryError::NoVersion(name.to_owned(), version.clone()))?;
+        if entry.versions.is_empty() {
+            models.remove(name);
+        }
+        Ok(removed)
+    }
+
+    /// Every version, for readiness, describe output and metrics.
     pub fn all_versions(&self) -> Vec<Arc<ModelVersion>> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
         models
@@ -382,6 +677,20 @@ impl ModelRegistry {
     }
 }
 
+/// A version that could not even be opened, kept so that its error is visible to clients.
+pub fn failed_version(name: String, url: String, why: String) -> Arc<ModelVersion> {
+    Arc::new(ModelVersion::new(
+        name,
+        "unknown".into(),
+        ModelConfig::default(),
+        String::new(),
+        url,
+        true,
+        ModelState::Failed(why),
+        None,
+    ))
+}
+
 /// Open `source` from the store, register it as `Loading`, and load it on a thread of its own.
 /// A version that cannot even be opened is registered as `Failed`, so that its error is
 /// visible to clients instead of only in the log.
@@ -393,35 +702,24 @@ pub fn register_from_store(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let opened = resolve_in_store(store, &source.archive)
         .and_then(|path| OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits));
-    let fallback_name = source
-        .name
-        .clone()
-        .unwrap_or_else(|| source.archive.clone());
     let version = match opened {
         Ok(archive) => {
-            let name = source
-                .name
-                .clone()
-                .unwrap_or_else(|| archive.manifest.model.name.clone());
-            Arc::new(ModelVersion::new(
-                name,
-                archive.manifest.model.version.clone(),
-                archive.config.clone(),
-                archive.manifest.model.handler.clone(),
-                ModelState::Loading,
-                Some(archive),
+            let config = archive.config.clone();
+            Arc::new(ModelVersion::from_archive(
+                archive,
+                source.name.clone(),
+                config,
+                source.archive.clone(),
+                true,
             ))
         }
         Err(e) => {
-            tracing::error!(model = %fallback_name, "model failed to load: {e}");
-            Arc::new(ModelVersion::new(
-                fallback_name,
-                "unknown".into(),
-                ModelConfig::default(),
-                String::new(),
-                ModelState::Failed(e.to_string()),
-                None,
-            ))
+            let name = source
+                .name
+                .clone()
+                .unwrap_or_else(|| source.archive.clone());
+            tracing::error!(model = %name, "model failed to load: {e}");
+            failed_version(name, source.archive.clone(), e.to_string())
         }
     };
     if let Err(e) = registry.insert(version.clone()) {

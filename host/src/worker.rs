@@ -5,6 +5,7 @@
 //! waits for a batch to fill while it could be working (TorchServe does, and pays for it at
 //! low concurrency).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,58 @@ pub struct Job {
 /// Chunks buffered per request before a streaming plugin blocks on a slow client.
 pub const REPLY_BUFFER: usize = 64;
 
+/// What a worker is doing, for the describe API and the `cresset_workers` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerStatus {
+    /// Creating its instance.
+    Starting = 0,
+    /// Waiting for work.
+    Ready = 1,
+    /// Running a batch.
+    Busy = 2,
+    /// Finished (stopped, or its instance failed to start).
+    Stopped = 3,
+}
+
+impl WorkerStatus {
+    /// All statuses, for metrics.
+    pub const ALL: [WorkerStatus; 4] = [Self::Starting, Self::Ready, Self::Busy, Self::Stopped];
+
+    /// TorchServe's names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "STARTING",
+            Self::Ready => "READY",
+            Self::Busy => "BUSY",
+            Self::Stopped => "STOPPED",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Starting,
+            1 => Self::Ready,
+            2 => Self::Busy,
+            _ => Self::Stopped,
+        }
+    }
+}
+
+/// A worker's status, shared with the registry.
+#[derive(Debug, Clone, Default)]
+pub struct StatusCell(Arc<AtomicU8>);
+
+impl StatusCell {
+    /// The current status.
+    pub fn get(&self) -> WorkerStatus {
+        WorkerStatus::from_u8(self.0.load(Ordering::Relaxed))
+    }
+    fn set(&self, status: WorkerStatus) {
+        self.0.store(status as u8, Ordering::Relaxed);
+    }
+}
+
 /// How a worker was set up.
 pub struct WorkerSpec {
     /// Model name and version, for logs and metrics.
@@ -64,6 +117,10 @@ pub struct WorkerSpec {
     pub assignment: InstanceAssignment,
     /// The version's queue.
     pub queue: Receiver<Job>,
+    /// A message (or the sender's drop) here stops this worker after its current batch.
+    pub stop: Receiver<()>,
+    /// Where the worker publishes what it is doing.
+    pub status: StatusCell,
     /// The most requests per `execute`.
     pub batch_size: usize,
     /// Metrics.
@@ -105,20 +162,26 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
         RResult::ROk(instance) => instance,
         RResult::RErr(e) => {
             tracing::error!("instance failed to start: {e}");
+            spec.status.set(WorkerStatus::Stopped);
             let _ = ready.send(Err(e));
             return;
         }
     };
+    spec.status.set(WorkerStatus::Ready);
     let _ = ready.send(Ok(()));
     tracing::debug!("instance ready");
     let labels = [spec.model.as_str(), spec.version.as_str()];
     let mut carried: Option<Job> = None;
     loop {
+        spec.status.set(WorkerStatus::Ready);
         let first = match carried.take() {
             Some(job) => job,
-            None => match spec.queue.recv() {
-                Ok(job) => job,
-                Err(_) => break, // the version was dropped: finish
+            None => crossbeam_channel::select! {
+                recv(spec.queue) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => break, // the queue was closed and is empty: the version is gone
+                },
+                recv(spec.stop) -> _ => break, // scaled down
             },
         };
         let kind = first.kind;
@@ -150,6 +213,7 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
             .with_label_values(&labels)
             .observe(batch.len() as f64);
 
+        spec.status.set(WorkerStatus::Busy);
         // Move the requests out (bodies can be large): the sink keeps only the reply ends.
         let (requests, replies): (Vec<Request>, Vec<mpsc::Sender<Reply>>) = batch
             .into_iter()
@@ -187,6 +251,7 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
             }
         }
     }
+    spec.status.set(WorkerStatus::Stopped);
     tracing::debug!("worker stopped");
     drop(instance);
 }

@@ -143,6 +143,8 @@ pub struct Server {
     pub inference: String,
     /// `http://127.0.0.1:PORT` of the metrics API.
     pub metrics: String,
+    /// `http://127.0.0.1:PORT` of the management API.
+    pub management: String,
     log: Arc<Mutex<String>>,
     _work: tempfile::TempDir,
 }
@@ -189,6 +191,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--metrics-address",
                 "127.0.0.1:0",
+                "--management-address",
+                "127.0.0.1:0",
             ])
             .arg("--work-dir")
             .arg(work.path())
@@ -217,8 +221,8 @@ impl Server {
         });
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (mut inference, mut metrics) = (None, None);
-        while inference.is_none() || metrics.is_none() {
+        let (mut inference, mut metrics, mut management) = (None, None, None);
+        while inference.is_none() || metrics.is_none() || management.is_none() {
             let line = match lines.next() {
                 Some(Ok(line)) => line,
                 _ => {
@@ -234,6 +238,7 @@ impl Server {
             match event["api"].as_str() {
                 Some("inference") => inference = Some(address),
                 Some("metrics") => metrics = Some(address),
+                Some("management") => management = Some(address),
                 _ => {}
             }
         }
@@ -242,6 +247,7 @@ impl Server {
             child,
             inference: inference.expect("inference address"),
             metrics: metrics.expect("metrics address"),
+            management: management.expect("management address"),
             log,
             _work: work,
         }
@@ -333,6 +339,26 @@ impl Server {
             .send(body)
             .expect("POST");
         into_reply(response)
+    }
+
+    /// Call the management API: `method` on `path` (with its query), with an optional body.
+    pub fn manage(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Reply {
+        let url = format!("{}{path}", self.management);
+        let agent = agent();
+        let response = match method {
+            "GET" => agent.get(&url).call(),
+            "DELETE" => agent.delete(&url).call(),
+            "PUT" => agent
+                .put(&url)
+                .header("content-type", content_type)
+                .send(body),
+            "POST" => agent
+                .post(&url)
+                .header("content-type", content_type)
+                .send(body),
+            other => panic!("unsupported method {other}"),
+        };
+        into_reply(response.expect("management call"))
     }
 
     /// POST JSON.

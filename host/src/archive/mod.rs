@@ -294,16 +294,6 @@ impl OpenedArchive {
         }
         Ok(HandlerRef::Bundled(self.dir.join(rel)))
     }
-
-    /// The `[handler]` table as JSON, for the plugin.
-    pub fn handler_config_json(&self) -> String {
-        serde_json::to_string(&self.config.handler).unwrap_or_else(|_| "{}".into())
-    }
-
-    /// The whole model config as JSON, for the plugin.
-    pub fn model_config_json(&self) -> String {
-        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
-    }
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(

@@ -14,6 +14,12 @@ pub enum ApiError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The request conflicts with the current state (a version that exists, a default in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is not allowed (for example a URL outside `allowed_urls`).
+    #[error("{0}")]
+    Forbidden(String),
     /// The body is larger than `max_request_size`.
     #[error("the request body is larger than `max_request_size` ({0} bytes)")]
     PayloadTooLarge(usize),
@@ -44,6 +50,8 @@ impl ApiError {
         match self {
             Self::ModelNotFound(_) => "ModelNotFoundException",
             Self::BadRequest(_) => "BadRequestException",
+            Self::Conflict(_) => "ConflictStatusException",
+            Self::Forbidden(_) => "ForbiddenException",
             Self::PayloadTooLarge(_) => "RequestEntityTooLargeException",
             Self::Unavailable(_) => "ServiceUnavailableException",
             Self::Timeout { .. } => "ResponseTimeoutException",
@@ -65,6 +73,8 @@ impl ResponseError for ApiError {
         match self {
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -92,5 +102,17 @@ impl ResponseError for ApiError {
             "type": self.type_name(),
             "message": message,
         }))
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError;
+        match e {
+            RegistryError::NoModel(_) | RegistryError::NoVersion(..) => {
+                Self::ModelNotFound(e.to_string())
+            }
+            RegistryError::Exists(..) | RegistryError::Conflict(_) => Self::Conflict(e.to_string()),
+        }
     }
 }

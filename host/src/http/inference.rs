@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::peer::PeerSocket;
 use super::{ApiError, AppState};
-use crate::registry::{LookupError, ModelVersion, SubmitError};
+use crate::registry::{ModelVersion, SubmitError};
 use crate::worker::{Job, JobKind, Reply, REPLY_BUFFER};
 
 /// Register the routes.
@@ -78,12 +78,7 @@ async fn run(
     let target = state
         .registry
         .get(&model, version.as_deref())
-        .map_err(|e| match e {
-            LookupError::NoModel(m) => ApiError::ModelNotFound(format!("Model not found: {m}")),
-            LookupError::NoVersion(m, v) => {
-                ApiError::ModelNotFound(format!("Model version {v} does not exist for model {m}"))
-            }
-        })?;
+        .map_err(ApiError::from)?;
     let id = request_id(&req);
     let started = Instant::now();
     let result = answer(&state, &target, &id, kind, &req, payload).await;

@@ -2,6 +2,7 @@
 
 mod error;
 mod inference;
+mod management;
 mod peer;
 
 pub use error::ApiError;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The configuration.
     pub config: Arc<ServerConfig>,
+    /// What loading models needs.
+    pub ctx: Arc<crate::registry::LoadContext>,
 }
 
 /// Bind the listeners and return the running server and the addresses it bound (port 0 picks a
@@ -54,6 +57,17 @@ pub fn bind(
         .map(|a| ("inference", a))
         .collect();
 
+    let management_data = data.clone();
+    let management = HttpServer::new(move || {
+        App::new()
+            .app_data(management_data.clone())
+            .wrap_fn(access_log)
+            .configure(management::routes)
+    })
+    .workers(1)
+    .bind(config.management_address)?;
+    addresses.extend(management.addrs().into_iter().map(|a| ("management", a)));
+
     let metrics_data = data.clone();
     let metrics = HttpServer::new(move || {
         App::new()
@@ -65,6 +79,8 @@ pub fn bind(
     addresses.extend(metrics.addrs().into_iter().map(|a| ("metrics", a)));
 
     let inference = inference.run();
+    let management = management.run();
+    let management_handle = management.handle();
     let metrics = metrics.run();
     let metrics_handle = metrics.handle();
     // Run the metrics server beside the inference server; stop it when the latter stops.
@@ -72,10 +88,14 @@ pub fn bind(
     actix_web::rt::spawn(async move {
         let _ = metrics.await;
     });
+    actix_web::rt::spawn(async move {
+        let _ = management.await;
+    });
     let stopper = combined.handle();
     actix_web::rt::spawn(async move {
         let _ = actix_web::rt::signal::ctrl_c().await;
         metrics_handle.stop(true).await;
+        management_handle.stop(true).await;
         stopper.stop(true).await;
     });
     Ok((combined, addresses))

@@ -1,0 +1,499 @@
+//! TorchServe's management API: register (from the store, a URL or an upload), list, describe,
+//! scale, set-default, unregister.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::archive::{resolve_in_store, ArchiveError, OpenedArchive};
+use crate::registry::{drain, ModelState, ModelVersion};
+
+/// Register the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/models", web::post().to(register))
+        .route("/models", web::get().to(list))
+        .route("/models/{model}", web::get().to(describe))
+        .route("/models/{model}/{version}", web::get().to(describe))
+        .route("/models/{model}", web::put().to(scale))
+        .route("/models/{model}/{version}", web::put().to(scale))
+        .route(
+            "/models/{model}/{version}/set-default",
+            web::put().to(set_default),
+        )
+        .route("/models/{model}", web::delete().to(unregister))
+        .route("/models/{model}/{version}", web::delete().to(unregister));
+}
+
+fn status(code: actix_web::http::StatusCode, message: String) -> HttpResponse {
+    HttpResponse::build(code).json(json!({ "status": message }))
+}
+
+fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
+    web::Query::<T>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::BadRequest(format!("bad query parameter: {e}")))
+}
+
+/// `POST /models` parameters (TorchServe's names).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterParams {
+    url: Option<String>,
+    model_name: Option<String>,
+    batch_size: Option<u32>,
+    max_batch_delay: Option<u64>,
+    initial_workers: Option<u32>,
+    synchronous: Option<bool>,
+    response_timeout: Option<u64>,
+}
+
+async fn register(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let params: RegisterParams = query(&req)?;
+    let store = state.config.model_store.clone();
+    let (path, url) = match params.url.as_deref().map(str::trim) {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            if !state.config.allowed_urls.iter().any(|re| re.is_match(url)) {
+                return Err(ApiError::Forbidden(format!(
+                    "`url` {url:?} is not allowed: it matches no `allowed_urls` pattern (only the model store is allowed by default)"
+                )));
+            }
+            (download(&state, url).await?, url.to_owned())
+        }
+        Some(url) if !url.is_empty() => {
+            let path = resolve_in_store(&store, url)
+                .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
+            (path, url.to_owned())
+        }
+        _ => {
+            let path = save_upload(&state, &req, payload).await?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (path, name)
+        }
+    };
+
+    let ctx = state.ctx.clone();
+    let archive = web::block(move || OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the archive reader stopped: {e}")))?
+        .map_err(|e| match e {
+            ArchiveError::NotFound(_) => ApiError::ModelNotFound(e.to_string()),
+            other => ApiError::BadRequest(other.to_string()),
+        })?;
+    if let Some(name) = &params.model_name {
+        crate::archive::validate_name("model_name", name).map_err(ApiError::BadRequest)?;
+    }
+    let mut config = archive.config.clone();
+    if let Some(v) = params.batch_size {
+        config.batch_size = v;
+    }
+    if let Some(v) = params.max_batch_delay {
+        config.max_batch_delay_ms = v;
+    }
+    if let Some(v) = params.initial_workers {
+        config.min_workers = v;
+        config.max_workers = config.max_workers.max(v);
+    }
+    if let Some(v) = params.response_timeout {
+        config.response_timeout_s = v;
+    }
+    config.validate().map_err(ApiError::BadRequest)?;
+
+    let version = Arc::new(ModelVersion::from_archive(
+        archive,
+        params.model_name.clone(),
+        config,
+        url,
+        false,
+    ));
+    state.registry.insert(version.clone())?;
+    let ctx = state.ctx.clone();
+    let loading = version.clone();
+    std::thread::Builder::new()
+        .name("cresset-loader".into())
+        .spawn(move || loading.start(&ctx))
+        .map_err(|e| ApiError::Internal(format!("cannot start a loader thread: {e}")))?;
+    let workers = version.config.min_workers;
+    if !params.synchronous.unwrap_or(false) {
+        return Ok(status(
+            actix_web::http::StatusCode::ACCEPTED,
+            format!(
+                "Model \"{}\" Version: {} registered; starting {workers} workers in the background",
+                version.name, version.version
+            ),
+        ));
+    }
+    match version.settled().await {
+        ModelState::Failed(why) => {
+            // A registration that cannot load is not kept.
+            let _ = state.registry.remove(&version.name, Some(&version.version));
+            Err(ApiError::BadRequest(format!(
+                "model `{}` version `{}` failed to load: {why}",
+                version.name, version.version
+            )))
+        }
+        _ => Ok(status(
+            actix_web::http::StatusCode::OK,
+            format!(
+                "Model \"{}\" Version: {} registered with {workers} initial workers",
+                version.name, version.version
+            ),
+        )),
+    }
+}
+
+/// An archive format from its first bytes.
+fn sniff_extension(head: &[u8]) -> Option<&'static str> {
+    match head {
+        [0x1f, 0x8b, ..] => Some("tar.gz"),
+        [b'P', b'K', 3, 4, ..] => Some("zip"),
+        _ => None,
+    }
+}
+
+/// Write `bytes` into the store under a name made from their hash (so the same upload twice is
+/// one file), atomically. Uploaded archives are kept: they survive restarts.
+fn keep_in_store(store: &Path, prefix: &str, bytes: &[u8]) -> Result<PathBuf, ApiError> {
+    use sha2::Digest;
+    let ext = sniff_extension(bytes).ok_or_else(|| {
+        ApiError::BadRequest(
+            "the archive must be a .tar.gz or a .zip (checked by its first bytes)".into(),
+        )
+    })?;
+    let hash: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = store.join(format!("{prefix}-{hash}.{ext}"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let io =
+        |e: std::io::Error| ApiError::Internal(format!("cannot write to the model store: {e}"));
+    let mut tmp = tempfile::NamedTempFile::new_in(store).map_err(io)?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(&path).map_err(|e| io(e.error))?;
+    Ok(path)
+}
+
+async fn save_upload(
+    state: &AppState,
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<PathBuf, ApiError> {
+    let max = state.config.max_upload_size;
+    let too_big = || ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX));
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut body = Vec::new();
+    if content_type.starts_with("multipart/form-data") {
+        let seen = std::rc::Rc::new(std::cell::Cell::new(0u64));
+        let counter = seen.clone();
+        let limited = payload.map(move |chunk| {
+            let chunk = chunk?;
+            counter.set(counter.get() + chunk.len() as u64);
+            if counter.get() > max {
+                Err(actix_web::error::PayloadError::Overflow)
+            } else {
+                Ok(chunk)
+            }
+        });
+        let mut form = actix_multipart::Multipart::new(req.headers(), limited);
+        while let Some(field) = form.next().await {
+            let mut field = field.map_err(|e| {
+                if seen.get() > max {
+                    too_big()
+                } else {
+                    ApiError::BadRequest(format!("malformed multipart body: {e}"))
+                }
+            })?;
+            let wanted = body.is_empty()
+                && matches!(field.name(), Some("data" | "file" | "model" | "archive"));
+            while let Some(chunk) = field.next().await {
+                let chunk: Bytes = chunk.map_err(|e| {
+                    if seen.get() > max {
+                        too_big()
+                    } else {
+                        ApiError::BadRequest(format!("malformed multipart field: {e}"))
+                    }
+                })?;
+                if wanted {
+                    body.extend_from_slice(&chunk);
+                }
+            }
+        }
+    } else {
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the upload: {e}")))?;
+            if (body.len() + chunk.len()) as u64 > max {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+    }
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(
+            "give `url` (an archive in the model store, or an allowed http(s) URL), or send the archive as the body".into(),
+        ));
+    }
+    let store = state.config.model_store.clone();
+    web::block(move || keep_in_store(&store, "upload", &body))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the upload writer stopped: {e}")))?
+}
+
+/// Download an allowed URL into the model store (kept, like uploads).
+async fn download(state: &AppState, url: &str) -> Result<PathBuf, ApiError> {
+    let max = state.config.max_upload_size;
+    let url_owned = url.to_owned();
+    let bytes = web::block(move || -> Result<Vec<u8>, ApiError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .build()
+            .into();
+        let mut response = agent.get(&url_owned).call().map_err(|e| {
+            ApiError::BadRequest(format!("cannot download `url` {url_owned:?}: {e}"))
+        })?;
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        let mut reader = response.body_mut().as_reader().take(max + 1);
+        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| {
+            ApiError::BadRequest(format!("cannot download `url` {url_owned:?}: {e}"))
+        })?;
+        if bytes.len() as u64 > max {
+            return Err(ApiError::PayloadTooLarge(
+                usize::try_from(max).unwrap_or(usize::MAX),
+            ));
+        }
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("the downloader stopped: {e}")))??;
+    let store = state.config.model_store.clone();
+    web::block(move || keep_in_store(&store, "download", &bytes))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the download writer stopped: {e}")))?
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<usize>,
+    next_page_token: Option<String>,
+}
+
+async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let params: ListParams = query(&req)?;
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "`limit` must be between 1 and 1000. Given: {limit}"
+        )));
+    }
+    let offset = match params.next_page_token.as_deref() {
+        None | Some("") => 0,
+        Some(token) => token.parse::<usize>().map_err(|_| {
+            ApiError::BadRequest(format!(
+                "`next_page_token` is not a token this server gave. Given: {token:?}"
+            ))
+        })?,
+    };
+    let (page, total) = state.registry.list(offset, limit);
+    let models: Vec<Value> = page
+        .iter()
+        .map(|v| json!({ "modelName": v.name, "modelUrl": v.url }))
+        .collect();
+    let mut body = json!({ "models": models });
+    if offset + limit < total {
+        body["nextPageToken"] = json!((offset + limit).to_string());
+    }
+    Ok(HttpResponse::Ok().json(body))
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// This process's resident memory in bytes (instances are threads, so they share it).
+fn process_rss() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+fn describe_version(v: &ModelVersion, default: &str) -> Value {
+    let state = v.state();
+    let (min_workers, max_workers) = v.worker_bounds();
+    let workers: Vec<Value> = v
+        .workers()
+        .into_iter()
+        .map(|(id, status, started)| {
+            json!({
+                "id": id.to_string(),
+                "startTime": rfc3339(started),
+                "status": status.name(),
+                "gpu": v.config.device_type == crate::archive::DeviceKind::Gpu,
+            })
+        })
+        .collect();
+    let plugin = v.plugin().map(|p| {
+        json!({
+            "name": p.description.name.as_str(),
+            "version": p.description.plugin_version.as_str(),
+            "abiVersion": p.description.abi_version.as_str(),
+            "capabilities": p.description.capabilities.names(),
+            "sha256": p.sha256,
+        })
+    });
+    let mut body = json!({
+        "modelName": v.name,
+        "modelVersion": v.version,
+        "modelUrl": v.url,
+        "runtime": "cresset",
+        "handler": v.handler,
+        "minWorkers": min_workers,
+        "maxWorkers": max_workers,
+        "batchSize": v.config.batch_size,
+        "maxBatchDelay": v.config.max_batch_delay_ms,
+        "responseTimeout": v.config.response_timeout_s,
+        "loadedAtStartup": v.loaded_at_startup,
+        "isDefault": v.version == default,
+        "state": state.name(),
+        "queueDepth": v.queue_depth(),
+        "processMemoryUsage": process_rss(),
+        "workers": workers,
+        "plugin": plugin,
+        "config": serde_json::to_value(&v.config).unwrap_or(Value::Null),
+    });
+    if let ModelState::Failed(why) = state {
+        body["error"] = json!(why);
+    }
+    body
+}
+
+async fn describe(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let model = req.match_info().get("model").unwrap_or_default();
+    let (versions, default) = state.registry.versions(model)?;
+    let body: Vec<Value> = match req.match_info().get("version") {
+        Some("all") => versions
+            .iter()
+            .map(|v| describe_version(v, &default))
+            .collect(),
+        wanted => {
+            let v = state.registry.get(model, wanted)?;
+            vec![describe_version(&v, &default)]
+        }
+    };
+    Ok(HttpResponse::Ok().json(body))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleParams {
+    min_worker: Option<u32>,
+    max_worker: Option<u32>,
+    synchronous: Option<bool>,
+}
+
+async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let params: ScaleParams = query(&req)?;
+    let model = req.match_info().get("model").unwrap_or_default();
+    let version = state.registry.get(model, req.match_info().get("version"))?;
+    if version.state() != ModelState::Ready {
+        return Err(ApiError::Conflict(format!(
+            "model `{}` version `{}` is {}; only a Ready version can be scaled",
+            version.name,
+            version.version,
+            version.state().name()
+        )));
+    }
+    let (old_min, old_max) = version.worker_bounds();
+    let min = params.min_worker.unwrap_or(old_min);
+    let max = params.max_worker.unwrap_or(old_max.max(min));
+    if min > 1024 || max > 1024 {
+        return Err(ApiError::BadRequest(format!(
+            "`min_worker` and `max_worker` must be <= 1024. Given: {min}, {max}"
+        )));
+    }
+    if max < min {
+        return Err(ApiError::BadRequest(format!(
+            "`max_worker` must be >= `min_worker` ({min}). Given: {max}"
+        )));
+    }
+    version.set_worker_bounds(min, max);
+    let ctx = state.ctx.clone();
+    let scaling = version.clone();
+    let job = web::block(move || scaling.scale(&ctx, min));
+    if !params.synchronous.unwrap_or(false) {
+        actix_web::rt::spawn(async move {
+            if let Ok(Err(e)) = job.await {
+                tracing::error!("scaling failed: {e}");
+            }
+        });
+        return Ok(status(
+            actix_web::http::StatusCode::ACCEPTED,
+            "Processing worker updates...".into(),
+        ));
+    }
+    job.await
+        .map_err(|e| ApiError::Internal(format!("the scaler stopped: {e}")))?
+        .map_err(ApiError::Internal)?;
+    Ok(status(
+        actix_web::http::StatusCode::OK,
+        format!(
+            "Workers scaled to {min} for model: {}, version: {}",
+            version.name, version.version
+        ),
+    ))
+}
+
+async fn set_default(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let model = req.match_info().get("model").unwrap_or_default();
+    let version = req.match_info().get("version").unwrap_or_default();
+    state.registry.set_default(model, version)?;
+    tracing::info!(%model, %version, "default version changed");
+    Ok(status(
+        actix_web::http::StatusCode::OK,
+        format!("Default version successfully updated for model \"{model}\" to \"{version}\""),
+    ))
+}
+
+async fn unregister(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let model = req.match_info().get("model").unwrap_or_default();
+    let removed = state
+        .registry
+        .remove(model, req.match_info().get("version"))?;
+    let message = format!(
+        "Model \"{}\" version {} unregistered",
+        removed.name, removed.version
+    );
+    tracing::info!(model = %removed.name, version = %removed.version, "unregistered; draining");
+    drain(removed);
+    Ok(status(actix_web::http::StatusCode::OK, message))
+}

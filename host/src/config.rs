@@ -94,6 +94,12 @@ pub struct ServeArgs {
     /// Most unpacked bytes per packed byte (past 16 MiB). [default: 100]
     #[arg(long, env = "CRESSET_MAX_ARCHIVE_RATIO")]
     pub max_archive_ratio: Option<u64>,
+    /// Where registrations are saved across restarts. [default: <model_store>/.cresset-snapshot.json]
+    #[arg(long, env = "CRESSET_SNAPSHOT_FILE")]
+    pub snapshot_file: Option<PathBuf>,
+    /// Neither restore nor save the snapshot.
+    #[arg(long, env = "CRESSET_NO_CONFIG_SNAPSHOT")]
+    pub no_config_snapshot: bool,
     /// Log format. [default: text]
     #[arg(long, env = "CRESSET_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -123,6 +129,9 @@ struct FileConfig {
     max_archive_entries: Option<u64>,
     max_archive_unpacked_bytes: Option<u64>,
     max_archive_ratio: Option<u64>,
+    snapshot_file: Option<PathBuf>,
+    #[serde(default)]
+    no_config_snapshot: bool,
     log_format: Option<LogFormat>,
     log: Option<String>,
 }
@@ -156,6 +165,8 @@ pub struct ServerConfig {
     pub http_workers: usize,
     /// Archive extraction caps.
     pub extract_limits: ExtractLimits,
+    /// The snapshot file, unless snapshots are off.
+    pub snapshot_file: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -295,6 +306,15 @@ impl ServerConfig {
         let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log)
             .map_err(|e| anyhow::anyhow!("`log` is not a valid filter. Given: {log:?} ({e})"))?;
+        let snapshot_file = if args.no_config_snapshot || file.no_config_snapshot {
+            None
+        } else {
+            Some(
+                args.snapshot_file
+                    .or(file.snapshot_file)
+                    .unwrap_or_else(|| model_store.join(".cresset-snapshot.json")),
+            )
+        };
         Ok(Self {
             model_store,
             models,
@@ -309,6 +329,7 @@ impl ServerConfig {
             intra_op_threads: args.intra_op_threads.or(file.intra_op_threads).unwrap_or(0),
             http_workers,
             extract_limits,
+            snapshot_file,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log,
         })

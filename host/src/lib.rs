@@ -10,4 +10,5 @@ pub mod loader;
 pub mod metrics;
 pub mod registry;
 pub mod services;
+pub mod snapshot;
 pub mod worker;

@@ -2,12 +2,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use cresset::archive::{create_archive, ArchiveOptions};
+use cresset::archive::{create_archive, ArchiveOptions, ConfigOverrides, ModelSource};
 use cresset::config::{ArchiveArgs, Cli, Command, LogFormat, ServeArgs, ServerConfig};
 use cresset::http::{self, AppState};
 use cresset::loader::PluginLoader;
 use cresset::metrics::Metrics;
 use cresset::registry::{register_from_store, LoadContext, ModelRegistry};
+use cresset::snapshot::Snapshotter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -69,9 +70,36 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits: config.extract_limits,
         intra_op_threads: config.intra_op_threads,
     });
+    // The snapshot first (default versions first), then `--models` entries it does not have.
+    let snapshot = config.snapshot_file.clone().map(Snapshotter::new);
+    if let Some(snapshot) = &snapshot {
+        let restored = snapshot.load()?;
+        if !restored.is_empty() {
+            tracing::info!(models = restored.len(), file = %snapshot.path().display(), "restoring registrations");
+        }
+        for m in restored {
+            let source = ModelSource {
+                name: Some(m.name.clone()),
+                archive: m.archive.clone(),
+            };
+            register_from_store(&ctx, &registry, &config.model_store, &source, &m.overrides)
+                .context("cannot start a loader thread")?;
+        }
+    }
     for source in &config.models {
-        register_from_store(&ctx, &registry, &config.model_store, source)
-            .context("cannot start a loader thread")?;
+        register_from_store(
+            &ctx,
+            &registry,
+            &config.model_store,
+            source,
+            &ConfigOverrides::default(),
+        )
+        .context("cannot start a loader thread")?;
+    }
+    if let Some(snapshot) = &snapshot {
+        snapshot
+            .save(&registry)
+            .with_context(|| format!("cannot write the snapshot {}", snapshot.path().display()))?;
     }
 
     let state = Arc::new(AppState {
@@ -79,6 +107,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics,
         config: config.clone(),
         ctx,
+        snapshot,
     });
     actix_web::rt::System::new().block_on(async move {
         let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;

@@ -18,8 +18,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::watch;
 
 use crate::archive::{
-    resolve_in_store, DeviceKind, ExtractLimits, HandlerRef, ModelConfig, ModelSource,
-    OpenedArchive,
+    resolve_in_store, ConfigOverrides, DeviceKind, ExtractLimits, HandlerRef, ModelConfig,
+    ModelSource, OpenedArchive,
 };
 use crate::loader::{PluginLibrary, PluginLoader};
 use crate::metrics::Metrics;
@@ -49,6 +49,17 @@ impl ModelState {
             Self::Failed(_) => "Failed",
         }
     }
+}
+
+/// Where a version comes from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// What the user gave (a store name, a URL, an upload's file name).
+    pub url: String,
+    /// The archive to reload it from (a name in the store, or a path).
+    pub archive_file: String,
+    /// Whether it was loaded at start-up.
+    pub at_startup: bool,
 }
 
 /// What loading needs from the server.
@@ -97,6 +108,9 @@ pub struct ModelVersion {
     pub handler: String,
     /// Where it was registered from (a store name, a URL, or an upload's file).
     pub url: String,
+    /// The archive to load it from again (a name in the model store, or a path): for a URL or
+    /// an upload, the copy kept in the store.
+    pub archive_file: String,
     /// Whether it was loaded at start-up.
     pub loaded_at_startup: bool,
     state: watch::Sender<ModelState>,
@@ -126,8 +140,7 @@ impl ModelVersion {
         archive: OpenedArchive,
         name: Option<String>,
         config: ModelConfig,
-        url: String,
-        at_startup: bool,
+        origin: Origin,
     ) -> Self {
         let name = name.unwrap_or_else(|| archive.manifest.model.name.clone());
         let version = archive.manifest.model.version.clone();
@@ -137,21 +150,18 @@ impl ModelVersion {
             version,
             config,
             handler,
-            url,
-            at_startup,
+            origin,
             ModelState::Loading,
             Some(archive),
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn new(
         name: String,
         version: String,
         config: ModelConfig,
         handler: String,
-        url: String,
-        loaded_at_startup: bool,
+        origin: Origin,
         state: ModelState,
         archive: Option<OpenedArchive>,
     ) -> Self {
@@ -162,8 +172,9 @@ impl ModelVersion {
             version,
             config,
             handler,
-            url,
-            loaded_at_startup,
+            url: origin.url,
+            archive_file: origin.archive_file,
+            loaded_at_startup: origin.at_startup,
             worker_bounds,
             state: watch::Sender::new(state),
             queue_tx: RwLock::new(Some(queue_tx)),
@@ -650,6 +661,19 @@ impl ModelRegistry {
         Ok(removed)
     }
 
+    /// Every version with whether it is its model's default (for snapshots).
+    pub fn versions_with_default(&self) -> Vec<(Arc<ModelVersion>, bool)> {
+        let models = self.models.read().unwrap_or_else(|p| p.into_inner());
+        models
+            .values()
+            .flat_map(|e| {
+                e.versions
+                    .values()
+                    .map(|v| (v.clone(), v.version == e.default_version))
+            })
+            .collect()
+    }
+
     /// Every version, for readiness, describe output and metrics.
     pub fn all_versions(&self) -> Vec<Arc<ModelVersion>> {
         let models = self.models.read().unwrap_or_else(|p| p.into_inner());
@@ -679,38 +703,51 @@ impl ModelRegistry {
 
 /// A version that could not even be opened, kept so that its error is visible to clients.
 pub fn failed_version(name: String, url: String, why: String) -> Arc<ModelVersion> {
+    let origin = Origin {
+        url,
+        archive_file: String::new(),
+        at_startup: true,
+    };
     Arc::new(ModelVersion::new(
         name,
         "unknown".into(),
         ModelConfig::default(),
         String::new(),
-        url,
-        true,
+        origin,
         ModelState::Failed(why),
         None,
     ))
 }
 
-/// Open `source` from the store, register it as `Loading`, and load it on a thread of its own.
-/// A version that cannot even be opened is registered as `Failed`, so that its error is
-/// visible to clients instead of only in the log.
+/// Open `source` from the store with `overrides` applied, register it as `Loading`, and load
+/// it on a thread of its own. A version that cannot even be opened is registered as `Failed`,
+/// so that its error is visible to clients instead of only in the log.
 pub fn register_from_store(
     ctx: &Arc<LoadContext>,
     registry: &Arc<ModelRegistry>,
     store: &Path,
     source: &ModelSource,
+    overrides: &ConfigOverrides,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let opened = resolve_in_store(store, &source.archive)
-        .and_then(|path| OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits));
+        .and_then(|path| OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits))
+        .map_err(|e| e.to_string())
+        .and_then(|archive| {
+            let config = archive.config.clone().with_overrides(overrides)?;
+            Ok((archive, config))
+        });
     let version = match opened {
-        Ok(archive) => {
-            let config = archive.config.clone();
+        Ok((archive, config)) => {
+            let origin = Origin {
+                url: source.archive.clone(),
+                archive_file: source.archive.clone(),
+                at_startup: true,
+            };
             Arc::new(ModelVersion::from_archive(
                 archive,
                 source.name.clone(),
                 config,
-                source.archive.clone(),
-                true,
+                origin,
             ))
         }
         Err(e) => {
@@ -719,11 +756,12 @@ pub fn register_from_store(
                 .clone()
                 .unwrap_or_else(|| source.archive.clone());
             tracing::error!(model = %name, "model failed to load: {e}");
-            failed_version(name, source.archive.clone(), e.to_string())
+            failed_version(name, source.archive.clone(), e)
         }
     };
     if let Err(e) = registry.insert(version.clone()) {
-        tracing::error!("{e}");
+        tracing::warn!("not loading {}: {e}", source.archive);
+        return std::thread::Builder::new().spawn(|| {});
     }
     let ctx = ctx.clone();
     std::thread::Builder::new()

@@ -199,6 +199,12 @@ impl Server {
             .env_remove("CRESSET_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Each server keeps its own snapshot unless the test picks one (tests share model stores).
+        if !args.contains(&"--snapshot-file") && !args.contains(&"--no-config-snapshot") {
+            command
+                .arg("--snapshot-file")
+                .arg(work.path().join("snapshot.json"));
+        }
         if !args.contains(&"--log") {
             command.args(["--log", "info,cresset::access=warn"]);
         }
@@ -364,6 +370,14 @@ impl Server {
     /// POST JSON.
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Reply {
         self.post(path, "application/json", body.to_string().as_bytes())
+    }
+}
+
+impl Server {
+    /// SIGKILL the server, as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -118,6 +118,54 @@ impl Default for ModelConfig {
     }
 }
 
+/// Registration-time overrides of `model-config.toml`: the management API's parameters, and
+/// what a snapshot restores.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConfigOverrides {
+    /// `batch_size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// `max_batch_delay_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_delay_ms: Option<u64>,
+    /// `min_workers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<u32>,
+    /// `max_workers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
+    /// `response_timeout_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_s: Option<u64>,
+}
+
+impl ModelConfig {
+    /// This config with `overrides` applied and checked. Raising `min_workers` above
+    /// `max_workers` raises `max_workers` too, as TorchServe's `initial_workers` does.
+    pub fn with_overrides(mut self, overrides: &ConfigOverrides) -> Result<Self, String> {
+        if let Some(v) = overrides.batch_size {
+            self.batch_size = v;
+        }
+        if let Some(v) = overrides.max_batch_delay_ms {
+            self.max_batch_delay_ms = v;
+        }
+        if let Some(v) = overrides.response_timeout_s {
+            self.response_timeout_s = v;
+        }
+        if let Some(v) = overrides.max_workers {
+            self.max_workers = v;
+        }
+        if let Some(v) = overrides.min_workers {
+            self.min_workers = v;
+            if overrides.max_workers.is_none() {
+                self.max_workers = self.max_workers.max(v);
+            }
+        }
+        self.validate()?;
+        Ok(self)
+    }
+}
+
 /// The device kind of `model-config.toml`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
-use crate::archive::{resolve_in_store, ArchiveError, OpenedArchive};
-use crate::registry::{drain, ModelState, ModelVersion};
+use crate::archive::{resolve_in_store, ArchiveError, ConfigOverrides, OpenedArchive};
+use crate::registry::{drain, ModelState, ModelVersion, Origin};
 
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -29,6 +29,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/models/{model}", web::delete().to(unregister))
         .route("/models/{model}/{version}", web::delete().to(unregister));
+}
+
+/// Write the snapshot before acknowledging a change, so that no acknowledged change is lost.
+fn persist(state: &AppState) -> Result<(), ApiError> {
+    match &state.snapshot {
+        Some(snapshot) => snapshot.save(&state.registry).map_err(|e| {
+            ApiError::Internal(format!(
+                "cannot write the snapshot {}: {e}",
+                snapshot.path().display()
+            ))
+        }),
+        None => Ok(()),
+    }
 }
 
 fn status(code: actix_web::http::StatusCode, message: String) -> HttpResponse {
@@ -96,30 +109,39 @@ async fn register(
     if let Some(name) = &params.model_name {
         crate::archive::validate_name("model_name", name).map_err(ApiError::BadRequest)?;
     }
-    let mut config = archive.config.clone();
-    if let Some(v) = params.batch_size {
-        config.batch_size = v;
-    }
-    if let Some(v) = params.max_batch_delay {
-        config.max_batch_delay_ms = v;
-    }
-    if let Some(v) = params.initial_workers {
-        config.min_workers = v;
-        config.max_workers = config.max_workers.max(v);
-    }
-    if let Some(v) = params.response_timeout {
-        config.response_timeout_s = v;
-    }
-    config.validate().map_err(ApiError::BadRequest)?;
-
+    let overrides = ConfigOverrides {
+        batch_size: params.batch_size,
+        max_batch_delay_ms: params.max_batch_delay,
+        min_workers: params.initial_workers,
+        max_workers: None,
+        response_timeout_s: params.response_timeout,
+    };
+    let config = archive
+        .config
+        .clone()
+        .with_overrides(&overrides)
+        .map_err(ApiError::BadRequest)?;
+    let archive_file = archive
+        .source
+        .strip_prefix(&store)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| archive.source.to_string_lossy().into_owned());
+    let origin = Origin {
+        url,
+        archive_file,
+        at_startup: false,
+    };
     let version = Arc::new(ModelVersion::from_archive(
         archive,
         params.model_name.clone(),
         config,
-        url,
-        false,
+        origin,
     ));
     state.registry.insert(version.clone())?;
+    if let Err(e) = persist(&state) {
+        let _ = state.registry.remove(&version.name, Some(&version.version));
+        return Err(e);
+    }
     let ctx = state.ctx.clone();
     let loading = version.clone();
     std::thread::Builder::new()
@@ -140,6 +162,7 @@ async fn register(
         ModelState::Failed(why) => {
             // A registration that cannot load is not kept.
             let _ = state.registry.remove(&version.name, Some(&version.version));
+            persist(&state)?;
             Err(ApiError::BadRequest(format!(
                 "model `{}` version `{}` failed to load: {why}",
                 version.name, version.version
@@ -441,6 +464,7 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
         )));
     }
     version.set_worker_bounds(min, max);
+    persist(&state)?;
     let ctx = state.ctx.clone();
     let scaling = version.clone();
     let job = web::block(move || scaling.scale(&ctx, min));
@@ -474,6 +498,7 @@ async fn set_default(
     let model = req.match_info().get("model").unwrap_or_default();
     let version = req.match_info().get("version").unwrap_or_default();
     state.registry.set_default(model, version)?;
+    persist(&state)?;
     tracing::info!(%model, %version, "default version changed");
     Ok(status(
         actix_web::http::StatusCode::OK,
@@ -495,5 +520,6 @@ async fn unregister(
     );
     tracing::info!(model = %removed.name, version = %removed.version, "unregistered; draining");
     drain(removed);
+    persist(&state)?;
     Ok(status(actix_web::http::StatusCode::OK, message))
 }

@@ -27,6 +27,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// What loading models needs.
     pub ctx: Arc<crate::registry::LoadContext>,
+    /// Where registrations are persisted (`None` with `--no-config-snapshot`).
+    pub snapshot: Option<Arc<crate::snapshot::Snapshotter>>,
 }
 
 /// Bind the listeners and return the running server and the addresses it bound (port 0 picks a

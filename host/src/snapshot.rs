@@ -1,0 +1,146 @@
+//! Registrations that survive restarts.
+//!
+//! Every change the management API acknowledges (register, scale, set-default, unregister) is
+//! written to the snapshot file *before* the response goes out: a new file beside the old one,
+//! fsynced, renamed over it, and the folder fsynced. A SIGKILL at any moment therefore leaves
+//! either the old or the new snapshot, never half of one, and never loses an acknowledged change.
+//! At start-up the snapshot is restored (default versions first) unless `--no-config-snapshot`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::archive::ConfigOverrides;
+use crate::registry::{ModelRegistry, ModelState};
+
+/// One registered version as the snapshot keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotModel {
+    /// The model name.
+    pub name: String,
+    /// The version (as the archive's manifest said).
+    pub version: String,
+    /// The archive to load (a name in the model store, or a path).
+    pub archive: String,
+    /// Where it was registered from, for the describe API.
+    pub url: String,
+    /// Whether it is the model's default version.
+    pub default: bool,
+    /// Registration overrides and scaling.
+    pub overrides: ConfigOverrides,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile {
+    format: u32,
+    models: Vec<SnapshotModel>,
+}
+
+/// Writes the registry to the snapshot file.
+pub struct Snapshotter {
+    path: PathBuf,
+    // Serialises writers, and each writes the registry as it is when it holds the lock, so the
+    // last write always has the latest state.
+    lock: Mutex<()>,
+}
+
+impl Snapshotter {
+    /// A snapshotter for `path`.
+    pub fn new(path: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            path,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// The snapshot file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Write the registry's registrations (every version with an archive that is not draining).
+    pub fn save(&self, registry: &ModelRegistry) -> std::io::Result<()> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let models = registry
+            .versions_with_default()
+            .into_iter()
+            .filter(|(v, _)| !v.archive_file.is_empty() && v.state() != ModelState::Draining)
+            .map(|(v, default)| {
+                let (min, max) = v.worker_bounds();
+                SnapshotModel {
+                    name: v.name.clone(),
+                    version: v.version.clone(),
+                    archive: v.archive_file.clone(),
+                    url: v.url.clone(),
+                    default,
+                    overrides: ConfigOverrides {
+                        batch_size: Some(v.config.batch_size),
+                        max_batch_delay_ms: Some(v.config.max_batch_delay_ms),
+                        min_workers: Some(min),
+                        max_workers: Some(max),
+                        response_timeout_s: Some(v.config.response_timeout_s),
+                    },
+                }
+            })
+            .collect();
+        let text = serde_json::to_vec_pretty(&SnapshotFile { format: 1, models })
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(&text)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&self.path).map_err(|e| e.error)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// The registrations to restore, default versions first (the first version registered
+    /// becomes a model's default). A missing file is an empty snapshot.
+    pub fn load(&self) -> anyhow::Result<Vec<SnapshotModel>> {
+        let text = match std::fs::read(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot read the snapshot {}: {e}",
+                    self.path.display()
+                ))
+            }
+        };
+        let file: SnapshotFile = serde_json::from_slice(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "the snapshot {} is not valid ({e}); move it away or start with --no-config-snapshot",
+                self.path.display()
+            )
+        })?;
+        let mut models = file.models;
+        models.sort_by_key(|m| !m.default);
+        Ok(models)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_snapshot_is_empty_and_a_corrupt_one_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = Snapshotter::new(dir.path().join("snapshot.json"));
+        assert!(snap.load().expect("empty").is_empty());
+        std::fs::write(snap.path(), b"{ half a fi").expect("write");
+        let err = snap.load().expect_err("corrupt").to_string();
+        assert!(err.contains("--no-config-snapshot"), "{err}");
+    }
+
+    #[test]
+    fn saving_an_empty_registry_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = Snapshotter::new(dir.path().join("nested/snapshot.json"));
+        snap.save(&ModelRegistry::default()).expect("save");
+        assert!(snap.load().expect("load").is_empty());
+    }
+}

@@ -1,0 +1,192 @@
+//! Registrations survive restarts, and a SIGKILL at any moment loses none that was acknowledged.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cresset_e2e::{run_archiver, Server};
+
+fn archive(store: &Path, name: &str, version: &str) -> String {
+    let (ok, path, err) = run_archiver(&[
+        "--model-name",
+        name,
+        "--version",
+        version,
+        "--handler",
+        "echo",
+        "--export-path",
+        store.to_str().expect("utf-8"),
+        "--force",
+    ]);
+    assert!(ok, "{err}");
+    let file = format!("{name}-{version}.tar.gz");
+    std::fs::rename(&path, store.join(&file)).expect("rename");
+    file
+}
+
+fn start(store: &Path, snapshot: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--model-store",
+        store.to_str().expect("utf-8"),
+        "--snapshot-file",
+        snapshot.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+#[test]
+fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    let snapshot = state.path().join("snapshot.json");
+    let files: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            (
+                format!("m{i}"),
+                archive(store.path(), &format!("m{i}"), "1.0"),
+            )
+        })
+        .collect();
+    let server = start(store.path(), &snapshot, &[]);
+    let management = server.management.clone();
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let burst: Vec<_> = files
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, file))| {
+            let url = format!("{management}/models?url={file}&synchronous={}", i % 2 == 0);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(15 * i as u64));
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                if let Ok(r) = agent.post(&url).send(&b""[..]) {
+                    if matches!(r.status().as_u16(), 200 | 202) {
+                        let _ = tx.send(name);
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    // Kill mid-burst: some registrations are acknowledged, some in flight, some not sent.
+    std::thread::sleep(Duration::from_millis(90));
+    server.kill();
+    for t in burst {
+        let _ = t.join();
+    }
+    let acknowledged: Vec<String> = rx.iter().collect();
+    eprintln!("{} of 12 registrations were acknowledged before the SIGKILL", acknowledged.len());
+    assert!(
+        !acknowledged.is_empty(),
+        "the kill came before any registration was acknowledged"
+    );
+
+    let restarted = start(store.path(), &snapshot, &[]);
+    restarted.wait_healthy();
+    for name in &acknowledged {
+        let reply = restarted.post(&format!("/predictions/{name}"), "text/plain", b"back");
+        assert_eq!(
+            (reply.status, reply.text()),
+            (200, "back".to_owned()),
+            "{name} was acknowledged but is gone"
+        );
+    }
+    let log = restarted.log();
+    assert!(log.contains("restoring registrations"), "{log}");
+}
+
+#[test]
+fn default_version_and_worker_counts_survive_a_restart_unless_snapshots_are_off() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    let snapshot = state.path().join("snapshot.json");
+    let v1 = archive(store.path(), "m", "1.0");
+    let v2 = archive(store.path(), "m", "2.0");
+    let server = start(store.path(), &snapshot, &[]);
+    for file in [&v1, &v2] {
+        let r = server.manage(
+            "POST",
+            &format!("/models?url={file}&synchronous=true"),
+            "",
+            b"",
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        server
+            .manage("PUT", "/models/m/2.0/set-default", "", b"")
+            .status,
+        200
+    );
+    assert_eq!(
+        server
+            .manage(
+                "PUT",
+                "/models/m/2.0?min_worker=2&max_worker=3&synchronous=true",
+                "",
+                b""
+            )
+            .status,
+        200
+    );
+    server.kill();
+
+    let restarted = start(store.path(), &snapshot, &[]);
+    restarted.wait_healthy();
+    let all = restarted.manage("GET", "/models/m/all", "", b"").json();
+    let all = all.as_array().expect("versions");
+    assert_eq!(all.len(), 2);
+    let v2 = all
+        .iter()
+        .find(|v| v["modelVersion"] == "2.0")
+        .expect("2.0");
+    assert_eq!(v2["isDefault"], true);
+    assert_eq!(
+        (v2["minWorkers"].as_u64(), v2["maxWorkers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while restarted.manage("GET", "/models/m/2.0", "", b"").json()[0]["workers"]
+        .as_array()
+        .map(Vec::len)
+        != Some(2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "2.0 did not come back with 2 workers"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        restarted
+            .post("/predictions/m", "text/plain", b"x")
+            .header("x-model-version"),
+        Some("2.0")
+    );
+    // Unregistering is persisted too.
+    assert_eq!(
+        restarted.manage("DELETE", "/models/m/1.0", "", b"").status,
+        200
+    );
+    restarted.kill();
+    let again = start(store.path(), &snapshot, &[]);
+    again.wait_healthy();
+    assert_eq!(again.manage("GET", "/models/m/1.0", "", b"").status, 404);
+    again.kill();
+
+    let fresh = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--snapshot-file",
+        snapshot.to_str().expect("utf-8"),
+        "--no-config-snapshot",
+    ]);
+    assert_eq!(
+        fresh.manage("GET", "/models", "", b"").json()["models"],
+        serde_json::json!([])
+    );
+}

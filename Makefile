@@ -22,8 +22,9 @@ build: setup
 models: setup
 	@$(ENV) scripts/make-models.sh
 
+# The quick start serves on loopback without tokens; see README "Security" to turn them on.
 serve: build models
-	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all --disable-token-auth
 
 test: build models
 	@$(ENV) cargo test --release --workspace --no-fail-fast

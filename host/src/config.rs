@@ -94,6 +94,13 @@ pub struct ServeArgs {
     /// Most unpacked bytes per packed byte (past 16 MiB). [default: 100]
     #[arg(long, env = "CRESSET_MAX_ARCHIVE_RATIO")]
     pub max_archive_ratio: Option<u64>,
+    /// The API key file (created with mode 0600 at first start).
+    /// [default: <model_store>/.cresset-keys.json]
+    #[arg(long, env = "CRESSET_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Serve without token authorization (every listener stays on loopback unless configured).
+    #[arg(long, env = "CRESSET_DISABLE_TOKEN_AUTH")]
+    pub disable_token_auth: bool,
     /// Where registrations are saved across restarts. [default: <model_store>/.cresset-snapshot.json]
     #[arg(long, env = "CRESSET_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
@@ -132,6 +139,9 @@ struct FileConfig {
     snapshot_file: Option<PathBuf>,
     #[serde(default)]
     no_config_snapshot: bool,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    disable_token_auth: bool,
     log_format: Option<LogFormat>,
     log: Option<String>,
 }
@@ -165,6 +175,8 @@ pub struct ServerConfig {
     pub http_workers: usize,
     /// Archive extraction caps.
     pub extract_limits: ExtractLimits,
+    /// The key file, unless token auth is off.
+    pub key_file: Option<PathBuf>,
     /// The snapshot file, unless snapshots are off.
     pub snapshot_file: Option<PathBuf>,
     /// Log format.
@@ -306,6 +318,15 @@ impl ServerConfig {
         let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log)
             .map_err(|e| anyhow::anyhow!("`log` is not a valid filter. Given: {log:?} ({e})"))?;
+        let key_file = if args.disable_token_auth || file.disable_token_auth {
+            None
+        } else {
+            Some(
+                args.key_file
+                    .or(file.key_file)
+                    .unwrap_or_else(|| model_store.join(".cresset-keys.json")),
+            )
+        };
         let snapshot_file = if args.no_config_snapshot || file.no_config_snapshot {
             None
         } else {
@@ -330,6 +351,7 @@ impl ServerConfig {
             http_workers,
             extract_limits,
             snapshot_file,
+            key_file,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log,
         })

@@ -102,12 +102,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the snapshot {}", snapshot.path().display()))?;
     }
 
+    let keys = match &config.key_file {
+        Some(path) => Some(cresset::http::ApiKeys::load_or_create(path)?),
+        None => {
+            tracing::warn!("token authorization is off (--disable-token-auth)");
+            None
+        }
+    };
     let state = Arc::new(AppState {
         registry,
         metrics,
         config: config.clone(),
         ctx,
         snapshot,
+        keys,
     });
     actix_web::rt::System::new().block_on(async move {
         let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;

@@ -205,6 +205,10 @@ impl Server {
                 .arg("--snapshot-file")
                 .arg(work.path().join("snapshot.json"));
         }
+        // Token auth is tested on its own; other tests run without it unless they bring keys.
+        if !args.contains(&"--key-file") {
+            command.arg("--disable-token-auth");
+        }
         if !args.contains(&"--log") {
             command.args(["--log", "info,cresset::access=warn"]);
         }

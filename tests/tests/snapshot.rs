@@ -79,7 +79,10 @@ fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
         let _ = t.join();
     }
     let acknowledged: Vec<String> = rx.iter().collect();
-    eprintln!("{} of 12 registrations were acknowledged before the SIGKILL", acknowledged.len());
+    eprintln!(
+        "{} of 12 registrations were acknowledged before the SIGKILL",
+        acknowledged.len()
+    );
     assert!(
         !acknowledged.is_empty(),
         "the kill came before any registration was acknowledged"

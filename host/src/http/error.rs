@@ -17,6 +17,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (a version that exists, a default in use).
     #[error("{0}")]
     Conflict(String),
+    /// No token, or a wrong one.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The request is not allowed (for example a URL outside `allowed_urls`).
     #[error("{0}")]
     Forbidden(String),
@@ -52,6 +55,7 @@ impl ApiError {
             Self::BadRequest(_) => "BadRequestException",
             Self::Conflict(_) => "ConflictStatusException",
             Self::Forbidden(_) => "ForbiddenException",
+            Self::Unauthorized(_) => "UnauthorizedException",
             Self::PayloadTooLarge(_) => "RequestEntityTooLargeException",
             Self::Unavailable(_) => "ServiceUnavailableException",
             Self::Timeout { .. } => "ResponseTimeoutException",
@@ -75,6 +79,7 @@ impl ResponseError for ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,

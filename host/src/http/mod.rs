@@ -1,10 +1,12 @@
 //! The HTTP APIs: inference (TorchServe's) and metrics.
 
+mod auth;
 mod error;
 mod inference;
 mod management;
 mod peer;
 
+pub use auth::ApiKeys;
 pub use error::ApiError;
 
 use std::sync::Arc;
@@ -27,6 +29,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// What loading models needs.
     pub ctx: Arc<crate::registry::LoadContext>,
+    /// The API keys (`None` with `--disable-token-auth`).
+    pub keys: Option<ApiKeys>,
     /// Where registrations are persisted (`None` with `--no-config-snapshot`).
     pub snapshot: Option<Arc<crate::snapshot::Snapshotter>>,
 }
@@ -41,12 +45,20 @@ pub fn bind(
 )> {
     let config = state.config.clone();
     let data = web::Data::from(state);
+    let inference_token = web::Data::new(auth::RequiredToken(
+        data.keys.as_ref().map(|k| k.inference.clone()),
+    ));
+    let management_token = web::Data::new(auth::RequiredToken(
+        data.keys.as_ref().map(|k| k.management.clone()),
+    ));
     let inference_data = data.clone();
     let max = config.max_request_size;
     let inference = HttpServer::new(move || {
         App::new()
             .app_data(inference_data.clone())
+            .app_data(inference_token.clone())
             .app_data(web::PayloadConfig::new(max))
+            .wrap(actix_web::middleware::from_fn(auth::require_token))
             .wrap_fn(access_log)
             .configure(inference::routes)
     })
@@ -60,9 +72,12 @@ pub fn bind(
         .collect();
 
     let management_data = data.clone();
+    let metrics_token = management_token.clone();
     let management = HttpServer::new(move || {
         App::new()
             .app_data(management_data.clone())
+            .app_data(management_token.clone())
+            .wrap(actix_web::middleware::from_fn(auth::require_token))
             .wrap_fn(access_log)
             .configure(management::routes)
     })
@@ -74,6 +89,8 @@ pub fn bind(
     let metrics = HttpServer::new(move || {
         App::new()
             .app_data(metrics_data.clone())
+            .app_data(metrics_token.clone())
+            .wrap(actix_web::middleware::from_fn(auth::require_token))
             .route("/metrics", web::get().to(render_metrics))
     })
     .workers(1)

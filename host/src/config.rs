@@ -79,6 +79,9 @@ pub struct ServeArgs {
     /// Largest request body, in bytes; larger ones get 413. [default: 6553500]
     #[arg(long, env = "CRESSET_MAX_REQUEST_SIZE")]
     pub max_request_size: Option<usize>,
+    /// Most inference requests in flight at once, over all models; more get 429. [default: 10000]
+    #[arg(long, env = "CRESSET_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
     /// Intra-op threads per instance; 0 divides the cores among a model's instances. [default: 0]
     #[arg(long, env = "CRESSET_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<u32>,
@@ -131,6 +134,7 @@ struct FileConfig {
     plugin_dir: Option<PathBuf>,
     work_dir: Option<PathBuf>,
     max_request_size: Option<usize>,
+    max_concurrent_requests: Option<usize>,
     intra_op_threads: Option<u32>,
     http_workers: Option<usize>,
     max_archive_entries: Option<u64>,
@@ -169,6 +173,8 @@ pub struct ServerConfig {
     pub work_dir: PathBuf,
     /// Largest request body.
     pub max_request_size: usize,
+    /// Most inference requests in flight at once (429 beyond).
+    pub max_concurrent_requests: usize,
     /// Intra-op threads per instance (0 = auto).
     pub intra_op_threads: u32,
     /// HTTP worker threads.
@@ -295,6 +301,13 @@ impl ServerConfig {
         if max_request_size == 0 {
             bail!("`max_request_size` must be >= 1. Given: 0");
         }
+        let max_concurrent_requests = args
+            .max_concurrent_requests
+            .or(file.max_concurrent_requests)
+            .unwrap_or(10_000);
+        if max_concurrent_requests == 0 {
+            bail!("`max_concurrent_requests` must be >= 1. Given: 0");
+        }
         let http_workers = args.http_workers.or(file.http_workers).unwrap_or(2);
         if http_workers == 0 {
             bail!("`http_workers` must be >= 1. Given: 0");
@@ -347,6 +360,7 @@ impl ServerConfig {
             plugin_dir,
             work_dir,
             max_request_size,
+            max_concurrent_requests,
             intra_op_threads: args.intra_op_threads.or(file.intra_op_threads).unwrap_or(0),
             http_workers,
             extract_limits,

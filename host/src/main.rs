@@ -116,6 +116,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ctx,
         snapshot,
         keys,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
     });
     actix_web::rt::System::new().block_on(async move {
         let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     /// `cresset_model_load_seconds{model,version}`.
     pub model_load_seconds: HistogramVec,
+    /// `cresset_queue_depth{model,version}` (set at scrape time).
+    pub queue_depth: prometheus::IntGaugeVec,
+    /// `cresset_workers{model,version,state}` (set at scrape time).
+    pub workers: prometheus::IntGaugeVec,
     plugin: Mutex<HashMap<String, PluginMetric>>,
 }
 
@@ -63,7 +67,27 @@ impl Metrics {
             .register(Box::new(requests_total.clone()))
             .expect("metric names are unique: this is a bug");
         let lat = LATENCY_BUCKETS.to_vec();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels)
+                .expect("static gauge options are valid: this is a bug");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric names are unique: this is a bug");
+            g
+        };
+        let queue_depth = gauge(
+            "cresset_queue_depth",
+            "Requests waiting in a version's queue",
+            &["model", "version"],
+        );
+        let workers = gauge(
+            "cresset_workers",
+            "Workers of a version by state",
+            &["model", "version", "state"],
+        );
         Self {
+            queue_depth,
+            workers,
             inference_latency: histogram(
                 &registry,
                 "cresset_inference_latency_seconds",
@@ -144,6 +168,24 @@ impl Metrics {
             _ => return Err(format!("metric `{name}` was first used with another kind, or a counter was given a negative value")),
         }
         Ok(())
+    }
+
+    /// Refresh the gauges that describe the registry (queue depths, workers by state).
+    pub fn observe_registry(&self, registry: &crate::registry::ModelRegistry) {
+        self.queue_depth.reset();
+        self.workers.reset();
+        for v in registry.all_versions() {
+            let labels = [v.name.as_str(), v.version.as_str()];
+            self.queue_depth
+                .with_label_values(&labels)
+                .set(v.queue_depth() as i64);
+            for status in crate::worker::WorkerStatus::ALL {
+                let count = v.workers().iter().filter(|(_, s, _)| *s == status).count();
+                self.workers
+                    .with_label_values(&[labels[0], labels[1], status.name()])
+                    .set(count as i64);
+            }
+        }
     }
 
     /// The text exposition format.

@@ -118,3 +118,99 @@ fn plugin_tracing_events_reach_the_host_log_with_the_right_model_name() {
         );
     }
 }
+
+fn metric_value(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+}
+
+#[test]
+fn requests_over_the_global_concurrency_cap_get_429() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&[
+        "--models",
+        &faulty(root.path(), "min_workers = 2\nmax_workers = 2\n"),
+        "--max-concurrent-requests",
+        "2",
+    ]);
+    server.wait_healthy();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = format!("{}/predictions/faulty", server.inference);
+            std::thread::spawn(move || {
+                ureq::post(&url)
+                    .send(&b"sleep:1500"[..])
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let reply = server.post("/predictions/faulty", "text/plain", b"x");
+    assert_eq!(reply.status, 429, "{}", reply.text());
+    assert_eq!(reply.json()["type"], "TooManyRequestsException");
+    for t in slow {
+        assert_eq!(t.join().expect("thread"), 200);
+    }
+    assert_eq!(
+        server
+            .post("/predictions/faulty", "text/plain", b"x")
+            .status,
+        200
+    );
+}
+
+#[test]
+fn batching_is_observable_with_batch_size_8_and_16_clients() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &faulty(root.path(), "batch_size = 8\n")]);
+    server.wait_healthy();
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let url = format!("{}/predictions/faulty", server.inference);
+            std::thread::spawn(move || {
+                for _ in 0..4 {
+                    let status = ureq::post(&url)
+                        .send(&b"sleep:10"[..])
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    assert_eq!(status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client");
+    }
+    let metrics = server.metrics_text();
+    let sum = metric_value(
+        &metrics,
+        r#"cresset_batch_size_sum{model="faulty",version="1.0"}"#,
+    );
+    let count = metric_value(
+        &metrics,
+        r#"cresset_batch_size_count{model="faulty",version="1.0"}"#,
+    );
+    let singles = metric_value(
+        &metrics,
+        r#"cresset_batch_size_bucket{model="faulty",version="1.0",le="1"}"#,
+    );
+    assert_eq!(sum, 64.0, "every request was executed once");
+    assert!(
+        count < 64.0 && singles < count,
+        "no batch larger than 1: {count} batches, {singles} of size 1"
+    );
+    assert!(sum / count > 1.5, "mean batch {}", sum / count);
+    assert!(
+        metrics.contains(r#"cresset_workers{model="faulty",state="READY",version="1.0"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cresset_queue_depth{model="faulty",version="1.0"} 0"#),
+        "{metrics}"
+    );
+}

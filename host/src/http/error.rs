@@ -17,6 +17,9 @@ pub enum ApiError {
     /// The request conflicts with the current state (a version that exists, a default in use).
     #[error("{0}")]
     Conflict(String),
+    /// Over the global concurrency cap.
+    #[error("the server already has {0} requests in flight, the most `max_concurrent_requests` allows; retry later")]
+    TooManyRequests(usize),
     /// No token, or a wrong one.
     #[error("{0}")]
     Unauthorized(String),
@@ -56,6 +59,7 @@ impl ApiError {
             Self::Conflict(_) => "ConflictStatusException",
             Self::Forbidden(_) => "ForbiddenException",
             Self::Unauthorized(_) => "UnauthorizedException",
+            Self::TooManyRequests(_) => "TooManyRequestsException",
             Self::PayloadTooLarge(_) => "RequestEntityTooLargeException",
             Self::Unavailable(_) => "ServiceUnavailableException",
             Self::Timeout { .. } => "ResponseTimeoutException",
@@ -80,6 +84,7 @@ impl ResponseError for ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,

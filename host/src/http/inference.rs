@@ -80,6 +80,19 @@ async fn run(
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
     let id = request_id(&req);
+    // The global cap: answer 429 at once rather than queue without bound.
+    let _permit = match state.in_flight.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let e = ApiError::TooManyRequests(state.config.max_concurrent_requests);
+            state
+                .metrics
+                .requests_total
+                .with_label_values(&[target.name.as_str(), target.version.as_str(), "429"])
+                .inc();
+            return Err(e);
+        }
+    };
     let started = Instant::now();
     let result = answer(&state, &target, &id, kind, &req, payload).await;
     let status = match &result {

@@ -29,6 +29,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// What loading models needs.
     pub ctx: Arc<crate::registry::LoadContext>,
+    /// Permits for inference requests in flight (`max_concurrent_requests`).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
     /// The API keys (`None` with `--disable-token-auth`).
     pub keys: Option<ApiKeys>,
     /// Where registrations are persisted (`None` with `--no-config-snapshot`).
@@ -121,6 +123,7 @@ pub fn bind(
 }
 
 async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
+    state.metrics.observe_registry(&state.registry);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

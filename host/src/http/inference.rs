@@ -26,7 +26,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// Healthy only when every model that should have workers has them all up.
-async fn ping(state: web::Data<AppState>) -> HttpResponse {
+pub(super) async fn ping(state: web::Data<AppState>) -> HttpResponse {
     let (ready, not_ready) = state.registry.readiness();
     if ready {
         HttpResponse::Ok().json(serde_json::json!({ "status": "Healthy" }))
@@ -49,7 +49,38 @@ async fn infer(
     };
     let model = req.match_info().get("model").unwrap_or_default().to_owned();
     let version = req.match_info().get("version").map(str::to_owned);
-    run(state, model, version, kind, req, payload).await
+    run(
+        state,
+        model,
+        version,
+        kind,
+        Protocol::TorchServe,
+        req,
+        payload,
+    )
+    .await
+}
+
+/// Which API a request came through; plugins see it as the `cresset-protocol` parameter, so
+/// that they can answer in that protocol's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `/predictions`, `/explanations`.
+    TorchServe,
+    /// `POST /v1/models/{m}:predict` (`{"instances": [...]}` in, `{"predictions": [...]}` out).
+    KServeV1,
+    /// `POST /v2/models/{m}/infer` (Open Inference Protocol tensors).
+    KServeV2,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Self::TorchServe => "torchserve",
+            Self::KServeV1 => "kserve-v1",
+            Self::KServeV2 => "kserve-v2",
+        }
+    }
 }
 
 /// How often a waiting request checks that its client is still connected.
@@ -67,11 +98,12 @@ fn request_id(req: &HttpRequest) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-async fn run(
+pub(super) async fn run(
     state: web::Data<AppState>,
     model: String,
     version: Option<String>,
     kind: JobKind,
+    protocol: Protocol,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -94,7 +126,7 @@ async fn run(
         }
     };
     let started = Instant::now();
-    let result = answer(&state, &target, &id, kind, &req, payload).await;
+    let result = answer(&state, &target, &id, kind, protocol, &req, payload).await;
     let status = match &result {
         Ok(r) => r.status(),
         Err(e) => e.status_code(),
@@ -127,11 +159,13 @@ async fn answer(
     target: &ModelVersion,
     id: &str,
     kind: JobKind,
+    protocol: Protocol,
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (content_type, body, mut params) =
         read_body(req, payload, state.config.max_request_size).await?;
+    params.push(KeyValue::new("cresset-protocol", protocol.name()));
     if let Ok(query) = web::Query::<Vec<(String, String)>>::from_query(req.query_string()) {
         params.extend(
             query

@@ -3,7 +3,9 @@
 mod auth;
 mod error;
 mod inference;
+mod kserve;
 mod management;
+mod openapi;
 mod peer;
 
 pub use auth::ApiKeys;
@@ -63,6 +65,8 @@ pub fn bind(
             .wrap(actix_web::middleware::from_fn(auth::require_token))
             .wrap_fn(access_log)
             .configure(inference::routes)
+            .configure(kserve::routes)
+            .configure(|c| describe_api(c, openapi::inference))
     })
     .on_connect(peer::remember_socket)
     .workers(config.http_workers)
@@ -82,6 +86,7 @@ pub fn bind(
             .wrap(actix_web::middleware::from_fn(auth::require_token))
             .wrap_fn(access_log)
             .configure(management::routes)
+            .configure(|c| describe_api(c, openapi::management))
     })
     .workers(1)
     .bind(config.management_address)?;
@@ -94,6 +99,7 @@ pub fn bind(
             .app_data(metrics_token.clone())
             .wrap(actix_web::middleware::from_fn(auth::require_token))
             .route("/metrics", web::get().to(render_metrics))
+            .configure(|c| describe_api(c, openapi::metrics))
     })
     .workers(1)
     .bind(config.metrics_address)?;
@@ -120,6 +126,21 @@ pub fn bind(
         stopper.stop(true).await;
     });
     Ok((combined, addresses))
+}
+
+/// `GET /api-description` and `OPTIONS /`: the listener's OpenAPI document.
+fn describe_api(cfg: &mut web::ServiceConfig, document: fn() -> serde_json::Value) {
+    let doc = web::Data::new(document());
+    cfg.app_data(doc)
+        .route("/api-description", web::get().to(api_description))
+        .route(
+            "/",
+            web::method(actix_web::http::Method::OPTIONS).to(api_description),
+        );
+}
+
+async fn api_description(doc: web::Data<serde_json::Value>) -> HttpResponse {
+    HttpResponse::Ok().json(doc.get_ref())
 }
 
 async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {

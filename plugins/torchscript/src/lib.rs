@@ -30,6 +30,8 @@ use serde_json::{json, Map, Value};
 pub enum Framing {
     /// `{"data": [[...]]}`.
     Data,
+    /// KServe v1: `{"instances": [[...]]}` in, `{"predictions": [...]}` out.
+    Instances,
     /// KServe v2, with the request's `id` if it gave one.
     V2 {
         /// The request id to echo.
@@ -160,6 +162,18 @@ impl TorchScriptHandler {
             return Ok(Prepared {
                 framing: Framing::V2 { id },
                 inputs: tensors,
+            });
+        }
+        if let Some(instances) = value.get("instances") {
+            let tensor = tensor_from_nested("instances", instances).map_err(torch_err)?;
+            if tensor.dim() == 0 || tensor.size()[0] == 0 {
+                return Err(PluginError::invalid_input(
+                    "`instances` must hold at least one instance",
+                ));
+            }
+            return Ok(Prepared {
+                framing: Framing::Instances,
+                inputs: vec![tensor],
             });
         }
         let data = match &value {
@@ -427,16 +441,26 @@ impl Handler for TorchScriptHandler {
                 }
                 body
             }
-            Framing::Data => match (&self.labels, outputs.as_slice()) {
-                (Some(labels), [first, ..]) => self.labelled(first, labels)?,
-                (None, [single]) => json!({ "data": tensor_to_nested(single).map_err(torch_err)? }),
-                (Some(_), []) => {
-                    return Err(PluginError::internal("the model returned no outputs"))
+            Framing::Data | Framing::Instances => {
+                let key = if matches!(framing, Framing::Instances) {
+                    "predictions"
+                } else {
+                    "data"
+                };
+                match (&self.labels, outputs.as_slice()) {
+                    (Some(labels), [first, ..]) if key == "data" => self.labelled(first, labels)?,
+                    (Some(labels), [first, ..]) => json!({ key: self.labelled(first, labels)? }),
+                    (Some(_), []) => {
+                        return Err(PluginError::internal("the model returned no outputs"))
+                    }
+                    (None, [single]) => {
+                        json!({ key: tensor_to_nested(single).map_err(torch_err)? })
+                    }
+                    (None, many) => json!({
+                        key: many.iter().map(tensor_to_nested).collect::<Result<Vec<_>, _>>().map_err(torch_err)?
+                    }),
                 }
-                (None, many) => {
-                    json!({ "data": many.iter().map(tensor_to_nested).collect::<Result<Vec<_>, _>>().map_err(torch_err)? })
-                }
-            },
+            }
         };
         Response::json(&body)
     }

@@ -1,0 +1,133 @@
+//! KServe v1 (`:predict`) and the Open Inference Protocol v2 (health, model metadata and
+//! readiness, `infer`), on the inference listener. Bodies go to the plugin unchanged, with the
+//! `cresset-protocol` parameter telling it which shape to answer in.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+use super::inference::{run, Protocol};
+use super::{ApiError, AppState};
+use crate::registry::ModelState;
+use crate::worker::JobKind;
+
+/// Register the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/v1/models/{model:[^/:]+}:predict",
+        web::post().to(v1_predict),
+    )
+    .route("/v2/health/live", web::get().to(live))
+    .route("/v2/health/ready", web::get().to(ready))
+    .route("/v2/models/{model}", web::get().to(metadata))
+    .route(
+        "/v2/models/{model}/versions/{version}",
+        web::get().to(metadata),
+    )
+    .route("/v2/models/{model}/ready", web::get().to(model_ready))
+    .route(
+        "/v2/models/{model}/versions/{version}/ready",
+        web::get().to(model_ready),
+    )
+    .route("/v2/models/{model}/infer", web::post().to(v2_infer))
+    .route(
+        "/v2/models/{model}/versions/{version}/infer",
+        web::post().to(v2_infer),
+    );
+}
+
+fn target(req: &HttpRequest) -> (String, Option<String>) {
+    let model = req.match_info().get("model").unwrap_or_default().to_owned();
+    (model, req.match_info().get("version").map(str::to_owned))
+}
+
+async fn v1_predict(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (model, version) = target(&req);
+    run(
+        state,
+        model,
+        version,
+        JobKind::Predict,
+        Protocol::KServeV1,
+        req,
+        payload,
+    )
+    .await
+}
+
+async fn v2_infer(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (model, version) = target(&req);
+    run(
+        state,
+        model,
+        version,
+        JobKind::Predict,
+        Protocol::KServeV2,
+        req,
+        payload,
+    )
+    .await
+}
+
+async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "live": true }))
+}
+
+/// Ready as `/ping` is: every model that should have workers has them all up.
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let (ready, not_ready) = state.registry.readiness();
+    let body = json!({ "ready": ready, "models": not_ready });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (model, version) = target(&req);
+    let chosen = state.registry.get(&model, version.as_deref())?;
+    let versions: Vec<String> = match version {
+        Some(v) => vec![v],
+        None => state
+            .registry
+            .versions(&model)?
+            .0
+            .iter()
+            .map(|v| v.version.clone())
+            .collect(),
+    };
+    let platform = chosen
+        .plugin()
+        .map(|p| format!("cresset/{}", p.description.name))
+        .unwrap_or_else(|| "cresset".into());
+    Ok(HttpResponse::Ok().json(json!({
+        "name": model,
+        "versions": versions,
+        "platform": platform,
+        "inputs": [],
+        "outputs": [],
+    })))
+}
+
+async fn model_ready(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let (model, version) = target(&req);
+    let v = state.registry.get(&model, version.as_deref())?;
+    let ready = v.state() == ModelState::Ready && v.live_workers() > 0;
+    let body = json!({ "name": model, "version": v.version, "ready": ready });
+    Ok(if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    })
+}

@@ -1,0 +1,143 @@
+//! KServe v1, the Open Inference Protocol v2, and each listener's OpenAPI description.
+
+use cresset_e2e::{expected_json, Server};
+use serde_json::{json, Value};
+
+fn max_abs_diff(a: &[Value], b: &[Value]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x.as_f64().unwrap_or(f64::NAN) - y.as_f64().unwrap_or(f64::NAN)).abs())
+        .fold(0.0, f64::max)
+}
+
+fn flat(rows: &Value) -> Vec<Value> {
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .flat_map(|r| r.as_array().expect("row").clone())
+        .collect()
+}
+
+#[test]
+fn open_inference_protocol_v2_health_metadata_readiness_and_infer() {
+    let expected = expected_json();
+    let server = Server::start(&["--models", "iris,echo"]);
+    assert_eq!(server.get("/v2/health/live").json()["live"], true);
+    server.wait_healthy();
+    let ready = server.get("/v2/health/ready");
+    assert_eq!(
+        (ready.status, ready.json()["ready"].as_bool()),
+        (200, Some(true))
+    );
+
+    let meta = server.get("/v2/models/iris");
+    assert_eq!(meta.status, 200, "{}", meta.text());
+    let meta = meta.json();
+    assert_eq!(
+        (meta["name"].as_str(), meta["platform"].as_str()),
+        (Some("iris"), Some("cresset/torchscript"))
+    );
+    assert_eq!(meta["versions"], json!(["1.0"]));
+    assert_eq!(
+        server.get("/v2/models/iris/versions/1.0/ready").json()["ready"],
+        true
+    );
+    assert_eq!(server.get("/v2/models/nope").status, 404);
+    assert_eq!(server.get("/v2/models/iris/versions/9/ready").status, 404);
+
+    let inputs = &expected["iris"]["inputs"];
+    let body = json!({
+        "id": "r1",
+        "inputs": [{"name": "x", "shape": [5, 4], "datatype": "FP32", "data": flat(inputs)}]
+    });
+    let reply = server.post_json("/v2/models/iris/infer", &body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let out = reply.json();
+    assert_eq!(
+        (out["id"].as_str(), out["model_name"].as_str()),
+        (Some("r1"), Some("iris"))
+    );
+    assert_eq!(out["outputs"][0]["shape"], json!([5, 3]));
+    let diff = max_abs_diff(
+        out["outputs"][0]["data"].as_array().expect("data"),
+        &flat(&expected["iris"]["logits"]),
+    );
+    assert!(diff <= 1e-5, "max abs diff {diff}");
+    let versioned = server.post_json("/v2/models/iris/versions/1.0/infer", &body);
+    assert_eq!(versioned.status, 200);
+}
+
+#[test]
+fn kserve_v1_predict_takes_instances_and_answers_predictions() {
+    let expected = expected_json();
+    let server = Server::start(&["--models", "iris"]);
+    server.wait_healthy();
+    let reply = server.post_json(
+        "/v1/models/iris:predict",
+        &json!({"instances": expected["iris"]["inputs"]}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let predictions = reply.json()["predictions"]
+        .as_array()
+        .expect("predictions")
+        .clone();
+    assert_eq!(predictions.len(), 5);
+    for (row, want) in predictions.iter().zip(
+        expected["iris"]["top_probabilities"]
+            .as_array()
+            .expect("probs"),
+    ) {
+        let got: Vec<Value> = row.as_object().expect("labels").values().cloned().collect();
+        assert!(max_abs_diff(&got, want.as_array().expect("row")) <= 1e-5);
+    }
+    assert_eq!(
+        server
+            .post_json("/v1/models/nope:predict", &json!({"instances": [[1]]}))
+            .status,
+        404
+    );
+}
+
+#[test]
+fn every_listener_describes_itself_in_openapi() {
+    let server = Server::start(&[]);
+    let get = |base: &str, path: &str| -> Value {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut r = agent.get(format!("{base}{path}")).call().expect("GET");
+        assert_eq!(r.status().as_u16(), 200);
+        serde_json::from_str(&r.body_mut().read_to_string().expect("body")).expect("json")
+    };
+    let inference = get(&server.inference, "/api-description");
+    assert_eq!(inference["openapi"], "3.0.3");
+    for path in [
+        "/predictions/{model}",
+        "/v2/models/{model}/infer",
+        "/v1/models/{model}:predict",
+        "/ping",
+    ] {
+        assert!(inference["paths"].get(path).is_some(), "{path} missing");
+    }
+    let management = get(&server.management, "/api-description");
+    for path in ["/models", "/models/{model}/{version}/set-default"] {
+        assert!(management["paths"].get(path).is_some(), "{path} missing");
+    }
+    assert!(get(&server.metrics, "/api-description")["paths"]
+        .get("/metrics")
+        .is_some());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let request = ureq::http::Request::options(format!("{}/", server.inference))
+        .body(())
+        .expect("request");
+    let mut options = agent.run(request).expect("OPTIONS");
+    assert_eq!(options.status().as_u16(), 200);
+    let doc: Value =
+        serde_json::from_str(&options.body_mut().read_to_string().expect("body")).expect("json");
+    assert_eq!(doc, inference);
+}

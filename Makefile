@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build models serve test clean-cache
+.PHONY: setup build models serve test bench clean-cache
 
 setup:
 	@scripts/setup-venv.sh
@@ -28,6 +28,10 @@ serve: build models
 
 test: build models
 	@$(ENV) cargo test --release --workspace --no-fail-fast
+
+# The serving benchmark; writes BENCHMARKS.md. Not part of `make test` (speed is never a test).
+bench: build models
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench"
 
 clean-cache:
 	@$(ENV) rm -rf "$$CARGO_TARGET_DIR"

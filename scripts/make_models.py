@@ -7,6 +7,7 @@ Writes (git-ignored):
   model_store/iris/model.pt                     a 4-16-3 MLP classifier (labels committed)
   tests/fixtures/generated/two_inputs/model.pt  forward(x, y) -> (x @ W + y, x.sum(1))
   tests/fixtures/generated/expected.json        inputs and reference outputs
+  tests/fixtures/generated/bench_mlp/model.pt   a 256-4096-4096-4096-10 MLP for bench/
 """
 
 import json
@@ -21,6 +22,23 @@ class Iris(torch.nn.Module):
         super().__init__()
         self.net = torch.nn.Sequential(
             torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BenchMlp(torch.nn.Module):
+    """Compute-bound enough (about 70 MFLOP per row) that a benchmark measures serving, not
+    just HTTP."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(256, 4096), torch.nn.ReLU(),
+            torch.nn.Linear(4096, 4096), torch.nn.ReLU(),
+            torch.nn.Linear(4096, 4096), torch.nn.ReLU(),
+            torch.nn.Linear(4096, 10),
         )
 
     def forward(self, x):
@@ -47,6 +65,8 @@ def main(root: pathlib.Path) -> None:
     gen = root / "tests" / "fixtures" / "generated"
     (gen / "two_inputs").mkdir(parents=True, exist_ok=True)
     two.save(str(gen / "two_inputs" / "model.pt"))
+    (gen / "bench_mlp").mkdir(parents=True, exist_ok=True)
+    torch.jit.script(BenchMlp().eval()).save(str(gen / "bench_mlp" / "model.pt"))
 
     g = torch.Generator().manual_seed(1)
     rows = torch.randn(5, 4, generator=g) * 3

@@ -19,11 +19,14 @@ pub fn repo_root() -> PathBuf {
 /// `target/<profile>`: where this test executable, the server and the plugins were built.
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps")
-        .to_owned()
+    // target/<profile>/deps/<test-binary>, or target/<profile>/<binary> for bench programs.
+    let dir = exe.parent().expect("the executable has a folder");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target/<profile>")
+    } else {
+        dir
+    };
+    dir.to_owned()
 }
 
 /// A file in the profile dir, which must exist.
@@ -378,6 +381,11 @@ impl Server {
 }
 
 impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL the server, as a crash would.
     pub fn kill(mut self) {
         let _ = self.child.kill();

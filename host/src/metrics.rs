@@ -18,8 +18,10 @@ pub struct Metrics {
     pub registry: Registry,
     /// `cresset_inference_requests_total{model,version,status}`.
     pub requests_total: IntCounterVec,
-    /// `cresset_inference_latency_seconds{model,version}`: from queueing to the final response.
+    /// `cresset_inference_latency_seconds{model,version}`: the plugin's `execute` of a batch.
     pub inference_latency: HistogramVec,
+    /// `cresset_request_latency_seconds{model,version}`: a request from arrival to its answer.
+    pub request_latency: HistogramVec,
     /// `cresset_queue_latency_seconds{model,version}`: from queueing to dispatch.
     pub queue_latency: HistogramVec,
     /// `cresset_batch_size{model,version}`.
@@ -91,7 +93,13 @@ impl Metrics {
             inference_latency: histogram(
                 &registry,
                 "cresset_inference_latency_seconds",
-                "Time from queueing to the final response",
+                "Time the plugin took to execute a batch",
+                lat.clone(),
+            ),
+            request_latency: histogram(
+                &registry,
+                "cresset_request_latency_seconds",
+                "Time from a request's arrival to its answer",
                 lat.clone(),
             ),
             queue_latency: histogram(

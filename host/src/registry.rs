@@ -92,7 +92,6 @@ pub struct WorkerHandle {
 
 #[derive(Default)]
 struct WorkerPool {
-    next_id: u32,
     workers: Vec<WorkerHandle>,
 }
 
@@ -193,6 +192,17 @@ impl ModelVersion {
 
     fn set_state(&self, state: ModelState) {
         self.state.send_replace(state);
+    }
+
+    /// Leave `Loading` for `state`, unless something else (an unregister) moved the version on.
+    fn finish_loading(&self, state: ModelState) -> bool {
+        self.state.send_if_modified(|current| {
+            let loading = *current == ModelState::Loading;
+            if loading {
+                *current = state;
+            }
+            loading
+        })
     }
 
     /// Wait until the version is no longer `Loading`, and return its state.
@@ -307,11 +317,11 @@ impl ModelVersion {
                     .with_label_values(&[&self.name, &self.version])
                     .observe(began.elapsed().as_secs_f64());
                 tracing::info!(model = %self.name, version = %self.version, workers = self.config.min_workers, seconds = began.elapsed().as_secs_f64(), "model ready");
-                self.set_state(ModelState::Ready);
+                self.finish_loading(ModelState::Ready);
             }
             Err(why) => {
                 tracing::error!(model = %self.name, version = %self.version, "model failed to load: {why}");
-                self.set_state(ModelState::Failed(why));
+                self.finish_loading(ModelState::Failed(why));
                 // Workers that did start must not hold their instances (and weights) forever.
                 self.stop_all();
             }
@@ -398,8 +408,10 @@ impl ModelVersion {
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for _ in live..target {
-            let id = pool.next_id;
-            pool.next_id += 1;
+            // The lowest index no live worker has: indices pick devices, so they are reused.
+            let id = (0..)
+                .find(|i| pool.workers.iter().all(|w| w.id != *i))
+                .unwrap_or(0);
             let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
             let status = StatusCell::default();
             let spec = WorkerSpec {
@@ -543,6 +555,9 @@ impl std::fmt::Display for RegistryError {
 #[derive(Default)]
 pub struct ModelRegistry {
     models: RwLock<BTreeMap<String, ModelEntry>>,
+    /// Unregistered versions still draining, for describe output. Weak, so that they do not
+    /// keep the drain waiting.
+    draining: Mutex<Vec<std::sync::Weak<ModelVersion>>>,
 }
 
 impl ModelRegistry {
@@ -626,6 +641,11 @@ impl ModelRegistry {
                 state.name()
             )));
         }
+        if target.live_workers() == 0 {
+            return Err(RegistryError::Conflict(format!(
+                "model `{name}` version `{version}` has no workers; scale it up before making it the default"
+            )));
+        }
         entry.default_version = version.to_owned();
         Ok(())
     }
@@ -658,7 +678,20 @@ impl ModelRegistry {
         if entry.versions.is_empty() {
             models.remove(name);
         }
+        let mut draining = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+        draining.retain(|w| w.strong_count() > 0);
+        draining.push(Arc::downgrade(&removed));
         Ok(removed)
+    }
+
+    /// Versions of `name` that were unregistered and are still draining.
+    pub fn draining(&self, name: &str) -> Vec<Arc<ModelVersion>> {
+        let draining = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+        draining
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|v| v.name == name)
+            .collect()
     }
 
     /// Every version with whether it is its model's default (for snapshots).

@@ -176,7 +176,9 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
         spec.status.set(WorkerStatus::Ready);
         let first = match carried.take() {
             Some(job) => job,
-            None => crossbeam_channel::select! {
+            // Biased to the queue: a worker told to stop first finishes the work already queued,
+            // so scaling down (even to zero) strands no request.
+            None => crossbeam_channel::select_biased! {
                 recv(spec.queue) -> job => match job {
                     Ok(job) => job,
                     Err(_) => break, // the queue was closed and is empty: the version is gone
@@ -225,6 +227,7 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
             abandoned: vec![false; replies.len()],
             timeout: spec.reply_timeout,
         };
+        let executing = Instant::now();
         let outcome = {
             let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
             match kind {
@@ -232,6 +235,10 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
                 JobKind::Explain => instance.explain(RSlice::from_slice(&requests), sink_ref),
             }
         };
+        spec.metrics
+            .inference_latency
+            .with_label_values(&labels)
+            .observe(executing.elapsed().as_secs_f64());
         let fallback = match outcome {
             RResult::ROk(()) => None,
             RResult::RErr(e) => {

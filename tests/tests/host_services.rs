@@ -214,3 +214,70 @@ fn batching_is_observable_with_batch_size_8_and_16_clients() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_full_queue_answers_503_and_latency_histograms_split_queue_execute_and_total() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &faulty(root.path(), "job_queue_size = 1\n")]);
+    server.wait_healthy();
+    let busy = {
+        let url = format!("{}/predictions/faulty", server.inference);
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .send(&b"sleep:1200"[..])
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = {
+        let url = format!("{}/predictions/faulty", server.inference);
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .send(&b"x"[..])
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = server.post("/predictions/faulty", "text/plain", b"x");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`job_queue_size`"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(busy.join().expect("busy"), 200);
+    assert_eq!(queued.join().expect("queued"), 200);
+    let metrics = server.metrics_text();
+    for name in [
+        "cresset_request_latency_seconds_count",
+        "cresset_queue_latency_seconds_count",
+        "cresset_inference_latency_seconds_count",
+    ] {
+        assert!(
+            metric_value(
+                &metrics,
+                &format!(r#"{name}{{model="faulty",version="1.0"}}"#)
+            ) >= 2.0,
+            "{name}"
+        );
+    }
+    let execute = metric_value(
+        &metrics,
+        r#"cresset_inference_latency_seconds_sum{model="faulty",version="1.0"}"#,
+    );
+    assert!(
+        execute >= 1.2,
+        "the 1.2 s execute is in the inference histogram: {execute}"
+    );
+    assert!(
+        metrics.contains(
+            r#"cresset_inference_requests_total{model="faulty",status="503",version="1.0"} 1"#
+        ),
+        "{metrics}"
+    );
+}

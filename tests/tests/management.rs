@@ -292,6 +292,21 @@ fn uploads_over_the_cap_get_413_and_hostile_uploads_400() {
     server.wait_healthy();
 }
 
+/// A loopback server that answers every request with the raw bytes `response`.
+fn serve_raw(response: Vec<u8>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(&response);
+        }
+    });
+    format!("http://{address}/models/redirect.tar.gz")
+}
+
 /// A one-file HTTP server on loopback, for URL registration. Serves `bytes` to every GET.
 fn serve_file(bytes: Vec<u8>) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -342,6 +357,25 @@ fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
         b"",
     );
     assert_eq!(forbidden.status, 403, "{}", forbidden.text());
+    // An allowed URL that redirects elsewhere is not followed.
+    let redirect = serve_raw(
+        b"HTTP/1.1 302 Found\r\nLocation: http://example.com/evil.tar.gz\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+    );
+    let r = server.manage(
+        "POST",
+        &format!("/models?url={redirect}&synchronous=true"),
+        "",
+        b"",
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("redirects are not followed"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]
@@ -446,11 +480,7 @@ fn a_hot_swap_under_load_fails_no_request_and_frees_the_old_version() {
         saw.0 && saw.1 && total > 50,
         "too little traffic to show a swap: {total} {saw:?}"
     );
-    // v1 is gone from the registry, and its workers, instances and model were dropped.
-    assert_eq!(
-        server.manage("GET", "/models/swap/1.0", "", b"").status,
-        404
-    );
+    // v1's workers, instances and model were dropped, and then it is gone.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !server
         .log()
@@ -463,6 +493,10 @@ fn a_hot_swap_under_load_fails_no_request_and_frees_the_old_version() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(
+        server.manage("GET", "/models/swap/1.0", "", b"").status,
+        404
+    );
     let v = wait_state(&server, "/models/swap", "Ready");
     assert_eq!(v["modelVersion"], "2.0");
 }
@@ -501,4 +535,124 @@ fn the_default_version_cannot_be_removed_while_others_exist() {
         200
     );
     assert_eq!(server.manage("GET", "/models/m", "", b"").status, 404);
+}
+
+#[test]
+fn an_unregistered_version_is_described_as_draining_until_its_requests_finish() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let lib = library("fixture_panicky");
+    let file = archive(
+        store.path(),
+        "slow",
+        "1.0",
+        lib.to_str().expect("utf-8"),
+        "tgz",
+    );
+    let server = store_server(store.path(), &[]);
+    let r = server.manage(
+        "POST",
+        &format!("/models?url={file}&synchronous=true"),
+        "",
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let in_flight = {
+        let url = format!("{}/predictions/slow", server.inference);
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .send(&b"sleep:1500"[..])
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server.manage("DELETE", "/models/slow/1.0", "", b"").status,
+        200
+    );
+    // New requests find no model; the one in flight finishes on the draining version.
+    assert_eq!(
+        server.post("/predictions/slow", "text/plain", b"x").status,
+        404
+    );
+    let v = &describe(&server, "/models/slow/1.0")[0];
+    assert_eq!(v["state"], "Draining");
+    assert_eq!(in_flight.join().expect("request"), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.manage("GET", "/models/slow/1.0", "", b"").status != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the version never finished draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn scaling_to_zero_finishes_queued_work_and_a_version_without_workers_cannot_be_the_default() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let lib = library("fixture_panicky");
+    let file = archive(
+        store.path(),
+        "z",
+        "1.0",
+        lib.to_str().expect("utf-8"),
+        "tgz",
+    );
+    let server = store_server(store.path(), &[]);
+    let r = server.manage(
+        "POST",
+        &format!("/models?url={file}&synchronous=true"),
+        "",
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let url = format!("{}/predictions/z", server.inference);
+            std::thread::spawn(move || {
+                ureq::post(&url)
+                    .send(&b"sleep:300"[..])
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        server
+            .manage(
+                "PUT",
+                "/models/z?min_worker=0&max_worker=1&synchronous=true",
+                "",
+                b""
+            )
+            .status,
+        200
+    );
+    for r in requests {
+        assert_eq!(
+            r.join().expect("request"),
+            200,
+            "a queued request was stranded by scaling to zero"
+        );
+    }
+    let r = server.post("/predictions/z", "text/plain", b"x");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("has no workers"));
+    let r = server.manage("PUT", "/models/z/1.0/set-default", "", b"");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        server
+            .manage("PUT", "/models/z?min_worker=1&synchronous=true", "", b"")
+            .status,
+        200
+    );
+    assert_eq!(
+        server.post("/predictions/z", "text/plain", b"x").text(),
+        "ok"
+    );
 }

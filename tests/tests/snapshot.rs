@@ -193,3 +193,27 @@ fn default_version_and_worker_counts_survive_a_restart_unless_snapshots_are_off(
         serde_json::json!([])
     );
 }
+
+#[test]
+fn an_uploaded_archive_is_kept_in_the_store_and_restored_after_a_crash() {
+    let build = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    let snapshot = state.path().join("snapshot.json");
+    let file = archive(build.path(), "uploaded", "3.0");
+    let bytes = std::fs::read(build.path().join(file)).expect("read");
+    let server = start(store.path(), &snapshot, &[]);
+    let r = server.manage(
+        "POST",
+        "/models?synchronous=true",
+        "application/octet-stream",
+        &bytes,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.kill();
+    let restarted = start(store.path(), &snapshot, &[]);
+    restarted.wait_healthy();
+    let reply = restarted.post("/predictions/uploaded", "text/plain", b"kept");
+    assert_eq!((reply.status, reply.text()), (200, "kept".to_owned()));
+    assert_eq!(reply.header("x-model-version"), Some("3.0"));
+}

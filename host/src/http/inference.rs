@@ -107,26 +107,48 @@ pub(super) async fn run(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let target = state
+    // Answer 404 before reading a body for nobody, but hold no reference to the version while
+    // the body arrives: a slow client must not keep a version from draining.
+    state
         .registry
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
     let id = request_id(&req);
-    // The global cap: answer 429 at once rather than queue without bound.
-    let _permit = match state.in_flight.clone().try_acquire_owned() {
+    // The global cap: answer 429 at once rather than queue without bound. The permit lives as
+    // long as the request, streams included.
+    let permit = match state.in_flight.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
-            let e = ApiError::TooManyRequests(state.config.max_concurrent_requests);
             state
                 .metrics
                 .requests_total
-                .with_label_values(&[target.name.as_str(), target.version.as_str(), "429"])
+                .with_label_values(&[model.as_str(), "", "429"])
                 .inc();
-            return Err(e);
+            return Err(ApiError::TooManyRequests(
+                state.config.max_concurrent_requests,
+            ));
         }
     };
     let started = Instant::now();
-    let result = answer(&state, &target, &id, kind, protocol, &req, payload).await;
+    let request = match tokio::time::timeout(
+        BODY_TIMEOUT,
+        read_request(&state, &id, protocol, &req, payload),
+    )
+    .await
+    {
+        Ok(request) => request?,
+        Err(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            )))
+        }
+    };
+    let target = state
+        .registry
+        .get(&model, version.as_deref())
+        .map_err(ApiError::from)?;
+    let result = answer(&target, kind, request, &req, permit).await;
     let status = match &result {
         Ok(r) => r.status(),
         Err(e) => e.status_code(),
@@ -137,9 +159,10 @@ pub(super) async fn run(
         .requests_total
         .with_label_values(&[labels[0], labels[1], status.as_str()])
         .inc();
+    // For a stream, this is the time to its first chunk.
     state
         .metrics
-        .inference_latency
+        .request_latency
         .with_label_values(&labels)
         .observe(started.elapsed().as_secs_f64());
     // Errors carry the version and request id too.
@@ -154,15 +177,17 @@ pub(super) async fn run(
     Ok(response)
 }
 
-async fn answer(
+/// How long a client may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Read the body and make the plugin's `Request`.
+async fn read_request(
     state: &AppState,
-    target: &ModelVersion,
     id: &str,
-    kind: JobKind,
     protocol: Protocol,
     req: &HttpRequest,
     payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<Request, ApiError> {
     let (content_type, body, mut params) =
         read_body(req, payload, state.config.max_request_size).await?;
     params.push(KeyValue::new("cresset-protocol", protocol.name()));
@@ -180,13 +205,23 @@ async fn answer(
         .filter(|(name, _)| !PRIVATE_HEADERS.contains(&name.as_str()))
         .filter_map(|(name, value)| value.to_str().ok().map(|v| KeyValue::new(name.as_str(), v)))
         .collect::<Vec<_>>();
-    let request = Request {
+    Ok(Request {
         id: id.into(),
         content_type: content_type.into(),
         body: body.into(),
         headers: headers.into(),
         params: params.into(),
-    };
+    })
+}
+
+async fn answer(
+    target: &ModelVersion,
+    kind: JobKind,
+    request: Request,
+    req: &HttpRequest,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<HttpResponse, ApiError> {
+    let id = request.id.to_string();
     let (tx, mut rx) = mpsc::channel(REPLY_BUFFER);
     target
         .submit(Job { request, kind, reply: tx, enqueued: Instant::now() })
@@ -206,7 +241,7 @@ async fn answer(
             reply = rx.recv() => break Ok(reply),
             _ = tokio::time::sleep_until(tick) => {
                 if peer.is_some_and(PeerSocket::is_gone) {
-                    tracing::debug!(model = %target.name, request_id = id, "client went away; cancelling");
+                    tracing::debug!(model = %target.name, request_id = %id, "client went away; cancelling");
                     return Err(ApiError::ClientGone);
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -226,7 +261,9 @@ async fn answer(
         ))),
         Ok(Some(Reply::Final(Ok(response)))) => Ok(whole(response)),
         Ok(Some(Reply::Final(Err(e)))) => Err(ApiError::Plugin(e)),
-        Ok(Some(Reply::Chunk(first))) => Ok(streamed(first, rx, timeout, target.name.clone())),
+        Ok(Some(Reply::Chunk(first))) => {
+            Ok(streamed(first, rx, timeout, target.name.clone(), permit))
+        }
     }
 }
 
@@ -259,6 +296,7 @@ fn streamed(
     rx: mpsc::Receiver<Reply>,
     idle_timeout: Duration,
     model: String,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> HttpResponse {
     let mut builder = HttpResponse::Ok();
     if !first.content_type.is_empty() {
@@ -269,6 +307,8 @@ fn streamed(
         Ok::<Bytes, actix_web::Error>(Bytes::from(first.body.into_vec()))
     });
     let tail = futures_util::stream::unfold(Some(rx), move |rx| {
+        // The stream owns the concurrency permit: it is released when the stream ends.
+        let _permit = &permit;
         let model = model.clone();
         async move {
             let mut rx = rx?;

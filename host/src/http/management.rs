@@ -292,11 +292,19 @@ async fn download(state: &AppState, url: &str) -> Result<PathBuf, ApiError> {
     let bytes = web::block(move || -> Result<Vec<u8>, ApiError> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(std::time::Duration::from_secs(600)))
+            // A redirect could leave `allowed_urls`: refuse them rather than follow.
+            .max_redirects(0)
             .build()
             .into();
         let mut response = agent.get(&url_owned).call().map_err(|e| {
             ApiError::BadRequest(format!("cannot download `url` {url_owned:?}: {e}"))
         })?;
+        if !response.status().is_success() {
+            return Err(ApiError::BadRequest(format!(
+                "cannot download `url` {url_owned:?}: the server answered {} (redirects are not followed)",
+                response.status()
+            )));
+        }
         use std::io::Read;
         let mut bytes = Vec::new();
         let mut reader = response.body_mut().as_reader().take(max + 1);
@@ -416,16 +424,39 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
 
 async fn describe(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let model = req.match_info().get("model").unwrap_or_default();
-    let (versions, default) = state.registry.versions(model)?;
+    let draining = state.registry.draining(model);
+    let (versions, default) = match state.registry.versions(model) {
+        Ok(found) => found,
+        // A model whose last version is draining is still described, as `Draining`.
+        Err(e) if draining.is_empty() => return Err(e.into()),
+        Err(_) => (Vec::new(), String::new()),
+    };
     let body: Vec<Value> = match req.match_info().get("version") {
         Some("all") => versions
             .iter()
+            .chain(&draining)
             .map(|v| describe_version(v, &default))
             .collect(),
-        wanted => {
-            let v = state.registry.get(model, wanted)?;
-            vec![describe_version(&v, &default)]
+        None if versions.is_empty() => draining
+            .iter()
+            .map(|v| describe_version(v, &default))
+            .collect(),
+        Some(wanted) if !versions.iter().any(|v| v.version == wanted) => {
+            let v = draining
+                .iter()
+                .find(|v| v.version == wanted)
+                .ok_or_else(|| {
+                    ApiError::from(crate::registry::RegistryError::NoVersion(
+                        model.to_owned(),
+                        wanted.to_owned(),
+                    ))
+                })?;
+            vec![describe_version(v, &default)]
         }
+        wanted => vec![describe_version(
+            &*state.registry.get(model, wanted)?,
+            &default,
+        )],
     };
     Ok(HttpResponse::Ok().json(body))
 }

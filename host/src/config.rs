@@ -305,8 +305,8 @@ impl ServerConfig {
             .max_concurrent_requests
             .or(file.max_concurrent_requests)
             .unwrap_or(10_000);
-        if max_concurrent_requests == 0 {
-            bail!("`max_concurrent_requests` must be >= 1. Given: 0");
+        if !(1..=1_000_000).contains(&max_concurrent_requests) {
+            bail!("`max_concurrent_requests` must be between 1 and 1000000. Given: {max_concurrent_requests}");
         }
         let http_workers = args.http_workers.or(file.http_workers).unwrap_or(2);
         if http_workers == 0 {

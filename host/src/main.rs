@@ -7,7 +7,7 @@ use cresset::config::{ArchiveArgs, Cli, Command, LogFormat, ServeArgs, ServerCon
 use cresset::http::{self, AppState};
 use cresset::loader::PluginLoader;
 use cresset::metrics::Metrics;
-use cresset::registry::{register_from_store, LoadContext, ModelRegistry};
+use cresset::registry::{register_from_store, LoadContext, ModelRegistry, StoreRegistration};
 use cresset::snapshot::Snapshotter;
 
 fn main() -> std::process::ExitCode {
@@ -79,31 +79,50 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limits: config.extract_limits,
         intra_op_threads: config.intra_op_threads,
     });
-    // The snapshot first (default versions first), then `--models` entries it does not have.
+    // An existing snapshot is the server's state: it is restored (default versions first) and
+    // `--models` is ignored, so that a model unregistered at run time stays unregistered. On a
+    // first start (no snapshot yet, or --no-config-snapshot), `--models` is loaded.
     let snapshot = config.snapshot_file.clone().map(Snapshotter::new);
-    if let Some(snapshot) = &snapshot {
-        let restored = snapshot.load()?;
-        if !restored.is_empty() {
-            tracing::info!(models = restored.len(), file = %snapshot.path().display(), "restoring registrations");
+    let restored = match &snapshot {
+        Some(snapshot) if snapshot.path().exists() => Some(snapshot.load()?),
+        _ => None,
+    };
+    let registrations: Vec<StoreRegistration> = match restored {
+        Some(models) => {
+            tracing::info!(
+                models = models.len(),
+                "restoring registrations from the snapshot"
+            );
+            if !config.models.is_empty() {
+                tracing::info!("the snapshot takes precedence over --models; start with --no-config-snapshot to use them");
+            }
+            models
+                .into_iter()
+                .map(|m| StoreRegistration {
+                    source: ModelSource {
+                        name: Some(m.name),
+                        archive: m.archive,
+                    },
+                    overrides: m.overrides,
+                    url: Some(m.url),
+                    version: Some(m.version),
+                })
+                .collect()
         }
-        for m in restored {
-            let source = ModelSource {
-                name: Some(m.name.clone()),
-                archive: m.archive.clone(),
-            };
-            register_from_store(&ctx, &registry, &config.model_store, &source, &m.overrides)
-                .context("cannot start a loader thread")?;
-        }
-    }
-    for source in &config.models {
-        register_from_store(
-            &ctx,
-            &registry,
-            &config.model_store,
-            source,
-            &ConfigOverrides::default(),
-        )
-        .context("cannot start a loader thread")?;
+        None => config
+            .models
+            .iter()
+            .map(|source| StoreRegistration {
+                source: source.clone(),
+                overrides: ConfigOverrides::default(),
+                url: None,
+                version: None,
+            })
+            .collect(),
+    };
+    for registration in &registrations {
+        register_from_store(&ctx, &registry, &config.model_store, registration)
+            .context("cannot start a loader thread")?;
     }
     if let Some(snapshot) = &snapshot {
         snapshot

@@ -60,6 +60,8 @@ pub struct Origin {
     pub archive_file: String,
     /// Whether it was loaded at start-up.
     pub at_startup: bool,
+    /// The overrides it was registered with.
+    pub overrides: ConfigOverrides,
 }
 
 /// What loading needs from the server.
@@ -112,6 +114,9 @@ pub struct ModelVersion {
     pub archive_file: String,
     /// Whether it was loaded at start-up.
     pub loaded_at_startup: bool,
+    /// The overrides it was registered with (what a snapshot keeps for a version whose archive
+    /// failed to open).
+    pub registered_overrides: ConfigOverrides,
     state: watch::Sender<ModelState>,
     /// `min_workers` and `max_workers` as last set (the config's, or the scale API's), packed.
     worker_bounds: AtomicU64,
@@ -119,6 +124,8 @@ pub struct ModelVersion {
     queue_tx: RwLock<Option<Sender<Job>>>,
     queue_rx: Receiver<Job>,
     pool: Mutex<WorkerPool>,
+    /// Serialises scaling through the API, so the recorded worker counts match the workers.
+    pub scale_lock: tokio::sync::Mutex<()>,
     plugin: Mutex<Option<Arc<PluginLibrary>>>,
     model: Mutex<Option<Arc<ModelBox>>>,
     archive: Option<OpenedArchive>,
@@ -174,11 +181,13 @@ impl ModelVersion {
             url: origin.url,
             archive_file: origin.archive_file,
             loaded_at_startup: origin.at_startup,
+            registered_overrides: origin.overrides,
             worker_bounds,
             state: watch::Sender::new(state),
             queue_tx: RwLock::new(Some(queue_tx)),
             queue_rx,
             pool: Mutex::new(WorkerPool::default()),
+            scale_lock: tokio::sync::Mutex::new(()),
             plugin: Mutex::new(None),
             model: Mutex::new(None),
             archive,
@@ -723,27 +732,40 @@ impl ModelRegistry {
         for v in self.all_versions() {
             let state = v.state();
             if v.config.min_workers > 0 && state != ModelState::Ready {
-                let detail = match &state {
-                    ModelState::Failed(why) => format!("Failed: {why}"),
-                    other => other.name().to_owned(),
-                };
-                not_ready.insert(format!("{}/{}", v.name, v.version), detail);
+                // States only: health routes need no token, so they must not leak error text
+                // (which can hold host paths). The describe API gives the reason.
+                not_ready.insert(format!("{}/{}", v.name, v.version), state.name().to_owned());
             }
         }
         (not_ready.is_empty(), not_ready)
     }
 }
 
-/// A version that could not even be opened, kept so that its error is visible to clients.
-pub fn failed_version(name: String, url: String, why: String) -> Arc<ModelVersion> {
-    let origin = Origin {
-        url,
-        archive_file: String::new(),
-        at_startup: true,
-    };
+/// A registration from the model store: at start-up from `--models`, or restored from a
+/// snapshot (with the overrides, URL and version it had).
+#[derive(Debug, Clone)]
+pub struct StoreRegistration {
+    /// The archive and the name to register it under.
+    pub source: ModelSource,
+    /// Registration overrides and worker counts.
+    pub overrides: ConfigOverrides,
+    /// Where it was first registered from (for describe), if not the archive itself.
+    pub url: Option<String>,
+    /// The version the snapshot recorded (kept if the archive cannot be opened).
+    pub version: Option<String>,
+}
+
+/// A version that could not even be opened, kept so that its error is visible to clients and
+/// its registration is not lost from the snapshot.
+pub fn failed_version(
+    name: String,
+    version: String,
+    origin: Origin,
+    why: String,
+) -> Arc<ModelVersion> {
     Arc::new(ModelVersion::new(
         name,
-        "unknown".into(),
+        version,
         ModelConfig::default(),
         String::new(),
         origin,
@@ -752,44 +774,53 @@ pub fn failed_version(name: String, url: String, why: String) -> Arc<ModelVersio
     ))
 }
 
-/// Open `source` from the store with `overrides` applied, register it as `Loading`, and load
-/// it on a thread of its own. A version that cannot even be opened is registered as `Failed`,
-/// so that its error is visible to clients instead of only in the log.
+/// Open a store registration, register it as `Loading`, and load it on a thread of its own.
+/// A version that cannot even be opened is registered as `Failed`, so that its error is
+/// visible to clients instead of only in the log.
 pub fn register_from_store(
     ctx: &Arc<LoadContext>,
     registry: &Arc<ModelRegistry>,
     store: &Path,
-    source: &ModelSource,
-    overrides: &ConfigOverrides,
+    registration: &StoreRegistration,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let source = &registration.source;
     let opened = resolve_in_store(store, &source.archive)
         .and_then(|path| OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits))
         .map_err(|e| e.to_string())
         .and_then(|archive| {
-            let config = archive.config.clone().with_overrides(overrides)?;
+            let config = archive
+                .config
+                .clone()
+                .with_overrides(&registration.overrides)?;
             Ok((archive, config))
         });
+    let origin = Origin {
+        url: registration
+            .url
+            .clone()
+            .unwrap_or_else(|| source.archive.clone()),
+        archive_file: source.archive.clone(),
+        at_startup: true,
+        overrides: registration.overrides.clone(),
+    };
     let version = match opened {
-        Ok((archive, config)) => {
-            let origin = Origin {
-                url: source.archive.clone(),
-                archive_file: source.archive.clone(),
-                at_startup: true,
-            };
-            Arc::new(ModelVersion::from_archive(
-                archive,
-                source.name.clone(),
-                config,
-                origin,
-            ))
-        }
+        Ok((archive, config)) => Arc::new(ModelVersion::from_archive(
+            archive,
+            source.name.clone(),
+            config,
+            origin,
+        )),
         Err(e) => {
             let name = source
                 .name
                 .clone()
                 .unwrap_or_else(|| source.archive.clone());
             tracing::error!(model = %name, "model failed to load: {e}");
-            failed_version(name, source.archive.clone(), e)
+            let version = registration
+                .version
+                .clone()
+                .unwrap_or_else(|| "unknown".into());
+            failed_version(name, version, origin, e)
         }
     };
     if let Err(e) = registry.insert(version.clone()) {

@@ -66,22 +66,30 @@ impl Snapshotter {
         let models = registry
             .versions_with_default()
             .into_iter()
+            // A version that failed to open stays: its archive may be back next time.
             .filter(|(v, _)| !v.archive_file.is_empty() && v.state() != ModelState::Draining)
             .map(|(v, default)| {
                 let (min, max) = v.worker_bounds();
+                // A placeholder for an archive that failed to open has no config of its own: it
+                // keeps the overrides it was registered with.
+                let overrides = if v.handler.is_empty() {
+                    v.registered_overrides.clone()
+                } else {
+                    ConfigOverrides {
+                        batch_size: Some(v.config.batch_size),
+                        max_batch_delay_ms: Some(v.config.max_batch_delay_ms),
+                        min_workers: Some(min),
+                        max_workers: Some(max),
+                        response_timeout_s: Some(v.config.response_timeout_s),
+                    }
+                };
                 SnapshotModel {
                     name: v.name.clone(),
                     version: v.version.clone(),
                     archive: v.archive_file.clone(),
                     url: v.url.clone(),
                     default,
-                    overrides: ConfigOverrides {
-                        batch_size: Some(v.config.batch_size),
-                        max_batch_delay_ms: Some(v.config.max_batch_delay_ms),
-                        min_workers: Some(min),
-                        max_workers: Some(max),
-                        response_timeout_s: Some(v.config.response_timeout_s),
-                    },
+                    overrides,
                 }
             })
             .collect();

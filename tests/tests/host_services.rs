@@ -119,6 +119,19 @@ fn plugin_tracing_events_reach_the_host_log_with_the_right_model_name() {
     }
 }
 
+/// Wait until the `faulty` model's description satisfies `ready`.
+fn wait_for(server: &Server, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = server.manage("GET", "/models/faulty", "", b"").json();
+        if ready(&d[0]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {d}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn metric_value(metrics: &str, prefix: &str) -> f64 {
     metrics
         .lines()
@@ -149,7 +162,12 @@ fn requests_over_the_global_concurrency_cap_get_429() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(400));
+    // Both in flight: both workers busy.
+    wait_for(&server, "two busy workers", |v| {
+        v["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().filter(|w| w["status"] == "BUSY").count() == 2)
+    });
     let reply = server.post("/predictions/faulty", "text/plain", b"x");
     assert_eq!(reply.status, 429, "{}", reply.text());
     assert_eq!(reply.json()["type"], "TooManyRequestsException");
@@ -229,7 +247,7 @@ fn a_full_queue_answers_503_and_latency_histograms_split_queue_execute_and_total
                 .unwrap_or(0)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(&server, "busy", |v| v["workers"][0]["status"] == "BUSY");
     let queued = {
         let url = format!("{}/predictions/faulty", server.inference);
         std::thread::spawn(move || {
@@ -239,7 +257,7 @@ fn a_full_queue_answers_503_and_latency_histograms_split_queue_execute_and_total
                 .unwrap_or(0)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(&server, "one queued", |v| v["queueDepth"] == 1);
     let reply = server.post("/predictions/faulty", "text/plain", b"x");
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert!(

@@ -45,6 +45,15 @@ fn describe(server: &Server, path: &str) -> Vec<Value> {
     reply.json().as_array().expect("a list").clone()
 }
 
+/// Wait until the version at `path` satisfies `ready` (polling its description).
+fn wait_for(server: &Server, path: &str, what: &str, ready: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready(&describe(server, path)[0]) {
+        assert!(Instant::now() < deadline, "{path}: never {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn wait_state(server: &Server, path: &str, want: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -170,6 +179,8 @@ fn registration_errors_have_the_right_statuses() {
     assert_eq!(r.status, 404, "{}", r.text());
     let r = call("/models?url=../../etc/passwd");
     assert_eq!(r.status, 404, "{}", r.text());
+    let r = call("/models?url=/etc/passwd");
+    assert_eq!(r.status, 403, "{}", r.text());
     let r = call("/models?url=junk.tar.gz&synchronous=true");
     assert_eq!(r.status, 400, "{}", r.text());
     let r = call("/models?url=https://example.com/model.tar.gz");
@@ -565,7 +576,9 @@ fn an_unregistered_version_is_described_as_draining_until_its_requests_finish() 
                 .unwrap_or(0)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(&server, "/models/slow/1.0", "busy", |v| {
+        v["workers"][0]["status"] == "BUSY"
+    });
     assert_eq!(
         server.manage("DELETE", "/models/slow/1.0", "", b"").status,
         200
@@ -618,7 +631,10 @@ fn scaling_to_zero_finishes_queued_work_and_a_version_without_workers_cannot_be_
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // One request running, two queued behind it.
+    wait_for(&server, "/models/z/1.0", "busy with two queued", |v| {
+        v["queueDepth"] == 2
+    });
     assert_eq!(
         server
             .manage(

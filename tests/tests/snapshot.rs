@@ -72,13 +72,20 @@ fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
         })
         .collect();
     drop(tx);
-    // Kill mid-burst: some registrations are acknowledged, some in flight, some not sent.
-    std::thread::sleep(Duration::from_millis(90));
+    // Kill mid-burst, once two registrations are acknowledged: others are in flight or unsent.
+    let mut acknowledged: Vec<String> = Vec::new();
+    while acknowledged.len() < 2 {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(name) => acknowledged.push(name),
+            Err(_) => panic!("fewer than two registrations were acknowledged"),
+        }
+    }
     server.kill();
     for t in burst {
         let _ = t.join();
     }
-    let acknowledged: Vec<String> = rx.iter().collect();
+    acknowledged.extend(rx.iter());
+
     eprintln!(
         "{} of 12 registrations were acknowledged before the SIGKILL",
         acknowledged.len()
@@ -216,4 +223,40 @@ fn an_uploaded_archive_is_kept_in_the_store_and_restored_after_a_crash() {
     let reply = restarted.post("/predictions/uploaded", "text/plain", b"kept");
     assert_eq!((reply.status, reply.text()), (200, "kept".to_owned()));
     assert_eq!(reply.header("x-model-version"), Some("3.0"));
+}
+
+#[test]
+fn the_snapshot_wins_over_models_and_keeps_registrations_whose_archive_is_missing() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    let snapshot = state.path().join("snapshot.json");
+    let a = archive(store.path(), "a", "1.0");
+    let b = archive(store.path(), "b", "1.0");
+    let models = format!("a={a},b={b}");
+    let server = start(store.path(), &snapshot, &["--models", &models]);
+    server.wait_healthy();
+    assert_eq!(server.manage("DELETE", "/models/a", "", b"").status, 200);
+    server.kill();
+
+    // The same command line again: the unregistered model stays unregistered.
+    let moved = state.path().join("b-away.tar.gz");
+    std::fs::rename(store.path().join(&b), &moved).expect("move b away");
+    let restarted = start(store.path(), &snapshot, &["--models", &models]);
+    restarted.wait_settled();
+    assert_eq!(
+        restarted.post("/predictions/a", "text/plain", b"x").status,
+        404
+    );
+    // b's archive is gone: it is Failed, and still registered.
+    let r = restarted.post("/predictions/b", "text/plain", b"x");
+    assert_eq!(r.status, 503, "{}", r.text());
+    restarted.kill();
+
+    std::fs::rename(&moved, store.path().join(&b)).expect("move b back");
+    let healed = start(store.path(), &snapshot, &["--models", &models]);
+    healed.wait_healthy();
+    assert_eq!(
+        healed.post("/predictions/b", "text/plain", b"back").text(),
+        "back"
+    );
 }

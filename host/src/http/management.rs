@@ -83,6 +83,11 @@ async fn register(
             }
             (download(&state, url).await?, url.to_owned())
         }
+        Some(url) if Path::new(url).is_absolute() => {
+            return Err(ApiError::Forbidden(format!(
+                "`url` must be an archive name in the model store or an allowed http(s) URL, not a path. Given: {url:?}"
+            )));
+        }
         Some(url) if !url.is_empty() => {
             let path = resolve_in_store(&store, url)
                 .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
@@ -130,6 +135,7 @@ async fn register(
         url,
         archive_file,
         at_startup: false,
+        overrides,
     };
     let version = Arc::new(ModelVersion::from_archive(
         archive,
@@ -168,6 +174,10 @@ async fn register(
                 version.name, version.version
             )))
         }
+        ModelState::Draining => Err(ApiError::Conflict(format!(
+            "model `{}` version `{}` was unregistered while it was loading",
+            version.name, version.version
+        ))),
         _ => Ok(status(
             actix_web::http::StatusCode::OK,
             format!(
@@ -187,31 +197,77 @@ fn sniff_extension(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Write `bytes` into the store under a name made from their hash (so the same upload twice is
-/// one file), atomically. Uploaded archives are kept: they survive restarts.
-fn keep_in_store(store: &Path, prefix: &str, bytes: &[u8]) -> Result<PathBuf, ApiError> {
-    use sha2::Digest;
-    let ext = sniff_extension(bytes).ok_or_else(|| {
-        ApiError::BadRequest(
-            "the archive must be a .tar.gz or a .zip (checked by its first bytes)".into(),
-        )
-    })?;
-    let hash: String = sha2::Sha256::digest(bytes)
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let path = store.join(format!("{prefix}-{hash}.{ext}"));
-    if path.is_file() {
-        return Ok(path);
+/// An archive arriving into the model store: written to a temporary file as it comes (never
+/// whole in memory), hashed on the way, capped at `max` bytes.
+struct Incoming {
+    file: tempfile::NamedTempFile,
+    hasher: sha2::Sha256,
+    head: Vec<u8>,
+    len: u64,
+    max: u64,
+}
+
+fn store_io(e: std::io::Error) -> ApiError {
+    ApiError::Internal(format!("cannot write to the model store: {e}"))
+}
+
+impl Incoming {
+    fn new(store: &Path, max: u64) -> Result<Self, ApiError> {
+        use sha2::Digest;
+        Ok(Self {
+            file: tempfile::NamedTempFile::new_in(store).map_err(store_io)?,
+            hasher: sha2::Sha256::new(),
+            head: Vec::new(),
+            len: 0,
+            max,
+        })
     }
-    let io =
-        |e: std::io::Error| ApiError::Internal(format!("cannot write to the model store: {e}"));
-    let mut tmp = tempfile::NamedTempFile::new_in(store).map_err(io)?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(&path).map_err(|e| io(e.error))?;
-    Ok(path)
+
+    fn push(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        use sha2::Digest;
+        use std::io::Write;
+        self.len += chunk.len() as u64;
+        if self.len > self.max {
+            return Err(ApiError::PayloadTooLarge(
+                usize::try_from(self.max).unwrap_or(usize::MAX),
+            ));
+        }
+        if self.head.len() < 8 {
+            self.head.extend(chunk.iter().take(8 - self.head.len()));
+        }
+        self.hasher.update(chunk);
+        self.file.write_all(chunk).map_err(store_io)
+    }
+
+    /// Keep the archive in the store under a name made from its hash (the same archive twice is
+    /// one file), atomically. Kept archives survive restarts.
+    fn keep(self, store: &Path, prefix: &str) -> Result<PathBuf, ApiError> {
+        use sha2::Digest;
+        if self.len == 0 {
+            return Err(ApiError::BadRequest(
+                "give `url` (an archive in the model store, or an allowed http(s) URL), or send the archive as the body".into(),
+            ));
+        }
+        let ext = sniff_extension(&self.head).ok_or_else(|| {
+            ApiError::BadRequest(
+                "the archive must be a .tar.gz or a .zip (checked by its first bytes)".into(),
+            )
+        })?;
+        let hash: String = self
+            .hasher
+            .finalize()
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = store.join(format!("{prefix}-{hash}.{ext}"));
+        if path.is_file() {
+            return Ok(path);
+        }
+        self.file.as_file().sync_all().map_err(store_io)?;
+        self.file.persist(&path).map_err(|e| store_io(e.error))?;
+        Ok(path)
+    }
 }
 
 async fn save_upload(
@@ -220,15 +276,16 @@ async fn save_upload(
     mut payload: web::Payload,
 ) -> Result<PathBuf, ApiError> {
     let max = state.config.max_upload_size;
-    let too_big = || ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX));
+    let store = state.config.model_store.clone();
+    let mut incoming = Incoming::new(&store, max)?;
     let content_type = req
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let mut body = Vec::new();
     if content_type.starts_with("multipart/form-data") {
+        // Count every byte, part headers included: actix-multipart buffers them uncapped.
         let seen = std::rc::Rc::new(std::cell::Cell::new(0u64));
         let counter = seen.clone();
         let limited = payload.map(move |chunk| {
@@ -240,7 +297,9 @@ async fn save_upload(
                 Ok(chunk)
             }
         });
+        let too_big = || ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX));
         let mut form = actix_multipart::Multipart::new(req.headers(), limited);
+        let mut taken = false;
         while let Some(field) = form.next().await {
             let mut field = field.map_err(|e| {
                 if seen.get() > max {
@@ -249,8 +308,9 @@ async fn save_upload(
                     ApiError::BadRequest(format!("malformed multipart body: {e}"))
                 }
             })?;
-            let wanted = body.is_empty()
-                && matches!(field.name(), Some("data" | "file" | "model" | "archive"));
+            let wanted =
+                !taken && matches!(field.name(), Some("data" | "file" | "model" | "archive"));
+            taken |= wanted;
             while let Some(chunk) = field.next().await {
                 let chunk: Bytes = chunk.map_err(|e| {
                     if seen.get() > max {
@@ -260,7 +320,7 @@ async fn save_upload(
                     }
                 })?;
                 if wanted {
-                    body.extend_from_slice(&chunk);
+                    incoming.push(&chunk)?;
                 }
             }
         }
@@ -268,62 +328,50 @@ async fn save_upload(
         while let Some(chunk) = payload.next().await {
             let chunk =
                 chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the upload: {e}")))?;
-            if (body.len() + chunk.len()) as u64 > max {
-                return Err(too_big());
-            }
-            body.extend_from_slice(&chunk);
+            incoming.push(&chunk)?;
         }
     }
-    if body.is_empty() {
-        return Err(ApiError::BadRequest(
-            "give `url` (an archive in the model store, or an allowed http(s) URL), or send the archive as the body".into(),
-        ));
-    }
-    let store = state.config.model_store.clone();
-    web::block(move || keep_in_store(&store, "upload", &body))
+    web::block(move || incoming.keep(&store, "upload"))
         .await
         .map_err(|e| ApiError::Internal(format!("the upload writer stopped: {e}")))?
 }
 
-/// Download an allowed URL into the model store (kept, like uploads).
+/// Download an allowed URL into the model store (kept, like uploads). Redirects are not
+/// followed: they could lead outside `allowed_urls`.
 async fn download(state: &AppState, url: &str) -> Result<PathBuf, ApiError> {
     let max = state.config.max_upload_size;
-    let url_owned = url.to_owned();
-    let bytes = web::block(move || -> Result<Vec<u8>, ApiError> {
+    let store = state.config.model_store.clone();
+    let url = url.to_owned();
+    web::block(move || -> Result<PathBuf, ApiError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            ApiError::BadRequest(format!("cannot download `url` {url:?}: {e}"))
+        };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(std::time::Duration::from_secs(600)))
-            // A redirect could leave `allowed_urls`: refuse them rather than follow.
             .max_redirects(0)
             .build()
             .into();
-        let mut response = agent.get(&url_owned).call().map_err(|e| {
-            ApiError::BadRequest(format!("cannot download `url` {url_owned:?}: {e}"))
-        })?;
+        let mut response = agent.get(&url).call().map_err(|e| failed(&e))?;
         if !response.status().is_success() {
-            return Err(ApiError::BadRequest(format!(
-                "cannot download `url` {url_owned:?}: the server answered {} (redirects are not followed)",
+            return Err(failed(&format!(
+                "the server answered {} (redirects are not followed)",
                 response.status()
             )));
         }
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        let mut reader = response.body_mut().as_reader().take(max + 1);
-        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(|e| {
-            ApiError::BadRequest(format!("cannot download `url` {url_owned:?}: {e}"))
-        })?;
-        if bytes.len() as u64 > max {
-            return Err(ApiError::PayloadTooLarge(
-                usize::try_from(max).unwrap_or(usize::MAX),
-            ));
+        let mut incoming = Incoming::new(&store, max)?;
+        let mut reader = response.body_mut().as_reader();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = std::io::Read::read(&mut reader, &mut buf).map_err(|e| failed(&e))?;
+            if n == 0 {
+                break;
+            }
+            incoming.push(&buf[..n])?;
         }
-        Ok(bytes)
+        incoming.keep(&store, "download")
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("the downloader stopped: {e}")))??;
-    let store = state.config.model_store.clone();
-    web::block(move || keep_in_store(&store, "download", &bytes))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the download writer stopped: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("the downloader stopped: {e}")))?
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,8 +403,9 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
         .map(|v| json!({ "modelName": v.name, "modelUrl": v.url }))
         .collect();
     let mut body = json!({ "models": models });
-    if offset + limit < total {
-        body["nextPageToken"] = json!((offset + limit).to_string());
+    let next = offset.saturating_add(limit);
+    if next < total {
+        body["nextPageToken"] = json!(next.to_string());
     }
     Ok(HttpResponse::Ok().json(body))
 }
@@ -494,14 +543,26 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
             "`max_worker` must be >= `min_worker` ({min}). Given: {max}"
         )));
     }
-    version.set_worker_bounds(min, max);
-    persist(&state)?;
-    let ctx = state.ctx.clone();
-    let scaling = version.clone();
-    let job = web::block(move || scaling.scale(&ctx, min));
+    // Scale, then record and persist what was achieved, one scaling at a time per version: the
+    // snapshot never holds a worker count that did not start.
+    let apply = {
+        let state = state.clone();
+        let version = version.clone();
+        async move {
+            let _one_at_a_time = version.scale_lock.lock().await;
+            let ctx = state.ctx.clone();
+            let scaling = version.clone();
+            web::block(move || scaling.scale(&ctx, min))
+                .await
+                .map_err(|e| ApiError::Internal(format!("the scaler stopped: {e}")))?
+                .map_err(ApiError::Internal)?;
+            version.set_worker_bounds(min, max);
+            persist(&state)
+        }
+    };
     if !params.synchronous.unwrap_or(false) {
         actix_web::rt::spawn(async move {
-            if let Ok(Err(e)) = job.await {
+            if let Err(e) = apply.await {
                 tracing::error!("scaling failed: {e}");
             }
         });
@@ -510,9 +571,7 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
             "Processing worker updates...".into(),
         ));
     }
-    job.await
-        .map_err(|e| ApiError::Internal(format!("the scaler stopped: {e}")))?
-        .map_err(ApiError::Internal)?;
+    apply.await?;
     Ok(status(
         actix_web::http::StatusCode::OK,
         format!(

@@ -342,18 +342,15 @@ async fn read_body(
     mut payload: web::Payload,
     max: usize,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
+    if super::body::is_multipart(req) {
+        return read_multipart(req, payload, max).await;
+    }
     let content_type = req
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    if content_type
-        .to_ascii_lowercase()
-        .starts_with("multipart/form-data")
-    {
-        return read_multipart(req, payload, max).await;
-    }
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
@@ -371,27 +368,14 @@ async fn read_multipart(
     payload: web::Payload,
     max: usize,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
-    // Count every byte of the body, part headers included: actix-multipart buffers headers
-    // without a cap of its own.
-    let seen = std::rc::Rc::new(std::cell::Cell::new(0usize));
-    let counter = seen.clone();
-    let limited = payload.map(move |chunk| {
-        let chunk = chunk?;
-        counter.set(counter.get() + chunk.len());
-        if counter.get() > max {
-            Err(actix_web::error::PayloadError::Overflow)
-        } else {
-            Ok(chunk)
-        }
-    });
+    let (mut form, over_cap) = super::body::capped_multipart(req, payload, max as u64);
     let failed = |what: String| {
-        if seen.get() > max {
+        if over_cap() {
             ApiError::PayloadTooLarge(max)
         } else {
             ApiError::BadRequest(what)
         }
     };
-    let mut form = actix_multipart::Multipart::new(req.headers(), limited);
     let mut data: Option<(String, Vec<u8>)> = None;
     let mut params = Vec::new();
     while let Some(field) = form.next().await {

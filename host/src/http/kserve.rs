@@ -12,27 +12,24 @@ use crate::worker::JobKind;
 
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/v1/models/{model:[^/:]+}:predict",
-        web::post().to(v1_predict),
-    )
-    .route("/v2/health/live", web::get().to(live))
-    .route("/v2/health/ready", web::get().to(ready))
-    .route("/v2/models/{model}", web::get().to(metadata))
-    .route(
-        "/v2/models/{model}/versions/{version}",
-        web::get().to(metadata),
-    )
-    .route("/v2/models/{model}/ready", web::get().to(model_ready))
-    .route(
-        "/v2/models/{model}/versions/{version}/ready",
-        web::get().to(model_ready),
-    )
-    .route("/v2/models/{model}/infer", web::post().to(v2_infer))
-    .route(
-        "/v2/models/{model}/versions/{version}/infer",
-        web::post().to(v2_infer),
-    );
+    cfg.route("/v1/models/{model:[^/:]+}:predict", web::post().to(predict))
+        .route("/v2/health/live", web::get().to(live))
+        .route("/v2/health/ready", web::get().to(ready))
+        .route("/v2/models/{model}", web::get().to(metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            web::get().to(metadata),
+        )
+        .route("/v2/models/{model}/ready", web::get().to(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            web::get().to(model_ready),
+        )
+        .route("/v2/models/{model}/infer", web::post().to(predict))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            web::post().to(predict),
+        );
 }
 
 fn target(req: &HttpRequest) -> (String, Option<String>) {
@@ -40,36 +37,24 @@ fn target(req: &HttpRequest) -> (String, Option<String>) {
     (model, req.match_info().get("version").map(str::to_owned))
 }
 
-async fn v1_predict(
+/// `:predict` (KServe v1) and `/infer` (OIP v2): the protocol follows from the path.
+async fn predict(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (model, version) = target(&req);
+    let protocol = if req.path().starts_with("/v1/") {
+        Protocol::KServeV1
+    } else {
+        Protocol::KServeV2
+    };
     run(
         state,
         model,
         version,
         JobKind::Predict,
-        Protocol::KServeV1,
-        req,
-        payload,
-    )
-    .await
-}
-
-async fn v2_infer(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let (model, version) = target(&req);
-    run(
-        state,
-        model,
-        version,
-        JobKind::Predict,
-        Protocol::KServeV2,
+        protocol,
         req,
         payload,
     )

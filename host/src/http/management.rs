@@ -278,31 +278,13 @@ async fn save_upload(
     let max = state.config.max_upload_size;
     let store = state.config.model_store.clone();
     let mut incoming = Incoming::new(&store, max)?;
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if content_type.starts_with("multipart/form-data") {
-        // Count every byte, part headers included: actix-multipart buffers them uncapped.
-        let seen = std::rc::Rc::new(std::cell::Cell::new(0u64));
-        let counter = seen.clone();
-        let limited = payload.map(move |chunk| {
-            let chunk = chunk?;
-            counter.set(counter.get() + chunk.len() as u64);
-            if counter.get() > max {
-                Err(actix_web::error::PayloadError::Overflow)
-            } else {
-                Ok(chunk)
-            }
-        });
+    if super::body::is_multipart(req) {
+        let (mut form, over_cap) = super::body::capped_multipart(req, payload, max);
         let too_big = || ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX));
-        let mut form = actix_multipart::Multipart::new(req.headers(), limited);
         let mut taken = false;
         while let Some(field) = form.next().await {
             let mut field = field.map_err(|e| {
-                if seen.get() > max {
+                if over_cap() {
                     too_big()
                 } else {
                     ApiError::BadRequest(format!("malformed multipart body: {e}"))
@@ -313,7 +295,7 @@ async fn save_upload(
             taken |= wanted;
             while let Some(chunk) = field.next().await {
                 let chunk: Bytes = chunk.map_err(|e| {
-                    if seen.get() > max {
+                    if over_cap() {
                         too_big()
                     } else {
                         ApiError::BadRequest(format!("malformed multipart field: {e}"))

@@ -1,6 +1,7 @@
 //! The HTTP APIs: inference (TorchServe's) and metrics.
 
 mod auth;
+mod body;
 mod error;
 mod inference;
 mod kserve;

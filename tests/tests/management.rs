@@ -672,3 +672,58 @@ fn scaling_to_zero_finishes_queued_work_and_a_version_without_workers_cannot_be_
         "ok"
     );
 }
+
+#[test]
+fn the_model_list_is_paginated_and_asynchronous_scaling_answers_202() {
+    let store = tempfile::tempdir().expect("tempdir");
+    for name in ["a", "b", "c"] {
+        archive(store.path(), name, "1.0", "echo", "tgz");
+    }
+    let server = store_server(store.path(), &["--models", "a.tar.gz,b.tar.gz,c.tar.gz"]);
+    server.wait_healthy();
+    let first = server.manage("GET", "/models?limit=2", "", b"").json();
+    let names: Vec<&str> = first["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["modelName"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    let token = first["nextPageToken"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let second = server
+        .manage(
+            "GET",
+            &format!("/models?limit=2&next_page_token={token}"),
+            "",
+            b"",
+        )
+        .json();
+    assert_eq!(second["models"][0]["modelName"], "c");
+    assert!(second.get("nextPageToken").is_none(), "{second}");
+    for bad in [
+        "/models?limit=0",
+        "/models?next_page_token=abc",
+        "/models?next_page_token=18446744073709551615&limit=1000",
+        "/models?pages=2",
+    ] {
+        let r = server.manage("GET", bad, "", b"");
+        assert!(
+            r.status == 400 || (r.status == 200 && r.json()["models"] == serde_json::json!([])),
+            "{bad}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+
+    let r = server.manage("PUT", "/models/b?min_worker=2&max_worker=2", "", b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["status"], "Processing worker updates...");
+    wait_for(&server, "/models/b", "scaled to 2", |v| {
+        v["workers"].as_array().map(Vec::len) == Some(2) && v["minWorkers"] == 2
+    });
+    let r = server.manage("PUT", "/models/nope?min_worker=1", "", b"");
+    assert_eq!(r.status, 404, "{}", r.text());
+}

@@ -428,8 +428,10 @@ fn main() {
          directly, with no HTTP. Cold start is from process start until `/ping` is healthy and the\n\
          first prediction is answered. Peak RSS is the server's `VmHWM`.\n\n{table}\n{targets}\n\
          Notes:\n\n\
-         - One run on a shared 2-core VM: expect run-to-run variation (the echo p50 ranged from about\n\
-           120 to 190 µs over several runs while this was written).\n\
+         - One run on a shared 2-core VM: expect run-to-run variation. Over the runs made while this\n\
+           was written, the echo overhead ranged from about 117 to 190 µs (under the 200 µs target\n\
+           every time, with little margin at the top), the in-process MLP baseline from 349 to 471\n\
+           req/s, and the batched ratio from 88% to 107%.\n\
          - The server sets `OMP_WAIT_POLICY=PASSIVE` unless the operator set it. With libgomp's default\n\
            (threads spin between parallel regions), batched MLP throughput was 71% of in-process on\n\
            this machine: the spinning OpenMP threads starved the HTTP threads, and a descheduled\n\

@@ -21,10 +21,10 @@ fn each_loader_failure_has_its_own_clear_error_and_the_server_keeps_serving() {
     std::fs::write(&garbage, b"this is not an ELF file").expect("write");
     let models = [
         "echo".to_owned(),
-        format!("{}", {
-            let dir = dir_archive(r, "missing", "handler/libnothing.so", "", &[]);
-            format!("missing={}", dir.display())
-        }),
+        format!(
+            "missing={}",
+            dir_archive(r, "missing", "handler/libnothing.so", "", &[]).display()
+        ),
         format!(
             "unknown_builtin={}",
             dir_archive(r, "unknown_builtin", "no_such_plugin", "", &[]).display()

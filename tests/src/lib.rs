@@ -400,6 +400,43 @@ impl Drop for Server {
     }
 }
 
+/// POST `body` to `url` on a thread of its own; the handle gives the status (0 if the request
+/// itself failed).
+pub fn post_in_background(url: String, body: &'static [u8]) -> std::thread::JoinHandle<u16> {
+    std::thread::spawn(move || {
+        agent()
+            .post(&url)
+            .send(body)
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    })
+}
+
+/// `cresset archive` a model with this handler into `dir`, and return the archive's path.
+pub fn archive_model(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    handler: &str,
+    format: &str,
+) -> PathBuf {
+    let (ok, path, err) = run_archiver(&[
+        "--model-name",
+        name,
+        "--version",
+        version,
+        "--handler",
+        handler,
+        "--archive-format",
+        format,
+        "--export-path",
+        dir.to_str().expect("utf-8"),
+        "--force",
+    ]);
+    assert!(ok, "{err}");
+    PathBuf::from(path)
+}
+
 /// Run `cresset archive` with these arguments; returns (success, stdout, stderr).
 pub fn run_archiver(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(cresset_bin())

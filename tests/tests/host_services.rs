@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use cresset_e2e::{bundled_archive, library, Server};
+use cresset_e2e::{bundled_archive, library, post_in_background, Server};
 
 fn faulty(root: &std::path::Path, config: &str) -> String {
     bundled_archive(root, "faulty", &library("fixture_panicky"), config)
@@ -153,13 +153,10 @@ fn requests_over_the_global_concurrency_cap_get_429() {
     server.wait_healthy();
     let slow: Vec<_> = (0..2)
         .map(|_| {
-            let url = format!("{}/predictions/faulty", server.inference);
-            std::thread::spawn(move || {
-                ureq::post(&url)
-                    .send(&b"sleep:1500"[..])
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0)
-            })
+            post_in_background(
+                format!("{}/predictions/faulty", server.inference),
+                b"sleep:1500",
+            )
         })
         .collect();
     // Both in flight: both workers busy.
@@ -238,25 +235,12 @@ fn a_full_queue_answers_503_and_latency_histograms_split_queue_execute_and_total
     let root = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&["--models", &faulty(root.path(), "job_queue_size = 1\n")]);
     server.wait_healthy();
-    let busy = {
-        let url = format!("{}/predictions/faulty", server.inference);
-        std::thread::spawn(move || {
-            ureq::post(&url)
-                .send(&b"sleep:1200"[..])
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        })
-    };
+    let busy = post_in_background(
+        format!("{}/predictions/faulty", server.inference),
+        b"sleep:1200",
+    );
     wait_for(&server, "busy", |v| v["workers"][0]["status"] == "BUSY");
-    let queued = {
-        let url = format!("{}/predictions/faulty", server.inference);
-        std::thread::spawn(move || {
-            ureq::post(&url)
-                .send(&b"x"[..])
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        })
-    };
+    let queued = post_in_background(format!("{}/predictions/faulty", server.inference), b"x");
     wait_for(&server, "one queued", |v| v["queueDepth"] == 1);
     let reply = server.post("/predictions/faulty", "text/plain", b"x");
     assert_eq!(reply.status, 503, "{}", reply.text());

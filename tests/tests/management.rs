@@ -7,30 +7,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cresset_e2e::{echo_reverse_library, library, run_archiver, Server};
+use cresset_e2e::{archive_model, echo_reverse_library, library, post_in_background, Server};
 use serde_json::Value;
 
 /// `cresset archive` into `store`; returns the archive's file name.
 fn archive(store: &Path, name: &str, version: &str, handler: &str, format: &str) -> String {
-    let (ok, path, err) = run_archiver(&[
-        "--model-name",
-        name,
-        "--version",
-        version,
-        "--handler",
-        handler,
-        "--archive-format",
-        format,
-        "--export-path",
-        store.to_str().expect("utf-8"),
-        "--force",
-    ]);
-    assert!(ok, "{err}");
-    Path::new(&path)
-        .file_name()
+    let path = archive_model(store, name, version, handler, format);
+    path.file_name()
         .expect("file")
         .to_string_lossy()
         .into_owned()
+}
+
+/// Register with these query parameters and expect 200.
+fn register(server: &Server, query: &str) {
+    let r = server.manage("POST", &format!("/models?{query}"), "", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 fn store_server(store: &Path, extra: &[&str]) -> Server {
@@ -348,13 +340,7 @@ fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
         store.path(),
         &["--allowed-urls", r"http://127\.0\.0\.1:\d+/models/.*"],
     );
-    let r = server.manage(
-        "POST",
-        &format!("/models?url={url}&synchronous=true"),
-        "",
-        b"",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    register(&server, &format!("url={url}&synchronous=true"));
     assert_eq!(
         server
             .post("/predictions/remote", "text/plain", b"far")
@@ -404,13 +390,10 @@ fn a_hot_swap_under_load_fails_no_request_and_frees_the_old_version() {
     );
     std::fs::copy(v2_dir.path().join(&v2), store.path().join("swap-v2.tar.gz")).expect("copy");
     let server = store_server(store.path(), &[]);
-    let r = server.manage(
-        "POST",
-        &format!("/models?url={v1}&synchronous=true&initial_workers=2"),
-        "",
-        b"",
+    register(
+        &server,
+        &format!("url={v1}&synchronous=true&initial_workers=2"),
     );
-    assert_eq!(r.status, 200, "{}", r.text());
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..3)
@@ -560,22 +543,11 @@ fn an_unregistered_version_is_described_as_draining_until_its_requests_finish() 
         "tgz",
     );
     let server = store_server(store.path(), &[]);
-    let r = server.manage(
-        "POST",
-        &format!("/models?url={file}&synchronous=true"),
-        "",
-        b"",
+    register(&server, &format!("url={file}&synchronous=true"));
+    let in_flight = post_in_background(
+        format!("{}/predictions/slow", server.inference),
+        b"sleep:1500",
     );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let in_flight = {
-        let url = format!("{}/predictions/slow", server.inference);
-        std::thread::spawn(move || {
-            ureq::post(&url)
-                .send(&b"sleep:1500"[..])
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        })
-    };
     wait_for(&server, "/models/slow/1.0", "busy", |v| {
         v["workers"][0]["status"] == "BUSY"
     });
@@ -613,23 +585,9 @@ fn scaling_to_zero_finishes_queued_work_and_a_version_without_workers_cannot_be_
         "tgz",
     );
     let server = store_server(store.path(), &[]);
-    let r = server.manage(
-        "POST",
-        &format!("/models?url={file}&synchronous=true"),
-        "",
-        b"",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    register(&server, &format!("url={file}&synchronous=true"));
     let requests: Vec<_> = (0..3)
-        .map(|_| {
-            let url = format!("{}/predictions/z", server.inference);
-            std::thread::spawn(move || {
-                ureq::post(&url)
-                    .send(&b"sleep:300"[..])
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0)
-            })
-        })
+        .map(|_| post_in_background(format!("{}/predictions/z", server.inference), b"sleep:300"))
         .collect();
     // One request running, two queued behind it.
     wait_for(&server, "/models/z/1.0", "busy with two queued", |v| {

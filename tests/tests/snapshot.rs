@@ -3,23 +3,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cresset_e2e::{run_archiver, Server};
+use cresset_e2e::{archive_model, Server};
 
 fn archive(store: &Path, name: &str, version: &str) -> String {
-    let (ok, path, err) = run_archiver(&[
-        "--model-name",
-        name,
-        "--version",
-        version,
-        "--handler",
-        "echo",
-        "--export-path",
-        store.to_str().expect("utf-8"),
-        "--force",
-    ]);
-    assert!(ok, "{err}");
     let file = format!("{name}-{version}.tar.gz");
-    std::fs::rename(&path, store.join(&file)).expect("rename");
+    let path = archive_model(store, name, version, "echo", "tgz");
+    std::fs::rename(path, store.join(&file)).expect("rename");
     file
 }
 

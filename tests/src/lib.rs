@@ -374,6 +374,12 @@ impl Server {
         into_reply(response.expect("management call"))
     }
 
+    /// Register through the management API with these query parameters, expecting 200.
+    pub fn register(&self, query: &str) {
+        let r = self.manage("POST", &format!("/models?{query}"), "", b"");
+        assert_eq!(r.status, 200, "registering {query}: {}", r.text());
+    }
+
     /// POST JSON.
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Reply {
         self.post(path, "application/json", body.to_string().as_bytes())

@@ -19,10 +19,21 @@ fn archive(store: &Path, name: &str, version: &str, handler: &str, format: &str)
         .into_owned()
 }
 
-/// Register with these query parameters and expect 200.
-fn register(server: &Server, query: &str) {
-    let r = server.manage("POST", &format!("/models?{query}"), "", b"");
-    assert_eq!(r.status, 200, "{}", r.text());
+/// A store with the panicky fixture archived as `name` 1.0, a server on it, and the model
+/// registered.
+fn panicky_model(name: &str) -> (tempfile::TempDir, Server) {
+    let store = tempfile::tempdir().expect("tempdir");
+    let lib = library("fixture_panicky");
+    let file = archive(
+        store.path(),
+        name,
+        "1.0",
+        lib.to_str().expect("utf-8"),
+        "tgz",
+    );
+    let server = store_server(store.path(), &[]);
+    server.register(&format!("url={file}&synchronous=true"));
+    (store, server)
 }
 
 fn store_server(store: &Path, extra: &[&str]) -> Server {
@@ -340,7 +351,7 @@ fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
         store.path(),
         &["--allowed-urls", r"http://127\.0\.0\.1:\d+/models/.*"],
     );
-    register(&server, &format!("url={url}&synchronous=true"));
+    server.register(&format!("url={url}&synchronous=true"));
     assert_eq!(
         server
             .post("/predictions/remote", "text/plain", b"far")
@@ -390,10 +401,7 @@ fn a_hot_swap_under_load_fails_no_request_and_frees_the_old_version() {
     );
     std::fs::copy(v2_dir.path().join(&v2), store.path().join("swap-v2.tar.gz")).expect("copy");
     let server = store_server(store.path(), &[]);
-    register(
-        &server,
-        &format!("url={v1}&synchronous=true&initial_workers=2"),
-    );
+    server.register(&format!("url={v1}&synchronous=true&initial_workers=2"));
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..3)
@@ -533,17 +541,7 @@ fn the_default_version_cannot_be_removed_while_others_exist() {
 
 #[test]
 fn an_unregistered_version_is_described_as_draining_until_its_requests_finish() {
-    let store = tempfile::tempdir().expect("tempdir");
-    let lib = library("fixture_panicky");
-    let file = archive(
-        store.path(),
-        "slow",
-        "1.0",
-        lib.to_str().expect("utf-8"),
-        "tgz",
-    );
-    let server = store_server(store.path(), &[]);
-    register(&server, &format!("url={file}&synchronous=true"));
+    let (_store, server) = panicky_model("slow");
     let in_flight = post_in_background(
         format!("{}/predictions/slow", server.inference),
         b"sleep:1500",
@@ -575,17 +573,7 @@ fn an_unregistered_version_is_described_as_draining_until_its_requests_finish() 
 
 #[test]
 fn scaling_to_zero_finishes_queued_work_and_a_version_without_workers_cannot_be_the_default() {
-    let store = tempfile::tempdir().expect("tempdir");
-    let lib = library("fixture_panicky");
-    let file = archive(
-        store.path(),
-        "z",
-        "1.0",
-        lib.to_str().expect("utf-8"),
-        "tgz",
-    );
-    let server = store_server(store.path(), &[]);
-    register(&server, &format!("url={file}&synchronous=true"));
+    let (_store, server) = panicky_model("z");
     let requests: Vec<_> = (0..3)
         .map(|_| post_in_background(format!("{}/predictions/z", server.inference), b"sleep:300"))
         .collect();

@@ -107,13 +107,7 @@ fn default_version_and_worker_counts_survive_a_restart_unless_snapshots_are_off(
     let v2 = archive(store.path(), "m", "2.0");
     let server = start(store.path(), &snapshot, &[]);
     for file in [&v1, &v2] {
-        let r = server.manage(
-            "POST",
-            &format!("/models?url={file}&synchronous=true"),
-            "",
-            b"",
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
+        server.register(&format!("url={file}&synchronous=true"));
     }
     assert_eq!(
         server

@@ -1,9 +1,14 @@
-//! What Cresset's torch plugins share: device choice, libtorch threads, and tensors to and from
-//! JSON (TorchServe's `{"data": [[...]]}` and KServe v2's `inputs` lists).
-//!
-//! Later issues add weight loading, tokenizers, architectures and sampling here.
+//! What Cresset's torch plugins share: device choice, libtorch threads, tensors to and from
+//! JSON (TorchServe's `{"data": [[...]]}` and KServe v2's `inputs` lists), HuggingFace
+//! checkpoints (safetensors, `config.json`, `tokenizer.json`), the model architectures
+//! (BERT-family encoders, GPT-2) and token sampling.
 
+pub mod encoder;
+pub mod gpt2;
 mod json;
+pub mod layers;
+pub mod sampling;
+pub mod weights;
 
 mod inference_mode {
     use std::ffi::c_void;
@@ -55,6 +60,7 @@ pub use json::{
 use std::sync::OnceLock;
 
 pub use tch;
+pub use tokenizers;
 
 /// Errors from this crate, with messages meant for clients.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,93 @@ pub enum TorchError {
     /// libtorch failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+}
+
+/// Errors loading or running a model architecture.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// `config.json` (or a handler setting) is missing something or names what is not
+    /// supported.
+    #[error("{0}")]
+    Config(String),
+    /// The checkpoint files are missing, malformed, or disagree with the config.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// The tokenizer could not be loaded or failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The input cannot be run (too long, empty, …); the message says why.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(String),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Read `index_to_name.json`: `{"0": "cat"}` or TorchServe's ImageNet form
+/// `{"0": ["n01440764", "tench"]}` (the last string is the name).
+pub fn read_index_to_name(path: &std::path::Path) -> Result<Vec<String>, ModelError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| {
+            ModelError::Config(format!(
+                "{} must be a JSON object of index → name: {e}",
+                path.display()
+            ))
+        })?;
+    let mut pairs = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let index: usize = key.parse().map_err(|_| {
+            ModelError::Config(format!(
+                "{}: key {key:?} is not a class index",
+                path.display()
+            ))
+        })?;
+        let name = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .rev()
+                .find_map(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            other => other.to_string(),
+        };
+        pairs.push((index, name));
+    }
+    pairs.sort();
+    // The label table is dense; refuse indices that would allocate absurd amounts.
+    const MAX_CLASSES: usize = 1_000_000;
+    if let Some((index, _)) = pairs.last().filter(|(i, _)| *i >= MAX_CLASSES) {
+        return Err(ModelError::Config(format!(
+            "{}: class index {index} is too large (the most is {})",
+            path.display(),
+            MAX_CLASSES - 1
+        )));
+    }
+    let mut labels = vec![String::new(); pairs.last().map(|(i, _)| i + 1).unwrap_or(0)];
+    for (i, name) in pairs {
+        labels[i] = name;
+    }
+    Ok(labels)
+}
+
+/// Load `tokenizer.json` from a checkpoint directory with its baked-in padding and truncation
+/// removed: callers set their own (a batch is padded to its longest member, truncation follows
+/// the handler's `max_length`).
+pub fn load_tokenizer(dir: &std::path::Path) -> Result<tokenizers::Tokenizer, ModelError> {
+    let path = dir.join("tokenizer.json");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| ModelError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    Ok(tokenizer)
 }
 
 /// The device for an instance: `cuda:N` when a GPU is assigned and CUDA is available, else the

@@ -78,52 +78,12 @@ fn config_str<'a>(config: &'a Value, key: &str, default: &'a str) -> Result<&'a 
     }
 }
 
-/// Read `index_to_name.json`: `{"0": "cat"}` or TorchServe's ImageNet form
-/// `{"0": ["n01440764", "tench"]}` (the last string is the name).
+/// Read `index_to_name.json` (see [`cresset_torch::read_index_to_name`]).
 pub fn read_labels(path: &Path) -> Result<Vec<String>, PluginError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PluginError::internal(format!("cannot read {}: {e}", path.display())))?;
-    let map: Map<String, Value> = serde_json::from_str(&text).map_err(|e| {
-        PluginError::invalid_input(format!(
-            "{} must be a JSON object of index → name: {e}",
-            path.display()
-        ))
-    })?;
-    let mut pairs = Vec::with_capacity(map.len());
-    for (key, value) in map {
-        let index: usize = key.parse().map_err(|_| {
-            PluginError::invalid_input(format!(
-                "{}: key {key:?} is not a class index",
-                path.display()
-            ))
-        })?;
-        let name = match &value {
-            Value::String(s) => s.clone(),
-            Value::Array(items) => items
-                .iter()
-                .rev()
-                .find_map(|v| v.as_str())
-                .unwrap_or_default()
-                .to_owned(),
-            other => other.to_string(),
-        };
-        pairs.push((index, name));
-    }
-    pairs.sort();
-    // The label table is dense; refuse indices that would allocate absurd amounts.
-    const MAX_CLASSES: usize = 1_000_000;
-    if let Some((index, _)) = pairs.last().filter(|(i, _)| *i >= MAX_CLASSES) {
-        return Err(PluginError::invalid_input(format!(
-            "{}: class index {index} is too large (the most is {})",
-            path.display(),
-            MAX_CLASSES - 1
-        )));
-    }
-    let mut labels = vec![String::new(); pairs.last().map(|(i, _)| i + 1).unwrap_or(0)];
-    for (i, name) in pairs {
-        labels[i] = name;
-    }
-    Ok(labels)
+    cresset_torch::read_index_to_name(path).map_err(|e| match e {
+        cresset_torch::ModelError::Checkpoint(m) => PluginError::internal(m),
+        other => PluginError::invalid_input(other.to_string()),
+    })
 }
 
 impl TorchScriptHandler {

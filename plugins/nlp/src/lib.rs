@@ -1,0 +1,956 @@
+//! The generalized NLP handler: one plugin for sequence classification, token classification
+//! (NER), extractive question answering, text generation and sentence embeddings, chosen by
+//! configuration (TorchServe's `Transformer_handler_generalized`).
+//!
+//! It reads a HuggingFace checkpoint from the archive (`config.json`, `model.safetensors` or
+//! sharded safetensors, `tokenizer.json`) and runs it with `cresset-torch`'s architectures:
+//! BERT, RoBERTa and DistilBERT encoders with their heads, and GPT-2 for generation.
+//! Switching task needs another checkpoint and config, never code.
+//!
+//! `[handler]` keys (all optional):
+//!
+//! | key | default | meaning |
+//! | --- | --- | --- |
+//! | `mode` | from `architectures` | `sequence_classification`, `token_classification`, `question_answering`, `text_generation`, `feature_extraction` |
+//! | `model_path` | `.` | the checkpoint folder inside the archive |
+//! | `dtype` | `float32` | `float32`, `float16` or `bfloat16` |
+//! | `max_length` | 512 (or the model's limit) | the most tokens per sequence (per window for QA) |
+//! | `truncation` | false | cut longer texts instead of refusing them with 400 |
+//! | `labels_file` | `index_to_name.json` | labels; else `config.json` `id2label` |
+//! | `doc_stride` | min(128, max_length / 2) | QA: tokens shared by consecutive windows of a long context |
+//! | `max_answer_len` | 15 | QA: the longest answer, in tokens |
+//! | `handle_impossible_answer` | false | QA: answer "" when no span beats the null score |
+//! | `max_new_tokens` | 32 | generation default |
+//! | `n_steps` | 50 | explanations: integration steps |
+//! | `explain_batch` | 10 | explanations: rows per forward/backward pass |
+
+mod input;
+mod tasks;
+
+use std::path::{Component, Path, PathBuf};
+
+use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext};
+use cresset_plugin_api::{Capabilities, DeviceType, PluginError, Request, Response};
+use cresset_torch::encoder::{mean_pool_normalized, Encoder, EncoderHead};
+use cresset_torch::gpt2::{GenerationRequest, Gpt2};
+use cresset_torch::layers::{parse_dtype, HfConfig};
+use cresset_torch::sampling::SamplingParams;
+use cresset_torch::tch::{Device, Kind, Tensor};
+use cresset_torch::tokenizers::{
+    Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+use cresset_torch::{InferenceMode, ModelError};
+use serde_json::{json, Map, Value};
+
+pub use input::{parse, Inputs, Parsed, MAX_TEXTS};
+pub use tasks::{best_span, group_entities, softmax, Entity, Span, TokenPrediction};
+
+/// The task a model serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Label a whole text.
+    SequenceClassification,
+    /// Label each token; answer with entities.
+    TokenClassification,
+    /// Find the answer to a question in a context.
+    QuestionAnswering,
+    /// Continue a prompt (GPT-2).
+    TextGeneration,
+    /// Sentence embeddings.
+    FeatureExtraction,
+}
+
+impl Mode {
+    /// Parse the `mode` key.
+    pub fn parse(name: &str) -> Result<Self, PluginError> {
+        Ok(match name {
+            "sequence_classification" => Self::SequenceClassification,
+            "token_classification" => Self::TokenClassification,
+            "question_answering" => Self::QuestionAnswering,
+            "text_generation" => Self::TextGeneration,
+            "feature_extraction" => Self::FeatureExtraction,
+            other => {
+                return Err(PluginError::invalid_input(format!(
+                    "`handler.mode` {other:?} is not one of sequence_classification, \
+                     token_classification, question_answering, text_generation, \
+                     feature_extraction"
+                )))
+            }
+        })
+    }
+
+    /// The mode an `architectures` entry implies (as KServe's HuggingFace server infers it).
+    pub fn from_architecture(arch: &str) -> Option<Self> {
+        if arch == "GPT2LMHeadModel" {
+            return Some(Self::TextGeneration);
+        }
+        Some(match EncoderHead::from_architecture(arch)?.1 {
+            EncoderHead::Base => Self::FeatureExtraction,
+            EncoderHead::SequenceClassification => Self::SequenceClassification,
+            EncoderHead::TokenClassification => Self::TokenClassification,
+            EncoderHead::QuestionAnswering => Self::QuestionAnswering,
+        })
+    }
+
+    fn head(self) -> EncoderHead {
+        match self {
+            Self::SequenceClassification => EncoderHead::SequenceClassification,
+            Self::TokenClassification => EncoderHead::TokenClassification,
+            Self::QuestionAnswering => EncoderHead::QuestionAnswering,
+            Self::TextGeneration | Self::FeatureExtraction => EncoderHead::Base,
+        }
+    }
+}
+
+enum Model {
+    Encoder(Encoder),
+    Gpt2(Gpt2),
+}
+
+/// Settings from the `[handler]` table.
+#[derive(Debug, Clone)]
+struct Settings {
+    max_length: usize,
+    max_answer_len: usize,
+    handle_impossible_answer: bool,
+    max_new_tokens: usize,
+    n_steps: usize,
+    explain_batch: usize,
+    multi_label: bool,
+}
+
+/// One QA pair after tokenization: the context and its windows.
+struct QaItem {
+    context: Vec<char>,
+    windows: Vec<Encoding>,
+}
+
+/// A request after preprocessing.
+pub struct Prepared {
+    kind: PreparedKind,
+    many: bool,
+}
+
+enum PreparedKind {
+    Texts {
+        texts: Vec<String>,
+        encodings: Vec<Encoding>,
+    },
+    Qa {
+        items: Vec<QaItem>,
+        handle_impossible: bool,
+    },
+    Generate(Vec<GenerationRequest>),
+}
+
+/// One request's answers (one JSON value per text), or its error.
+pub type Produced = Result<(Vec<Value>, bool), PluginError>;
+
+/// The generalized NLP handler.
+pub struct NlpHandler {
+    mode: Mode,
+    model: Model,
+    tokenizer: Tokenizer,
+    qa_tokenizer: Option<Tokenizer>,
+    labels: Vec<String>,
+    settings: Settings,
+    pad_id: i64,
+    cls_id: Option<u32>,
+    eos_ids: Vec<i64>,
+    device: Device,
+    host: Host,
+    model_name: String,
+}
+
+fn model_err(e: ModelError) -> PluginError {
+    match e {
+        ModelError::Invalid(m) => PluginError::invalid_input(m),
+        ModelError::Unsupported(m) => PluginError::unsupported(m),
+        ModelError::Config(m) => PluginError::invalid_input(m),
+        other => PluginError::internal(other.to_string()),
+    }
+}
+
+fn setting_usize(
+    config: &Value,
+    key: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, PluginError> {
+    match config.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=max as u64).contains(n))
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                PluginError::invalid_input(format!(
+                    "`handler.{key}` must be an integer from 1 to {max}. Given: {v}"
+                ))
+            }),
+    }
+}
+
+fn setting_bool(config: &Value, key: &str, default: bool) -> Result<bool, PluginError> {
+    match config.get(key) {
+        None => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be true or false. Given: {v}"
+        ))),
+    }
+}
+
+fn setting_str<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
+    match config.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be a string. Given: {v}"
+        ))),
+    }
+}
+
+/// A path inside the archive: relative, without `..`.
+fn inside(model_dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginError> {
+    let path = Path::new(rel);
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be a path inside the archive. Given: {rel:?}"
+        )));
+    }
+    Ok(model_dir.join(path))
+}
+
+/// The id of the first of these tokens the tokenizer knows.
+fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
+    candidates.iter().find_map(|t| tokenizer.token_to_id(t))
+}
+
+impl NlpHandler {
+    /// The mode this handler serves.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn encode_text(&self, field: &str, text: &str) -> Result<Encoding, PluginError> {
+        let encoding = self
+            .tokenizer
+            .encode_char_offsets(text, true)
+            .map_err(|e| PluginError::invalid_input(format!("cannot tokenize `{field}`: {e}")))?;
+        let max = self.settings.max_length;
+        if encoding.len() > max {
+            return Err(PluginError::invalid_input(format!(
+                "`{field}` is {} tokens long; max_length is {max} (set `handler.truncation = true` to cut it)",
+                encoding.len()
+            )));
+        }
+        Ok(encoding)
+    }
+
+    fn encode_pair(
+        &self,
+        field: &str,
+        question: &str,
+        context: &str,
+    ) -> Result<Vec<Encoding>, PluginError> {
+        let tokenizer = self.qa_tokenizer.as_ref().unwrap_or(&self.tokenizer);
+        let mut encoding = tokenizer
+            .encode_char_offsets((question, context), true)
+            .map_err(|e| {
+                PluginError::invalid_input(format!(
+                    "`{field}`: the question does not leave room for the context within \
+                     max_length {} ({e})",
+                    self.settings.max_length
+                ))
+            })?;
+        let mut windows = encoding.take_overflowing();
+        windows.insert(0, encoding);
+        const MAX_WINDOWS: usize = 256;
+        if windows.len() > MAX_WINDOWS {
+            return Err(PluginError::invalid_input(format!(
+                "`{field}`: the context needs {} windows; the most is {MAX_WINDOWS}",
+                windows.len()
+            )));
+        }
+        Ok(windows)
+    }
+
+    fn generation_request(
+        &self,
+        field: &str,
+        prompt: &str,
+        options: &Map<String, Value>,
+    ) -> Result<GenerationRequest, PluginError> {
+        let Model::Gpt2(gpt) = &self.model else {
+            return Err(PluginError::internal("generation without a decoder"));
+        };
+        let context = gpt.config.max_positions as u64;
+        let ids: Vec<i64> = self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| PluginError::invalid_input(format!("cannot tokenize `{field}`: {e}")))?
+            .get_ids()
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect();
+        let max_new = input::opt_uint(options, "max_new_tokens", context)?
+            .map(|n| n as usize)
+            .unwrap_or(self.settings.max_new_tokens);
+        if ids.is_empty() {
+            return Err(PluginError::invalid_input(format!(
+                "`{field}` has no tokens"
+            )));
+        }
+        if (ids.len() + max_new) as u64 > context {
+            return Err(PluginError::invalid_input(format!(
+                "`{field}` is {} tokens long; with max_new_tokens {max_new} that exceeds the \
+                 model's context of {context} tokens",
+                ids.len()
+            )));
+        }
+        let do_sample = input::opt_bool(options, "do_sample")?;
+        let temperature = input::opt_f64(options, "temperature", 0.0, 100.0)?;
+        let temperature = match (do_sample, temperature) {
+            (Some(false), _) => 0.0,
+            (_, Some(t)) => t,
+            (Some(true), None) => 1.0,
+            (None, None) => 0.0,
+        };
+        let sampling = SamplingParams {
+            temperature: temperature as f32,
+            top_k: input::opt_uint(options, "top_k", 1 << 20)?.unwrap_or(0) as usize,
+            top_p: input::opt_f64(options, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32,
+            repetition_penalty: input::opt_f64(options, "repetition_penalty", 0.01, 100.0)?
+                .unwrap_or(1.0) as f32,
+        };
+        Ok(GenerationRequest {
+            prompt: ids,
+            max_new_tokens: max_new,
+            sampling,
+            seed: input::opt_uint(options, "seed", u64::MAX)?,
+            stop_ids: self.eos_ids.clone(),
+        })
+    }
+
+    /// Pad a list of encodings into `[n, longest]` id, type and mask tensors on the device.
+    fn batch_tensors(&self, encodings: &[&Encoding]) -> (Tensor, Tensor, Tensor) {
+        let longest = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+        let n = encodings.len();
+        let mut ids = vec![self.pad_id; n * longest];
+        let mut types = vec![0i64; n * longest];
+        let mut mask = vec![0i64; n * longest];
+        for (row, e) in encodings.iter().enumerate() {
+            for (j, ((&id, &ty), &m)) in e
+                .get_ids()
+                .iter()
+                .zip(e.get_type_ids())
+                .zip(e.get_attention_mask())
+                .enumerate()
+            {
+                ids[row * longest + j] = i64::from(id);
+                types[row * longest + j] = i64::from(ty);
+                mask[row * longest + j] = i64::from(m);
+            }
+        }
+        let shape = [n as i64, longest as i64];
+        let make = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(self.device);
+        (make(&ids), make(&types), make(&mask))
+    }
+
+    /// One forward pass over every sequence; returns `(logits, hidden)` on the CPU in f32.
+    fn run_encoder(
+        &self,
+        encodings: &[&Encoding],
+    ) -> Result<(Option<Tensor>, Tensor, Tensor), PluginError> {
+        let Model::Encoder(encoder) = &self.model else {
+            return Err(PluginError::internal("encoder task without an encoder"));
+        };
+        let (ids, types, mask) = self.batch_tensors(encodings);
+        let _mode = InferenceMode::enter();
+        let out = encoder.forward(&ids, Some(&types), &mask);
+        self.host.counter(
+            "nlp_forward_passes_total",
+            "Forward passes the nlp handler ran",
+            &[("model", &self.model_name)],
+            1.0,
+        );
+        let cpu = |t: Tensor| t.to_kind(Kind::Float).to_device(Device::Cpu);
+        Ok((
+            out.logits.map(cpu),
+            cpu(out.hidden),
+            mask.to_device(Device::Cpu),
+        ))
+    }
+
+    fn classify(&self, logits: &[f32]) -> Value {
+        let probs: Vec<f64> = if self.settings.multi_label || logits.len() == 1 {
+            logits
+                .iter()
+                .map(|&l| 1.0 / (1.0 + (-f64::from(l)).exp()))
+                .collect()
+        } else {
+            softmax(logits)
+        };
+        let best = probs
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, p)| if *p > probs[b] { i } else { b });
+        let scores: Map<String, Value> = probs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (self.label(i), json!(p)))
+            .collect();
+        json!({"label": self.label(best), "score": probs[best], "scores": scores})
+    }
+
+    fn label(&self, i: usize) -> String {
+        self.labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("LABEL_{i}"))
+    }
+
+    fn entities(&self, encoding: &Encoding, logits: &[Vec<f32>], text: &str) -> Value {
+        let specials = encoding.get_special_tokens_mask();
+        let offsets = encoding.get_offsets();
+        let tokens: Vec<TokenPrediction> = logits
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| specials.get(*i) == Some(&0))
+            .filter_map(|(i, row)| {
+                let probs = softmax(row);
+                let label = probs
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (j, p)| if *p > probs[b] { j } else { b });
+                let (start, end) = *offsets.get(i)?;
+                Some(TokenPrediction {
+                    label,
+                    score: probs[label],
+                    start,
+                    end,
+                })
+            })
+            .collect();
+        let chars: Vec<char> = text.chars().collect();
+        json!(group_entities(&tokens, &self.labels, &chars))
+    }
+
+    fn answer(
+        &self,
+        item: &QaItem,
+        rows: &[(Vec<f32>, Vec<f32>)],
+        handle_impossible: bool,
+    ) -> Value {
+        let mut best: Option<(f64, usize, usize)> = None;
+        let mut null_score = f64::INFINITY;
+        for (window, (start, end)) in item.windows.iter().zip(rows) {
+            let allowed: Vec<bool> = window
+                .get_sequence_ids()
+                .iter()
+                .zip(window.get_ids())
+                .map(|(seq, id)| *seq == Some(1) || Some(*id) == self.cls_id)
+                .collect();
+            let n = window.len();
+            let (span, null) = best_span(
+                &start[..n],
+                &end[..n],
+                &allowed,
+                self.settings.max_answer_len,
+            );
+            null_score = null_score.min(null);
+            let Some(span) = span else { continue };
+            // Answers snap to whole words, as the pipeline does.
+            let chars = window
+                .token_to_word(span.start)
+                .zip(window.token_to_word(span.end))
+                .and_then(|((_, ws), (_, we))| {
+                    Some((
+                        window.word_to_chars(ws, 1)?.0,
+                        window.word_to_chars(we, 1)?.1,
+                    ))
+                })
+                .or_else(|| {
+                    let offsets = window.get_offsets();
+                    Some((offsets.get(span.start)?.0, offsets.get(span.end)?.1))
+                });
+            if let Some((s, e)) = chars {
+                if best.is_none_or(|(score, _, _)| span.score > score) {
+                    best = Some((span.score, s, e));
+                }
+            }
+        }
+        match best {
+            Some((score, start, end)) if !(handle_impossible && null_score > score) => {
+                let text: String = item
+                    .context
+                    .get(start..end)
+                    .map(|c| c.iter().collect())
+                    .unwrap_or_default();
+                json!({"answer": text, "score": score, "start": start, "end": end, "has_answer": true})
+            }
+            _ => json!({
+                "answer": "",
+                "score": if null_score.is_finite() { null_score } else { 0.0 },
+                "start": 0,
+                "end": 0,
+                "has_answer": false
+            }),
+        }
+    }
+
+    fn explain_one(
+        &self,
+        text_field: &str,
+        text: &str,
+        options: &Map<String, Value>,
+    ) -> Result<Value, PluginError> {
+        let Model::Encoder(encoder) = &self.model else {
+            return Err(PluginError::unsupported(
+                "explanations need an encoder model",
+            ));
+        };
+        let encoding = self.encode_text(text_field, text)?;
+        let (ids, types, mask) = self.batch_tensors(&[&encoding]);
+        let baseline_ids: Vec<i64> = encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_special_tokens_mask())
+            .map(|(&id, &special)| {
+                if special == 1 {
+                    i64::from(id)
+                } else {
+                    self.pad_id
+                }
+            })
+            .collect();
+        let baseline = Tensor::from_slice(&baseline_ids)
+            .view([1, baseline_ids.len() as i64])
+            .to_device(self.device);
+        let predicted = {
+            let _mode = InferenceMode::enter();
+            let out = encoder.forward(&ids, Some(&types), &mask);
+            out.logits
+                .map(|l| l.argmax(-1, false).int64_value(&[0]))
+                .unwrap_or(0)
+        };
+        let target = match options.get("target") {
+            None | Some(Value::Null) => predicted,
+            Some(Value::String(label)) => {
+                self.labels.iter().position(|l| l == label).ok_or_else(|| {
+                    PluginError::invalid_input(format!(
+                        "`target` {label:?} is not a label (labels: {})",
+                        self.labels.join(", ")
+                    ))
+                })? as i64
+            }
+            Some(v) => v
+                .as_u64()
+                .filter(|&i| i < encoder.config.num_labels as u64)
+                .map(|i| i as i64)
+                .ok_or_else(|| {
+                    PluginError::invalid_input(format!(
+                        "`target` must be a label or a class index below {}. Given: {v}",
+                        encoder.config.num_labels
+                    ))
+                })?,
+        };
+        let n_steps = input::opt_uint(options, "n_steps", 1000)?
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(self.settings.n_steps);
+        let attribution = encoder
+            .integrated_gradients(
+                &ids,
+                &baseline,
+                Some(&types),
+                &mask,
+                target,
+                n_steps,
+                self.settings.explain_batch,
+            )
+            .map_err(model_err)?;
+        let total: f64 = attribution.per_token.iter().map(|&a| f64::from(a)).sum();
+        let expected = attribution.at_input - attribution.at_baseline;
+        Ok(json!({
+            "tokens": encoding.get_tokens(),
+            "attributions": attribution.per_token,
+            "target": target,
+            "label": self.label(target as usize),
+            "n_steps": n_steps,
+            "f_input": attribution.at_input,
+            "f_baseline": attribution.at_baseline,
+            "convergence_delta": total - expected,
+        }))
+    }
+}
+
+impl Handler for NlpHandler {
+    const NAME: &'static str = "nlp";
+    const SUMMARY: &'static str = "HuggingFace encoders and GPT-2 for classification, NER, QA, \
+                                   generation and embeddings (TorchServe's generalized handler)";
+    const CAPABILITIES: Capabilities = Capabilities::EXPLANATIONS;
+    type Input = Prepared;
+    type Output = Produced;
+
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        let config = &ctx.handler_config;
+        let dir = inside(
+            &ctx.model_dir,
+            "model_path",
+            setting_str(config, "model_path")?.unwrap_or("."),
+        )?;
+        let hf = HfConfig::read(&dir).map_err(model_err)?;
+        let mode = match setting_str(config, "mode")? {
+            Some(name) => Mode::parse(name)?,
+            None => {
+                let arch = hf.architecture().unwrap_or("(none)");
+                Mode::from_architecture(arch).ok_or_else(|| {
+                    PluginError::invalid_input(format!(
+                        "config.json names architecture {arch:?}, which the nlp handler does not \
+                         know; set `handler.mode` or use a BERT, RoBERTa, DistilBERT or GPT-2 \
+                         checkpoint"
+                    ))
+                })?
+            }
+        };
+        let kind =
+            parse_dtype(setting_str(config, "dtype")?.unwrap_or("float32")).map_err(model_err)?;
+        let (device, warning) = cresset_torch::select_device(
+            &ctx.assignment.device_ids,
+            ctx.assignment.device_type == DeviceType::GPU,
+        );
+        if let Some(w) = warning {
+            tracing::warn!(model = %ctx.model_name, "{w}");
+        }
+        if let Some(w) = cresset_torch::configure_threads(ctx.assignment.intra_op_threads) {
+            tracing::info!(model = %ctx.model_name, "{w}");
+        }
+        let model = if mode == Mode::TextGeneration {
+            Model::Gpt2(Gpt2::load(&dir, &hf, kind, device).map_err(model_err)?)
+        } else {
+            Model::Encoder(Encoder::load(&dir, &hf, mode.head(), kind, device).map_err(model_err)?)
+        };
+        let model_limit = match &model {
+            Model::Encoder(e) => e.config.max_input_len() as usize,
+            Model::Gpt2(g) => g.config.max_positions as usize,
+        };
+        let max_length = setting_usize(config, "max_length", model_limit.min(512), model_limit)?;
+        let truncation = setting_bool(config, "truncation", false)?;
+        let doc_stride = setting_usize(
+            config,
+            "doc_stride",
+            (max_length / 2).clamp(1, 128),
+            max_length,
+        )?;
+        let settings = Settings {
+            max_length,
+            max_answer_len: setting_usize(config, "max_answer_len", 15, 512)?,
+            handle_impossible_answer: setting_bool(config, "handle_impossible_answer", false)?,
+            max_new_tokens: setting_usize(config, "max_new_tokens", 32, model_limit)?,
+            n_steps: setting_usize(config, "n_steps", 50, 1000)?,
+            explain_batch: setting_usize(config, "explain_batch", 10, 1000)?,
+            multi_label: hf.opt_str("problem_type").map_err(model_err)?
+                == Some("multi_label_classification"),
+        };
+        let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(model_err)?;
+        if truncation && mode != Mode::TextGeneration {
+            tokenizer
+                .with_truncation(Some(TruncationParams {
+                    max_length,
+                    ..TruncationParams::default()
+                }))
+                .map_err(|e| PluginError::invalid_input(format!("tokenizer: {e}")))?;
+        }
+        let qa_tokenizer = if mode == Mode::QuestionAnswering {
+            let mut qa = tokenizer.clone();
+            qa.with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::OnlySecond,
+                stride: doc_stride,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| PluginError::invalid_input(format!("tokenizer: {e}")))?;
+            Some(qa)
+        } else {
+            None
+        };
+        let labels_path = inside(
+            &ctx.model_dir,
+            "labels_file",
+            setting_str(config, "labels_file")?.unwrap_or("index_to_name.json"),
+        )?;
+        let labels = if labels_path.is_file() {
+            cresset_torch::read_index_to_name(&labels_path).map_err(model_err)?
+        } else {
+            hf.id2label().unwrap_or_default()
+        };
+        let pad_id = token_id(&tokenizer, &["[PAD]", "<pad>"])
+            .map(i64::from)
+            .or_else(|| {
+                hf.token_ids("pad_token_id")
+                    .ok()
+                    .and_then(|v| v.first().copied())
+            })
+            .unwrap_or(0);
+        let cls_id = token_id(&tokenizer, &["[CLS]", "<s>"]);
+        let eos_ids = cresset_torch::gpt2::generation_eos_ids(&dir, &hf).map_err(model_err)?;
+        tracing::info!(model = %ctx.model_name, ?mode, %max_length, ?device, "nlp model loaded");
+        Ok(Self {
+            mode,
+            model,
+            tokenizer,
+            qa_tokenizer,
+            labels,
+            settings,
+            pad_id,
+            cls_id,
+            eos_ids,
+            device,
+            host: ctx.host.clone(),
+            model_name: ctx.model_name.clone(),
+        })
+    }
+
+    fn preprocess(&mut self, request: &Request) -> Result<Prepared, PluginError> {
+        let parsed = parse(request, self.mode == Mode::QuestionAnswering)?;
+        let field = |many: bool, i: usize| {
+            if many {
+                format!("text[{i}]")
+            } else {
+                "text".to_owned()
+            }
+        };
+        let (kind, many) = match parsed.inputs {
+            Inputs::Texts { texts, many } if self.mode == Mode::TextGeneration => {
+                let requests = texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| self.generation_request(&field(many, i), t, &parsed.options))
+                    .collect::<Result<_, _>>()?;
+                (PreparedKind::Generate(requests), many)
+            }
+            Inputs::Texts { texts, many } => {
+                let encodings = texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| self.encode_text(&field(many, i), t))
+                    .collect::<Result<_, _>>()?;
+                (PreparedKind::Texts { texts, encodings }, many)
+            }
+            Inputs::Pairs { pairs, many } => {
+                let items = pairs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (q, c))| {
+                        let field = if many {
+                            format!("[{i}]")
+                        } else {
+                            "question".to_owned()
+                        };
+                        Ok(QaItem {
+                            context: c.chars().collect(),
+                            windows: self.encode_pair(&field, q, c)?,
+                        })
+                    })
+                    .collect::<Result<_, PluginError>>()?;
+                let handle_impossible =
+                    input::opt_bool(&parsed.options, "handle_impossible_answer")?
+                        .unwrap_or(self.settings.handle_impossible_answer);
+                (
+                    PreparedKind::Qa {
+                        items,
+                        handle_impossible,
+                    },
+                    many,
+                )
+            }
+        };
+        Ok(Prepared { kind, many })
+    }
+
+    fn inference(
+        &mut self,
+        batch: Vec<Prepared>,
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<Produced>, PluginError> {
+        if self.mode == Mode::TextGeneration {
+            let Model::Gpt2(gpt) = &self.model else {
+                return Err(PluginError::internal("generation without a decoder"));
+            };
+            let requests: Vec<GenerationRequest> = batch
+                .iter()
+                .flat_map(|p| match &p.kind {
+                    PreparedKind::Generate(r) => r.clone(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let outputs = {
+                let _mode = InferenceMode::enter();
+                gpt.generate(&requests).map_err(model_err)?
+            };
+            self.host.counter(
+                "nlp_forward_passes_total",
+                "Forward passes the nlp handler ran",
+                &[("model", &self.model_name)],
+                1.0,
+            );
+            let mut outputs = outputs.into_iter();
+            return batch
+                .iter()
+                .map(|p| {
+                    let n = match &p.kind {
+                        PreparedKind::Generate(r) => r.len(),
+                        _ => 0,
+                    };
+                    let values = outputs
+                        .by_ref()
+                        .take(n)
+                        .map(|ids| {
+                            let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                            let text = self.tokenizer.decode(&ids, true).map_err(|e| {
+                                PluginError::internal(format!("cannot decode tokens: {e}"))
+                            })?;
+                            Ok(json!({"generated_text": text, "tokens": ids.len()}))
+                        })
+                        .collect::<Result<Vec<_>, PluginError>>();
+                    Ok(values.map(|v| (v, p.many)))
+                })
+                .collect();
+        }
+        // Every sequence of every request (every window of every QA context) in one pass.
+        let mut sequences: Vec<&Encoding> = Vec::new();
+        for p in &batch {
+            match &p.kind {
+                PreparedKind::Texts { encodings, .. } => sequences.extend(encodings),
+                PreparedKind::Qa { items, .. } => {
+                    sequences.extend(items.iter().flat_map(|i| &i.windows))
+                }
+                PreparedKind::Generate(_) => {}
+            }
+        }
+        let (logits, hidden, mask) = self.run_encoder(&sequences)?;
+        let logits_rows: Option<Vec<Tensor>> = logits.map(|l| l.unbind(0));
+        let mut row = 0usize;
+        let mut results = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let mut values = Vec::new();
+            match &p.kind {
+                PreparedKind::Texts { texts, encodings } => {
+                    for (text, encoding) in texts.iter().zip(encodings) {
+                        let value = match self.mode {
+                            Mode::FeatureExtraction => {
+                                let pooled = mean_pool_normalized(
+                                    &hidden.narrow(0, row as i64, 1),
+                                    &mask.narrow(0, row as i64, 1),
+                                );
+                                json!({"embedding": Vec::<f32>::try_from(pooled.view([-1])).map_err(|e| PluginError::internal(e.to_string()))?})
+                            }
+                            Mode::SequenceClassification => {
+                                let l = logits_row(&logits_rows, row)?;
+                                self.classify(
+                                    &Vec::<f32>::try_from(&l)
+                                        .map_err(|e| PluginError::internal(e.to_string()))?,
+                                )
+                            }
+                            Mode::TokenClassification => {
+                                let l = logits_row(&logits_rows, row)?.narrow(
+                                    0,
+                                    0,
+                                    encoding.len() as i64,
+                                );
+                                let rows = Vec::<Vec<f32>>::try_from(&l)
+                                    .map_err(|e| PluginError::internal(e.to_string()))?;
+                                self.entities(encoding, &rows, text)
+                            }
+                            Mode::QuestionAnswering | Mode::TextGeneration => {
+                                return Err(PluginError::internal("texts in a pair mode"))
+                            }
+                        };
+                        values.push(value);
+                        row += 1;
+                    }
+                }
+                PreparedKind::Qa {
+                    items,
+                    handle_impossible,
+                } => {
+                    for item in items {
+                        let mut windows = Vec::with_capacity(item.windows.len());
+                        for _ in &item.windows {
+                            let l = logits_row(&logits_rows, row)?;
+                            let start = Vec::<f32>::try_from(l.select(1, 0))
+                                .map_err(|e| PluginError::internal(e.to_string()))?;
+                            let end = Vec::<f32>::try_from(l.select(1, 1))
+                                .map_err(|e| PluginError::internal(e.to_string()))?;
+                            windows.push((start, end));
+                            row += 1;
+                        }
+                        values.push(self.answer(item, &windows, *handle_impossible));
+                    }
+                }
+                PreparedKind::Generate(_) => {}
+            }
+            results.push(Ok((values, p.many)));
+        }
+        Ok(results)
+    }
+
+    fn postprocess(&mut self, output: Produced) -> Result<Response, PluginError> {
+        let (mut values, many) = output?;
+        if many {
+            Response::json(&values)
+        } else {
+            let value = values
+                .pop()
+                .ok_or_else(|| PluginError::internal("no answer"))?;
+            Response::json(&value)
+        }
+    }
+
+    fn explain(
+        &mut self,
+        requests: &[Request],
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Vec<Result<Response, PluginError>> {
+        requests
+            .iter()
+            .map(|request| {
+                if self.mode != Mode::SequenceClassification {
+                    return Err(PluginError::unsupported(
+                        "explanations are available in sequence_classification mode",
+                    ));
+                }
+                let parsed = parse(request, false)?;
+                let Inputs::Texts { texts, many } = parsed.inputs else {
+                    return Err(PluginError::invalid_input("explanations need `text`"));
+                };
+                let values = texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let field = if many {
+                            format!("text[{i}]")
+                        } else {
+                            "text".to_owned()
+                        };
+                        self.explain_one(&field, t, &parsed.options)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.postprocess(Ok((values, many)))
+            })
+            .collect()
+    }
+}
+
+fn logits_row(rows: &Option<Vec<Tensor>>, i: usize) -> Result<Tensor, PluginError> {
+    rows.as_ref()
+        .and_then(|r| r.get(i))
+        .map(Tensor::shallow_clone)
+        .ok_or_else(|| PluginError::internal("the model returned too few rows"))
+}
+
+cresset_plugin_api::export_handler!(NlpHandler);

@@ -1,0 +1,293 @@
+//! Building blocks shared by the architectures: linear layers, layer norms, activations, and
+//! reading `config.json`.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use crate::weights::Weights;
+use crate::ModelError;
+
+/// A dense layer `x @ weight.T + bias`, with weight `[out, in]` as nn.Linear stores it.
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, if any.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Load `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]` (required).
+    pub fn load(w: &mut Weights, prefix: &str, inp: i64, out: i64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.take(&format!("{prefix}.weight"), &[out, inp])?,
+            bias: Some(w.take(&format!("{prefix}.bias"), &[out])?),
+        })
+    }
+
+    /// Load GPT-2's Conv1D, which stores the weight as `[in, out]`; it is transposed once here.
+    pub fn load_conv1d(
+        w: &mut Weights,
+        prefix: &str,
+        inp: i64,
+        out: i64,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w
+                .take(&format!("{prefix}.weight"), &[inp, out])?
+                .transpose(0, 1)
+                .contiguous(),
+            bias: Some(w.take(&format!("{prefix}.bias"), &[out])?),
+        })
+    }
+
+    /// Apply to the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// Layer normalisation over the last dimension.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    size: i64,
+}
+
+impl LayerNorm {
+    /// Load `{prefix}.weight` and `{prefix}.bias`.
+    pub fn load(w: &mut Weights, prefix: &str, size: i64, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.take(&format!("{prefix}.weight"), &[size])?,
+            bias: w.take(&format!("{prefix}.bias"), &[size])?,
+            eps,
+            size,
+        })
+    }
+
+    /// Apply.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.size],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// The activations HuggingFace configs name in `hidden_act` / `activation` /
+/// `activation_function`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact (erf) GELU: `gelu`.
+    Gelu,
+    /// The tanh approximation: `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`.
+    GeluTanh,
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`.
+    QuickGelu,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl Activation {
+    /// Parse a config's activation name.
+    pub fn parse(name: &str) -> Result<Self, ModelError> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "activation {other:?} is not supported (supported: gelu, gelu_new, \
+                     gelu_pytorch_tanh, gelu_fast, quick_gelu, relu, silu)"
+                )))
+            }
+        })
+    }
+
+    /// Apply.
+    pub fn forward(self, x: &Tensor) -> Tensor {
+        match self {
+            Self::Gelu => x.gelu("none"),
+            Self::GeluTanh => x.gelu("tanh"),
+            Self::QuickGelu => x * (x * 1.702).sigmoid(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+        }
+    }
+}
+
+/// A model's `config.json`, with typed getters whose errors name the key.
+pub struct HfConfig {
+    value: Value,
+    path: String,
+}
+
+impl HfConfig {
+    /// Read `config.json` from a checkpoint directory.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{} is not JSON: {e}", path.display())))?;
+        if !value.is_object() {
+            return Err(ModelError::Config(format!(
+                "{} must hold a JSON object",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            value,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Wrap an already parsed value (tests).
+    pub fn from_value(value: Value) -> Self {
+        Self {
+            value,
+            path: "config.json".into(),
+        }
+    }
+
+    /// The raw JSON.
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    fn bad(&self, key: &str, wanted: &str) -> ModelError {
+        ModelError::Config(format!("{}: `{key}` must be {wanted}", self.path))
+    }
+
+    /// A string, if present.
+    pub fn opt_str(&self, key: &str) -> Result<Option<&str>, ModelError> {
+        match self.value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.bad(key, "a string")),
+        }
+    }
+
+    /// A positive integer, if present.
+    pub fn opt_usize(&self, key: &str) -> Result<Option<i64>, ModelError> {
+        match self.value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n > 0 && n < (1 << 40))
+                .map(|n| Some(n as i64))
+                .ok_or_else(|| self.bad(key, "a positive integer")),
+        }
+    }
+
+    /// A positive integer, required.
+    pub fn usize(&self, key: &str) -> Result<i64, ModelError> {
+        self.opt_usize(key)?
+            .ok_or_else(|| ModelError::Config(format!("{}: `{key}` is missing", self.path)))
+    }
+
+    /// A number, if present.
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a number")),
+        }
+    }
+
+    /// A boolean, if present.
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        match self.value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "true or false")),
+        }
+    }
+
+    /// A token id (`pad_token_id`, `eos_token_id`, …): an integer or a list of them.
+    pub fn token_ids(&self, key: &str) -> Result<Vec<i64>, ModelError> {
+        match self.value.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .filter(|&n| n >= 0)
+                .map(|n| vec![n])
+                .ok_or_else(|| self.bad(key, "a token id")),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_i64()
+                        .filter(|&n| n >= 0)
+                        .ok_or_else(|| self.bad(key, "token ids"))
+                })
+                .collect(),
+            Some(_) => Err(self.bad(key, "a token id or a list of them")),
+        }
+    }
+
+    /// `architectures[0]`, if any.
+    pub fn architecture(&self) -> Option<&str> {
+        self.value
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+    }
+
+    /// `id2label` in index order, if the config has one.
+    pub fn id2label(&self) -> Option<Vec<String>> {
+        let map = self.value.get("id2label")?.as_object()?;
+        let mut pairs: Vec<(usize, String)> = map
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_owned())))
+            .collect();
+        pairs.sort();
+        pairs
+            .iter()
+            .enumerate()
+            .all(|(i, (k, _))| i == *k)
+            .then(|| pairs.into_iter().map(|(_, v)| v).collect())
+    }
+}
+
+/// The floating dtype a config or handler asks for: `float32`/`f32`, `float16`/`f16`/`half`,
+/// `bfloat16`/`bf16`.
+pub fn parse_dtype(name: &str) -> Result<Kind, ModelError> {
+    Ok(match name {
+        "float32" | "f32" | "fp32" | "float" => Kind::Float,
+        "float16" | "f16" | "fp16" | "half" => Kind::Half,
+        "bfloat16" | "bf16" => Kind::BFloat16,
+        other => {
+            return Err(ModelError::Config(format!(
+                "dtype {other:?} is not supported (float32, float16 or bfloat16)"
+            )))
+        }
+    })
+}
+
+/// Split `[b, s, heads*dim]` into `[b, heads, s, dim]`.
+pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
+    let size = x.size();
+    let (b, s, h) = (size[0], size[1], size[2]);
+    x.view([b, s, heads, h / heads]).transpose(1, 2)
+}
+
+/// Merge `[b, heads, s, dim]` back into `[b, s, heads*dim]`.
+pub fn merge_heads(x: &Tensor) -> Tensor {
+    let size = x.size();
+    let (b, heads, s, d) = (size[0], size[1], size[2], size[3]);
+    x.transpose(1, 2).contiguous().view([b, s, heads * d])
+}

@@ -1,0 +1,204 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p and repetition
+//! penalty, with a seedable generator so that a `seed` reproduces a sampled output.
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1.0: all).
+    pub top_p: f32,
+    /// > 1 discourages tokens already in the sequence (CTRL's rule, as transformers applies it).
+    pub repetition_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Whether this picks the argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// A small, fast, seedable generator (SplitMix64). Not for cryptography.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator that repeats for the same seed.
+    pub fn seeded(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// A generator seeded from the clock and a process-wide counter.
+    pub fn from_entropy() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self::seeded(nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The index of the largest value (the first on ties, as torch.argmax).
+pub fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Pick the next token from one row of logits. `history` is the sequence so far (prompt and
+/// generated tokens), for the repetition penalty. `logits` is modified in place.
+pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng: &mut Rng) -> i64 {
+    if params.repetition_penalty != 1.0 {
+        let penalty = params.repetition_penalty;
+        let mut seen = history.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for token in seen {
+            if let Some(l) = usize::try_from(token).ok().and_then(|t| logits.get_mut(t)) {
+                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+            }
+        }
+    }
+    if params.is_greedy() || logits.len() < 2 {
+        return argmax(logits) as i64;
+    }
+    let t = params.temperature;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if params.top_k > 0 {
+        order.truncate(params.top_k);
+    }
+    let max = logits[order[0]] / t;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| f64::from(logits[i] / t - max).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cumulative += p;
+            if cumulative >= f64::from(params.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u = rng.next_f64();
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return order[i] as i64;
+        }
+        u -= p;
+    }
+    order[probs.len() - 1] as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_penalty_can_change_it() {
+        let mut logits = vec![0.1, 3.0, 2.9];
+        assert_eq!(
+            sample(
+                &mut logits,
+                &SamplingParams::default(),
+                &[],
+                &mut Rng::seeded(1)
+            ),
+            1
+        );
+        let params = SamplingParams {
+            repetition_penalty: 1.2,
+            ..SamplingParams::default()
+        };
+        let mut logits = vec![0.1, 3.0, 2.9];
+        assert_eq!(sample(&mut logits, &params, &[1], &mut Rng::seeded(1)), 2);
+    }
+
+    #[test]
+    fn seeds_reproduce_and_top_k_limits_the_choice() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            ..SamplingParams::default()
+        };
+        let logits = vec![1.0, 0.9, 0.8, 5.0, 0.1];
+        let draw = |seed| {
+            let mut rng = Rng::seeded(seed);
+            (0..50)
+                .map(|_| sample(&mut logits.clone(), &params, &[], &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert!(draw(7).iter().all(|t| *t == 3 || *t == 0));
+        let flat = SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::default()
+        };
+        let mut rng = Rng::seeded(3);
+        let mut counts = [0usize; 4];
+        for _ in 0..4000 {
+            counts[sample(&mut vec![0.0; 4], &flat, &[], &mut rng) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..SamplingParams::default()
+        };
+        let mut rng = Rng::seeded(9);
+        for _ in 0..100 {
+            assert_eq!(
+                sample(&mut vec![0.0, 4.0, 0.0, 0.0], &params, &[], &mut rng),
+                1
+            );
+        }
+    }
+}

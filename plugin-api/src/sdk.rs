@@ -748,13 +748,26 @@ pub mod testing {
 
     /// Run one batch through `handler.handle`, as a worker would.
     pub fn run<H: Handler>(handler: &mut H, requests: &[Request]) -> Run {
+        run_with(handler, requests, H::handle)
+    }
+
+    /// Run one batch through another entry point, such as [`Handler::explain`].
+    pub fn run_with<H: Handler>(
+        handler: &mut H,
+        requests: &[Request],
+        entry: fn(
+            &mut H,
+            &[Request],
+            &mut BatchContext<'_, '_>,
+        ) -> Vec<Result<Response, PluginError>>,
+    ) -> Run {
         let mut collect = Collect {
             chunks: requests.iter().map(|_| Vec::new()).collect(),
         };
         let finals = {
             let mut sink = SinkRef::from_ptr(&mut collect, TD_Opaque);
             let mut ctx = BatchContext::new(&mut sink, requests.len());
-            handler.handle(requests, &mut ctx)
+            entry(handler, requests, &mut ctx)
         };
         Run {
             chunks: collect.chunks,

@@ -37,13 +37,15 @@ use cresset_torch::layers::{parse_dtype, HfConfig};
 use cresset_torch::sampling::SamplingParams;
 use cresset_torch::tch::{Device, Kind, Tensor};
 use cresset_torch::tokenizers::{
-    Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+    Encoding, PostProcessor, PostProcessorWrapper, Tokenizer, TruncationDirection, TruncationParams,
 };
 use cresset_torch::{InferenceMode, ModelError};
 use serde_json::{json, Map, Value};
 
 pub use input::{parse, Inputs, Parsed, MAX_TEXTS};
-pub use tasks::{best_span, group_entities, softmax, Entity, Span, TokenPrediction};
+pub use tasks::{
+    group_entities, pick_answer, softmax, top_spans, Candidate, Entity, Span, TokenPrediction,
+};
 
 /// The task a model serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +113,7 @@ enum Model {
 #[derive(Debug, Clone)]
 struct Settings {
     max_length: usize,
+    doc_stride: usize,
     max_answer_len: usize,
     handle_impossible_answer: bool,
     max_new_tokens: usize,
@@ -151,7 +154,8 @@ pub struct NlpHandler {
     mode: Mode,
     model: Model,
     tokenizer: Tokenizer,
-    qa_tokenizer: Option<Tokenizer>,
+    /// The tokenizer without its post-processor (QA encodes each sequence with it).
+    bare_tokenizer: Tokenizer,
     labels: Vec<String>,
     settings: Settings,
     pad_id: i64,
@@ -160,6 +164,7 @@ pub struct NlpHandler {
     device: Device,
     host: Host,
     model_name: String,
+    forward_passes: u64,
 }
 
 fn model_err(e: ModelError) -> PluginError {
@@ -236,6 +241,21 @@ impl NlpHandler {
         self.mode
     }
 
+    /// Batched forward passes (or generation runs) so far.
+    pub fn forward_passes(&self) -> u64 {
+        self.forward_passes
+    }
+
+    fn count_pass(&mut self) {
+        self.forward_passes += 1;
+        self.host.counter(
+            "nlp_forward_passes_total",
+            "Batched forward passes (or generation runs) of the nlp handler",
+            &[("model", &self.model_name)],
+            1.0,
+        );
+    }
+
     fn encode_text(&self, field: &str, text: &str) -> Result<Encoding, PluginError> {
         let encoding = self
             .tokenizer
@@ -251,32 +271,58 @@ impl NlpHandler {
         Ok(encoding)
     }
 
+    /// Tokenize a question with its context, cutting a long context into overlapping windows
+    /// of at most `max_length` tokens that share `doc_stride` context tokens (as HuggingFace's
+    /// `truncation="only_second"` with `stride` does). The windows are built here from the
+    /// context's own truncation, then the pair template, because tokenizers 0.23.2 merges the
+    /// overflow of a truncated pair differently from its Python release.
     fn encode_pair(
         &self,
         field: &str,
         question: &str,
         context: &str,
     ) -> Result<Vec<Encoding>, PluginError> {
-        let tokenizer = self.qa_tokenizer.as_ref().unwrap_or(&self.tokenizer);
-        let mut encoding = tokenizer
-            .encode_char_offsets((question, context), true)
-            .map_err(|e| {
-                PluginError::invalid_input(format!(
-                    "`{field}`: the question does not leave room for the context within \
-                     max_length {} ({e})",
-                    self.settings.max_length
-                ))
-            })?;
-        let mut windows = encoding.take_overflowing();
-        windows.insert(0, encoding);
-        const MAX_WINDOWS: usize = 256;
-        if windows.len() > MAX_WINDOWS {
+        // Each sequence is encoded without the post-processor, which runs once, on the pair.
+        let tokenize = |text: &str| {
+            self.bare_tokenizer
+                .encode_char_offsets(text, false)
+                .map_err(|e| PluginError::invalid_input(format!("cannot tokenize `{field}`: {e}")))
+        };
+        let question_enc = tokenize(question)?;
+        let mut context_enc = tokenize(context)?;
+        let added = self
+            .tokenizer
+            .get_post_processor()
+            .map(|p| p.added_tokens(true))
+            .unwrap_or(0);
+        let max = self.settings.max_length;
+        let room = max.saturating_sub(added + question_enc.len());
+        if room == 0 || (context_enc.len() > room && room <= self.settings.doc_stride) {
             return Err(PluginError::invalid_input(format!(
-                "`{field}`: the context needs {} windows; the most is {MAX_WINDOWS}",
-                windows.len()
+                "`{field}`: the question is {} tokens long, which leaves no room for the context \
+                 within max_length {max} (with doc_stride {})",
+                question_enc.len(),
+                self.settings.doc_stride
             )));
         }
-        Ok(windows)
+        context_enc.truncate(room, self.settings.doc_stride, TruncationDirection::Right);
+        let mut pieces = context_enc.take_overflowing();
+        pieces.insert(0, context_enc);
+        const MAX_WINDOWS: usize = 256;
+        if pieces.len() > MAX_WINDOWS {
+            return Err(PluginError::invalid_input(format!(
+                "`{field}`: the context needs {} windows; the most is {MAX_WINDOWS}",
+                pieces.len()
+            )));
+        }
+        pieces
+            .into_iter()
+            .map(|piece| {
+                self.tokenizer
+                    .post_process(question_enc.clone(), Some(piece), true)
+                    .map_err(|e| PluginError::internal(format!("tokenizer: {e}")))
+            })
+            .collect()
     }
 
     fn generation_request(
@@ -372,12 +418,6 @@ impl NlpHandler {
         let (ids, types, mask) = self.batch_tensors(encodings);
         let _mode = InferenceMode::enter();
         let out = encoder.forward(&ids, Some(&types), &mask);
-        self.host.counter(
-            "nlp_forward_passes_total",
-            "Forward passes the nlp handler ran",
-            &[("model", &self.model_name)],
-            1.0,
-        );
         let cpu = |t: Tensor| t.to_kind(Kind::Float).to_device(Device::Cpu);
         Ok((
             out.logits.map(cpu),
@@ -446,7 +486,10 @@ impl NlpHandler {
         rows: &[(Vec<f32>, Vec<f32>)],
         handle_impossible: bool,
     ) -> Value {
-        let mut best: Option<(f64, usize, usize)> = None;
+        // As the pipeline: each window proposes its best spans (12 for one answer, since
+        // snapping to words can merge some); spans giving the same text (ignoring case) add
+        // their scores; the best total wins, unless the null answer beats it.
+        let mut answers: Vec<Candidate> = Vec::new();
         let mut null_score = f64::INFINITY;
         for (window, (start, end)) in item.windows.iter().zip(rows) {
             let allowed: Vec<bool> = window
@@ -456,42 +499,46 @@ impl NlpHandler {
                 .map(|(seq, id)| *seq == Some(1) || Some(*id) == self.cls_id)
                 .collect();
             let n = window.len();
-            let (span, null) = best_span(
+            let (spans, null) = top_spans(
                 &start[..n],
                 &end[..n],
                 &allowed,
                 self.settings.max_answer_len,
+                12,
             );
             null_score = null_score.min(null);
-            let Some(span) = span else { continue };
-            // Answers snap to whole words, as the pipeline does.
-            let chars = window
-                .token_to_word(span.start)
-                .zip(window.token_to_word(span.end))
-                .and_then(|((_, ws), (_, we))| {
-                    Some((
-                        window.word_to_chars(ws, 1)?.0,
-                        window.word_to_chars(we, 1)?.1,
-                    ))
-                })
-                .or_else(|| {
-                    let offsets = window.get_offsets();
-                    Some((offsets.get(span.start)?.0, offsets.get(span.end)?.1))
-                });
-            if let Some((s, e)) = chars {
-                if best.is_none_or(|(score, _, _)| span.score > score) {
-                    best = Some((span.score, s, e));
-                }
-            }
-        }
-        match best {
-            Some((score, start, end)) if !(handle_impossible && null_score > score) => {
+            for span in spans {
+                let word_chars = window
+                    .token_to_word(span.start)
+                    .zip(window.token_to_word(span.end))
+                    .and_then(|((_, ws), (_, we))| {
+                        Some((
+                            window.word_to_chars(ws, 1)?.0,
+                            window.word_to_chars(we, 1)?.1,
+                        ))
+                    });
+                let offsets = window.get_offsets();
+                let Some((s, e)) = word_chars
+                    .or_else(|| Some((offsets.get(span.start)?.0, offsets.get(span.end)?.1)))
+                else {
+                    continue;
+                };
                 let text: String = item
                     .context
-                    .get(start..end)
+                    .get(s..e.max(s))
                     .map(|c| c.iter().collect())
                     .unwrap_or_default();
-                json!({"answer": text, "score": score, "start": start, "end": end, "has_answer": true})
+                answers.push(Candidate {
+                    score: span.score,
+                    start: s,
+                    end: e,
+                    text,
+                });
+            }
+        }
+        match pick_answer(answers, null_score, handle_impossible) {
+            Some(a) => {
+                json!({"answer": a.text, "score": a.score, "start": a.start, "end": a.end, "has_answer": !a.text.is_empty()})
             }
             _ => json!({
                 "answer": "",
@@ -648,6 +695,7 @@ impl Handler for NlpHandler {
         )?;
         let settings = Settings {
             max_length,
+            doc_stride,
             max_answer_len: setting_usize(config, "max_answer_len", 15, 512)?,
             handle_impossible_answer: setting_bool(config, "handle_impossible_answer", false)?,
             max_new_tokens: setting_usize(config, "max_new_tokens", 32, model_limit)?,
@@ -665,19 +713,8 @@ impl Handler for NlpHandler {
                 }))
                 .map_err(|e| PluginError::invalid_input(format!("tokenizer: {e}")))?;
         }
-        let qa_tokenizer = if mode == Mode::QuestionAnswering {
-            let mut qa = tokenizer.clone();
-            qa.with_truncation(Some(TruncationParams {
-                max_length,
-                strategy: TruncationStrategy::OnlySecond,
-                stride: doc_stride,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| PluginError::invalid_input(format!("tokenizer: {e}")))?;
-            Some(qa)
-        } else {
-            None
-        };
+        let mut bare_tokenizer = tokenizer.clone();
+        bare_tokenizer.with_post_processor(None::<PostProcessorWrapper>);
         let labels_path = inside(
             &ctx.model_dir,
             "labels_file",
@@ -703,7 +740,7 @@ impl Handler for NlpHandler {
             mode,
             model,
             tokenizer,
-            qa_tokenizer,
+            bare_tokenizer,
             labels,
             settings,
             pad_id,
@@ -712,6 +749,7 @@ impl Handler for NlpHandler {
             device,
             host: ctx.host.clone(),
             model_name: ctx.model_name.clone(),
+            forward_passes: 0,
         })
     }
 
@@ -792,12 +830,7 @@ impl Handler for NlpHandler {
                 let _mode = InferenceMode::enter();
                 gpt.generate(&requests).map_err(model_err)?
             };
-            self.host.counter(
-                "nlp_forward_passes_total",
-                "Forward passes the nlp handler ran",
-                &[("model", &self.model_name)],
-                1.0,
-            );
+            self.count_pass();
             let mut outputs = outputs.into_iter();
             return batch
                 .iter()
@@ -833,6 +866,7 @@ impl Handler for NlpHandler {
             }
         }
         let (logits, hidden, mask) = self.run_encoder(&sequences)?;
+        self.count_pass();
         let logits_rows: Option<Vec<Tensor>> = logits.map(|l| l.unbind(0));
         let mut row = 0usize;
         let mut results = Vec::with_capacity(batch.len());

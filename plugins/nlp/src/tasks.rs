@@ -108,16 +108,18 @@ pub struct Span {
     pub score: f64,
 }
 
-/// Choose the best answer span of one window, as HuggingFace's question-answering pipeline
-/// does. `allowed[i]` is true for context tokens and the CLS token; other positions are masked
-/// out before the softmax. Returns the best span (if one lies in the context) and the null
-/// score P(start = 0) × P(end = 0).
-pub fn best_span(
+/// The `k` best answer spans of one window, as HuggingFace's question-answering pipeline
+/// finds them. `allowed[i]` is true for context tokens and the CLS token; other positions are
+/// masked out before the softmax. Candidates are ranked first and filtered after, as the
+/// pipeline does, so fewer than `k` may come back. Also returns the null score
+/// P(start = CLS) × P(end = CLS).
+pub fn top_spans(
     start_logits: &[f32],
     end_logits: &[f32],
     allowed: &[bool],
     max_answer_len: usize,
-) -> (Option<Span>, f64) {
+    k: usize,
+) -> (Vec<Span>, f64) {
     let masked = |logits: &[f32]| -> Vec<f32> {
         logits
             .iter()
@@ -132,24 +134,64 @@ pub fn best_span(
         *s = 0.0;
         *e = 0.0;
     }
-    let mut best: Option<Span> = None;
+    let mut candidates: Vec<Span> = Vec::new();
     for s in 0..p_start.len() {
         let last = (s + max_answer_len.max(1) - 1).min(p_end.len().saturating_sub(1));
         for e in s..=last {
-            let score = p_start[s] * p_end[e];
-            if best.is_none_or(|b| score > b.score) {
-                best = Some(Span {
-                    start: s,
-                    end: e,
-                    score,
-                });
-            }
+            candidates.push(Span {
+                start: s,
+                end: e,
+                score: p_start[s] * p_end[e],
+            });
         }
     }
-    // The pipeline takes the argmax first and only then drops spans outside the context.
-    let best =
-        best.filter(|b| allowed.get(b.start) == Some(&true) && allowed.get(b.end) == Some(&true));
-    (best, null)
+    // Highest first; ties keep the pipeline's row-major order.
+    candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
+    candidates.truncate(k);
+    // The pipeline's filter also lets position 0 through (its score is 0 by now).
+    let ok = |i: usize| i == 0 || allowed.get(i) == Some(&true);
+    candidates.retain(|c| ok(c.start) && ok(c.end));
+    (candidates, null)
+}
+
+/// A candidate answer: a character span of the context and its score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// P(start) × P(end), summed over spans with the same text.
+    pub score: f64,
+    /// Character start.
+    pub start: usize,
+    /// Character end (exclusive).
+    pub end: usize,
+    /// The context's text there.
+    pub text: String,
+}
+
+/// The answer the pipeline gives from every window's candidates: spans with the same text
+/// (ignoring case) add their scores, the highest total wins (the first on ties), and with
+/// `handle_impossible` the null answer wins when its score is higher. `None` means no answer.
+pub fn pick_answer(
+    candidates: Vec<Candidate>,
+    null_score: f64,
+    handle_impossible: bool,
+) -> Option<Candidate> {
+    let mut merged: Vec<Candidate> = Vec::new();
+    for c in candidates {
+        match merged
+            .iter_mut()
+            .find(|m| m.text.to_lowercase() == c.text.to_lowercase())
+        {
+            Some(same) => same.score += c.score,
+            None => merged.push(c),
+        }
+    }
+    let best = merged
+        .into_iter()
+        .fold(None::<Candidate>, |best, c| match best {
+            Some(b) if b.score >= c.score => Some(b),
+            _ => Some(c),
+        })?;
+    (!(handle_impossible && null_score > best.score)).then_some(best)
 }
 
 #[cfg(test)]
@@ -195,6 +237,30 @@ mod tests {
     }
 
     #[test]
+    fn answers_merge_by_text_and_the_null_answer_can_win() {
+        let c = |score, start, text: &str| Candidate {
+            score,
+            start,
+            end: start + text.len(),
+            text: text.into(),
+        };
+        // Two windows proposing "Paris" (in different case) outscore one "Lyon".
+        let picked = pick_answer(
+            vec![c(0.3, 10, "Paris"), c(0.4, 40, "Lyon"), c(0.2, 10, "paris")],
+            0.1,
+            true,
+        );
+        assert_eq!(
+            picked.map(|a| (a.text, a.start)),
+            Some(("Paris".into(), 10))
+        );
+        // A higher null score wins only when impossible answers are allowed.
+        assert_eq!(pick_answer(vec![c(0.3, 0, "x")], 0.5, true), None);
+        assert!(pick_answer(vec![c(0.3, 0, "x")], 0.5, false).is_some());
+        assert_eq!(pick_answer(Vec::new(), 0.5, false), None);
+    }
+
+    #[test]
     fn span_selection_respects_context_and_length() {
         // Token 0 is CLS, 1..3 question, 4..9 context.
         let allowed = [
@@ -205,14 +271,16 @@ mod tests {
         start[2] = 9.0; // inside the question: masked out
         start[5] = 5.0;
         end[7] = 5.0;
-        let (span, _) = best_span(&start, &end, &allowed, 15);
-        assert_eq!(span.map(|s| (s.start, s.end)), Some((5, 7)));
-        let (span, _) = best_span(&start, &end, &allowed, 2);
-        assert!(span.is_some_and(|s| s.end - s.start < 2));
+        let (spans, _) = top_spans(&start, &end, &allowed, 15, 12);
+        assert_eq!((spans[0].start, spans[0].end), (5, 7));
+        assert!(spans.iter().all(|s| allowed[s.start] && allowed[s.end]));
+        assert!(spans.windows(2).all(|w| w[0].score >= w[1].score));
+        let (spans, _) = top_spans(&start, &end, &allowed, 2, 12);
+        assert!(spans.iter().all(|s| s.end - s.start < 2));
         // A window whose CLS dominates scores a high null score.
         let mut cls = vec![0.0f32; 10];
         cls[0] = 20.0;
-        let (_, null) = best_span(&cls, &cls, &allowed, 15);
+        let (_, null) = top_spans(&cls, &cls, &allowed, 15, 12);
         assert!(null > 0.99);
     }
 }

@@ -163,7 +163,6 @@ pub struct NlpHandler {
     eos_ids: Vec<i64>,
     device: Device,
     host: Host,
-    model_name: String,
     forward_passes: u64,
 }
 
@@ -251,7 +250,7 @@ impl NlpHandler {
         self.host.counter(
             "nlp_forward_passes_total",
             "Batched forward passes (or generation runs) of the nlp handler",
-            &[("model", &self.model_name)],
+            &[],
             1.0,
         );
     }
@@ -748,7 +747,6 @@ impl Handler for NlpHandler {
             eos_ids,
             device,
             host: ctx.host.clone(),
-            model_name: ctx.model_name.clone(),
             forward_passes: 0,
         })
     }

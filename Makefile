@@ -31,7 +31,8 @@ test: build models
 
 # The serving benchmark; writes BENCHMARKS.md. Not part of `make test` (speed is never a test).
 bench: build models
-	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench"
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench" $(BENCH_ARGS)
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-nlp" $(BENCH_ARGS)
 
 clean-cache:
 	@$(ENV) rm -rf "$$CARGO_TARGET_DIR"

@@ -20,6 +20,7 @@ use abi_stable::std_types::{RResult, RSlice};
 use cresset::loader::PluginLoader;
 use cresset::metrics::Metrics;
 use cresset::services::PluginServices;
+use cresset_bench::{agent, machine, peak_rss_mib, percentile, write_section};
 use cresset_e2e::{dir_archive, profile_dir, repo_root, Server};
 use cresset_plugin_api::{
     plugin_file_name, DeviceType, InstanceAssignment, ModelSpec, PluginError, Request, Response,
@@ -52,21 +53,6 @@ struct Row {
     peak_rss_mib: f64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
 /// A store with two archives of the workload: `b1` (batch_size 1) and `b8` (batch_size 8).
 fn make_store(root: &Path, w: &Workload) {
     for (name, batch) in [("b1", 1), ("b8", 8)] {
@@ -79,17 +65,6 @@ fn make_store(root: &Path, w: &Workload) {
             }
         }
     }
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 fn post(agent: &ureq::Agent, url: &str, w: &Workload) -> u16 {
@@ -299,39 +274,6 @@ fn run(w: &Workload, settings: &Settings) -> Row {
     }
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
-        .unwrap_or_default();
-    let rustc = std::process::Command::new("rustc")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    format!(
-        "{cpu}, {cores} cores, {memory}; {rustc}; libtorch 2.11.0 (CPU); cresset {}",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -419,7 +361,7 @@ fn main() {
     );
     println!("{table}\n{targets}");
     let doc = format!(
-        "# Benchmarks\n\n\
+        "## Serving overhead\n\n\
          Measured by `make bench` (the program `bench/src/main.rs`){}. Machine: {}.\n\n\
          The server runs on loopback with two models of each workload, `b1` (`batch_size` 1) and\n\
          `b8` (`batch_size` 8), one worker each; the load generator (32 client threads with\n\
@@ -432,16 +374,18 @@ fn main() {
            was written, the echo overhead ranged from about 117 to 190 µs (under the 200 µs target\n\
            every time, with little margin at the top), the in-process MLP baseline from 349 to 471\n\
            req/s, and the batched ratio from 88% to 107%.\n\
-         - The server sets `OMP_WAIT_POLICY=PASSIVE` unless the operator set it. With libgomp's default\n\
-           (threads spin between parallel regions), batched MLP throughput was 71% of in-process on\n\
-           this machine: the spinning OpenMP threads starved the HTTP threads, and a descheduled\n\
-           thread stalls a whole matmul. The in-process baseline keeps the default, its best case.\n\
+         - The server sets `GOMP_SPINCOUNT=30000` unless the operator set it or `OMP_WAIT_POLICY`.\n\
+           With libgomp's default (a long spin between parallel regions), batched MLP throughput was\n\
+           71% of in-process on this machine: the spinning OpenMP threads starved the HTTP threads.\n\
+           With no spin at all (`OMP_WAIT_POLICY=PASSIVE`, this server's setting before issue 5) it was\n\
+           about 94%, but MiniLM embeddings (many small ops) ran about 25% slower. The in-process\n\
+           baseline keeps libgomp's default, its best case.\n\
          - The in-process p50 of the MLP can exceed the server's: the baseline process spins and the\n\
            server does not, and single-row latency is dominated by the model.\n\
          - No TorchServe side-by-side yet: that comparison is still to be made.\n",
         if quick { " with `--quick` (short runs)" } else { "" },
         machine()
     );
-    std::fs::write(&out, doc).expect("write BENCHMARKS.md");
+    write_section(&out, "serving", &doc).expect("write BENCHMARKS.md");
     eprintln!("bench: wrote {}", out.display());
 }

@@ -306,7 +306,8 @@ def answer_question(model, tok, question, context, max_seq_len=None, doc_stride=
                     handle_impossible_answer=False) -> dict:
     """transformers 4.x's QuestionAnsweringPipeline (5.x removed it) for a fast tokenizer that
     pads right, with top_k=1, max_answer_len=15, align_to_words=True: the context is cut into
-    overlapping spans, each run unpadded."""
+    overlapping spans, each run unpadded. Each span proposes its best 12 candidates (4.x's
+    pre_topk = top_k * 2 + 10 when aligning to words), merged by text."""
     max_seq_len = max_seq_len or min(tok.model_max_length, 384)
     doc_stride = doc_stride or min(max_seq_len // 2, 128)
     enc = tok(

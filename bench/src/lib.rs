@@ -1,7 +1,21 @@
 //! What the benchmark programs share: machine description, percentiles, an HTTP agent, peak
 //! RSS, and writing one section of `BENCHMARKS.md` without touching the others.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The programs' flags: `--quick` (short runs) and `--out FILE` (default `BENCHMARKS.md` at
+/// the repository root).
+pub fn cli() -> (bool, PathBuf) {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cresset_e2e::repo_root().join("BENCHMARKS.md"));
+    (quick, out)
+}
 
 /// The p-th percentile (nearest rank) of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -20,7 +20,7 @@ use abi_stable::std_types::{RResult, RSlice};
 use cresset::loader::PluginLoader;
 use cresset::metrics::Metrics;
 use cresset::services::PluginServices;
-use cresset_bench::{agent, machine, peak_rss_mib, percentile, write_section};
+use cresset_bench::{agent, cli, machine, peak_rss_mib, percentile, write_section};
 use cresset_e2e::{dir_archive, profile_dir, repo_root, Server};
 use cresset_plugin_api::{
     plugin_file_name, DeviceType, InstanceAssignment, ModelSpec, PluginError, Request, Response,
@@ -275,14 +275,7 @@ fn run(w: &Workload, settings: &Settings) -> Row {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("BENCHMARKS.md"));
+    let (quick, out) = cli();
     let mlp = repo_root().join("tests/fixtures/generated/bench_mlp/model.pt");
     assert!(
         mlp.is_file(),
@@ -374,12 +367,12 @@ fn main() {
            was written, the echo overhead ranged from about 117 to 190 µs (under the 200 µs target\n\
            every time, with little margin at the top), the in-process MLP baseline from 349 to 471\n\
            req/s, and the batched ratio from 88% to 107%.\n\
-         - The server sets `GOMP_SPINCOUNT=30000` unless the operator set it or `OMP_WAIT_POLICY`.\n\
-           With libgomp's default (a long spin between parallel regions), batched MLP throughput was\n\
-           71% of in-process on this machine: the spinning OpenMP threads starved the HTTP threads.\n\
-           With no spin at all (`OMP_WAIT_POLICY=PASSIVE`, this server's setting before issue 5) it was\n\
-           about 94%, but MiniLM embeddings (many small ops) ran about 25% slower. The in-process\n\
-           baseline keeps libgomp's default, its best case.\n\
+         - The server sets `OMP_WAIT_POLICY=PASSIVE` unless the operator set it. With libgomp's default\n\
+           (threads spin between parallel regions), batched MLP throughput was 71% of in-process on\n\
+           this machine: the spinning OpenMP threads starved the HTTP threads and the 32 client\n\
+           threads, and a descheduled thread stalls a whole matmul. A short spin\n\
+           (`GOMP_SPINCOUNT=30000`) measured between 83% and 89%. The in-process baseline keeps the\n\
+           default, its best case.\n\
          - The in-process p50 of the MLP can exceed the server's: the baseline process spins and the\n\
            server does not, and single-row latency is dominated by the model.\n\
          - No TorchServe side-by-side yet: that comparison is still to be made.\n",

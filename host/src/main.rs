@@ -12,14 +12,13 @@ use cresset::snapshot::Snapshotter;
 
 fn main() -> std::process::ExitCode {
     // A server shares its cores between HTTP threads and libtorch's OpenMP pool. libgomp's
-    // default spins about 300k iterations between parallel regions, which starves the HTTP
-    // threads on small machines (2 cores: batched MLP throughput 71% of in-process). Not
-    // spinning at all (PASSIVE) costs every small op a wake-up: MiniLM embeddings ran 25% slower.
-    // A short spin (30k iterations, tens of µs) keeps most of both (BENCHMARKS.md). Set before
-    // any thread exists and before a plugin loads libgomp; an operator's own setting wins.
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() && std::env::var_os("GOMP_SPINCOUNT").is_none()
-    {
-        std::env::set_var("GOMP_SPINCOUNT", "30000");
+    // default is to spin between parallel regions, which starves the HTTP threads on small
+    // machines and stalls whole matmuls when a spinning thread is descheduled (measured on
+    // 2 cores: batched throughput 71% of in-process with spinning, 94% without; BENCHMARKS.md).
+    // Set before any thread exists and before a plugin loads libgomp; an operator's own
+    // setting wins.
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
     }
     let cli = Cli::parse();
     let result = match cli.command {

@@ -208,6 +208,10 @@ pub trait Handler: Sized + Send + 'static {
     }
 }
 
+/// A batch entry point of a handler: [`Handler::handle`] or [`Handler::explain`].
+pub type Entry<H> =
+    fn(&mut H, &[Request], &mut BatchContext<'_, '_>) -> Vec<Result<Response, PluginError>>;
+
 /// What [`Handler::initialize`] gets.
 #[derive(Debug, Clone)]
 pub struct InitContext {
@@ -428,11 +432,7 @@ impl<H: Handler> SdkInstance<H> {
         what: &str,
         requests: RSlice<'_, Request>,
         mut sink: SinkRef<'_>,
-        call: fn(
-            &mut H,
-            &[Request],
-            &mut BatchContext<'_, '_>,
-        ) -> Vec<Result<Response, PluginError>>,
+        call: Entry<H>,
     ) -> RResult<(), PluginError> {
         let handler = match self.handler.as_mut() {
             Some(h) => h,
@@ -755,11 +755,7 @@ pub mod testing {
     pub fn run_with<H: Handler>(
         handler: &mut H,
         requests: &[Request],
-        entry: fn(
-            &mut H,
-            &[Request],
-            &mut BatchContext<'_, '_>,
-        ) -> Vec<Result<Response, PluginError>>,
+        entry: super::Entry<H>,
     ) -> Run {
         let mut collect = Collect {
             chunks: requests.iter().map(|_| Vec::new()).collect(),

@@ -26,6 +26,8 @@ pub struct Parsed {
     pub inputs: Inputs,
     /// Other top-level keys of a JSON object body (`max_new_tokens`, `target`, …).
     pub options: Map<String, Value>,
+    /// Where the inputs were: `text`, `data`, `inputs`, or `body` (for error messages).
+    pub field: String,
 }
 
 fn invalid(message: impl Into<String>) -> PluginError {
@@ -141,6 +143,7 @@ pub fn parse(request: &Request, qa: bool) -> Result<Parsed, PluginError> {
                 many: false,
             },
             options: Map::new(),
+            field: "body".into(),
         });
     }
     let value: Value = serde_json::from_slice(body)
@@ -184,10 +187,14 @@ pub fn parse(request: &Request, qa: bool) -> Result<Parsed, PluginError> {
         let (pairs, many) = pairs_from(&field, &payload)?;
         Inputs::Pairs { pairs, many }
     } else {
-        let (texts, many) = texts(&field, &payload)?;
-        Inputs::Texts { texts, many }
+        let (list, many) = texts(&field, &payload)?;
+        Inputs::Texts { texts: list, many }
     };
-    Ok(Parsed { inputs, options })
+    Ok(Parsed {
+        inputs,
+        options,
+        field,
+    })
 }
 
 /// An optional non-negative integer option, bounded.

@@ -16,6 +16,7 @@
 //! | `dtype` | `float32` | `float32`, `float16` or `bfloat16` |
 //! | `max_length` | 512 (or the model's limit) | the most tokens per sequence (per window for QA) |
 //! | `truncation` | false | cut longer texts instead of refusing them with 400 |
+//! | `max_batch_tokens` | 16384 | the most tokens (rows × longest row) in one forward pass |
 //! | `labels_file` | `index_to_name.json` | labels; else `config.json` `id2label` |
 //! | `doc_stride` | min(128, max_length / 2) | QA: tokens shared by consecutive windows of a long context |
 //! | `max_answer_len` | 15 | QA: the longest answer, in tokens |
@@ -46,6 +47,12 @@ pub use input::{parse, Inputs, Parsed, MAX_TEXTS};
 pub use tasks::{
     group_entities, pick_answer, softmax, top_spans, Candidate, Entity, Span, TokenPrediction,
 };
+
+/// The most QA windows one request may need.
+const MAX_WINDOWS: usize = 256;
+/// The most texts one explanation request may carry, and the most integration steps.
+const MAX_EXPLAIN_TEXTS: usize = 8;
+const MAX_N_STEPS: u64 = 500;
 
 /// The task a model serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +120,7 @@ enum Model {
 #[derive(Debug, Clone)]
 struct Settings {
     max_length: usize,
+    max_batch_tokens: usize,
     doc_stride: usize,
     max_answer_len: usize,
     handle_impossible_answer: bool,
@@ -307,7 +315,6 @@ impl NlpHandler {
         context_enc.truncate(room, self.settings.doc_stride, TruncationDirection::Right);
         let mut pieces = context_enc.take_overflowing();
         pieces.insert(0, context_enc);
-        const MAX_WINDOWS: usize = 256;
         if pieces.len() > MAX_WINDOWS {
             return Err(PluginError::invalid_input(format!(
                 "`{field}`: the context needs {} windows; the most is {MAX_WINDOWS}",
@@ -357,18 +364,22 @@ impl NlpHandler {
                 ids.len()
             )));
         }
+        // Sampling when asked for (`do_sample`), or implied by a sampling parameter; greedy
+        // otherwise, and always when `do_sample` is false or `temperature` is 0.
         let do_sample = input::opt_bool(options, "do_sample")?;
         let temperature = input::opt_f64(options, "temperature", 0.0, 100.0)?;
-        let temperature = match (do_sample, temperature) {
-            (Some(false), _) => 0.0,
-            (_, Some(t)) => t,
-            (Some(true), None) => 1.0,
-            (None, None) => 0.0,
+        let top_k = input::opt_uint(options, "top_k", 1 << 20)?.unwrap_or(0) as usize;
+        let top_p = input::opt_f64(options, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
+        let implied = temperature.is_some() || top_k > 0 || top_p < 1.0;
+        let temperature = match do_sample {
+            Some(false) => 0.0,
+            _ if do_sample == Some(true) || implied => temperature.unwrap_or(1.0),
+            _ => 0.0,
         };
         let sampling = SamplingParams {
             temperature: temperature as f32,
-            top_k: input::opt_uint(options, "top_k", 1 << 20)?.unwrap_or(0) as usize,
-            top_p: input::opt_f64(options, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32,
+            top_k,
+            top_p,
             repetition_penalty: input::opt_f64(options, "repetition_penalty", 0.01, 100.0)?
                 .unwrap_or(1.0) as f32,
         };
@@ -406,7 +417,49 @@ impl NlpHandler {
         (make(&ids), make(&types), make(&mask))
     }
 
-    /// One forward pass over every sequence; returns `(logits, hidden)` on the CPU in f32.
+    /// Forward passes over every sequence, as few as the token budget allows (one for any usual
+    /// batch); returns `(logits, hidden, mask)` on the CPU in f32, rows in order, padded to the
+    /// longest sequence.
+    fn run_encoder_chunked(
+        &mut self,
+        encodings: &[&Encoding],
+    ) -> Result<(Option<Tensor>, Tensor, Tensor), PluginError> {
+        let width = encodings.iter().map(|e| e.len()).max().unwrap_or(1).max(1) as i64;
+        let mut logits = Vec::new();
+        let mut hidden = Vec::new();
+        let mut masks = Vec::new();
+        let mut start = 0;
+        while start < encodings.len() {
+            let mut end = start + 1;
+            let mut longest = encodings[start].len();
+            while end < encodings.len() {
+                let len = longest.max(encodings[end].len());
+                if len * (end + 1 - start) > self.settings.max_batch_tokens {
+                    break;
+                }
+                longest = len;
+                end += 1;
+            }
+            let (l, h, m) = self.run_encoder(&encodings[start..end])?;
+            self.count_pass();
+            // Pad each chunk's rows to the overall longest so that the chunks stack.
+            let pad = width - h.size()[1];
+            if let Some(l) = l {
+                logits.push(if l.dim() == 3 {
+                    l.constant_pad_nd([0, 0, 0, pad])
+                } else {
+                    l
+                });
+            }
+            hidden.push(h.constant_pad_nd([0, 0, 0, pad]));
+            masks.push(m.constant_pad_nd([0, pad]));
+            start = end;
+        }
+        let logits = (!logits.is_empty()).then(|| Tensor::cat(&logits, 0));
+        Ok((logits, Tensor::cat(&hidden, 0), Tensor::cat(&masks, 0)))
+    }
+
+    /// One forward pass over these sequences; returns `(logits, hidden, mask)` on the CPU in f32.
     fn run_encoder(
         &self,
         encodings: &[&Encoding],
@@ -587,7 +640,9 @@ impl NlpHandler {
         let target = match options.get("target") {
             None | Some(Value::Null) => predicted,
             Some(Value::String(label)) => {
-                self.labels.iter().position(|l| l == label).ok_or_else(|| {
+                let known =
+                    &self.labels[..self.labels.len().min(encoder.config.num_labels as usize)];
+                known.iter().position(|l| l == label).ok_or_else(|| {
                     PluginError::invalid_input(format!(
                         "`target` {label:?} is not a label (labels: {})",
                         self.labels.join(", ")
@@ -605,7 +660,7 @@ impl NlpHandler {
                     ))
                 })?,
         };
-        let n_steps = input::opt_uint(options, "n_steps", 1000)?
+        let n_steps = input::opt_uint(options, "n_steps", MAX_N_STEPS)?
             .map(|n| n.max(1) as usize)
             .unwrap_or(self.settings.n_steps);
         let attribution = encoder
@@ -694,6 +749,7 @@ impl Handler for NlpHandler {
         )?;
         let settings = Settings {
             max_length,
+            max_batch_tokens: setting_usize(config, "max_batch_tokens", 16_384, 1 << 24)?,
             doc_stride,
             max_answer_len: setting_usize(config, "max_answer_len", 15, 512)?,
             handle_impossible_answer: setting_bool(config, "handle_impossible_answer", false)?,
@@ -704,6 +760,10 @@ impl Handler for NlpHandler {
                 == Some("multi_label_classification"),
         };
         let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(model_err)?;
+        // QA encodes each sequence with this one: no post-processor, no truncation (its
+        // windows cover the whole context).
+        let mut bare_tokenizer = tokenizer.clone();
+        bare_tokenizer.with_post_processor(None::<PostProcessorWrapper>);
         if truncation && mode != Mode::TextGeneration {
             tokenizer
                 .with_truncation(Some(TruncationParams {
@@ -712,8 +772,17 @@ impl Handler for NlpHandler {
                 }))
                 .map_err(|e| PluginError::invalid_input(format!("tokenizer: {e}")))?;
         }
-        let mut bare_tokenizer = tokenizer.clone();
-        bare_tokenizer.with_post_processor(None::<PostProcessorWrapper>);
+        let model_vocab = match &model {
+            Model::Encoder(e) => e.config.vocab_size,
+            Model::Gpt2(g) => g.config.vocab_size,
+        };
+        let highest = tokenizer.get_vocab(true).into_values().max().unwrap_or(0);
+        if i64::from(highest) >= model_vocab {
+            return Err(PluginError::invalid_input(format!(
+                "tokenizer.json has token id {highest} but the model's vocab_size is \
+                 {model_vocab}: they do not belong together"
+            )));
+        }
         let labels_path = inside(
             &ctx.model_dir,
             "labels_file",
@@ -724,8 +793,20 @@ impl Handler for NlpHandler {
         } else {
             hf.id2label().unwrap_or_default()
         };
-        let pad_id = token_id(&tokenizer, &["[PAD]", "<pad>"])
-            .map(i64::from)
+        // Every class of the head has a name: `LABEL_i` where the files give none.
+        let mut labels = labels;
+        if let Model::Encoder(e) = &model {
+            let n = e.config.num_labels as usize;
+            if labels.len() < n {
+                labels.extend((labels.len()..n).map(|i| format!("LABEL_{i}")));
+            }
+        }
+        let pad_id = match &model {
+            Model::Encoder(e) => Some(e.config.pad_token_id),
+            Model::Gpt2(_) => None,
+        };
+        let pad_id = pad_id
+            .or_else(|| token_id(&tokenizer, &["[PAD]", "<pad>"]).map(i64::from))
             .or_else(|| {
                 hf.token_ids("pad_token_id")
                     .ok()
@@ -753,11 +834,12 @@ impl Handler for NlpHandler {
 
     fn preprocess(&mut self, request: &Request) -> Result<Prepared, PluginError> {
         let parsed = parse(request, self.mode == Mode::QuestionAnswering)?;
+        let name = parsed.field.clone();
         let field = |many: bool, i: usize| {
             if many {
-                format!("text[{i}]")
+                format!("{name}[{i}]")
             } else {
-                "text".to_owned()
+                name.clone()
             }
         };
         let (kind, many) = match parsed.inputs {
@@ -782,17 +864,20 @@ impl Handler for NlpHandler {
                     .iter()
                     .enumerate()
                     .map(|(i, (q, c))| {
-                        let field = if many {
-                            format!("[{i}]")
-                        } else {
-                            "question".to_owned()
-                        };
+                        let field = field(many, i);
                         Ok(QaItem {
                             context: c.chars().collect(),
                             windows: self.encode_pair(&field, q, c)?,
                         })
                     })
-                    .collect::<Result<_, PluginError>>()?;
+                    .collect::<Result<Vec<QaItem>, PluginError>>()?;
+                let windows: usize = items.iter().map(|i| i.windows.len()).sum();
+                if windows > MAX_WINDOWS {
+                    return Err(PluginError::invalid_input(format!(
+                        "`{name}`: the contexts need {windows} windows of max_length tokens; the \
+                         most per request is {MAX_WINDOWS}"
+                    )));
+                }
                 let handle_impossible =
                     input::opt_bool(&parsed.options, "handle_impossible_answer")?
                         .unwrap_or(self.settings.handle_impossible_answer);
@@ -863,8 +948,7 @@ impl Handler for NlpHandler {
                 PreparedKind::Generate(_) => {}
             }
         }
-        let (logits, hidden, mask) = self.run_encoder(&sequences)?;
-        self.count_pass();
+        let (logits, hidden, mask) = self.run_encoder_chunked(&sequences)?;
         let logits_rows: Option<Vec<Tensor>> = logits.map(|l| l.unbind(0));
         let mut row = 0usize;
         let mut results = Vec::with_capacity(batch.len());
@@ -960,14 +1044,21 @@ impl Handler for NlpHandler {
                 let Inputs::Texts { texts, many } = parsed.inputs else {
                     return Err(PluginError::invalid_input("explanations need `text`"));
                 };
+                if texts.len() > MAX_EXPLAIN_TEXTS {
+                    return Err(PluginError::invalid_input(format!(
+                        "`{}` has {} texts; explanations take at most {MAX_EXPLAIN_TEXTS} per request",
+                        parsed.field,
+                        texts.len()
+                    )));
+                }
                 let values = texts
                     .iter()
                     .enumerate()
                     .map(|(i, t)| {
                         let field = if many {
-                            format!("text[{i}]")
+                            format!("{}[{i}]", parsed.field)
                         } else {
-                            "text".to_owned()
+                            parsed.field.clone()
                         };
                         self.explain_one(&field, t, &parsed.options)
                     })

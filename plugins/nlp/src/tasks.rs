@@ -53,7 +53,8 @@ fn split_tag(label: &str) -> (bool, &str) {
 /// Group per-token predictions into entities (HuggingFace's "simple" aggregation): consecutive
 /// tokens with the same tag join unless the later one is a `B-`; the group's score is the mean
 /// of its tokens'; groups tagged `O` are dropped. `labels` maps indices to names; `chars` is
-/// the text as characters, for the words.
+/// the text as characters, for the words. An entity's `word` is the text it spans (HuggingFace
+/// re-joins the tokens instead, which lower-cases for uncased vocabularies).
 pub fn group_entities(
     tokens: &[TokenPrediction],
     labels: &[String],

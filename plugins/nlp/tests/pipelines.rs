@@ -204,6 +204,30 @@ fn answers_match_the_question_answering_pipeline_including_long_contexts() {
             handlers.keys().any(|(len, _)| *len == 48),
             "a long context ran in windows"
         );
+        // `truncation` does not cut QA contexts, and a small token budget only splits passes.
+        let long = spec["pipeline"]
+            .as_array()
+            .expect("pipeline")
+            .iter()
+            .find(|e| e["max_seq_len"] == 48)
+            .expect("long case");
+        let mut split = handler(
+            &name,
+            json!({"max_length": 48, "doc_stride": 16, "truncation": true, "max_batch_tokens": 100}),
+        );
+        let ours = ask(
+            &mut split,
+            json!({"question": long["question"], "context": long["context"]}),
+        );
+        assert_eq!(
+            ours["answer"], long["answer"],
+            "{name}: truncation or chunking changed the answer"
+        );
+        close(&ours["score"], &long["score"], &name);
+        assert!(
+            split.forward_passes() > 1,
+            "{name}: the windows ran in several passes"
+        );
     }
 }
 

@@ -108,11 +108,13 @@ impl EncoderConfig {
             Some(labels) => labels.len() as i64,
             None => config.opt_usize("num_labels")?.unwrap_or(2),
         };
+        // transformers' defaults: RoBERTa pads with 1, the others with 0.
+        let default_pad = i64::from(arch == EncoderArch::Roberta);
         let pad_token_id = config
             .token_ids("pad_token_id")?
             .first()
             .copied()
-            .unwrap_or(0);
+            .unwrap_or(default_pad);
         if arch == EncoderArch::DistilBert {
             let act = config.opt_str("activation")?.unwrap_or("gelu");
             return Ok(Self {
@@ -165,9 +167,8 @@ impl EncoderConfig {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// Query, key and value projections fused into one `[3 × hidden, hidden]` matmul.
+    qkv: Linear,
     attn_out: Linear,
     attn_norm: LayerNorm,
     ff_in: Linear,
@@ -268,14 +269,16 @@ impl Encoder {
         };
         let embed_norm =
             LayerNorm::load(&mut w, &format!("{base}embeddings.LayerNorm"), h, cfg.eps)?;
-        let mut layers = Vec::with_capacity(cfg.layers as usize);
+        let mut layers = Vec::new();
         for l in 0..cfg.layers {
             let layer = if cfg.arch == EncoderArch::DistilBert {
                 let p = format!("{base}transformer.layer.{l}");
                 Layer {
-                    query: Linear::load(&mut w, &format!("{p}.attention.q_lin"), h, h)?,
-                    key: Linear::load(&mut w, &format!("{p}.attention.k_lin"), h, h)?,
-                    value: Linear::load(&mut w, &format!("{p}.attention.v_lin"), h, h)?,
+                    qkv: Linear::fuse(&[
+                        Linear::load(&mut w, &format!("{p}.attention.q_lin"), h, h)?,
+                        Linear::load(&mut w, &format!("{p}.attention.k_lin"), h, h)?,
+                        Linear::load(&mut w, &format!("{p}.attention.v_lin"), h, h)?,
+                    ]),
                     attn_out: Linear::load(&mut w, &format!("{p}.attention.out_lin"), h, h)?,
                     attn_norm: LayerNorm::load(&mut w, &format!("{p}.sa_layer_norm"), h, cfg.eps)?,
                     ff_in: Linear::load(&mut w, &format!("{p}.ffn.lin1"), h, i)?,
@@ -290,9 +293,11 @@ impl Encoder {
             } else {
                 let p = format!("{base}encoder.layer.{l}");
                 Layer {
-                    query: Linear::load(&mut w, &format!("{p}.attention.self.query"), h, h)?,
-                    key: Linear::load(&mut w, &format!("{p}.attention.self.key"), h, h)?,
-                    value: Linear::load(&mut w, &format!("{p}.attention.self.value"), h, h)?,
+                    qkv: Linear::fuse(&[
+                        Linear::load(&mut w, &format!("{p}.attention.self.query"), h, h)?,
+                        Linear::load(&mut w, &format!("{p}.attention.self.key"), h, h)?,
+                        Linear::load(&mut w, &format!("{p}.attention.self.value"), h, h)?,
+                    ]),
                     attn_out: Linear::load(&mut w, &format!("{p}.attention.output.dense"), h, h)?,
                     attn_norm: LayerNorm::load(
                         &mut w,
@@ -371,9 +376,13 @@ impl Encoder {
         let mut x = Tensor::embedding(&self.word, input_ids, -1, false, false)
             + Tensor::embedding(&self.position, &positions, -1, false, false);
         if let Some(table) = &self.token_type {
+            // A model with one token type (RoBERTa) ignores the tokenizer's pair type ids.
+            let max_type = self.config.type_vocab_size - 1;
             x = match token_type_ids {
-                Some(types) => x + Tensor::embedding(table, types, -1, false, false),
-                None => x + table.get(0),
+                Some(types) if max_type > 0 => {
+                    x + Tensor::embedding(table, &types.clamp(0, max_type), -1, false, false)
+                }
+                _ => x + table.get(0),
             };
         }
         self.embed_norm.forward(&x)
@@ -387,9 +396,10 @@ impl Encoder {
         let mask = attention_mask.ne(0).unsqueeze(1).unsqueeze(1);
         let mut x = embedded.shallow_clone();
         for layer in &self.layers {
-            let q = split_heads(&layer.query.forward(&x), heads);
-            let k = split_heads(&layer.key.forward(&x), heads);
-            let v = split_heads(&layer.value.forward(&x), heads);
+            let qkv = layer.qkv.forward(&x).split(self.config.hidden, -1);
+            let q = split_heads(&qkv[0], heads);
+            let k = split_heads(&qkv[1], heads);
+            let v = split_heads(&qkv[2], heads);
             let attn = Tensor::scaled_dot_product_attention(
                 &q,
                 &k,

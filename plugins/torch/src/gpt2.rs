@@ -158,7 +158,7 @@ impl Gpt2 {
         let (h, inner) = (cfg.hidden, cfg.inner);
         let wte = w.take(&format!("{p}wte.weight"), &[cfg.vocab_size, h])?;
         let wpe = w.take(&format!("{p}wpe.weight"), &[cfg.max_positions, h])?;
-        let mut blocks = Vec::with_capacity(cfg.layers as usize);
+        let mut blocks = Vec::new();
         for l in 0..cfg.layers {
             let b = format!("{p}h.{l}");
             blocks.push(Block {
@@ -209,8 +209,8 @@ impl Gpt2 {
     }
 
     /// Run `input_ids` `[b, s]` at `position_ids` `[b, s]` after what the cache holds.
-    /// `key_valid` is `[b, cache.len + s]`, false for left padding. Returns logits
-    /// `[b, s, vocab]` and advances the cache by `s`.
+    /// `key_valid` is `[b, cache.len + s]`, false for left padding. Returns the logits of the
+    /// last position, `[b, vocab]`, and advances the cache by `s`.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -270,29 +270,53 @@ impl Gpt2 {
             x = x + ff;
         }
         cache.len = total;
-        let x = self.ln_f.forward(&x);
-        Ok(x.matmul(&self.lm_head.tr()))
+        let last = self.ln_f.forward(&x.select(1, -1));
+        Ok(last.matmul(&self.lm_head.tr()))
     }
 
-    /// Generate for a batch of prompts in one set of forward passes. Returns the new tokens of
-    /// each request (ending with a stop id if one was produced).
+    /// Generate for a batch of prompts. Requests run together, left-padded, in groups whose
+    /// KV cache stays under a token budget. Returns the new tokens of each request (ending with
+    /// a stop id if one was produced).
     pub fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Vec<i64>>, ModelError> {
-        let batch = requests.len();
-        if batch == 0 {
-            return Ok(Vec::new());
+        for r in requests {
+            if r.prompt.is_empty() {
+                return Err(ModelError::Invalid("a prompt has no tokens".into()));
+            }
+            if r.prompt.len() + r.max_new_tokens > self.config.max_positions as usize {
+                return Err(ModelError::Invalid(format!(
+                    "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the model's context \
+                     of {} tokens",
+                    r.prompt.len(),
+                    r.max_new_tokens,
+                    self.config.max_positions
+                )));
+            }
         }
+        // Cache positions (rows × longest sequence) per group.
+        const BUDGET: usize = 1 << 15;
+        let mut outputs = Vec::with_capacity(requests.len());
+        let mut start = 0;
+        while start < requests.len() {
+            let mut end = start + 1;
+            let mut longest = requests[start].prompt.len() + requests[start].max_new_tokens;
+            while end < requests.len() {
+                let len = longest.max(requests[end].prompt.len() + requests[end].max_new_tokens);
+                if len * (end + 1 - start) > BUDGET {
+                    break;
+                }
+                longest = len;
+                end += 1;
+            }
+            outputs.extend(self.generate_group(&requests[start..end])?);
+            start = end;
+        }
+        Ok(outputs)
+    }
+
+    fn generate_group(&self, requests: &[GenerationRequest]) -> Result<Vec<Vec<i64>>, ModelError> {
+        let batch = requests.len();
         let prompt_len = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0) as i64;
         let max_new = requests.iter().map(|r| r.max_new_tokens).max().unwrap_or(0) as i64;
-        if requests.iter().any(|r| r.prompt.is_empty()) {
-            return Err(ModelError::Invalid("a prompt has no tokens".into()));
-        }
-        if prompt_len + max_new > self.config.max_positions {
-            return Err(ModelError::Invalid(format!(
-                "the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new}) exceeds the \
-                 model's context of {} tokens",
-                self.config.max_positions
-            )));
-        }
         let mut ids = vec![0i64; batch * prompt_len as usize];
         let mut valid = vec![false; batch * (prompt_len + max_new) as usize];
         let mut positions = vec![0i64; batch * prompt_len as usize];
@@ -324,10 +348,7 @@ impl Gpt2 {
         while !done.iter().all(|d| *d) {
             let total = cache.len + input.size()[1];
             let logits = self.forward(&input, &pos, &key_valid.narrow(1, 0, total), &mut cache)?;
-            let last = logits
-                .select(1, -1)
-                .to_kind(Kind::Float)
-                .to_device(Device::Cpu);
+            let last = logits.to_kind(Kind::Float).to_device(Device::Cpu);
             let rows = Vec::<Vec<f32>>::try_from(&last)?;
             let mut next = Vec::with_capacity(batch);
             for (row, mut row_logits) in rows.into_iter().enumerate() {
@@ -353,7 +374,12 @@ impl Gpt2 {
             }
             input = to(Tensor::from_slice(&next).view([b, 1]));
             pos = to(Tensor::from_slice(&next_pos).view([b, 1]));
-            next_pos.iter_mut().for_each(|p| *p += 1);
+            // A finished row keeps stepping with its last position, never past the table.
+            for (p, d) in next_pos.iter_mut().zip(&done) {
+                if !*d {
+                    *p += 1;
+                }
+            }
             if cache.len >= cache.capacity {
                 break;
             }

@@ -42,6 +42,17 @@ impl Linear {
         })
     }
 
+    /// Stack layers that read the same input into one (outputs concatenated in order), so that
+    /// one matmul replaces several.
+    pub fn fuse(parts: &[Linear]) -> Self {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
+        Self {
+            weight: Tensor::cat(&weights, 0),
+            bias: biases.map(|b| Tensor::cat(&b, 0)),
+        }
+    }
+
     /// Apply to the last dimension.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())

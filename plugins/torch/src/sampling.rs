@@ -96,16 +96,27 @@ pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng:
     if params.is_greedy() || logits.len() < 2 {
         return argmax(logits) as i64;
     }
-    let t = params.temperature;
+    let t = f64::from(params.temperature);
+    // Candidates, most likely first: the top k found without sorting the whole vocabulary,
+    // and the rest sorted only when top-p needs the order.
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if params.top_k > 0 {
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    if params.top_k > 0 && params.top_k < order.len() {
+        order.select_nth_unstable_by(params.top_k - 1, by_logit);
         order.truncate(params.top_k);
     }
-    let max = logits[order[0]] / t;
+    if params.top_p < 1.0 || params.top_k > 0 {
+        order.sort_unstable_by(by_logit);
+    }
+    let max = order
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    // In f64 and relative to the maximum, so that a tiny temperature tends to greedy instead of
+    // overflowing.
     let mut probs: Vec<f64> = order
         .iter()
-        .map(|&i| f64::from(logits[i] / t - max).exp())
+        .map(|&i| (f64::from(logits[i] - max) / t).exp())
         .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
@@ -184,6 +195,21 @@ mod tests {
             counts[sample(&mut vec![0.0; 4], &flat, &[], &mut rng) as usize] += 1;
         }
         assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
+    }
+
+    #[test]
+    fn a_tiny_temperature_behaves_like_greedy() {
+        let params = SamplingParams {
+            temperature: 1e-40,
+            ..SamplingParams::default()
+        };
+        let mut rng = Rng::seeded(5);
+        for _ in 0..50 {
+            assert_eq!(
+                sample(&mut vec![0.5, 2.0, -1.0, 1.9], &params, &[], &mut rng),
+                1
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! HuggingFace-layout checkpoints: `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`.
 //!
-//! Files are memory-mapped and each tensor is copied once, straight from the mapping into a
-//! libtorch tensor of the target dtype and device (never read into a buffer first). The header
-//! is validated as hostile input: offsets must lie inside the file and agree with the shape.
+//! Files are memory-mapped and each tensor is copied from the mapping into a libtorch tensor
+//! (never read into a buffer first), then converted to the target dtype and moved to the
+//! device when those differ. The header is validated as hostile input: offsets must lie inside
+//! the file and agree with the shape.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -51,6 +52,9 @@ pub fn kind_of_dtype(dtype: &str) -> Option<(Kind, usize)> {
     })
 }
 
+/// The largest header accepted (real ones are a few hundred KiB).
+const MAX_HEADER: u64 = 100 << 20;
+
 fn invalid(path: &Path, message: impl std::fmt::Display) -> ModelError {
     ModelError::Checkpoint(format!("{}: {message}", path.display()))
 }
@@ -63,7 +67,6 @@ pub fn parse_header(path: &Path, bytes: &[u8], file_len: u64) -> Result<Header, 
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| invalid(path, "too short to be a safetensors file"))?;
     let header_len = u64::from_le_bytes(len_bytes);
-    const MAX_HEADER: u64 = 100 << 20;
     if header_len > MAX_HEADER || 8 + header_len > file_len {
         return Err(invalid(
             path,
@@ -124,7 +127,15 @@ pub fn read_header(path: &Path) -> Result<Header, ModelError> {
     let file_len = file.metadata().map_err(|e| invalid(path, e))?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|e| invalid(path, e))?;
-    let header_len = u64::from_le_bytes(len).min(file_len.saturating_sub(8));
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER || 8 + header_len > file_len {
+        return Err(invalid(
+            path,
+            format!(
+                "header length {header_len} is larger than the file or than {MAX_HEADER} bytes"
+            ),
+        ));
+    }
     let mut bytes = len.to_vec();
     bytes.resize(8 + header_len as usize, 0);
     file.read_exact(&mut bytes[8..])

@@ -304,7 +304,7 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
     .expect("forward");
     max_diff(
         "gpt2 last logits",
-        &tensor_floats(&logits.get(0).get(n - 1)),
+        &tensor_floats(&logits.get(0)),
         &floats(&spec["logits_last"]),
     );
     let greedy = ids_of(&spec["greedy_ids"]);
@@ -323,10 +323,60 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
         prompt: ids[..2].to_vec(),
         ..request.clone()
     };
-    let both = tch::no_grad(|| model.generate(&[short, request])).expect("batched");
-    assert_eq!(both[1], greedy, "left-padded batch keeps the greedy tokens");
+    let alone = tch::no_grad(|| model.generate(std::slice::from_ref(&short))).expect("alone");
+    let both = tch::no_grad(|| model.generate(&[short, request.clone()])).expect("batched");
+    assert_eq!(
+        both[1], greedy,
+        "the longer prompt keeps its greedy tokens in a batch"
+    );
+    assert_eq!(
+        both[0], alone[0],
+        "the left-padded prompt gives what it gives alone"
+    );
+    // Rows with different budgets share a batch; the shorter stops at its own limit.
+    let mut brief = request.clone();
+    brief.max_new_tokens = 3;
+    let mixed = tch::no_grad(|| model.generate(&[brief, request.clone()])).expect("mixed");
+    assert_eq!(mixed[0], greedy[..3].to_vec());
+    assert_eq!(mixed[1], greedy);
     let text = tokenizer
         .decode(&greedy.iter().map(|&t| t as u32).collect::<Vec<_>>(), true)
         .expect("decode");
     assert_eq!(text, spec["greedy_text"].as_str().expect("text"));
+}
+
+#[test]
+fn half_precision_models_load_and_stay_close_to_f32() {
+    let dir = fixtures().join("bert-seq");
+    let config = HfConfig::read(&dir).expect("config");
+    let ids = Tensor::from_slice(&[101i64, 7592, 2088, 2003, 2307, 102, 0]).view([1, 7]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 0]).view([1, 7]);
+    let logits = |kind| {
+        let model = Encoder::load(
+            &dir,
+            &config,
+            EncoderHead::SequenceClassification,
+            kind,
+            Device::Cpu,
+        )
+        .expect("load");
+        let out = tch::no_grad(|| model.forward(&ids, None, &mask));
+        let logits = out.logits.expect("logits");
+        assert_eq!(logits.kind(), kind, "computed in the asked dtype");
+        tensor_floats(&logits)
+    };
+    let full = logits(Kind::Float);
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let half = logits(kind);
+        let scale = full.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        let diff = full
+            .iter()
+            .zip(&half)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            diff <= 0.05 * scale.max(1.0),
+            "{kind:?}: max diff {diff} (scale {scale})"
+        );
+    }
 }

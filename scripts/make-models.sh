@@ -5,11 +5,15 @@
 #   - TorchScript models and reference outputs (scripts/make_models.py);
 #   - small random HuggingFace checkpoints and what transformers gives for them
 #     (scripts/make_nlp_fixtures.py, with transformers installed into the venv);
-#   - the default store's `minilm` model, from the real all-MiniLM-L6-v2 weights.
+#   - small random Llama checkpoints and GGUF files, and what transformers gives for them and
+#     for the real SmolLM2 GGUF (scripts/make_llm_fixtures.py);
+#   - the default store's `minilm` and `smollm2` models, from the real weights.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
 TRANSFORMERS_VERSION=5.23.0
+# What the fixture scripts and the OpenAI-client test need, pinned.
+PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0"
 
 "$root/scripts/fetch-assets.sh"
 minilm="$CRESSET_CACHE/assets/all-minilm-l6-v2"
@@ -19,14 +23,25 @@ if ! { [ -f "$stamp" ] && [ -f "$root/model_store/iris/model.pt" ] && [ "$stamp"
   "$CRESSET_VENV/bin/python" "$root/scripts/make_models.py" "$root"
 fi
 
-if ! "$CRESSET_VENV/bin/python" -c "import transformers, sys; sys.exit(transformers.__version__ != '$TRANSFORMERS_VERSION')" 2>/dev/null; then
-  echo "make-models: installing transformers==$TRANSFORMERS_VERSION into the venv" >&2
-  "$CRESSET_VENV/bin/pip" install --disable-pip-version-check --progress-bar off \
-    "transformers==$TRANSFORMERS_VERSION" >&2
+deps_stamp="$CRESSET_VENV/.test-deps"
+if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$PY_TEST_DEPS" ]; then
+  echo "make-models: installing $PY_TEST_DEPS into the venv" >&2
+  # shellcheck disable=SC2086
+  "$CRESSET_VENV/bin/pip" install --disable-pip-version-check --progress-bar off $PY_TEST_DEPS >&2
+  echo "$PY_TEST_DEPS" > "$deps_stamp"
 fi
 nlp_stamp="$root/tests/fixtures/generated/nlp/expected.json"
 if ! { [ -f "$nlp_stamp" ] && [ "$nlp_stamp" -nt "$root/scripts/make_nlp_fixtures.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_nlp_fixtures.py" "$root" "$minilm"
+fi
+
+smollm2="$CRESSET_CACHE/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+llm_stamp="$root/tests/fixtures/generated/llm/expected.json"
+if ! { [ -f "$llm_stamp" ] && [ "$llm_stamp" -nt "$root/scripts/make_llm_fixtures.py" ]; }; then
+  "$CRESSET_VENV/bin/python" "$root/scripts/make_llm_fixtures.py" "$root" "$smollm2"
+fi
+if ! cmp -s "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; then
+  cp "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 fi
 
 # The default store serves the real MiniLM as `minilm` (feature_extraction). Its MANIFEST.toml

@@ -71,6 +71,10 @@ pub enum Protocol {
     KServeV1,
     /// `POST /v2/models/{m}/infer` (Open Inference Protocol tensors).
     KServeV2,
+    /// `POST /v1/completions` (OpenAI).
+    OpenAiCompletions,
+    /// `POST /v1/chat/completions` (OpenAI).
+    OpenAiChat,
 }
 
 impl Protocol {
@@ -79,6 +83,8 @@ impl Protocol {
             Self::TorchServe => "torchserve",
             Self::KServeV1 => "kserve-v1",
             Self::KServeV2 => "kserve-v2",
+            Self::OpenAiCompletions => "openai-completions",
+            Self::OpenAiChat => "openai-chat",
         }
     }
 }
@@ -89,7 +95,7 @@ const CLIENT_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 /// Headers never passed to plugins.
 const PRIVATE_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
 
-fn request_id(req: &HttpRequest) -> String {
+pub(super) fn request_id(req: &HttpRequest) -> String {
     req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -114,41 +120,72 @@ pub(super) async fn run(
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
     let id = request_id(&req);
-    // The global cap: answer 429 at once rather than queue without bound. The permit lives as
-    // long as the request, streams included.
-    let permit = match state.in_flight.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(_) => {
-            state
-                .metrics
-                .requests_total
-                .with_label_values(&[model.as_str(), "", "429"])
-                .inc();
-            return Err(ApiError::TooManyRequests(
-                state.config.max_concurrent_requests,
-            ));
-        }
-    };
+    let permit = acquire(&state, &model)?;
     let started = Instant::now();
-    let request = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        read_request(&state, &id, protocol, &req, payload),
-    )
-    .await
-    {
-        Ok(request) => request?,
-        Err(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "the request body did not arrive within {} s",
-                BODY_TIMEOUT.as_secs()
-            )))
-        }
-    };
+    let request = read_within_timeout(&state, &id, protocol, &req, payload).await?;
     let target = state
         .registry
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
-    let result = answer(&target, kind, request, &req, permit).await;
+    let result = answer(&target, kind, request, &req, permit, Framing::Raw).await;
+    Ok(respond(
+        &state,
+        &target,
+        &id,
+        started,
+        result,
+        ApiError::error_response,
+    ))
+}
+
+/// The global cap: answer 429 at once rather than queue without bound. The permit lives as long
+/// as the request, streams included.
+pub(super) fn acquire(
+    state: &AppState,
+    model: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    state.in_flight.clone().try_acquire_owned().map_err(|_| {
+        state
+            .metrics
+            .requests_total
+            .with_label_values(&[model, "", "429"])
+            .inc();
+        ApiError::TooManyRequests(state.config.max_concurrent_requests)
+    })
+}
+
+/// Read the request within [`BODY_TIMEOUT`].
+pub(super) async fn read_within_timeout(
+    state: &AppState,
+    id: &str,
+    protocol: Protocol,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<Request, ApiError> {
+    match tokio::time::timeout(
+        BODY_TIMEOUT,
+        read_request(state, id, protocol, req, payload),
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(_) => Err(ApiError::BadRequest(format!(
+            "the request body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Count the answer in the metrics, render an error with `render`, and add the version and
+/// request id headers.
+pub(super) fn respond(
+    state: &AppState,
+    target: &ModelVersion,
+    id: &str,
+    started: Instant,
+    result: Result<HttpResponse, ApiError>,
+    render: impl Fn(&ApiError) -> HttpResponse,
+) -> HttpResponse {
     let status = match &result {
         Ok(r) => r.status(),
         Err(e) => e.status_code(),
@@ -166,15 +203,15 @@ pub(super) async fn run(
         .with_label_values(&labels)
         .observe(started.elapsed().as_secs_f64());
     // Errors carry the version and request id too.
-    let mut response = result.unwrap_or_else(|e| e.error_response());
+    let mut response = result.unwrap_or_else(|e| render(&e));
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&target.version) {
         headers.insert(HeaderName::from_static("x-model-version"), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    if let Ok(v) = HeaderValue::from_str(id) {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
-    Ok(response)
+    response
 }
 
 /// How long a client may take to send its body.
@@ -214,12 +251,33 @@ async fn read_request(
     })
 }
 
-async fn answer(
+/// How an answer goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Framing {
+    /// The plugin's bytes as they are; chunks as a chunked body.
+    Raw,
+    /// Server-sent events: each chunk and the final body as a `data:` event, then
+    /// `data: [DONE]` (OpenAI's streaming).
+    Sse,
+}
+
+fn sse_event(body: &[u8]) -> Bytes {
+    let mut event = Vec::with_capacity(body.len() + 8);
+    event.extend_from_slice(b"data: ");
+    event.extend_from_slice(body);
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
+}
+
+const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+pub(super) async fn answer(
     target: &ModelVersion,
     kind: JobKind,
     request: Request,
     req: &HttpRequest,
     permit: tokio::sync::OwnedSemaphorePermit,
+    framing: Framing,
 ) -> Result<HttpResponse, ApiError> {
     let id = request.id.to_string();
     let (tx, mut rx) = mpsc::channel(REPLY_BUFFER);
@@ -259,11 +317,26 @@ async fn answer(
             "the worker of model `{}` stopped without answering",
             target.name
         ))),
+        Ok(Some(Reply::Final(Ok(response)))) if framing == Framing::Sse => {
+            let mut body = Vec::new();
+            if !response.body.is_empty() {
+                body.extend_from_slice(&sse_event(&response.body));
+            }
+            body.extend_from_slice(SSE_DONE);
+            Ok(HttpResponse::Ok()
+                .content_type("text/event-stream")
+                .body(body))
+        }
         Ok(Some(Reply::Final(Ok(response)))) => Ok(whole(response)),
         Ok(Some(Reply::Final(Err(e)))) => Err(ApiError::Plugin(e)),
-        Ok(Some(Reply::Chunk(first))) => {
-            Ok(streamed(first, rx, timeout, target.name.clone(), permit))
-        }
+        Ok(Some(Reply::Chunk(first))) => Ok(streamed(
+            first,
+            rx,
+            timeout,
+            target.name.clone(),
+            permit,
+            framing,
+        )),
     }
 }
 
@@ -297,15 +370,34 @@ fn streamed(
     idle_timeout: Duration,
     model: String,
     permit: tokio::sync::OwnedSemaphorePermit,
+    framing: Framing,
 ) -> HttpResponse {
     let mut builder = HttpResponse::Ok();
-    if !first.content_type.is_empty() {
+    if framing == Framing::Sse {
+        builder.content_type("text/event-stream");
+        builder.insert_header(("cache-control", "no-cache"));
+    } else if !first.content_type.is_empty() {
         builder.content_type(first.content_type.as_str());
     }
     with_plugin_headers(&mut builder, &first.headers);
-    let head = futures_util::stream::once(async move {
-        Ok::<Bytes, actix_web::Error>(Bytes::from(first.body.into_vec()))
-    });
+    let frame = move |body: Vec<u8>, last: bool| -> Bytes {
+        match framing {
+            Framing::Raw => Bytes::from(body),
+            Framing::Sse => {
+                let mut out = if body.is_empty() {
+                    Vec::new()
+                } else {
+                    sse_event(&body).to_vec()
+                };
+                if last {
+                    out.extend_from_slice(SSE_DONE);
+                }
+                Bytes::from(out)
+            }
+        }
+    };
+    let head_body = frame(first.body.into_vec(), false);
+    let head = futures_util::stream::once(async move { Ok::<Bytes, actix_web::Error>(head_body) });
     let tail = futures_util::stream::unfold(Some(rx), move |rx| {
         // The stream owns the concurrency permit: it is released when the stream ends.
         let _permit = &permit;
@@ -313,8 +405,14 @@ fn streamed(
         async move {
             let mut rx = rx?;
             match tokio::time::timeout(idle_timeout, rx.recv()).await {
-                Ok(Some(Reply::Chunk(c))) => Some((Ok(Bytes::from(c.body.into_vec())), Some(rx))),
-                Ok(Some(Reply::Final(Ok(r)))) => Some((Ok(Bytes::from(r.body.into_vec())), None)),
+                Ok(Some(Reply::Chunk(c))) => Some((Ok(frame(c.body.into_vec(), false)), Some(rx))),
+                Ok(Some(Reply::Final(Ok(r)))) => Some((Ok(frame(r.body.into_vec(), true)), None)),
+                Ok(Some(Reply::Final(Err(e)))) if framing == Framing::Sse => {
+                    // Headers are gone: the error travels as an event, as OpenAI's does.
+                    tracing::warn!(%model, "stream ended with an error: {e}");
+                    let event = serde_json::json!({"error": {"message": e.message.as_str(), "type": "server_error", "param": null, "code": null}});
+                    Some((Ok(frame(event.to_string().into_bytes(), true)), None))
+                }
                 Ok(Some(Reply::Final(Err(e)))) => {
                     tracing::warn!(%model, "stream ended with an error: {e}");
                     Some((

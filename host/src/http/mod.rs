@@ -6,6 +6,7 @@ mod error;
 mod inference;
 mod kserve;
 mod management;
+mod openai;
 mod openapi;
 mod peer;
 
@@ -67,6 +68,7 @@ pub fn bind(
             .wrap_fn(access_log)
             .configure(inference::routes)
             .configure(kserve::routes)
+            .configure(openai::routes)
             .configure(|c| describe_api(c, openapi::inference))
     })
     .on_connect(peer::remember_socket)

@@ -4,9 +4,11 @@
 //! (BERT-family encoders, GPT-2) and token sampling.
 
 pub mod encoder;
+pub mod gguf;
 pub mod gpt2;
 mod json;
 pub mod layers;
+pub mod llama;
 pub mod sampling;
 pub mod weights;
 

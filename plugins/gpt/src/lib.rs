@@ -1,0 +1,622 @@
+//! The GPT handler: Llama-architecture text generation (TorchServe's GPT-fast handler, in
+//! Rust on libtorch).
+//!
+//! It serves a HuggingFace Llama checkpoint (`config.json` + safetensors + `tokenizer.json`) or
+//! a GGUF file (dequantized at load; its own vocabulary becomes the tokenizer unless a
+//! `tokenizer.json` is given). Requests come in TorchServe's format (`{"data": prompt,
+//! "max_new_tokens", "temperature", "top_k", ...}` → `{"generated_text"}`) or, through the host's
+//! OpenAI-compatible routes, as completions and chat completions. Tokens stream as they are
+//! generated: plain text chunks on `/predictions` (with `"stream": true`), OpenAI chunks that the
+//! host sends as server-sent events.
+//!
+//! Sequences of a batch run together: each has a slot of a KV cache allocated once at start-up
+//! (`batch_size` slots of `max_seq_len` positions), its prompt is prefilled into the slot, and
+//! then one forward pass per step decodes every running sequence. A sequence leaves the batch
+//! when it ends (end of sequence, a `stop` string, `max_new_tokens`) or its client goes away.
+//!
+//! `[handler]` keys: `model_file` (a `.gguf` in the archive; default: the only one, else the
+//! safetensors checkpoint), `model_path` (default `.`), `dtype` (`float32`), `max_seq_len`
+//! (default min(context, 2048)), `max_new_tokens` (default 256), `chat_template` (overrides the
+//! checkpoint's).
+
+mod api;
+mod text;
+
+use std::path::{Component, Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext};
+use cresset_plugin_api::{Capabilities, DeviceType, PluginError, Request, Response};
+use cresset_torch::gguf::Gguf;
+use cresset_torch::layers::{parse_dtype, HfConfig};
+use cresset_torch::llama::{Llama, SlotCache};
+use cresset_torch::sampling::{sample, Rng, SamplingParams};
+use cresset_torch::tch::{Device, Kind};
+use cresset_torch::tokenizers::Tokenizer;
+use cresset_torch::{InferenceMode, ModelError};
+use serde_json::Value;
+
+pub use api::{parse, Api, Finish, GenRequest, Prompt};
+pub use text::TextStream;
+
+fn model_err(e: ModelError) -> PluginError {
+    match e {
+        ModelError::Invalid(m) => PluginError::invalid_input(m),
+        ModelError::Unsupported(m) => PluginError::unsupported(m),
+        other => PluginError::internal(other.to_string()),
+    }
+}
+
+fn setting_str<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
+    match config.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be a string. Given: {v}"
+        ))),
+    }
+}
+
+fn setting_usize(
+    config: &Value,
+    key: &str,
+    default: usize,
+    max: usize,
+) -> Result<usize, PluginError> {
+    match config.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=max as u64).contains(n))
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                PluginError::invalid_input(format!(
+                    "`handler.{key}` must be an integer from 1 to {max}. Given: {v}"
+                ))
+            }),
+    }
+}
+
+fn inside(dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginError> {
+    let path = Path::new(rel);
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be a path inside the archive. Given: {rel:?}"
+        )));
+    }
+    Ok(dir.join(path))
+}
+
+/// A loaded model, its tokenizer and what generation needs from the checkpoint.
+pub struct Loaded {
+    /// The model.
+    pub model: Llama,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The chat template (Jinja), if the checkpoint has one.
+    pub chat_template: Option<String>,
+    /// Token ids that end a sequence.
+    pub eos_ids: Vec<i64>,
+    /// The BOS token text, for templates.
+    pub bos_token: String,
+    /// The EOS token text, for templates.
+    pub eos_token: String,
+}
+
+/// Load a Llama checkpoint folder: a `.gguf` (`model_file`, or the only one) or safetensors.
+pub fn load(
+    dir: &Path,
+    model_file: Option<&str>,
+    kind: Kind,
+    device: Device,
+) -> Result<Loaded, PluginError> {
+    let gguf_path = match model_file {
+        Some(f) => Some(inside(dir, "model_file", f)?),
+        None => {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| PluginError::internal(format!("cannot list {}: {e}", dir.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect();
+            found.sort();
+            match found.len() {
+                0 => None,
+                1 => found.pop(),
+                n => {
+                    return Err(PluginError::invalid_input(format!(
+                        "the archive has {n} .gguf files; name one in `handler.model_file`"
+                    )))
+                }
+            }
+        }
+    };
+    let tokenizer_json = dir.join("tokenizer.json");
+    let tokenizer_config: Option<Value> =
+        std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    let token_text = |key: &str| -> Option<String> {
+        let v = tokenizer_config.as_ref()?.get(key)?;
+        v.as_str()
+            .or_else(|| v.get("content").and_then(Value::as_str))
+            .map(str::to_owned)
+    };
+    let (model, tokenizer, template, mut eos_ids) = match gguf_path {
+        Some(path) => {
+            let gguf = Gguf::open(&path).map_err(model_err)?;
+            let model = Llama::load_gguf(&gguf, kind, device).map_err(model_err)?;
+            let tokenizer = if tokenizer_json.is_file() {
+                cresset_torch::load_tokenizer(dir).map_err(model_err)?
+            } else {
+                gguf.tokenizer().map_err(model_err)?
+            };
+            let template = gguf
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+            let eos: Vec<i64> = gguf
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(|v| v.as_u64())
+                .map(|v| vec![v as i64])
+                .unwrap_or_default();
+            (model, tokenizer, template, eos)
+        }
+        None => {
+            let hf = HfConfig::read(dir).map_err(model_err)?;
+            let model = Llama::load(dir, &hf, kind, device).map_err(model_err)?;
+            let tokenizer = cresset_torch::load_tokenizer(dir).map_err(model_err)?;
+            let template = token_text("chat_template");
+            let eos = cresset_torch::gpt2::generation_eos_ids(dir, &hf).map_err(model_err)?;
+            (model, tokenizer, template, eos)
+        }
+    };
+    let id_text = |id: i64| tokenizer.id_to_token(id as u32).unwrap_or_default();
+    let eos_token = token_text("eos_token")
+        .or_else(|| eos_ids.first().map(|&i| id_text(i)))
+        .unwrap_or_default();
+    let bos_token = token_text("bos_token").unwrap_or_default();
+    if let Some(id) = tokenizer.token_to_id(&eos_token) {
+        if !eos_ids.contains(&i64::from(id)) {
+            eos_ids.push(i64::from(id));
+        }
+    }
+    Ok(Loaded {
+        model,
+        tokenizer,
+        chat_template: template,
+        eos_ids,
+        bos_token,
+        eos_token,
+    })
+}
+
+/// Render chat messages with a Jinja chat template (HuggingFace's variables: `messages`,
+/// `add_generation_prompt`, `bos_token`, `eos_token`).
+pub fn render_chat(
+    template: &str,
+    messages: &[(String, String)],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, PluginError> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    env.add_template("chat", template).map_err(|e| {
+        PluginError::invalid_input(format!("the chat template does not parse: {e}"))
+    })?;
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+        .collect();
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+        })
+        .map_err(|e| {
+            PluginError::invalid_input(format!("`messages`: the chat template failed: {e}"))
+        })
+}
+
+/// One sequence being generated.
+struct Sequence {
+    /// Position in the batch.
+    index: usize,
+    request: GenRequest,
+    prompt_len: usize,
+    slot: usize,
+    max_new: usize,
+    history: Vec<i64>,
+    generated: usize,
+    rng: Rng,
+    text: TextStream,
+    finish: Option<Finish>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    chunks_sent: usize,
+}
+
+/// The GPT handler.
+pub struct GptHandler {
+    loaded: Loaded,
+    cache: SlotCache,
+    max_new_tokens: usize,
+    host: Host,
+    model_name: String,
+}
+
+impl GptHandler {
+    /// The model.
+    pub fn model(&self) -> &Llama {
+        &self.loaded.model
+    }
+
+    fn prompt_ids(&self, request: &GenRequest) -> Result<Vec<i64>, PluginError> {
+        let text = match &request.prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let template = self.loaded.chat_template.as_deref().ok_or_else(|| {
+                    PluginError::invalid_input(
+                        "this model has no chat template; use /v1/completions or set `handler.chat_template`",
+                    )
+                })?;
+                render_chat(
+                    template,
+                    messages,
+                    &self.loaded.bos_token,
+                    &self.loaded.eos_token,
+                )?
+            }
+        };
+        let encoding =
+            self.loaded.tokenizer.encode(text, false).map_err(|e| {
+                PluginError::invalid_input(format!("cannot tokenize the prompt: {e}"))
+            })?;
+        let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
+        if ids.is_empty() {
+            return Err(PluginError::invalid_input("the prompt has no tokens"));
+        }
+        Ok(ids)
+    }
+
+    fn start(
+        &self,
+        index: usize,
+        request: GenRequest,
+        slot: usize,
+    ) -> Result<(Sequence, Vec<i64>), PluginError> {
+        let ids = self.prompt_ids(&request)?;
+        let capacity = self.cache.capacity as usize;
+        let max_new = request
+            .max_new_tokens
+            .map(|n| n as usize)
+            .unwrap_or(self.max_new_tokens);
+        if ids.len() >= capacity {
+            return Err(PluginError::invalid_input(format!(
+                "the prompt is {} tokens long; the context holds {capacity}",
+                ids.len()
+            )));
+        }
+        // As OpenAI servers do, a budget that does not fit is cut to what the context holds.
+        let max_new = max_new.min(capacity - ids.len());
+        let rng = request
+            .seed
+            .map(Rng::seeded)
+            .unwrap_or_else(Rng::from_entropy);
+        let stops = request.stop.clone();
+        Ok((
+            Sequence {
+                index,
+                prompt_len: ids.len(),
+                slot,
+                max_new,
+                history: ids.clone(),
+                generated: 0,
+                rng,
+                text: TextStream::new(stops),
+                finish: (max_new == 0).then_some(Finish::Length),
+                started: Instant::now(),
+                first_token_at: None,
+                chunks_sent: 0,
+                request,
+            },
+            ids,
+        ))
+    }
+
+    /// Pick and record the next token of `seq` from its logits; stream what can be released.
+    fn advance(
+        &self,
+        seq: &mut Sequence,
+        mut logits: Vec<f32>,
+        ctx: &mut BatchContext<'_, '_>,
+        meta_id: &str,
+        created: u64,
+    ) {
+        let r = &seq.request;
+        let params = SamplingParams {
+            temperature: r.temperature as f32,
+            top_k: r.top_k as usize,
+            top_p: r.top_p as f32,
+            repetition_penalty: r.repetition_penalty as f32,
+        };
+        let token = sample(&mut logits, &params, &seq.history, &mut seq.rng);
+        seq.history.push(token);
+        seq.generated += 1;
+        if seq.first_token_at.is_none() {
+            seq.first_token_at = Some(Instant::now());
+        }
+        let eos = self.loaded.eos_ids.contains(&token);
+        let piece = if eos {
+            String::new()
+        } else {
+            seq.text.push(&self.loaded.tokenizer, token as u32)
+        };
+        if eos || seq.text.stopped() {
+            seq.finish = Some(Finish::Stop);
+        } else if seq.generated >= seq.max_new {
+            seq.finish = Some(Finish::Length);
+        }
+        let mut piece = piece;
+        if seq.finish.is_some() && !eos {
+            piece.push_str(&seq.text.finish(&self.loaded.tokenizer));
+        }
+        if seq.request.stream && !piece.is_empty() {
+            let meta = api::Meta {
+                id: meta_id,
+                created,
+                model: &self.model_name,
+            };
+            let chunk = match api::chunk(seq.request.api, &meta, &piece, seq.chunks_sent == 0) {
+                Some(v) => Response::json(&v),
+                None => Ok(Response::ok(
+                    "text/plain; charset=utf-8",
+                    piece.into_bytes(),
+                )),
+            };
+            if let Ok(chunk) = chunk {
+                seq.chunks_sent += 1;
+                if !ctx.send_chunk(seq.index, chunk) {
+                    seq.finish = Some(Finish::Stop);
+                }
+            }
+        }
+        if ctx.is_cancelled(seq.index) {
+            seq.finish = Some(Finish::Stop);
+        }
+    }
+
+    fn answer(&self, seq: &Sequence, meta_id: &str, created: u64) -> Result<Response, PluginError> {
+        let meta = api::Meta {
+            id: meta_id,
+            created,
+            model: &self.model_name,
+        };
+        let finish = seq.finish.unwrap_or(Finish::Length);
+        let (prompt, completion) = (seq.prompt_len, seq.generated);
+        if seq.request.stream {
+            return match api::stream_end(
+                seq.request.api,
+                &meta,
+                finish,
+                prompt,
+                completion,
+                seq.request.include_usage,
+            ) {
+                Some(v) => Response::json(&v),
+                None => Ok(Response::ok("text/plain; charset=utf-8", Vec::new())),
+            };
+        }
+        Response::json(&api::whole(
+            seq.request.api,
+            &meta,
+            seq.text.text(),
+            finish,
+            prompt,
+            completion,
+        ))
+    }
+
+    fn observe(&self, seq: &Sequence) {
+        let h = &self.host;
+        h.counter(
+            "cresset_generated_tokens_total",
+            "Tokens generated",
+            &[],
+            seq.generated as f64,
+        );
+        if let Some(first) = seq.first_token_at {
+            h.observe(
+                "cresset_time_to_first_token_seconds",
+                "From the start of a sequence's prefill to its first token",
+                &[],
+                (first - seq.started).as_secs_f64(),
+            );
+            if seq.generated > 1 {
+                h.observe(
+                    "cresset_time_per_output_token_seconds",
+                    "Mean time per generated token after the first",
+                    &[],
+                    first.elapsed().as_secs_f64() / (seq.generated - 1) as f64,
+                );
+            }
+        }
+    }
+}
+
+impl Handler for GptHandler {
+    const NAME: &'static str = "gpt";
+    const SUMMARY: &'static str =
+        "Llama-architecture text generation from safetensors or GGUF, streaming, OpenAI-compatible";
+    const CAPABILITIES: Capabilities = Capabilities::STREAMING;
+    type Input = ();
+    type Output = ();
+
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        let config = &ctx.handler_config;
+        let dir = inside(
+            &ctx.model_dir,
+            "model_path",
+            setting_str(config, "model_path")?.unwrap_or("."),
+        )?;
+        let kind =
+            parse_dtype(setting_str(config, "dtype")?.unwrap_or("float32")).map_err(model_err)?;
+        let (device, warning) = cresset_torch::select_device(
+            &ctx.assignment.device_ids,
+            ctx.assignment.device_type == DeviceType::GPU,
+        );
+        if let Some(w) = warning {
+            tracing::warn!(model = %ctx.model_name, "{w}");
+        }
+        if let Some(w) = cresset_torch::configure_threads(ctx.assignment.intra_op_threads) {
+            tracing::info!(model = %ctx.model_name, "{w}");
+        }
+        let mut loaded = load(&dir, setting_str(config, "model_file")?, kind, device)?;
+        if let Some(t) = setting_str(config, "chat_template")? {
+            loaded.chat_template = Some(t.to_owned());
+        }
+        let context = loaded.model.config.max_positions as usize;
+        let max_seq_len = setting_usize(config, "max_seq_len", context.min(2048), context)?;
+        let slots = ctx
+            .model_config
+            .get("batch_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .clamp(1, 256) as usize;
+        let cache = loaded.model.new_cache(slots, max_seq_len as i64);
+        tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?device, "gpt model loaded");
+        Ok(Self {
+            loaded,
+            cache,
+            max_new_tokens: setting_usize(config, "max_new_tokens", 256, 1 << 20)?,
+            host: ctx.host.clone(),
+            model_name: ctx.model_name.clone(),
+        })
+    }
+
+    fn preprocess(&mut self, _request: &Request) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn inference(
+        &mut self,
+        batch: Vec<()>,
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<()>, PluginError> {
+        Ok(batch)
+    }
+
+    fn postprocess(&mut self, _output: ()) -> Result<Response, PluginError> {
+        Err(PluginError::internal("the gpt handler answers in `handle`"))
+    }
+
+    fn handle(
+        &mut self,
+        requests: &[Request],
+        ctx: &mut BatchContext<'_, '_>,
+    ) -> Vec<Result<Response, PluginError>> {
+        let mut results: Vec<Option<Result<Response, PluginError>>> =
+            requests.iter().map(|_| None).collect();
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let slots = self.cache.slots();
+        let _mode = InferenceMode::enter();
+        // In waves of at most `slots` sequences (the host's batch_size equals the slot count).
+        let mut pending: Vec<usize> = (0..requests.len()).collect();
+        while !pending.is_empty() {
+            let wave: Vec<usize> = pending.drain(..pending.len().min(slots)).collect();
+            let mut seqs: Vec<Sequence> = Vec::new();
+            for (slot, &i) in wave.iter().enumerate() {
+                let started = api::parse(&requests[i]).and_then(|r| self.start(i, r, slot));
+                match started {
+                    Ok((mut seq, ids)) => {
+                        self.cache.lens[slot] = 0;
+                        // Prefill this sequence into its slot; its first token comes from it.
+                        let logits = self
+                            .loaded
+                            .model
+                            .forward(&[slot], &[ids], &mut self.cache, true)
+                            .and_then(|l| {
+                                Ok(Vec::<f32>::try_from(l.to_kind(Kind::Float).view([-1]))?)
+                            });
+                        match logits {
+                            Ok(l) if seq.finish.is_none() => {
+                                self.advance(&mut seq, l, ctx, &requests[i].id, created);
+                                seqs.push(seq);
+                            }
+                            Ok(_) => seqs.push(seq),
+                            Err(e) => results[i] = Some(Err(model_err(e))),
+                        }
+                    }
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+            // Decode: one forward pass per step for every running sequence.
+            loop {
+                let running: Vec<usize> = (0..seqs.len())
+                    .filter(|&k| seqs[k].finish.is_none())
+                    .collect();
+                if running.is_empty() {
+                    break;
+                }
+                let rows: Vec<usize> = running.iter().map(|&k| seqs[k].slot).collect();
+                let tokens: Vec<Vec<i64>> = running
+                    .iter()
+                    .map(|&k| vec![seqs[k].history.last().copied().unwrap_or(0)])
+                    .collect();
+                let step = self
+                    .loaded
+                    .model
+                    .forward(&rows, &tokens, &mut self.cache, true)
+                    .and_then(|l| {
+                        Ok(Vec::<Vec<f32>>::try_from(
+                            l.to_kind(Kind::Float).squeeze_dim(1),
+                        )?)
+                    });
+                match step {
+                    Ok(all) => {
+                        for (&k, logits) in running.iter().zip(all) {
+                            let id = &requests[seqs[k].index].id;
+                            self.advance(&mut seqs[k], logits, ctx, id, created);
+                        }
+                    }
+                    Err(e) => {
+                        for &k in &running {
+                            seqs[k].finish = Some(Finish::Stop);
+                            results[seqs[k].index] =
+                                Some(Err(model_err(ModelError::Invalid(e.to_string()))));
+                        }
+                    }
+                }
+            }
+            for seq in &seqs {
+                self.observe(seq);
+                if results[seq.index].is_none() {
+                    results[seq.index] = Some(self.answer(seq, &requests[seq.index].id, created));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(PluginError::internal("no answer: this is a bug"))))
+            .collect()
+    }
+}
+
+cresset_plugin_api::export_handler!(GptHandler);

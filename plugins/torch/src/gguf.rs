@@ -1,0 +1,554 @@
+//! GGUF files (llama.cpp's format): metadata, tensor directory, and dequantization of F32,
+//! F16, BF16, Q8_0, Q4_0 and Q4_1 tensors at load, so that users of the llama.cpp ecosystem can
+//! serve the files they already have.
+//!
+//! The file is memory-mapped; the header is parsed as hostile input (every count, length and
+//! offset is checked against the file before use).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::ModelError;
+
+const MAGIC: u32 = 0x4655_4747; // "GGUF", little-endian
+const DEFAULT_ALIGNMENT: u64 = 32;
+/// Block of 32 weights for the quantized types this reader supports.
+const QK: usize = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Any unsigned integer type.
+    Uint(u64),
+    /// Any signed integer type.
+    Int(i64),
+    /// F32 or F64.
+    Float(f64),
+    /// BOOL.
+    Bool(bool),
+    /// STRING.
+    String(String),
+    /// ARRAY.
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// As an unsigned integer, if it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Self::Uint(v) => Some(*v),
+            Self::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+
+    /// As a float, if it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Self::Float(v) => Some(*v),
+            Self::Uint(v) => Some(*v as f64),
+            Self::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+
+    /// As a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// As an array.
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Self::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// The ggml tensor types this reader can dequantize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// 8-bit blocks of 32 with an f16 scale.
+    Q8_0,
+    /// 4-bit blocks of 32 with an f16 scale (values − 8).
+    Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and an f16 minimum.
+    Q4_1,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Bytes for `n` elements (`n` a multiple of 32 for block types).
+    fn bytes_for(self, n: u64) -> Option<u64> {
+        let block = |bytes: u64| (n % QK as u64 == 0).then(|| n / QK as u64 * bytes);
+        match self {
+            Self::F32 => n.checked_mul(4),
+            Self::F16 | Self::BF16 => n.checked_mul(2),
+            Self::Q8_0 => block(34),
+            Self::Q4_0 => block(18),
+            Self::Q4_1 => block(20),
+        }
+    }
+}
+
+/// One tensor's directory entry.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Shape in PyTorch order (outermost first; GGUF stores it innermost first).
+    pub shape: Vec<i64>,
+    /// Element type.
+    pub ggml_type: GgmlType,
+    /// Absolute byte offset in the file.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// A parsed GGUF file.
+pub struct Gguf {
+    /// Metadata by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    map: memmap2::Mmap,
+    path: PathBuf,
+}
+
+fn bad(path: &Path, message: impl std::fmt::Display) -> ModelError {
+    ModelError::Checkpoint(format!("{}: {message}", path.display()))
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: u64) -> Result<&[u8], ModelError> {
+        let n = usize::try_from(n).map_err(|_| bad(self.path, "length overflows"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| bad(self.path, format!("truncated header at byte {}", self.pos)))?;
+        let slice = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ModelError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N as u64)?);
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32, ModelError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, ModelError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn string(&mut self) -> Result<String, ModelError> {
+        let len = self.u64()?;
+        let bytes = self.take(len)?;
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+    fn value(&mut self, kind: u32, depth: u32) -> Result<Value, ModelError> {
+        Ok(match kind {
+            0 => Value::Uint(u64::from(self.array::<1>()?[0])),
+            1 => Value::Int(i64::from(self.array::<1>()?[0] as i8)),
+            2 => Value::Uint(u64::from(u16::from_le_bytes(self.array()?))),
+            3 => Value::Int(i64::from(i16::from_le_bytes(self.array()?))),
+            4 => Value::Uint(u64::from(self.u32()?)),
+            5 => Value::Int(i64::from(i32::from_le_bytes(self.array()?))),
+            6 => Value::Float(f64::from(f32::from_le_bytes(self.array()?))),
+            7 => Value::Bool(self.array::<1>()?[0] != 0),
+            8 => Value::String(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err(bad(self.path, "arrays nested too deeply"));
+                }
+                let inner = self.u32()?;
+                let count = self.u64()?;
+                // Every element takes at least one byte: a count beyond the file is a lie.
+                if count > (self.bytes.len() - self.pos) as u64 {
+                    return Err(bad(
+                        self.path,
+                        format!("array of {count} elements is larger than the file"),
+                    ));
+                }
+                let mut items = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    items.push(self.value(inner, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::Uint(self.u64()?),
+            11 => Value::Int(i64::from_le_bytes(self.array()?)),
+            12 => Value::Float(f64::from_le_bytes(self.array()?)),
+            other => return Err(bad(self.path, format!("unknown metadata type {other}"))),
+        })
+    }
+}
+
+impl Gguf {
+    /// Open and parse a GGUF file (version 2 or 3).
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let file = File::open(path).map_err(|e| bad(path, e))?;
+        // SAFETY: read-only private mapping of a staged model file that nothing writes while it
+        // is loaded; tensors are copied out of it before use.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(path, e))?;
+        let mut c = Cursor {
+            bytes: &map,
+            pos: 0,
+            path,
+        };
+        if c.u32()? != MAGIC {
+            return Err(bad(path, "not a GGUF file (bad magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(bad(
+                path,
+                format!("GGUF version {version} is not supported (2 or 3)"),
+            ));
+        }
+        let tensor_count = c.u64()?;
+        let kv_count = c.u64()?;
+        if tensor_count > 1 << 20 || kv_count > 1 << 20 {
+            return Err(bad(path, "implausible tensor or metadata count"));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..kv_count {
+            let key = c.string()?;
+            let kind = c.u32()?;
+            metadata.insert(key, c.value(kind, 0)?);
+        }
+        let mut raw = Vec::new();
+        for _ in 0..tensor_count {
+            let name = c.string()?;
+            let dims = c.u32()?;
+            if dims == 0 || dims > 4 {
+                return Err(bad(path, format!("tensor `{name}` has {dims} dimensions")));
+            }
+            let mut shape = Vec::new();
+            for _ in 0..dims {
+                shape.push(c.u64()?);
+            }
+            let type_id = c.u32()?;
+            let offset = c.u64()?;
+            raw.push((name, shape, type_id, offset));
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .filter(|a| a.is_power_of_two())
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
+        let file_len = map.len() as u64;
+        let mut tensors = BTreeMap::new();
+        for (name, dims, type_id, offset) in raw {
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+                bad(path, format!("tensor `{name}` has ggml type {type_id}, which Cresset cannot dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1)"))
+            })?;
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .filter(|&n| n > 0 && n < 1 << 40)
+                .ok_or_else(|| bad(path, format!("tensor `{name}` has shape {dims:?}")))?;
+            let size = ggml_type.bytes_for(numel).ok_or_else(|| {
+                bad(
+                    path,
+                    format!("tensor `{name}`: {numel} elements do not fill whole blocks"),
+                )
+            })?;
+            let start = data_start
+                .checked_add(offset)
+                .filter(|s| s.checked_add(size).is_some_and(|e| e <= file_len))
+                .ok_or_else(|| bad(path, format!("tensor `{name}` lies outside the file")))?;
+            let shape = dims.iter().rev().map(|&d| d as i64).collect();
+            tensors.insert(
+                name,
+                TensorInfo {
+                    shape,
+                    ggml_type,
+                    offset: start,
+                    size,
+                },
+            );
+        }
+        Ok(Self {
+            metadata,
+            tensors,
+            map,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// A required unsigned metadata value.
+    pub fn u64(&self, key: &str) -> Result<u64, ModelError> {
+        self.get(key).and_then(Value::as_u64).ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("metadata `{key}` is missing or not an integer"),
+            )
+        })
+    }
+
+    /// A required string metadata value.
+    pub fn str(&self, key: &str) -> Result<&str, ModelError> {
+        self.get(key).and_then(Value::as_str).ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("metadata `{key}` is missing or not a string"),
+            )
+        })
+    }
+
+    /// Dequantize a tensor into a `kind` tensor on `device`.
+    pub fn tensor(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor, ModelError> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad(&self.path, format!("the file has no tensor `{name}`")))?;
+        let bytes = &self.map[info.offset as usize..(info.offset + info.size) as usize];
+        let tensor = match info.ggml_type {
+            GgmlType::F32 => Tensor::f_from_data_size(bytes, &info.shape, Kind::Float)?,
+            GgmlType::F16 => Tensor::f_from_data_size(bytes, &info.shape, Kind::Half)?,
+            GgmlType::BF16 => Tensor::f_from_data_size(bytes, &info.shape, Kind::BFloat16)?,
+            quantized => {
+                Tensor::from_slice(&dequantize(quantized, bytes)).view(info.shape.as_slice())
+            }
+        };
+        Ok(tensor.to_kind(kind).to_device(device))
+    }
+}
+
+impl Gguf {
+    /// Build the tokenizer a GGUF file describes (`tokenizer.ggml.*`): byte-level BPE
+    /// (`tokenizer.ggml.model = "gpt2"`) with its vocabulary and merges, the pre-tokenizer its
+    /// `tokenizer.ggml.pre` names, and control tokens as special tokens. SentencePiece
+    /// vocabularies need a `tokenizer.json` beside the file instead.
+    pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer, ModelError> {
+        use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+        use tokenizers::models::bpe::BPE;
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        use tokenizers::pre_tokenizers::digits::Digits;
+        use tokenizers::pre_tokenizers::sequence::Sequence;
+        use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+        use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+        use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+        let model = self.str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(ModelError::Tokenizer(format!(
+                "GGUF tokenizer model {model:?} is not byte-level BPE (gpt2); put a tokenizer.json beside the file"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>, ModelError> {
+            self.get(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad(&self.path, format!("metadata `{key}` is missing")))?
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| bad(&self.path, format!("`{key}` holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect();
+        let types: Vec<u64> = self
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| ModelError::Tokenizer(format!("GGUF vocabulary: {e}")))?;
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre: PreTokenizerWrapper = match self.get("tokenizer.ggml.pre").and_then(Value::as_str)
+        {
+            None | Some("gpt2") | Some("default") => byte_level.into(),
+            Some("smollm") | Some("starcoder") | Some("refact") => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            Some("llama-bpe") | Some("llama3") => {
+                let split = Split::new(
+                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
+            }
+            Some(other) => return Err(ModelError::Tokenizer(format!(
+                "GGUF pre-tokenizer {other:?} is not known (gpt2, smollm, starcoder, llama-bpe); \
+                     put a tokenizer.json beside the file"
+            ))),
+        };
+        let mut tokenizer = tokenizers::Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(pre));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched whole before BPE.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == 3 || t == 4)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == 3))
+            .collect();
+        tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(tokenizer)
+    }
+}
+
+/// Llama 3's pre-tokenizer split (llama.cpp's `llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn f16(bytes: [u8; 2]) -> f32 {
+    half::f16::from_le_bytes(bytes).to_f32()
+}
+
+/// Dequantize whole blocks of a quantized type to f32.
+pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    let (block_bytes, mut out) = match kind {
+        GgmlType::Q8_0 => (34, Vec::with_capacity(bytes.len() / 34 * QK)),
+        GgmlType::Q4_0 => (18, Vec::with_capacity(bytes.len() / 18 * QK)),
+        GgmlType::Q4_1 => (20, Vec::with_capacity(bytes.len() / 20 * QK)),
+        _ => return Vec::new(),
+    };
+    for block in bytes.chunks_exact(block_bytes) {
+        let d = f16([block[0], block[1]]);
+        match kind {
+            GgmlType::Q8_0 => out.extend(block[2..34].iter().map(|&q| f32::from(q as i8) * d)),
+            GgmlType::Q4_0 => {
+                let qs = &block[2..18];
+                out.extend(qs.iter().map(|&q| (f32::from(q & 0x0F) - 8.0) * d));
+                out.extend(qs.iter().map(|&q| (f32::from(q >> 4) - 8.0) * d));
+            }
+            GgmlType::Q4_1 => {
+                let m = f16([block[2], block[3]]);
+                let qs = &block[4..20];
+                out.extend(qs.iter().map(|&q| f32::from(q & 0x0F) * d + m));
+                out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Undo llama.cpp's row permutation of a q or k projection (`[heads × head_dim, in]`): its
+/// converter interleaves the two rotary halves of each head; HuggingFace keeps them apart.
+pub fn unpermute_qk(weight: &Tensor, heads: i64) -> Tensor {
+    let size = weight.size();
+    let (rows, cols) = (size[0], size[1]);
+    weight
+        .reshape([heads, rows / heads / 2, 2, cols])
+        .swapaxes(1, 2)
+        .reshape([rows, cols])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_dequantize_as_ggml_defines_them() {
+        let d = half::f16::from_f32(0.5).to_le_bytes();
+        let m = half::f16::from_f32(-1.0).to_le_bytes();
+        // Q8_0: scale, then 32 signed bytes.
+        let mut q8 = d.to_vec();
+        q8.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let out = dequantize(GgmlType::Q8_0, &q8);
+        assert_eq!(out[0], -8.0);
+        assert_eq!(out[31], 7.5);
+        // Q4_0: low nibbles are elements 0..16, high nibbles 16..32, both minus 8.
+        let mut q4 = d.to_vec();
+        q4.extend((0..16).map(|i| (i as u8) | (15 - i as u8) << 4));
+        let out = dequantize(GgmlType::Q4_0, &q4);
+        assert_eq!((out[0], out[15], out[16], out[31]), (-4.0, 3.5, 3.5, -4.0));
+        // Q4_1: value * d + m.
+        let mut q41 = d.to_vec();
+        q41.extend_from_slice(&m);
+        q41.extend((0..16).map(|i| (i as u8) | (15 - i as u8) << 4));
+        let out = dequantize(GgmlType::Q4_1, &q41);
+        assert_eq!((out[0], out[15], out[16], out[31]), (-1.0, 6.5, 6.5, -1.0));
+    }
+
+    #[test]
+    fn the_qk_permutation_is_undone() {
+        // llama.cpp: w.reshape(heads, 2, rows/heads/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let hf = Tensor::arange(8 * 2, (Kind::Float, Device::Cpu)).view([8, 2]);
+        let permuted = hf.reshape([2, 2, 2, 2]).swapaxes(1, 2).reshape([8, 2]);
+        assert!(unpermute_qk(&permuted, 2).equal(&hf));
+    }
+
+    #[test]
+    fn hostile_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.gguf");
+        let mut bytes = MAGIC.to_le_bytes().to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(0u64.to_le_bytes());
+        bytes.extend(1u64.to_le_bytes());
+        // One key whose string claims a huge length.
+        bytes.extend(u64::MAX.to_le_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        let err = Gguf::open(&path).err().expect("refused");
+        assert!(
+            err.to_string().contains("truncated") || err.to_string().contains("overflow"),
+            "{err}"
+        );
+        std::fs::write(&path, b"GGML....").expect("write");
+        assert!(Gguf::open(&path)
+            .err()
+            .expect("refused")
+            .to_string()
+            .contains("magic"));
+    }
+}

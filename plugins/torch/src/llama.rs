@@ -1,0 +1,742 @@
+//! The Llama architecture (`LlamaForCausalLM`): RMSNorm, rotary position embeddings (with the
+//! `rope_scaling` types Llama 3 uses), SwiGLU, grouped-query attention, tied or untied
+//! embeddings. Weights come from a HuggingFace checkpoint (`config.json` + safetensors) or a
+//! GGUF file (dequantized at load, llama.cpp's q/k row permutation undone).
+//!
+//! The KV cache ([`SlotCache`]) is allocated once with one slot per running sequence; a step
+//! writes each sequence's new keys and values at its own position, in place, and reads the
+//! rows as a view when the running slots are `0..n` (a gather otherwise).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::gguf::{unpermute_qk, Gguf};
+use crate::layers::{HfConfig, Linear};
+use crate::weights::Weights;
+use crate::ModelError;
+
+/// How rotary frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1's scheme: low frequencies divided by `factor`, high ones kept, a smooth ramp
+    /// between.
+    Llama3 {
+        /// Scale of the low frequencies.
+        factor: f64,
+        /// Wavelength bound (in units of the original context) of the low band.
+        low_freq_factor: f64,
+        /// Wavelength bound of the high band.
+        high_freq_factor: f64,
+        /// The context the model was trained with.
+        original_max_position_embeddings: f64,
+    },
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+}
+
+/// Llama's sizes.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// Hidden size.
+    pub hidden: i64,
+    /// Decoder layers.
+    pub layers: i64,
+    /// Query heads.
+    pub heads: i64,
+    /// Key/value heads (fewer than `heads` with grouped-query attention).
+    pub kv_heads: i64,
+    /// Per-head size.
+    pub head_dim: i64,
+    /// SwiGLU inner size.
+    pub intermediate: i64,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE rescaling, if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Context length.
+    pub max_positions: i64,
+    /// Whether the output projection is the embedding matrix.
+    pub tie_embeddings: bool,
+    /// Whether q/k/v/o projections have biases (Qwen-style checkpoints).
+    pub attention_bias: bool,
+}
+
+impl LlamaConfig {
+    /// From a HuggingFace `config.json`.
+    pub fn from_hf(config: &HfConfig) -> Result<Self, ModelError> {
+        match config.opt_str("model_type")? {
+            Some("llama") | Some("mistral") => {}
+            other => {
+                return Err(ModelError::Config(format!(
+                    "model_type {other:?} is not llama"
+                )))
+            }
+        }
+        if !matches!(config.opt_str("hidden_act")?, None | Some("silu")) {
+            return Err(ModelError::Config(
+                "llama: only hidden_act \"silu\" is supported".into(),
+            ));
+        }
+        let hidden = config.usize("hidden_size")?;
+        let heads = config.usize("num_attention_heads")?;
+        // transformers 5 writes `rope_parameters` (theta and type together); older configs
+        // have `rope_theta` and `rope_scaling`.
+        let params = config
+            .value()
+            .get("rope_parameters")
+            .filter(|v| v.is_object());
+        let scaling =
+            params.or_else(|| config.value().get("rope_scaling").filter(|v| v.is_object()));
+        let rope_scaling = match scaling {
+            Some(v) => parse_rope_scaling(v)?,
+            None => None,
+        };
+        let rope_theta = match params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+        {
+            Some(theta) => theta,
+            None => config.opt_f64("rope_theta")?.unwrap_or(10000.0),
+        };
+        if config.opt_bool("mlp_bias")? == Some(true) {
+            return Err(ModelError::Config(
+                "llama: mlp_bias is not supported".into(),
+            ));
+        }
+        Ok(Self {
+            vocab_size: config.usize("vocab_size")?,
+            hidden,
+            layers: config.usize("num_hidden_layers")?,
+            heads,
+            kv_heads: config.opt_usize("num_key_value_heads")?.unwrap_or(heads),
+            head_dim: config.opt_usize("head_dim")?.unwrap_or(hidden / heads),
+            intermediate: config.usize("intermediate_size")?,
+            eps: config.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_positions: config.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            tie_embeddings: config.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: config.opt_bool("attention_bias")?.unwrap_or(false),
+        })
+    }
+
+    /// From a GGUF file's `llama.*` metadata.
+    pub fn from_gguf(gguf: &Gguf) -> Result<Self, ModelError> {
+        let arch = gguf.str("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::Config(format!(
+                "GGUF architecture {arch:?} is not llama"
+            )));
+        }
+        let int = |key: &str| gguf.u64(&format!("llama.{key}")).map(|v| v as i64);
+        let hidden = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let float = |key: &str| gguf.get(&format!("llama.{key}")).and_then(|v| v.as_f64());
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => gguf
+                .get("tokenizer.ggml.tokens")
+                .and_then(|t| t.as_array())
+                .map(|t| t.len() as i64)
+                .ok_or_else(|| ModelError::Config("GGUF has no vocabulary size".into()))?,
+        };
+        let rope_scaling = match gguf.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+            Some("linear") => Some(RopeScaling::Linear {
+                factor: float("rope.scaling.factor").unwrap_or(1.0),
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            vocab_size,
+            hidden,
+            layers: int("block_count")?,
+            heads,
+            kv_heads: int("attention.head_count_kv").unwrap_or(heads),
+            head_dim: int("rope.dimension_count").unwrap_or(hidden / heads),
+            intermediate: int("feed_forward_length")?,
+            eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: float("rope.freq_base").unwrap_or(10000.0),
+            rope_scaling,
+            max_positions: int("context_length")?,
+            tie_embeddings: !gguf.tensors.contains_key("output.weight"),
+            attention_bias: false,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
+            return Err(ModelError::Config(format!(
+                "{} query heads cannot share {} key/value heads (or head_dim {} is odd)",
+                self.heads, self.kv_heads, self.head_dim
+            )));
+        }
+        if self.layers > 1024 || self.max_positions > 1 << 22 {
+            return Err(ModelError::Config(
+                "implausible layer count or context length".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The inverse frequencies of the rotary embedding, `[head_dim / 2]`.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim as f64;
+        let base: Vec<f64> = (0..self.head_dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d))
+            .collect();
+        match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            }) => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn parse_rope_scaling(v: &serde_json::Value) -> Result<Option<RopeScaling>, ModelError> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
+    let num = |key: &str, default: Option<f64>| {
+        v.get(key)
+            .and_then(|x| x.as_f64())
+            .or(default)
+            .ok_or_else(|| ModelError::Config(format!("rope scaling: `{key}` is missing")))
+    };
+    match kind {
+        "default" => Ok(None),
+        "llama3" => Ok(Some(RopeScaling::Llama3 {
+            factor: num("factor", None)?,
+            low_freq_factor: num("low_freq_factor", Some(1.0))?,
+            high_freq_factor: num("high_freq_factor", Some(4.0))?,
+            original_max_position_embeddings: num(
+                "original_max_position_embeddings",
+                Some(8192.0),
+            )?,
+        })),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor", None)?,
+        })),
+        other => Err(ModelError::Config(format!(
+            "rope scaling type {other:?} is not supported (default, llama3, linear)"
+        ))),
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    qkv: Linear,
+    o_proj: Linear,
+    post_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// A loaded Llama.
+pub struct Llama {
+    /// Its configuration.
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// `[max_positions, head_dim]` cos and sin tables, in the model's dtype.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    kind: Kind,
+}
+
+/// Per-layer caches of keys and values, `[slots, kv_heads, capacity, head_dim]`, allocated
+/// once. Each slot holds one sequence; `lens[slot]` positions of it are filled.
+pub struct SlotCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    /// Filled positions per slot.
+    pub lens: Vec<i64>,
+    /// Positions per slot.
+    pub capacity: i64,
+}
+
+impl SlotCache {
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let variance = xf
+        .pow_tensor_scalar(2)
+        .mean_dim([-1i64].as_slice(), true, Kind::Float);
+    let normed = (xf * (variance + eps).rsqrt()).to_kind(kind);
+    weight * normed
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+impl Llama {
+    /// Load from a HuggingFace checkpoint directory.
+    pub fn load(
+        dir: &Path,
+        config: &HfConfig,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_hf(config)?;
+        cfg.validate()?;
+        let mut w = Weights::load(dir, kind, device)?;
+        let mut take = |name: &str, shape: &[i64]| w.take(name, shape);
+        let mut tensors = HashMap::new();
+        for (name, shape) in weight_shapes(&cfg) {
+            let hf = hf_name(&name);
+            let t = if name == "lm_head" && cfg.tie_embeddings {
+                continue;
+            } else {
+                take(&hf, &shape)?
+            };
+            tensors.insert(name, t);
+        }
+        if cfg.attention_bias {
+            let kv = cfg.kv_heads * cfg.head_dim;
+            for l in 0..cfg.layers {
+                for (p, n) in [("q", cfg.heads * cfg.head_dim), ("k", kv), ("v", kv)] {
+                    let t = take(&format!("model.layers.{l}.self_attn.{p}_proj.bias"), &[n])?;
+                    tensors.insert(format!("{l}.{p}.bias"), t);
+                }
+            }
+        }
+        Self::assemble(cfg, tensors, kind, device)
+    }
+
+    /// Load from a GGUF file, dequantizing to `kind`.
+    pub fn load_gguf(gguf: &Gguf, kind: Kind, device: Device) -> Result<Self, ModelError> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        cfg.validate()?;
+        let mut tensors = HashMap::new();
+        for (name, shape) in weight_shapes(&cfg) {
+            if name == "lm_head" && cfg.tie_embeddings {
+                continue;
+            }
+            let t = gguf.tensor(&gguf_name(&name), kind, device)?;
+            if t.size() != shape {
+                return Err(ModelError::Checkpoint(format!(
+                    "GGUF tensor for {name} has shape {:?}, the metadata implies {shape:?}",
+                    t.size()
+                )));
+            }
+            let t = if name.ends_with(".q") {
+                unpermute_qk(&t, cfg.heads)
+            } else if name.ends_with(".k") {
+                unpermute_qk(&t, cfg.kv_heads)
+            } else {
+                t
+            };
+            tensors.insert(name, t);
+        }
+        Self::assemble(cfg, tensors, kind, device)
+    }
+
+    fn assemble(
+        cfg: LlamaConfig,
+        mut t: HashMap<String, Tensor>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let mut get = |name: &str| {
+            t.remove(name)
+                .ok_or_else(|| ModelError::Checkpoint(format!("missing weight {name}")))
+        };
+        let embed = get("embed")?;
+        let mut layers = Vec::new();
+        for l in 0..cfg.layers {
+            let mut bias = |p: &str| t_bias(&mut get, &format!("{l}.{p}.bias"), cfg.attention_bias);
+            let (qb, kb, vb) = (bias("q")?, bias("k")?, bias("v")?);
+            let q = Linear {
+                weight: get(&format!("{l}.q"))?,
+                bias: qb,
+            };
+            let k = Linear {
+                weight: get(&format!("{l}.k"))?,
+                bias: kb,
+            };
+            let v = Linear {
+                weight: get(&format!("{l}.v"))?,
+                bias: vb,
+            };
+            let gate = Linear {
+                weight: get(&format!("{l}.gate"))?,
+                bias: None,
+            };
+            let up = Linear {
+                weight: get(&format!("{l}.up"))?,
+                bias: None,
+            };
+            layers.push(Layer {
+                input_norm: get(&format!("{l}.input_norm"))?,
+                qkv: Linear::fuse(&[q, k, v]),
+                o_proj: Linear {
+                    weight: get(&format!("{l}.o"))?,
+                    bias: None,
+                },
+                post_norm: get(&format!("{l}.post_norm"))?,
+                gate_up: Linear::fuse(&[gate, up]),
+                down: Linear {
+                    weight: get(&format!("{l}.down"))?,
+                    bias: None,
+                },
+            });
+        }
+        let norm = get("norm")?;
+        let lm_head = if cfg.tie_embeddings {
+            embed.shallow_clone()
+        } else {
+            get("lm_head")?
+        };
+        let inv_freq = Tensor::from_slice(&cfg.inv_freq()).to_kind(Kind::Float);
+        let positions = Tensor::arange(cfg.max_positions, (Kind::Float, Device::Cpu));
+        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let cos = emb.cos().to_kind(kind).to_device(device);
+        let sin = emb.sin().to_kind(kind).to_device(device);
+        Ok(Self {
+            config: cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device,
+            kind,
+        })
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// An empty cache of `slots` sequences of up to `capacity` positions each.
+    pub fn new_cache(&self, slots: usize, capacity: i64) -> SlotCache {
+        let shape = [
+            slots as i64,
+            self.config.kv_heads,
+            capacity,
+            self.config.head_dim,
+        ];
+        let make = || {
+            (0..self.config.layers)
+                .map(|_| Tensor::zeros(shape, (self.kind, self.device)))
+                .collect()
+        };
+        SlotCache {
+            keys: make(),
+            values: make(),
+            lens: vec![0; slots],
+            capacity,
+        }
+    }
+
+    /// Run `tokens[i]` (new tokens of the sequence in slot `slots[i]`, all rows the same
+    /// length `s`) after what each slot holds, and return the logits of every new position,
+    /// `[rows, s, vocab]` (or only the last, `[rows, 1, vocab]`, with `last_only`). Advances
+    /// each slot by `s`. Rows must be distinct slots.
+    pub fn forward(
+        &self,
+        slots: &[usize],
+        tokens: &[Vec<i64>],
+        cache: &mut SlotCache,
+        last_only: bool,
+    ) -> Result<Tensor, ModelError> {
+        let rows = slots.len() as i64;
+        let s = tokens.first().map(|t| t.len()).unwrap_or(0) as i64;
+        if rows == 0 || s == 0 || tokens.iter().any(|t| t.len() as i64 != s) {
+            return Err(ModelError::Invalid(
+                "a step needs rows of equal, non-zero length".into(),
+            ));
+        }
+        let starts: Vec<i64> = slots
+            .iter()
+            .map(|&slot| {
+                cache
+                    .lens
+                    .get(slot)
+                    .copied()
+                    .ok_or_else(|| ModelError::Invalid(format!("no slot {slot}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let end = starts.iter().map(|p| p + s).max().unwrap_or(s);
+        if end > cache.capacity || end > self.config.max_positions {
+            return Err(ModelError::Invalid(format!(
+                "the sequence needs {end} positions; the cache holds {} and the model {}",
+                cache.capacity, self.config.max_positions
+            )));
+        }
+        let (h, hd) = (self.config.heads, self.config.head_dim);
+        let kvh = self.config.kv_heads;
+        let dev = self.device;
+        let ids: Vec<i64> = tokens.iter().flatten().copied().collect();
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= self.config.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let ids = Tensor::from_slice(&ids).view([rows, s]).to_device(dev);
+        // Absolute positions of the new tokens, per row: [rows, s].
+        let pos: Vec<i64> = starts.iter().flat_map(|&p| p..p + s).collect();
+        let pos = Tensor::from_slice(&pos).view([rows, s]).to_device(dev);
+        let cos = self
+            .cos
+            .index_select(0, &pos.view([-1]))
+            .view([rows, 1, s, hd]);
+        let sin = self
+            .sin
+            .index_select(0, &pos.view([-1]))
+            .view([rows, 1, s, hd]);
+        // Keys visible to each query: positions ≤ the query's own, within the row's sequence.
+        let key_pos = Tensor::arange(end, (Kind::Int64, dev)).view([1, 1, end]);
+        let mask = key_pos.le_tensor(&pos.unsqueeze(-1)).unsqueeze(1); // [rows, 1, s, end]
+        let slot_index =
+            Tensor::from_slice(&slots.iter().map(|&x| x as i64).collect::<Vec<_>>()).to_device(dev);
+        let contiguous = is_prefix(slots);
+        let mut x = Tensor::embedding(&self.embed, &ids, -1, false, false);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&x, &layer.input_norm, self.config.eps);
+            let qkv = layer.qkv.forward(&normed);
+            let q = qkv
+                .narrow(-1, 0, h * hd)
+                .view([rows, s, h, hd])
+                .transpose(1, 2);
+            let k = qkv
+                .narrow(-1, h * hd, kvh * hd)
+                .view([rows, s, kvh, hd])
+                .transpose(1, 2);
+            let v = qkv
+                .narrow(-1, (h + kvh) * hd, kvh * hd)
+                .view([rows, s, kvh, hd])
+                .transpose(1, 2);
+            let q = &q * &cos + rotate_half(&q) * &sin;
+            let k = &k * &cos + rotate_half(&k) * &sin;
+            // Write each row's new keys and values into its slot, in place.
+            for (row, (&slot, &start)) in slots.iter().zip(&starts).enumerate() {
+                let row = row as i64;
+                cache.keys[l]
+                    .get(slot as i64)
+                    .narrow(1, start, s)
+                    .copy_(&k.get(row));
+                cache.values[l]
+                    .get(slot as i64)
+                    .narrow(1, start, s)
+                    .copy_(&v.get(row));
+            }
+            // Read this step's rows: a view when the slots are 0..rows, else a gather.
+            let (keys, values) = if contiguous {
+                (
+                    cache.keys[l].narrow(0, 0, rows).narrow(2, 0, end),
+                    cache.values[l].narrow(0, 0, rows).narrow(2, 0, end),
+                )
+            } else {
+                (
+                    cache.keys[l].index_select(0, &slot_index).narrow(2, 0, end),
+                    cache.values[l]
+                        .index_select(0, &slot_index)
+                        .narrow(2, 0, end),
+                )
+            };
+            let attn = Tensor::scaled_dot_product_attention(
+                &q,
+                &keys,
+                &values,
+                Some(&mask),
+                0.0,
+                false,
+                None,
+                kvh != h,
+            );
+            let attn = attn.transpose(1, 2).contiguous().view([rows, s, h * hd]);
+            x = x + layer.o_proj.forward(&attn);
+            let normed = rms_norm(&x, &layer.post_norm, self.config.eps);
+            let gu = layer.gate_up.forward(&normed);
+            let inter = self.config.intermediate;
+            let act = gu.narrow(-1, 0, inter).silu() * gu.narrow(-1, inter, inter);
+            x = x + layer.down.forward(&act);
+        }
+        for (&slot, &start) in slots.iter().zip(&starts) {
+            cache.lens[slot] = start + s;
+        }
+        let x = if last_only { x.narrow(1, s - 1, 1) } else { x };
+        let x = rms_norm(&x, &self.norm, self.config.eps);
+        Ok(x.matmul(&self.lm_head.tr()))
+    }
+}
+
+fn t_bias(
+    get: &mut impl FnMut(&str) -> Result<Tensor, ModelError>,
+    name: &str,
+    present: bool,
+) -> Result<Option<Tensor>, ModelError> {
+    if present {
+        get(name).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn is_prefix(slots: &[usize]) -> bool {
+    slots.iter().enumerate().all(|(i, &s)| i == s)
+}
+
+/// Internal weight names and shapes.
+fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<i64>)> {
+    let (h, i) = (cfg.hidden, cfg.intermediate);
+    let q = cfg.heads * cfg.head_dim;
+    let kv = cfg.kv_heads * cfg.head_dim;
+    let mut out = vec![
+        ("embed".to_owned(), vec![cfg.vocab_size, h]),
+        ("norm".to_owned(), vec![h]),
+        ("lm_head".to_owned(), vec![cfg.vocab_size, h]),
+    ];
+    for l in 0..cfg.layers {
+        for (n, shape) in [
+            ("input_norm", vec![h]),
+            ("q", vec![q, h]),
+            ("k", vec![kv, h]),
+            ("v", vec![kv, h]),
+            ("o", vec![h, q]),
+            ("post_norm", vec![h]),
+            ("gate", vec![i, h]),
+            ("up", vec![i, h]),
+            ("down", vec![h, i]),
+        ] {
+            out.push((format!("{l}.{n}"), shape));
+        }
+    }
+    out
+}
+
+fn hf_name(name: &str) -> String {
+    match name {
+        "embed" => "model.embed_tokens.weight".into(),
+        "norm" => "model.norm.weight".into(),
+        "lm_head" => "lm_head.weight".into(),
+        _ => {
+            let (l, n) = name.split_once('.').unwrap_or(("0", name));
+            let suffix = match n {
+                "input_norm" => "input_layernorm.weight",
+                "post_norm" => "post_attention_layernorm.weight",
+                "q" => "self_attn.q_proj.weight",
+                "k" => "self_attn.k_proj.weight",
+                "v" => "self_attn.v_proj.weight",
+                "o" => "self_attn.o_proj.weight",
+                "gate" => "mlp.gate_proj.weight",
+                "up" => "mlp.up_proj.weight",
+                _ => "mlp.down_proj.weight",
+            };
+            format!("model.layers.{l}.{suffix}")
+        }
+    }
+}
+
+fn gguf_name(name: &str) -> String {
+    match name {
+        "embed" => "token_embd.weight".into(),
+        "norm" => "output_norm.weight".into(),
+        "lm_head" => "output.weight".into(),
+        _ => {
+            let (l, n) = name.split_once('.').unwrap_or(("0", name));
+            let suffix = match n {
+                "input_norm" => "attn_norm",
+                "post_norm" => "ffn_norm",
+                "q" => "attn_q",
+                "k" => "attn_k",
+                "v" => "attn_v",
+                "o" => "attn_output",
+                "gate" => "ffn_gate",
+                "up" => "ffn_up",
+                _ => "ffn_down",
+            };
+            format!("blk.{l}.{suffix}.weight")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let cfg = LlamaConfig {
+            vocab_size: 1,
+            hidden: 128,
+            layers: 1,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 128,
+            intermediate: 1,
+            eps: 1e-5,
+            rope_theta: 500000.0,
+            rope_scaling: Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            }),
+            max_positions: 16,
+            tie_embeddings: true,
+            attention_bias: false,
+        };
+        let scaled = cfg.inv_freq();
+        let plain = LlamaConfig {
+            rope_scaling: None,
+            ..cfg
+        }
+        .inv_freq();
+        assert_eq!(scaled[0], plain[0], "the highest frequency is kept");
+        let last = plain.len() - 1;
+        assert!(
+            (scaled[last] - plain[last] / 8.0).abs() < 1e-15,
+            "the lowest is divided"
+        );
+    }
+}

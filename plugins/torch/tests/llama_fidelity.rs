@@ -1,0 +1,275 @@
+//! Fidelity of the Llama architecture and the GGUF reader against HuggingFace transformers:
+//! small random Llama checkpoints (grouped-query attention; tied and untied embeddings; Llama 3
+//! RoPE scaling), GGUF files written from one of them with llama.cpp's `gguf` package (Q8_0 and
+//! Q4_1), and the real SmolLM2-135M-Instruct GGUF, all made by `scripts/make_llm_fixtures.py`.
+
+use std::path::{Path, PathBuf};
+
+use cresset_torch::gguf::{unpermute_qk, Gguf};
+use cresset_torch::layers::HfConfig;
+use cresset_torch::llama::Llama;
+use cresset_torch::tch::{self, Device, Kind, Tensor};
+use cresset_torch::weights::Weights;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/generated/llm")
+}
+
+fn expected() -> Value {
+    let path = fixtures().join("expected.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make models` first", path.display()));
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().expect("number")],
+        other => panic!("not numbers: {other}"),
+    }
+}
+
+fn ids(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect()
+}
+
+fn tensor_floats(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("floats")
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Greedy decoding of several prompts at once, each in its own cache slot: prefill each, then
+/// decode all rows in one forward pass per step.
+fn greedy(model: &Llama, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
+    let _guard = tch::no_grad_guard();
+    let mut cache = model.new_cache(prompts.len(), 256);
+    let mut last: Vec<i64> = prompts
+        .iter()
+        .enumerate()
+        .map(|(slot, p)| {
+            let logits = model
+                .forward(&[slot], &[p.clone()], &mut cache, true)
+                .expect("prefill");
+            logits.view([-1]).argmax(0, false).int64_value(&[])
+        })
+        .collect();
+    let mut out: Vec<Vec<i64>> = last.iter().map(|&t| vec![t]).collect();
+    let slots: Vec<usize> = (0..prompts.len()).collect();
+    for _ in 1..steps {
+        let tokens: Vec<Vec<i64>> = last.iter().map(|&t| vec![t]).collect();
+        let logits = model
+            .forward(&slots, &tokens, &mut cache, true)
+            .expect("decode");
+        last = (0..prompts.len() as i64)
+            .map(|r| logits.get(r).view([-1]).argmax(0, false).int64_value(&[]))
+            .collect();
+        for (o, &t) in out.iter_mut().zip(&last) {
+            o.push(t);
+        }
+    }
+    out
+}
+
+#[test]
+fn llama_logits_and_greedy_tokens_match_transformers() {
+    let expected = expected();
+    for name in ["llama-gqa-tied", "llama-gqa-untied"] {
+        let spec = &expected[name];
+        let dir = fixtures().join(spec["dir"].as_str().expect("dir"));
+        let model = Llama::load(
+            &dir,
+            &HfConfig::read(&dir).expect("config"),
+            Kind::Float,
+            Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tokenizer = cresset_torch::load_tokenizer(&dir).expect("tokenizer");
+        let prompt = ids(&spec["prompt_ids"]);
+        let ours: Vec<i64> = tokenizer
+            .encode(spec["prompt"].as_str().expect("prompt"), false)
+            .expect("encode")
+            .get_ids()
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect();
+        assert_eq!(ours, prompt, "{name}: token ids");
+        let mut cache = model.new_cache(1, 64);
+        let logits = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
+            .expect("forward");
+        let diff = max_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+        assert!(diff <= 1e-4, "{name}: logits max abs diff {diff:e}");
+        // Greedy, alone and batched with the shorter prompt (another length, another slot).
+        let short = ids(&spec["batch"]["prompt_ids"]);
+        let want = ids(&spec["greedy_ids"]);
+        assert_eq!(
+            greedy(&model, &[prompt.clone()], 32)[0],
+            want,
+            "{name}: greedy"
+        );
+        let both = greedy(&model, &[short, prompt], 32);
+        assert_eq!(both[1], want, "{name}: greedy in a batch");
+        assert_eq!(
+            both[0],
+            ids(&spec["batch"]["greedy_ids"]),
+            "{name}: the other row"
+        );
+    }
+}
+
+#[test]
+fn gguf_files_load_to_the_same_weights_within_quantization_error() {
+    let expected = expected();
+    for spec in expected["gguf"].as_array().expect("gguf list") {
+        let file = fixtures().join(spec["file"].as_str().expect("file"));
+        let gguf = Gguf::open(&file).expect("open gguf");
+        let source = fixtures().join(spec["source"].as_str().expect("source"));
+        let config = HfConfig::read(&source).expect("config");
+        let heads = config.usize("num_attention_heads").expect("heads");
+        let kv_heads = config.usize("num_key_value_heads").expect("kv heads");
+        // Our dequantization equals the gguf package's, value for value.
+        let q = unpermute_qk(
+            &gguf
+                .tensor("blk.0.attn_q.weight", Kind::Float, Device::Cpu)
+                .expect("q"),
+            heads,
+        );
+        let diff = max_diff(
+            &tensor_floats(&q),
+            &floats(&spec["dequantized"]["blk.0.attn_q.weight"]),
+        );
+        assert!(
+            diff <= 1e-6,
+            "{}: dequantized q differs by {diff:e}",
+            spec["type"]
+        );
+        // Every tensor is within the error the gguf package's own dequantization has.
+        let mut hf = Weights::load(&source, Kind::Float, Device::Cpu).expect("hf weights");
+        let map = [
+            ("token_embd.weight", "model.embed_tokens.weight"),
+            ("output_norm.weight", "model.norm.weight"),
+        ];
+        let mut names: Vec<(String, String)> = map
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        for l in 0..config.usize("num_hidden_layers").expect("layers") {
+            for (g, h) in [
+                ("attn_norm", "input_layernorm"),
+                ("ffn_norm", "post_attention_layernorm"),
+                ("attn_q", "self_attn.q_proj"),
+                ("attn_k", "self_attn.k_proj"),
+                ("attn_v", "self_attn.v_proj"),
+                ("attn_output", "self_attn.o_proj"),
+                ("ffn_gate", "mlp.gate_proj"),
+                ("ffn_up", "mlp.up_proj"),
+                ("ffn_down", "mlp.down_proj"),
+            ] {
+                names.push((
+                    format!("blk.{l}.{g}.weight"),
+                    format!("model.layers.{l}.{h}.weight"),
+                ));
+            }
+        }
+        for (g, h) in names {
+            let mut ours = gguf.tensor(&g, Kind::Float, Device::Cpu).expect("tensor");
+            if g.contains("attn_q") {
+                ours = unpermute_qk(&ours, heads);
+            } else if g.contains("attn_k") {
+                ours = unpermute_qk(&ours, kv_heads);
+            }
+            let theirs = hf.take(&h, &ours.size()).expect("hf tensor");
+            let bound = spec["max_abs_error"][&h].as_f64().expect("bound");
+            let diff = max_diff(&tensor_floats(&ours), &tensor_floats(&theirs));
+            assert!(
+                diff <= bound + 1e-6,
+                "{} {h}: {diff} > {bound}",
+                spec["type"]
+            );
+        }
+        // The whole model, as transformers loads the same file.
+        let model = Llama::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("model");
+        let prompt = ids(&expected["llama-gqa-tied"]["prompt_ids"]);
+        let mut cache = model.new_cache(1, 64);
+        let logits =
+            tch::no_grad(|| model.forward(&[0], &[prompt], &mut cache, false)).expect("forward");
+        let diff = max_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+        assert!(
+            diff <= 1e-4,
+            "{}: logits differ from transformers' by {diff:e}",
+            spec["type"]
+        );
+        // Its own vocabulary gives the same ids as the checkpoint's tokenizer.
+        let tokenizer = gguf.tokenizer().expect("gguf tokenizer");
+        let text = expected["llama-gqa-tied"]["prompt"]
+            .as_str()
+            .expect("prompt");
+        let ours: Vec<i64> = tokenizer
+            .encode(text, false)
+            .expect("encode")
+            .get_ids()
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect();
+        assert_eq!(ours, ids(&expected["llama-gqa-tied"]["prompt_ids"]));
+    }
+}
+
+#[test]
+fn real_smollm2_gguf_matches_transformers_and_knows_paris() {
+    let expected = expected();
+    let spec = &expected["smollm2"];
+    let path = PathBuf::from(
+        std::env::var("CRESSET_CACHE").expect("CRESSET_CACHE is set by scripts/env.sh"),
+    )
+    .join("assets/smollm2")
+    .join(spec["file"].as_str().expect("file"));
+    let gguf = Gguf::open(&path).expect("open SmolLM2");
+    let tokenizer = gguf
+        .tokenizer()
+        .expect("tokenizer from the GGUF vocabulary");
+    for check in spec["tokenize_checks"].as_array().expect("checks") {
+        let text = check["text"].as_str().expect("text");
+        let ours: Vec<i64> = tokenizer
+            .encode(text, false)
+            .expect("encode")
+            .get_ids()
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect();
+        assert_eq!(ours, ids(&check["ids"]), "tokenizing {text:?}");
+    }
+    let prompt: Vec<i64> = tokenizer
+        .encode(spec["chat_prompt"].as_str().expect("prompt"), false)
+        .expect("encode")
+        .get_ids()
+        .iter()
+        .map(|&i| i64::from(i))
+        .collect();
+    assert_eq!(prompt, ids(&spec["prompt_ids"]));
+    let model = Llama::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("SmolLM2 loads");
+    let mut cache = model.new_cache(1, 128);
+    let logits =
+        tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, true)).expect("forward");
+    let diff = max_diff(&tensor_floats(&logits), &floats(&spec["logits_last"]));
+    assert!(diff <= 1e-4, "SmolLM2 last logits differ by {diff:e}");
+    let want = ids(&spec["greedy_ids"]);
+    let ours = greedy(&model, &[prompt], want.len());
+    assert_eq!(ours[0], want, "greedy tokens");
+    let text = tokenizer
+        .decode(&want.iter().map(|&t| t as u32).collect::<Vec<_>>(), true)
+        .expect("decode");
+    assert!(text.contains("Paris"), "{text}");
+}

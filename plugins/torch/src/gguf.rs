@@ -424,10 +424,12 @@ impl Gguf {
                 ])
                 .into()
             }
-            Some(other) => return Err(ModelError::Tokenizer(format!(
+            Some(other) => {
+                return Err(ModelError::Tokenizer(format!(
                 "GGUF pre-tokenizer {other:?} is not known (gpt2, smollm, starcoder, llama-bpe); \
                      put a tokenizer.json beside the file"
-            ))),
+            )))
+            }
         };
         let mut tokenizer = tokenizers::Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(pre));

@@ -1,0 +1,177 @@
+//! The gpt handler as a library, on the small random Llama of `scripts/make_llm_fixtures.py`:
+//! greedy text equal to transformers' tokens, streaming, stop strings, a batch sharing decode
+//! steps, and bad requests.
+
+use std::path::{Path, PathBuf};
+
+use cresset_plugin_api::sdk::testing::{init_context, request, run};
+use cresset_plugin_api::sdk::{Handler, InitContext};
+use cresset_plugin_api::{ErrorCode, KeyValue, Request};
+use cresset_plugin_gpt::GptHandler;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/generated/llm")
+}
+
+fn expected() -> Value {
+    let text =
+        std::fs::read_to_string(fixtures().join("expected.json")).expect("run `make models`");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+fn context(handler: Value, batch_size: u64) -> InitContext {
+    let mut ctx = init_context(fixtures().join("llama-gqa-tied"), handler);
+    ctx.model_config = json!({ "batch_size": batch_size });
+    ctx
+}
+
+fn handler(config: Value, batch_size: u64) -> GptHandler {
+    GptHandler::initialize(&context(config, batch_size)).unwrap_or_else(|e| panic!("{}", e.message))
+}
+
+fn greedy_text(ids: &[i64]) -> String {
+    let tokenizer =
+        cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-tied")).expect("tokenizer");
+    tokenizer
+        .decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), true)
+        .expect("decode")
+}
+
+fn ids(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect()
+}
+
+fn body(result: &Result<cresset_plugin_api::Response, cresset_plugin_api::PluginError>) -> Value {
+    match result {
+        Ok(r) => serde_json::from_slice(&r.body).expect("JSON"),
+        Err(e) => panic!("{:?}: {}", e.code, e.message),
+    }
+}
+
+fn json_request(value: Value) -> Request {
+    request("application/json", value.to_string())
+}
+
+#[test]
+fn greedy_text_streaming_and_stop_strings() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let want = greedy_text(&ids(&spec["greedy_ids"]));
+    let mut h = handler(json!({}), 1);
+    let prompt = spec["prompt"].as_str().expect("prompt");
+    let out = run(
+        &mut h,
+        &[json_request(json!({"data": prompt, "max_new_tokens": 32}))],
+    );
+    assert_eq!(body(&out.finals[0])["generated_text"], want.as_str());
+
+    // Streamed: the chunks are the same text, piece by piece.
+    let out = run(
+        &mut h,
+        &[json_request(
+            json!({"data": prompt, "max_new_tokens": 32, "stream": true}),
+        )],
+    );
+    let streamed: String = out.chunks[0]
+        .iter()
+        .map(|c| String::from_utf8(c.body.to_vec()).expect("utf-8"))
+        .collect();
+    assert!(out.chunks[0].len() > 5, "one chunk per token or so");
+    assert_eq!(streamed, want);
+    assert!(out.finals[0].is_ok());
+
+    // A stop string ends the text before it, and is never streamed.
+    let cut = want
+        .char_indices()
+        .nth(want.chars().count() / 2)
+        .map(|(i, _)| i)
+        .expect("middle");
+    let stop: String = want[cut..].chars().take(3).collect();
+    let before = &want[..want.find(&stop).expect("stop occurs")];
+    let out = run(
+        &mut h,
+        &[json_request(
+            json!({"data": prompt, "max_new_tokens": 32, "stop": [stop.clone()], "stream": true}),
+        )],
+    );
+    let streamed: String = out.chunks[0]
+        .iter()
+        .map(|c| String::from_utf8(c.body.to_vec()).expect("utf-8"))
+        .collect();
+    assert_eq!(streamed, before, "stop {stop:?}");
+}
+
+#[test]
+fn a_batch_decodes_together_and_each_gets_its_solo_answer() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let mut h = handler(json!({}), 2);
+    let long = json!({"data": spec["prompt"], "max_new_tokens": 32});
+    let short = json!({"data": spec["batch"]["prompt"], "max_new_tokens": 32});
+    let out = run(&mut h, &[json_request(short), json_request(long)]);
+    assert_eq!(
+        body(&out.finals[0])["generated_text"],
+        greedy_text(&ids(&spec["batch"]["greedy_ids"])).as_str()
+    );
+    assert_eq!(
+        body(&out.finals[1])["generated_text"],
+        greedy_text(&ids(&spec["greedy_ids"])).as_str()
+    );
+}
+
+#[test]
+fn openai_shapes_come_back_with_usage_and_finish_reason() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let mut h = handler(json!({}), 1);
+    let mut r = json_request(
+        json!({"model": "m", "prompt": spec["prompt"], "max_tokens": 5, "temperature": 0}),
+    );
+    r.params = vec![KeyValue::new("cresset-protocol", "openai-completions")].into();
+    let out = body(&run(&mut h, &[r]).finals[0]);
+    assert_eq!(out["object"], "text_completion");
+    assert_eq!(out["choices"][0]["finish_reason"], "length");
+    assert_eq!(out["usage"]["completion_tokens"], 5);
+    assert_eq!(
+        out["usage"]["prompt_tokens"],
+        spec["prompt_ids"].as_array().map(Vec::len).unwrap_or(0)
+    );
+    assert_eq!(
+        out["choices"][0]["text"],
+        greedy_text(&ids(&spec["greedy_ids"])[..5]).as_str()
+    );
+}
+
+#[test]
+fn bad_requests_get_400_naming_the_field() {
+    let mut h = handler(json!({"max_seq_len": 16}), 1);
+    let long_prompt = "word ".repeat(40);
+    for (value, needle) in [
+        (
+            json!({"data": "hi", "max_new_tokens": -1}),
+            "`max_new_tokens`",
+        ),
+        (json!({"data": "hi", "temperature": -1.0}), "`temperature`"),
+        (json!({"data": long_prompt}), "the context holds 16"),
+        (json!({"data": "hi", "stop": [""]}), "`stop`"),
+        (json!({"nothing": "hi"}), "`data`"),
+    ] {
+        let out = run(&mut h, &[json_request(value.clone())]);
+        let err = out.finals[0]
+            .as_ref()
+            .err()
+            .unwrap_or_else(|| panic!("{value} should fail"));
+        assert_eq!(err.code, ErrorCode::INVALID_INPUT, "{value}");
+        assert!(err.message.contains(needle), "{value}: {}", err.message);
+    }
+    let ok = run(
+        &mut h,
+        &[json_request(json!({"data": "hi", "max_new_tokens": 2}))],
+    );
+    assert!(ok.finals[0].is_ok(), "the handler still answers");
+}

@@ -415,6 +415,16 @@ impl ModelVersion {
                 .max(1),
             n => n,
         };
+        let continuous = self
+            .plugin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|l| {
+                l.description
+                    .capabilities
+                    .contains(cresset_plugin_api::Capabilities::CONTINUOUS_BATCHING)
+            });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for _ in live..target {
             // The lowest index no live worker has: indices pick devices, so they are reused.
@@ -434,6 +444,7 @@ impl ModelVersion {
                 batch_size: self.config.batch_size as usize,
                 metrics: ctx.metrics.clone(),
                 reply_timeout: Duration::from_secs(self.config.response_timeout_s),
+                continuous,
             };
             let thread = worker::spawn(spec, ready_tx.clone())
                 .map_err(|e| format!("cannot start a worker thread: {e}"))?;

@@ -128,6 +128,8 @@ pub struct WorkerSpec {
     /// How long a send to one client may wait for room (a client that stopped reading a
     /// stream); past it the request is abandoned as cancelled.
     pub reply_timeout: Duration,
+    /// The plugin does continuous batching: requests stay open across `execute` calls.
+    pub continuous: bool,
 }
 
 /// Start a worker thread. `ready` receives `Ok` once the instance exists, or the error.
@@ -170,6 +172,12 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
     spec.status.set(WorkerStatus::Ready);
     let _ = ready.send(Ok(()));
     tracing::debug!("instance ready");
+    if spec.continuous {
+        run_continuous(&spec, &mut instance);
+        spec.status.set(WorkerStatus::Stopped);
+        drop(instance);
+        return;
+    }
     let labels = [spec.model.as_str(), spec.version.as_str()];
     let mut carried: Option<Job> = None;
     loop {
@@ -263,6 +271,207 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
     drop(instance);
 }
 
+/// Continuous batching: the instance keeps sequences running across `execute` calls. Each
+/// call hands over the requests that arrived since the last (none while the others run), and
+/// the loop calls again at once while any request is open, so a request that arrives while
+/// others decode joins them at the next step. Indices number the instance's requests in the
+/// order given, across calls. Explanations run on their own, as usual.
+fn run_continuous(spec: &WorkerSpec, instance: &mut cresset_plugin_api::InstanceBox) {
+    let labels = [spec.model.as_str(), spec.version.as_str()];
+    let mut sink = OpenSink {
+        open: std::collections::HashMap::new(),
+        timeout: spec.reply_timeout,
+    };
+    let mut next_index = 0usize;
+    let mut stopping = false;
+    loop {
+        let mut new: Vec<Job> = Vec::new();
+        if sink.open.is_empty() {
+            spec.status.set(WorkerStatus::Ready);
+            if stopping {
+                // Told to stop while busy: finish what is queued, as the batch loop does.
+                match spec.queue.try_recv() {
+                    Ok(job) => new.push(job),
+                    Err(_) => break,
+                }
+            } else {
+                crossbeam_channel::select_biased! {
+                    recv(spec.queue) -> job => match job {
+                        Ok(job) => new.push(job),
+                        Err(_) => break,
+                    },
+                    recv(spec.stop) -> _ => break,
+                }
+            }
+        }
+        if spec.stop.try_recv().is_ok() {
+            stopping = true;
+        }
+        // Take what has arrived, up to the batch size in all: the plugin has that many slots.
+        while sink.open.len() + new.len() < spec.batch_size {
+            match spec.queue.try_recv() {
+                Ok(job) => new.push(job),
+                Err(_) => break,
+            }
+        }
+        let (explain, predict): (Vec<Job>, Vec<Job>) = new
+            .into_iter()
+            .partition(|job| job.kind == JobKind::Explain);
+        for job in explain {
+            explain_alone(spec, instance, job);
+        }
+        let now = Instant::now();
+        let mut requests = Vec::with_capacity(predict.len());
+        for job in predict {
+            spec.metrics
+                .queue_latency
+                .with_label_values(&labels)
+                .observe((now - job.enqueued).as_secs_f64());
+            sink.open.insert(
+                next_index,
+                Open {
+                    id: job.request.id.to_string(),
+                    reply: job.reply,
+                    abandoned: false,
+                },
+            );
+            next_index += 1;
+            requests.push(job.request);
+        }
+        if sink.open.is_empty() {
+            continue;
+        }
+        spec.status.set(WorkerStatus::Busy);
+        spec.metrics
+            .batch_size
+            .with_label_values(&labels)
+            .observe(sink.open.len() as f64);
+        let executing = Instant::now();
+        let outcome = {
+            let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
+            instance.execute(RSlice::from_slice(&requests), sink_ref)
+        };
+        spec.metrics
+            .inference_latency
+            .with_label_values(&labels)
+            .observe(executing.elapsed().as_secs_f64());
+        if let RResult::RErr(e) = outcome {
+            tracing::warn!(open = sink.open.len(), "execute failed: {e}");
+            let indices: Vec<usize> = sink.open.keys().copied().collect();
+            for index in indices {
+                sink.send_final(index, RResult::RErr(e.clone()));
+            }
+        }
+        // A request whose client is gone and that the plugin has not finished is dropped by
+        // the plugin at its next step (it sees `is_cancelled`); nothing is waiting for it.
+    }
+    let open: Vec<String> = sink.open.values().map(|o| o.id.clone()).collect();
+    if !open.is_empty() {
+        tracing::warn!(?open, "worker stopped with requests still open");
+    }
+}
+
+fn explain_alone(spec: &WorkerSpec, instance: &mut cresset_plugin_api::InstanceBox, job: Job) {
+    let replies = [job.reply];
+    let mut sink = JobSink {
+        replies: &replies,
+        finished: vec![false],
+        abandoned: vec![false],
+        timeout: spec.reply_timeout,
+    };
+    let requests = [job.request];
+    let outcome = {
+        let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
+        instance.explain(RSlice::from_slice(&requests), sink_ref)
+    };
+    if !sink.finished[0] {
+        let error = match outcome {
+            RResult::RErr(e) => e,
+            RResult::ROk(()) => PluginError::internal("the plugin sent no explanation"),
+        };
+        sink.send_final(0, RResult::RErr(error));
+    }
+}
+
+/// One request a continuous-batching instance has not finished.
+struct Open {
+    id: String,
+    reply: mpsc::Sender<Reply>,
+    abandoned: bool,
+}
+
+/// The sink of a continuous-batching worker: open requests by index, across calls.
+struct OpenSink {
+    open: std::collections::HashMap<usize, Open>,
+    timeout: Duration,
+}
+
+impl ResponseSink for OpenSink {
+    fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
+        let timeout = self.timeout;
+        match self.open.get_mut(&index) {
+            Some(open) if !open.abandoned => {
+                let ok = send_with_timeout(&open.reply, Reply::Chunk(chunk), timeout, index);
+                if !ok {
+                    open.abandoned = true;
+                }
+                ok
+            }
+            _ => false,
+        }
+    }
+
+    fn send_final(&mut self, index: usize, result: RResult<Response, PluginError>) {
+        if let Some(open) = self.open.remove(&index) {
+            if !open.abandoned {
+                send_with_timeout(
+                    &open.reply,
+                    Reply::Final(result.into()),
+                    self.timeout,
+                    index,
+                );
+            }
+        }
+    }
+
+    fn is_cancelled(&self, index: usize) -> bool {
+        match self.open.get(&index) {
+            Some(open) => open.abandoned || open.reply.is_closed(),
+            None => true,
+        }
+    }
+}
+
+/// Send without blocking forever: a streaming client that stops reading fills its channel and
+/// must not stall the worker (and every request behind it). Gives up after `timeout`.
+fn send_with_timeout(
+    reply: &mpsc::Sender<Reply>,
+    mut message: Reply,
+    timeout: Duration,
+    index: usize,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match reply.try_send(message) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        index,
+                        "a client stopped reading its stream; abandoning the request"
+                    );
+                    return false;
+                }
+                message = back;
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// The sink one batch writes to: replies go to each request's channel.
 struct JobSink<'a> {
     replies: &'a [mpsc::Sender<Reply>],
@@ -276,34 +485,18 @@ impl JobSink<'_> {
     /// Send without blocking forever: a streaming client that stops reading fills its channel,
     /// and must not stall the worker (and every request behind it). Gives up after `timeout`,
     /// marking the request abandoned.
-    fn send(&mut self, index: usize, mut message: Reply) -> bool {
+    fn send(&mut self, index: usize, message: Reply) -> bool {
         let Some(reply) = self.replies.get(index) else {
             return false;
         };
         if self.abandoned[index] {
             return false;
         }
-        let deadline = Instant::now() + self.timeout;
-        let mut pause = Duration::from_micros(100);
-        loop {
-            match reply.try_send(message) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                Err(mpsc::error::TrySendError::Full(back)) => {
-                    if Instant::now() >= deadline {
-                        tracing::warn!(
-                            index,
-                            "a client stopped reading its stream; abandoning the request"
-                        );
-                        self.abandoned[index] = true;
-                        return false;
-                    }
-                    message = back;
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(20));
-                }
-            }
+        let sent = send_with_timeout(reply, message, self.timeout, index);
+        if !sent && !reply.is_closed() {
+            self.abandoned[index] = true;
         }
+        sent
     }
 }
 

@@ -190,6 +190,26 @@ pub trait Handler: Sized + Send + 'static {
             .collect()
     }
 
+    /// Continuous batching, for handlers whose [`Handler::CAPABILITIES`] include
+    /// [`Capabilities::CONTINUOUS_BATCHING`] (the SDK then calls this instead of
+    /// [`Handler::handle`]). Admit the `new` requests (their indices are `first_index..`, counted
+    /// across calls), run one scheduling step (for a decoder: one forward pass for every running
+    /// sequence), and answer through `ctx` by index. A request may stay open across calls: the
+    /// host calls again, with newly arrived requests or none, while any request is open. An
+    /// `Err` answers every open request with that error.
+    fn step(
+        &mut self,
+        new: &[Request],
+        first_index: usize,
+        ctx: &mut StepContext<'_, '_>,
+    ) -> Result<(), PluginError> {
+        let _ = (new, first_index, ctx);
+        Err(PluginError::unsupported(format!(
+            "the `{}` handler does not implement continuous batching",
+            Self::NAME
+        )))
+    }
+
     /// Explain a batch. The default says the handler has no explanations.
     fn explain(
         &mut self,
@@ -319,6 +339,28 @@ impl<'s, 'a> BatchContext<'s, 'a> {
     }
 }
 
+/// What [`Handler::step`] answers through: the sink, addressed by request index.
+pub struct StepContext<'s, 'a> {
+    sink: &'s mut SinkRef<'a>,
+}
+
+impl StepContext<'_, '_> {
+    /// Stream a chunk to request `index`. Returns `false` when its client has gone away.
+    pub fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
+        self.sink.send_chunk(index, chunk)
+    }
+
+    /// Send the final response of request `index` (later sends are ignored).
+    pub fn send_final(&mut self, index: usize, result: Result<Response, PluginError>) {
+        self.sink.send_final(index, result.into());
+    }
+
+    /// Whether request `index`'s client went away or timed out.
+    pub fn is_cancelled(&self, index: usize) -> bool {
+        self.sink.is_cancelled(index)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The ABI side: what `export_handler!` wires up.
 // ---------------------------------------------------------------------------------------------
@@ -410,6 +452,7 @@ impl<H: Handler> PluginModel for SdkModel<H> {
                 SdkInstance {
                     handler: Some(handler),
                     host: self.host.handle.clone(),
+                    next_index: 0,
                 },
                 TD_Opaque,
             ))
@@ -424,6 +467,8 @@ impl<H: Handler> PluginModel for SdkModel<H> {
 struct SdkInstance<H> {
     handler: Option<H>,
     host: HostHandle,
+    /// Requests given to `step` so far: the index of the next one.
+    next_index: usize,
 }
 
 impl<H: Handler> SdkInstance<H> {
@@ -454,9 +499,23 @@ impl<H: Handler> PluginInstance for SdkInstance<H> {
     fn execute(
         &mut self,
         requests: RSlice<'_, Request>,
-        sink: SinkRef<'_>,
+        mut sink: SinkRef<'_>,
     ) -> RResult<(), PluginError> {
-        self.run("handle", requests, sink, H::handle)
+        if !H::CAPABILITIES.contains(Capabilities::CONTINUOUS_BATCHING) {
+            return self.run("handle", requests, sink, H::handle);
+        }
+        let Some(handler) = self.handler.as_mut() else {
+            return RResult::RErr(PluginError::internal("the instance was dropped"));
+        };
+        let first_index = self.next_index;
+        self.next_index += requests.len();
+        let host = &self.host;
+        guard("step", || {
+            let mut ctx = StepContext { sink: &mut sink };
+            with_host(host, || {
+                handler.step(requests.as_slice(), first_index, &mut ctx)
+            })
+        })
     }
 
     fn explain(
@@ -744,6 +803,91 @@ pub mod testing {
         fn is_cancelled(&self, _: usize) -> bool {
             false
         }
+    }
+
+    /// What a run of [`Handler::step`] calls produced, per request (in arrival order).
+    pub struct StepRun {
+        /// Intermediate chunks.
+        pub chunks: Vec<Vec<Response>>,
+        /// Final results (`None`: never answered).
+        pub finals: Vec<Option<Result<Response, PluginError>>>,
+        /// The step (call number) of each request's first chunk.
+        pub first_chunk_step: Vec<Option<usize>>,
+        /// The step of each request's final response.
+        pub final_step: Vec<Option<usize>>,
+    }
+
+    struct Record {
+        run: StepRun,
+        step: usize,
+    }
+
+    impl crate::ResponseSink for Record {
+        fn send_chunk(&mut self, index: usize, chunk: Response) -> bool {
+            let step = self.step;
+            match self.run.chunks.get_mut(index) {
+                Some(list) => {
+                    list.push(chunk);
+                    self.run.first_chunk_step[index].get_or_insert(step);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn send_final(&mut self, index: usize, result: RResult<Response, PluginError>) {
+            if let Some(slot @ None) = self.run.finals.get_mut(index) {
+                *slot = Some(result.into());
+                self.run.final_step[index] = Some(self.step);
+            }
+        }
+        fn is_cancelled(&self, _: usize) -> bool {
+            false
+        }
+    }
+
+    /// Drive a continuous-batching handler as the host does: `arrivals` are `(step, request)`
+    /// pairs (sorted by step); each call passes the requests arriving at that step, and calls
+    /// continue while any request is unanswered (at most `max_steps`).
+    pub fn run_steps<H: Handler>(
+        handler: &mut H,
+        arrivals: &[(usize, Request)],
+        max_steps: usize,
+    ) -> StepRun {
+        let n = arrivals.len();
+        let mut record = Record {
+            run: StepRun {
+                chunks: vec![Vec::new(); n],
+                finals: (0..n).map(|_| None).collect(),
+                first_chunk_step: vec![None; n],
+                final_step: vec![None; n],
+            },
+            step: 0,
+        };
+        let mut given = 0;
+        while record.step < max_steps {
+            let new: Vec<Request> = arrivals[given..]
+                .iter()
+                .take_while(|(at, _)| *at <= record.step)
+                .map(|(_, r)| r.clone())
+                .collect();
+            let first = given;
+            given += new.len();
+            if given == n && record.run.finals.iter().all(Option::is_some) {
+                break;
+            }
+            let result = {
+                let mut sink = SinkRef::from_ptr(&mut record, TD_Opaque);
+                let mut ctx = StepContext { sink: &mut sink };
+                handler.step(&new, first, &mut ctx)
+            };
+            if let Err(e) = result {
+                for slot in record.run.finals.iter_mut().take(given) {
+                    slot.get_or_insert_with(|| Err(e.clone()));
+                }
+            }
+            record.step += 1;
+        }
+        record.run
     }
 
     /// Run one batch through `handler.handle`, as a worker would.

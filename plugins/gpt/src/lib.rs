@@ -25,7 +25,7 @@ mod text;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext};
+use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext, StepContext};
 use cresset_plugin_api::{Capabilities, DeviceType, PluginError, Request, Response};
 use cresset_torch::gguf::Gguf;
 use cresset_torch::layers::{parse_dtype, HfConfig};
@@ -232,12 +232,17 @@ pub fn render_chat(
         })
 }
 
-/// One sequence being generated.
+/// One sequence: waiting for a slot, prefilling, or decoding.
 struct Sequence {
-    /// Position in the batch.
+    /// The request's index (numbered across calls).
     index: usize,
+    /// The request id, for OpenAI's `id`.
+    id: String,
+    created: u64,
     request: GenRequest,
-    prompt_len: usize,
+    prompt: Vec<i64>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
     slot: usize,
     max_new: usize,
     history: Vec<i64>,
@@ -250,13 +255,31 @@ struct Sequence {
     chunks_sent: usize,
 }
 
+impl Sequence {
+    fn decoding(&self) -> bool {
+        self.finish.is_none() && self.prefilled == self.prompt.len()
+    }
+}
+
 /// The GPT handler.
 pub struct GptHandler {
     loaded: Loaded,
     cache: SlotCache,
     max_new_tokens: usize,
+    /// Prompt tokens prefilled per step, across sequences (chunked prefill).
+    prefill_budget: usize,
+    running: Vec<Sequence>,
+    waiting: std::collections::VecDeque<Sequence>,
+    free_slots: Vec<usize>,
     host: Host,
     model_name: String,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl GptHandler {
@@ -293,60 +316,44 @@ impl GptHandler {
         Ok(ids)
     }
 
-    fn start(
-        &self,
-        index: usize,
-        request: GenRequest,
-        slot: usize,
-    ) -> Result<(Sequence, Vec<i64>), PluginError> {
-        let ids = self.prompt_ids(&request)?;
+    fn admit(&self, index: usize, request: &Request) -> Result<Sequence, PluginError> {
+        let gen = api::parse(request)?;
+        let ids = self.prompt_ids(&gen)?;
         let capacity = self.cache.capacity as usize;
-        let max_new = request
-            .max_new_tokens
-            .map(|n| n as usize)
-            .unwrap_or(self.max_new_tokens);
         if ids.len() >= capacity {
             return Err(PluginError::invalid_input(format!(
                 "the prompt is {} tokens long; the context holds {capacity}",
                 ids.len()
             )));
         }
+        let max_new = gen
+            .max_new_tokens
+            .map(|n| n as usize)
+            .unwrap_or(self.max_new_tokens);
         // As OpenAI servers do, a budget that does not fit is cut to what the context holds.
         let max_new = max_new.min(capacity - ids.len());
-        let rng = request
-            .seed
-            .map(Rng::seeded)
-            .unwrap_or_else(Rng::from_entropy);
-        let stops = request.stop.clone();
-        Ok((
-            Sequence {
-                index,
-                prompt_len: ids.len(),
-                slot,
-                max_new,
-                history: ids.clone(),
-                generated: 0,
-                rng,
-                text: TextStream::new(stops),
-                finish: (max_new == 0).then_some(Finish::Length),
-                started: Instant::now(),
-                first_token_at: None,
-                chunks_sent: 0,
-                request,
-            },
-            ids,
-        ))
+        Ok(Sequence {
+            index,
+            id: request.id.to_string(),
+            created: now_secs(),
+            rng: gen.seed.map(Rng::seeded).unwrap_or_else(Rng::from_entropy),
+            text: TextStream::new(gen.stop.clone()),
+            finish: (max_new == 0).then_some(Finish::Length),
+            request: gen,
+            history: ids.clone(),
+            prompt: ids,
+            prefilled: 0,
+            slot: usize::MAX,
+            max_new,
+            generated: 0,
+            started: Instant::now(),
+            first_token_at: None,
+            chunks_sent: 0,
+        })
     }
 
     /// Pick and record the next token of `seq` from its logits; stream what can be released.
-    fn advance(
-        &self,
-        seq: &mut Sequence,
-        mut logits: Vec<f32>,
-        ctx: &mut BatchContext<'_, '_>,
-        meta_id: &str,
-        created: u64,
-    ) {
+    fn advance(&self, seq: &mut Sequence, mut logits: Vec<f32>, ctx: &mut StepContext<'_, '_>) {
         let r = &seq.request;
         let params = SamplingParams {
             temperature: r.temperature as f32,
@@ -361,7 +368,7 @@ impl GptHandler {
             seq.first_token_at = Some(Instant::now());
         }
         let eos = self.loaded.eos_ids.contains(&token);
-        let piece = if eos {
+        let mut piece = if eos {
             String::new()
         } else {
             seq.text.push(&self.loaded.tokenizer, token as u32)
@@ -371,14 +378,13 @@ impl GptHandler {
         } else if seq.generated >= seq.max_new {
             seq.finish = Some(Finish::Length);
         }
-        let mut piece = piece;
         if seq.finish.is_some() && !eos {
             piece.push_str(&seq.text.finish(&self.loaded.tokenizer));
         }
         if seq.request.stream && !piece.is_empty() {
             let meta = api::Meta {
-                id: meta_id,
-                created,
+                id: &seq.id,
+                created: seq.created,
                 model: &self.model_name,
             };
             let chunk = match api::chunk(seq.request.api, &meta, &piece, seq.chunks_sent == 0) {
@@ -395,19 +401,16 @@ impl GptHandler {
                 }
             }
         }
-        if ctx.is_cancelled(seq.index) {
-            seq.finish = Some(Finish::Stop);
-        }
     }
 
-    fn answer(&self, seq: &Sequence, meta_id: &str, created: u64) -> Result<Response, PluginError> {
+    fn answer(&self, seq: &Sequence) -> Result<Response, PluginError> {
         let meta = api::Meta {
-            id: meta_id,
-            created,
+            id: &seq.id,
+            created: seq.created,
             model: &self.model_name,
         };
         let finish = seq.finish.unwrap_or(Finish::Length);
-        let (prompt, completion) = (seq.prompt_len, seq.generated);
+        let (prompt, completion) = (seq.prompt.len(), seq.generated);
         if seq.request.stream {
             return match api::stream_end(
                 seq.request.api,
@@ -442,7 +445,7 @@ impl GptHandler {
         if let Some(first) = seq.first_token_at {
             h.observe(
                 "cresset_time_to_first_token_seconds",
-                "From the start of a sequence's prefill to its first token",
+                "From a sequence's arrival at the instance to its first token",
                 &[],
                 (first - seq.started).as_secs_f64(),
             );
@@ -456,13 +459,183 @@ impl GptHandler {
             }
         }
     }
+
+    fn gauges(&self) {
+        let h = &self.host;
+        h.gauge(
+            "cresset_running_sequences",
+            "Sequences holding a KV-cache slot",
+            &[],
+            self.running.len() as f64,
+        );
+        h.gauge(
+            "cresset_waiting_sequences",
+            "Sequences waiting for a KV-cache slot",
+            &[],
+            self.waiting.len() as f64,
+        );
+        h.gauge(
+            "cresset_kv_slots_used_ratio",
+            "Share of the KV-cache slots in use",
+            &[],
+            self.running.len() as f64 / self.cache.slots().max(1) as f64,
+        );
+    }
+
+    /// Sequences waiting or running (for tests).
+    pub fn in_flight(&self) -> usize {
+        self.running.len() + self.waiting.len()
+    }
+
+    /// One scheduling step: admit, prefill within the token budget, decode every running
+    /// sequence in one forward pass, retire the finished.
+    fn schedule(&mut self, ctx: &mut StepContext<'_, '_>) -> Result<(), PluginError> {
+        // Clients that went away free their slot (or their place in line) now.
+        for seq in self.running.iter_mut().chain(self.waiting.iter_mut()) {
+            if seq.finish.is_none() && ctx.is_cancelled(seq.index) {
+                seq.finish = Some(Finish::Stop);
+            }
+        }
+        // Into free slots, lowest first, in arrival order.
+        while !self.free_slots.is_empty() && !self.waiting.is_empty() {
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            if seq.finish.is_some() {
+                self.running.push(seq);
+                continue;
+            }
+            seq.slot = self.free_slots.remove(0);
+            self.cache.lens[seq.slot] = 0;
+            self.running.push(seq);
+        }
+        // Prefill, at most `prefill_budget` prompt tokens this step (a long prompt takes several
+        // steps, so that it does not stall the others' decoding).
+        let mut budget = self.prefill_budget;
+        for k in 0..self.running.len() {
+            let seq = &self.running[k];
+            if seq.finish.is_some() || seq.prefilled == seq.prompt.len() || budget == 0 {
+                continue;
+            }
+            let take = (seq.prompt.len() - seq.prefilled).min(budget);
+            budget -= take;
+            let chunk = seq.prompt[seq.prefilled..seq.prefilled + take].to_vec();
+            let (slot, done) = (seq.slot, seq.prefilled + take == seq.prompt.len());
+            let logits = self
+                .loaded
+                .model
+                .forward(&[slot], &[chunk], &mut self.cache, true)
+                .and_then(|l| Ok(Vec::<f32>::try_from(l.to_kind(Kind::Float).view([-1]))?))
+                .map_err(model_err)?;
+            self.running[k].prefilled += take;
+            if done {
+                // Its first token comes from the prefill's last position.
+                let mut seq = std::mem::replace(&mut self.running[k], placeholder());
+                self.advance(&mut seq, logits, ctx);
+                self.running[k] = seq;
+            }
+        }
+        // Decode every sequence that has a token to feed, in one pass (by slot order, so that
+        // slots 0..n read their cache as a view).
+        let mut rows: Vec<usize> = (0..self.running.len())
+            .filter(|&k| self.running[k].decoding() && self.running[k].generated > 0)
+            .collect();
+        rows.sort_by_key(|&k| self.running[k].slot);
+        if !rows.is_empty() {
+            let slots: Vec<usize> = rows.iter().map(|&k| self.running[k].slot).collect();
+            let tokens: Vec<Vec<i64>> = rows
+                .iter()
+                .map(|&k| vec![self.running[k].history.last().copied().unwrap_or(0)])
+                .collect();
+            let all = self
+                .loaded
+                .model
+                .forward(&slots, &tokens, &mut self.cache, true)
+                .and_then(|l| {
+                    Ok(Vec::<Vec<f32>>::try_from(
+                        l.to_kind(Kind::Float).squeeze_dim(1),
+                    )?)
+                })
+                .map_err(model_err)?;
+            let mut taken: Vec<Sequence> = Vec::new();
+            for &k in &rows {
+                taken.push(std::mem::replace(&mut self.running[k], placeholder()));
+            }
+            for (seq, logits) in taken.iter_mut().zip(all) {
+                self.advance(seq, logits, ctx);
+            }
+            for (&k, seq) in rows.iter().zip(taken) {
+                self.running[k] = seq;
+            }
+        }
+        // Retire the finished; their slots go back.
+        let mut k = 0;
+        while k < self.running.len() {
+            if self.running[k].finish.is_some() {
+                let seq = self.running.swap_remove(k);
+                self.observe(&seq);
+                if seq.slot != usize::MAX {
+                    let at = self.free_slots.partition_point(|&s| s < seq.slot);
+                    self.free_slots.insert(at, seq.slot);
+                }
+                let answer = if ctx.is_cancelled(seq.index) {
+                    Err(PluginError::new(
+                        cresset_plugin_api::ErrorCode::CANCELLED,
+                        "cancelled",
+                    ))
+                } else {
+                    self.answer(&seq)
+                };
+                ctx.send_final(seq.index, answer);
+            } else {
+                k += 1;
+            }
+        }
+        self.gauges();
+        Ok(())
+    }
+}
+
+/// An empty sequence, to move real ones out of the running list briefly.
+fn placeholder() -> Sequence {
+    Sequence {
+        index: usize::MAX,
+        id: String::new(),
+        created: 0,
+        request: GenRequest {
+            api: Api::TorchServe,
+            prompt: Prompt::Text(String::new()),
+            max_new_tokens: None,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            stop: Vec::new(),
+            stream: false,
+            include_usage: false,
+        },
+        prompt: Vec::new(),
+        prefilled: 0,
+        slot: usize::MAX,
+        max_new: 0,
+        history: Vec::new(),
+        generated: 0,
+        rng: Rng::seeded(0),
+        text: TextStream::new(Vec::new()),
+        finish: Some(Finish::Stop),
+        started: Instant::now(),
+        first_token_at: None,
+        chunks_sent: 0,
+    }
 }
 
 impl Handler for GptHandler {
     const NAME: &'static str = "gpt";
     const SUMMARY: &'static str =
-        "Llama-architecture text generation from safetensors or GGUF, streaming, OpenAI-compatible";
-    const CAPABILITIES: Capabilities = Capabilities::STREAMING;
+        "Llama-architecture text generation from safetensors or GGUF, streaming, continuous batching, OpenAI-compatible";
+    const CAPABILITIES: Capabilities =
+        Capabilities(Capabilities::STREAMING.0 | Capabilities::CONTINUOUS_BATCHING.0);
     type Input = ();
     type Output = ();
 
@@ -503,6 +676,10 @@ impl Handler for GptHandler {
             loaded,
             cache,
             max_new_tokens: setting_usize(config, "max_new_tokens", 256, 1 << 20)?,
+            prefill_budget: setting_usize(config, "prefill_tokens_per_step", 512, 1 << 20)?,
+            running: Vec::new(),
+            waiting: std::collections::VecDeque::new(),
+            free_slots: (0..slots).collect(),
             host: ctx.host.clone(),
             model_name: ctx.model_name.clone(),
         })
@@ -521,101 +698,33 @@ impl Handler for GptHandler {
     }
 
     fn postprocess(&mut self, _output: ()) -> Result<Response, PluginError> {
-        Err(PluginError::internal("the gpt handler answers in `handle`"))
+        Err(PluginError::internal("the gpt handler answers in `step`"))
     }
 
-    fn handle(
+    fn step(
         &mut self,
-        requests: &[Request],
-        ctx: &mut BatchContext<'_, '_>,
-    ) -> Vec<Result<Response, PluginError>> {
-        let mut results: Vec<Option<Result<Response, PluginError>>> =
-            requests.iter().map(|_| None).collect();
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let slots = self.cache.slots();
+        new: &[Request],
+        first_index: usize,
+        ctx: &mut StepContext<'_, '_>,
+    ) -> Result<(), PluginError> {
         let _mode = InferenceMode::enter();
-        // In waves of at most `slots` sequences (the host's batch_size equals the slot count).
-        let mut pending: Vec<usize> = (0..requests.len()).collect();
-        while !pending.is_empty() {
-            let wave: Vec<usize> = pending.drain(..pending.len().min(slots)).collect();
-            let mut seqs: Vec<Sequence> = Vec::new();
-            for (slot, &i) in wave.iter().enumerate() {
-                let started = api::parse(&requests[i]).and_then(|r| self.start(i, r, slot));
-                match started {
-                    Ok((mut seq, ids)) => {
-                        self.cache.lens[slot] = 0;
-                        // Prefill this sequence into its slot; its first token comes from it.
-                        let logits = self
-                            .loaded
-                            .model
-                            .forward(&[slot], &[ids], &mut self.cache, true)
-                            .and_then(|l| {
-                                Ok(Vec::<f32>::try_from(l.to_kind(Kind::Float).view([-1]))?)
-                            });
-                        match logits {
-                            Ok(l) if seq.finish.is_none() => {
-                                self.advance(&mut seq, l, ctx, &requests[i].id, created);
-                                seqs.push(seq);
-                            }
-                            Ok(_) => seqs.push(seq),
-                            Err(e) => results[i] = Some(Err(model_err(e))),
-                        }
-                    }
-                    Err(e) => results[i] = Some(Err(e)),
-                }
-            }
-            // Decode: one forward pass per step for every running sequence.
-            loop {
-                let running: Vec<usize> = (0..seqs.len())
-                    .filter(|&k| seqs[k].finish.is_none())
-                    .collect();
-                if running.is_empty() {
-                    break;
-                }
-                let rows: Vec<usize> = running.iter().map(|&k| seqs[k].slot).collect();
-                let tokens: Vec<Vec<i64>> = running
-                    .iter()
-                    .map(|&k| vec![seqs[k].history.last().copied().unwrap_or(0)])
-                    .collect();
-                let step = self
-                    .loaded
-                    .model
-                    .forward(&rows, &tokens, &mut self.cache, true)
-                    .and_then(|l| {
-                        Ok(Vec::<Vec<f32>>::try_from(
-                            l.to_kind(Kind::Float).squeeze_dim(1),
-                        )?)
-                    });
-                match step {
-                    Ok(all) => {
-                        for (&k, logits) in running.iter().zip(all) {
-                            let id = &requests[seqs[k].index].id;
-                            self.advance(&mut seqs[k], logits, ctx, id, created);
-                        }
-                    }
-                    Err(e) => {
-                        for &k in &running {
-                            seqs[k].finish = Some(Finish::Stop);
-                            results[seqs[k].index] =
-                                Some(Err(model_err(ModelError::Invalid(e.to_string()))));
-                        }
-                    }
-                }
-            }
-            for seq in &seqs {
-                self.observe(seq);
-                if results[seq.index].is_none() {
-                    results[seq.index] = Some(self.answer(seq, &requests[seq.index].id, created));
-                }
+        for (k, request) in new.iter().enumerate() {
+            match self.admit(first_index + k, request) {
+                Ok(seq) => self.waiting.push_back(seq),
+                Err(e) => ctx.send_final(first_index + k, Err(e)),
             }
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(PluginError::internal("no answer: this is a bug"))))
-            .collect()
+        let result = self.schedule(ctx);
+        if result.is_err() {
+            // The cache may be half-written: every sequence ends with the error.
+            for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+                if seq.slot != usize::MAX {
+                    self.free_slots.push(seq.slot);
+                }
+            }
+            self.free_slots.sort_unstable();
+        }
+        result
     }
 }
 

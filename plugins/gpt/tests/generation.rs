@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cresset_plugin_api::sdk::testing::{init_context, request, run};
+use cresset_plugin_api::sdk::testing::{init_context, request, run_steps};
 use cresset_plugin_api::sdk::{Handler, InitContext};
 use cresset_plugin_api::{ErrorCode, KeyValue, Request};
 use cresset_plugin_gpt::GptHandler;
@@ -55,6 +55,25 @@ fn body(result: &Result<cresset_plugin_api::Response, cresset_plugin_api::Plugin
 
 fn json_request(value: Value) -> Request {
     request("application/json", value.to_string())
+}
+
+/// Every request arrives at once; steps run until all are answered.
+struct Out {
+    chunks: Vec<Vec<cresset_plugin_api::Response>>,
+    finals: Vec<Result<cresset_plugin_api::Response, cresset_plugin_api::PluginError>>,
+}
+
+fn run(h: &mut GptHandler, requests: &[Request]) -> Out {
+    let arrivals: Vec<(usize, Request)> = requests.iter().map(|r| (0, r.clone())).collect();
+    let out = run_steps(h, &arrivals, 10_000);
+    Out {
+        chunks: out.chunks,
+        finals: out
+            .finals
+            .into_iter()
+            .map(|f| f.expect("answered"))
+            .collect(),
+    }
 }
 
 #[test]
@@ -174,4 +193,75 @@ fn bad_requests_get_400_naming_the_field() {
         &[json_request(json!({"data": "hi", "max_new_tokens": 2}))],
     );
     assert!(ok.finals[0].is_ok(), "the handler still answers");
+}
+
+#[test]
+fn a_request_joins_a_running_batch_and_leaves_when_done() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let long = json!({"data": spec["prompt"], "max_new_tokens": 32, "stream": true});
+    let short = json!({"data": spec["batch"]["prompt"], "max_new_tokens": 32, "stream": true});
+    // The second request arrives at step 5, while the first is decoding.
+    let mut h = handler(json!({}), 4);
+    let out = run_steps(
+        &mut h,
+        &[
+            (0, json_request(long.clone())),
+            (5, json_request(short.clone())),
+        ],
+        1000,
+    );
+    let (first_done, second_first) = (
+        out.final_step[0].expect("done"),
+        out.first_chunk_step[1].expect("started"),
+    );
+    assert!(
+        second_first <= 6,
+        "the newcomer got its first token at step {second_first}"
+    );
+    assert!(
+        second_first + 20 < first_done,
+        "long before the first ended (step {first_done})"
+    );
+    let text = |chunks: &[cresset_plugin_api::Response]| -> String {
+        chunks
+            .iter()
+            .map(|c| String::from_utf8(c.body.to_vec()).expect("utf-8"))
+            .collect()
+    };
+    assert_eq!(text(&out.chunks[0]), greedy_text(&ids(&spec["greedy_ids"])));
+    assert_eq!(
+        text(&out.chunks[1]),
+        greedy_text(&ids(&spec["batch"]["greedy_ids"]))
+    );
+    assert_eq!(h.in_flight(), 0, "both left the batch");
+    // With one slot the newcomer waits for it, and still gets its solo answer.
+    let mut one = handler(json!({}), 1);
+    let out = run_steps(
+        &mut one,
+        &[(0, json_request(long)), (5, json_request(short))],
+        1000,
+    );
+    assert!(out.first_chunk_step[1].expect("started") >= out.final_step[0].expect("done"));
+    assert_eq!(
+        text(&out.chunks[1]),
+        greedy_text(&ids(&spec["batch"]["greedy_ids"]))
+    );
+}
+
+#[test]
+fn long_prompts_prefill_in_chunks_without_changing_the_answer() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let mut h = handler(json!({"prefill_tokens_per_step": 5}), 1);
+    let out = run(
+        &mut h,
+        &[json_request(
+            json!({"data": spec["prompt"], "max_new_tokens": 32}),
+        )],
+    );
+    assert_eq!(
+        body(&out.finals[0])["generated_text"],
+        greedy_text(&ids(&spec["greedy_ids"])).as_str()
+    );
 }

@@ -118,3 +118,139 @@ fn predictions_stream_tokens_as_chunks_and_bad_requests_get_400() {
     );
     assert_eq!(ok.status, 200);
 }
+
+/// Read server-sent events until `[DONE]`, returning each event's text piece and when it came.
+fn read_events(
+    reader: impl std::io::Read,
+    started: std::time::Instant,
+) -> Vec<(String, std::time::Duration)> {
+    use std::io::BufRead;
+    let mut events = Vec::new();
+    for line in std::io::BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let value: Value = serde_json::from_str(data).expect("event JSON");
+        let piece = value["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        events.push((piece, started.elapsed()));
+    }
+    events
+}
+
+fn stream_completion(server: &Server, prompt: &str, max_tokens: u32) -> impl std::io::Read {
+    let response = ureq::post(&format!("{}/v1/completions", server.inference))
+        .header("content-type", "application/json")
+        .send(json!({"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true}).to_string())
+        .expect("stream starts");
+    response.into_body().into_reader()
+}
+
+#[test]
+fn a_second_request_joins_the_running_batch_and_both_equal_their_solo_runs() {
+    let server = smollm2();
+    let (long, short) = (
+        "Once upon a time, in a small village,",
+        "The three primary colors are",
+    );
+    let solo = |prompt: &str, n: u32| -> String {
+        read_events(
+            stream_completion(&server, prompt, n),
+            std::time::Instant::now(),
+        )
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
+    };
+    let (long_solo, short_solo) = (solo(long, 60), solo(short, 8));
+    let started = std::time::Instant::now();
+    let first = stream_completion(&server, long, 60);
+    let mut lines = std::io::BufReader::new(first);
+    // Wait for the long one's first event, then start the short one beside it.
+    let mut head = String::new();
+    while !head.starts_with("data: ") {
+        head.clear();
+        std::io::BufRead::read_line(&mut lines, &mut head).expect("first event");
+    }
+    let second = std::thread::spawn({
+        let url = format!("{}/v1/completions", server.inference);
+        move || {
+            let t0 = std::time::Instant::now();
+            let response = ureq::post(&url)
+                .header("content-type", "application/json")
+                .send(json!({"model": "smollm2", "prompt": "The three primary colors are", "max_tokens": 8, "temperature": 0, "stream": true}).to_string())
+                .expect("second stream");
+            let events = read_events(response.into_body().into_reader(), t0);
+            (t0, events)
+        }
+    });
+    let rest = read_events(lines, started);
+    let long_done = started.elapsed();
+    let (t0, short_events) = second.join().expect("second client");
+    let first_piece: String =
+        serde_json::from_str::<Value>(head.trim_start_matches("data: ").trim())
+            .map(|v| {
+                v["choices"][0]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .unwrap_or_default();
+    let long_text: String = std::iter::once(first_piece)
+        .chain(rest.into_iter().map(|(p, _)| p))
+        .collect();
+    let short_text: String = short_events.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        long_text, long_solo,
+        "the long one is unchanged by its neighbour"
+    );
+    assert_eq!(short_text, short_solo, "the short one equals its solo run");
+    let short_first = (t0 - started) + short_events.first().map(|e| e.1).expect("an event");
+    assert!(
+        short_first * 2 < long_done,
+        "the newcomer's first token came at {short_first:?}; the long one ended at {long_done:?}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_slot_at_the_next_step() {
+    let server = smollm2();
+    let mut reader = std::io::BufReader::new(stream_completion(
+        &server,
+        "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        2000,
+    ));
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("first event");
+    }
+    let running = || {
+        server
+            .metrics_text()
+            .lines()
+            .find(|l| l.starts_with("cresset_running_sequences{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    // Counting on, the sequence runs (the gauge is set after each step).
+    for _ in 0..3 {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("more events");
+    }
+    assert_eq!(running(), Some(1.0), "the sequence runs");
+    drop(reader);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while running() != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was not freed within 5 s (2000 tokens take ~90 s)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -259,6 +259,25 @@ impl Sequence {
     fn decoding(&self) -> bool {
         self.finish.is_none() && self.prefilled == self.prompt.len()
     }
+
+    fn params(&self) -> SamplingParams {
+        let r = &self.request;
+        SamplingParams {
+            temperature: r.temperature as f32,
+            top_k: r.top_k as usize,
+            top_p: r.top_p as f32,
+            repetition_penalty: r.repetition_penalty as f32,
+        }
+    }
+}
+
+/// A draft model for speculative decoding: the same vocabulary, its own cache slots.
+struct Draft {
+    model: Llama,
+    cache: SlotCache,
+    k: usize,
+    drafted: u64,
+    accepted: u64,
 }
 
 /// The GPT handler.
@@ -270,6 +289,7 @@ pub struct GptHandler {
     prefill_budget: usize,
     running: Vec<Sequence>,
     waiting: std::collections::VecDeque<Sequence>,
+    draft: Option<Draft>,
     free_slots: Vec<usize>,
     host: Host,
     model_name: String,
@@ -354,14 +374,13 @@ impl GptHandler {
 
     /// Pick and record the next token of `seq` from its logits; stream what can be released.
     fn advance(&self, seq: &mut Sequence, mut logits: Vec<f32>, ctx: &mut StepContext<'_, '_>) {
-        let r = &seq.request;
-        let params = SamplingParams {
-            temperature: r.temperature as f32,
-            top_k: r.top_k as usize,
-            top_p: r.top_p as f32,
-            repetition_penalty: r.repetition_penalty as f32,
-        };
+        let params = seq.params();
         let token = sample(&mut logits, &params, &seq.history, &mut seq.rng);
+        self.emit(seq, token, ctx);
+    }
+
+    /// Record the next token of `seq`; stream what can be released; note why it ends, if it does.
+    fn emit(&self, seq: &mut Sequence, token: i64, ctx: &mut StepContext<'_, '_>) {
         seq.history.push(token);
         seq.generated += 1;
         if seq.first_token_at.is_none() {
@@ -482,6 +501,150 @@ impl GptHandler {
         );
     }
 
+    /// Speculative decoding for `rows` (indices into `running`): the draft proposes up to k
+    /// tokens per row, one forward pass of the target checks them all, and each row keeps the
+    /// longest accepted prefix plus one token of the target's (speculative sampling's rule, so
+    /// greedy output is the target's own and sampled output has the target's distribution).
+    fn speculate(
+        &mut self,
+        rows: &[usize],
+        ctx: &mut StepContext<'_, '_>,
+    ) -> Result<(), PluginError> {
+        use cresset_torch::sampling::{accept_or_replace, distribution, draw};
+        let Some(draft) = self.draft.as_mut() else {
+            return Ok(());
+        };
+        let slots: Vec<usize> = rows.iter().map(|&k| self.running[k].slot).collect();
+        // Both caches hold each sequence but its last token, which is fed now; the target takes
+        // k + 1 positions this step.
+        let room = slots
+            .iter()
+            .map(|&s| (self.cache.capacity - self.cache.lens[s] - 1).max(0) as usize)
+            .min()
+            .unwrap_or(0);
+        let k = draft.k.min(room);
+        let lasts: Vec<i64> = rows
+            .iter()
+            .map(|&r| self.running[r].history.last().copied().unwrap_or(0))
+            .collect();
+        let mut fed: Vec<Vec<i64>> = lasts.iter().map(|&t| vec![t]).collect();
+        let mut drafts: Vec<Vec<i64>> = vec![Vec::new(); rows.len()];
+        let mut draft_dists: Vec<Vec<Vec<f64>>> = vec![Vec::new(); rows.len()];
+        for _ in 0..k {
+            let logits = draft
+                .model
+                .forward(&slots, &fed, &mut draft.cache, true)
+                .and_then(|l| {
+                    Ok(Vec::<Vec<f32>>::try_from(
+                        l.to_kind(Kind::Float).squeeze_dim(1),
+                    )?)
+                })
+                .map_err(model_err)?;
+            for (i, mut row) in logits.into_iter().enumerate() {
+                let seq = &mut self.running[rows[i]];
+                let mut history = seq.history.clone();
+                history.extend(&drafts[i]);
+                let q = distribution(&mut row, &seq.params(), &history);
+                let order: Vec<usize> = (0..q.len()).collect();
+                let d = draw(&order, &q, &mut seq.rng);
+                drafts[i].push(d);
+                draft_dists[i].push(q);
+                fed[i] = vec![d];
+            }
+        }
+        // The target checks the fed token and every draft in one pass.
+        let tokens: Vec<Vec<i64>> = lasts
+            .iter()
+            .zip(&drafts)
+            .map(|(&t, d)| std::iter::once(t).chain(d.iter().copied()).collect())
+            .collect();
+        let before: Vec<i64> = slots.iter().map(|&s| self.cache.lens[s]).collect();
+        let logits = self
+            .loaded
+            .model
+            .forward(&slots, &tokens, &mut self.cache, false)
+            .and_then(|l| Ok(Vec::<Vec<Vec<f32>>>::try_from(l.to_kind(Kind::Float))?))
+            .map_err(model_err)?;
+        let mut catch_up: Vec<(usize, i64)> = Vec::new();
+        let (mut drafted, mut accepted_total) = (0u64, 0u64);
+        for (i, mut positions) in logits.into_iter().enumerate() {
+            let r = rows[i];
+            let mut seq = std::mem::replace(&mut self.running[r], placeholder());
+            let mut accepted = 0;
+            let mut replacement: Option<i64> = None;
+            for j in 0..k {
+                let mut history = seq.history.clone();
+                history.extend(&drafts[i][..j]);
+                let p = distribution(&mut positions[j], &seq.params(), &history);
+                match accept_or_replace(drafts[i][j] as usize, &p, &draft_dists[i][j], &mut seq.rng)
+                {
+                    Ok(()) => accepted += 1,
+                    Err(t) => {
+                        replacement = Some(t);
+                        break;
+                    }
+                }
+            }
+            let next = match replacement {
+                Some(t) => t,
+                None => {
+                    // Every draft accepted: the target's own next token comes free.
+                    let mut history = seq.history.clone();
+                    history.extend(&drafts[i]);
+                    let params = seq.params();
+                    sample(&mut positions[k], &params, &history, &mut seq.rng)
+                }
+            };
+            drafted += k as u64;
+            accepted_total += accepted as u64;
+            // Keep the fed token and the accepted drafts; the new token is fed next step.
+            let slot = slots[i];
+            self.cache.lens[slot] = before[i] + 1 + accepted as i64;
+            if accepted == k && k > 0 {
+                // The draft never saw its own last proposal: it is fed before the next round.
+                catch_up.push((slot, drafts[i][k - 1]));
+            }
+            for &t in drafts[i][..accepted].iter().chain(std::iter::once(&next)) {
+                if seq.finish.is_some() {
+                    break;
+                }
+                self.emit(&mut seq, t, ctx);
+            }
+            self.running[r] = seq;
+        }
+        let Some(draft) = self.draft.as_mut() else {
+            return Ok(());
+        };
+        for (i, &slot) in slots.iter().enumerate() {
+            let kept = self.cache.lens[slot];
+            draft.cache.lens[slot] = kept.min(before[i] + k as i64);
+        }
+        if !catch_up.is_empty() {
+            let slots: Vec<usize> = catch_up.iter().map(|c| c.0).collect();
+            let tokens: Vec<Vec<i64>> = catch_up.iter().map(|c| vec![c.1]).collect();
+            let _logits = draft
+                .model
+                .forward(&slots, &tokens, &mut draft.cache, true)
+                .map_err(model_err)?;
+        }
+        draft.drafted += drafted;
+        draft.accepted += accepted_total;
+        if draft.drafted > 0 {
+            self.host.gauge(
+                "cresset_speculative_acceptance_ratio",
+                "Drafted tokens the target accepted, since start",
+                &[],
+                draft.accepted as f64 / draft.drafted as f64,
+            );
+        }
+        Ok(())
+    }
+
+    /// The draft's acceptance so far: (accepted, drafted), if a draft model is configured.
+    pub fn speculation(&self) -> Option<(u64, u64)> {
+        self.draft.as_ref().map(|d| (d.accepted, d.drafted))
+    }
+
     /// Sequences waiting or running (for tests).
     pub fn in_flight(&self) -> usize {
         self.running.len() + self.waiting.len()
@@ -507,6 +670,9 @@ impl GptHandler {
             }
             seq.slot = self.free_slots.remove(0);
             self.cache.lens[seq.slot] = 0;
+            if let Some(draft) = self.draft.as_mut() {
+                draft.cache.lens[seq.slot] = 0;
+            }
             self.running.push(seq);
         }
         // Prefill, at most `prefill_budget` prompt tokens this step (a long prompt takes several
@@ -527,6 +693,13 @@ impl GptHandler {
                 .forward(&[slot], &[chunk], &mut self.cache, true)
                 .and_then(|l| Ok(Vec::<f32>::try_from(l.to_kind(Kind::Float).view([-1]))?))
                 .map_err(model_err)?;
+            if let Some(draft) = self.draft.as_mut() {
+                let chunk = self.running[k].prompt[self.running[k].prefilled..][..take].to_vec();
+                let _logits = draft
+                    .model
+                    .forward(&[slot], &[chunk], &mut draft.cache, true)
+                    .map_err(model_err)?;
+            }
             self.running[k].prefilled += take;
             if done {
                 // Its first token comes from the prefill's last position.
@@ -541,7 +714,9 @@ impl GptHandler {
             .filter(|&k| self.running[k].decoding() && self.running[k].generated > 0)
             .collect();
         rows.sort_by_key(|&k| self.running[k].slot);
-        if !rows.is_empty() {
+        if !rows.is_empty() && self.draft.is_some() {
+            self.speculate(&rows, ctx)?;
+        } else if !rows.is_empty() {
             let slots: Vec<usize> = rows.iter().map(|&k| self.running[k].slot).collect();
             let tokens: Vec<Vec<i64>> = rows
                 .iter()
@@ -671,6 +846,36 @@ impl Handler for GptHandler {
             .unwrap_or(1)
             .clamp(1, 256) as usize;
         let cache = loaded.model.new_cache(slots, max_seq_len as i64);
+        let draft = match setting_str(config, "draft_model")? {
+            None => None,
+            Some(rel) => {
+                let path = inside(&ctx.model_dir, "draft_model", rel)?;
+                let (dir, file) = if path.is_file() {
+                    let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+                    (
+                        path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                        name,
+                    )
+                } else {
+                    (path, None)
+                };
+                let draft = load(&dir, file.as_deref(), kind, device)?;
+                if draft.model.config.vocab_size != loaded.model.config.vocab_size {
+                    return Err(PluginError::invalid_input(format!(
+                        "`handler.draft_model` has a vocabulary of {} tokens; the model has {}: a draft must share the vocabulary",
+                        draft.model.config.vocab_size, loaded.model.config.vocab_size
+                    )));
+                }
+                let cache = draft.model.new_cache(slots, max_seq_len as i64);
+                Some(Draft {
+                    model: draft.model,
+                    cache,
+                    k: setting_usize(config, "speculate_k", 4, 16)?,
+                    drafted: 0,
+                    accepted: 0,
+                })
+            }
+        };
         tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?device, "gpt model loaded");
         Ok(Self {
             loaded,
@@ -679,6 +884,7 @@ impl Handler for GptHandler {
             prefill_budget: setting_usize(config, "prefill_tokens_per_step", 512, 1 << 20)?,
             running: Vec::new(),
             waiting: std::collections::VecDeque::new(),
+            draft,
             free_slots: (0..slots).collect(),
             host: ctx.host.clone(),
             model_name: ctx.model_name.clone(),

@@ -265,3 +265,94 @@ fn long_prompts_prefill_in_chunks_without_changing_the_answer() {
         greedy_text(&ids(&spec["greedy_ids"])).as_str()
     );
 }
+
+/// An archive folder holding the tied model, with `draft` as the draft checkpoint.
+fn with_draft(draft: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy_dir = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_file() {
+                std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy");
+            }
+        }
+    };
+    copy_dir(&fixtures().join("llama-gqa-tied"), dir.path());
+    copy_dir(&fixtures().join(draft), &dir.path().join("draft"));
+    dir
+}
+
+fn speculative(draft_dir: &Path, batch: u64) -> GptHandler {
+    let mut ctx = init_context(draft_dir, json!({"draft_model": "draft", "speculate_k": 4}));
+    ctx.model_config = json!({ "batch_size": batch });
+    GptHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message))
+}
+
+#[test]
+fn speculative_decoding_with_the_target_as_draft_accepts_everything() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let dir = with_draft("llama-gqa-tied");
+    let mut h = speculative(dir.path(), 2);
+    let out = run(
+        &mut h,
+        &[
+            json_request(json!({"data": spec["prompt"], "max_new_tokens": 32})),
+            json_request(json!({"data": spec["batch"]["prompt"], "max_new_tokens": 32})),
+        ],
+    );
+    assert_eq!(
+        body(&out.finals[0])["generated_text"],
+        greedy_text(&ids(&spec["greedy_ids"])).as_str()
+    );
+    assert_eq!(
+        body(&out.finals[1])["generated_text"],
+        greedy_text(&ids(&spec["batch"]["greedy_ids"])).as_str()
+    );
+    let (accepted, drafted) = h.speculation().expect("a draft is configured");
+    assert!(drafted > 20, "speculation ran ({drafted} drafted)");
+    assert_eq!(accepted, drafted, "the target accepts its own proposals");
+}
+
+#[test]
+fn speculative_decoding_with_another_draft_keeps_greedy_output() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let dir = with_draft("llama-gqa-untied");
+    let mut h = speculative(dir.path(), 2);
+    let out = run(
+        &mut h,
+        &[
+            json_request(json!({"data": spec["prompt"], "max_new_tokens": 32})),
+            json_request(
+                json!({"data": spec["batch"]["prompt"], "max_new_tokens": 32, "stream": true}),
+            ),
+        ],
+    );
+    assert_eq!(
+        body(&out.finals[0])["generated_text"],
+        greedy_text(&ids(&spec["greedy_ids"])).as_str()
+    );
+    let streamed: String = out.chunks[1]
+        .iter()
+        .map(|c| String::from_utf8(c.body.to_vec()).expect("utf-8"))
+        .collect();
+    assert_eq!(streamed, greedy_text(&ids(&spec["batch"]["greedy_ids"])));
+    let (accepted, drafted) = h.speculation().expect("a draft is configured");
+    assert!(
+        accepted < drafted,
+        "a different model is not always right ({accepted}/{drafted})"
+    );
+    // Sampling with a seed repeats.
+    let sampled = |h: &mut GptHandler| {
+        let out = run(
+            h,
+            &[json_request(
+                json!({"data": spec["prompt"], "max_new_tokens": 16, "temperature": 0.8, "seed": 7}),
+            )],
+        );
+        body(&out.finals[0])["generated_text"].clone()
+    };
+    assert_eq!(sampled(&mut h), sampled(&mut h));
+}

@@ -79,9 +79,14 @@ pub fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// Pick the next token from one row of logits. `history` is the sequence so far (prompt and
-/// generated tokens), for the repetition penalty. `logits` is modified in place.
-pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng: &mut Rng) -> i64 {
+/// The tokens that may come next and their probabilities, most likely first, after the
+/// repetition penalty, temperature, top-k and top-p (greedy: the argmax alone). `history` is
+/// the sequence so far (prompt and generated tokens). `logits` is modified in place.
+pub fn candidates(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    history: &[i64],
+) -> (Vec<usize>, Vec<f64>) {
     if params.repetition_penalty != 1.0 {
         let penalty = params.repetition_penalty;
         let mut seen = history.to_vec();
@@ -94,7 +99,7 @@ pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng:
         }
     }
     if params.is_greedy() || logits.len() < 2 {
-        return argmax(logits) as i64;
+        return (vec![argmax(logits)], vec![1.0]);
     }
     let t = f64::from(params.temperature);
     // Candidates, most likely first: the top k found without sorting the whole vocabulary,
@@ -135,6 +140,11 @@ pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng:
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
+    (order, probs)
+}
+
+/// Draw from candidates.
+pub fn draw(order: &[usize], probs: &[f64], rng: &mut Rng) -> i64 {
     let mut u = rng.next_f64();
     for (i, p) in probs.iter().enumerate() {
         if u < *p {
@@ -142,7 +152,53 @@ pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng:
         }
         u -= p;
     }
-    order[probs.len() - 1] as i64
+    order.last().copied().unwrap_or(0) as i64
+}
+
+/// Pick the next token from one row of logits (see [`candidates`]).
+pub fn sample(logits: &mut [f32], params: &SamplingParams, history: &[i64], rng: &mut Rng) -> i64 {
+    let (order, probs) = candidates(logits, params, history);
+    draw(&order, &probs, rng)
+}
+
+/// The full next-token distribution over the vocabulary (zero outside the candidates).
+pub fn distribution(logits: &mut [f32], params: &SamplingParams, history: &[i64]) -> Vec<f64> {
+    let (order, probs) = candidates(logits, params, history);
+    let mut full = vec![0.0; logits.len()];
+    for (&i, &p) in order.iter().zip(&probs) {
+        full[i] = p;
+    }
+    full
+}
+
+/// Speculative sampling's rule for one drafted token `d` (Leviathan et al., 2023): accept it
+/// with probability min(1, p(d) / q(d)); otherwise return a replacement drawn from the residual
+/// max(0, p − q), renormalised. `p` is the target's distribution, `q` the draft's. The tokens
+/// that come out are distributed as the target's. Greedy distributions (one-hot) reduce to
+/// "accept when the draft picked the target's argmax, else take the argmax".
+pub fn accept_or_replace(d: usize, p: &[f64], q: &[f64], rng: &mut Rng) -> Result<(), i64> {
+    let (pd, qd) = (
+        p.get(d).copied().unwrap_or(0.0),
+        q.get(d).copied().unwrap_or(0.0),
+    );
+    if qd > 0.0 && rng.next_f64() < (pd / qd).min(1.0) {
+        return Ok(());
+    }
+    let residual: Vec<f64> = p.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
+    let total: f64 = residual.iter().sum();
+    let (weights, total) = if total > 0.0 {
+        (residual, total)
+    } else {
+        (p.to_vec(), p.iter().sum())
+    };
+    let mut u = rng.next_f64() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return Err(i as i64);
+        }
+        u -= w;
+    }
+    Err(weights.iter().rposition(|w| *w > 0.0).unwrap_or(0) as i64)
 }
 
 #[cfg(test)]
@@ -210,6 +266,45 @@ mod tests {
                 1
             );
         }
+    }
+
+    #[test]
+    fn speculative_sampling_gives_the_targets_distribution() {
+        // Target p and a quite different draft q over four tokens.
+        let p = [0.5, 0.3, 0.15, 0.05];
+        let q = [0.1, 0.2, 0.3, 0.4];
+        let mut rng = Rng::seeded(11);
+        let mut counts = [0usize; 4];
+        let n = 40_000;
+        for _ in 0..n {
+            // Draw from the draft, then apply the rule.
+            let mut u = rng.next_f64();
+            let mut d = 3;
+            for (i, w) in q.iter().enumerate() {
+                if u < *w {
+                    d = i;
+                    break;
+                }
+                u -= w;
+            }
+            let token = match accept_or_replace(d, &p, &q, &mut rng) {
+                Ok(()) => d,
+                Err(t) => t as usize,
+            };
+            counts[token] += 1;
+        }
+        for (c, want) in counts.iter().zip(p) {
+            let got = *c as f64 / n as f64;
+            assert!((got - want).abs() < 0.01, "{counts:?} vs {p:?}");
+        }
+        // Greedy: accept exactly the argmax.
+        let one = |i: usize| {
+            let mut v = vec![0.0; 4];
+            v[i] = 1.0;
+            v
+        };
+        assert_eq!(accept_or_replace(2, &one(2), &one(2), &mut rng), Ok(()));
+        assert_eq!(accept_or_replace(1, &one(2), &one(1), &mut rng), Err(2));
     }
 
     #[test]

@@ -166,7 +166,13 @@ impl Capabilities {
     pub const STREAMING: Self = Self(1 << 0);
     /// [`PluginInstance::explain`] is implemented.
     pub const EXPLANATIONS: Self = Self(1 << 1);
-    /// Requests may join a running batch (reserved for the continuous-batching extension).
+    /// Requests may join a running batch. The host then calls
+    /// [`PluginInstance::execute`] with the requests that arrived since its last call (possibly
+    /// none), and calls again at once while any request is open: a request may stay open across
+    /// calls, and indices number the instance's requests in the order given, across calls.
+    /// Each call should do one scheduling step (for a decoder, one forward pass). The host keeps
+    /// at most `batch_size` requests open per instance. Explanations still go through
+    /// [`PluginInstance::explain`], one batch at a time.
     pub const CONTINUOUS_BATCHING: Self = Self(1 << 2);
 
     /// Whether every bit of `other` is set in `self`.
@@ -458,10 +464,12 @@ pub type ModelBox = PluginModel_TO<'static, RBox<()>>;
 /// One worker instance.
 #[sabi_trait]
 pub trait PluginInstance: Send {
-    /// Handle a batch: send one final response per request through `sink`.
+    /// Handle a batch: send one final response per request through `sink`. (With
+    /// [`Capabilities::CONTINUOUS_BATCHING`], one scheduling step: see there.)
     ///
     /// An `Err` means nothing in the batch was handled: the host answers every request that
-    /// has no final response yet with this error.
+    /// has no final response yet (every open request, with continuous batching) with this
+    /// error.
     fn execute(
         &mut self,
         requests: RSlice<'_, Request>,

@@ -278,9 +278,11 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
 /// order given, across calls. Explanations run on their own, as usual.
 fn run_continuous(spec: &WorkerSpec, instance: &mut cresset_plugin_api::InstanceBox) {
     let labels = [spec.model.as_str(), spec.version.as_str()];
+    // Every running sequence shares this thread: a client that stops reading its stream may
+    // hold it only briefly before its request is abandoned (64 chunks are buffered first).
     let mut sink = OpenSink {
         open: std::collections::HashMap::new(),
-        timeout: spec.reply_timeout,
+        timeout: spec.reply_timeout.min(STALLED_STREAM_GRACE),
     };
     let mut next_index = 0usize;
     let mut stopping = false;
@@ -392,6 +394,9 @@ fn explain_alone(spec: &WorkerSpec, instance: &mut cresset_plugin_api::InstanceB
         sink.send_final(0, RResult::RErr(error));
     }
 }
+
+/// How long a continuous-batching worker waits on a stream whose client stopped reading.
+const STALLED_STREAM_GRACE: Duration = Duration::from_millis(250);
 
 /// One request a continuous-batching instance has not finished.
 struct Open {

@@ -117,6 +117,31 @@ fn predictions_stream_tokens_as_chunks_and_bad_requests_get_400() {
         &json!({"data": "Hello", "max_new_tokens": 2}),
     );
     assert_eq!(ok.status, 200);
+    // The generation metrics are exported, per model and version.
+    let metrics = server.metrics_text();
+    for name in [
+        "cresset_time_to_first_token_seconds_count{",
+        "cresset_time_per_output_token_seconds_count{",
+        "cresset_generated_tokens_total{",
+        "cresset_running_sequences{",
+        "cresset_waiting_sequences{",
+        "cresset_kv_slots_used_ratio{",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in metrics"));
+        assert!(line.contains("model=\"smollm2\""), "{line}");
+    }
+    let tokens: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("cresset_generated_tokens_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        tokens >= 18.0,
+        "8 + 8 + 2 tokens at least were generated: {tokens}"
+    );
 }
 
 /// Read server-sent events until `[DONE]`, returning each event's text piece and when it came.

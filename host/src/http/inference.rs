@@ -227,7 +227,6 @@ async fn read_request(
 ) -> Result<Request, ApiError> {
     let (content_type, body, mut params) =
         read_body(req, payload, state.config.max_request_size).await?;
-    params.push(KeyValue::new("cresset-protocol", protocol.name()));
     if let Ok(query) = web::Query::<Vec<(String, String)>>::from_query(req.query_string()) {
         params.extend(
             query
@@ -236,6 +235,9 @@ async fn read_request(
                 .map(|(k, v)| KeyValue::new(k, v)),
         );
     }
+    // The protocol is the host's to say: a client's own `cresset-protocol` is dropped.
+    params.retain(|kv| kv.key.as_str() != "cresset-protocol");
+    params.push(KeyValue::new("cresset-protocol", protocol.name()));
     let headers = req
         .headers()
         .iter()

@@ -104,6 +104,9 @@ pub struct Loaded {
     pub bos_token: String,
     /// The EOS token text, for templates.
     pub eos_token: String,
+    /// A BOS id to put before text prompts (GGUF's `tokenizer.ggml.add_bos_token`); a
+    /// `tokenizer.json` adds its own through its post-processor.
+    pub add_bos: Option<i64>,
 }
 
 /// Load a Llama checkpoint folder: a `.gguf` (`model_file`, or the only one) or safetensors.
@@ -144,6 +147,8 @@ pub fn load(
             .or_else(|| v.get("content").and_then(Value::as_str))
             .map(str::to_owned)
     };
+    let mut gguf_bos: Option<i64> = None;
+    let mut add_bos_id: Option<i64> = None;
     let (model, tokenizer, template, mut eos_ids) = match gguf_path {
         Some(path) => {
             let gguf = Gguf::open(&path).map_err(model_err)?;
@@ -157,11 +162,23 @@ pub fn load(
                 .get("tokenizer.chat_template")
                 .and_then(|v| v.as_str())
                 .map(str::to_owned);
-            let eos: Vec<i64> = gguf
-                .get("tokenizer.ggml.eos_token_id")
+            // The end of a turn (Llama 3's `<|eot_id|>`) ends generation too.
+            let eos: Vec<i64> = ["eos_token_id", "eot_token_id", "eom_token_id"]
+                .iter()
+                .filter_map(|k| {
+                    gguf.get(&format!("tokenizer.ggml.{k}"))
+                        .and_then(|v| v.as_u64())
+                })
+                .map(|v| v as i64)
+                .collect();
+            gguf_bos = gguf
+                .get("tokenizer.ggml.bos_token_id")
                 .and_then(|v| v.as_u64())
-                .map(|v| vec![v as i64])
-                .unwrap_or_default();
+                .map(|v| v as i64);
+            let add_bos = gguf
+                .get("tokenizer.ggml.add_bos_token")
+                .is_some_and(|v| *v == cresset_torch::gguf::Value::Bool(true));
+            add_bos_id = gguf_bos.filter(|_| add_bos);
             (model, tokenizer, template, eos)
         }
         None => {
@@ -177,7 +194,9 @@ pub fn load(
     let eos_token = token_text("eos_token")
         .or_else(|| eos_ids.first().map(|&i| id_text(i)))
         .unwrap_or_default();
-    let bos_token = token_text("bos_token").unwrap_or_default();
+    let bos_token = token_text("bos_token")
+        .or_else(|| gguf_bos.map(id_text))
+        .unwrap_or_default();
     if let Some(id) = tokenizer.token_to_id(&eos_token) {
         if !eos_ids.contains(&i64::from(id)) {
             eos_ids.push(i64::from(id));
@@ -190,6 +209,7 @@ pub fn load(
         eos_ids,
         bos_token,
         eos_token,
+        add_bos: add_bos_id,
     })
 }
 
@@ -202,6 +222,8 @@ pub fn render_chat(
     eos_token: &str,
 ) -> Result<String, PluginError> {
     let mut env = minijinja::Environment::new();
+    // HuggingFace templates call Python string and dict methods (`.strip()`, `.items()`).
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
         |message: String| -> Result<String, minijinja::Error> {
@@ -293,6 +315,8 @@ pub struct GptHandler {
     free_slots: Vec<usize>,
     host: Host,
     model_name: String,
+    /// This worker's index, as a metric label.
+    instance: String,
 }
 
 fn now_secs() -> u64 {
@@ -309,29 +333,41 @@ impl GptHandler {
     }
 
     fn prompt_ids(&self, request: &GenRequest) -> Result<Vec<i64>, PluginError> {
-        let text = match &request.prompt {
-            Prompt::Text(t) => t.clone(),
+        // A text prompt gets the special tokens its tokenizer adds (BOS, for most); a rendered
+        // chat has them from its template already.
+        let (text, specials) = match &request.prompt {
+            Prompt::Text(t) => (t.clone(), true),
             Prompt::Chat(messages) => {
                 let template = self.loaded.chat_template.as_deref().ok_or_else(|| {
                     PluginError::invalid_input(
                         "this model has no chat template; use /v1/completions or set `handler.chat_template`",
                     )
                 })?;
-                render_chat(
-                    template,
-                    messages,
-                    &self.loaded.bos_token,
-                    &self.loaded.eos_token,
-                )?
+                let loaded = &self.loaded;
+                (
+                    render_chat(template, messages, &loaded.bos_token, &loaded.eos_token)?,
+                    false,
+                )
             }
         };
         let encoding =
-            self.loaded.tokenizer.encode(text, false).map_err(|e| {
+            self.loaded.tokenizer.encode(text, specials).map_err(|e| {
                 PluginError::invalid_input(format!("cannot tokenize the prompt: {e}"))
             })?;
-        let ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i64::from(i)).collect();
+        if let Some(bos) = self.loaded.add_bos.filter(|_| specials) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
         if ids.is_empty() {
             return Err(PluginError::invalid_input("the prompt has no tokens"));
+        }
+        let vocab = self.loaded.model.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(PluginError::invalid_input(format!(
+                "the prompt has token {bad}, outside the model's vocabulary of {vocab}"
+            )));
         }
         Ok(ids)
     }
@@ -397,7 +433,8 @@ impl GptHandler {
         } else if seq.generated >= seq.max_new {
             seq.finish = Some(Finish::Length);
         }
-        if seq.finish.is_some() && !eos {
+        if seq.finish.is_some() {
+            // Release what was held back in case it began a stop string.
             piece.push_str(&seq.text.finish(&self.loaded.tokenizer));
         }
         if seq.request.stream && !piece.is_empty() {
@@ -481,23 +518,25 @@ impl GptHandler {
 
     fn gauges(&self) {
         let h = &self.host;
+        let instance = [("instance", self.instance.as_str())];
+        let (running, waiting) = (self.running.len() as f64, self.waiting.len() as f64);
         h.gauge(
             "cresset_running_sequences",
             "Sequences holding a KV-cache slot",
-            &[],
-            self.running.len() as f64,
+            &instance,
+            running,
         );
         h.gauge(
             "cresset_waiting_sequences",
             "Sequences waiting for a KV-cache slot",
-            &[],
-            self.waiting.len() as f64,
+            &instance,
+            waiting,
         );
         h.gauge(
             "cresset_kv_slots_used_ratio",
             "Share of the KV-cache slots in use",
-            &[],
-            self.running.len() as f64 / self.cache.slots().max(1) as f64,
+            &instance,
+            running / self.cache.slots().max(1) as f64,
         );
     }
 
@@ -837,16 +876,7 @@ impl Handler for GptHandler {
         if let Some(t) = setting_str(config, "chat_template")? {
             loaded.chat_template = Some(t.to_owned());
         }
-        let context = loaded.model.config.max_positions as usize;
-        let max_seq_len = setting_usize(config, "max_seq_len", context.min(2048), context)?;
-        let slots = ctx
-            .model_config
-            .get("batch_size")
-            .and_then(Value::as_u64)
-            .unwrap_or(1)
-            .clamp(1, 256) as usize;
-        let cache = loaded.model.new_cache(slots, max_seq_len as i64);
-        let draft = match setting_str(config, "draft_model")? {
+        let draft_loaded = match setting_str(config, "draft_model")? {
             None => None,
             Some(rel) => {
                 let path = inside(&ctx.model_dir, "draft_model", rel)?;
@@ -866,15 +896,32 @@ impl Handler for GptHandler {
                         draft.model.config.vocab_size, loaded.model.config.vocab_size
                     )));
                 }
-                let cache = draft.model.new_cache(slots, max_seq_len as i64);
-                Some(Draft {
-                    model: draft.model,
-                    cache,
-                    k: setting_usize(config, "speculate_k", 4, 16)?,
-                    drafted: 0,
-                    accepted: 0,
-                })
+                Some(draft)
             }
+        };
+        // The context per slot: what both the model and its draft can hold.
+        let context = draft_loaded
+            .as_ref()
+            .map(|d| d.model.config.max_positions)
+            .unwrap_or(i64::MAX)
+            .min(loaded.model.config.max_positions) as usize;
+        let max_seq_len = setting_usize(config, "max_seq_len", context.min(2048), context)?;
+        let slots = ctx
+            .model_config
+            .get("batch_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .clamp(1, 256) as usize;
+        let cache = loaded.model.new_cache(slots, max_seq_len as i64);
+        let draft = match draft_loaded {
+            None => None,
+            Some(draft) => Some(Draft {
+                cache: draft.model.new_cache(slots, max_seq_len as i64),
+                model: draft.model,
+                k: setting_usize(config, "speculate_k", 4, 16)?,
+                drafted: 0,
+                accepted: 0,
+            }),
         };
         tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?device, "gpt model loaded");
         Ok(Self {
@@ -888,6 +935,7 @@ impl Handler for GptHandler {
             free_slots: (0..slots).collect(),
             host: ctx.host.clone(),
             model_name: ctx.model_name.clone(),
+            instance: ctx.assignment.index.to_string(),
         })
     }
 

@@ -193,14 +193,15 @@ impl Cursor<'_> {
                 }
                 let inner = self.u32()?;
                 let count = self.u64()?;
-                // Every element takes at least one byte: a count beyond the file is a lie.
-                if count > (self.bytes.len() - self.pos) as u64 {
+                // Every element takes at least one byte: a count beyond the file is a lie; and
+                // no vocabulary needs more than a few million entries.
+                if count > (self.bytes.len() - self.pos) as u64 || count > 1 << 24 {
                     return Err(bad(
                         self.path,
-                        format!("array of {count} elements is larger than the file"),
+                        format!("array of {count} elements is implausible"),
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                let mut items = Vec::with_capacity((count as usize).min(1 << 16));
                 for _ in 0..count {
                     items.push(self.value(inner, depth + 1)?);
                 }
@@ -524,10 +525,18 @@ mod tests {
 
     #[test]
     fn the_qk_permutation_is_undone() {
-        // llama.cpp: w.reshape(heads, 2, rows/heads/2, cols).swapaxes(1, 2).reshape(rows, cols)
-        let hf = Tensor::arange(8 * 2, (Kind::Float, Device::Cpu)).view([8, 2]);
-        let permuted = hf.reshape([2, 2, 2, 2]).swapaxes(1, 2).reshape([8, 2]);
+        // llama.cpp: w.reshape(heads, 2, rows/heads/2, cols).swapaxes(1, 2).reshape(rows, cols),
+        // with head_dim 8, so that the two middle axes differ in size.
+        let hf = Tensor::arange(16 * 3, (Kind::Float, Device::Cpu)).view([16, 3]);
+        let permuted = hf.reshape([2, 2, 4, 3]).swapaxes(1, 2).reshape([16, 3]);
+        assert!(!permuted.equal(&hf));
         assert!(unpermute_qk(&permuted, 2).equal(&hf));
+        // Applying the permutation again does not undo it.
+        let again = permuted
+            .reshape([2, 2, 4, 3])
+            .swapaxes(1, 2)
+            .reshape([16, 3]);
+        assert!(!again.equal(&hf));
     }
 
     #[test]

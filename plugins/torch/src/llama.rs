@@ -137,7 +137,15 @@ impl LlamaConfig {
                 "GGUF architecture {arch:?} is not llama"
             )));
         }
-        let int = |key: &str| gguf.u64(&format!("llama.{key}")).map(|v| v as i64);
+        let int = |key: &str| -> Result<i64, ModelError> {
+            let v = gguf.u64(&format!("llama.{key}"))?;
+            i64::try_from(v)
+                .ok()
+                .filter(|&v| v > 0 && v < 1 << 32)
+                .ok_or_else(|| {
+                    ModelError::Config(format!("GGUF `llama.{key}` = {v} is out of range"))
+                })
+        };
         let hidden = int("embedding_length")?;
         let heads = int("attention.head_count")?;
         let float = |key: &str| gguf.get(&format!("llama.{key}")).and_then(|v| v.as_f64());
@@ -150,10 +158,15 @@ impl LlamaConfig {
                 .ok_or_else(|| ModelError::Config("GGUF has no vocabulary size".into()))?,
         };
         let rope_scaling = match gguf.get("llama.rope.scaling.type").and_then(|v| v.as_str()) {
+            None | Some("none") => None,
             Some("linear") => Some(RopeScaling::Linear {
                 factor: float("rope.scaling.factor").unwrap_or(1.0),
             }),
-            _ => None,
+            Some(other) => {
+                return Err(ModelError::Config(format!(
+                    "GGUF rope scaling {other:?} is not supported (linear; Llama 3's comes as `rope_freqs.weight`)"
+                )))
+            }
         };
         Ok(Self {
             vocab_size,
@@ -161,7 +174,10 @@ impl LlamaConfig {
             layers: int("block_count")?,
             heads,
             kv_heads: int("attention.head_count_kv").unwrap_or(heads),
-            head_dim: int("rope.dimension_count").unwrap_or(hidden / heads),
+            head_dim: match int("rope.dimension_count") {
+                Ok(d) => d,
+                Err(_) => hidden / heads,
+            },
             intermediate: int("feed_forward_length")?,
             eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: float("rope.freq_base").unwrap_or(10000.0),
@@ -173,6 +189,21 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<(), ModelError> {
+        let sizes = [
+            self.vocab_size,
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.intermediate,
+            self.max_positions,
+        ];
+        if sizes.iter().any(|&n| n <= 0) {
+            return Err(ModelError::Config(format!(
+                "every size must be positive: {sizes:?}"
+            )));
+        }
         if self.heads % self.kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(ModelError::Config(format!(
                 "{} query heads cannot share {} key/value heads (or head_dim {} is odd)",
@@ -373,6 +404,19 @@ impl Llama {
             };
             tensors.insert(name, t);
         }
+        // Llama 3.1+ GGUFs carry their RoPE scaling as per-frequency divisors.
+        if gguf.tensors.contains_key("rope_freqs.weight") {
+            let factors = gguf.tensor("rope_freqs.weight", Kind::Float, Device::Cpu)?;
+            if factors.size() != [cfg.head_dim / 2] {
+                return Err(ModelError::Checkpoint(format!(
+                    "rope_freqs.weight has shape {:?}; head_dim {} needs [{}]",
+                    factors.size(),
+                    cfg.head_dim,
+                    cfg.head_dim / 2
+                )));
+            }
+            tensors.insert("rope_freqs".into(), factors);
+        }
         Self::assemble(cfg, tensors, kind, device)
     }
 
@@ -432,7 +476,10 @@ impl Llama {
         } else {
             get("lm_head")?
         };
-        let inv_freq = Tensor::from_slice(&cfg.inv_freq()).to_kind(Kind::Float);
+        let mut inv_freq = Tensor::from_slice(&cfg.inv_freq()).to_kind(Kind::Float);
+        if let Some(factors) = t.remove("rope_freqs") {
+            inv_freq = inv_freq / factors.to_kind(Kind::Float);
+        }
         let positions = Tensor::arange(cfg.max_positions, (Kind::Float, Device::Cpu));
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
@@ -577,10 +624,10 @@ impl Llama {
                 )
             } else {
                 (
-                    cache.keys[l].index_select(0, &slot_index).narrow(2, 0, end),
+                    cache.keys[l].narrow(2, 0, end).index_select(0, &slot_index),
                     cache.values[l]
-                        .index_select(0, &slot_index)
-                        .narrow(2, 0, end),
+                        .narrow(2, 0, end)
+                        .index_select(0, &slot_index),
                 )
             };
             let attn = Tensor::scaled_dot_product_attention(

@@ -33,7 +33,7 @@ test: build models
 bench: build models
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-nlp" $(BENCH_ARGS)
-	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
+	@$(ENV) CRESSET_LLAMA_CPP_PYTHON="$$(scripts/setup-llama-cpp.sh)" "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
 
 clean-cache:
 	@$(ENV) rm -rf "$$CARGO_TARGET_DIR"

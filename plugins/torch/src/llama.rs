@@ -303,7 +303,8 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
-    /// `[max_positions, head_dim]` cos and sin tables, in the model's dtype.
+    /// `[max_positions, head_dim]` cos and signed sin tables (see `assemble`), in the model's
+    /// dtype.
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -329,6 +330,12 @@ impl SlotCache {
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    if x.kind() == Kind::Float {
+        // libtorch's fused kernel: one op instead of five.
+        let size = x.size()[x.dim() - 1];
+        return x.rms_norm([size], Some(weight), eps);
+    }
+    // In f32, then back, as transformers does for half types.
     let kind = x.kind();
     let xf = x.to_kind(Kind::Float);
     let variance = xf
@@ -336,13 +343,6 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
         .mean_dim([-1i64].as_slice(), true, Kind::Float);
     let normed = (xf * (variance + eps).rsqrt()).to_kind(kind);
     weight * normed
-}
-
-fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size()[x.dim() - 1] / 2;
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    Tensor::cat(&[x2.neg(), x1], -1)
 }
 
 impl Llama {
@@ -484,7 +484,17 @@ impl Llama {
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let cos = emb.cos().to_kind(kind).to_device(device);
-        let sin = emb.sin().to_kind(kind).to_device(device);
+        // rotate_half(x) = cat(−x2, x1) = roll(x, d/2) · (−1 on the first half): the sign goes
+        // into the sin table.
+        let half = cfg.head_dim / 2;
+        let sign = Tensor::cat(
+            &[
+                Tensor::full([half], -1.0, (Kind::Float, Device::Cpu)),
+                Tensor::ones([half], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        let sin = (emb.sin() * sign).to_kind(kind).to_device(device);
         Ok(Self {
             config: cfg,
             embed,
@@ -590,20 +600,19 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, &layer.input_norm, self.config.eps);
             let qkv = layer.qkv.forward(&normed);
-            let q = qkv
-                .narrow(-1, 0, h * hd)
-                .view([rows, s, h, hd])
+            // RoPE on the query and key heads together: x·cos + roll(x, d/2)·sin', where sin'
+            // carries rotate_half's sign (−sin on the first half), so four ops do both.
+            let qk = qkv
+                .narrow(-1, 0, (h + kvh) * hd)
+                .view([rows, s, h + kvh, hd])
                 .transpose(1, 2);
-            let k = qkv
-                .narrow(-1, h * hd, kvh * hd)
-                .view([rows, s, kvh, hd])
-                .transpose(1, 2);
+            let qk = &qk * &cos + qk.roll([hd / 2], [-1]) * &sin;
+            let q = qk.narrow(1, 0, h);
+            let k = qk.narrow(1, h, kvh);
             let v = qkv
                 .narrow(-1, (h + kvh) * hd, kvh * hd)
                 .view([rows, s, kvh, hd])
                 .transpose(1, 2);
-            let q = &q * &cos + rotate_half(&q) * &sin;
-            let k = &k * &cos + rotate_half(&k) * &sin;
             // Write each row's new keys and values into its slot, in place.
             for (row, (&slot, &start)) in slots.iter().zip(&starts).enumerate() {
                 let row = row as i64;

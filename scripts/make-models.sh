@@ -31,13 +31,15 @@ if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$PY_TEST_DEPS" ]; then
   echo "$PY_TEST_DEPS" > "$deps_stamp"
 fi
 nlp_stamp="$root/tests/fixtures/generated/nlp/expected.json"
-if ! { [ -f "$nlp_stamp" ] && [ "$nlp_stamp" -nt "$root/scripts/make_nlp_fixtures.py" ]; }; then
+if ! { [ -f "$nlp_stamp" ] && [ "$nlp_stamp" -nt "$root/scripts/make_nlp_fixtures.py" ] \
+  && [ "$nlp_stamp" -nt "$root/scripts/fixture_common.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_nlp_fixtures.py" "$root" "$minilm"
 fi
 
 smollm2="$CRESSET_CACHE/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 llm_stamp="$root/tests/fixtures/generated/llm/expected.json"
-if ! { [ -f "$llm_stamp" ] && [ "$llm_stamp" -nt "$root/scripts/make_llm_fixtures.py" ]; }; then
+if ! { [ -f "$llm_stamp" ] && [ "$llm_stamp" -nt "$root/scripts/make_llm_fixtures.py" ] \
+  && [ "$llm_stamp" -nt "$root/scripts/fixture_common.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_llm_fixtures.py" "$root" "$smollm2"
 fi
 if ! cmp -s "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; then

@@ -339,6 +339,70 @@ impl<'s, 'a> BatchContext<'s, 'a> {
     }
 }
 
+/// Reading a handler's `[handler]` table ([`InitContext::handler_config`]) with errors that
+/// name the key, as `handler.<key>`.
+pub mod settings {
+    use std::path::{Component, Path, PathBuf};
+
+    use serde_json::Value;
+
+    use crate::PluginError;
+
+    fn bad(key: &str, wanted: &str, given: &Value) -> PluginError {
+        PluginError::invalid_input(format!("`handler.{key}` must be {wanted}. Given: {given}"))
+    }
+
+    /// A string, if present.
+    pub fn string<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
+        match config.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(bad(key, "a string", v)),
+        }
+    }
+
+    /// An integer from 1 to `max`, or `default` when absent.
+    pub fn integer(
+        config: &Value,
+        key: &str,
+        default: usize,
+        max: usize,
+    ) -> Result<usize, PluginError> {
+        match config.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=max as u64).contains(n))
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(key, &format!("an integer from 1 to {max}"), v)),
+        }
+    }
+
+    /// A boolean, or `default` when absent.
+    pub fn boolean(config: &Value, key: &str, default: bool) -> Result<bool, PluginError> {
+        match config.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(bad(key, "true or false", v)),
+        }
+    }
+
+    /// `rel` under `dir`, refusing absolute paths and `..` (a path must stay inside the
+    /// archive).
+    pub fn path_inside(dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginError> {
+        let path = Path::new(rel);
+        if path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(PluginError::invalid_input(format!(
+                "`handler.{key}` must be a path inside the archive. Given: {rel:?}"
+            )));
+        }
+        Ok(dir.join(path))
+    }
+}
+
 /// What [`Handler::step`] answers through: the sink, addressed by request index.
 pub struct StepContext<'s, 'a> {
     sink: &'s mut SinkRef<'a>,

@@ -22,73 +22,22 @@
 mod api;
 mod text;
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext, StepContext};
-use cresset_plugin_api::{Capabilities, DeviceType, PluginError, Request, Response};
+use cresset_plugin_api::sdk::{settings, BatchContext, Handler, Host, InitContext, StepContext};
+use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
 use cresset_torch::gguf::Gguf;
 use cresset_torch::layers::{parse_dtype, HfConfig};
 use cresset_torch::llama::{Llama, SlotCache};
 use cresset_torch::sampling::{sample, Rng, SamplingParams};
 use cresset_torch::tch::{Device, Kind};
 use cresset_torch::tokenizers::Tokenizer;
-use cresset_torch::{InferenceMode, ModelError};
+use cresset_torch::InferenceMode;
 use serde_json::Value;
 
 pub use api::{parse, Api, Finish, GenRequest, Prompt};
 pub use text::TextStream;
-
-fn model_err(e: ModelError) -> PluginError {
-    match e {
-        ModelError::Invalid(m) => PluginError::invalid_input(m),
-        ModelError::Unsupported(m) => PluginError::unsupported(m),
-        other => PluginError::internal(other.to_string()),
-    }
-}
-
-fn setting_str<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
-    match config.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(PluginError::invalid_input(format!(
-            "`handler.{key}` must be a string. Given: {v}"
-        ))),
-    }
-}
-
-fn setting_usize(
-    config: &Value,
-    key: &str,
-    default: usize,
-    max: usize,
-) -> Result<usize, PluginError> {
-    match config.get(key) {
-        None => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| (1..=max as u64).contains(n))
-            .map(|n| n as usize)
-            .ok_or_else(|| {
-                PluginError::invalid_input(format!(
-                    "`handler.{key}` must be an integer from 1 to {max}. Given: {v}"
-                ))
-            }),
-    }
-}
-
-fn inside(dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginError> {
-    let path = Path::new(rel);
-    if path
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(PluginError::invalid_input(format!(
-            "`handler.{key}` must be a path inside the archive. Given: {rel:?}"
-        )));
-    }
-    Ok(dir.join(path))
-}
 
 /// A loaded model, its tokenizer and what generation needs from the checkpoint.
 pub struct Loaded {
@@ -117,7 +66,7 @@ pub fn load(
     device: Device,
 ) -> Result<Loaded, PluginError> {
     let gguf_path = match model_file {
-        Some(f) => Some(inside(dir, "model_file", f)?),
+        Some(f) => Some(settings::path_inside(dir, "model_file", f)?),
         None => {
             let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map_err(|e| PluginError::internal(format!("cannot list {}: {e}", dir.display())))?
@@ -151,12 +100,12 @@ pub fn load(
     let mut add_bos_id: Option<i64> = None;
     let (model, tokenizer, template, mut eos_ids) = match gguf_path {
         Some(path) => {
-            let gguf = Gguf::open(&path).map_err(model_err)?;
-            let model = Llama::load_gguf(&gguf, kind, device).map_err(model_err)?;
+            let gguf = Gguf::open(&path).map_err(PluginError::from)?;
+            let model = Llama::load_gguf(&gguf, kind, device).map_err(PluginError::from)?;
             let tokenizer = if tokenizer_json.is_file() {
-                cresset_torch::load_tokenizer(dir).map_err(model_err)?
+                cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?
             } else {
-                gguf.tokenizer().map_err(model_err)?
+                gguf.tokenizer().map_err(PluginError::from)?
             };
             let template = gguf
                 .get("tokenizer.chat_template")
@@ -182,11 +131,12 @@ pub fn load(
             (model, tokenizer, template, eos)
         }
         None => {
-            let hf = HfConfig::read(dir).map_err(model_err)?;
-            let model = Llama::load(dir, &hf, kind, device).map_err(model_err)?;
-            let tokenizer = cresset_torch::load_tokenizer(dir).map_err(model_err)?;
+            let hf = HfConfig::read(dir).map_err(PluginError::from)?;
+            let model = Llama::load(dir, &hf, kind, device).map_err(PluginError::from)?;
+            let tokenizer = cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?;
             let template = token_text("chat_template");
-            let eos = cresset_torch::gpt2::generation_eos_ids(dir, &hf).map_err(model_err)?;
+            let eos =
+                cresset_torch::gpt2::generation_eos_ids(dir, &hf).map_err(PluginError::from)?;
             (model, tokenizer, template, eos)
         }
     };
@@ -578,7 +528,7 @@ impl GptHandler {
                         l.to_kind(Kind::Float).squeeze_dim(1),
                     )?)
                 })
-                .map_err(model_err)?;
+                .map_err(PluginError::from)?;
             for (i, mut row) in logits.into_iter().enumerate() {
                 let seq = &mut self.running[rows[i]];
                 let mut history = seq.history.clone();
@@ -603,7 +553,7 @@ impl GptHandler {
             .model
             .forward(&slots, &tokens, &mut self.cache, false)
             .and_then(|l| Ok(Vec::<Vec<Vec<f32>>>::try_from(l.to_kind(Kind::Float))?))
-            .map_err(model_err)?;
+            .map_err(PluginError::from)?;
         let mut catch_up: Vec<(usize, i64)> = Vec::new();
         let (mut drafted, mut accepted_total) = (0u64, 0u64);
         for (i, mut positions) in logits.into_iter().enumerate() {
@@ -664,7 +614,7 @@ impl GptHandler {
             let _logits = draft
                 .model
                 .forward(&slots, &tokens, &mut draft.cache, true)
-                .map_err(model_err)?;
+                .map_err(PluginError::from)?;
         }
         draft.drafted += drafted;
         draft.accepted += accepted_total;
@@ -731,13 +681,13 @@ impl GptHandler {
                 .model
                 .forward(&[slot], &[chunk], &mut self.cache, true)
                 .and_then(|l| Ok(Vec::<f32>::try_from(l.to_kind(Kind::Float).view([-1]))?))
-                .map_err(model_err)?;
+                .map_err(PluginError::from)?;
             if let Some(draft) = self.draft.as_mut() {
                 let chunk = self.running[k].prompt[self.running[k].prefilled..][..take].to_vec();
                 let _logits = draft
                     .model
                     .forward(&[slot], &[chunk], &mut draft.cache, true)
-                    .map_err(model_err)?;
+                    .map_err(PluginError::from)?;
             }
             self.running[k].prefilled += take;
             if done {
@@ -770,7 +720,7 @@ impl GptHandler {
                         l.to_kind(Kind::Float).squeeze_dim(1),
                     )?)
                 })
-                .map_err(model_err)?;
+                .map_err(PluginError::from)?;
             let mut taken: Vec<Sequence> = Vec::new();
             for &k in &rows {
                 taken.push(std::mem::replace(&mut self.running[k], placeholder()));
@@ -855,31 +805,22 @@ impl Handler for GptHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
-        let dir = inside(
+        let dir = settings::path_inside(
             &ctx.model_dir,
             "model_path",
-            setting_str(config, "model_path")?.unwrap_or("."),
+            settings::string(config, "model_path")?.unwrap_or("."),
         )?;
-        let kind =
-            parse_dtype(setting_str(config, "dtype")?.unwrap_or("float32")).map_err(model_err)?;
-        let (device, warning) = cresset_torch::select_device(
-            &ctx.assignment.device_ids,
-            ctx.assignment.device_type == DeviceType::GPU,
-        );
-        if let Some(w) = warning {
-            tracing::warn!(model = %ctx.model_name, "{w}");
-        }
-        if let Some(w) = cresset_torch::configure_threads(ctx.assignment.intra_op_threads) {
-            tracing::info!(model = %ctx.model_name, "{w}");
-        }
-        let mut loaded = load(&dir, setting_str(config, "model_file")?, kind, device)?;
-        if let Some(t) = setting_str(config, "chat_template")? {
+        let kind = parse_dtype(settings::string(config, "dtype")?.unwrap_or("float32"))
+            .map_err(PluginError::from)?;
+        let device = cresset_torch::instance_device(ctx);
+        let mut loaded = load(&dir, settings::string(config, "model_file")?, kind, device)?;
+        if let Some(t) = settings::string(config, "chat_template")? {
             loaded.chat_template = Some(t.to_owned());
         }
-        let draft_loaded = match setting_str(config, "draft_model")? {
+        let draft_loaded = match settings::string(config, "draft_model")? {
             None => None,
             Some(rel) => {
-                let path = inside(&ctx.model_dir, "draft_model", rel)?;
+                let path = settings::path_inside(&ctx.model_dir, "draft_model", rel)?;
                 let (dir, file) = if path.is_file() {
                     let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
                     (
@@ -905,7 +846,7 @@ impl Handler for GptHandler {
             .map(|d| d.model.config.max_positions)
             .unwrap_or(i64::MAX)
             .min(loaded.model.config.max_positions) as usize;
-        let max_seq_len = setting_usize(config, "max_seq_len", context.min(2048), context)?;
+        let max_seq_len = settings::integer(config, "max_seq_len", context.min(2048), context)?;
         let slots = ctx
             .model_config
             .get("batch_size")
@@ -918,7 +859,7 @@ impl Handler for GptHandler {
             Some(draft) => Some(Draft {
                 cache: draft.model.new_cache(slots, max_seq_len as i64),
                 model: draft.model,
-                k: setting_usize(config, "speculate_k", 4, 16)?,
+                k: settings::integer(config, "speculate_k", 4, 16)?,
                 drafted: 0,
                 accepted: 0,
             }),
@@ -927,8 +868,8 @@ impl Handler for GptHandler {
         Ok(Self {
             loaded,
             cache,
-            max_new_tokens: setting_usize(config, "max_new_tokens", 256, 1 << 20)?,
-            prefill_budget: setting_usize(config, "prefill_tokens_per_step", 512, 1 << 20)?,
+            max_new_tokens: settings::integer(config, "max_new_tokens", 256, 1 << 20)?,
+            prefill_budget: settings::integer(config, "prefill_tokens_per_step", 512, 1 << 20)?,
             running: Vec::new(),
             waiting: std::collections::VecDeque::new(),
             draft,

@@ -28,10 +28,8 @@
 mod input;
 mod tasks;
 
-use std::path::{Component, Path, PathBuf};
-
-use cresset_plugin_api::sdk::{BatchContext, Handler, Host, InitContext};
-use cresset_plugin_api::{Capabilities, DeviceType, PluginError, Request, Response};
+use cresset_plugin_api::sdk::{settings, BatchContext, Handler, Host, InitContext};
+use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
 use cresset_torch::encoder::{mean_pool_normalized, Encoder, EncoderHead};
 use cresset_torch::gpt2::{GenerationRequest, Gpt2};
 use cresset_torch::layers::{parse_dtype, HfConfig};
@@ -40,7 +38,7 @@ use cresset_torch::tch::{Device, Kind, Tensor};
 use cresset_torch::tokenizers::{
     Encoding, PostProcessor, PostProcessorWrapper, Tokenizer, TruncationDirection, TruncationParams,
 };
-use cresset_torch::{InferenceMode, ModelError};
+use cresset_torch::InferenceMode;
 use serde_json::{json, Map, Value};
 
 pub use input::{parse, Inputs, Parsed, MAX_TEXTS};
@@ -172,69 +170,6 @@ pub struct NlpHandler {
     device: Device,
     host: Host,
     forward_passes: u64,
-}
-
-fn model_err(e: ModelError) -> PluginError {
-    match e {
-        ModelError::Invalid(m) => PluginError::invalid_input(m),
-        ModelError::Unsupported(m) => PluginError::unsupported(m),
-        ModelError::Config(m) => PluginError::invalid_input(m),
-        other => PluginError::internal(other.to_string()),
-    }
-}
-
-fn setting_usize(
-    config: &Value,
-    key: &str,
-    default: usize,
-    max: usize,
-) -> Result<usize, PluginError> {
-    match config.get(key) {
-        None => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| (1..=max as u64).contains(n))
-            .map(|n| n as usize)
-            .ok_or_else(|| {
-                PluginError::invalid_input(format!(
-                    "`handler.{key}` must be an integer from 1 to {max}. Given: {v}"
-                ))
-            }),
-    }
-}
-
-fn setting_bool(config: &Value, key: &str, default: bool) -> Result<bool, PluginError> {
-    match config.get(key) {
-        None => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(PluginError::invalid_input(format!(
-            "`handler.{key}` must be true or false. Given: {v}"
-        ))),
-    }
-}
-
-fn setting_str<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
-    match config.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(PluginError::invalid_input(format!(
-            "`handler.{key}` must be a string. Given: {v}"
-        ))),
-    }
-}
-
-/// A path inside the archive: relative, without `..`.
-fn inside(model_dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginError> {
-    let path = Path::new(rel);
-    if path
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(PluginError::invalid_input(format!(
-            "`handler.{key}` must be a path inside the archive. Given: {rel:?}"
-        )));
-    }
-    Ok(model_dir.join(path))
 }
 
 /// The id of the first of these tokens the tokenizer knows.
@@ -673,7 +608,7 @@ impl NlpHandler {
                 n_steps,
                 self.settings.explain_batch,
             )
-            .map_err(model_err)?;
+            .map_err(PluginError::from)?;
         let total: f64 = attribution.per_token.iter().map(|&a| f64::from(a)).sum();
         let expected = attribution.at_input - attribution.at_baseline;
         Ok(json!({
@@ -699,13 +634,13 @@ impl Handler for NlpHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
-        let dir = inside(
+        let dir = settings::path_inside(
             &ctx.model_dir,
             "model_path",
-            setting_str(config, "model_path")?.unwrap_or("."),
+            settings::string(config, "model_path")?.unwrap_or("."),
         )?;
-        let hf = HfConfig::read(&dir).map_err(model_err)?;
-        let mode = match setting_str(config, "mode")? {
+        let hf = HfConfig::read(&dir).map_err(PluginError::from)?;
+        let mode = match settings::string(config, "mode")? {
             Some(name) => Mode::parse(name)?,
             None => {
                 let arch = hf.architecture().unwrap_or("(none)");
@@ -718,30 +653,24 @@ impl Handler for NlpHandler {
                 })?
             }
         };
-        let kind =
-            parse_dtype(setting_str(config, "dtype")?.unwrap_or("float32")).map_err(model_err)?;
-        let (device, warning) = cresset_torch::select_device(
-            &ctx.assignment.device_ids,
-            ctx.assignment.device_type == DeviceType::GPU,
-        );
-        if let Some(w) = warning {
-            tracing::warn!(model = %ctx.model_name, "{w}");
-        }
-        if let Some(w) = cresset_torch::configure_threads(ctx.assignment.intra_op_threads) {
-            tracing::info!(model = %ctx.model_name, "{w}");
-        }
+        let kind = parse_dtype(settings::string(config, "dtype")?.unwrap_or("float32"))
+            .map_err(PluginError::from)?;
+        let device = cresset_torch::instance_device(ctx);
         let model = if mode == Mode::TextGeneration {
-            Model::Gpt2(Gpt2::load(&dir, &hf, kind, device).map_err(model_err)?)
+            Model::Gpt2(Gpt2::load(&dir, &hf, kind, device).map_err(PluginError::from)?)
         } else {
-            Model::Encoder(Encoder::load(&dir, &hf, mode.head(), kind, device).map_err(model_err)?)
+            Model::Encoder(
+                Encoder::load(&dir, &hf, mode.head(), kind, device).map_err(PluginError::from)?,
+            )
         };
         let model_limit = match &model {
             Model::Encoder(e) => e.config.max_input_len() as usize,
             Model::Gpt2(g) => g.config.max_positions as usize,
         };
-        let max_length = setting_usize(config, "max_length", model_limit.min(512), model_limit)?;
-        let truncation = setting_bool(config, "truncation", false)?;
-        let doc_stride = setting_usize(
+        let max_length =
+            settings::integer(config, "max_length", model_limit.min(512), model_limit)?;
+        let truncation = settings::boolean(config, "truncation", false)?;
+        let doc_stride = settings::integer(
             config,
             "doc_stride",
             (max_length / 2).clamp(1, 128),
@@ -749,17 +678,17 @@ impl Handler for NlpHandler {
         )?;
         let settings = Settings {
             max_length,
-            max_batch_tokens: setting_usize(config, "max_batch_tokens", 16_384, 1 << 24)?,
+            max_batch_tokens: settings::integer(config, "max_batch_tokens", 16_384, 1 << 24)?,
             doc_stride,
-            max_answer_len: setting_usize(config, "max_answer_len", 15, 512)?,
-            handle_impossible_answer: setting_bool(config, "handle_impossible_answer", false)?,
-            max_new_tokens: setting_usize(config, "max_new_tokens", 32, model_limit)?,
-            n_steps: setting_usize(config, "n_steps", 50, 1000)?,
-            explain_batch: setting_usize(config, "explain_batch", 10, 1000)?,
-            multi_label: hf.opt_str("problem_type").map_err(model_err)?
+            max_answer_len: settings::integer(config, "max_answer_len", 15, 512)?,
+            handle_impossible_answer: settings::boolean(config, "handle_impossible_answer", false)?,
+            max_new_tokens: settings::integer(config, "max_new_tokens", 32, model_limit)?,
+            n_steps: settings::integer(config, "n_steps", 50, 1000)?,
+            explain_batch: settings::integer(config, "explain_batch", 10, 1000)?,
+            multi_label: hf.opt_str("problem_type").map_err(PluginError::from)?
                 == Some("multi_label_classification"),
         };
-        let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(model_err)?;
+        let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(PluginError::from)?;
         // QA encodes each sequence with this one: no post-processor, no truncation (its
         // windows cover the whole context).
         let mut bare_tokenizer = tokenizer.clone();
@@ -783,13 +712,13 @@ impl Handler for NlpHandler {
                  {model_vocab}: they do not belong together"
             )));
         }
-        let labels_path = inside(
+        let labels_path = settings::path_inside(
             &ctx.model_dir,
             "labels_file",
-            setting_str(config, "labels_file")?.unwrap_or("index_to_name.json"),
+            settings::string(config, "labels_file")?.unwrap_or("index_to_name.json"),
         )?;
         let labels = if labels_path.is_file() {
-            cresset_torch::read_index_to_name(&labels_path).map_err(model_err)?
+            cresset_torch::read_index_to_name(&labels_path).map_err(PluginError::from)?
         } else {
             hf.id2label().unwrap_or_default()
         };
@@ -814,7 +743,8 @@ impl Handler for NlpHandler {
             })
             .unwrap_or(0);
         let cls_id = token_id(&tokenizer, &["[CLS]", "<s>"]);
-        let eos_ids = cresset_torch::gpt2::generation_eos_ids(&dir, &hf).map_err(model_err)?;
+        let eos_ids =
+            cresset_torch::gpt2::generation_eos_ids(&dir, &hf).map_err(PluginError::from)?;
         tracing::info!(model = %ctx.model_name, ?mode, %max_length, ?device, "nlp model loaded");
         Ok(Self {
             mode,
@@ -911,7 +841,7 @@ impl Handler for NlpHandler {
                 .collect();
             let outputs = {
                 let _mode = InferenceMode::enter();
-                gpt.generate(&requests).map_err(model_err)?
+                gpt.generate(&requests).map_err(PluginError::from)?
             };
             self.count_pass();
             let mut outputs = outputs.into_iter();

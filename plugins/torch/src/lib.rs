@@ -148,6 +148,33 @@ pub fn read_index_to_name(path: &std::path::Path) -> Result<Vec<String>, ModelEr
     Ok(labels)
 }
 
+impl From<ModelError> for cresset_plugin_api::PluginError {
+    fn from(e: ModelError) -> Self {
+        use cresset_plugin_api::PluginError;
+        match e {
+            ModelError::Invalid(m) | ModelError::Config(m) => PluginError::invalid_input(m),
+            ModelError::Unsupported(m) => PluginError::unsupported(m),
+            other => PluginError::internal(other.to_string()),
+        }
+    }
+}
+
+/// The device an instance runs on ([`select_device`] from its assignment), with libtorch's
+/// threads set from it; what falls back or is ignored is logged for the model.
+pub fn instance_device(ctx: &cresset_plugin_api::sdk::InitContext) -> tch::Device {
+    let (device, warning) = select_device(
+        &ctx.assignment.device_ids,
+        ctx.assignment.device_type == cresset_plugin_api::DeviceType::GPU,
+    );
+    if let Some(w) = warning {
+        tracing::warn!(model = %ctx.model_name, "{w}");
+    }
+    if let Some(w) = configure_threads(ctx.assignment.intra_op_threads) {
+        tracing::info!(model = %ctx.model_name, "{w}");
+    }
+    device
+}
+
 /// Load `tokenizer.json` from a checkpoint directory with its baked-in padding and truncation
 /// removed: callers set their own (a batch is padded to its longest member, truncation follows
 /// the handler's `max_length`).

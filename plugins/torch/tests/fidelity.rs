@@ -3,7 +3,11 @@
 //! RoBERTa, DistilBERT (every head) and GPT-2 checkpoints and records what transformers gives;
 //! the real all-MiniLM-L6-v2 comes from the package index. Tolerance: 1e-4 in f32.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::{expected, fixtures, floats, ids as ids_of, tensor_floats};
 
 use cresset_torch::encoder::{mean_pool_normalized, Encoder, EncoderHead};
 use cresset_torch::gpt2::{GenerationRequest, Gpt2};
@@ -14,49 +18,13 @@ use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/generated/nlp")
-}
-
-fn expected() -> Value {
-    let path = fixtures().join("expected.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run `make models` first", path.display()));
-    serde_json::from_str(&text).expect("expected.json parses")
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(floats).collect(),
-        Value::Number(n) => vec![n.as_f64().expect("number")],
-        other => panic!("not numbers: {other}"),
-    }
-}
-
-fn tensor_floats(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("floats")
-}
-
 fn max_diff(what: &str, ours: &[f64], theirs: &[f64]) -> f64 {
-    assert_eq!(ours.len(), theirs.len(), "{what}: sizes differ");
-    let diff = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let diff = common::max_abs_diff(ours, theirs);
     assert!(
         diff <= TOLERANCE,
         "{what}: max abs diff {diff:e} > {TOLERANCE:e}"
     );
     diff
-}
-
-fn ids_of(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_i64().expect("id"))
-        .collect()
 }
 
 /// Tokenize with our tokenizer and check the ids agree with transformers'.
@@ -84,12 +52,12 @@ use cresset_torch::tokenizers;
 
 #[test]
 fn encoders_match_transformers_for_every_family_and_head() {
-    let expected = expected();
+    let expected = expected("nlp");
     let encoders = expected["encoders"].as_object().expect("encoders");
     assert!(encoders.len() >= 12, "all families × heads are present");
     let mut worst = 0.0f64;
     for (name, spec) in encoders {
-        let dir = fixtures().join(name);
+        let dir = fixtures("nlp").join(name);
         let config = HfConfig::read(&dir).expect("config");
         let head = match spec["head"].as_str().expect("head") {
             "base" => EncoderHead::Base,
@@ -181,14 +149,14 @@ fn encoders_match_transformers_for_every_family_and_head() {
 
 #[test]
 fn sharded_checkpoints_load_to_the_same_weights() {
-    let dir = fixtures().join("bert-seq-sharded");
+    let dir = fixtures("nlp").join("bert-seq-sharded");
     assert!(
         dir.join("model.safetensors.index.json").is_file(),
         "the fixture is sharded"
     );
     let one = Encoder::load(
-        &fixtures().join("bert-seq"),
-        &HfConfig::read(&fixtures().join("bert-seq")).expect("config"),
+        &fixtures("nlp").join("bert-seq"),
+        &HfConfig::read(&fixtures("nlp").join("bert-seq")).expect("config"),
         EncoderHead::SequenceClassification,
         Kind::Float,
         Device::Cpu,
@@ -215,7 +183,7 @@ fn sharded_checkpoints_load_to_the_same_weights() {
 
 #[test]
 fn real_minilm_embeddings_match_and_rank_by_meaning() {
-    let expected = expected();
+    let expected = expected("nlp");
     let spec = &expected["minilm"];
     let dir = PathBuf::from(std::env::var("CRESSET_MINILM_DIR").unwrap_or_else(|_| {
         let cache = std::env::var("CRESSET_CACHE").expect("CRESSET_CACHE is set by scripts/env.sh");
@@ -276,9 +244,9 @@ fn real_minilm_embeddings_match_and_rank_by_meaning() {
 
 #[test]
 fn gpt2_logits_and_greedy_tokens_match_transformers() {
-    let expected = expected();
+    let expected = expected("nlp");
     let spec = &expected["gpt2"];
-    let dir = fixtures().join(spec["dir"].as_str().expect("dir"));
+    let dir = fixtures("nlp").join(spec["dir"].as_str().expect("dir"));
     let config = HfConfig::read(&dir).expect("config");
     let model = Gpt2::load(&dir, &config, Kind::Float, Device::Cpu).expect("gpt2 loads");
     let tokenizer = cresset_torch::load_tokenizer(&dir).expect("tokenizer");
@@ -347,7 +315,7 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
 
 #[test]
 fn half_precision_models_load_and_stay_close_to_f32() {
-    let dir = fixtures().join("bert-seq");
+    let dir = fixtures("nlp").join("bert-seq");
     let config = HfConfig::read(&dir).expect("config");
     let ids = Tensor::from_slice(&[101i64, 7592, 2088, 2003, 2307, 102, 0]).view([1, 7]);
     let mask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 0]).view([1, 7]);

@@ -3,53 +3,17 @@
 //! RoPE scaling), GGUF files written from one of them with llama.cpp's `gguf` package (Q8_0 and
 //! Q4_1), and the real SmolLM2-135M-Instruct GGUF, all made by `scripts/make_llm_fixtures.py`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
+
+use common::{expected, fixtures, floats, ids, max_abs_diff, tensor_floats};
 
 use cresset_torch::gguf::{unpermute_qk, Gguf};
 use cresset_torch::layers::HfConfig;
 use cresset_torch::llama::Llama;
-use cresset_torch::tch::{self, Device, Kind, Tensor};
+use cresset_torch::tch::{self, Device, Kind};
 use cresset_torch::weights::Weights;
-use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/generated/llm")
-}
-
-fn expected() -> Value {
-    let path = fixtures().join("expected.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run `make models` first", path.display()));
-    serde_json::from_str(&text).expect("expected.json parses")
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(floats).collect(),
-        Value::Number(n) => vec![n.as_f64().expect("number")],
-        other => panic!("not numbers: {other}"),
-    }
-}
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .expect("ids")
-        .iter()
-        .map(|x| x.as_i64().expect("id"))
-        .collect()
-}
-
-fn tensor_floats(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("floats")
-}
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
 
 /// Greedy decoding of several prompts at once, each in its own cache slot: prefill each, then
 /// decode all rows in one forward pass per step.
@@ -85,10 +49,10 @@ fn greedy(model: &Llama, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
 
 #[test]
 fn llama_logits_and_greedy_tokens_match_transformers() {
-    let expected = expected();
+    let expected = expected("llm");
     for name in ["llama-gqa-tied", "llama-gqa-untied"] {
         let spec = &expected[name];
-        let dir = fixtures().join(spec["dir"].as_str().expect("dir"));
+        let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
         let model = Llama::load(
             &dir,
             &HfConfig::read(&dir).expect("config"),
@@ -109,7 +73,7 @@ fn llama_logits_and_greedy_tokens_match_transformers() {
         let mut cache = model.new_cache(1, 64);
         let logits = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
             .expect("forward");
-        let diff = max_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+        let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
         assert!(diff <= 1e-4, "{name}: logits max abs diff {diff:e}");
         // Greedy, alone and batched with the shorter prompt (another length, another slot).
         let short = ids(&spec["batch"]["prompt_ids"]);
@@ -131,11 +95,11 @@ fn llama_logits_and_greedy_tokens_match_transformers() {
 
 #[test]
 fn gguf_files_load_to_the_same_weights_within_quantization_error() {
-    let expected = expected();
+    let expected = expected("llm");
     for spec in expected["gguf"].as_array().expect("gguf list") {
-        let file = fixtures().join(spec["file"].as_str().expect("file"));
+        let file = fixtures("llm").join(spec["file"].as_str().expect("file"));
         let gguf = Gguf::open(&file).expect("open gguf");
-        let source = fixtures().join(spec["source"].as_str().expect("source"));
+        let source = fixtures("llm").join(spec["source"].as_str().expect("source"));
         let config = HfConfig::read(&source).expect("config");
         let heads = config.usize("num_attention_heads").expect("heads");
         let kv_heads = config.usize("num_key_value_heads").expect("kv heads");
@@ -146,7 +110,7 @@ fn gguf_files_load_to_the_same_weights_within_quantization_error() {
                 .expect("q"),
             heads,
         );
-        let diff = max_diff(
+        let diff = max_abs_diff(
             &tensor_floats(&q),
             &floats(&spec["dequantized"]["blk.0.attn_q.weight"]),
         );
@@ -192,7 +156,7 @@ fn gguf_files_load_to_the_same_weights_within_quantization_error() {
             }
             let theirs = hf.take(&h, &ours.size()).expect("hf tensor");
             let bound = spec["max_abs_error"][&h].as_f64().expect("bound");
-            let diff = max_diff(&tensor_floats(&ours), &tensor_floats(&theirs));
+            let diff = max_abs_diff(&tensor_floats(&ours), &tensor_floats(&theirs));
             assert!(
                 diff <= bound + 1e-6,
                 "{} {h}: {diff} > {bound}",
@@ -205,7 +169,7 @@ fn gguf_files_load_to_the_same_weights_within_quantization_error() {
         let mut cache = model.new_cache(1, 64);
         let logits =
             tch::no_grad(|| model.forward(&[0], &[prompt], &mut cache, false)).expect("forward");
-        let diff = max_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+        let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
         assert!(
             diff <= 1e-4,
             "{}: logits differ from transformers' by {diff:e}",
@@ -229,7 +193,7 @@ fn gguf_files_load_to_the_same_weights_within_quantization_error() {
 
 #[test]
 fn real_smollm2_gguf_matches_transformers_and_knows_paris() {
-    let expected = expected();
+    let expected = expected("llm");
     let spec = &expected["smollm2"];
     let path = PathBuf::from(
         std::env::var("CRESSET_CACHE").expect("CRESSET_CACHE is set by scripts/env.sh"),
@@ -263,7 +227,7 @@ fn real_smollm2_gguf_matches_transformers_and_knows_paris() {
     let mut cache = model.new_cache(1, 128);
     let logits =
         tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, true)).expect("forward");
-    let diff = max_diff(&tensor_floats(&logits), &floats(&spec["logits_last"]));
+    let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits_last"]));
     assert!(diff <= 1e-4, "SmolLM2 last logits differ by {diff:e}");
     let want = ids(&spec["greedy_ids"]);
     let ours = greedy(&model, &[prompt], want.len());
@@ -272,4 +236,30 @@ fn real_smollm2_gguf_matches_transformers_and_knows_paris() {
         .decode(&want.iter().map(|&t| t as u32).collect::<Vec<_>>(), true)
         .expect("decode");
     assert!(text.contains("Paris"), "{text}");
+}
+
+#[test]
+fn llama_runs_in_bf16_and_f16_close_to_f32() {
+    let expected = expected("llm");
+    let spec = &expected["llama-gqa-untied"];
+    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
+    let config = HfConfig::read(&dir).expect("config");
+    let prompt = ids(&spec["prompt_ids"]);
+    let logits = |kind| {
+        let model = Llama::load(&dir, &config, kind, Device::Cpu).expect("load");
+        let mut cache = model.new_cache(1, 64);
+        let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, true))
+            .expect("forward");
+        assert_eq!(out.kind(), kind, "computed in the asked dtype");
+        tensor_floats(&out)
+    };
+    let full = logits(Kind::Float);
+    let scale = full.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let diff = max_abs_diff(&logits(kind), &full);
+        assert!(
+            diff <= 0.05 * scale.max(1.0),
+            "{kind:?}: max diff {diff} (scale {scale})"
+        );
+    }
 }

@@ -18,7 +18,7 @@
 use std::path::Path;
 
 use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext};
-use cresset_plugin_api::{DeviceType, PluginError, Request, Response};
+use cresset_plugin_api::{PluginError, Request, Response};
 use cresset_torch::tch::{self, CModule, Device, IValue, Kind, Tensor};
 use cresset_torch::{
     tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, TorchError, V2Input,
@@ -265,16 +265,7 @@ impl Handler for TorchScriptHandler {
         let model_file = ctx
             .model_dir
             .join(config_str(config, "model_file", "model.pt")?);
-        let (device, warning) = cresset_torch::select_device(
-            &ctx.assignment.device_ids,
-            ctx.assignment.device_type == DeviceType::GPU,
-        );
-        if let Some(w) = warning {
-            tracing::warn!(model = %ctx.model_name, "{w}");
-        }
-        if let Some(w) = cresset_torch::configure_threads(ctx.assignment.intra_op_threads) {
-            tracing::info!(model = %ctx.model_name, "{w}");
-        }
+        let device = cresset_torch::instance_device(ctx);
         if !model_file.is_file() {
             return Err(PluginError::not_found(format!(
                 "the archive has no model file `{}`",

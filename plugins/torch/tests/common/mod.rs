@@ -1,0 +1,53 @@
+//! What the fidelity tests share: the generated fixtures and reading expected values.
+
+use std::path::{Path, PathBuf};
+
+use cresset_torch::tch::{Kind, Tensor};
+use serde_json::Value;
+
+/// `tests/fixtures/generated/<name>` (made by `make models`).
+pub fn fixtures(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/generated")
+        .join(name)
+}
+
+/// That folder's `expected.json`.
+pub fn expected(name: &str) -> Value {
+    let path = fixtures(name).join("expected.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make models` first", path.display()));
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+/// Every number of a nested JSON list, flattened.
+pub fn floats(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().expect("number")],
+        other => panic!("not numbers: {other}"),
+    }
+}
+
+/// A JSON list of token ids.
+pub fn ids(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_i64().expect("id"))
+        .collect()
+}
+
+/// A tensor's values, flattened, in f64.
+pub fn tensor_floats(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("floats")
+}
+
+/// The largest absolute difference.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}

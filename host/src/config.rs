@@ -26,6 +26,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Build a model archive (the torch-model-archiver of Cresset).
     Archive(ArchiveArgs),
+    /// Show where a large model's modules would go (GPUs, CPU, disk) under a device map, as a
+    /// dry run: per-device map, bytes per device, and whether it fits.
+    Plan(crate::plan::PlanArgs),
 }
 
 /// Log output format.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod http;
 pub mod loader;
 pub mod metrics;
+pub mod plan;
 pub mod registry;
 pub mod services;
 pub mod snapshot;

@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Archive(args) => archive(args),
+        Command::Plan(args) => cresset::plan::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,138 @@
+//! `cresset plan`: where a large model's modules would go under the `accelerate` handler's
+//! device map, as a dry run. It reads tensor sizes from the checkpoint's headers only.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cresset_plan::{human, Budgets, Headroom, Placement, Strategy};
+use serde_json::Value;
+
+use crate::archive::{ExtractLimits, OpenedArchive};
+
+/// `cresset plan` flags; unset ones come from the archive's `[handler]` table.
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// An archive (`.tar.gz`, `.zip`, or a folder with `MANIFEST.toml`) or a checkpoint folder.
+    pub path: PathBuf,
+    /// Budgets per device, e.g. `0=10GiB,cpu=30GiB` (GPU indices, `cpu`).
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// `auto`, `balanced` or `sequential`.
+    #[arg(long)]
+    pub device_map: Option<String>,
+    /// `float32`, `float16` or `bfloat16`: the dtype the weights are loaded in.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Positions of KV cache and activations to keep room for.
+    #[arg(long)]
+    pub max_length: Option<u64>,
+    /// Allow offloading to disk (as an `offload_folder` does).
+    #[arg(long)]
+    pub offload: bool,
+}
+
+fn dtype_bytes(name: &str) -> anyhow::Result<u64> {
+    Ok(match name {
+        "float32" | "f32" => 4,
+        "float16" | "f16" | "bfloat16" | "bf16" => 2,
+        other => anyhow::bail!("dtype {other:?} must be float32, float16 or bfloat16"),
+    })
+}
+
+/// Print the plan; an error (such as "does not fit") is the command's failure.
+pub fn run(args: PlanArgs) -> anyhow::Result<()> {
+    let work = tempfile::tempdir().context("cannot make a temporary folder")?;
+    let is_archive = args.path.is_file() || args.path.join("MANIFEST.toml").is_file();
+    let (opened, handler) = if is_archive {
+        let archive = OpenedArchive::open(&args.path, work.path(), &ExtractLimits::default())?;
+        let handler = serde_json::to_value(&archive.config.handler)?;
+        (Some(archive), handler)
+    } else {
+        (None, Value::Object(Default::default()))
+    };
+    let root = opened
+        .as_ref()
+        .map(|a| a.dir.clone())
+        .unwrap_or_else(|| args.path.clone());
+    let model_dir = match handler.get("model_path").and_then(Value::as_str) {
+        Some(rel) => cresset_plugin_api::sdk::settings::path_inside(&root, "model_path", rel)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+        None => root,
+    };
+    let dtype = match &args.dtype {
+        Some(d) => d.clone(),
+        None => handler
+            .get("torch_dtype")
+            .and_then(Value::as_str)
+            .unwrap_or("float32")
+            .to_owned(),
+    };
+    let bytes = dtype_bytes(&dtype)?;
+    let max_length = args
+        .max_length
+        .or_else(|| handler.get("max_length").and_then(Value::as_u64))
+        .unwrap_or(2048);
+    let offload = args.offload || handler.get("offload_folder").is_some();
+    let max_memory: Value = match &args.max_memory {
+        Some(list) => {
+            let mut map = serde_json::Map::new();
+            for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+                let (device, size) = item
+                    .split_once('=')
+                    .with_context(|| format!("--max-memory entry {item:?} is not DEVICE=SIZE"))?;
+                map.insert(
+                    device.trim().to_owned(),
+                    Value::String(size.trim().to_owned()),
+                );
+            }
+            Value::Object(map)
+        }
+        None => handler.get("max_memory").cloned().unwrap_or(Value::Null),
+    };
+    let budgets = Budgets::from_max_memory(&max_memory, u64::MAX / 4, offload)?;
+    let modules = cresset_plan::modules_from_checkpoint(&model_dir, Some(bytes))?;
+    let config: Value = std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let headroom = Headroom::estimate(&config, max_length, bytes);
+    let device_map = args.device_map.clone().or_else(|| {
+        handler
+            .get("device_map")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    let plan = match (
+        device_map,
+        handler.get("device_map").and_then(Value::as_object),
+    ) {
+        (None, Some(table)) if args.device_map.is_none() => {
+            let mut map = BTreeMap::new();
+            for (module, device) in table {
+                let device = match device {
+                    Value::String(s) => Placement::parse(s)?,
+                    Value::Number(n) => Placement::parse(&n.to_string())?,
+                    other => anyhow::bail!("device_map.{module} = {other} is not a device"),
+                };
+                map.insert(module.clone(), device);
+            }
+            cresset_plan::explicit(&map, &modules, &budgets, headroom)?
+        }
+        (name, _) => {
+            let strategy = Strategy::parse(name.as_deref().unwrap_or("auto"))?;
+            cresset_plan::plan(&modules, &budgets, strategy, headroom)?
+        }
+    };
+    let total: u64 = modules.iter().map(|m| m.bytes).sum();
+    println!(
+        "{} modules, {} of weights in {dtype}; headroom for {max_length} positions: {} per layer, {} of activations\n",
+        modules.len(),
+        human(total),
+        human(headroom.per_layer),
+        human(headroom.activations)
+    );
+    print!("{}", plan.render(&budgets));
+    println!("\nfits: yes");
+    Ok(())
+}

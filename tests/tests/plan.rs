@@ -1,0 +1,54 @@
+//! `cresset plan`: the device map of a real checkpoint as a dry run, from its headers.
+
+use cresset_e2e::{cresset_bin, repo_root};
+
+fn plan(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(cresset_bin())
+        .arg("plan")
+        .args(args)
+        .output()
+        .expect("run cresset plan");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plan_prints_the_map_bytes_per_device_and_whether_it_fits() {
+    let model = repo_root().join("tests/fixtures/generated/llm/llama-gqa-untied");
+    let model = model.to_str().expect("utf-8");
+    let (ok, out, err) = plan(&[
+        model,
+        "--max-memory",
+        "0=500KiB,1=500KiB,cpu=1MiB",
+        "--max-length",
+        "64",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("model.embed_tokens  →  cuda:0"), "{out}");
+    assert!(out.contains("lm_head  →  cuda:1"), "{out}");
+    assert!(out.contains("fits: yes"), "{out}");
+    // Layers are whole and in order: the norm and head come after every layer.
+    let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("{s} in {out}"));
+    assert!(at("model.layers.0") < at("model.norm") && at("model.norm") < at("lm_head"));
+    // Too small without disk: a clear error naming what is short.
+    let (ok, _, err) = plan(&[model, "--max-memory", "cpu=100KiB"]);
+    assert!(!ok);
+    assert!(
+        err.contains("does not fit") && err.contains("short") && err.contains("offload_folder"),
+        "{err}"
+    );
+    // With disk offload allowed the rest goes to disk.
+    let (ok, out, err) = plan(&[
+        model,
+        "--max-memory",
+        "cpu=200KiB",
+        "--max-length",
+        "64",
+        "--offload",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("→  disk"), "{out}");
+}

@@ -51,7 +51,10 @@ import transformers
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from tokenizers import Tokenizer
 from fixture_common import CORPUS, train_byte_level_bpe
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM, LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -196,6 +199,35 @@ def make_llama(out: pathlib.Path, name: str, tok, first_seed: int):
         "batch": {"prompt": BATCH_PROMPT, "prompt_ids": batch_ids, "greedy_ids": batch_greedy_ids},
     }
     return entry, model
+
+
+def make_bloom(out: pathlib.Path, tok, first_seed: int) -> dict:
+    """A tiny random BloomForCausalLM (ALiBi positions, fused per-head QKV, tied head), the
+    accelerate handler's reference architecture."""
+    name = "bloom-tiny"
+    model_dir = out / name
+    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tok(PROMPT)["input_ids"]
+    for seed in range(first_seed, first_seed + MAX_SEEDS):
+        torch.manual_seed(seed)
+        config = BloomConfig(
+            vocab_size=len(tok), hidden_size=64, n_layer=2, n_head=4, initializer_range=INIT_STD,
+            layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+        model = BloomForCausalLM(config).eval()
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        greedy_ids, gap = greedy(model, prompt_ids)
+        if gap > 1e-3:
+            break
+    else:
+        raise AssertionError("bloom: no seed without a near tie in greedy decoding")
+    model.save_pretrained(model_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0]
+    return {"dir": name, "seed": seed, "prompt": PROMPT, "prompt_ids": prompt_ids,
+            "logits": logits.tolist(), "greedy_ids": greedy_ids}
 
 
 def permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -396,6 +428,7 @@ def main(root: pathlib.Path, smollm_gguf: pathlib.Path) -> None:
     expected["gguf"] = make_ggufs(
         out, models_by_name[GGUF_SOURCE], expected[GGUF_SOURCE]["prompt_ids"]
     )
+    expected["bloom-tiny"] = make_bloom(out, tok, 5000)
     expected["smollm2"] = make_smollm2(smollm_gguf)
     tmp = out / "expected.json.tmp"
     tmp.write_text(json.dumps(expected))

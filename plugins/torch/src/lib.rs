@@ -3,6 +3,7 @@
 //! checkpoints (safetensors, `config.json`, `tokenizer.json`), the model architectures
 //! (BERT-family encoders, GPT-2) and token sampling.
 
+pub mod bloom;
 pub mod encoder;
 pub mod gguf;
 pub mod gpt2;

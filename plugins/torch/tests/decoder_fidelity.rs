@@ -1,7 +1,8 @@
-//! Fidelity of the Llama architecture and the GGUF reader against HuggingFace transformers:
+//! Fidelity of the decoder architectures and the GGUF reader against HuggingFace transformers:
 //! small random Llama checkpoints (grouped-query attention; tied and untied embeddings; Llama 3
 //! RoPE scaling), GGUF files written from one of them with llama.cpp's `gguf` package (Q8_0 and
-//! Q4_1), and the real SmolLM2-135M-Instruct GGUF, all made by `scripts/make_llm_fixtures.py`.
+//! Q4_1), a small random BLOOM (ALiBi), and the real SmolLM2-135M-Instruct GGUF, all made by
+//! `scripts/make_llm_fixtures.py`.
 
 mod common;
 
@@ -262,4 +263,38 @@ fn llama_runs_in_bf16_and_f16_close_to_f32() {
             "{kind:?}: max diff {diff} (scale {scale})"
         );
     }
+}
+
+#[test]
+fn bloom_logits_and_greedy_tokens_match_transformers() {
+    use cresset_torch::bloom::Bloom;
+    use cresset_torch::tch::Tensor;
+    let expected = expected("llm");
+    let spec = &expected["bloom-tiny"];
+    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
+    let model = Bloom::load(
+        &dir,
+        &HfConfig::read(&dir).expect("config"),
+        Kind::Float,
+        Device::Cpu,
+    )
+    .expect("bloom loads");
+    let prompt = ids(&spec["prompt_ids"]);
+    let _guard = tch::no_grad_guard();
+    let mut cache = model.new_cache(1, 128);
+    let input = Tensor::from_slice(&prompt).view([1, -1]);
+    let logits = model.forward(&input, &mut cache).expect("forward");
+    let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+    assert!(diff <= 1e-4, "bloom logits max abs diff {diff:e}");
+    // Greedy with the cache, one token per step.
+    let mut next = logits.get(0).get(-1).argmax(0, false).int64_value(&[]);
+    let mut out = vec![next];
+    for _ in 1..32 {
+        let step = model
+            .forward(&Tensor::from_slice(&[next]).view([1, 1]), &mut cache)
+            .expect("step");
+        next = step.view([-1]).argmax(0, false).int64_value(&[]);
+        out.push(next);
+    }
+    assert_eq!(out, ids(&spec["greedy_ids"]), "greedy tokens");
 }

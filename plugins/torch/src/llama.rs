@@ -286,13 +286,86 @@ fn parse_rope_scaling(v: &serde_json::Value) -> Result<Option<RopeScaling>, Mode
     }
 }
 
-struct Layer {
-    input_norm: Tensor,
+/// One tensor-parallel part of a layer: some attention heads (with their key/value heads) and
+/// some feed-forward columns, on one device. An unsharded layer has one part with all of them.
+struct Part {
+    heads: i64,
+    kv_heads: i64,
+    inter: i64,
     qkv: Linear,
     o_proj: Linear,
-    post_norm: Tensor,
     gate_up: Linear,
     down: Linear,
+    device: Device,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    parts: Vec<Part>,
+}
+
+/// Split `total` into `n` near-equal counts (the first ones one larger).
+fn split_counts(total: i64, n: i64) -> Vec<i64> {
+    (0..n)
+        .map(|i| total / n + i64::from(i < total % n))
+        .collect()
+}
+
+impl Part {
+    /// Cut this (whole) part into `devices.len()` parts: key/value heads (with their query
+    /// heads) and feed-forward columns split as evenly as they go.
+    fn split(&self, head_dim: i64, devices: &[Device]) -> Vec<Part> {
+        let n = devices.len() as i64;
+        let group = self.heads / self.kv_heads;
+        let kv_counts = split_counts(self.kv_heads, n);
+        let inter_counts = split_counts(self.inter, n);
+        let q_rows = self.heads * head_dim;
+        let kv_rows = self.kv_heads * head_dim;
+        let (mut kv_at, mut inter_at) = (0, 0);
+        let rows = |w: &Tensor, ranges: &[(i64, i64)]| {
+            let pieces: Vec<Tensor> = ranges.iter().map(|&(a, len)| w.narrow(0, a, len)).collect();
+            Tensor::cat(&pieces, 0)
+        };
+        let mut parts = Vec::new();
+        for (i, device) in devices.iter().enumerate() {
+            let (kv, inter) = (kv_counts[i], inter_counts[i]);
+            let (q_at, q_len) = (kv_at * group * head_dim, kv * group * head_dim);
+            let (k_at, k_len) = (kv_at * head_dim, kv * head_dim);
+            let qkv_ranges = [
+                (q_at, q_len),
+                (q_rows + k_at, k_len),
+                (q_rows + kv_rows + k_at, k_len),
+            ];
+            let gu_ranges = [(inter_at, inter), (self.inter + inter_at, inter)];
+            let on = |t: Tensor| t.to_device(*device);
+            parts.push(Part {
+                heads: kv * group,
+                kv_heads: kv,
+                inter,
+                qkv: Linear {
+                    weight: on(rows(&self.qkv.weight, &qkv_ranges)),
+                    bias: self.qkv.bias.as_ref().map(|b| on(rows(b, &qkv_ranges))),
+                },
+                o_proj: Linear {
+                    weight: on(self.o_proj.weight.narrow(1, q_at, q_len)),
+                    bias: None,
+                },
+                gate_up: Linear {
+                    weight: on(rows(&self.gate_up.weight, &gu_ranges)),
+                    bias: None,
+                },
+                down: Linear {
+                    weight: on(self.down.weight.narrow(1, inter_at, inter)),
+                    bias: None,
+                },
+                device: *device,
+            });
+            kv_at += kv;
+            inter_at += inter;
+        }
+        parts
+    }
 }
 
 /// A loaded Llama.
@@ -311,11 +384,12 @@ pub struct Llama {
     kind: Kind,
 }
 
-/// Per-layer caches of keys and values, `[slots, kv_heads, capacity, head_dim]`, allocated
-/// once. Each slot holds one sequence; `lens[slot]` positions of it are filled.
+/// Per-layer caches of keys and values, `[slots, kv_heads, capacity, head_dim]` per
+/// tensor-parallel part (on the part's device, with its key/value heads), allocated once. Each
+/// slot holds one sequence; `lens[slot]` positions of it are filled.
 pub struct SlotCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    keys: Vec<Vec<Tensor>>,
+    values: Vec<Vec<Tensor>>,
     /// Filled positions per slot.
     pub lens: Vec<i64>,
     /// Positions per slot.
@@ -457,17 +531,23 @@ impl Llama {
             };
             layers.push(Layer {
                 input_norm: get(&format!("{l}.input_norm"))?,
-                qkv: Linear::fuse(&[q, k, v]),
-                o_proj: Linear {
-                    weight: get(&format!("{l}.o"))?,
-                    bias: None,
-                },
                 post_norm: get(&format!("{l}.post_norm"))?,
-                gate_up: Linear::fuse(&[gate, up]),
-                down: Linear {
-                    weight: get(&format!("{l}.down"))?,
-                    bias: None,
-                },
+                parts: vec![Part {
+                    heads: cfg.heads,
+                    kv_heads: cfg.kv_heads,
+                    inter: cfg.intermediate,
+                    qkv: Linear::fuse(&[q, k, v]),
+                    o_proj: Linear {
+                        weight: get(&format!("{l}.o"))?,
+                        bias: None,
+                    },
+                    gate_up: Linear::fuse(&[gate, up]),
+                    down: Linear {
+                        weight: get(&format!("{l}.down"))?,
+                        bias: None,
+                    },
+                    device,
+                }],
             });
         }
         let norm = get("norm")?;
@@ -508,22 +588,54 @@ impl Llama {
         })
     }
 
-    /// The device of the weights.
+    /// The device of the embeddings, norms and head (and of an unsharded model's layers).
     pub fn device(&self) -> Device {
         self.device
     }
 
+    /// Tensor parallelism: split every layer's attention heads (query heads with their
+    /// key/value heads) and feed-forward columns over `devices`, so that each holds a share of
+    /// the weights and, in its caches, of the KV cache. Partial outputs are summed on the
+    /// model's device after each attention and feed-forward block (an all-reduce by copies and
+    /// a sum; there is no NCCL). Uneven splits are allowed; a part may have no heads.
+    pub fn shard(mut self, devices: &[Device]) -> Result<Self, ModelError> {
+        if devices.is_empty() || devices.len() as i64 > self.config.intermediate {
+            return Err(ModelError::Config(format!(
+                "tensor parallelism over {} devices is not possible",
+                devices.len()
+            )));
+        }
+        let hd = self.config.head_dim;
+        for layer in &mut self.layers {
+            let whole = match layer.parts.as_slice() {
+                [one] => one,
+                _ => return Err(ModelError::Config("the model is already sharded".into())),
+            };
+            layer.parts = whole.split(hd, devices);
+        }
+        Ok(self)
+    }
+
+    /// Tensor-parallel parts per layer.
+    pub fn shards(&self) -> usize {
+        self.layers.first().map(|l| l.parts.len()).unwrap_or(1)
+    }
+
     /// An empty cache of `slots` sequences of up to `capacity` positions each.
     pub fn new_cache(&self, slots: usize, capacity: i64) -> SlotCache {
-        let shape = [
-            slots as i64,
-            self.config.kv_heads,
-            capacity,
-            self.config.head_dim,
-        ];
         let make = || {
-            (0..self.config.layers)
-                .map(|_| Tensor::zeros(shape, (self.kind, self.device)))
+            self.layers
+                .iter()
+                .map(|layer| {
+                    layer
+                        .parts
+                        .iter()
+                        .map(|p| {
+                            let shape = [slots as i64, p.kv_heads, capacity, self.config.head_dim];
+                            Tensor::zeros(shape, (self.kind, p.device))
+                        })
+                        .collect()
+                })
                 .collect()
         };
         SlotCache {
@@ -569,8 +681,7 @@ impl Llama {
                 cache.capacity, self.config.max_positions
             )));
         }
-        let (h, hd) = (self.config.heads, self.config.head_dim);
-        let kvh = self.config.kv_heads;
+        let hd = self.config.head_dim;
         let dev = self.device;
         let ids: Vec<i64> = tokens.iter().flatten().copied().collect();
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= self.config.vocab_size) {
@@ -599,63 +710,92 @@ impl Llama {
         let mut x = Tensor::embedding(&self.embed, &ids, -1, false, false);
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, &layer.input_norm, self.config.eps);
-            let qkv = layer.qkv.forward(&normed);
-            // RoPE on the query and key heads together: x·cos + roll(x, d/2)·sin', where sin'
-            // carries rotate_half's sign (−sin on the first half), so four ops do both.
-            let qk = qkv
-                .narrow(-1, 0, (h + kvh) * hd)
-                .view([rows, s, h + kvh, hd])
-                .transpose(1, 2);
-            let qk = &qk * &cos + qk.roll([hd / 2], [-1]) * &sin;
-            let q = qk.narrow(1, 0, h);
-            let k = qk.narrow(1, h, kvh);
-            let v = qkv
-                .narrow(-1, (h + kvh) * hd, kvh * hd)
-                .view([rows, s, kvh, hd])
-                .transpose(1, 2);
-            // Write each row's new keys and values into its slot, in place.
-            for (row, (&slot, &start)) in slots.iter().zip(&starts).enumerate() {
-                let row = row as i64;
-                cache.keys[l]
-                    .get(slot as i64)
-                    .narrow(1, start, s)
-                    .copy_(&k.get(row));
-                cache.values[l]
-                    .get(slot as i64)
-                    .narrow(1, start, s)
-                    .copy_(&v.get(row));
+            // Each part attends with its own heads; the partial outputs are summed (the
+            // all-reduce of tensor parallelism; one part needs none).
+            let mut attended: Option<Tensor> = None;
+            for (p, part) in layer.parts.iter().enumerate() {
+                if part.heads == 0 {
+                    continue;
+                }
+                let (h, kvh, pd) = (part.heads, part.kv_heads, part.device);
+                let qkv = part.qkv.forward(&normed.to_device(pd));
+                // RoPE on the query and key heads together: x·cos + roll(x, d/2)·sin', where
+                // sin' carries rotate_half's sign (−sin on the first half): four ops do both.
+                let qk = qkv
+                    .narrow(-1, 0, (h + kvh) * hd)
+                    .view([rows, s, h + kvh, hd])
+                    .transpose(1, 2);
+                let qk = &qk * cos.to_device(pd) + qk.roll([hd / 2], [-1]) * sin.to_device(pd);
+                let q = qk.narrow(1, 0, h);
+                let k = qk.narrow(1, h, kvh);
+                let v = qkv
+                    .narrow(-1, (h + kvh) * hd, kvh * hd)
+                    .view([rows, s, kvh, hd])
+                    .transpose(1, 2);
+                let (cache_k, cache_v) = (&cache.keys[l][p], &cache.values[l][p]);
+                // Write each row's new keys and values into its slot, in place.
+                for (row, (&slot, &start)) in slots.iter().zip(&starts).enumerate() {
+                    let row = row as i64;
+                    cache_k
+                        .get(slot as i64)
+                        .narrow(1, start, s)
+                        .copy_(&k.get(row));
+                    cache_v
+                        .get(slot as i64)
+                        .narrow(1, start, s)
+                        .copy_(&v.get(row));
+                }
+                // Read this step's rows: a view when the slots are 0..rows, else a gather.
+                let (keys, values) = if contiguous {
+                    (
+                        cache_k.narrow(0, 0, rows).narrow(2, 0, end),
+                        cache_v.narrow(0, 0, rows).narrow(2, 0, end),
+                    )
+                } else {
+                    let index = slot_index.to_device(pd);
+                    (
+                        cache_k.narrow(2, 0, end).index_select(0, &index),
+                        cache_v.narrow(2, 0, end).index_select(0, &index),
+                    )
+                };
+                let attn = Tensor::scaled_dot_product_attention(
+                    &q,
+                    &keys,
+                    &values,
+                    Some(&mask.to_device(pd)),
+                    0.0,
+                    false,
+                    None,
+                    kvh != h,
+                );
+                let attn = attn.transpose(1, 2).contiguous().view([rows, s, h * hd]);
+                let out = part.o_proj.forward(&attn).to_device(dev);
+                attended = Some(match attended {
+                    Some(sum) => sum + out,
+                    None => out,
+                });
             }
-            // Read this step's rows: a view when the slots are 0..rows, else a gather.
-            let (keys, values) = if contiguous {
-                (
-                    cache.keys[l].narrow(0, 0, rows).narrow(2, 0, end),
-                    cache.values[l].narrow(0, 0, rows).narrow(2, 0, end),
-                )
-            } else {
-                (
-                    cache.keys[l].narrow(2, 0, end).index_select(0, &slot_index),
-                    cache.values[l]
-                        .narrow(2, 0, end)
-                        .index_select(0, &slot_index),
-                )
-            };
-            let attn = Tensor::scaled_dot_product_attention(
-                &q,
-                &keys,
-                &values,
-                Some(&mask),
-                0.0,
-                false,
-                None,
-                kvh != h,
-            );
-            let attn = attn.transpose(1, 2).contiguous().view([rows, s, h * hd]);
-            x = x + layer.o_proj.forward(&attn);
+            if let Some(a) = attended {
+                x = x + a;
+            }
             let normed = rms_norm(&x, &layer.post_norm, self.config.eps);
-            let gu = layer.gate_up.forward(&normed);
-            let inter = self.config.intermediate;
-            let act = gu.narrow(-1, 0, inter).silu() * gu.narrow(-1, inter, inter);
-            x = x + layer.down.forward(&act);
+            let mut fed: Option<Tensor> = None;
+            for part in &layer.parts {
+                if part.inter == 0 {
+                    continue;
+                }
+                let gu = part.gate_up.forward(&normed.to_device(part.device));
+                let inter = part.inter;
+                let act = gu.narrow(-1, 0, inter).silu() * gu.narrow(-1, inter, inter);
+                let out = part.down.forward(&act).to_device(dev);
+                fed = Some(match fed {
+                    Some(sum) => sum + out,
+                    None => out,
+                });
+            }
+            if let Some(f) = fed {
+                x = x + f;
+            }
         }
         for (&slot, &start) in slots.iter().zip(&starts) {
             cache.lens[slot] = start + s;

@@ -298,3 +298,47 @@ fn bloom_logits_and_greedy_tokens_match_transformers() {
     }
     assert_eq!(out, ids(&spec["greedy_ids"]), "greedy tokens");
 }
+
+#[test]
+fn tensor_parallel_shards_give_the_unsharded_output() {
+    let expected = expected("llm");
+    for name in ["llama-gqa-tied", "llama-gqa-untied"] {
+        let spec = &expected[name];
+        let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
+        let config = HfConfig::read(&dir).expect("config");
+        let whole = Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
+        let prompt = ids(&spec["prompt_ids"]);
+        let logits_of = |model: &Llama| {
+            let mut cache = model.new_cache(1, 64);
+            let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
+                .expect("forward");
+            tensor_floats(&out)
+        };
+        let reference = logits_of(&whole);
+        for shards in [2, 3] {
+            let model = Llama::load(&dir, &config, Kind::Float, Device::Cpu)
+                .expect("load")
+                .shard(&vec![Device::Cpu; shards])
+                .expect("shard");
+            assert_eq!(model.shards(), shards);
+            let diff = max_abs_diff(&logits_of(&model), &reference);
+            assert!(
+                diff <= 1e-4,
+                "{name}, {shards} shards: logits differ by {diff:e}"
+            );
+            // Greedy tokens, batched, with the sharded KV cache.
+            let short = ids(&spec["batch"]["prompt_ids"]);
+            let both = greedy(&model, &[short, prompt.clone()], 32);
+            assert_eq!(
+                both[1],
+                ids(&spec["greedy_ids"]),
+                "{name}, {shards} shards: greedy"
+            );
+            assert_eq!(
+                both[0],
+                ids(&spec["batch"]["greedy_ids"]),
+                "{name}, {shards} shards: batch row"
+            );
+        }
+    }
+}

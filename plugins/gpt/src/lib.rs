@@ -814,6 +814,26 @@ impl Handler for GptHandler {
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
         let mut loaded = load(&dir, settings::string(config, "model_file")?, kind, device)?;
+        // Tensor parallelism (`parallel_type = "tp"`): one shard per assigned GPU, or
+        // `handler.tp_shards` shards on the CPU.
+        if ctx
+            .model_config
+            .get("parallel_type")
+            .and_then(Value::as_str)
+            == Some("tp")
+        {
+            let devices: Vec<Device> = match device {
+                Device::Cuda(_) => ctx
+                    .assignment
+                    .device_ids
+                    .iter()
+                    .filter_map(|&id| usize::try_from(id).ok().map(Device::Cuda))
+                    .collect(),
+                _ => vec![Device::Cpu; settings::integer(config, "tp_shards", 2, 64)?],
+            };
+            loaded.model = loaded.model.shard(&devices)?;
+            tracing::info!(model = %ctx.model_name, shards = devices.len(), "tensor parallel");
+        }
         if let Some(t) = settings::string(config, "chat_template")? {
             loaded.chat_template = Some(t.to_owned());
         }

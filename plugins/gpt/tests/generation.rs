@@ -356,3 +356,31 @@ fn speculative_decoding_with_another_draft_keeps_greedy_output() {
     };
     assert_eq!(sampled(&mut h), sampled(&mut h));
 }
+
+#[test]
+fn tensor_parallel_serving_gives_the_same_text() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-untied"];
+    let mut ctx = init_context(fixtures().join("llama-gqa-untied"), json!({"tp_shards": 3}));
+    ctx.model_config = json!({"batch_size": 2, "parallel_type": "tp"});
+    let mut h = GptHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    assert_eq!(h.model().shards(), 3);
+    let out = run(
+        &mut h,
+        &[json_request(
+            json!({"data": spec["prompt"], "max_new_tokens": 32}),
+        )],
+    );
+    let tokenizer =
+        cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-untied")).expect("tokenizer");
+    let want = tokenizer
+        .decode(
+            &ids(&spec["greedy_ids"])
+                .iter()
+                .map(|&i| i as u32)
+                .collect::<Vec<_>>(),
+            true,
+        )
+        .expect("decode");
+    assert_eq!(body(&out.finals[0])["generated_text"], want.as_str());
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::layers::{Activation, HfConfig, LayerNorm, Linear};
+use crate::layers::{Activation, HfConfig, KvCache, LayerNorm, Linear};
 use crate::weights::Weights;
 use crate::ModelError;
 
@@ -99,14 +99,6 @@ pub struct Bloom {
     kind: Kind,
 }
 
-/// Per-layer keys and values of one batch, `[batch, heads, capacity, head_dim]`.
-pub struct BloomCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-    /// Positions filled.
-    pub len: i64,
-}
-
 impl Bloom {
     /// Load from a checkpoint directory.
     pub fn load(
@@ -165,37 +157,24 @@ impl Bloom {
     }
 
     /// An empty cache for `batch` sequences of up to `capacity` positions.
-    pub fn new_cache(&self, batch: i64, capacity: i64) -> BloomCache {
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         let shape = [
             batch,
             self.config.heads,
             capacity,
             self.config.hidden / self.config.heads,
         ];
-        let make = || {
-            (0..self.config.layers)
-                .map(|_| Tensor::zeros(shape, (self.kind, self.device)))
-                .collect()
-        };
-        BloomCache {
-            keys: make(),
-            values: make(),
-            len: 0,
-        }
+        KvCache::new(self.config.layers, shape, self.kind, self.device)
     }
 
     /// Run `input_ids` `[batch, s]` after what the cache holds; returns the logits of every
     /// new position, `[batch, s, vocab]`.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        cache: &mut BloomCache,
-    ) -> Result<Tensor, ModelError> {
+    pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let size = input_ids.size();
         let (b, s) = (size[0], size[1]);
         let past = cache.len;
         let total = past + s;
-        let capacity = cache.keys.first().map(|k| k.size()[2]).unwrap_or(0);
+        let capacity = cache.capacity;
         if total > capacity {
             return Err(ModelError::Invalid(format!(
                 "the sequence needs {total} positions; the cache holds {capacity}"
@@ -222,10 +201,7 @@ impl Bloom {
             let q = qkv.select(3, 0).transpose(1, 2);
             let k = qkv.select(3, 1).transpose(1, 2);
             let v = qkv.select(3, 2).transpose(1, 2);
-            cache.keys[l].narrow(2, past, s).copy_(&k);
-            cache.values[l].narrow(2, past, s).copy_(&v);
-            let keys = cache.keys[l].narrow(2, 0, total);
-            let values = cache.values[l].narrow(2, 0, total);
+            let (keys, values) = cache.append(l, past, &k, &v);
             let attn = Tensor::scaled_dot_product_attention(
                 &q,
                 &keys,

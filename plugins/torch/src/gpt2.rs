@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::layers::{merge_heads, split_heads, Activation, HfConfig, LayerNorm, Linear};
+use crate::layers::{merge_heads, split_heads, Activation, HfConfig, KvCache, LayerNorm, Linear};
 use crate::sampling::{sample, Rng, SamplingParams};
 use crate::weights::Weights;
 use crate::ModelError;
@@ -109,16 +109,6 @@ pub struct Gpt2 {
     kind: Kind,
 }
 
-/// Per-layer key and value caches, `[batch, heads, capacity, head_dim]`.
-pub struct KvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-    /// Positions filled so far.
-    pub len: i64,
-    /// Positions allocated.
-    pub capacity: i64,
-}
-
 /// One sequence to generate.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -195,17 +185,7 @@ impl Gpt2 {
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         let d = self.config.hidden / self.config.heads;
         let shape = [batch, self.config.heads, capacity, d];
-        let make = || {
-            (0..self.config.layers)
-                .map(|_| Tensor::zeros(shape, (self.kind, self.device)))
-                .collect()
-        };
-        KvCache {
-            keys: make(),
-            values: make(),
-            len: 0,
-            capacity,
-        }
+        KvCache::new(self.config.layers, shape, self.kind, self.device)
     }
 
     /// Run `input_ids` `[b, s]` at `position_ids` `[b, s]` after what the cache holds.
@@ -246,10 +226,7 @@ impl Gpt2 {
             let q = split_heads(&parts[0], heads);
             let k = split_heads(&parts[1], heads);
             let v = split_heads(&parts[2], heads);
-            cache.keys[l].narrow(2, past, s).copy_(&k);
-            cache.values[l].narrow(2, past, s).copy_(&v);
-            let keys = cache.keys[l].narrow(2, 0, total);
-            let values = cache.values[l].narrow(2, 0, total);
+            let (keys, values) = cache.append(l, past, &k, &v);
             let attn = Tensor::scaled_dot_product_attention(
                 &q,
                 &keys,

@@ -302,3 +302,43 @@ pub fn merge_heads(x: &Tensor) -> Tensor {
     let (b, heads, s, d) = (size[0], size[1], size[2], size[3]);
     x.transpose(1, 2).contiguous().view([b, s, heads * d])
 }
+
+/// Per-layer key and value caches of one batch, `[batch, heads, capacity, head_dim]`,
+/// allocated once and written in place (GPT-2, BLOOM).
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    /// Positions filled so far.
+    pub len: i64,
+    /// Positions allocated.
+    pub capacity: i64,
+}
+
+impl KvCache {
+    /// Zeroed caches for `layers` layers of `[batch, heads, capacity, head_dim]`.
+    pub fn new(layers: i64, shape: [i64; 4], kind: Kind, device: tch::Device) -> Self {
+        let make = || {
+            (0..layers)
+                .map(|_| Tensor::zeros(shape, (kind, device)))
+                .collect()
+        };
+        Self {
+            keys: make(),
+            values: make(),
+            len: 0,
+            capacity: shape[2],
+        }
+    }
+
+    /// Write layer `l`'s new keys and values (`[batch, heads, s, head_dim]`) after the
+    /// `past` filled positions, and return the layer's keys and values up to them.
+    pub fn append(&mut self, l: usize, past: i64, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let s = k.size()[2];
+        self.keys[l].narrow(2, past, s).copy_(k);
+        self.values[l].narrow(2, past, s).copy_(v);
+        (
+            self.keys[l].narrow(2, 0, past + s),
+            self.values[l].narrow(2, 0, past + s),
+        )
+    }
+}

@@ -1,4 +1,6 @@
 //! What the fidelity tests share: the generated fixtures and reading expected values.
+// Each test binary uses a subset.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 

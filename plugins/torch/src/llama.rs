@@ -8,7 +8,7 @@
 //! rows as a view when the running slots are `0..n` (a gather otherwise).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
@@ -297,6 +297,8 @@ struct Part {
     gate_up: Linear,
     down: Linear,
     device: Device,
+    /// Set when the weights live in this file (disk offload) and are read for each use.
+    offloaded: Option<PathBuf>,
 }
 
 struct Layer {
@@ -312,7 +314,72 @@ fn split_counts(total: i64, n: i64) -> Vec<i64> {
         .collect()
 }
 
+const PART_TENSORS: [&str; 4] = ["qkv", "o_proj", "gate_up", "down"];
+
 impl Part {
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.qkv, &self.o_proj, &self.gate_up, &self.down]
+    }
+
+    /// Write the weights to `path` (safetensors) and let them go from memory.
+    fn offload(&mut self, path: &Path) -> Result<(), ModelError> {
+        let mut named: Vec<(String, &Tensor)> = Vec::new();
+        for (name, linear) in PART_TENSORS.iter().zip(self.linears()) {
+            named.push((format!("{name}.weight"), &linear.weight));
+            if let Some(b) = &linear.bias {
+                named.push((format!("{name}.bias"), b));
+            }
+        }
+        Tensor::write_safetensors(&named, path)?;
+        for linear in [
+            &mut self.qkv,
+            &mut self.o_proj,
+            &mut self.gate_up,
+            &mut self.down,
+        ] {
+            linear.weight = Tensor::zeros([0], (Kind::Float, Device::Cpu));
+            linear.bias = None;
+        }
+        self.offloaded = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// This part with its weights read from `bytes` (the offload file's contents).
+    fn with_weights(&self, path: &Path, bytes: &[u8], kind: Kind) -> Result<Part, ModelError> {
+        let header = crate::weights::parse_header(path, bytes, bytes.len() as u64)?;
+        let tensor = |name: &str| -> Result<Option<Tensor>, ModelError> {
+            let Some(info) = header.tensors.get(name) else {
+                return Ok(None);
+            };
+            let start = (header.data_start + info.data_offsets[0]) as usize;
+            let end = (header.data_start + info.data_offsets[1]) as usize;
+            let src = crate::weights::kind_of_dtype(&info.dtype).ok_or_else(|| {
+                ModelError::Checkpoint(format!("{}: dtype {}", path.display(), info.dtype))
+            })?;
+            let t = Tensor::f_from_data_size(&bytes[start..end], &info.shape, src)?;
+            Ok(Some(t.to_kind(kind).to_device(self.device)))
+        };
+        let linear = |name: &str| -> Result<Linear, ModelError> {
+            Ok(Linear {
+                weight: tensor(&format!("{name}.weight"))?.ok_or_else(|| {
+                    ModelError::Checkpoint(format!("{}: no {name}.weight", path.display()))
+                })?,
+                bias: tensor(&format!("{name}.bias"))?,
+            })
+        };
+        Ok(Part {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            inter: self.inter,
+            qkv: linear("qkv")?,
+            o_proj: linear("o_proj")?,
+            gate_up: linear("gate_up")?,
+            down: linear("down")?,
+            device: self.device,
+            offloaded: None,
+        })
+    }
+
     /// Cut this (whole) part into `devices.len()` parts: key/value heads (with their query
     /// heads) and feed-forward columns split as evenly as they go.
     fn split(&self, head_dim: i64, devices: &[Device]) -> Vec<Part> {
@@ -360,6 +427,7 @@ impl Part {
                     bias: None,
                 },
                 device: *device,
+                offloaded: None,
             });
             kv_at += kv;
             inter_at += inter;
@@ -547,6 +615,7 @@ impl Llama {
                         bias: None,
                     },
                     device,
+                    offloaded: None,
                 }],
             });
         }
@@ -614,6 +683,33 @@ impl Llama {
             layer.parts = whole.split(hd, devices);
         }
         Ok(self)
+    }
+
+    /// Disk offload: write the weights of `layers` to safetensors files in `folder` and free
+    /// them from memory. Each forward pass reads an offloaded layer's file when it reaches the
+    /// layer (the next one is read ahead on another thread while the current one computes) and
+    /// drops the weights after use, so at most two offloaded layers are in memory at a time.
+    pub fn offload_layers(mut self, layers: &[usize], folder: &Path) -> Result<Self, ModelError> {
+        std::fs::create_dir_all(folder).map_err(|e| {
+            ModelError::Checkpoint(format!("cannot create {}: {e}", folder.display()))
+        })?;
+        for &l in layers {
+            let layer = self
+                .layers
+                .get_mut(l)
+                .ok_or_else(|| ModelError::Config(format!("there is no layer {l} to offload")))?;
+            for (p, part) in layer.parts.iter_mut().enumerate() {
+                part.offload(&folder.join(format!("layer-{l}-part-{p}.safetensors")))?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Layers whose weights are offloaded to disk.
+    pub fn offloaded_layers(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .filter(|&l| self.layers[l].parts.iter().any(|p| p.offloaded.is_some()))
+            .collect()
     }
 
     /// Tensor-parallel parts per layer.
@@ -708,12 +804,59 @@ impl Llama {
             Tensor::from_slice(&slots.iter().map(|&x| x as i64).collect::<Vec<_>>()).to_device(dev);
         let contiguous = is_prefix(slots);
         let mut x = Tensor::embedding(&self.embed, &ids, -1, false, false);
+        // Disk-offloaded parts: their files, read one layer ahead on a helper thread.
+        let read_ahead =
+            |l: usize| -> Vec<Option<std::thread::JoinHandle<std::io::Result<Vec<u8>>>>> {
+                self.layers.get(l).map_or_else(Vec::new, |layer| {
+                    layer
+                        .parts
+                        .iter()
+                        .map(|p| {
+                            p.offloaded
+                                .clone()
+                                .map(|path| std::thread::spawn(move || std::fs::read(path)))
+                        })
+                        .collect()
+                })
+            };
+        let mut pending = read_ahead(0);
         for (l, layer) in self.layers.iter().enumerate() {
+            let reads = std::mem::replace(&mut pending, read_ahead(l + 1));
+            let mut fetched: Vec<Option<Part>> = Vec::with_capacity(layer.parts.len());
+            for (part, read) in layer
+                .parts
+                .iter()
+                .zip(reads.into_iter().chain(std::iter::repeat_with(|| None)))
+            {
+                fetched.push(match (read, &part.offloaded) {
+                    (Some(handle), Some(path)) => {
+                        let bytes = handle
+                            .join()
+                            .map_err(|_| {
+                                ModelError::Checkpoint(format!("reading {} failed", path.display()))
+                            })?
+                            .map_err(|e| {
+                                ModelError::Checkpoint(format!(
+                                    "cannot read {}: {e}",
+                                    path.display()
+                                ))
+                            })?;
+                        Some(part.with_weights(path, &bytes, self.kind)?)
+                    }
+                    _ => None,
+                });
+            }
+            let parts: Vec<&Part> = layer
+                .parts
+                .iter()
+                .zip(&fetched)
+                .map(|(part, f)| f.as_ref().unwrap_or(part))
+                .collect();
             let normed = rms_norm(&x, &layer.input_norm, self.config.eps);
             // Each part attends with its own heads; the partial outputs are summed (the
             // all-reduce of tensor parallelism; one part needs none).
             let mut attended: Option<Tensor> = None;
-            for (p, part) in layer.parts.iter().enumerate() {
+            for (p, &part) in parts.iter().enumerate() {
                 if part.heads == 0 {
                     continue;
                 }
@@ -780,7 +923,7 @@ impl Llama {
             }
             let normed = rms_norm(&x, &layer.post_norm, self.config.eps);
             let mut fed: Option<Tensor> = None;
-            for part in &layer.parts {
+            for &part in &parts {
                 if part.inter == 0 {
                     continue;
                 }

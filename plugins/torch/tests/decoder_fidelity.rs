@@ -342,3 +342,38 @@ fn tensor_parallel_shards_give_the_unsharded_output() {
         }
     }
 }
+
+#[test]
+fn disk_offloaded_layers_give_the_in_memory_output() {
+    let expected = expected("llm");
+    let spec = &expected["llama-gqa-untied"];
+    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
+    let config = HfConfig::read(&dir).expect("config");
+    let prompt = ids(&spec["prompt_ids"]);
+    let layers = config.usize("num_hidden_layers").expect("layers") as usize;
+    let logits_of = |model: &Llama| {
+        let mut cache = model.new_cache(1, 64);
+        let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
+            .expect("forward");
+        tensor_floats(&out)
+    };
+    let reference = logits_of(&Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load"));
+    let half: Vec<usize> = (layers / 2..layers).collect();
+    let all: Vec<usize> = (0..layers).collect();
+    for (what, offloaded) in [
+        ("all in memory", Vec::new()),
+        ("half on disk", half),
+        ("all on disk", all),
+    ] {
+        let folder = tempfile::tempdir().expect("offload folder");
+        let model = Llama::load(&dir, &config, Kind::Float, Device::Cpu)
+            .expect("load")
+            .offload_layers(&offloaded, folder.path())
+            .expect("offload");
+        assert_eq!(model.offloaded_layers(), offloaded, "{what}");
+        let diff = max_abs_diff(&logits_of(&model), &reference);
+        assert!(diff <= 1e-5, "{what}: logits differ by {diff:e}");
+        let both = greedy(&model, &[prompt.clone()], 32);
+        assert_eq!(both[0], ids(&spec["greedy_ids"]), "{what}: greedy tokens");
+    }
+}

@@ -19,13 +19,19 @@ fn logits(model: &Llama, prompt: &[i64]) -> Vec<f64> {
 
 #[test]
 fn llama_on_cuda_matches_the_cpu_and_tp_shards_on_cuda_match_too() {
-    assert!(tch::Cuda::is_available(), "the gpu feature needs a CUDA device");
+    assert!(
+        tch::Cuda::is_available(),
+        "the gpu feature needs a CUDA device"
+    );
     let expected = expected("llm");
     let spec = &expected["llama-gqa-untied"];
     let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
     let config = HfConfig::read(&dir).expect("config");
     let prompt = ids(&spec["prompt_ids"]);
-    let cpu = logits(&Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu"), &prompt);
+    let cpu = logits(
+        &Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu"),
+        &prompt,
+    );
     let gpu = Llama::load(&dir, &config, Kind::Float, Device::Cuda(0)).expect("cuda");
     let diff = max_abs_diff(&logits(&gpu, &prompt), &cpu);
     assert!(diff <= 1e-3, "cuda vs cpu: {diff:e}");

@@ -204,6 +204,76 @@ pub fn render_chat(
         })
 }
 
+/// Apply Accelerate's keys (`device_map`, `max_memory`, `offload_folder`): plan where each
+/// decoder layer goes (GPUs, CPU, disk) with `cresset-plan`, then move or offload the layers.
+/// The embeddings, final norm and head stay on the instance's device.
+fn device_map(mut model: Llama, ctx: &InitContext, kind: Kind) -> Result<Llama, PluginError> {
+    use cresset_plan::{Budgets, Headroom, Placement, Strategy};
+    let config = &ctx.handler_config;
+    let plan_err = |e: cresset_plan::PlanError| PluginError::invalid_input(e.to_string());
+    let folder = settings::string(config, "offload_folder")?
+        .map(|rel| settings::path_inside(&ctx.model_dir, "offload_folder", rel))
+        .transpose()?;
+    let budgets = Budgets::from_max_memory(
+        config.get("max_memory").unwrap_or(&Value::Null),
+        u64::MAX / 4,
+        folder.is_some(),
+    )
+    .map_err(plan_err)?;
+    let modules = model.modules();
+    let c = &model.config;
+    let bytes = kind.elt_size_in_bytes() as u64;
+    let max_length = settings::integer(config, "max_length", 2048, 1 << 22)? as u64;
+    let headroom = Headroom {
+        per_layer: 2 * (c.kv_heads * c.head_dim) as u64 * max_length * bytes,
+        activations: max_length * (2 * c.hidden + c.intermediate) as u64 * bytes,
+    };
+    let plan = match config.get("device_map") {
+        Some(Value::Object(table)) => {
+            let mut map = std::collections::BTreeMap::new();
+            for (module, device) in table {
+                let device = match device {
+                    Value::String(s) => Placement::parse(s),
+                    Value::Number(n) => Placement::parse(&n.to_string()),
+                    other => Err(cresset_plan::PlanError::Invalid(format!(
+                        "`handler.device_map.{module}` = {other} is not a device"
+                    ))),
+                }
+                .map_err(plan_err)?;
+                map.insert(module.clone(), device);
+            }
+            cresset_plan::explicit(&map, &modules, &budgets, headroom).map_err(plan_err)?
+        }
+        other => {
+            let name = match other {
+                None => "auto",
+                Some(Value::String(s)) => s.as_str(),
+                Some(v) => {
+                    return Err(PluginError::invalid_input(format!(
+                        "`handler.device_map` must be \"auto\", \"balanced\", \"sequential\" or a table. Given: {v}"
+                    )))
+                }
+            };
+            let strategy = Strategy::parse(name).map_err(plan_err)?;
+            cresset_plan::plan(&modules, &budgets, strategy, headroom).map_err(plan_err)?
+        }
+    };
+    let mut disk = Vec::new();
+    for module in modules.iter().filter(|m| m.layer.is_some()) {
+        let l = module.layer.unwrap_or(0);
+        match plan.placement(&module.name) {
+            Some(Placement::Disk) => disk.push(l),
+            Some(Placement::Gpu(i)) => model.place_layer(l, Device::Cuda(i as usize))?,
+            Some(Placement::Cpu) | None => model.place_layer(l, Device::Cpu)?,
+        }
+    }
+    if let Some(folder) = folder.filter(|_| !disk.is_empty()) {
+        model = model.offload_layers(&disk, &folder)?;
+    }
+    tracing::info!(model = %ctx.model_name, "device map:\n{}", plan.render(&budgets));
+    Ok(model)
+}
+
 /// One sequence: waiting for a slot, prefilling, or decoding.
 struct Sequence {
     /// The request's index (numbered across calls).
@@ -814,6 +884,12 @@ impl Handler for GptHandler {
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
         let mut loaded = load(&dir, settings::string(config, "model_file")?, kind, device)?;
+        if ["device_map", "max_memory", "offload_folder"]
+            .iter()
+            .any(|k| config.get(*k).is_some())
+        {
+            loaded.model = device_map(loaded.model, ctx, kind)?;
+        }
         // Tensor parallelism (`parallel_type = "tp"`): one shard per assigned GPU, or
         // `handler.tp_shards` shards on the CPU.
         if ctx

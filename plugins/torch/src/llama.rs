@@ -705,6 +705,64 @@ impl Llama {
         Ok(self)
     }
 
+    /// What the device-map planner places: the embeddings, each decoder layer (whole), the
+    /// final norm and the output head (empty when tied), with their bytes.
+    pub fn modules(&self) -> Vec<cresset_plan::Module> {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        let linear = |l: &Linear| bytes(&l.weight) + l.bias.as_ref().map_or(0, bytes);
+        let mut out = vec![cresset_plan::Module {
+            name: "model.embed_tokens".into(),
+            bytes: bytes(&self.embed),
+            layer: None,
+        }];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let parts: u64 = layer
+                .parts
+                .iter()
+                .map(|p| p.linears().iter().map(|x| linear(x)).sum::<u64>())
+                .sum();
+            out.push(cresset_plan::Module {
+                name: format!("model.layers.{l}"),
+                bytes: parts + bytes(&layer.input_norm) + bytes(&layer.post_norm),
+                layer: Some(l),
+            });
+        }
+        out.push(cresset_plan::Module {
+            name: "model.norm".into(),
+            bytes: bytes(&self.norm),
+            layer: None,
+        });
+        let tied = self.config.tie_embeddings;
+        out.push(cresset_plan::Module {
+            name: "lm_head".into(),
+            bytes: if tied { 0 } else { bytes(&self.lm_head) },
+            layer: None,
+        });
+        out
+    }
+
+    /// Move layer `l`'s weights (and so its part of the KV cache) to `device`. The
+    /// embeddings, norms and head stay on the model's device; activations cross over.
+    pub fn place_layer(&mut self, l: usize, device: Device) -> Result<(), ModelError> {
+        let layer = self
+            .layers
+            .get_mut(l)
+            .ok_or_else(|| ModelError::Config(format!("there is no layer {l}")))?;
+        for part in &mut layer.parts {
+            for linear in [
+                &mut part.qkv,
+                &mut part.o_proj,
+                &mut part.gate_up,
+                &mut part.down,
+            ] {
+                linear.weight = linear.weight.to_device(device);
+                linear.bias = linear.bias.as_ref().map(|b| b.to_device(device));
+            }
+            part.device = device;
+        }
+        Ok(())
+    }
+
     /// Layers whose weights are offloaded to disk.
     pub fn offloaded_layers(&self) -> Vec<usize> {
         (0..self.layers.len())

@@ -402,26 +402,46 @@ fn a_device_map_with_disk_offload_serves_the_same_text() {
     let expected = expected();
     let spec = &expected["llama-gqa-untied"];
     let dir = copy_of("llama-gqa-untied");
-    let tokenizer = cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-untied")).expect("tokenizer");
+    let tokenizer =
+        cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-untied")).expect("tokenizer");
     let want = tokenizer
-        .decode(&ids(&spec["greedy_ids"]).iter().map(|&i| i as u32).collect::<Vec<_>>(), true)
+        .decode(
+            &ids(&spec["greedy_ids"])
+                .iter()
+                .map(|&i| i as u32)
+                .collect::<Vec<_>>(),
+            true,
+        )
         .expect("decode");
-    let config = json!({"max_memory": {"cpu": "450KiB"}, "offload_folder": "offload", "max_length": 64});
+    let config =
+        json!({"max_memory": {"cpu": "450KiB"}, "offload_folder": "offload", "max_length": 64});
     let mut ctx = init_context(dir.path(), config);
     ctx.model_config = json!({"batch_size": 1});
     let mut h = GptHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     let offloaded = h.model().offloaded_layers();
     assert!(!offloaded.is_empty(), "the budget sends layers to disk");
-    assert!(offloaded.len() < h.model().config.layers as usize, "and keeps some in memory");
+    assert!(
+        offloaded.len() < h.model().config.layers as usize,
+        "and keeps some in memory"
+    );
     assert!(dir.path().join("offload").is_dir());
-    let out = run(&mut h, &[json_request(json!({"data": spec["prompt"], "max_new_tokens": 32}))]);
+    let out = run(
+        &mut h,
+        &[json_request(
+            json!({"data": spec["prompt"], "max_new_tokens": 32}),
+        )],
+    );
     assert_eq!(body(&out.finals[0])["generated_text"], want.as_str());
     // An explicit map is validated: a module the model lacks is a clear error at load.
     let bad = json!({"device_map": {"model.layers.99": "cpu", "model": "cpu", "lm_head": "cpu"}});
-    let err = GptHandler::initialize(&init_context(dir.path(), bad)).err().expect("refused");
+    let err = GptHandler::initialize(&init_context(dir.path(), bad))
+        .err()
+        .expect("refused");
     assert!(err.message.contains("model.layers.99"), "{}", err.message);
     // Too small without an offload folder: the shortfall is named.
     let tight = json!({"max_memory": {"cpu": "100KiB"}});
-    let err = GptHandler::initialize(&init_context(dir.path(), tight)).err().expect("refused");
+    let err = GptHandler::initialize(&init_context(dir.path(), tight))
+        .err()
+        .expect("refused");
     assert!(err.message.contains("does not fit"), "{}", err.message);
 }

@@ -674,6 +674,11 @@ impl Llama {
                 devices.len()
             )));
         }
+        if !self.offloaded_layers().is_empty() {
+            return Err(ModelError::Config(
+                "tensor parallelism cannot be combined with disk offload".into(),
+            ));
+        }
         let hd = self.config.head_dim;
         for layer in &mut self.layers {
             let whole = match layer.parts.as_slice() {

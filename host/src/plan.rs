@@ -1,11 +1,10 @@
 //! `cresset plan`: where a large model's modules would go under the `accelerate` handler's
 //! device map, as a dry run. It reads tensor sizes from the checkpoint's headers only.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cresset_plan::{human, Budgets, Headroom, Placement, Strategy};
+use cresset_plan::{human, Budgets, Headroom};
 use serde_json::Value;
 
 use crate::archive::{ExtractLimits, OpenedArchive};
@@ -97,33 +96,10 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or(Value::Null);
     let headroom = Headroom::estimate(&config, max_length, bytes);
-    let device_map = args.device_map.clone().or_else(|| {
-        handler
-            .get("device_map")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    });
-    let plan = match (
-        device_map,
-        handler.get("device_map").and_then(Value::as_object),
-    ) {
-        (None, Some(table)) if args.device_map.is_none() => {
-            let mut map = BTreeMap::new();
-            for (module, device) in table {
-                let device = match device {
-                    Value::String(s) => Placement::parse(s)?,
-                    Value::Number(n) => Placement::parse(&n.to_string())?,
-                    other => anyhow::bail!("device_map.{module} = {other} is not a device"),
-                };
-                map.insert(module.clone(), device);
-            }
-            cresset_plan::explicit(&map, &modules, &budgets, headroom)?
-        }
-        (name, _) => {
-            let strategy = Strategy::parse(name.as_deref().unwrap_or("auto"))?;
-            cresset_plan::plan(&modules, &budgets, strategy, headroom)?
-        }
-    };
+    // A `--device-map` name overrides the archive's setting (a name or a table).
+    let device_map = args.device_map.clone().map(Value::String);
+    let device_map = device_map.as_ref().or_else(|| handler.get("device_map"));
+    let plan = cresset_plan::plan_from_setting(device_map, &modules, &budgets, headroom)?;
     let total: u64 = modules.iter().map(|m| m.bytes).sum();
     println!(
         "{} modules, {} of weights in {dtype}; headroom for {max_length} positions: {} per layer, {} of activations\n",

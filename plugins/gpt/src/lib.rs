@@ -208,7 +208,7 @@ pub fn render_chat(
 /// decoder layer goes (GPUs, CPU, disk) with `cresset-plan`, then move or offload the layers.
 /// The embeddings, final norm and head stay on the instance's device.
 fn device_map(mut model: Llama, ctx: &InitContext, kind: Kind) -> Result<Llama, PluginError> {
-    use cresset_plan::{Budgets, Headroom, Placement, Strategy};
+    use cresset_plan::{Budgets, Headroom, Placement};
     let config = &ctx.handler_config;
     let plan_err = |e: cresset_plan::PlanError| PluginError::invalid_input(e.to_string());
     let folder = settings::string(config, "offload_folder")?
@@ -224,40 +224,16 @@ fn device_map(mut model: Llama, ctx: &InitContext, kind: Kind) -> Result<Llama, 
     let c = &model.config;
     let bytes = kind.elt_size_in_bytes() as u64;
     let max_length = settings::integer(config, "max_length", 2048, 1 << 22)? as u64;
-    let headroom = Headroom {
-        per_layer: 2 * (c.kv_heads * c.head_dim) as u64 * max_length * bytes,
-        activations: max_length * (2 * c.hidden + c.intermediate) as u64 * bytes,
-    };
-    let plan = match config.get("device_map") {
-        Some(Value::Object(table)) => {
-            let mut map = std::collections::BTreeMap::new();
-            for (module, device) in table {
-                let device = match device {
-                    Value::String(s) => Placement::parse(s),
-                    Value::Number(n) => Placement::parse(&n.to_string()),
-                    other => Err(cresset_plan::PlanError::Invalid(format!(
-                        "`handler.device_map.{module}` = {other} is not a device"
-                    ))),
-                }
-                .map_err(plan_err)?;
-                map.insert(module.clone(), device);
-            }
-            cresset_plan::explicit(&map, &modules, &budgets, headroom).map_err(plan_err)?
-        }
-        other => {
-            let name = match other {
-                None => "auto",
-                Some(Value::String(s)) => s.as_str(),
-                Some(v) => {
-                    return Err(PluginError::invalid_input(format!(
-                        "`handler.device_map` must be \"auto\", \"balanced\", \"sequential\" or a table. Given: {v}"
-                    )))
-                }
-            };
-            let strategy = Strategy::parse(name).map_err(plan_err)?;
-            cresset_plan::plan(&modules, &budgets, strategy, headroom).map_err(plan_err)?
-        }
-    };
+    let headroom = Headroom::for_sizes(
+        (c.kv_heads * c.head_dim) as u64,
+        c.hidden as u64,
+        c.intermediate as u64,
+        max_length,
+        bytes,
+    );
+    let plan =
+        cresset_plan::plan_from_setting(config.get("device_map"), &modules, &budgets, headroom)
+            .map_err(plan_err)?;
     let mut disk = Vec::new();
     for module in modules.iter().filter(|m| m.layer.is_some()) {
         let l = module.layer.unwrap_or(0);

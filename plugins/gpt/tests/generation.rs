@@ -267,19 +267,21 @@ fn long_prompts_prefill_in_chunks_without_changing_the_answer() {
 }
 
 /// An archive folder holding the tied model, with `draft` as the draft checkpoint.
+/// Copy the files of a fixture checkpoint into `to`.
+fn copy_fixture(name: &str, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(fixtures().join(name)).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+}
+
 fn with_draft(draft: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    let copy_dir = |from: &Path, to: &Path| {
-        std::fs::create_dir_all(to).expect("mkdir");
-        for entry in std::fs::read_dir(from).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_file() {
-                std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy");
-            }
-        }
-    };
-    copy_dir(&fixtures().join("llama-gqa-tied"), dir.path());
-    copy_dir(&fixtures().join(draft), &dir.path().join("draft"));
+    copy_fixture("llama-gqa-tied", dir.path());
+    copy_fixture(draft, &dir.path().join("draft"));
     dir
 }
 
@@ -388,12 +390,7 @@ fn tensor_parallel_serving_gives_the_same_text() {
 /// A copy of a fixture checkpoint in a folder of its own (the handler may write offload files).
 fn copy_of(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(fixtures().join(name)).expect("read dir") {
-        let path = entry.expect("entry").path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
-        }
-    }
+    copy_fixture(name, dir.path());
     dir
 }
 

@@ -345,8 +345,20 @@ impl Headroom {
         let kv_heads = get(&["num_key_value_heads"]).unwrap_or(heads);
         let head_dim = get(&["head_dim"]).unwrap_or(hidden / heads);
         let ffn = get(&["intermediate_size", "n_inner", "ffn_dim"]).unwrap_or(4 * hidden);
+        Self::for_sizes(kv_heads * head_dim, hidden, ffn, max_length, dtype_bytes)
+    }
+
+    /// From the sizes themselves: `kv_width` key (and value) values per position and layer
+    /// (key/value heads × head size), the hidden and feed-forward sizes.
+    pub fn for_sizes(
+        kv_width: u64,
+        hidden: u64,
+        ffn: u64,
+        max_length: u64,
+        dtype_bytes: u64,
+    ) -> Self {
         Self {
-            per_layer: 2 * kv_heads * head_dim * max_length * dtype_bytes,
+            per_layer: 2 * kv_width * max_length * dtype_bytes,
             activations: max_length * (2 * hidden + ffn) * dtype_bytes,
         }
     }
@@ -505,6 +517,39 @@ pub fn plan(
         weights,
         headroom: room,
     })
+}
+
+/// Plan as a `device_map` setting says: a table of module → device (checked by [`explicit`]),
+/// or `"auto"`, `"balanced"` or `"sequential"` (placed by [`plan`]); absent means `"auto"`.
+pub fn plan_from_setting(
+    device_map: Option<&Value>,
+    modules: &[Module],
+    budgets: &Budgets,
+    headroom: Headroom,
+) -> Result<Plan, PlanError> {
+    match device_map {
+        Some(Value::Object(table)) => {
+            let mut map = BTreeMap::new();
+            for (module, device) in table {
+                let device = match device {
+                    Value::String(s) => Placement::parse(s)?,
+                    Value::Number(n) => Placement::parse(&n.to_string())?,
+                    other => {
+                        return Err(PlanError::Invalid(format!(
+                            "`device_map.{module}` = {other} is not a device"
+                        )))
+                    }
+                };
+                map.insert(module.clone(), device);
+            }
+            explicit(&map, modules, budgets, headroom)
+        }
+        None => plan(modules, budgets, Strategy::Balanced, headroom),
+        Some(Value::String(name)) => plan(modules, budgets, Strategy::parse(name)?, headroom),
+        Some(other) => Err(PlanError::Invalid(format!(
+            "`device_map` must be \"auto\", \"balanced\", \"sequential\" or a table. Given: {other}"
+        ))),
+    }
 }
 
 /// Check an explicit `device_map` (module or module-prefix → device) against the modules and

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{expected, fixtures, floats, ids, max_abs_diff, tensor_floats};
+use common::{expected, fixtures, floats, ids, max_abs_diff, prompt_logits, tensor_floats};
 
 use cresset_torch::gguf::{unpermute_qk, Gguf};
 use cresset_torch::layers::HfConfig;
@@ -71,10 +71,7 @@ fn llama_logits_and_greedy_tokens_match_transformers() {
             .map(|&i| i64::from(i))
             .collect();
         assert_eq!(ours, prompt, "{name}: token ids");
-        let mut cache = model.new_cache(1, 64);
-        let logits = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
-            .expect("forward");
-        let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+        let diff = max_abs_diff(&prompt_logits(&model, &prompt), &floats(&spec["logits"]));
         assert!(diff <= 1e-4, "{name}: logits max abs diff {diff:e}");
         // Greedy, alone and batched with the shorter prompt (another length, another slot).
         let short = ids(&spec["batch"]["prompt_ids"]);
@@ -167,10 +164,7 @@ fn gguf_files_load_to_the_same_weights_within_quantization_error() {
         // The whole model, as transformers loads the same file.
         let model = Llama::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("model");
         let prompt = ids(&expected["llama-gqa-tied"]["prompt_ids"]);
-        let mut cache = model.new_cache(1, 64);
-        let logits =
-            tch::no_grad(|| model.forward(&[0], &[prompt], &mut cache, false)).expect("forward");
-        let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
+        let diff = max_abs_diff(&prompt_logits(&model, &prompt), &floats(&spec["logits"]));
         assert!(
             diff <= 1e-4,
             "{}: logits differ from transformers' by {diff:e}",
@@ -308,20 +302,14 @@ fn tensor_parallel_shards_give_the_unsharded_output() {
         let config = HfConfig::read(&dir).expect("config");
         let whole = Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
         let prompt = ids(&spec["prompt_ids"]);
-        let logits_of = |model: &Llama| {
-            let mut cache = model.new_cache(1, 64);
-            let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
-                .expect("forward");
-            tensor_floats(&out)
-        };
-        let reference = logits_of(&whole);
+        let reference = prompt_logits(&whole, &prompt);
         for shards in [2, 3] {
             let model = Llama::load(&dir, &config, Kind::Float, Device::Cpu)
                 .expect("load")
                 .shard(&vec![Device::Cpu; shards])
                 .expect("shard");
             assert_eq!(model.shards(), shards);
-            let diff = max_abs_diff(&logits_of(&model), &reference);
+            let diff = max_abs_diff(&prompt_logits(&model, &prompt), &reference);
             assert!(
                 diff <= 1e-4,
                 "{name}, {shards} shards: logits differ by {diff:e}"
@@ -351,13 +339,10 @@ fn disk_offloaded_layers_give_the_in_memory_output() {
     let config = HfConfig::read(&dir).expect("config");
     let prompt = ids(&spec["prompt_ids"]);
     let layers = config.usize("num_hidden_layers").expect("layers") as usize;
-    let logits_of = |model: &Llama| {
-        let mut cache = model.new_cache(1, 64);
-        let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, false))
-            .expect("forward");
-        tensor_floats(&out)
-    };
-    let reference = logits_of(&Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load"));
+    let reference = prompt_logits(
+        &Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load"),
+        &prompt,
+    );
     let half: Vec<usize> = (layers / 2..layers).collect();
     let all: Vec<usize> = (0..layers).collect();
     for (what, offloaded) in [
@@ -371,7 +356,7 @@ fn disk_offloaded_layers_give_the_in_memory_output() {
             .offload_layers(&offloaded, folder.path())
             .expect("offload");
         assert_eq!(model.offloaded_layers(), offloaded, "{what}");
-        let diff = max_abs_diff(&logits_of(&model), &reference);
+        let diff = max_abs_diff(&prompt_logits(&model, &prompt), &reference);
         assert!(diff <= 1e-5, "{what}: logits differ by {diff:e}");
         let both = greedy(&model, &[prompt.clone()], 32);
         assert_eq!(both[0], ids(&spec["greedy_ids"]), "{what}: greedy tokens");

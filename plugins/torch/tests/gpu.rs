@@ -5,17 +5,10 @@
 
 mod common;
 
-use common::{expected, fixtures, ids, max_abs_diff, tensor_floats};
+use common::{expected, fixtures, ids, max_abs_diff, prompt_logits};
 use cresset_torch::layers::HfConfig;
 use cresset_torch::llama::Llama;
 use cresset_torch::tch::{self, Device, Kind};
-
-fn logits(model: &Llama, prompt: &[i64]) -> Vec<f64> {
-    let mut cache = model.new_cache(1, 64);
-    let out = tch::no_grad(|| model.forward(&[0], &[prompt.to_vec()], &mut cache, false))
-        .expect("forward");
-    tensor_floats(&out.to_device(Device::Cpu))
-}
 
 #[test]
 fn llama_on_cuda_matches_the_cpu_and_tp_shards_on_cuda_match_too() {
@@ -28,17 +21,17 @@ fn llama_on_cuda_matches_the_cpu_and_tp_shards_on_cuda_match_too() {
     let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
     let config = HfConfig::read(&dir).expect("config");
     let prompt = ids(&spec["prompt_ids"]);
-    let cpu = logits(
+    let cpu = prompt_logits(
         &Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu"),
         &prompt,
     );
     let gpu = Llama::load(&dir, &config, Kind::Float, Device::Cuda(0)).expect("cuda");
-    let diff = max_abs_diff(&logits(&gpu, &prompt), &cpu);
+    let diff = max_abs_diff(&prompt_logits(&gpu, &prompt), &cpu);
     assert!(diff <= 1e-3, "cuda vs cpu: {diff:e}");
     let sharded = Llama::load(&dir, &config, Kind::Float, Device::Cuda(0))
         .expect("cuda")
         .shard(&[Device::Cuda(0), Device::Cuda(0)])
         .expect("shard");
-    let diff = max_abs_diff(&logits(&sharded, &prompt), &cpu);
+    let diff = max_abs_diff(&prompt_logits(&sharded, &prompt), &cpu);
     assert!(diff <= 1e-3, "2 shards on cuda:0 vs cpu: {diff:e}");
 }

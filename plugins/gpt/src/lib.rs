@@ -1,4 +1,4 @@
-//! The GPT handler: Llama-architecture text generation (TorchServe's GPT-fast handler, in
+//! The GPT handler: Decoder-architecture text generation (TorchServe's GPT-fast handler, in
 //! Rust on libtorch).
 //!
 //! It serves a HuggingFace Llama checkpoint (`config.json` + safetensors + `tokenizer.json`) or
@@ -27,9 +27,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, Host, InitContext, StepContext};
 use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+use cresset_torch::decoder::{Decoder, DecoderConfig, LayerTarget, LoadOptions, SlotCache};
 use cresset_torch::gguf::Gguf;
 use cresset_torch::layers::{parse_dtype, HfConfig};
-use cresset_torch::llama::{Llama, SlotCache};
 use cresset_torch::sampling::{sample, Rng, SamplingParams};
 use cresset_torch::tch::{Device, Kind};
 use cresset_torch::tokenizers::Tokenizer;
@@ -42,7 +42,7 @@ pub use text::TextStream;
 /// A loaded model, its tokenizer and what generation needs from the checkpoint.
 pub struct Loaded {
     /// The model.
-    pub model: Llama,
+    pub model: Decoder,
     /// The tokenizer.
     pub tokenizer: Tokenizer,
     /// The chat template (Jinja), if the checkpoint has one.
@@ -58,12 +58,16 @@ pub struct Loaded {
     pub add_bos: Option<i64>,
 }
 
-/// Load a Llama checkpoint folder: a `.gguf` (`model_file`, or the only one) or safetensors.
+/// Decides how a model loads (dtype, devices, layer placement) once its configuration is
+/// known and before any weight is read.
+pub type Placer<'a> = dyn Fn(&DecoderConfig) -> Result<LoadOptions, PluginError> + 'a;
+
+/// Load a checkpoint folder: a `.gguf` (`model_file`, or the only one; Llama) or a HuggingFace
+/// safetensors checkpoint (Llama, GPT-2 or BLOOM), loaded as `place` decides.
 pub fn load(
     dir: &Path,
     model_file: Option<&str>,
-    kind: Kind,
-    device: Device,
+    place: &Placer<'_>,
 ) -> Result<Loaded, PluginError> {
     let gguf_path = match model_file {
         Some(f) => Some(settings::path_inside(dir, "model_file", f)?),
@@ -101,7 +105,9 @@ pub fn load(
     let (model, tokenizer, template, mut eos_ids) = match gguf_path {
         Some(path) => {
             let gguf = Gguf::open(&path).map_err(PluginError::from)?;
-            let model = Llama::load_gguf(&gguf, kind, device).map_err(PluginError::from)?;
+            let config = DecoderConfig::from_gguf(&gguf).map_err(PluginError::from)?;
+            let model =
+                Decoder::load_gguf_with(&gguf, &place(&config)?).map_err(PluginError::from)?;
             let tokenizer = if tokenizer_json.is_file() {
                 cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?
             } else {
@@ -132,7 +138,9 @@ pub fn load(
         }
         None => {
             let hf = HfConfig::read(dir).map_err(PluginError::from)?;
-            let model = Llama::load(dir, &hf, kind, device).map_err(PluginError::from)?;
+            let config = DecoderConfig::from_hf(&hf).map_err(PluginError::from)?;
+            let model =
+                Decoder::load_with(dir, &hf, &place(&config)?).map_err(PluginError::from)?;
             let tokenizer = cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?;
             let template = token_text("chat_template");
             let eos =
@@ -204,12 +212,31 @@ pub fn render_chat(
         })
 }
 
-/// Apply Accelerate's keys (`device_map`, `max_memory`, `offload_folder`): plan where each
-/// decoder layer goes (GPUs, CPU, disk) with `cresset-plan`, then move or offload the layers.
-/// The embeddings, final norm and head stay on the instance's device.
-fn device_map(mut model: Llama, ctx: &InitContext, kind: Kind) -> Result<Llama, PluginError> {
+/// The keys that ask for a device map.
+const DEVICE_MAP_KEYS: [&str; 3] = ["device_map", "max_memory", "offload_folder"];
+
+/// How to load, from the handler settings: everything on the instance's device, or, with
+/// Accelerate's keys (`device_map`, `max_memory`, `offload_folder`), each decoder layer where
+/// `cresset-plan` puts it (GPUs, CPU, disk) under the budgets, with headroom for the KV cache
+/// at `max_length`. The embeddings, final norm and head stay on the instance's device.
+/// `low_cpu_mem_usage` (default: on with a device map, as in transformers) or
+/// `offload_state_dict` read the weights layer by layer, placing or offloading each layer
+/// before the next is read.
+pub fn load_options(
+    ctx: &InitContext,
+    cfg: &DecoderConfig,
+    kind: Kind,
+    device: Device,
+) -> Result<LoadOptions, PluginError> {
     use cresset_plan::{Budgets, Headroom, Placement};
     let config = &ctx.handler_config;
+    let mapped = DEVICE_MAP_KEYS.iter().any(|k| config.get(*k).is_some());
+    let mut opts = LoadOptions::new(kind, device);
+    opts.low_cpu_mem_usage = settings::boolean(config, "low_cpu_mem_usage", mapped)?
+        || settings::boolean(config, "offload_state_dict", false)?;
+    if !mapped {
+        return Ok(opts);
+    }
     let plan_err = |e: cresset_plan::PlanError| PluginError::invalid_input(e.to_string());
     let folder = settings::string(config, "offload_folder")?
         .map(|rel| settings::path_inside(&ctx.model_dir, "offload_folder", rel))
@@ -220,34 +247,30 @@ fn device_map(mut model: Llama, ctx: &InitContext, kind: Kind) -> Result<Llama, 
         folder.is_some(),
     )
     .map_err(plan_err)?;
-    let modules = model.modules();
-    let c = &model.config;
-    let bytes = kind.elt_size_in_bytes() as u64;
+    let modules = cfg.modules(kind.elt_size_in_bytes());
     let max_length = settings::integer(config, "max_length", 2048, 1 << 22)? as u64;
     let headroom = Headroom::for_sizes(
-        (c.kv_heads * c.head_dim) as u64,
-        c.hidden as u64,
-        c.intermediate as u64,
+        (cfg.kv_heads * cfg.head_dim) as u64,
+        cfg.hidden as u64,
+        cfg.intermediate as u64,
         max_length,
-        bytes,
+        kind.elt_size_in_bytes() as u64,
     );
     let plan =
         cresset_plan::plan_from_setting(config.get("device_map"), &modules, &budgets, headroom)
             .map_err(plan_err)?;
-    let mut disk = Vec::new();
-    for module in modules.iter().filter(|m| m.layer.is_some()) {
-        let l = module.layer.unwrap_or(0);
-        match plan.placement(&module.name) {
-            Some(Placement::Disk) => disk.push(l),
-            Some(Placement::Gpu(i)) => model.place_layer(l, Device::Cuda(i as usize))?,
-            Some(Placement::Cpu) | None => model.place_layer(l, Device::Cpu)?,
-        }
+    opts.layers = vec![LayerTarget::Device(device); cfg.layers as usize];
+    for module in &modules {
+        let Some(l) = module.layer else { continue };
+        opts.layers[l] = match plan.placement(&module.name) {
+            Some(Placement::Disk) => LayerTarget::Disk,
+            Some(Placement::Gpu(i)) => LayerTarget::Device(Device::Cuda(i as usize)),
+            Some(Placement::Cpu) | None => LayerTarget::Device(Device::Cpu),
+        };
     }
-    if let Some(folder) = folder.filter(|_| !disk.is_empty()) {
-        model = model.offload_layers(&disk, &folder)?;
-    }
+    opts.offload_folder = folder;
     tracing::info!(model = %ctx.model_name, "device map:\n{}", plan.render(&budgets));
-    Ok(model)
+    Ok(opts)
 }
 
 /// One sequence: waiting for a slot, prefilling, or decoding.
@@ -291,7 +314,7 @@ impl Sequence {
 
 /// A draft model for speculative decoding: the same vocabulary, its own cache slots.
 struct Draft {
-    model: Llama,
+    model: Decoder,
     cache: SlotCache,
     k: usize,
     drafted: u64,
@@ -324,7 +347,7 @@ fn now_secs() -> u64 {
 
 impl GptHandler {
     /// The model.
-    pub fn model(&self) -> &Llama {
+    pub fn model(&self) -> &Decoder {
         &self.loaded.model
     }
 
@@ -859,13 +882,8 @@ impl Handler for GptHandler {
         let kind = parse_dtype(settings::string(config, "dtype")?.unwrap_or("float32"))
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
-        let mut loaded = load(&dir, settings::string(config, "model_file")?, kind, device)?;
-        if ["device_map", "max_memory", "offload_folder"]
-            .iter()
-            .any(|k| config.get(*k).is_some())
-        {
-            loaded.model = device_map(loaded.model, ctx, kind)?;
-        }
+        let place = |cfg: &DecoderConfig| load_options(ctx, cfg, kind, device);
+        let mut loaded = load(&dir, settings::string(config, "model_file")?, &place)?;
         // Tensor parallelism (`parallel_type = "tp"`): one shard per assigned GPU, or
         // `handler.tp_shards` shards on the CPU.
         if ctx
@@ -902,7 +920,8 @@ impl Handler for GptHandler {
                 } else {
                     (path, None)
                 };
-                let draft = load(&dir, file.as_deref(), kind, device)?;
+                let everything_here = |_: &DecoderConfig| Ok(LoadOptions::new(kind, device));
+                let draft = load(&dir, file.as_deref(), &everything_here)?;
                 if draft.model.config.vocab_size != loaded.model.config.vocab_size {
                     return Err(PluginError::invalid_input(format!(
                         "`handler.draft_model` has a vocabulary of {} tokens; the model has {}: a draft must share the vocabulary",

@@ -4,12 +4,12 @@
 //! (BERT-family encoders, GPT-2) and token sampling.
 
 pub mod bloom;
+pub mod decoder;
 pub mod encoder;
 pub mod gguf;
 pub mod gpt2;
 mod json;
 pub mod layers;
-pub mod llama;
 pub mod sampling;
 pub mod weights;
 

@@ -1,9 +1,9 @@
 //! HuggingFace-layout checkpoints: `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`.
 //!
-//! Files are memory-mapped and each tensor is copied from the mapping into a libtorch tensor
-//! (never read into a buffer first), then converted to the target dtype and moved to the
-//! device when those differ. The header is validated as hostile input: offsets must lie inside
+//! [`Weights::load`] memory-maps the files and copies every tensor from the mapping into a
+//! libtorch tensor; [`Weights::open`] reads each tensor when it is taken. Tensors are then
+//! converted to the target dtype and moved to the device when those differ. The header is validated as hostile input: offsets must lie inside
 //! the file and agree with the shape.
 
 use std::collections::HashMap;
@@ -46,9 +46,42 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> ModelError {
 
 /// The weights of a checkpoint, converted to one floating dtype on one device. Models take
 /// their tensors out by name; a missing name is an error that names it.
+///
+/// [`Weights::load`] reads every tensor up front (the whole state dict in memory);
+/// [`Weights::open`] reads only the headers and reads each tensor from its file when it is
+/// taken, so a model built part by part never holds more than the part being built.
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Tensors not read yet: file index and header entry.
+    lazy: HashMap<String, (usize, TensorInfo)>,
+    /// Open files of a lazy checkpoint, with where their data starts.
+    files: Vec<(File, PathBuf, u64)>,
+    kind: Kind,
+    device: Device,
     source: PathBuf,
+}
+
+/// Convert a tensor read as `src_kind`: floating tensors become `kind`, others keep theirs.
+fn convert(tensor: Tensor, src_kind: Kind, kind: Kind, device: Device) -> Tensor {
+    let floating = matches!(
+        src_kind,
+        Kind::Double | Kind::Float | Kind::Half | Kind::BFloat16
+    );
+    let tensor = if floating && src_kind != kind {
+        tensor.to_kind(kind)
+    } else {
+        tensor
+    };
+    tensor.to_device(device)
+}
+
+fn src_kind(path: &Path, name: &str, info: &TensorInfo) -> Result<Kind, ModelError> {
+    kind_of_dtype(&info.dtype).ok_or_else(|| {
+        invalid(
+            path,
+            format!("tensor `{name}` has unsupported dtype {}", info.dtype),
+        )
+    })
 }
 
 impl Weights {
@@ -64,42 +97,75 @@ impl Weights {
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| invalid(&path, e))?;
             let header = parse_header(&path, &map, map.len() as u64)?;
             for (name, info) in &header.tensors {
-                let Some(src_kind) = kind_of_dtype(&info.dtype) else {
-                    return Err(invalid(
-                        &path,
-                        format!("tensor `{name}` has unsupported dtype {}", info.dtype),
-                    ));
-                };
+                let src = src_kind(&path, name, info)?;
                 let start = (header.data_start + info.data_offsets[0]) as usize;
                 let end = (header.data_start + info.data_offsets[1]) as usize;
-                let bytes = &map[start..end];
-                let tensor = Tensor::f_from_data_size(bytes, &info.shape, src_kind)?;
-                let tensor = if matches!(
-                    src_kind,
-                    Kind::Double | Kind::Float | Kind::Half | Kind::BFloat16
-                ) && src_kind != kind
-                {
-                    tensor.to_kind(kind)
-                } else {
-                    tensor
-                };
-                tensors.insert(name.clone(), tensor.to_device(device));
+                let tensor = Tensor::f_from_data_size(&map[start..end], &info.shape, src)?;
+                tensors.insert(name.clone(), convert(tensor, src, kind, device));
             }
         }
         Ok(Self {
             tensors,
+            lazy: HashMap::new(),
+            files: Vec::new(),
+            kind,
+            device,
             source: dir.to_path_buf(),
         })
     }
 
+    /// Open the checkpoint in `dir` without reading tensors: headers are read and validated
+    /// now, each tensor's bytes when it is taken (one positioned read; nothing stays mapped).
+    pub fn open(dir: &Path, kind: Kind, device: Device) -> Result<Self, ModelError> {
+        let mut lazy = HashMap::new();
+        let mut files = Vec::new();
+        for path in checkpoint_files(dir)? {
+            let header = read_header(&path)?;
+            let file = File::open(&path).map_err(|e| invalid(&path, e))?;
+            for (name, info) in header.tensors {
+                src_kind(&path, &name, &info)?;
+                lazy.insert(name, (files.len(), info));
+            }
+            files.push((file, path, header.data_start));
+        }
+        Ok(Self {
+            tensors: HashMap::new(),
+            lazy,
+            files,
+            kind,
+            device,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    fn read_lazy(&mut self, name: &str) -> Result<Option<Tensor>, ModelError> {
+        use std::os::unix::fs::FileExt;
+        let Some((index, info)) = self.lazy.remove(name) else {
+            return Ok(None);
+        };
+        let (file, path, data_start) = &self.files[index];
+        let src = src_kind(path, name, &info)?;
+        let len = (info.data_offsets[1] - info.data_offsets[0]) as usize;
+        let mut bytes = vec![0u8; len];
+        file.read_exact_at(&mut bytes, data_start + info.data_offsets[0])
+            .map_err(|e| invalid(path, format!("reading `{name}`: {e}")))?;
+        let tensor = Tensor::f_from_data_size(&bytes, &info.shape, src)?;
+        drop(bytes);
+        Ok(Some(convert(tensor, src, self.kind, self.device)))
+    }
+
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.lazy.contains_key(name)
     }
 
     /// Take a tensor out, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
-        let tensor = self.tensors.remove(name).ok_or_else(|| {
+        let tensor = match self.tensors.remove(name) {
+            Some(t) => Some(t),
+            None => self.read_lazy(name)?,
+        };
+        let tensor = tensor.ok_or_else(|| {
             ModelError::Checkpoint(format!(
                 "{}: the checkpoint has no tensor `{name}`",
                 self.source.display()

@@ -10,15 +10,15 @@ use std::path::PathBuf;
 
 use common::{expected, fixtures, floats, ids, max_abs_diff, prompt_logits, tensor_floats};
 
+use cresset_torch::decoder::{Decoder, LayerTarget, LoadOptions};
 use cresset_torch::gguf::{unpermute_qk, Gguf};
 use cresset_torch::layers::HfConfig;
-use cresset_torch::llama::Llama;
 use cresset_torch::tch::{self, Device, Kind};
 use cresset_torch::weights::Weights;
 
 /// Greedy decoding of several prompts at once, each in its own cache slot: prefill each, then
 /// decode all rows in one forward pass per step.
-fn greedy(model: &Llama, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
+fn greedy(model: &Decoder, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
     let _guard = tch::no_grad_guard();
     let mut cache = model.new_cache(prompts.len(), 256);
     let mut last: Vec<i64> = prompts
@@ -54,7 +54,7 @@ fn llama_logits_and_greedy_tokens_match_transformers() {
     for name in ["llama-gqa-tied", "llama-gqa-untied"] {
         let spec = &expected[name];
         let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-        let model = Llama::load(
+        let model = Decoder::load(
             &dir,
             &HfConfig::read(&dir).expect("config"),
             Kind::Float,
@@ -162,7 +162,7 @@ fn gguf_files_load_to_the_same_weights_within_quantization_error() {
             );
         }
         // The whole model, as transformers loads the same file.
-        let model = Llama::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("model");
+        let model = Decoder::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("model");
         let prompt = ids(&expected["llama-gqa-tied"]["prompt_ids"]);
         let diff = max_abs_diff(&prompt_logits(&model, &prompt), &floats(&spec["logits"]));
         assert!(
@@ -218,7 +218,7 @@ fn real_smollm2_gguf_matches_transformers_and_knows_paris() {
         .map(|&i| i64::from(i))
         .collect();
     assert_eq!(prompt, ids(&spec["prompt_ids"]));
-    let model = Llama::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("SmolLM2 loads");
+    let model = Decoder::load_gguf(&gguf, Kind::Float, Device::Cpu).expect("SmolLM2 loads");
     let mut cache = model.new_cache(1, 128);
     let logits =
         tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, true)).expect("forward");
@@ -241,7 +241,7 @@ fn llama_runs_in_bf16_and_f16_close_to_f32() {
     let config = HfConfig::read(&dir).expect("config");
     let prompt = ids(&spec["prompt_ids"]);
     let logits = |kind| {
-        let model = Llama::load(&dir, &config, kind, Device::Cpu).expect("load");
+        let model = Decoder::load(&dir, &config, kind, Device::Cpu).expect("load");
         let mut cache = model.new_cache(1, 64);
         let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, true))
             .expect("forward");
@@ -259,38 +259,161 @@ fn llama_runs_in_bf16_and_f16_close_to_f32() {
     }
 }
 
+/// The BLOOM fixture (llm) and the GPT-2 fixture (nlp): directory, config, prompt, the
+/// expected logits (every position for BLOOM, the last for GPT-2) and greedy tokens.
+fn other_families() -> Vec<(&'static str, PathBuf, Vec<i64>, Vec<f64>, bool, Vec<i64>)> {
+    let llm = expected("llm");
+    let nlp = expected("nlp");
+    let bloom = &llm["bloom-tiny"];
+    let gpt2 = &nlp["gpt2"];
+    vec![
+        (
+            "bloom",
+            fixtures("llm").join(bloom["dir"].as_str().expect("dir")),
+            ids(&bloom["prompt_ids"]),
+            floats(&bloom["logits"]),
+            false,
+            ids(&bloom["greedy_ids"]),
+        ),
+        (
+            "gpt2",
+            fixtures("nlp").join(gpt2["dir"].as_str().expect("dir")),
+            ids(&gpt2["prompt_ids"]),
+            floats(&gpt2["logits_last"]),
+            true,
+            ids(&gpt2["greedy_ids"]),
+        ),
+    ]
+}
+
+fn last_row(logits: &[f64], vocab: usize) -> Vec<f64> {
+    logits[logits.len() - vocab..].to_vec()
+}
+
 #[test]
-fn bloom_logits_and_greedy_tokens_match_transformers() {
-    use cresset_torch::bloom::Bloom;
-    use cresset_torch::tch::Tensor;
-    let expected = expected("llm");
-    let spec = &expected["bloom-tiny"];
-    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-    let model = Bloom::load(
-        &dir,
-        &HfConfig::read(&dir).expect("config"),
-        Kind::Float,
-        Device::Cpu,
-    )
-    .expect("bloom loads");
-    let prompt = ids(&spec["prompt_ids"]);
-    let _guard = tch::no_grad_guard();
-    let mut cache = model.new_cache(1, 128);
-    let input = Tensor::from_slice(&prompt).view([1, -1]);
-    let logits = model.forward(&input, &mut cache).expect("forward");
-    let diff = max_abs_diff(&tensor_floats(&logits), &floats(&spec["logits"]));
-    assert!(diff <= 1e-4, "bloom logits max abs diff {diff:e}");
-    // Greedy with the cache, one token per step.
-    let mut next = logits.get(0).get(-1).argmax(0, false).int64_value(&[]);
-    let mut out = vec![next];
-    for _ in 1..32 {
-        let step = model
-            .forward(&Tensor::from_slice(&[next]).view([1, 1]), &mut cache)
-            .expect("step");
-        next = step.view([-1]).argmax(0, false).int64_value(&[]);
-        out.push(next);
+fn bloom_and_gpt2_logits_and_greedy_tokens_match_transformers() {
+    for (name, dir, prompt, want, last_only, greedy_ids) in other_families() {
+        let config = HfConfig::read(&dir).expect("config");
+        let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("loads");
+        let ours = prompt_logits(&model, &prompt);
+        let vocab = model.config.vocab_size as usize;
+        let ours = if last_only {
+            last_row(&ours, vocab)
+        } else {
+            ours
+        };
+        let diff = max_abs_diff(&ours, &want);
+        assert!(diff <= 1e-4, "{name}: logits max abs diff {diff:e}");
+        let out = greedy(&model, &[prompt.clone()], 32);
+        assert_eq!(out[0], greedy_ids, "{name}: greedy tokens");
     }
-    assert_eq!(out, ids(&spec["greedy_ids"]), "greedy tokens");
+}
+
+#[test]
+fn bloom_and_gpt2_shard_offload_and_load_layer_by_layer_to_the_same_output() {
+    for (name, dir, prompt, _, _, greedy_ids) in other_families() {
+        let config = HfConfig::read(&dir).expect("config");
+        let whole = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
+        let reference = prompt_logits(&whole, &prompt);
+        let layers = whole.config.layers as usize;
+        for shards in [2, 3] {
+            let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu)
+                .expect("load")
+                .shard(&vec![Device::Cpu; shards])
+                .expect("shard");
+            let diff = max_abs_diff(&prompt_logits(&model, &prompt), &reference);
+            assert!(
+                diff <= 1e-4,
+                "{name}, {shards} shards: logits differ by {diff:e}"
+            );
+            assert_eq!(
+                greedy(&model, &[prompt.clone()], 32)[0],
+                greedy_ids,
+                "{name}, {shards} shards"
+            );
+        }
+        // Layer by layer, the second half written to disk as it is read.
+        let folder = tempfile::tempdir().expect("offload folder");
+        let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+        opts.low_cpu_mem_usage = true;
+        opts.layers = (0..layers)
+            .map(|l| {
+                if l < layers / 2 {
+                    LayerTarget::Device(Device::Cpu)
+                } else {
+                    LayerTarget::Disk
+                }
+            })
+            .collect();
+        opts.offload_folder = Some(folder.path().to_path_buf());
+        let model = Decoder::load_with(&dir, &config, &opts).expect("load layer by layer");
+        assert_eq!(
+            model.offloaded_layers(),
+            (layers / 2..layers).collect::<Vec<_>>()
+        );
+        let diff = max_abs_diff(&prompt_logits(&model, &prompt), &reference);
+        assert!(
+            diff <= 1e-5,
+            "{name}, half on disk: logits differ by {diff:e}"
+        );
+        assert_eq!(
+            greedy(&model, &[prompt.clone()], 32)[0],
+            greedy_ids,
+            "{name}, half on disk"
+        );
+    }
+}
+
+#[test]
+fn layer_by_layer_loading_places_and_offloads_as_it_reads() {
+    let expected = expected("llm");
+    let spec = &expected["llama-gqa-untied"];
+    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
+    let config = HfConfig::read(&dir).expect("config");
+    let prompt = ids(&spec["prompt_ids"]);
+    let whole = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
+    let reference = prompt_logits(&whole, &prompt);
+    let layers = whole.config.layers as usize;
+    let full = whole.resident_bytes();
+    for low_cpu_mem_usage in [false, true] {
+        let folder = tempfile::tempdir().expect("offload folder");
+        let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+        opts.low_cpu_mem_usage = low_cpu_mem_usage;
+        opts.layers = vec![LayerTarget::Disk; layers];
+        opts.offload_folder = Some(folder.path().to_path_buf());
+        let model = Decoder::load_with(&dir, &config, &opts).expect("load");
+        assert_eq!(model.offloaded_layers(), (0..layers).collect::<Vec<_>>());
+        // Only the embeddings, norms (the layers' too: 2 × hidden floats each) and head stay in
+        // memory.
+        let norms = (layers * 2 * model.config.hidden as usize * 4) as u64;
+        let layer_bytes: u64 = model
+            .modules()
+            .iter()
+            .filter(|m| m.layer.is_some())
+            .map(|m| m.bytes)
+            .sum();
+        assert!(
+            model.resident_bytes() <= full - layer_bytes + norms,
+            "resident {} of {full} with {layer_bytes} offloaded",
+            model.resident_bytes()
+        );
+        let diff = max_abs_diff(&prompt_logits(&model, &prompt), &reference);
+        assert!(
+            diff <= 1e-5,
+            "low_cpu_mem_usage {low_cpu_mem_usage}: {diff:e}"
+        );
+        assert_eq!(
+            std::fs::read_dir(folder.path()).expect("folder").count(),
+            layers
+        );
+    }
+    // A map to disk without a folder is refused.
+    let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+    opts.layers = vec![LayerTarget::Disk; 1];
+    let err = Decoder::load_with(&dir, &config, &opts)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("offload folder"), "{err}");
 }
 
 #[test]
@@ -300,11 +423,11 @@ fn tensor_parallel_shards_give_the_unsharded_output() {
         let spec = &expected[name];
         let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
         let config = HfConfig::read(&dir).expect("config");
-        let whole = Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
+        let whole = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
         let prompt = ids(&spec["prompt_ids"]);
         let reference = prompt_logits(&whole, &prompt);
         for shards in [2, 3] {
-            let model = Llama::load(&dir, &config, Kind::Float, Device::Cpu)
+            let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu)
                 .expect("load")
                 .shard(&vec![Device::Cpu; shards])
                 .expect("shard");
@@ -340,7 +463,7 @@ fn disk_offloaded_layers_give_the_in_memory_output() {
     let prompt = ids(&spec["prompt_ids"]);
     let layers = config.usize("num_hidden_layers").expect("layers") as usize;
     let reference = prompt_logits(
-        &Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("load"),
+        &Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load"),
         &prompt,
     );
     let half: Vec<usize> = (layers / 2..layers).collect();
@@ -351,7 +474,7 @@ fn disk_offloaded_layers_give_the_in_memory_output() {
         ("all on disk", all),
     ] {
         let folder = tempfile::tempdir().expect("offload folder");
-        let model = Llama::load(&dir, &config, Kind::Float, Device::Cpu)
+        let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu)
             .expect("load")
             .offload_layers(&offloaded, folder.path())
             .expect("offload");

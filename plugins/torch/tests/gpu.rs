@@ -6,8 +6,8 @@
 mod common;
 
 use common::{expected, fixtures, ids, max_abs_diff, prompt_logits};
+use cresset_torch::decoder::Decoder;
 use cresset_torch::layers::HfConfig;
-use cresset_torch::llama::Llama;
 use cresset_torch::tch::{self, Device, Kind};
 
 #[test]
@@ -22,13 +22,13 @@ fn llama_on_cuda_matches_the_cpu_and_tp_shards_on_cuda_match_too() {
     let config = HfConfig::read(&dir).expect("config");
     let prompt = ids(&spec["prompt_ids"]);
     let cpu = prompt_logits(
-        &Llama::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu"),
+        &Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu"),
         &prompt,
     );
-    let gpu = Llama::load(&dir, &config, Kind::Float, Device::Cuda(0)).expect("cuda");
+    let gpu = Decoder::load(&dir, &config, Kind::Float, Device::Cuda(0)).expect("cuda");
     let diff = max_abs_diff(&prompt_logits(&gpu, &prompt), &cpu);
     assert!(diff <= 1e-3, "cuda vs cpu: {diff:e}");
-    let sharded = Llama::load(&dir, &config, Kind::Float, Device::Cuda(0))
+    let sharded = Decoder::load(&dir, &config, Kind::Float, Device::Cuda(0))
         .expect("cuda")
         .shard(&[Device::Cuda(0), Device::Cuda(0)])
         .expect("shard");

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cresset_torch::llama::Llama;
+use cresset_torch::decoder::Decoder;
 use cresset_torch::tch::{self, Device, Kind, Tensor};
 use serde_json::Value;
 
@@ -55,8 +55,8 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// A Llama's logits for every position of `prompt`, from an empty cache, on the CPU.
-pub fn prompt_logits(model: &Llama, prompt: &[i64]) -> Vec<f64> {
+/// A decoder's logits for every position of `prompt`, from an empty cache, on the CPU.
+pub fn prompt_logits(model: &Decoder, prompt: &[i64]) -> Vec<f64> {
     let mut cache = model.new_cache(1, 64);
     let out = tch::no_grad(|| model.forward(&[0], &[prompt.to_vec()], &mut cache, false))
         .expect("forward");

@@ -1,0 +1,175 @@
+//! The device-mapped handler (TorchServe's Hugging Face Accelerate example, in Rust on
+//! libtorch): causal LMs larger than one device, each decoder layer placed on a GPU, the CPU or
+//! disk under per-device budgets.
+//!
+//! It serves the decoders `cresset-torch` has: Llama (safetensors or GGUF), GPT-2 and BLOOM
+//! (`BloomForCausalLM`, the reference handler's model, with ALiBi). Generation, request
+//! formats (TorchServe's and OpenAI's), streaming and continuous batching are the `gpt`
+//! handler's; this handler reads the reference handler's settings and maps them onto it.
+//!
+//! Settings come from `[handler]` in `model-config.toml` and, for archives made for TorchServe,
+//! from `setup_config.json` in the archive (a key in `[handler]` wins):
+//!
+//! - `device_map`: `"auto"`, `"balanced"`, `"sequential"`, or a table of module → device
+//!   (transformers' module names: `model.layers.3`, `transformer.h.3`, ...; devices `0`,
+//!   `"cuda:0"`, `"cpu"`, `"disk"`);
+//! - `max_memory`: per device, `{"0" = "10GiB", "cpu" = "30GiB"}`;
+//! - `offload_folder`: where disk-offloaded layers are written (inside the archive folder);
+//! - `low_cpu_mem_usage` (default true) and `offload_state_dict`: read the checkpoint layer by
+//!   layer, placing or offloading each layer before the next is read;
+//! - `torch_dtype`: `float16`, `bfloat16` or `float32` (default `float32`);
+//! - `revision`: must be the archive's version (or `"main"`, which TorchServe's example uses
+//!   for "the weights as packaged");
+//! - `max_length`: tokens per sequence, prompt and generated together (default 2048, at most
+//!   the model's context); also the length the planner reserves KV-cache room for;
+//! - `model_path`: the checkpoint folder in the archive (default `model` when the archive has
+//!   one, as in the reference, else the archive root); `model_file`, `max_new_tokens`,
+//!   `chat_template` and the other `gpt` keys pass through.
+
+use std::path::Path;
+
+use cresset_llm::GptHandler;
+use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext, StepContext};
+use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+use cresset_torch::decoder::Decoder;
+use serde_json::{Map, Value};
+
+/// The weight dtypes `torch_dtype` may name.
+const DTYPES: [&str; 3] = ["float16", "bfloat16", "float32"];
+
+/// The device-mapped handler.
+pub struct AccelerateHandler {
+    inner: GptHandler,
+}
+
+impl AccelerateHandler {
+    /// The model (for tests and diagnostics: where its layers are).
+    pub fn model(&self) -> &Decoder {
+        self.inner.model()
+    }
+}
+
+/// `[handler]` over `setup_config.json` (when the archive has one).
+fn merged_settings(ctx: &InitContext) -> Result<Map<String, Value>, PluginError> {
+    let mut merged = Map::new();
+    let setup = ctx.model_dir.join("setup_config.json");
+    if setup.is_file() {
+        let text = std::fs::read_to_string(&setup).map_err(|e| {
+            PluginError::invalid_input(format!("cannot read setup_config.json: {e}"))
+        })?;
+        match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(map)) => merged.extend(map),
+            Ok(_) => {
+                return Err(PluginError::invalid_input(
+                    "setup_config.json must be a JSON object of settings",
+                ))
+            }
+            Err(e) => {
+                return Err(PluginError::invalid_input(format!(
+                    "setup_config.json is not JSON: {e}"
+                )))
+            }
+        }
+    }
+    match &ctx.handler_config {
+        Value::Object(map) => merged.extend(map.clone()),
+        Value::Null => {}
+        _ => {
+            return Err(PluginError::invalid_input(
+                "`handler` must be a table of settings",
+            ))
+        }
+    }
+    Ok(merged)
+}
+
+/// The reference handler's settings mapped onto the `gpt` handler's.
+fn gpt_settings(ctx: &InitContext) -> Result<Value, PluginError> {
+    let mut config = merged_settings(ctx)?;
+    let view = Value::Object(config.clone());
+    if let Some(revision) = settings::string(&view, "revision")? {
+        if revision != ctx.model_version && revision != "main" {
+            return Err(PluginError::invalid_input(format!(
+                "`revision` is {revision:?} but the archive holds version {:?}",
+                ctx.model_version
+            )));
+        }
+    }
+    let dtype = settings::string(&view, "torch_dtype")?.unwrap_or("float32");
+    if !DTYPES.contains(&dtype) {
+        return Err(PluginError::invalid_input(format!(
+            "`torch_dtype` must be one of {DTYPES:?}; got {dtype:?}"
+        )));
+    }
+    config.insert("dtype".into(), Value::from(dtype));
+    settings::integer(&view, "max_length", 1, 1 << 22)?;
+    // The planner and the loader take the rest of Accelerate's keys as they are; with a
+    // device map, layer-by-layer loading is the default (as in transformers).
+    settings::boolean(&view, "low_cpu_mem_usage", true)?;
+    settings::boolean(&view, "offload_state_dict", false)?;
+    if !config.contains_key("low_cpu_mem_usage") {
+        config.insert("low_cpu_mem_usage".into(), Value::Bool(true));
+    }
+    if !config.contains_key("model_path") && is_checkpoint(&ctx.model_dir.join("model")) {
+        config.insert("model_path".into(), Value::from("model"));
+    }
+    Ok(Value::Object(config))
+}
+
+fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+        || std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.path().extension().is_some_and(|x| x == "gguf"))
+        })
+}
+
+impl Handler for AccelerateHandler {
+    const NAME: &'static str = "accelerate";
+    const SUMMARY: &'static str =
+        "Device-mapped causal LMs (Llama, GPT-2, BLOOM): layers on GPUs, CPU and disk under max_memory, streaming, OpenAI-compatible";
+    const CAPABILITIES: Capabilities = GptHandler::CAPABILITIES;
+    type Input = ();
+    type Output = ();
+
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        let mut ctx = ctx.clone();
+        ctx.handler_config = gpt_settings(&ctx)?;
+        let inner = GptHandler::initialize(&ctx)?;
+        tracing::info!(
+            model = %ctx.model_name,
+            offloaded = inner.model().offloaded_layers().len(),
+            resident_bytes = inner.model().resident_bytes(),
+            "accelerate model placed"
+        );
+        Ok(Self { inner })
+    }
+
+    fn preprocess(&mut self, request: &Request) -> Result<(), PluginError> {
+        self.inner.preprocess(request)
+    }
+
+    fn inference(
+        &mut self,
+        batch: Vec<()>,
+        ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<()>, PluginError> {
+        self.inner.inference(batch, ctx)
+    }
+
+    fn postprocess(&mut self, output: ()) -> Result<Response, PluginError> {
+        self.inner.postprocess(output)
+    }
+
+    fn step(
+        &mut self,
+        new: &[Request],
+        first_index: usize,
+        ctx: &mut StepContext<'_, '_>,
+    ) -> Result<(), PluginError> {
+        self.inner.step(new, first_index, ctx)
+    }
+}
+
+cresset_plugin_api::export_handler!(AccelerateHandler);

@@ -1106,6 +1106,9 @@ impl Decoder {
                 post_norm,
                 parts: vec![part],
             });
+            if opts.low_cpu_mem_usage {
+                crate::release_freed_memory();
+            }
         }
         let norm = norm!("norm");
         let lm_head = if cfg.tie_embeddings {

@@ -349,6 +349,19 @@ impl Gguf {
                 Tensor::from_slice(&dequantize(quantized, bytes)).view(info.shape.as_slice())
             }
         };
+        // The bytes are copied out. Drop the file's pages from this process's resident set
+        // (they stay in the page cache), so that a file read tensor by tensor is never resident
+        // all at once.
+        #[cfg(unix)]
+        // SAFETY: the mapping is private and read-only, and nothing borrows from it past this
+        // point (`bytes` is not used again); a later read faults the pages back in.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                info.offset as usize,
+                info.size as usize,
+            )
+        };
         Ok(tensor.to_kind(kind).to_device(device))
     }
 }

@@ -65,6 +65,18 @@ use std::sync::OnceLock;
 pub use tch;
 pub use tokenizers;
 
+/// Give freed heap memory back to the operating system (glibc's `malloc_trim`). Tensors of a
+/// few MB come from malloc's heap once its dynamic mmap threshold has grown, and freeing them
+/// does not shrink the resident set; loading a model layer by layer frees a layer's worth at a
+/// time, so it trims as it goes. A no-op elsewhere than glibc.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of malloc's own arenas to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Errors from this crate, with messages meant for clients.
 #[derive(Debug, thiserror::Error)]
 pub enum TorchError {

@@ -34,6 +34,7 @@ bench: build models
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-nlp" $(BENCH_ARGS)
 	@$(ENV) CRESSET_LLAMA_CPP_PYTHON="$$(scripts/setup-llama-cpp.sh)" "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-offload" $(BENCH_ARGS)
 
 clean-cache:
 	@$(ENV) rm -rf "$$CARGO_TARGET_DIR"

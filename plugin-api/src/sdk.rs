@@ -909,6 +909,25 @@ pub mod testing {
         }
     }
 
+    /// One request through a continuous-batching handler, from an idle start until it is
+    /// answered: its final result (an internal error if `max_steps` calls did not answer it).
+    pub fn step_one<H: Handler>(
+        handler: &mut H,
+        request: Request,
+        max_steps: usize,
+    ) -> Result<Response, PluginError> {
+        run_steps(handler, &[(0, request)], max_steps)
+            .finals
+            .into_iter()
+            .next()
+            .flatten()
+            .unwrap_or_else(|| {
+                Err(PluginError::internal(format!(
+                    "not answered in {max_steps} steps"
+                )))
+            })
+    }
+
     /// Drive a continuous-batching handler as the host does: `arrivals` are `(step, request)`
     /// pairs (sorted by step); each call passes the requests arriving at that step, and calls
     /// continue while any request is unanswered (at most `max_steps`).

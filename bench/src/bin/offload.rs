@@ -19,7 +19,7 @@ use std::time::Instant;
 use cresset_bench::{cli, machine, write_section};
 use cresset_e2e::repo_root;
 use cresset_plugin_accelerate::AccelerateHandler;
-use cresset_plugin_api::sdk::testing::{init_context, request, run_steps};
+use cresset_plugin_api::sdk::testing::{init_context, request, step_one};
 use cresset_plugin_api::sdk::Handler;
 use serde_json::{json, Value};
 
@@ -84,15 +84,9 @@ fn child(checkpoint: &Path, placement: &str, low_cpu: bool, new_tokens: usize) {
     let mut generate = |n: usize| -> (f64, usize) {
         let body = json!({"data": PROMPT, "max_new_tokens": n}).to_string();
         let started = Instant::now();
-        let out = run_steps(&mut h, &[(0, request("application/json", body))], 100_000);
-        let elapsed = started.elapsed().as_secs_f64();
-        let response = out
-            .finals
-            .into_iter()
-            .next()
-            .flatten()
-            .expect("answered")
+        let response = step_one(&mut h, request("application/json", body), 100_000)
             .unwrap_or_else(|e| panic!("{}", e.message));
+        let elapsed = started.elapsed().as_secs_f64();
         let text: Value = serde_json::from_slice(&response.body).expect("JSON");
         let text = text["generated_text"]
             .as_str()

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use cresset_plugin_accelerate::AccelerateHandler;
-use cresset_plugin_api::sdk::testing::{init_context, request, run_steps};
+use cresset_plugin_api::sdk::testing::{init_context, request, step_one};
 use cresset_plugin_api::sdk::Handler;
 use cresset_torch::decoder::DecoderConfig;
 use cresset_torch::layers::HfConfig;
@@ -78,13 +78,7 @@ fn start(root: &Path, handler: Value) -> Result<AccelerateHandler, String> {
 
 fn generate(h: &mut AccelerateHandler, prompt: &str) -> String {
     let body = json!({"data": prompt, "max_new_tokens": 32}).to_string();
-    let out = run_steps(h, &[(0, request("application/json", body))], 10_000);
-    let response = out
-        .finals
-        .into_iter()
-        .next()
-        .flatten()
-        .expect("answered")
+    let response = step_one(h, request("application/json", body), 10_000)
         .unwrap_or_else(|e| panic!("{}", e.message));
     let value: Value = serde_json::from_slice(&response.body).expect("JSON");
     value["generated_text"].as_str().expect("text").to_owned()

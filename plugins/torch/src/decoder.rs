@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
@@ -419,6 +420,9 @@ struct Part {
     device: Device,
     /// Set when the weights live in this file (disk offload) and are read for each use.
     offloaded: Option<PathBuf>,
+    /// The mapped offload file the weights of a part read from disk point into (declared last:
+    /// it is dropped after the tensors).
+    _backing: Option<Arc<memmap2::Mmap>>,
 }
 
 /// A norm's weight, and its bias for LayerNorm (none for RMSNorm).
@@ -484,8 +488,16 @@ impl Part {
         Ok(())
     }
 
-    /// This part with its weights read from `bytes` (the offload file's contents).
-    fn with_weights(&self, path: &Path, bytes: &[u8], kind: Kind) -> Result<Part, ModelError> {
+    /// This part with its weights from `map` (its offload file, memory-mapped). CPU tensors of
+    /// the model's dtype point into the mapping (no copy; the part keeps it alive); others are
+    /// copied and converted.
+    fn with_weights(
+        &self,
+        path: &Path,
+        map: &Arc<memmap2::Mmap>,
+        kind: Kind,
+    ) -> Result<Part, ModelError> {
+        let bytes: &[u8] = map;
         let header = crate::weights::parse_header(path, bytes, bytes.len() as u64)?;
         let tensor = |name: &str| -> Result<Option<Tensor>, ModelError> {
             let Some(info) = header.tensors.get(name) else {
@@ -496,7 +508,23 @@ impl Part {
             let src = crate::weights::kind_of_dtype(&info.dtype).ok_or_else(|| {
                 ModelError::Checkpoint(format!("{}: dtype {}", path.display(), info.dtype))
             })?;
-            let t = Tensor::f_from_data_size(&bytes[start..end], &info.shape, src)?;
+            let data = &bytes[start..end];
+            let aligned = (data.as_ptr() as usize) % src.elt_size_in_bytes() == 0;
+            if src == kind && self.device == Device::Cpu && aligned {
+                let mut strides = vec![1i64; info.shape.len()];
+                for i in (0..info.shape.len().saturating_sub(1)).rev() {
+                    strides[i] = strides[i + 1] * info.shape[i + 1];
+                }
+                // SAFETY: `data` lies inside `map` (parse_header checked the offsets against
+                // its length, and the size against the shape); the returned part holds `map`
+                // in `_backing`, dropped after its tensors. The mapping is read-only and the
+                // weights are never written (forward passes only read them).
+                let t = unsafe {
+                    Tensor::f_from_blob(data.as_ptr(), &info.shape, &strides, src, Device::Cpu)?
+                };
+                return Ok(Some(t));
+            }
+            let t = Tensor::f_from_data_size(data, &info.shape, src)?;
             Ok(Some(t.to_kind(kind).to_device(self.device)))
         };
         let linear = |name: &str| -> Result<Linear, ModelError> {
@@ -518,6 +546,7 @@ impl Part {
             slopes: self.slopes.as_ref().map(Tensor::shallow_clone),
             device: self.device,
             offloaded: None,
+            _backing: Some(Arc::clone(map)),
         })
     }
 
@@ -589,6 +618,7 @@ impl Part {
                     .map(|s| on(s.narrow(0, kv_at * group, kv * group))),
                 device: *device,
                 offloaded: None,
+                _backing: None,
             });
             kv_at += kv;
             inter_at += inter;
@@ -884,6 +914,22 @@ fn check_shape(name: &str, t: Tensor, shape: &[i64]) -> Result<Tensor, ModelErro
     Ok(t)
 }
 
+/// Map an offload file and fault its pages in (on the read-ahead thread, so that the forward
+/// pass finds them resident).
+fn map_offload(path: &Path) -> std::io::Result<Arc<memmap2::Mmap>> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: offload files are written by this process when the model loads and never
+    // modified while it lives; the mapping is read-only.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let _ = map.advise(memmap2::Advice::WillNeed);
+    let mut touched = 0u8;
+    for i in (0..map.len()).step_by(4096) {
+        touched ^= map[i];
+    }
+    std::hint::black_box(touched);
+    Ok(Arc::new(map))
+}
+
 fn offload_path(folder: &Path, layer: usize, part: usize) -> PathBuf {
     folder.join(format!("layer-{layer}-part-{part}.safetensors"))
 }
@@ -1089,6 +1135,7 @@ impl Decoder {
                 slopes: slopes.as_ref().map(Tensor::shallow_clone),
                 device,
                 offloaded: None,
+                _backing: None,
             };
             // Place the layer before the next one is read, so that with `low_cpu_mem_usage`
             // at most one layer beyond the resident ones is in memory.
@@ -1365,20 +1412,20 @@ impl Decoder {
         let rope = self.config.family == Family::Llama;
         let gated = rope;
         // Disk-offloaded parts: their files, read one layer ahead on a helper thread.
-        let read_ahead =
-            |l: usize| -> Vec<Option<std::thread::JoinHandle<std::io::Result<Vec<u8>>>>> {
-                self.layers.get(l).map_or_else(Vec::new, |layer| {
-                    layer
-                        .parts
-                        .iter()
-                        .map(|p| {
-                            p.offloaded
-                                .clone()
-                                .map(|path| std::thread::spawn(move || std::fs::read(path)))
-                        })
-                        .collect()
-                })
-            };
+        type Mapping = std::thread::JoinHandle<std::io::Result<Arc<memmap2::Mmap>>>;
+        let read_ahead = |l: usize| -> Vec<Option<Mapping>> {
+            self.layers.get(l).map_or_else(Vec::new, |layer| {
+                layer
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        p.offloaded
+                            .clone()
+                            .map(|path| std::thread::spawn(move || map_offload(&path)))
+                    })
+                    .collect()
+            })
+        };
         let mut pending = read_ahead(0);
         for (l, layer) in self.layers.iter().enumerate() {
             let reads = std::mem::replace(&mut pending, read_ahead(l + 1));
@@ -1390,18 +1437,18 @@ impl Decoder {
             {
                 fetched.push(match (read, &part.offloaded) {
                     (Some(handle), Some(path)) => {
-                        let bytes = handle
+                        let map = handle
                             .join()
                             .map_err(|_| {
-                                ModelError::Checkpoint(format!("reading {} failed", path.display()))
+                                ModelError::Checkpoint(format!("mapping {} failed", path.display()))
                             })?
                             .map_err(|e| {
                                 ModelError::Checkpoint(format!(
-                                    "cannot read {}: {e}",
+                                    "cannot map {}: {e}",
                                     path.display()
                                 ))
                             })?;
-                        Some(part.with_weights(path, &bytes, self.kind)?)
+                        Some(part.with_weights(path, &map, self.kind)?)
                     }
                     _ => None,
                 });

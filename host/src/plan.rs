@@ -1,5 +1,6 @@
 //! `cresset plan`: where a large model's modules would go under the `accelerate` handler's
-//! device map, as a dry run. It reads tensor sizes from the checkpoint's headers only.
+//! device map, as a dry run. It reads tensor sizes from the checkpoint's headers only
+//! (safetensors, or a GGUF file's tensor directory, counted at the dtype it is loaded in).
 
 use std::path::PathBuf;
 
@@ -90,11 +91,39 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         None => handler.get("max_memory").cloned().unwrap_or(Value::Null),
     };
     let budgets = Budgets::from_max_memory(&max_memory, u64::MAX / 4, offload)?;
-    let modules = cresset_plan::modules_from_checkpoint(&model_dir, Some(bytes))?;
-    let config: Value = std::fs::read_to_string(model_dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    // A GGUF file (named by `model_file`, or the only one) or a safetensors checkpoint.
+    let gguf = match handler.get("model_file").and_then(Value::as_str) {
+        Some(file) => Some(
+            cresset_plugin_api::sdk::settings::path_inside(&model_dir, "model_file", file)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?,
+        ),
+        None => {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&model_dir)
+                .with_context(|| format!("cannot list {}", model_dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect();
+            if found.len() > 1 {
+                anyhow::bail!(
+                    "{} has {} .gguf files; name one in `handler.model_file`",
+                    model_dir.display(),
+                    found.len()
+                );
+            }
+            found.pop()
+        }
+    };
+    let (modules, config) = match &gguf {
+        Some(path) => cresset_plan::modules_from_gguf(path, bytes)?,
+        None => {
+            let modules = cresset_plan::modules_from_checkpoint(&model_dir, Some(bytes))?;
+            let config: Value = std::fs::read_to_string(model_dir.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(Value::Null);
+            (modules, config)
+        }
+    };
     let headroom = Headroom::estimate(&config, max_length, bytes);
     // A `--device-map` name overrides the archive's setting (a name or a table).
     let device_map = args.device_map.clone().map(Value::String);

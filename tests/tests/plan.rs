@@ -52,3 +52,31 @@ fn plan_prints_the_map_bytes_per_device_and_whether_it_fits() {
     assert!(ok, "{err}");
     assert!(out.contains("→  disk"), "{out}");
 }
+
+#[test]
+fn plan_reads_a_gguf_file_at_the_dtype_it_loads_in() {
+    let store = repo_root().join("model_store/smollm2");
+    let store = store.to_str().expect("utf-8");
+    let (ok, out, err) = plan(&[
+        store,
+        "--max-memory",
+        "cpu=300MiB",
+        "--max-length",
+        "256",
+        "--offload",
+    ]);
+    assert!(ok, "{err}");
+    // SmolLM2-135M: embeddings, 30 layers, the norm and the tied head; 513 MiB in f32.
+    assert!(
+        out.starts_with("33 modules, 513.1 MiB of weights in float32"),
+        "{out}"
+    );
+    // Layers in order: the first ones on the CPU, the rest on disk.
+    assert!(out.contains("model.layers.0 … model.layers.12  →  cpu"), "{out}");
+    assert!(out.contains("model.layers.13 … model.layers.29  →  disk"), "{out}");
+    // In bfloat16 half the bytes, and then everything fits in the CPU budget.
+    let (ok, out, err) = plan(&[store, "--max-memory", "cpu=400MiB", "--dtype", "bfloat16"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("of weights in bfloat16"), "{out}");
+    assert!(!out.contains("disk"), "{out}");
+}

@@ -5,6 +5,7 @@
 //! cache and activations at `max_length`. An explicit map is validated instead. `cresset plan`
 //! prints the result as a dry run.
 
+pub mod gguf;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -247,6 +248,54 @@ pub fn modules_from_checkpoint(
         }
     }
     Ok(modules_from_tensors(&tensors))
+}
+
+/// The modules of a (Llama) GGUF file, named as the `accelerate` and `gpt` handlers name them
+/// (`model.embed_tokens`, `model.layers.N`, `model.norm`, `lm_head`), each tensor counted at
+/// `dtype_bytes` per element (GGUF tensors are dequantized at load), read from the header only.
+/// Also a `config.json`-like object of the sizes the headroom estimate needs.
+pub fn modules_from_gguf(path: &Path, dtype_bytes: u64) -> Result<(Vec<Module>, Value), PlanError> {
+    let header = gguf::read(path)?;
+    let mut tensors = Vec::new();
+    for (name, info) in &header.tensors {
+        let numel: u64 = info.shape.iter().map(|&d| d.max(0) as u64).product();
+        let module = match name.split('.').collect::<Vec<_>>().as_slice() {
+            ["blk", n, rest @ ..] => format!("model.layers.{n}.{}", rest.join(".")),
+            ["token_embd", ..] => "model.embed_tokens.weight".into(),
+            ["output_norm", ..] => "model.norm.weight".into(),
+            ["output", ..] => "lm_head.weight".into(),
+            _ => name.clone(),
+        };
+        tensors.push((module, numel * dtype_bytes));
+    }
+    if !header.tensors.contains_key("output.weight") {
+        // Tied: the head is the embedding matrix.
+        tensors.push(("lm_head.weight".into(), 0));
+    }
+    let arch = header
+        .metadata
+        .get("general.architecture")
+        .and_then(gguf::Value::as_str)
+        .unwrap_or("llama")
+        .to_owned();
+    let size = |key: &str| {
+        header
+            .metadata
+            .get(&format!("{arch}.{key}"))
+            .and_then(gguf::Value::as_u64)
+    };
+    let mut config = serde_json::Map::new();
+    for (hf, key) in [
+        ("hidden_size", "embedding_length"),
+        ("num_attention_heads", "attention.head_count"),
+        ("num_key_value_heads", "attention.head_count_kv"),
+        ("intermediate_size", "feed_forward_length"),
+    ] {
+        if let Some(v) = size(key) {
+            config.insert(hf.into(), Value::from(v));
+        }
+    }
+    Ok((modules_from_tensors(&tensors), Value::Object(config)))
 }
 
 /// How `auto`/`balanced`/`sequential` spread layers over several GPUs.

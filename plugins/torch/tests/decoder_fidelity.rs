@@ -485,3 +485,16 @@ fn disk_offloaded_layers_give_the_in_memory_output() {
         assert_eq!(both[0], ids(&spec["greedy_ids"]), "{what}: greedy tokens");
     }
 }
+
+#[test]
+fn the_planner_sizes_a_gguf_as_the_loaded_model_does() {
+    for file in ["llama-gqa-tied.Q8_0.gguf", "llama-gqa-tied.Q4_1.gguf"] {
+        let path = fixtures("llm").join(file);
+        let (planned, config) = cresset_plan::modules_from_gguf(&path, 4).expect("plan");
+        let model = Decoder::load_gguf(&Gguf::open(&path).expect("open"), Kind::Float, Device::Cpu)
+            .expect("load");
+        assert_eq!(planned, model.modules(), "{file}");
+        assert_eq!(config["hidden_size"], model.config.hidden);
+        assert_eq!(config["num_key_value_heads"], model.config.kv_heads);
+    }
+}

@@ -44,13 +44,22 @@ fn plan_prints_the_map_bytes_per_device_and_whether_it_fits() {
     let (ok, out, err) = plan(&[
         model,
         "--max-memory",
-        "cpu=200KiB",
+        "cpu=450KiB",
         "--max-length",
         "64",
         "--offload",
     ]);
     assert!(ok, "{err}");
-    assert!(out.contains("→  disk"), "{out}");
+    assert!(
+        out.contains("model.layers.1 … model.layers.2  →  disk"),
+        "{out}"
+    );
+    // Only layers go to disk: the norm and the untied head after them stay on the CPU.
+    assert!(out.contains("lm_head  →  cpu"), "{out}");
+    // When what cannot go to disk does not fit either, the error says so.
+    let (ok, _, err) = plan(&[model, "--max-memory", "cpu=200KiB", "--offload"]);
+    assert!(!ok);
+    assert!(err.contains("only decoder layers go to disk"), "{err}");
 }
 
 #[test]
@@ -72,8 +81,14 @@ fn plan_reads_a_gguf_file_at_the_dtype_it_loads_in() {
         "{out}"
     );
     // Layers in order: the first ones on the CPU, the rest on disk.
-    assert!(out.contains("model.layers.0 … model.layers.12  →  cpu"), "{out}");
-    assert!(out.contains("model.layers.13 … model.layers.29  →  disk"), "{out}");
+    assert!(
+        out.contains("model.layers.0 … model.layers.12  →  cpu"),
+        "{out}"
+    );
+    assert!(
+        out.contains("model.layers.13 … model.layers.29  →  disk"),
+        "{out}"
+    );
     // In bfloat16 half the bytes, and then everything fits in the CPU budget.
     let (ok, out, err) = plan(&[store, "--max-memory", "cpu=400MiB", "--dtype", "bfloat16"]);
     assert!(ok, "{err}");

@@ -265,13 +265,44 @@ pub fn load_options(
         cresset_plan::plan_from_setting(config.get("device_map"), &modules, &budgets, headroom)
             .map_err(plan_err)?;
     opts.layers = vec![LayerTarget::Device(device); cfg.layers as usize];
+    let on = |p: Placement| match p {
+        Placement::Gpu(i) => Device::Cuda(i as usize),
+        _ => Device::Cpu,
+    };
+    // The modules before the first layer (embeddings) go together, as do those after the last
+    // (the final norm and an untied head): each group where its largest module is planned.
+    let first_layer = modules.iter().position(|m| m.layer.is_some()).unwrap_or(0);
+    let largest = |group: &[cresset_plan::Module]| {
+        group
+            .iter()
+            .filter(|m| m.bytes > 0)
+            .max_by_key(|m| m.bytes)
+            .and_then(|m| plan.placement(&m.name))
+    };
+    let last_layer = modules.iter().rposition(|m| m.layer.is_some()).unwrap_or(0);
+    if let Some(p) = largest(&modules[..first_layer]) {
+        opts.embeddings = Some(on(p));
+    }
+    if let Some(p) = largest(&modules[last_layer + 1..]) {
+        opts.head = Some(on(p));
+    }
     for module in &modules {
-        let Some(l) = module.layer else { continue };
-        opts.layers[l] = match plan.placement(&module.name) {
-            Some(Placement::Disk) => LayerTarget::Disk,
-            Some(Placement::Gpu(i)) => LayerTarget::Device(Device::Cuda(i as usize)),
-            Some(Placement::Cpu) | None => LayerTarget::Device(Device::Cpu),
-        };
+        let placement = plan.placement(&module.name).unwrap_or(Placement::Cpu);
+        match module.layer {
+            Some(l) => {
+                opts.layers[l] = match placement {
+                    Placement::Disk => LayerTarget::Disk,
+                    p => LayerTarget::Device(on(p)),
+                }
+            }
+            None if placement == Placement::Disk && module.bytes > 0 => {
+                return Err(PluginError::invalid_input(format!(
+                    "`device_map`: {} is mapped to disk; only decoder layers can be offloaded",
+                    module.name
+                )))
+            }
+            None => {}
+        }
     }
     opts.offload_folder = folder;
     tracing::info!(model = %ctx.model_name, "device map:\n{}", plan.render(&budgets));

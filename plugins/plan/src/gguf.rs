@@ -7,7 +7,8 @@ use std::path::Path;
 
 use crate::safetensors::CheckpointError;
 
-const MAGIC: u32 = 0x4655_4747; // "GGUF", little-endian
+/// The file's first four bytes ("GGUF", read as a little-endian u32).
+pub const MAGIC: u32 = 0x4655_4747;
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Block of 32 weights for the quantized types this reader supports.
 pub const QK: usize = 32;

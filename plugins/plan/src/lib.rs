@@ -482,8 +482,9 @@ impl Plan {
     }
 }
 
-/// Place `modules` in order under `budgets`. Layers are never split; a tied output head (no
-/// module of its own) shares the embedding's device by construction.
+/// Place `modules` in order under `budgets`. Layers are never split; a tied output head (a
+/// module of no bytes) goes where the embeddings are; only decoder layers go to disk (a module
+/// after them stays on the CPU).
 pub fn plan(
     modules: &[Module],
     budgets: &Budgets,
@@ -509,7 +510,14 @@ pub fn plan(
             d.1 = d.1.min(share);
         }
     }
-    devices.push((Placement::Cpu, budgets.cpu));
+    // With disk in play, room on the CPU is kept for the modules after the last layer (the
+    // final norm, an untied head), which never go to disk.
+    let last_layer = modules.iter().rposition(|m| m.layer.is_some());
+    let trailing: u64 = match (budgets.disk, last_layer) {
+        (true, Some(i)) => modules[i + 1..].iter().map(|m| m.bytes).sum(),
+        _ => 0,
+    };
+    devices.push((Placement::Cpu, budgets.cpu.saturating_sub(trailing)));
     if budgets.disk {
         devices.push((Placement::Disk, u64::MAX));
     }
@@ -518,13 +526,48 @@ pub fn plan(
     let mut weights: BTreeMap<Placement, u64> = BTreeMap::new();
     let mut placements = Vec::with_capacity(modules.len());
     let mut current = 0;
+    let cpu = devices.len() - usize::from(budgets.disk) - 1;
     for m in modules {
         let extra = if m.layer.is_some() {
             headroom.per_layer
         } else {
             0
         };
+        // A module without bytes of its own (a tied head) is where the embeddings are.
+        if m.bytes == 0 && m.layer.is_none() {
+            if let Some(&(_, first)) = placements.first() {
+                placements.push((m.name.clone(), first));
+                continue;
+            }
+        }
         loop {
+            // Only decoder layers are offloaded to disk: a module after them (the final norm,
+            // an untied head) stays in memory, on the CPU.
+            if m.layer.is_none() && devices.get(current).is_some_and(|d| d.0 == Placement::Disk) {
+                let need = m.bytes
+                    + if used[cpu] == 0 {
+                        headroom.activations
+                    } else {
+                        0
+                    };
+                if used[cpu] + need > budgets.cpu {
+                    let needed = weights_total + layers * headroom.per_layer + headroom.activations;
+                    let available = budgets.gpus.iter().map(|g| g.1).sum::<u64>() + budgets.cpu;
+                    return Err(PlanError::DoesNotFit {
+                        module: m.name.clone(),
+                        needed,
+                        weights: weights_total,
+                        headroom: needed - weights_total,
+                        available,
+                        hint: " (only decoder layers go to disk)".into(),
+                    });
+                }
+                *room.entry(Placement::Cpu).or_default() += need - m.bytes;
+                used[cpu] += need;
+                *weights.entry(Placement::Cpu).or_default() += m.bytes;
+                placements.push((m.name.clone(), Placement::Cpu));
+                break;
+            }
             let Some(&(device, capacity)) = devices.get(current) else {
                 let needed = weights_total + layers * headroom.per_layer + headroom.activations;
                 let available = budgets.gpus.iter().map(|g| g.1).sum::<u64>() + budgets.cpu;
@@ -753,7 +796,7 @@ mod tests {
         let modules = model(8, 10 * MIB);
         let budgets = Budgets {
             gpus: vec![(0, 75 * MIB)],
-            cpu: 50 * MIB,
+            cpu: 91 * MIB,
             disk: true,
         };
         let headroom = Headroom {
@@ -761,20 +804,30 @@ mod tests {
             activations: 2 * MIB,
         };
         let plan = plan(&modules, &budgets, Strategy::Sequential, headroom).expect("plan");
-        let order: Vec<Placement> = plan.placements.iter().map(|p| p.1).collect();
+        let order: Vec<Placement> = plan
+            .placements
+            .iter()
+            .zip(&modules)
+            .filter(|(_, m)| m.layer.is_some())
+            .map(|(p, _)| p.1)
+            .collect();
         assert!(
             order.windows(2).all(|w| w[0] <= w[1]),
-            "never back to an earlier device: {order:?}"
+            "layers never go back to an earlier device: {order:?}"
         );
+        assert_eq!(order.last(), Some(&Placement::Disk), "{order:?}");
         assert_eq!(
             plan.placement("model.embed_tokens"),
             Some(Placement::Gpu(0))
         );
-        assert_eq!(plan.placement("lm_head"), Some(Placement::Disk));
+        // Only layers go to disk: the norm and the head after them stay on the CPU, in the
+        // room kept for them.
+        assert_eq!(plan.placement("model.norm"), Some(Placement::Cpu));
+        assert_eq!(plan.placement("lm_head"), Some(Placement::Cpu));
         let on_gpu = plan.weights[&Placement::Gpu(0)] + plan.headroom[&Placement::Gpu(0)];
         assert!(on_gpu <= 75 * MIB, "{on_gpu}");
-        let on_cpu = plan.weights[&Placement::Cpu];
-        assert!(on_cpu <= 50 * MIB);
+        let on_cpu = plan.weights[&Placement::Cpu] + plan.headroom[&Placement::Cpu];
+        assert!(on_cpu <= 91 * MIB, "{on_cpu}");
         assert_eq!(
             plan.placements.len(),
             modules.len(),

@@ -123,6 +123,11 @@ pub struct LoadOptions {
     pub layers: Vec<LayerTarget>,
     /// Where disk-offloaded layers are written.
     pub offload_folder: Option<PathBuf>,
+    /// The device of the embeddings (GPT-2's positions and BLOOM's embedding norm with them);
+    /// default `device`. A tied head is the embedding matrix, so it is here too.
+    pub embeddings: Option<Device>,
+    /// The device of the final norm and an untied head; default `device`.
+    pub head: Option<Device>,
 }
 
 impl LoadOptions {
@@ -134,6 +139,8 @@ impl LoadOptions {
             low_cpu_mem_usage: false,
             layers: Vec::new(),
             offload_folder: None,
+            embeddings: None,
+            head: None,
         }
     }
 }
@@ -1157,11 +1164,21 @@ impl Decoder {
                 crate::release_freed_memory();
             }
         }
-        let norm = norm!("norm");
+        let head_device = opts.head.unwrap_or(device);
+        let mut norm = norm!("norm");
+        norm.weight = norm.weight.to_device(head_device);
+        norm.bias = norm.bias.map(|b| b.to_device(head_device));
+        let embed_device = opts.embeddings.unwrap_or(device);
+        let embed = embed.to_device(embed_device);
+        let positions = positions.map(|p| p.to_device(embed_device));
+        let embed_norm = embed_norm.map(|n| Norm {
+            weight: n.weight.to_device(embed_device),
+            bias: n.bias.map(|b| b.to_device(embed_device)),
+        });
         let lm_head = if cfg.tie_embeddings {
             embed.shallow_clone()
         } else {
-            required(get("lm_head")?, "lm_head")?
+            required(get("lm_head")?, "lm_head")?.to_device(head_device)
         };
         let (cos, sin) = if cfg.family == Family::Llama {
             rope_tables(&cfg, rope_freqs, kind, device)
@@ -1377,7 +1394,10 @@ impl Decoder {
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        let ids = Tensor::from_slice(&ids).view([rows, s]).to_device(dev);
+        let embed_dev = self.embed.device();
+        let ids = Tensor::from_slice(&ids)
+            .view([rows, s])
+            .to_device(embed_dev);
         // Absolute positions of the new tokens, per row: [rows, s].
         let pos: Vec<i64> = starts.iter().flat_map(|&p| p..p + s).collect();
         let pos = Tensor::from_slice(&pos).view([rows, s]).to_device(dev);
@@ -1400,15 +1420,17 @@ impl Decoder {
         let slot_index =
             Tensor::from_slice(&slots.iter().map(|&x| x as i64).collect::<Vec<_>>()).to_device(dev);
         let contiguous = is_prefix(slots);
+        // On the embeddings' device, then the residual stream moves to the model's.
         let mut x = Tensor::embedding(&self.embed, &ids, -1, false, false);
         if let Some(table) = &self.positions {
             x = x + table
-                .index_select(0, &pos.view([-1]))
+                .index_select(0, &pos.view([-1]).to_device(embed_dev))
                 .view([rows, s, self.config.hidden]);
         }
         if let Some(n) = &self.embed_norm {
             x = self.apply_norm(&x, n);
         }
+        let mut x = x.to_device(dev);
         let rope = self.config.family == Family::Llama;
         let gated = rope;
         // Disk-offloaded parts: their files, read one layer ahead on a helper thread.
@@ -1565,8 +1587,9 @@ impl Decoder {
             cache.lens[slot] = start + s;
         }
         let x = if last_only { x.narrow(1, s - 1, 1) } else { x };
-        let x = self.apply_norm(&x, &self.norm);
-        Ok(x.matmul(&self.lm_head.tr()))
+        let x = self.apply_norm(&x.to_device(self.norm.weight.device()), &self.norm);
+        Ok(x.to_device(self.lm_head.device())
+            .matmul(&self.lm_head.tr()))
     }
 }
 

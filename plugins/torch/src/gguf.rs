@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
 
-pub use cresset_plan::gguf::{GgmlType, TensorInfo, Value, QK};
+pub use cresset_plan::gguf::{GgmlType, TensorInfo, Value, MAGIC, QK};
 
 /// A parsed GGUF file.
 pub struct Gguf {

@@ -836,6 +836,31 @@ mod tests {
     }
 
     #[test]
+    fn a_tied_head_stays_with_the_embeddings() {
+        // Tied: the head has no bytes of its own (the checkpoint has no lm_head tensor).
+        let mut modules = model(4, 10 * MIB);
+        let head = modules.iter_mut().find(|m| m.name == "lm_head").expect("head");
+        head.bytes = 0;
+        let budgets = Budgets {
+            gpus: vec![(0, 60 * MIB), (1, 100 * MIB)],
+            cpu: 0,
+            disk: false,
+        };
+        let headroom = Headroom {
+            per_layer: 0,
+            activations: 0,
+        };
+        let plan = plan(&modules, &budgets, Strategy::Sequential, headroom).expect("plan");
+        assert_eq!(plan.placement("model.layers.3"), Some(Placement::Gpu(1)));
+        assert_eq!(plan.placement("model.norm"), Some(Placement::Gpu(1)));
+        assert_eq!(
+            plan.placement("lm_head"),
+            plan.placement("model.embed_tokens"),
+            "the tied head is where the embedding matrix is"
+        );
+    }
+
+    #[test]
     fn balanced_spreads_layers_over_gpus() {
         let modules = model(8, 10 * MIB);
         let budgets = Budgets {

@@ -198,3 +198,29 @@ fn bad_settings_are_refused_naming_the_field() {
     let err = start(root.path(), json!({})).err().expect("refused");
     assert!(err.contains("setup_config.json"), "{err}");
 }
+
+#[test]
+fn two_instances_of_a_model_offload_to_their_own_files() {
+    let (_, dir, prompt, want, _) = families().remove(0);
+    let root = archive(&dir);
+    let settings = json!({"device_map": {"": "disk", "transformer.word_embeddings": "cpu",
+        "transformer.word_embeddings_layernorm": "cpu", "transformer.ln_f": "cpu"},
+        "offload_folder": "offload", "max_length": 64});
+    let mut handlers = Vec::new();
+    for index in 0..2 {
+        let mut ctx = init_context(root.path(), settings.clone());
+        ctx.assignment.index = index;
+        handlers
+            .push(AccelerateHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message)));
+    }
+    for index in 0..2 {
+        assert!(root
+            .path()
+            .join(format!("offload/instance-{index}"))
+            .is_dir());
+    }
+    // The second instance's load did not disturb the first's mapped files.
+    for h in &mut handlers {
+        assert_eq!(generate(h, &prompt), want);
+    }
+}

@@ -304,7 +304,9 @@ pub fn load_options(
             None => {}
         }
     }
-    opts.offload_folder = folder;
+    // One subfolder per instance: each writes and maps its own files, so that an instance
+    // never rewrites a file another has mapped.
+    opts.offload_folder = folder.map(|f| f.join(format!("instance-{}", ctx.assignment.index)));
     tracing::info!(model = %ctx.model_name, "device map:\n{}", plan.render(&budgets));
     Ok(opts)
 }

@@ -839,7 +839,10 @@ mod tests {
     fn a_tied_head_stays_with_the_embeddings() {
         // Tied: the head has no bytes of its own (the checkpoint has no lm_head tensor).
         let mut modules = model(4, 10 * MIB);
-        let head = modules.iter_mut().find(|m| m.name == "lm_head").expect("head");
+        let head = modules
+            .iter_mut()
+            .find(|m| m.name == "lm_head")
+            .expect("head");
         head.bytes = 0;
         let budgets = Budgets {
             gpus: vec![(0, 60 * MIB), (1, 100 * MIB)],

@@ -551,13 +551,20 @@ pub fn plan(
                         0
                     };
                 if used[cpu] + need > budgets.cpu {
-                    let needed = weights_total + layers * headroom.per_layer + headroom.activations;
+                    // What must be in memory even with every layer on disk: the modules that
+                    // are not layers, the KV cache of every layer and the activations.
+                    let resident: u64 = modules
+                        .iter()
+                        .filter(|m| m.layer.is_none())
+                        .map(|m| m.bytes)
+                        .sum();
+                    let needed = resident + layers * headroom.per_layer + headroom.activations;
                     let available = budgets.gpus.iter().map(|g| g.1).sum::<u64>() + budgets.cpu;
                     return Err(PlanError::DoesNotFit {
                         module: m.name.clone(),
                         needed,
-                        weights: weights_total,
-                        headroom: needed - weights_total,
+                        weights: resident,
+                        headroom: needed - resident,
                         available,
                         hint: " (only decoder layers go to disk)".into(),
                     });

@@ -188,7 +188,17 @@ fn bad_settings_are_refused_naming_the_field() {
             json!({"offload_folder": "../outside", "device_map": "auto"}),
             "offload_folder",
         ),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        // A GPU budget where there is no GPU.
+        (!cresset_torch::tch::Cuda::is_available()).then(|| {
+            (
+                json!({"max_memory": {"0": "1GiB", "cpu": "1GiB"}}),
+                "usable GPU",
+            )
+        }),
+    ) {
         let err = start(root.path(), settings.clone())
             .err()
             .unwrap_or_else(|| panic!("{settings} was accepted"));

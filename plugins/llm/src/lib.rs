@@ -264,6 +264,18 @@ pub fn load_options(
     let plan =
         cresset_plan::plan_from_setting(config.get("device_map"), &modules, &budgets, headroom)
             .map_err(plan_err)?;
+    // A plan that names a GPU this process cannot use is refused here, by name, rather than
+    // failing inside libtorch.
+    let gpus = cresset_torch::tch::Cuda::device_count().max(0) as u32;
+    if let Some((module, Placement::Gpu(i))) = plan
+        .placements
+        .iter()
+        .find(|(_, p)| matches!(p, Placement::Gpu(i) if *i >= gpus))
+    {
+        return Err(PluginError::invalid_input(format!(
+            "`device_map`/`max_memory` put {module} on GPU {i}, but this machine has {gpus} usable GPU(s)"
+        )));
+    }
     opts.layers = vec![LayerTarget::Device(device); cfg.layers as usize];
     let on = |p: Placement| match p {
         Placement::Gpu(i) => Device::Cuda(i as usize),

@@ -527,12 +527,31 @@ pub fn plan(
     let mut placements = Vec::with_capacity(modules.len());
     let mut current = 0;
     let cpu = devices.len() - usize::from(budgets.disk) - 1;
-    for m in modules {
-        let extra = if m.layer.is_some() {
-            headroom.per_layer
-        } else {
-            0
-        };
+    // Activations are charged once per device that holds weights (not disk).
+    let mut acted = vec![false; devices.len()];
+    // With disk in play, every layer that reaches the CPU runs there, whether its weights stay
+    // or go to disk: the KV room of all of them is charged to the CPU when the first arrives.
+    let mut kv_on_cpu = false;
+    let does_not_fit = |module: &str, needed: u64, weights: u64, hint: &str| {
+        let available = budgets.gpus.iter().map(|g| g.1).sum::<u64>() + budgets.cpu;
+        PlanError::DoesNotFit {
+            module: module.to_owned(),
+            needed,
+            weights,
+            headroom: needed - weights,
+            available,
+            hint: hint.to_owned(),
+        }
+    };
+    // What must be in memory even with every layer on disk: the modules that are not layers,
+    // the KV cache of every layer and the activations.
+    let resident: u64 = modules
+        .iter()
+        .filter(|m| m.layer.is_none())
+        .map(|m| m.bytes)
+        .sum();
+    let resident_need = resident + layers * headroom.per_layer + headroom.activations;
+    for (index, m) in modules.iter().enumerate() {
         // A module without bytes of its own (a tied head) is where the embeddings are.
         if m.bytes == 0 && m.layer.is_none() {
             if let Some(&(_, first)) = placements.first() {
@@ -544,61 +563,69 @@ pub fn plan(
             // Only decoder layers are offloaded to disk: a module after them (the final norm,
             // an untied head) stays in memory, on the CPU.
             if m.layer.is_none() && devices.get(current).is_some_and(|d| d.0 == Placement::Disk) {
-                let need = m.bytes
-                    + if used[cpu] == 0 {
-                        headroom.activations
-                    } else {
-                        0
-                    };
-                if used[cpu] + need > budgets.cpu {
-                    // What must be in memory even with every layer on disk: the modules that
-                    // are not layers, the KV cache of every layer and the activations.
-                    let resident: u64 = modules
-                        .iter()
-                        .filter(|m| m.layer.is_none())
-                        .map(|m| m.bytes)
-                        .sum();
-                    let needed = resident + layers * headroom.per_layer + headroom.activations;
-                    let available = budgets.gpus.iter().map(|g| g.1).sum::<u64>() + budgets.cpu;
-                    return Err(PlanError::DoesNotFit {
-                        module: m.name.clone(),
-                        needed,
-                        weights: resident,
-                        headroom: needed - resident,
-                        available,
-                        hint: " (only decoder layers go to disk)".into(),
-                    });
+                let act = if acted[cpu] { 0 } else { headroom.activations };
+                if used[cpu] + m.bytes + act > budgets.cpu {
+                    return Err(does_not_fit(
+                        &m.name,
+                        resident_need,
+                        resident,
+                        " (only decoder layers go to disk)",
+                    ));
                 }
-                *room.entry(Placement::Cpu).or_default() += need - m.bytes;
-                used[cpu] += need;
+                acted[cpu] = true;
+                *room.entry(Placement::Cpu).or_default() += act;
+                used[cpu] += m.bytes + act;
                 *weights.entry(Placement::Cpu).or_default() += m.bytes;
                 placements.push((m.name.clone(), Placement::Cpu));
                 break;
             }
             let Some(&(device, capacity)) = devices.get(current) else {
                 let needed = weights_total + layers * headroom.per_layer + headroom.activations;
-                let available = budgets.gpus.iter().map(|g| g.1).sum::<u64>() + budgets.cpu;
-                return Err(PlanError::DoesNotFit {
-                    module: m.name.clone(),
-                    needed,
-                    weights: weights_total,
-                    headroom: needed - weights_total,
-                    available,
-                    hint: if budgets.disk {
-                        String::new()
-                    } else {
-                        " (set `offload_folder` to offload the rest to disk)".into()
-                    },
-                });
+                let hint = if budgets.disk {
+                    ""
+                } else {
+                    " (set `offload_folder` to offload the rest to disk)"
+                };
+                return Err(does_not_fit(&m.name, needed, weights_total, hint));
             };
-            // Activations are charged once per device that holds weights (not disk).
-            let first_here = used[current] == 0 && device != Placement::Disk;
-            let act = if first_here { headroom.activations } else { 0 };
+            if budgets.disk && device == Placement::Cpu && m.layer.is_some() && !kv_on_cpu {
+                let remaining = modules[index..]
+                    .iter()
+                    .filter(|m| m.layer.is_some())
+                    .count() as u64;
+                let reserve = remaining * headroom.per_layer
+                    + if acted[cpu] { 0 } else { headroom.activations };
+                if used[cpu] + reserve > budgets.cpu {
+                    return Err(does_not_fit(
+                        &m.name,
+                        resident_need,
+                        resident,
+                        " (the KV cache of the layers left runs on the CPU even when their \
+                          weights go to disk)",
+                    ));
+                }
+                used[cpu] += reserve;
+                acted[cpu] = true;
+                *room.entry(Placement::Cpu).or_default() += reserve;
+                kv_on_cpu = true;
+            }
+            // KV room: per layer on its GPU, or already charged to the CPU.
+            let extra = match (m.layer, device) {
+                (None, _) => 0,
+                (Some(_), Placement::Gpu(_)) => headroom.per_layer,
+                (Some(_), _) if kv_on_cpu => 0,
+                (Some(_), _) => headroom.per_layer,
+            };
+            let act = if acted[current] || device == Placement::Disk {
+                0
+            } else {
+                headroom.activations
+            };
             let need = m.bytes + extra + act;
             if device == Placement::Disk || used[current] + need <= capacity {
                 used[current] += need;
+                acted[current] |= device != Placement::Disk;
                 *weights.entry(device).or_default() += m.bytes;
-                // Disk-offloaded layers still run (and cache) on the CPU.
                 let host = if device == Placement::Disk {
                     Placement::Cpu
                 } else {
@@ -835,6 +862,9 @@ mod tests {
         assert!(on_gpu <= 75 * MIB, "{on_gpu}");
         let on_cpu = plan.weights[&Placement::Cpu] + plan.headroom[&Placement::Cpu];
         assert!(on_cpu <= 91 * MIB, "{on_cpu}");
+        // The CPU keeps the KV room of every layer it runs, its own four and the one on disk,
+        // and the activations.
+        assert_eq!(plan.headroom[&Placement::Cpu], 5 * MIB + 2 * MIB);
         assert_eq!(
             plan.placements.len(),
             modules.len(),

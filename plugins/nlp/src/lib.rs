@@ -30,8 +30,8 @@ mod tasks;
 
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, Host, InitContext};
 use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+use cresset_torch::decoder::{Decoder, GenerationRequest};
 use cresset_torch::encoder::{mean_pool_normalized, Encoder, EncoderHead};
-use cresset_torch::gpt2::{GenerationRequest, Gpt2};
 use cresset_torch::layers::{parse_dtype, HfConfig};
 use cresset_torch::sampling::SamplingParams;
 use cresset_torch::tch::{Device, Kind, Tensor};
@@ -111,7 +111,7 @@ impl Mode {
 
 enum Model {
     Encoder(Encoder),
-    Gpt2(Gpt2),
+    Decoder(Decoder),
 }
 
 /// Settings from the `[handler]` table.
@@ -272,7 +272,7 @@ impl NlpHandler {
         prompt: &str,
         options: &Map<String, Value>,
     ) -> Result<GenerationRequest, PluginError> {
-        let Model::Gpt2(gpt) = &self.model else {
+        let Model::Decoder(gpt) = &self.model else {
             return Err(PluginError::internal("generation without a decoder"));
         };
         let context = gpt.config.max_positions as u64;
@@ -657,7 +657,7 @@ impl Handler for NlpHandler {
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
         let model = if mode == Mode::TextGeneration {
-            Model::Gpt2(Gpt2::load(&dir, &hf, kind, device).map_err(PluginError::from)?)
+            Model::Decoder(Decoder::load(&dir, &hf, kind, device).map_err(PluginError::from)?)
         } else {
             Model::Encoder(
                 Encoder::load(&dir, &hf, mode.head(), kind, device).map_err(PluginError::from)?,
@@ -665,7 +665,7 @@ impl Handler for NlpHandler {
         };
         let model_limit = match &model {
             Model::Encoder(e) => e.config.max_input_len() as usize,
-            Model::Gpt2(g) => g.config.max_positions as usize,
+            Model::Decoder(g) => g.config.max_positions as usize,
         };
         let max_length =
             settings::integer(config, "max_length", model_limit.min(512), model_limit)?;
@@ -703,7 +703,7 @@ impl Handler for NlpHandler {
         }
         let model_vocab = match &model {
             Model::Encoder(e) => e.config.vocab_size,
-            Model::Gpt2(g) => g.config.vocab_size,
+            Model::Decoder(g) => g.config.vocab_size,
         };
         let highest = tokenizer.get_vocab(true).into_values().max().unwrap_or(0);
         if i64::from(highest) >= model_vocab {
@@ -732,7 +732,7 @@ impl Handler for NlpHandler {
         }
         let pad_id = match &model {
             Model::Encoder(e) => Some(e.config.pad_token_id),
-            Model::Gpt2(_) => None,
+            Model::Decoder(_) => None,
         };
         let pad_id = pad_id
             .or_else(|| token_id(&tokenizer, &["[PAD]", "<pad>"]).map(i64::from))
@@ -829,7 +829,7 @@ impl Handler for NlpHandler {
         _ctx: &mut BatchContext<'_, '_>,
     ) -> Result<Vec<Produced>, PluginError> {
         if self.mode == Mode::TextGeneration {
-            let Model::Gpt2(gpt) = &self.model else {
+            let Model::Decoder(gpt) = &self.model else {
                 return Err(PluginError::internal("generation without a decoder"));
             };
             let requests: Vec<GenerationRequest> = batch

@@ -1593,6 +1593,113 @@ impl Decoder {
     }
 }
 
+/// One sequence for [`Decoder::generate`].
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids (not empty).
+    pub prompt: Vec<i64>,
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: crate::sampling::SamplingParams,
+    /// Seed for sampling (random when absent).
+    pub seed: Option<u64>,
+    /// Stop after any of these (included in the output).
+    pub stop_ids: Vec<i64>,
+}
+
+impl Decoder {
+    /// Generate for several prompts together: each sequence gets a slot of one cache, its
+    /// prompt is prefilled into it, and then every unfinished sequence decodes one token per
+    /// forward pass until each reaches `max_new_tokens` or a stop id. Requests are taken in
+    /// groups whose cache (rows × longest sequence) stays within a budget.
+    pub fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Vec<i64>>, ModelError> {
+        for r in requests {
+            if r.prompt.is_empty() {
+                return Err(ModelError::Invalid("a prompt has no tokens".into()));
+            }
+            if r.prompt.len() + r.max_new_tokens > self.config.max_positions as usize {
+                return Err(ModelError::Invalid(format!(
+                    "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the model's context \
+                     of {} tokens",
+                    r.prompt.len(),
+                    r.max_new_tokens,
+                    self.config.max_positions
+                )));
+            }
+        }
+        const BUDGET: usize = 1 << 15;
+        let mut outputs = Vec::with_capacity(requests.len());
+        let mut start = 0;
+        while start < requests.len() {
+            let mut end = start + 1;
+            let mut longest = requests[start].prompt.len() + requests[start].max_new_tokens;
+            while end < requests.len() {
+                let len = longest.max(requests[end].prompt.len() + requests[end].max_new_tokens);
+                if len * (end + 1 - start) > BUDGET {
+                    break;
+                }
+                longest = len;
+                end += 1;
+            }
+            outputs.extend(self.generate_group(&requests[start..end], longest as i64)?);
+            start = end;
+        }
+        Ok(outputs)
+    }
+
+    fn generate_group(
+        &self,
+        requests: &[GenerationRequest],
+        capacity: i64,
+    ) -> Result<Vec<Vec<i64>>, ModelError> {
+        use crate::sampling::{sample, Rng};
+        let mut cache = self.new_cache(requests.len(), capacity);
+        let mut rngs: Vec<Rng> = requests
+            .iter()
+            .map(|r| r.seed.map(Rng::seeded).unwrap_or_else(Rng::from_entropy))
+            .collect();
+        let mut histories: Vec<Vec<i64>> = requests.iter().map(|r| r.prompt.clone()).collect();
+        let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); requests.len()];
+        // The rows to sample next, with their logits.
+        let mut ready: Vec<(usize, Vec<f32>)> = Vec::new();
+        for (slot, r) in requests.iter().enumerate() {
+            if r.max_new_tokens > 0 {
+                let logits = self.forward(&[slot], &[r.prompt.clone()], &mut cache, true)?;
+                let row = logits
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu)
+                    .view([-1]);
+                ready.push((slot, Vec::<f32>::try_from(&row)?));
+            }
+        }
+        while !ready.is_empty() {
+            let mut slots = Vec::new();
+            let mut tokens = Vec::new();
+            for (slot, mut logits) in ready.drain(..) {
+                let r = &requests[slot];
+                let token = sample(&mut logits, &r.sampling, &histories[slot], &mut rngs[slot]);
+                outputs[slot].push(token);
+                histories[slot].push(token);
+                if outputs[slot].len() < r.max_new_tokens && !r.stop_ids.contains(&token) {
+                    slots.push(slot);
+                    tokens.push(vec![token]);
+                }
+            }
+            if slots.is_empty() {
+                break;
+            }
+            let logits = self
+                .forward(&slots, &tokens, &mut cache, true)?
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu);
+            let rows = Vec::<Vec<f32>>::try_from(&logits.view([slots.len() as i64, -1]))?;
+            ready = slots.into_iter().zip(rows).collect();
+        }
+        Ok(outputs)
+    }
+}
+
 /// Llama's rotary tables, `[max_positions, head_dim]`: cos, and sin with rotate_half's sign.
 /// rotate_half(x) = cat(−x2, x1) = roll(x, d/2) · (−1 on the first half), so the sign goes
 /// into the sin table and RoPE is `x·cos + roll(x, d/2)·sin'`.

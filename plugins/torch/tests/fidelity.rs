@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use common::{expected, fixtures, floats, ids as ids_of, tensor_floats};
 
+use cresset_torch::decoder::{Decoder, GenerationRequest};
 use cresset_torch::encoder::{mean_pool_normalized, Encoder, EncoderHead};
-use cresset_torch::gpt2::{GenerationRequest, Gpt2};
 use cresset_torch::layers::HfConfig;
 use cresset_torch::sampling::SamplingParams;
 use cresset_torch::tch::{Device, Kind, Tensor};
@@ -248,7 +248,7 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
     let spec = &expected["gpt2"];
     let dir = fixtures("nlp").join(spec["dir"].as_str().expect("dir"));
     let config = HfConfig::read(&dir).expect("config");
-    let model = Gpt2::load(&dir, &config, Kind::Float, Device::Cpu).expect("gpt2 loads");
+    let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("gpt2 loads");
     let tokenizer = cresset_torch::load_tokenizer(&dir).expect("tokenizer");
     let prompt = spec["prompt"].as_str().expect("prompt");
     let ids: Vec<i64> = tokenizer
@@ -259,17 +259,10 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
         .map(|&x| i64::from(x))
         .collect();
     assert_eq!(ids, ids_of(&spec["prompt_ids"]));
-    let n = ids.len() as i64;
-    let mut cache = model.new_cache(1, n);
-    let logits = tch::no_grad(|| {
-        model.forward(
-            &Tensor::from_slice(&ids).view([1, n]),
-            &Tensor::arange(n, (Kind::Int64, Device::Cpu)).view([1, n]),
-            &Tensor::ones([1, n], (Kind::Bool, Device::Cpu)),
-            &mut cache,
-        )
-    })
-    .expect("forward");
+    let mut cache = model.new_cache(1, ids.len() as i64);
+    let logits = tch::no_grad(|| model.forward(&[0], &[ids.clone()], &mut cache, true))
+        .expect("forward")
+        .view([1, -1]);
     max_diff(
         "gpt2 last logits",
         &tensor_floats(&logits.get(0)),
@@ -286,7 +279,8 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
     };
     let ours = tch::no_grad(|| model.generate(std::slice::from_ref(&request))).expect("generate");
     assert_eq!(ours[0], greedy, "greedy continuation is token-identical");
-    // Batched with a shorter prompt beside it (left padding), the answer is the same.
+    // Batched with a shorter prompt beside it (each in its own cache slot), the answer is the
+    // same.
     let short = GenerationRequest {
         prompt: ids[..2].to_vec(),
         ..request.clone()
@@ -299,7 +293,7 @@ fn gpt2_logits_and_greedy_tokens_match_transformers() {
     );
     assert_eq!(
         both[0], alone[0],
-        "the left-padded prompt gives what it gives alone"
+        "the shorter prompt gives what it gives alone"
     );
     // Rows with different budgets share a batch; the shorter stops at its own limit.
     let mut brief = request.clone();

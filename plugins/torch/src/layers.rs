@@ -302,4 +302,3 @@ pub fn merge_heads(x: &Tensor) -> Tensor {
     let (b, heads, s, d) = (size[0], size[1], size[2], size[3]);
     x.transpose(1, 2).contiguous().view([b, s, heads * d])
 }
-

@@ -916,7 +916,7 @@ fn placeholder() -> Sequence {
 impl Handler for GptHandler {
     const NAME: &'static str = "gpt";
     const SUMMARY: &'static str =
-        "Llama-architecture text generation from safetensors or GGUF, streaming, continuous batching, OpenAI-compatible";
+        "Text generation (Llama from safetensors or GGUF, GPT-2, BLOOM), streaming, continuous batching, speculative decoding, tensor parallelism, OpenAI-compatible";
     const CAPABILITIES: Capabilities =
         Capabilities(Capabilities::STREAMING.0 | Capabilities::CONTINUOUS_BATCHING.0);
     type Input = ();

@@ -1412,9 +1412,10 @@ impl Decoder {
         };
         // Keys visible to each query: positions ≤ the query's own, within the row's sequence.
         let key_pos = Tensor::arange(end, (Kind::Int64, dev)).view([1, 1, end]);
-        let mask = key_pos.le_tensor(&pos.unsqueeze(-1)).unsqueeze(1); // [rows, 1, s, end]
-                                                                       // BLOOM: ALiBi adds slope × key position to the scores (per head; the rest of the
-                                                                       // relative distance is constant along a row, which softmax ignores).
+        // [rows, 1, s, end]
+        let mask = key_pos.le_tensor(&pos.unsqueeze(-1)).unsqueeze(1);
+        // BLOOM: ALiBi adds slope × key position to the scores (per head; the rest of the
+        // relative distance is constant along a row, which softmax ignores).
         let key_pos_f = key_pos.to_kind(Kind::Float).unsqueeze(0); // [1, 1, 1, end]
         let hidden_mask = mask.logical_not();
         let slot_index =

@@ -103,8 +103,9 @@ fn gpt_settings(ctx: &InitContext) -> Result<Value, PluginError> {
     }
     config.insert("dtype".into(), Value::from(dtype));
     settings::integer(&view, "max_length", 1, 1 << 22)?;
-    // The planner and the loader take the rest of Accelerate's keys as they are; with a
-    // device map, layer-by-layer loading is the default (as in transformers).
+    // The planner and the loader take the rest of Accelerate's keys as they are. Layer-by-layer
+    // loading is this handler's default (transformers turns it on whenever a device map is
+    // given, which is this handler's purpose).
     settings::boolean(&view, "low_cpu_mem_usage", true)?;
     settings::boolean(&view, "offload_state_dict", false)?;
     if !config.contains_key("low_cpu_mem_usage") {

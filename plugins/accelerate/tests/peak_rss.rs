@@ -9,10 +9,14 @@
 //!
 //! This file holds one test so that its process measures nothing else.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::{expected, generate};
+
 use cresset_plugin_accelerate::AccelerateHandler;
-use cresset_plugin_api::sdk::testing::{init_context, request, step_one};
+use cresset_plugin_api::sdk::testing::init_context;
 use cresset_plugin_api::sdk::Handler;
 use serde_json::{json, Value};
 
@@ -41,17 +45,9 @@ fn reset_peak() {
 }
 
 fn smollm2() -> PathBuf {
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../tests/fixtures/generated/llm/expected.json"),
-        )
-        .expect("run `make models`"),
-    )
-    .expect("JSON");
     PathBuf::from(std::env::var("CRESSET_CACHE").expect("CRESSET_CACHE is set by scripts/env.sh"))
         .join("assets/smollm2")
-        .join(expected["smollm2"]["file"].as_str().expect("file"))
+        .join(expected("llm")["smollm2"]["file"].as_str().expect("file"))
 }
 
 fn start(settings: Value) -> (AccelerateHandler, tempfile::TempDir) {
@@ -62,14 +58,6 @@ fn start(settings: Value) -> (AccelerateHandler, tempfile::TempDir) {
     ctx.model_config = json!({"batch_size": 1});
     let h = AccelerateHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     (h, root)
-}
-
-fn generate(h: &mut AccelerateHandler) -> String {
-    let body = json!({"data": "The capital of France is", "max_new_tokens": 16}).to_string();
-    let response = step_one(h, request("application/json", body), 10_000)
-        .unwrap_or_else(|e| panic!("{}", e.message));
-    let value: Value = serde_json::from_slice(&response.body).expect("JSON");
-    value["generated_text"].as_str().expect("text").to_owned()
 }
 
 #[test]
@@ -98,7 +86,7 @@ fn disk_offload_keeps_peak_memory_below_the_model_size() {
     let after_load = status_kib("VmRSS:") * 1024;
     let load_peak = peak();
     reset_peak();
-    let text = generate(&mut h);
+    let text = generate(&mut h, "The capital of France is", 16);
     let generation_peak = peak();
     let mib = |b: u64| b as f64 / MIB as f64;
     eprintln!(
@@ -138,7 +126,7 @@ fn disk_offload_keeps_peak_memory_below_the_model_size() {
     reset_peak();
     let (mut h, _root) = start(json!({"torch_dtype": "float32", "max_length": 256}));
     assert!(h.model().offloaded_layers().is_empty());
-    assert!(generate(&mut h).contains("Paris"));
+    assert!(generate(&mut h, "The capital of France is", 16).contains("Paris"));
     let in_memory_peak = peak();
     eprintln!("all in memory: peak {:.0} MiB", mib(in_memory_peak));
     assert!(

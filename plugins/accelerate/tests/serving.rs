@@ -3,26 +3,18 @@
 //! tokens with every layer in memory, half on disk and all on disk; a TorchServe-style archive
 //! (`model/` + `setup_config.json`) planned by `max_memory`; bad settings refused by name.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::{expected, generate, generated};
+
 use cresset_plugin_accelerate::AccelerateHandler;
-use cresset_plugin_api::sdk::testing::{init_context, request, step_one};
+use cresset_plugin_api::sdk::testing::init_context;
 use cresset_plugin_api::sdk::Handler;
 use cresset_torch::decoder::DecoderConfig;
 use cresset_torch::layers::HfConfig;
 use serde_json::{json, Value};
-
-fn generated(set: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/generated")
-        .join(set)
-}
-
-fn expected(set: &str) -> Value {
-    let text =
-        std::fs::read_to_string(generated(set).join("expected.json")).expect("run `make models`");
-    serde_json::from_str(&text).expect("JSON")
-}
 
 /// A family's fixture: (name, its folder, the prompt, transformers' greedy text).
 fn families() -> Vec<(&'static str, PathBuf, String, String, &'static str)> {
@@ -76,14 +68,6 @@ fn start(root: &Path, handler: Value) -> Result<AccelerateHandler, String> {
     AccelerateHandler::initialize(&ctx).map_err(|e| e.message.to_string())
 }
 
-fn generate(h: &mut AccelerateHandler, prompt: &str) -> String {
-    let body = json!({"data": prompt, "max_new_tokens": 32}).to_string();
-    let response = step_one(h, request("application/json", body), 10_000)
-        .unwrap_or_else(|e| panic!("{}", e.message));
-    let value: Value = serde_json::from_slice(&response.body).expect("JSON");
-    value["generated_text"].as_str().expect("text").to_owned()
-}
-
 #[test]
 fn every_family_gives_transformers_text_in_memory_half_on_disk_and_all_on_disk() {
     for (name, dir, prompt, want, layer_prefix) in families() {
@@ -110,7 +94,7 @@ fn every_family_gives_transformers_text_in_memory_half_on_disk_and_all_on_disk()
                 "{name}"
             );
             assert_eq!(
-                generate(&mut h, &prompt),
+                generate(&mut h, &prompt, 32),
                 want,
                 "{name} with {on_disk} of {layers} layers on disk"
             );
@@ -160,7 +144,7 @@ fn a_torchserve_style_bloom_archive_is_planned_by_max_memory() {
         "the second half is on disk"
     );
     assert!(root.path().join("offload").is_dir());
-    assert_eq!(generate(&mut h, &prompt), want);
+    assert_eq!(generate(&mut h, &prompt, 32), want);
     // `[handler]` wins over setup_config.json: the archive's version as `revision`, bf16.
     let mut h = start(
         root.path(),
@@ -168,7 +152,7 @@ fn a_torchserve_style_bloom_archive_is_planned_by_max_memory() {
     )
     .expect("bf16 starts");
     assert!(h.model().offloaded_layers().is_empty());
-    assert!(!generate(&mut h, &prompt).is_empty());
+    assert!(!generate(&mut h, &prompt, 32).is_empty());
 }
 
 #[test]
@@ -232,6 +216,6 @@ fn two_instances_of_a_model_offload_to_their_own_files() {
     }
     // The second instance's load did not disturb the first's mapped files.
     for h in &mut handlers {
-        assert_eq!(generate(h, &prompt), want);
+        assert_eq!(generate(h, &prompt, 32), want);
     }
 }

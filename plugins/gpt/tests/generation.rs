@@ -30,12 +30,16 @@ fn handler(config: Value, batch_size: u64) -> GptHandler {
     GptHandler::initialize(&context(config, batch_size)).unwrap_or_else(|e| panic!("{}", e.message))
 }
 
-fn greedy_text(ids: &[i64]) -> String {
-    let tokenizer =
-        cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-tied")).expect("tokenizer");
+/// Token ids as text, with the tokenizer of fixture `name`.
+fn decoded(name: &str, ids: &[i64]) -> String {
+    let tokenizer = cresset_torch::load_tokenizer(&fixtures().join(name)).expect("tokenizer");
     tokenizer
         .decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>(), true)
         .expect("decode")
+}
+
+fn greedy_text(ids: &[i64]) -> String {
+    decoded("llama-gqa-tied", ids)
 }
 
 fn ids(v: &Value) -> Vec<i64> {
@@ -373,17 +377,7 @@ fn tensor_parallel_serving_gives_the_same_text() {
             json!({"data": spec["prompt"], "max_new_tokens": 32}),
         )],
     );
-    let tokenizer =
-        cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-untied")).expect("tokenizer");
-    let want = tokenizer
-        .decode(
-            &ids(&spec["greedy_ids"])
-                .iter()
-                .map(|&i| i as u32)
-                .collect::<Vec<_>>(),
-            true,
-        )
-        .expect("decode");
+    let want = decoded("llama-gqa-untied", &ids(&spec["greedy_ids"]));
     assert_eq!(body(&out.finals[0])["generated_text"], want.as_str());
 }
 
@@ -399,17 +393,7 @@ fn a_device_map_with_disk_offload_serves_the_same_text() {
     let expected = expected();
     let spec = &expected["llama-gqa-untied"];
     let dir = copy_of("llama-gqa-untied");
-    let tokenizer =
-        cresset_torch::load_tokenizer(&fixtures().join("llama-gqa-untied")).expect("tokenizer");
-    let want = tokenizer
-        .decode(
-            &ids(&spec["greedy_ids"])
-                .iter()
-                .map(|&i| i as u32)
-                .collect::<Vec<_>>(),
-            true,
-        )
-        .expect("decode");
+    let want = decoded("llama-gqa-untied", &ids(&spec["greedy_ids"]));
     let config =
         json!({"max_memory": {"cpu": "450KiB"}, "offload_folder": "offload", "max_length": 64});
     let mut ctx = init_context(dir.path(), config);

@@ -310,6 +310,11 @@ impl DecoderConfig {
         })
     }
 
+    /// Whether the MLP is gated (Llama's SwiGLU: gate and up projections stacked).
+    pub fn gated_mlp(&self) -> bool {
+        self.family == Family::Llama
+    }
+
     /// Check the sizes are usable.
     pub fn validate(&self) -> Result<(), ModelError> {
         let sizes = [
@@ -655,10 +660,9 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Norm,
     lm_head: Tensor,
-    /// Llama: `[max_positions, head_dim]` cos and signed sin tables (see `build`), in the
-    /// model's dtype; empty for the other families.
-    cos: Tensor,
-    sin: Tensor,
+    /// Llama: `[max_positions, head_dim]` cos and signed sin tables (see [`rope_tables`]), in
+    /// the model's dtype; none for the other families.
+    rope: Option<(Tensor, Tensor)>,
     device: Device,
     kind: Kind,
 }
@@ -717,7 +721,7 @@ fn canonical(cfg: &DecoderConfig) -> Vec<(String, Vec<i64>)> {
     let (h, i) = (cfg.hidden, cfg.intermediate);
     let (q, kv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
     let layer_norm = cfg.family != Family::Llama;
-    let gated = if cfg.family == Family::Llama { 2 } else { 1 };
+    let gated = if cfg.gated_mlp() { 2 } else { 1 };
     let mut out = vec![("embed".to_owned(), vec![cfg.vocab_size, h])];
     let norm = |out: &mut Vec<(String, Vec<i64>)>, name: &str| {
         out.push((format!("{name}.weight"), vec![h]));
@@ -1180,12 +1184,8 @@ impl Decoder {
         } else {
             required(get("lm_head")?, "lm_head")?.to_device(head_device)
         };
-        let (cos, sin) = if cfg.family == Family::Llama {
-            rope_tables(&cfg, rope_freqs, kind, device)
-        } else {
-            let empty = || Tensor::zeros([0], (kind, device));
-            (empty(), empty())
-        };
+        let rope =
+            (cfg.family == Family::Llama).then(|| rope_tables(&cfg, rope_freqs, kind, device));
         Ok(Self {
             config: cfg,
             embed,
@@ -1194,8 +1194,7 @@ impl Decoder {
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            rope,
             device,
             kind,
         })
@@ -1224,7 +1223,7 @@ impl Decoder {
             ));
         }
         let hd = self.config.head_dim;
-        let gated = self.config.family == Family::Llama;
+        let gated = self.config.gated_mlp();
         for layer in &mut self.layers {
             let whole = match layer.parts.as_slice() {
                 [one] => one,
@@ -1401,15 +1400,11 @@ impl Decoder {
         // Absolute positions of the new tokens, per row: [rows, s].
         let pos: Vec<i64> = starts.iter().flat_map(|&p| p..p + s).collect();
         let pos = Tensor::from_slice(&pos).view([rows, s]).to_device(dev);
-        let (cos, sin) = if self.config.family == Family::Llama {
+        // Llama: the rotary tables at these positions, `[rows, 1, s, head_dim]`.
+        let rotary = self.rope.as_ref().map(|(cos, sin)| {
             let table = |t: &Tensor| t.index_select(0, &pos.view([-1])).view([rows, 1, s, hd]);
-            (table(&self.cos), table(&self.sin))
-        } else {
-            (
-                Tensor::zeros([0], (self.kind, dev)),
-                Tensor::zeros([0], (self.kind, dev)),
-            )
-        };
+            (table(cos), table(sin))
+        });
         // Keys visible to each query: positions ≤ the query's own, within the row's sequence.
         let key_pos = Tensor::arange(end, (Kind::Int64, dev)).view([1, 1, end]);
         // [rows, 1, s, end]
@@ -1432,8 +1427,7 @@ impl Decoder {
             x = self.apply_norm(&x, n);
         }
         let mut x = x.to_device(dev);
-        let rope = self.config.family == Family::Llama;
-        let gated = rope;
+        let gated = self.config.gated_mlp();
         // Disk-offloaded parts: their files, read one layer ahead on a helper thread.
         type Mapping = std::thread::JoinHandle<std::io::Result<Arc<memmap2::Mmap>>>;
         let read_ahead = |l: usize| -> Vec<Option<Mapping>> {
@@ -1498,10 +1492,11 @@ impl Decoder {
                     .narrow(-1, 0, (h + kvh) * hd)
                     .view([rows, s, h + kvh, hd])
                     .transpose(1, 2);
-                let qk = if rope {
-                    &qk * cos.to_device(pd) + qk.roll([hd / 2], [-1]) * sin.to_device(pd)
-                } else {
-                    qk
+                let qk = match &rotary {
+                    Some((cos, sin)) => {
+                        &qk * cos.to_device(pd) + qk.roll([hd / 2], [-1]) * sin.to_device(pd)
+                    }
+                    None => qk,
                 };
                 let q = qk.narrow(1, 0, h);
                 let k = qk.narrow(1, h, kvh);

@@ -34,16 +34,52 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
-/// A process's peak resident memory (`VmHWM`) in MiB.
-pub fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
+/// A field of `/proc/<process>/status` given in kB (`VmHWM:`, `VmRSS:`), in MiB; `process` is
+/// a pid or `self`.
+pub fn proc_status_mib(process: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
+        .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// A process's peak resident memory (`VmHWM`) in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    proc_status_mib(&pid.to_string(), "VmHWM:")
+}
+
+/// Every core: the server gives its one instance all of them (intra-op threads = cores /
+/// instances), and the baselines get as many.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// `rel` under the asset cache (`$CRESSET_CACHE`, set by `make bench`).
+pub fn cached(rel: &str) -> PathBuf {
+    PathBuf::from(
+        std::env::var("CRESSET_CACHE").expect("CRESSET_CACHE is set (run through `make bench`)"),
+    )
+    .join(rel)
+}
+
+/// The SmolLM2-135M-Instruct GGUF of the default store (fetched by `make models`).
+pub fn smollm2_gguf() -> PathBuf {
+    let gguf = cached("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.is_file(), "run `make models` first");
+    gguf
+}
+
+/// The Python of the test venv (transformers and the other baselines).
+pub fn venv_python() -> PathBuf {
+    std::env::var("CRESSET_VENV")
+        .map(|v| PathBuf::from(v).join("bin/python"))
+        .unwrap_or_else(|_| "python3".into())
 }
 
 /// The machine and versions, for the report.

@@ -8,11 +8,11 @@
 //! Results go to the `llm` section of `BENCHMARKS.md`.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cresset_bench::{agent, cli, machine, write_section};
+use cresset_bench::{agent, cli, machine, smollm2_gguf, threads, venv_python, write_section};
 use cresset_e2e::{dir_archive, repo_root, Server};
 use serde_json::{json, Value};
 
@@ -20,12 +20,6 @@ use serde_json::{json, Value};
 /// same number of tokens.
 const PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
 const NEW_TOKENS: u32 = 64;
-
-fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
 
 /// One streamed completion: (time to first token, decode tokens/s, tokens).
 fn stream(url: &str) -> (Duration, f64, u64) {
@@ -125,12 +119,8 @@ fn python_json(python: &Path, script: &str, args: &[String]) -> Option<Value> {
 fn main() {
     let (quick, out) = cli();
     let runs = if quick { 1 } else { 3 };
-    let cache = PathBuf::from(std::env::var("CRESSET_CACHE").expect("run through `make bench`"));
-    let gguf = cache.join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.is_file(), "run `make models` first");
-    let python = std::env::var("CRESSET_VENV")
-        .map(|v| PathBuf::from(v).join("bin/python"))
-        .unwrap_or_else(|_| "python3".into());
+    let gguf = smollm2_gguf();
+    let python = venv_python();
     let args = vec![
         gguf.display().to_string(),
         threads().to_string(),

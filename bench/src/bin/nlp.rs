@@ -9,13 +9,15 @@
 //! The baseline (`bench/transformers_baseline.py`) runs first, alone, then the server. Results
 //! go to the `nlp` section of `BENCHMARKS.md`. Run it with `make bench`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cresset_bench::{agent, cli, machine, peak_rss_mib, write_section};
+use cresset_bench::{
+    agent, cached, cli, machine, peak_rss_mib, threads, venv_python, write_section,
+};
 use cresset_e2e::{dir_archive, repo_root, Server};
 use serde_json::{json, Value};
 
@@ -29,13 +31,6 @@ const SENTENCES: [&str; 8] = [
     "A man is riding a white horse on an enclosed ground.",
     "A monkey is playing drums.",
 ];
-
-fn threads() -> usize {
-    // The server gives its one instance every core (intra-op threads = cores / instances).
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
 
 fn rate(seconds: f64, mut call: impl FnMut() -> usize) -> f64 {
     for _ in 0..3 {
@@ -134,19 +129,14 @@ fn measure(minilm: &Path, seconds: f64) -> (f64, f64, f64, f64) {
 fn main() {
     let (quick, out) = cli();
     let seconds = if quick { 2.0 } else { 10.0 };
-    let minilm = std::env::var("CRESSET_CACHE")
-        .map(|c| PathBuf::from(c).join("assets/all-minilm-l6-v2"))
-        .expect("CRESSET_CACHE is set (run through `make bench`)");
+    let minilm = cached("assets/all-minilm-l6-v2");
     assert!(
         minilm.join("model.safetensors").is_file(),
         "run `make models` first"
     );
 
     eprintln!("bench-nlp: transformers baseline");
-    let python = std::env::var("CRESSET_VENV")
-        .map(|v| PathBuf::from(v).join("bin/python"))
-        .unwrap_or_else(|_| "python3".into());
-    let baseline = Command::new(python)
+    let baseline = Command::new(venv_python())
         .arg(repo_root().join("bench/transformers_baseline.py"))
         .arg(&minilm)
         .arg(threads().to_string())

@@ -12,11 +12,13 @@
 //!
 //! Results go to the `offload` section of `BENCHMARKS.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use cresset_bench::{cli, machine, write_section};
+use cresset_bench::{
+    cached, cli, machine, proc_status_mib, smollm2_gguf, threads, venv_python, write_section,
+};
 use cresset_e2e::repo_root;
 use cresset_plugin_accelerate::AccelerateHandler;
 use cresset_plugin_api::sdk::testing::{init_context, request, step_one};
@@ -26,21 +28,8 @@ use serde_json::{json, Value};
 const PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
 const PLACEMENTS: [&str; 3] = ["memory", "half_disk", "disk"];
 
-fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
 fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    proc_status_mib("self", field)
 }
 
 /// The accelerate settings of a placement: every layer on the CPU, the second half on disk,
@@ -153,13 +142,9 @@ fn main() {
     }
     let (quick, out) = cli();
     let new_tokens: usize = if quick { 16 } else { 64 };
-    let cache = PathBuf::from(std::env::var("CRESSET_CACHE").expect("run through `make bench`"));
-    let gguf = cache.join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.is_file(), "run `make models` first");
-    let python = std::env::var("CRESSET_VENV")
-        .map(|v| PathBuf::from(v).join("bin/python"))
-        .unwrap_or_else(|_| "python3".into());
-    let checkpoint = cache.join("bench/smollm2-f32");
+    let gguf = smollm2_gguf();
+    let python = venv_python();
+    let checkpoint = cached("bench/smollm2-f32");
     if !checkpoint.join("model.safetensors").is_file() {
         eprintln!("bench-offload: writing the f32 safetensors checkpoint");
         python_json(

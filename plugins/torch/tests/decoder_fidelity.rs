@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{expected, fixtures, floats, ids, max_abs_diff, prompt_logits, tensor_floats};
+use common::{expected, fixtures, floats, ids, max_abs_diff, prompt_logits, tensor_floats, Case};
 
 use cresset_torch::decoder::{Decoder, LayerTarget, LoadOptions};
 use cresset_torch::gguf::{unpermute_qk, Gguf};
@@ -235,13 +235,10 @@ fn real_smollm2_gguf_matches_transformers_and_knows_paris() {
 
 #[test]
 fn llama_runs_in_bf16_and_f16_close_to_f32() {
-    let expected = expected("llm");
-    let spec = &expected["llama-gqa-untied"];
-    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-    let config = HfConfig::read(&dir).expect("config");
-    let prompt = ids(&spec["prompt_ids"]);
+    let case = Case::new("llm", "llama-gqa-untied");
+    let prompt = &case.prompt;
     let logits = |kind| {
-        let model = Decoder::load(&dir, &config, kind, Device::Cpu).expect("load");
+        let model = Decoder::load(&case.dir, &case.config, kind, Device::Cpu).expect("load");
         let mut cache = model.new_cache(1, 64);
         let out = tch::no_grad(|| model.forward(&[0], &[prompt.clone()], &mut cache, true))
             .expect("forward");
@@ -366,13 +363,10 @@ fn bloom_and_gpt2_shard_offload_and_load_layer_by_layer_to_the_same_output() {
 
 #[test]
 fn layer_by_layer_loading_places_and_offloads_as_it_reads() {
-    let expected = expected("llm");
-    let spec = &expected["llama-gqa-untied"];
-    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-    let config = HfConfig::read(&dir).expect("config");
-    let prompt = ids(&spec["prompt_ids"]);
-    let whole = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
-    let reference = prompt_logits(&whole, &prompt);
+    let case = Case::new("llm", "llama-gqa-untied");
+    let (dir, config, prompt) = (&case.dir, &case.config, &case.prompt);
+    let whole = case.load(Device::Cpu);
+    let reference = prompt_logits(&whole, prompt);
     let layers = whole.config.layers as usize;
     let full = whole.resident_bytes();
     for low_cpu_mem_usage in [false, true] {
@@ -418,17 +412,13 @@ fn layer_by_layer_loading_places_and_offloads_as_it_reads() {
 
 #[test]
 fn tensor_parallel_shards_give_the_unsharded_output() {
-    let expected = expected("llm");
     for name in ["llama-gqa-tied", "llama-gqa-untied"] {
-        let spec = &expected[name];
-        let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-        let config = HfConfig::read(&dir).expect("config");
-        let whole = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load");
-        let prompt = ids(&spec["prompt_ids"]);
-        let reference = prompt_logits(&whole, &prompt);
+        let case = Case::new("llm", name);
+        let (spec, prompt) = (&case.spec, &case.prompt);
+        let reference = prompt_logits(&case.load(Device::Cpu), prompt);
         for shards in [2, 3] {
-            let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu)
-                .expect("load")
+            let model = case
+                .load(Device::Cpu)
                 .shard(&vec![Device::Cpu; shards])
                 .expect("shard");
             assert_eq!(model.shards(), shards);
@@ -456,16 +446,10 @@ fn tensor_parallel_shards_give_the_unsharded_output() {
 
 #[test]
 fn disk_offloaded_layers_give_the_in_memory_output() {
-    let expected = expected("llm");
-    let spec = &expected["llama-gqa-untied"];
-    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-    let config = HfConfig::read(&dir).expect("config");
-    let prompt = ids(&spec["prompt_ids"]);
-    let layers = config.usize("num_hidden_layers").expect("layers") as usize;
-    let reference = prompt_logits(
-        &Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("load"),
-        &prompt,
-    );
+    let case = Case::new("llm", "llama-gqa-untied");
+    let (spec, prompt) = (&case.spec, &case.prompt);
+    let layers = case.config.usize("num_hidden_layers").expect("layers") as usize;
+    let reference = prompt_logits(&case.load(Device::Cpu), prompt);
     let half: Vec<usize> = (layers / 2..layers).collect();
     let all: Vec<usize> = (0..layers).collect();
     for (what, offloaded) in [
@@ -474,8 +458,8 @@ fn disk_offloaded_layers_give_the_in_memory_output() {
         ("all on disk", all),
     ] {
         let folder = tempfile::tempdir().expect("offload folder");
-        let model = Decoder::load(&dir, &config, Kind::Float, Device::Cpu)
-            .expect("load")
+        let model = case
+            .load(Device::Cpu)
             .offload_layers(&offloaded, folder.path())
             .expect("offload");
         assert_eq!(model.offloaded_layers(), offloaded, "{what}");

@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::{expected, fixtures, ids, max_abs_diff, prompt_logits};
+use common::{max_abs_diff, prompt_logits, Case};
 use cresset_torch::decoder::{Decoder, LayerTarget, LoadOptions};
-use cresset_torch::layers::HfConfig;
 use cresset_torch::tch::{self, Device, Kind};
 
 #[test]
@@ -17,20 +16,14 @@ fn llama_on_cuda_matches_the_cpu_and_tp_shards_on_cuda_match_too() {
         tch::Cuda::is_available(),
         "the gpu feature needs a CUDA device"
     );
-    let expected = expected("llm");
-    let spec = &expected["llama-gqa-untied"];
-    let dir = fixtures("llm").join(spec["dir"].as_str().expect("dir"));
-    let config = HfConfig::read(&dir).expect("config");
-    let prompt = ids(&spec["prompt_ids"]);
-    let cpu = prompt_logits(
-        &Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu"),
-        &prompt,
-    );
-    let gpu = Decoder::load(&dir, &config, Kind::Float, Device::Cuda(0)).expect("cuda");
-    let diff = max_abs_diff(&prompt_logits(&gpu, &prompt), &cpu);
+    let case = Case::new("llm", "llama-gqa-untied");
+    let prompt = &case.prompt;
+    let cpu = prompt_logits(&case.load(Device::Cpu), prompt);
+    let gpu = case.load(Device::Cuda(0));
+    let diff = max_abs_diff(&prompt_logits(&gpu, prompt), &cpu);
     assert!(diff <= 1e-3, "cuda vs cpu: {diff:e}");
-    let sharded = Decoder::load(&dir, &config, Kind::Float, Device::Cuda(0))
-        .expect("cuda")
+    let sharded = case
+        .load(Device::Cuda(0))
         .shard(&[Device::Cuda(0), Device::Cuda(0)])
         .expect("shard");
     let diff = max_abs_diff(&prompt_logits(&sharded, &prompt), &cpu);
@@ -43,18 +36,15 @@ fn device_maps_split_between_cuda_cpu_and_disk_match_the_cpu() {
         tch::Cuda::is_available(),
         "the gpu feature needs a CUDA device"
     );
-    let llm = expected("llm");
-    let nlp = expected("nlp");
-    for (set, spec) in [
-        ("llm", &llm["llama-gqa-untied"]),
-        ("llm", &llm["bloom-tiny"]),
-        ("nlp", &nlp["gpt2"]),
+    for (set, name) in [
+        ("llm", "llama-gqa-untied"),
+        ("llm", "bloom-tiny"),
+        ("nlp", "gpt2"),
     ] {
-        let dir = fixtures(set).join(spec["dir"].as_str().expect("dir"));
-        let config = HfConfig::read(&dir).expect("config");
-        let prompt = ids(&spec["prompt_ids"]);
-        let whole = Decoder::load(&dir, &config, Kind::Float, Device::Cpu).expect("cpu");
-        let cpu = prompt_logits(&whole, &prompt);
+        let case = Case::new(set, name);
+        let (dir, config, prompt) = (&case.dir, &case.config, &case.prompt);
+        let whole = case.load(Device::Cpu);
+        let cpu = prompt_logits(&whole, prompt);
         let layers = whole.config.layers as usize;
         // First layers on cuda:0 (with the embeddings), then the CPU, the last one on disk.
         let folder = tempfile::tempdir().expect("offload folder");
@@ -72,6 +62,6 @@ fn device_maps_split_between_cuda_cpu_and_disk_match_the_cpu() {
         let split = Decoder::load_with(&dir, &config, &opts).expect("split");
         assert_eq!(split.layer_devices()[0], Device::Cuda(0));
         let diff = max_abs_diff(&prompt_logits(&split, &prompt), &cpu);
-        assert!(diff <= 1e-3, "{}: split map vs cpu: {diff:e}", spec["dir"]);
+        assert!(diff <= 1e-3, "{name}: split map vs cpu: {diff:e}");
     }
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use cresset_torch::decoder::Decoder;
+use cresset_torch::layers::HfConfig;
 use cresset_torch::tch::{self, Device, Kind, Tensor};
 use serde_json::Value;
 
@@ -61,4 +62,38 @@ pub fn prompt_logits(model: &Decoder, prompt: &[i64]) -> Vec<f64> {
     let out = tch::no_grad(|| model.forward(&[0], &[prompt.to_vec()], &mut cache, false))
         .expect("forward");
     tensor_floats(&out.to_device(Device::Cpu))
+}
+
+/// A generated checkpoint (`set` is `llm` or `nlp`, `name` its key in `expected.json`) with
+/// what transformers gave for it.
+pub struct Case {
+    /// Its entry in `expected.json`.
+    pub spec: Value,
+    /// The checkpoint folder.
+    pub dir: PathBuf,
+    /// Its `config.json`.
+    pub config: HfConfig,
+    /// The prompt's token ids.
+    pub prompt: Vec<i64>,
+}
+
+impl Case {
+    /// Read the case.
+    pub fn new(set: &str, name: &str) -> Self {
+        let spec = expected(set)[name].clone();
+        let dir = fixtures(set).join(spec["dir"].as_str().expect("dir"));
+        let config = HfConfig::read(&dir).expect("config");
+        let prompt = ids(&spec["prompt_ids"]);
+        Self {
+            spec,
+            dir,
+            config,
+            prompt,
+        }
+    }
+
+    /// The model in f32 on `device`, everything there.
+    pub fn load(&self, device: Device) -> Decoder {
+        Decoder::load(&self.dir, &self.config, Kind::Float, device).expect("load")
+    }
 }

@@ -2,6 +2,7 @@
 //! per-request options, with errors that name the field.
 
 use cresset_plugin_api::{PluginError, Request};
+use cresset_torch::json_type;
 use serde_json::{Map, Value};
 
 /// The most texts one request may carry.
@@ -34,24 +35,13 @@ fn invalid(message: impl Into<String>) -> PluginError {
     PluginError::invalid_input(message)
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn text(field: &str, v: &Value) -> Result<String, PluginError> {
     match v {
         Value::String(s) if s.trim().is_empty() => Err(invalid(format!("`{field}` is empty"))),
         Value::String(s) => Ok(s.clone()),
         other => Err(invalid(format!(
             "`{field}` must be a string, not {}",
-            type_name(other)
+            json_type(other)
         ))),
     }
 }
@@ -83,7 +73,7 @@ fn pair(field: &str, v: &Value) -> Result<(String, String), PluginError> {
     let Value::Object(map) = v else {
         return Err(invalid(format!(
             "`{field}` must be an object with `question` and `context`, not {}",
-            type_name(v)
+            json_type(v)
         )));
     };
     let question = map

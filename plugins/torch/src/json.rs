@@ -25,7 +25,7 @@ pub fn tensor_from_nested(field: &str, value: &Value) -> Result<Tensor, TorchErr
     if shape.is_empty() {
         return Err(invalid(format!(
             "`{field}` must be a (nested) list of numbers. Given: {}",
-            kind_of(value)
+            json_type(value)
         )));
     }
     // No reservation from the claimed shape: it is read from first elements only, and a small
@@ -35,7 +35,8 @@ pub fn tensor_from_nested(field: &str, value: &Value) -> Result<Tensor, TorchErr
     Ok(Tensor::from_slice(&flat).reshape(&shape))
 }
 
-fn kind_of(value: &Value) -> &'static str {
+/// What a JSON value is, for error messages ("a string", "a list", ...).
+pub fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -71,7 +72,7 @@ fn flatten(
         }
         (other, _) => Err(invalid(format!(
             "`{field}` must be a rectangular nested list of numbers; found {} at depth {depth}",
-            kind_of(other)
+            json_type(other)
         ))),
     }
 }
@@ -142,7 +143,7 @@ pub fn tensor_from_v2(input: &V2Input, position: usize) -> Result<Tensor, TorchE
             invalid(format!(
                 "`{field}.data` must hold numbers for datatype {}; found {}",
                 input.datatype,
-                kind_of(v)
+                json_type(v)
             ))
         })
     };

@@ -57,7 +57,8 @@ mod inference_mode {
 pub use inference_mode::InferenceMode;
 
 pub use json::{
-    tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, V2Input, V2Output,
+    json_type, tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, V2Input,
+    V2Output,
 };
 
 use std::sync::OnceLock;

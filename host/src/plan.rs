@@ -55,11 +55,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|a| a.dir.clone())
         .unwrap_or_else(|| args.path.clone());
-    let model_dir = match handler.get("model_path").and_then(Value::as_str) {
-        Some(rel) => cresset_plugin_api::sdk::settings::path_inside(&root, "model_path", rel)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?,
-        None => root,
-    };
+    use cresset_plugin_api::sdk::settings;
+    let plugin_err = |e: cresset_plugin_api::PluginError| anyhow::anyhow!("{}", e.message);
+    let model_dir = settings::folder_inside(&root, &handler, "model_path").map_err(plugin_err)?;
     let dtype = match &args.dtype {
         Some(d) => d.clone(),
         None => handler
@@ -92,27 +90,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     };
     let budgets = Budgets::from_max_memory(&max_memory, u64::MAX / 4, offload)?;
     // A GGUF file (named by `model_file`, or the only one) or a safetensors checkpoint.
-    let gguf = match handler.get("model_file").and_then(Value::as_str) {
-        Some(file) => Some(
-            cresset_plugin_api::sdk::settings::path_inside(&model_dir, "model_file", file)
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?,
-        ),
-        None => {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(&model_dir)
-                .with_context(|| format!("cannot list {}", model_dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-                .collect();
-            if found.len() > 1 {
-                anyhow::bail!(
-                    "{} has {} .gguf files; name one in `handler.model_file`",
-                    model_dir.display(),
-                    found.len()
-                );
-            }
-            found.pop()
-        }
-    };
+    let model_file = settings::string(&handler, "model_file").map_err(plugin_err)?;
+    let gguf = settings::named_or_only_file(&model_dir, "model_file", model_file, "gguf")
+        .map_err(plugin_err)?;
     let (modules, config) = match &gguf {
         Some(path) => cresset_plan::modules_from_gguf(path, bytes)?,
         None => {

@@ -387,6 +387,37 @@ pub mod settings {
         }
     }
 
+    /// The folder the setting `key` names inside `dir` (a path as [`path_inside`] takes it),
+    /// or `dir` itself when it is not set: a checkpoint folder such as `model_path`.
+    pub fn folder_inside(dir: &Path, config: &Value, key: &str) -> Result<PathBuf, PluginError> {
+        path_inside(dir, key, string(config, key)?.unwrap_or("."))
+    }
+
+    /// The file `name` inside `dir` when given (the value of the setting `key`), else the only
+    /// file in `dir` ending in `.{ext}`, or none. Several such files are an error asking for
+    /// `key`.
+    pub fn named_or_only_file(
+        dir: &Path,
+        key: &str,
+        name: Option<&str>,
+        ext: &str,
+    ) -> Result<Option<PathBuf>, PluginError> {
+        if let Some(name) = name {
+            return path_inside(dir, key, name).map(Some);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| PluginError::internal(format!("cannot list {}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .collect();
+        match found.len() {
+            0 | 1 => Ok(found.pop()),
+            n => Err(PluginError::invalid_input(format!(
+                "the archive has {n} .{ext} files; name one in `handler.{key}`"
+            ))),
+        }
+    }
+
     /// `rel` under `dir`, refusing absolute paths and `..` (a path must stay inside the
     /// archive).
     pub fn path_inside(dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginError> {

@@ -27,7 +27,7 @@
 mod api;
 mod text;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, Host, InitContext, StepContext};
@@ -74,26 +74,7 @@ pub fn load(
     model_file: Option<&str>,
     place: &Placer<'_>,
 ) -> Result<Loaded, PluginError> {
-    let gguf_path = match model_file {
-        Some(f) => Some(settings::path_inside(dir, "model_file", f)?),
-        None => {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| PluginError::internal(format!("cannot list {}: {e}", dir.display())))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-                .collect();
-            found.sort();
-            match found.len() {
-                0 => None,
-                1 => found.pop(),
-                n => {
-                    return Err(PluginError::invalid_input(format!(
-                        "the archive has {n} .gguf files; name one in `handler.model_file`"
-                    )))
-                }
-            }
-        }
-    };
+    let gguf_path = settings::named_or_only_file(dir, "model_file", model_file, "gguf")?;
     let tokenizer_json = dir.join("tokenizer.json");
     let tokenizer_config: Option<Value> =
         std::fs::read_to_string(dir.join("tokenizer_config.json"))
@@ -924,11 +905,7 @@ impl Handler for GptHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
-        let dir = settings::path_inside(
-            &ctx.model_dir,
-            "model_path",
-            settings::string(config, "model_path")?.unwrap_or("."),
-        )?;
+        let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
         let kind = parse_dtype(settings::string(config, "dtype")?.unwrap_or("float32"))
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);

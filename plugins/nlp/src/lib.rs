@@ -634,11 +634,7 @@ impl Handler for NlpHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
-        let dir = settings::path_inside(
-            &ctx.model_dir,
-            "model_path",
-            settings::string(config, "model_path")?.unwrap_or("."),
-        )?;
+        let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
         let hf = HfConfig::read(&dir).map_err(PluginError::from)?;
         let mode = match settings::string(config, "mode")? {
             Some(name) => Mode::parse(name)?,

@@ -1,0 +1,130 @@
+//! The handler's settings (`[handler]` in `model-config.toml`, and the model config's
+//! `batch_size` and `parallel_type`), read once into [`Settings`] before anything is loaded.
+//! `max_seq_len` alone waits for the checkpoint: its bound is the model's context.
+
+use std::path::{Path, PathBuf};
+
+use cresset_plugin_api::sdk::{settings, InitContext};
+use cresset_plugin_api::PluginError;
+use cresset_torch::layers::parse_dtype;
+use cresset_torch::tch::{Device, Kind};
+use serde_json::Value;
+
+/// What `[handler]` asks for.
+pub(crate) struct Settings {
+    /// The checkpoint folder (`model_path`).
+    pub dir: PathBuf,
+    /// The `.gguf` to load (`model_file`), when named.
+    pub model_file: Option<String>,
+    /// The weights' dtype (`dtype`).
+    pub kind: Kind,
+    /// The instance's device.
+    pub device: Device,
+    /// One shard per device (`parallel_type = "tp"`: the assigned GPUs, or `tp_shards` on the
+    /// CPU).
+    pub shards: Option<Vec<Device>>,
+    /// A chat template that overrides the checkpoint's (`chat_template`).
+    pub chat_template: Option<String>,
+    /// A draft model for speculative decoding (`draft_model`, `speculate_k`).
+    pub draft: Option<DraftSettings>,
+    /// The default most new tokens (`max_new_tokens`).
+    pub max_new_tokens: usize,
+    /// Prompt tokens prefilled per step, across sequences (`prefill_tokens_per_step`).
+    pub prefill_budget: usize,
+    /// KV-cache slots: the model config's `batch_size`.
+    pub slots: usize,
+    /// The key that sets the positions per slot: `max_seq_len`, or Accelerate's `max_length`
+    /// when only that is given.
+    length_key: &'static str,
+}
+
+/// Where the draft model is and how far it speculates.
+pub(crate) struct DraftSettings {
+    /// Its checkpoint folder.
+    pub dir: PathBuf,
+    /// Its `.gguf`, when `draft_model` names a file.
+    pub file: Option<String>,
+    /// Tokens drafted per step (`speculate_k`).
+    pub k: usize,
+}
+
+impl Settings {
+    /// Read and check every setting that does not depend on the checkpoint.
+    pub fn read(ctx: &InitContext) -> Result<Self, PluginError> {
+        let config = &ctx.handler_config;
+        let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
+        let kind = parse_dtype(settings::string(config, "dtype")?.unwrap_or("float32"))
+            .map_err(PluginError::from)?;
+        let device = cresset_torch::instance_device(ctx);
+        let tensor_parallel = ctx
+            .model_config
+            .get("parallel_type")
+            .and_then(Value::as_str)
+            == Some("tp");
+        let shards = if tensor_parallel {
+            Some(match device {
+                Device::Cuda(_) => ctx
+                    .assignment
+                    .device_ids
+                    .iter()
+                    .filter_map(|&id| usize::try_from(id).ok().map(Device::Cuda))
+                    .collect(),
+                _ => vec![Device::Cpu; settings::integer(config, "tp_shards", 2, 64)?],
+            })
+        } else {
+            None
+        };
+        let draft = match settings::string(config, "draft_model")? {
+            None => None,
+            Some(rel) => {
+                let path = settings::path_inside(&ctx.model_dir, "draft_model", rel)?;
+                let (dir, file) = if path.is_file() {
+                    let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+                    (
+                        path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                        name,
+                    )
+                } else {
+                    (path, None)
+                };
+                let k = settings::integer(config, "speculate_k", 4, 16)?;
+                Some(DraftSettings { dir, file, k })
+            }
+        };
+        // Accelerate's `max_length` (prompt and generated tokens) is this handler's
+        // `max_seq_len`; an explicit `max_seq_len` wins.
+        let length_key = match (config.get("max_seq_len"), config.get("max_length")) {
+            (None, Some(_)) => "max_length",
+            _ => "max_seq_len",
+        };
+        Ok(Self {
+            dir,
+            model_file: settings::string(config, "model_file")?.map(str::to_owned),
+            kind,
+            device,
+            shards,
+            chat_template: settings::string(config, "chat_template")?.map(str::to_owned),
+            draft,
+            max_new_tokens: settings::integer(config, "max_new_tokens", 256, 1 << 20)?,
+            prefill_budget: settings::integer(config, "prefill_tokens_per_step", 512, 1 << 20)?,
+            slots: ctx
+                .model_config
+                .get("batch_size")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 256) as usize,
+            length_key,
+        })
+    }
+
+    /// Positions per KV-cache slot, prompt and generated tokens together: at most `context`
+    /// (what the model and its draft can hold), min(`context`, 2048) by default.
+    pub fn max_seq_len(&self, ctx: &InitContext, context: usize) -> Result<usize, PluginError> {
+        settings::integer(
+            &ctx.handler_config,
+            self.length_key,
+            context.min(2048),
+            context,
+        )
+    }
+}

@@ -1,0 +1,164 @@
+//! [`GptHandler`]: the SDK's [`Handler`] over the engine. `initialize` reads the settings,
+//! loads the model (and its draft) and sizes the KV cache; `step` admits the requests the host
+//! hands over and runs one scheduling step.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext, StepContext};
+use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+use cresset_torch::decoder::{Decoder, DecoderConfig, LoadOptions};
+use cresset_torch::InferenceMode;
+
+use crate::config::Settings;
+use crate::device_map::load_options;
+use crate::engine::{Draft, Engine, Identity};
+use crate::load::{load, Loaded};
+use crate::prompt::{ChatTemplate, Limits, PromptEncoder};
+
+/// The GPT handler.
+pub struct GptHandler {
+    prompts: Arc<PromptEncoder>,
+    engine: Engine,
+}
+
+impl GptHandler {
+    /// The model.
+    pub fn model(&self) -> &Decoder {
+        self.engine.model()
+    }
+
+    /// The draft's acceptance so far: (accepted, drafted), if a draft model is configured.
+    pub fn speculation(&self) -> Option<(u64, u64)> {
+        self.engine.speculation()
+    }
+
+    /// Sequences waiting or running (for tests).
+    pub fn in_flight(&self) -> usize {
+        self.engine.in_flight()
+    }
+}
+
+impl Handler for GptHandler {
+    const NAME: &'static str = "gpt";
+    const SUMMARY: &'static str =
+        "Text generation (Llama from safetensors or GGUF, GPT-2, BLOOM), streaming, continuous batching, speculative decoding, tensor parallelism, OpenAI-compatible";
+    const CAPABILITIES: Capabilities =
+        Capabilities(Capabilities::STREAMING.0 | Capabilities::CONTINUOUS_BATCHING.0);
+    type Input = ();
+    type Output = ();
+
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        let settings = Settings::read(ctx)?;
+        let (kind, device) = (settings.kind, settings.device);
+        let place = |cfg: &DecoderConfig| load_options(ctx, cfg, kind, device);
+        let mut loaded = load(&settings.dir, settings.model_file.as_deref(), &place)?;
+        if let Some(devices) = &settings.shards {
+            loaded.model = loaded.model.shard(devices)?;
+            tracing::info!(model = %ctx.model_name, shards = devices.len(), "tensor parallel");
+        }
+        if let Some(t) = &settings.chat_template {
+            loaded.chat_template = Some(t.clone());
+        }
+        let draft_loaded = match &settings.draft {
+            None => None,
+            Some(d) => {
+                let everything_here = |_: &DecoderConfig| Ok(LoadOptions::new(kind, device));
+                let draft = load(&d.dir, d.file.as_deref(), &everything_here)?;
+                if draft.model.config.vocab_size != loaded.model.config.vocab_size {
+                    return Err(PluginError::invalid_input(format!(
+                        "`handler.draft_model` has a vocabulary of {} tokens; the model has {}: a draft must share the vocabulary",
+                        draft.model.config.vocab_size, loaded.model.config.vocab_size
+                    )));
+                }
+                Some((draft.model, d.k))
+            }
+        };
+        // The context per slot: what both the model and its draft can hold.
+        let context = draft_loaded
+            .as_ref()
+            .map(|(model, _)| model.config.max_positions)
+            .unwrap_or(i64::MAX)
+            .min(loaded.model.config.max_positions) as usize;
+        let max_seq_len = settings.max_seq_len(ctx, context)?;
+        let slots = settings.slots;
+        let cache = loaded.model.new_cache(slots, max_seq_len as i64);
+        let draft = draft_loaded.map(|(model, k)| Draft::new(model, slots, max_seq_len as i64, k));
+        tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?device, "gpt model loaded");
+        let Loaded {
+            model,
+            tokenizer,
+            chat_template,
+            eos_ids,
+            bos_token,
+            eos_token,
+            add_bos,
+        } = loaded;
+        let limits = Limits {
+            capacity: cache.capacity as usize,
+            max_new_tokens: settings.max_new_tokens,
+            vocab_size: model.config.vocab_size,
+        };
+        let chat = ChatTemplate {
+            template: chat_template,
+            bos_token,
+            eos_token,
+        };
+        let prompts = Arc::new(PromptEncoder::new(tokenizer, chat, add_bos, limits));
+        let identity = Identity {
+            host: ctx.host.clone(),
+            model_name: ctx.model_name.clone(),
+            instance: ctx.assignment.index.to_string(),
+        };
+        let engine = Engine::new(
+            model,
+            eos_ids,
+            Arc::clone(&prompts),
+            cache,
+            settings.prefill_budget,
+            draft,
+            identity,
+        );
+        Ok(Self { prompts, engine })
+    }
+
+    fn preprocess(&mut self, _request: &Request) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn inference(
+        &mut self,
+        batch: Vec<()>,
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<()>, PluginError> {
+        Ok(batch)
+    }
+
+    fn postprocess(&mut self, _output: ()) -> Result<Response, PluginError> {
+        Err(PluginError::internal("the gpt handler answers in `step`"))
+    }
+
+    fn step(
+        &mut self,
+        new: &[Request],
+        first_index: usize,
+        ctx: &mut StepContext<'_, '_>,
+    ) -> Result<(), PluginError> {
+        let _mode = InferenceMode::enter();
+        for (k, request) in new.iter().enumerate() {
+            let index = first_index + k;
+            match self.prompts.prepare(request) {
+                Ok(prepared) => {
+                    self.engine
+                        .enqueue(index, request.id.to_string(), Instant::now(), prepared)
+                }
+                Err(e) => ctx.send_final(index, Err(e)),
+            }
+        }
+        let result = self.engine.schedule(ctx);
+        if result.is_err() {
+            self.engine.abort();
+        }
+        result
+    }
+}

@@ -65,10 +65,21 @@ pub struct ServeArgs {
     /// Metrics API address (`/metrics`). [default: 127.0.0.1:8082]
     #[arg(long, env = "CRESSET_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
-    /// Regular expressions (comma-separated) of the http(s) URLs that models may be registered
-    /// from; each must match the whole URL. [default: none: only archives in the model store]
+    /// The http(s) URLs models may be registered from, comma-separated, each
+    /// `scheme://host[:port][/path]` with every part a regular expression matched against that
+    /// part of the parsed, normalised URL (see README "Security"). [default: none: only
+    /// archives in the model store]
     #[arg(long, env = "CRESSET_ALLOWED_URLS", value_delimiter = ',')]
     pub allowed_urls: Vec<String>,
+    /// Let hosts of `allowed_urls` given by name resolve to loopback, private or link-local
+    /// addresses (refused by default).
+    #[arg(long, env = "CRESSET_ALLOW_PRIVATE_URL_HOSTS")]
+    pub allow_private_url_hosts: bool,
+    /// Host names, comma-separated, that the management API answers to besides its bound
+    /// address and `localhost` (a `Host` header naming anything else gets 403, which stops DNS
+    /// rebinding). [default: none]
+    #[arg(long, env = "CRESSET_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Largest archive a registration may upload or download, in bytes. [default: 4294967296]
     #[arg(long, env = "CRESSET_MAX_UPLOAD_SIZE")]
     pub max_upload_size: Option<u64>,
@@ -82,9 +93,22 @@ pub struct ServeArgs {
     /// Largest request body, in bytes; larger ones get 413. [default: 6553500]
     #[arg(long, env = "CRESSET_MAX_REQUEST_SIZE")]
     pub max_request_size: Option<usize>,
-    /// Most inference requests in flight at once, over all models; more get 429. [default: 10000]
+    /// Largest request header (each one), in bytes; larger ones get 431. [default: 8192]
+    #[arg(long, env = "CRESSET_MAX_HEADER_SIZE")]
+    pub max_header_size: Option<usize>,
+    /// Most inference requests in flight at once (bodies read, waiting for or running in a
+    /// model), over all models; more get 429. [default: a quarter of the memory divided
+    /// among in-flight and arriving bodies of `max_request_size`, 8-10000]
     #[arg(long, env = "CRESSET_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
+    /// Most inference request bodies arriving at once; more get 429. [default: twice the
+    /// default of `max_concurrent_requests`]
+    #[arg(long, env = "CRESSET_MAX_BODIES_IN_TRANSIT")]
+    pub max_bodies_in_transit: Option<usize>,
+    /// Seconds a request body (or an upload) may go without a byte before it is refused with
+    /// 408. [default: 10]
+    #[arg(long, env = "CRESSET_BODY_IDLE_TIMEOUT")]
+    pub body_idle_timeout: Option<u64>,
     /// Intra-op threads per instance; 0 divides the cores among a model's instances. [default: 0]
     #[arg(long, env = "CRESSET_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<u32>,
@@ -104,9 +128,15 @@ pub struct ServeArgs {
     /// [default: <model_store>/.cresset-keys.json]
     #[arg(long, env = "CRESSET_KEY_FILE")]
     pub key_file: Option<PathBuf>,
-    /// Serve without token authorization (every listener stays on loopback unless configured).
+    /// Serve without token authorization on any API (every listener stays on loopback unless
+    /// configured). Browser-made cross-origin requests to the management API are refused
+    /// either way.
     #[arg(long, env = "CRESSET_DISABLE_TOKEN_AUTH")]
     pub disable_token_auth: bool,
+    /// Leave the inference API open while the management and metrics APIs keep their token
+    /// (the quick start's setting).
+    #[arg(long, env = "CRESSET_DISABLE_INFERENCE_TOKEN_AUTH")]
+    pub disable_inference_token_auth: bool,
     /// Where registrations are saved across restarts. [default: <model_store>/.cresset-snapshot.json]
     #[arg(long, env = "CRESSET_SNAPSHOT_FILE")]
     pub snapshot_file: Option<PathBuf>,
@@ -133,11 +163,18 @@ struct FileConfig {
     metrics_address: Option<String>,
     #[serde(default)]
     allowed_urls: Vec<String>,
+    #[serde(default)]
+    allow_private_url_hosts: bool,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
     max_upload_size: Option<u64>,
     plugin_dir: Option<PathBuf>,
     work_dir: Option<PathBuf>,
     max_request_size: Option<usize>,
+    max_header_size: Option<usize>,
     max_concurrent_requests: Option<usize>,
+    max_bodies_in_transit: Option<usize>,
+    body_idle_timeout: Option<u64>,
     intra_op_threads: Option<u32>,
     http_workers: Option<usize>,
     max_archive_entries: Option<u64>,
@@ -149,6 +186,8 @@ struct FileConfig {
     key_file: Option<PathBuf>,
     #[serde(default)]
     disable_token_auth: bool,
+    #[serde(default)]
+    disable_inference_token_auth: bool,
     log_format: Option<LogFormat>,
     log: Option<String>,
 }
@@ -166,8 +205,11 @@ pub struct ServerConfig {
     pub management_address: SocketAddr,
     /// Metrics API address.
     pub metrics_address: SocketAddr,
-    /// URLs models may be registered from (each matches a whole URL).
-    pub allowed_urls: Vec<regex::Regex>,
+    /// URLs models may be registered from.
+    pub allowed_urls: crate::remote::UrlPolicy,
+    /// Host names the management API answers to besides its address and `localhost`
+    /// (lower-case).
+    pub allowed_hosts: Vec<String>,
     /// Largest archive a registration may upload or download.
     pub max_upload_size: u64,
     /// Built-in plugin folder.
@@ -176,8 +218,14 @@ pub struct ServerConfig {
     pub work_dir: PathBuf,
     /// Largest request body.
     pub max_request_size: usize,
+    /// Largest request header.
+    pub max_header_size: usize,
     /// Most inference requests in flight at once (429 beyond).
     pub max_concurrent_requests: usize,
+    /// Most inference request bodies arriving at once (429 beyond).
+    pub max_bodies_in_transit: usize,
+    /// How long a body may go without progress.
+    pub body_idle_timeout: std::time::Duration,
     /// Intra-op threads per instance (0 = auto).
     pub intra_op_threads: u32,
     /// HTTP worker threads.
@@ -186,6 +234,10 @@ pub struct ServerConfig {
     pub extract_limits: ExtractLimits,
     /// The key file, unless token auth is off.
     pub key_file: Option<PathBuf>,
+    /// Whether the inference API needs its token (when there is a key file).
+    pub inference_token_auth: bool,
+    /// Settings that are allowed but unwise, logged at start-up.
+    pub warnings: Vec<String>,
     /// The snapshot file, unless snapshots are off.
     pub snapshot_file: Option<PathBuf>,
     /// Log format.
@@ -251,17 +303,27 @@ impl ServerConfig {
         } else {
             args.allowed_urls
         };
-        let allowed_urls = allowed_raw
+        let allowed_urls = crate::remote::UrlPolicy::parse(
+            &allowed_raw,
+            args.allow_private_url_hosts || file.allow_private_url_hosts,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let allowed_hosts_raw = if args.allowed_hosts.is_empty() {
+            file.allowed_hosts
+        } else {
+            args.allowed_hosts
+        };
+        let allowed_hosts = allowed_hosts_raw
             .iter()
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| {
-                regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| {
-                    anyhow::anyhow!(
-                        "`allowed_urls` entry {p:?} is not a valid regular expression: {e}"
-                    )
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect::<Vec<_>>();
+        if let Some(bad) = allowed_hosts
+            .iter()
+            .find(|h| h.contains(['/', ':', '@', ' ']))
+        {
+            bail!("`allowed_hosts` entries must be host names without port or scheme. Given: {bad:?}");
+        }
         let max_upload_size = args
             .max_upload_size
             .or(file.max_upload_size)
@@ -304,12 +366,43 @@ impl ServerConfig {
         if max_request_size == 0 {
             bail!("`max_request_size` must be >= 1. Given: 0");
         }
+        let max_header_size = args
+            .max_header_size
+            .or(file.max_header_size)
+            .unwrap_or(8192);
+        if !(1024..=65536).contains(&max_header_size) {
+            bail!("`max_header_size` must be between 1024 and 65536. Given: {max_header_size}");
+        }
+        let memory = memory_bytes();
+        let (default_in_flight, default_transit) = body_caps(memory, max_request_size);
         let max_concurrent_requests = args
             .max_concurrent_requests
             .or(file.max_concurrent_requests)
-            .unwrap_or(10_000);
+            .unwrap_or(default_in_flight);
         if !(1..=1_000_000).contains(&max_concurrent_requests) {
             bail!("`max_concurrent_requests` must be between 1 and 1000000. Given: {max_concurrent_requests}");
+        }
+        let max_bodies_in_transit = args
+            .max_bodies_in_transit
+            .or(file.max_bodies_in_transit)
+            .unwrap_or(default_transit);
+        if !(1..=1_000_000).contains(&max_bodies_in_transit) {
+            bail!("`max_bodies_in_transit` must be between 1 and 1000000. Given: {max_bodies_in_transit}");
+        }
+        let worst_case = (max_concurrent_requests as u128 + max_bodies_in_transit as u128)
+            * max_request_size as u128;
+        let mut warnings = Vec::new();
+        if let Some(memory) = memory.filter(|&m| worst_case > u128::from(m)) {
+            warnings.push(format!(
+                "request bodies at their caps ((`max_concurrent_requests` {max_concurrent_requests} + `max_bodies_in_transit` {max_bodies_in_transit}) x `max_request_size` {max_request_size} bytes) would take more than this machine's {memory} bytes of memory"
+            ));
+        }
+        let body_idle_timeout = args
+            .body_idle_timeout
+            .or(file.body_idle_timeout)
+            .unwrap_or(10);
+        if !(1..=3600).contains(&body_idle_timeout) {
+            bail!("`body_idle_timeout` must be between 1 and 3600 seconds. Given: {body_idle_timeout}");
         }
         let http_workers = args.http_workers.or(file.http_workers).unwrap_or(2);
         if http_workers == 0 {
@@ -334,6 +427,8 @@ impl ServerConfig {
         let log = args.log.or(file.log).unwrap_or_else(|| "info".into());
         tracing_subscriber::EnvFilter::try_new(&log)
             .map_err(|e| anyhow::anyhow!("`log` is not a valid filter. Given: {log:?} ({e})"))?;
+        let inference_token_auth =
+            !(args.disable_inference_token_auth || file.disable_inference_token_auth);
         let key_file = if args.disable_token_auth || file.disable_token_auth {
             None
         } else {
@@ -359,20 +454,55 @@ impl ServerConfig {
             management_address,
             metrics_address,
             allowed_urls,
+            allowed_hosts,
             max_upload_size,
             plugin_dir,
             work_dir,
             max_request_size,
+            max_header_size,
             max_concurrent_requests,
+            max_bodies_in_transit,
+            body_idle_timeout: std::time::Duration::from_secs(body_idle_timeout),
             intra_op_threads: args.intra_op_threads.or(file.intra_op_threads).unwrap_or(0),
             http_workers,
             extract_limits,
             snapshot_file,
             key_file,
+            inference_token_auth,
+            warnings,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log,
         })
     }
+}
+
+/// The memory this process may use: the machine's, or its cgroup's limit if lower.
+fn memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let total = total_kib * 1024;
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(total, |limit| limit.min(total)))
+}
+
+/// Default caps on inference bodies in flight and in transit, so that both at their caps with
+/// bodies of `max_request_size` take at most a quarter of the memory: a third of that for
+/// bodies in flight, two thirds for bodies arriving (slow clients wait there, not in flight).
+fn body_caps(memory: Option<u64>, max_request_size: usize) -> (usize, usize) {
+    let budget = memory.unwrap_or(4 << 30) / 4;
+    let per_third = budget / 3 / (max_request_size.max(1) as u64);
+    let in_flight = per_third.clamp(8, 10_000) as usize;
+    let transit = (2 * per_third).clamp(16, 20_000) as usize;
+    (in_flight, transit)
 }
 
 fn effective_uid() -> u32 {
@@ -472,6 +602,18 @@ pub struct ArchiveArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_caps_fit_a_quarter_of_the_memory_and_transit_is_the_larger() {
+        let memory = 24u64 << 30;
+        let size = 6_553_500;
+        let (in_flight, transit) = body_caps(Some(memory), size);
+        assert!(transit > in_flight);
+        assert!(((in_flight + transit) as u64) * size as u64 <= memory / 4);
+        assert_eq!(body_caps(Some(1 << 20), size), (8, 16), "a floor on tiny machines");
+        let (in_flight, transit) = body_caps(Some(1 << 50), 1024);
+        assert_eq!((in_flight, transit), (10_000, 20_000), "a ceiling on huge ones");
+    }
 
     #[test]
     fn the_work_dir_is_made_private_and_another_users_folder_is_refused() {

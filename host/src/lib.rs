@@ -10,6 +10,7 @@ pub mod loader;
 pub mod metrics;
 pub mod plan;
 pub mod registry;
+pub mod remote;
 pub mod services;
 pub mod snapshot;
 pub mod worker;

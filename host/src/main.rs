@@ -7,8 +7,8 @@ use cresset::config::{ArchiveArgs, Cli, Command, LogFormat, ServeArgs, ServerCon
 use cresset::http::{self, AppState};
 use cresset::loader::PluginLoader;
 use cresset::metrics::Metrics;
-use cresset::registry::{register_from_store, LoadContext, ModelRegistry, StoreRegistration};
-use cresset::snapshot::Snapshotter;
+use cresset::registry::{store, LoadContext, ModelRegistry, Registrar, StoreRegistration};
+use cresset::snapshot::{RegistrationStatus, Snapshotter};
 
 fn main() -> std::process::ExitCode {
     // A server shares its cores between HTTP threads and libtorch's OpenMP pool. libgomp's
@@ -60,21 +60,40 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         plugin_dir = %config.plugin_dir.display(),
         "starting cresset"
     );
-    let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(ModelRegistry::default());
-    // Each server process stages and extracts in its own folder, removed when it exits.
-    let scratch = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(&config.work_dir)
-        .with_context(|| {
-            format!(
-                "cannot create a scratch folder in `work_dir` {}",
-                config.work_dir.display()
-            )
-        })?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    cresset::http::error::redact_paths(&config.work_dir, &config.model_store, &config.plugin_dir);
+    // What processes that died left behind: half-written uploads, snapshots and staged
+    // plugins, and their scratch folders.
+    let staged_plugins = config.work_dir.join("plugins");
+    let mut swept = store::Swept::default();
+    store::sweep_temp_files(&[&config.model_store, &staged_plugins], &mut swept);
+    if let Some(dir) = config.snapshot_file.as_ref().and_then(|f| f.parent()) {
+        if dir != config.model_store.as_path() && !dir.as_os_str().is_empty() {
+            store::sweep_temp_files(&[dir], &mut swept);
+        }
+    }
+    store::sweep_scratch(&config.work_dir, &mut swept);
+    if swept != store::Swept::default() {
+        tracing::info!(
+            files = swept.files,
+            folders = swept.folders,
+            bytes = swept.bytes,
+            "removed what processes that died left behind"
+        );
+    }
+    // Each server process stages and extracts in its own folder, removed when it exits (and
+    // by the next start-up's sweep if it is killed).
+    let scratch = store::ScratchDir::create(&config.work_dir).with_context(|| {
+        format!(
+            "cannot create a scratch folder in `work_dir` {}",
+            config.work_dir.display()
+        )
+    })?;
     let ctx = Arc::new(LoadContext {
-        loader: PluginLoader::new(config.work_dir.join("plugins")),
-        metrics: metrics.clone(),
+        loader: PluginLoader::new(staged_plugins),
+        metrics: Arc::new(Metrics::new()),
         plugin_dir: config.plugin_dir.clone(),
         extract_dir: scratch.path().join("models"),
         limits: config.extract_limits,
@@ -107,6 +126,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     overrides: m.overrides,
                     url: Some(m.url),
                     version: Some(m.version),
+                    status: m.status,
                 })
                 .collect()
         }
@@ -118,35 +138,32 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 overrides: ConfigOverrides::default(),
                 url: None,
                 version: None,
+                status: RegistrationStatus::Queued,
             })
             .collect(),
     };
-    for registration in &registrations {
-        register_from_store(&ctx, &registry, &config.model_store, registration)
-            .context("cannot start a loader thread")?;
-    }
-    if let Some(snapshot) = &snapshot {
-        snapshot
-            .save(&registry)
-            .with_context(|| format!("cannot write the snapshot {}", snapshot.path().display()))?;
-    }
+    let registrar = Arc::new(Registrar {
+        registry: Arc::new(ModelRegistry::default()),
+        ctx,
+        snapshot,
+        store: config.model_store.clone(),
+    });
+    registrar
+        .start(&registrations)
+        .context("cannot record the registrations and start loading them")?;
 
     let keys = match &config.key_file {
-        Some(path) => Some(cresset::http::ApiKeys::load_or_create(path)?),
+        Some(path) => {
+            let keys = cresset::http::ApiKeys::load_or_create(path)?;
+            announce_keys(&config, path);
+            Some(keys)
+        }
         None => {
             tracing::warn!("token authorization is off (--disable-token-auth)");
             None
         }
     };
-    let state = Arc::new(AppState {
-        registry,
-        metrics,
-        config: config.clone(),
-        ctx,
-        snapshot,
-        keys,
-        in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
-    });
+    let state = Arc::new(AppState::new(config.clone(), registrar.clone(), keys));
     actix_web::rt::System::new().block_on(async move {
         let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;
         for (api, address) in &addresses {
@@ -157,8 +174,31 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         server.await.context("the HTTP server failed")
     })?;
+    // A clean stop: loads still under way were not the cause, and are loaded again next time.
+    registrar.persist_on_exit();
     drop(scratch);
     Ok(())
+}
+
+/// Say where the keys are and how to use them, without printing a key.
+fn announce_keys(config: &ServerConfig, path: &std::path::Path) {
+    let file = path.display();
+    let extract = |api: &str| format!("$(sed -n 's/.*\"{api}\": *\"\\([0-9a-f]*\\)\".*/\\1/p' {file})");
+    tracing::info!(
+        key_file = %file,
+        "the management API needs its key; try: curl -H \"Authorization: Bearer {}\" http://{}/models",
+        extract("management"),
+        config.management_address
+    );
+    if config.inference_token_auth {
+        tracing::info!(
+            "the inference API needs its key too: curl -H \"Authorization: Bearer {}\" http://{}/ping",
+            extract("inference"),
+            config.inference_address
+        );
+    } else {
+        tracing::warn!("the inference API is open (--disable-inference-token-auth); the management API keeps its key");
+    }
 }
 
 fn archive(args: ArchiveArgs) -> anyhow::Result<()> {

@@ -178,20 +178,40 @@ impl Metrics {
         Ok(())
     }
 
-    /// Refresh the gauges that describe the registry (queue depths, workers by state).
-    pub fn observe_registry(&self, registry: &crate::registry::ModelRegistry) {
-        self.queue_depth.reset();
-        self.workers.reset();
-        for v in registry.all_versions() {
-            let labels = [v.name.as_str(), v.version.as_str()];
-            self.queue_depth
-                .with_label_values(&labels)
-                .set(v.queue_depth() as i64);
-            for status in crate::worker::WorkerStatus::ALL {
-                let count = v.workers().iter().filter(|(_, s, _)| *s == status).count();
-                self.workers
-                    .with_label_values(&[labels[0], labels[1], status.name()])
-                    .set(count as i64);
+    /// Remove every series of `model`/`version` (built-in and plugin metrics), once the
+    /// version is gone: an unregistered version must not leave series behind forever.
+    pub fn forget(&self, model: &str, version: &str) {
+        let plugin = self.plugin.lock().unwrap_or_else(|p| p.into_inner());
+        for family in self.registry.gather() {
+            for metric in family.get_metric() {
+                let labels: HashMap<&str, &str> = metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                if labels.get("model") != Some(&model) || labels.get("version") != Some(&version)
+                {
+                    continue;
+                }
+                let removed = match family.name() {
+                    "cresset_inference_requests_total" => self.requests_total.remove(&labels),
+                    "cresset_inference_latency_seconds" => self.inference_latency.remove(&labels),
+                    "cresset_request_latency_seconds" => self.request_latency.remove(&labels),
+                    "cresset_queue_latency_seconds" => self.queue_latency.remove(&labels),
+                    "cresset_batch_size" => self.batch_size.remove(&labels),
+                    "cresset_model_load_seconds" => self.model_load_seconds.remove(&labels),
+                    "cresset_queue_depth" => self.queue_depth.remove(&labels),
+                    "cresset_workers" => self.workers.remove(&labels),
+                    name => match plugin.get(name) {
+                        Some(PluginMetric::Counter(m)) => m.remove(&labels),
+                        Some(PluginMetric::Gauge(m)) => m.remove(&labels),
+                        Some(PluginMetric::Histogram(m)) => m.remove(&labels),
+                        None => Ok(()),
+                    },
+                };
+                if let Err(e) = removed {
+                    tracing::debug!(metric = family.name(), "cannot remove a series: {e}");
+                }
             }
         }
     }

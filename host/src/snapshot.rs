@@ -5,6 +5,12 @@
 //! fsynced, renamed over it, and the folder fsynced. A SIGKILL at any moment therefore leaves
 //! either the old or the new snapshot, never half of one, and never loses an acknowledged change.
 //! At start-up the snapshot is restored (default versions first) unless `--no-config-snapshot`.
+//!
+//! A registration is *pending* until its first successful load. A start-up that finds one still
+//! pending knows that the process loading it died (an `abort()`, a segfault, an OOM kill in the
+//! plugin), and restores it as `Failed` instead of loading it again: a load that kills the
+//! server is never replayed into a crash loop. A clean exit marks loads it cut short as
+//! `queued`, which are loaded again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +19,34 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::ConfigOverrides;
-use crate::registry::{ModelRegistry, ModelState};
+use crate::registry::{FailureKind, ModelRegistry, ModelState};
+
+/// Where a registration stands, as the snapshot keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RegistrationStatus {
+    /// It has loaded successfully before: load it again at start-up. (Snapshots from before
+    /// this field existed hold only such registrations.)
+    #[default]
+    Loaded,
+    /// Registered, never loaded, and no load was under way when the server last stopped
+    /// cleanly: load it at start-up.
+    Queued,
+    /// Its first load was under way in process `pid`: if that process is gone, the load may
+    /// have killed it.
+    Pending {
+        /// The process that was loading it.
+        pid: u32,
+        /// When that process started (RFC 3339).
+        since: String,
+    },
+    /// Its first load was cut short by the death of the server; it stays `Failed` with this
+    /// reason until it is unregistered.
+    Crashed {
+        /// What describe shows.
+        reason: String,
+    },
+}
 
 /// One registered version as the snapshot keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +63,9 @@ pub struct SnapshotModel {
     pub default: bool,
     /// Registration overrides and scaling.
     pub overrides: ConfigOverrides,
+    /// Loaded before, pending, queued or crashed.
+    #[serde(default)]
+    pub status: RegistrationStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +80,8 @@ pub struct Snapshotter {
     // Serialises writers, and each writes the registry as it is when it holds the lock, so the
     // last write always has the latest state.
     lock: Mutex<()>,
+    /// When this process started, for pending registrations.
+    since: String,
 }
 
 impl Snapshotter {
@@ -52,6 +90,7 @@ impl Snapshotter {
         Arc::new(Self {
             path,
             lock: Mutex::new(()),
+            since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         })
     }
 
@@ -60,20 +99,40 @@ impl Snapshotter {
         &self.path
     }
 
-    /// Write the registry's registrations (every version with an archive that is not draining).
-    pub fn save(&self, registry: &ModelRegistry) -> std::io::Result<()> {
+    /// Write the registry's registrations (every version with an archive that is not draining,
+    /// and whose first load did not fail). `exiting`: the server stops cleanly, so loads under
+    /// way are written as `queued` rather than pending.
+    pub fn save(&self, registry: &ModelRegistry, exiting: bool) -> std::io::Result<()> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let models = registry
             .versions_with_default()
             .into_iter()
-            // A version that failed to open stays: its archive may be back next time.
-            .filter(|(v, _)| !v.archive_file.is_empty() && v.state() != ModelState::Draining)
-            .map(|(v, default)| {
+            .filter(|(v, _)| !v.origin.archive_file.is_empty())
+            .filter_map(|(v, default)| {
+                let state = v.state();
+                let status = match &state {
+                    ModelState::Draining => return None,
+                    // A version that failed to open at restore stays: its archive may be back
+                    // next time.
+                    _ if v.loaded_before() => RegistrationStatus::Loaded,
+                    ModelState::Failed(f) if f.kind == FailureKind::Crashed => {
+                        RegistrationStatus::Crashed {
+                            reason: f.message.clone(),
+                        }
+                    }
+                    // A registration whose first load failed is not kept.
+                    ModelState::Failed(_) => return None,
+                    _ if exiting => RegistrationStatus::Queued,
+                    _ => RegistrationStatus::Pending {
+                        pid: std::process::id(),
+                        since: self.since.clone(),
+                    },
+                };
                 let (min, max) = v.worker_bounds();
                 // A placeholder for an archive that failed to open has no config of its own: it
                 // keeps the overrides it was registered with.
                 let overrides = if v.handler.is_empty() {
-                    v.registered_overrides.clone()
+                    v.origin.overrides.clone()
                 } else {
                     ConfigOverrides {
                         batch_size: Some(v.config.batch_size),
@@ -83,21 +142,25 @@ impl Snapshotter {
                         response_timeout_s: Some(v.config.response_timeout_s),
                     }
                 };
-                SnapshotModel {
+                Some(SnapshotModel {
                     name: v.name.clone(),
                     version: v.version.clone(),
-                    archive: v.archive_file.clone(),
-                    url: v.url.clone(),
+                    archive: v.origin.archive_file.clone(),
+                    url: v.origin.url.clone(),
                     default,
                     overrides,
-                }
+                    status,
+                })
             })
             .collect();
         let text = serde_json::to_vec_pretty(&SnapshotFile { format: 1, models })
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        let mut tmp = crate::registry::store::locked_temp(
+            dir,
+            crate::registry::store::SNAPSHOT_TMP_PREFIX,
+        )?;
         tmp.write_all(&text)?;
         tmp.as_file().sync_all()?;
         tmp.persist(&self.path).map_err(|e| e.error)?;
@@ -148,7 +211,7 @@ mod tests {
     fn saving_an_empty_registry_round_trips() {
         let dir = tempfile::tempdir().expect("tempdir");
         let snap = Snapshotter::new(dir.path().join("nested/snapshot.json"));
-        snap.save(&ModelRegistry::default()).expect("save");
+        snap.save(&ModelRegistry::default(), false).expect("save");
         assert!(snap.load().expect("load").is_empty());
     }
 }

@@ -271,27 +271,23 @@ impl Server {
         self.log.lock().expect("log lock").clone()
     }
 
-    /// Wait until `/ping` is healthy.
+    /// Wait until `/ping` is healthy with no model failed.
     pub fn wait_healthy(&self) -> &Self {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let reply = self.get("/ping");
-            if reply.status == 200 {
-                return self;
-            }
-            let failed = reply.json()["models"]
-                .as_object()
-                .map(|m| {
-                    m.values()
-                        .any(|v| v.as_str().is_some_and(|s| s.starts_with("Failed")))
-                })
-                .unwrap_or(false);
+            let failed = reply.json()["failed"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
             assert!(
                 !failed,
                 "a model failed to load: {}\n{}",
                 reply.text(),
                 self.log()
             );
+            if reply.status == 200 {
+                return self;
+            }
             assert!(
                 Instant::now() < deadline,
                 "not healthy after 120 s: {}\n{}",

@@ -113,16 +113,20 @@ fn each_loader_failure_has_its_own_clear_error_and_the_server_keeps_serving() {
         "{m}"
     );
 
-    // The errors are in the log too, and the server is reported unhealthy while models failed.
+    // The errors are in the log too. Failed models are listed by `/ping` but do not hold the
+    // server's readiness: the models that loaded serve.
     let log = server.log();
     assert!(log.contains("built against plugin ABI 2.0.0"), "{log}");
     let ping = server.get("/ping");
-    assert_eq!(ping.status, 500);
-    assert_eq!(ping.json()["status"], "Unhealthy");
-    assert!(ping.json()["models"]["init_error/1.0"]
-        .as_str()
-        .unwrap_or_default()
-        .starts_with("Failed"));
+    assert_eq!(ping.status, 200, "{}", ping.text());
+    assert_eq!(ping.json()["status"], "Healthy");
+    assert!(
+        ping.json()["failed"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|m| m == "init_error/1.0")),
+        "{}",
+        ping.text()
+    );
     assert_eq!(
         server
             .post("/predictions/echo", "text/plain", b"after")

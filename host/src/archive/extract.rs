@@ -2,15 +2,22 @@
 //!
 //! Every entry is checked before anything is written: no absolute paths, no `..`, no links
 //! (a link could point outside the folder, or let a later entry write through it), no device
-//! files. The number of entries and the bytes written are capped while streaming (sizes in
-//! headers are not trusted), and so is the ratio of unpacked to packed bytes, which stops
-//! decompression bombs early.
+//! files. The number of entries is capped, and so are the bytes unpacked and their ratio to
+//! the packed bytes, which stops decompression bombs early. For a `.tar.gz`, every byte that
+//! leaves the decompressor counts (headers, extension records and skipped data included, not
+//! only what is written), every gzip member is read, and the tar reader refuses extension
+//! headers over [`EXTENSION_LIMIT`] before reading them (see `tar.rs`).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
+use super::tar::{EntryKind, TarError, TarReader};
 use super::ArchiveFormat;
+
+/// The most bytes a tar extension header (a GNU long name or link, a set of pax records) may
+/// hold: paths are at most 4 KiB on Linux, and pax records for one file are far below this.
+pub const EXTENSION_LIMIT: u64 = 64 << 10;
 
 /// Caps on what an archive may unpack to.
 #[derive(Debug, Clone, Copy)]
@@ -86,9 +93,58 @@ pub enum ExtractError {
     /// The archive is malformed.
     #[error("the archive is corrupt: {0}")]
     Corrupt(String),
+    /// A tar extension header over [`EXTENSION_LIMIT`].
+    #[error("{0}")]
+    Extension(String),
     /// Writing failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl From<TarError> for ExtractError {
+    fn from(e: TarError) -> Self {
+        match e {
+            TarError::ExtensionTooLarge { .. } => Self::Extension(e.to_string()),
+            TarError::Corrupt(why) => Self::Corrupt(why),
+            TarError::Io(e) => budget_error(e),
+        }
+    }
+}
+
+/// An I/O error that carries an [`ExtractError`] from the budget gets it back; others are a
+/// corrupt stream (the decompressor) or the disk.
+fn budget_error(e: io::Error) -> ExtractError {
+    if e.get_ref().is_some_and(|inner| inner.is::<ExtractError>()) {
+        if let Some(inner) = e.into_inner() {
+            if let Ok(extract) = inner.downcast::<ExtractError>() {
+                return *extract;
+            }
+        }
+        return ExtractError::Corrupt("the archive could not be read".into());
+    }
+    match e.kind() {
+        io::ErrorKind::InvalidData
+        | io::ErrorKind::InvalidInput
+        | io::ErrorKind::UnexpectedEof => ExtractError::Corrupt(e.to_string()),
+        _ => ExtractError::Io(e),
+    }
+}
+
+/// The decompressed stream, counted: each byte read is charged to the budget, and a read past
+/// it fails with the budget's error.
+struct Counted<'a, R> {
+    inner: R,
+    budget: &'a mut Budget,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.budget
+            .wrote(n as u64)
+            .map_err(io::Error::other)?;
+        Ok(n)
+    }
 }
 
 /// Extract `archive` into the empty folder `dest`.
@@ -151,21 +207,30 @@ impl Budget {
 
     /// Copy `reader` into a new file at `path`, counting every byte against the budget.
     fn copy(&mut self, reader: &mut dyn Read, path: &Path) -> Result<(), ExtractError> {
-        let mut out = File::create(path)?;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ExtractError::Corrupt(e.to_string())),
-            };
-            self.wrote(n as u64)?;
-            out.write_all(&buf[..n])?;
-        }
-        out.flush()?;
-        Ok(())
+        copy_file(reader, path, &mut |n| self.wrote(n))
     }
+}
+
+/// Copy `reader` into a new file at `path`, calling `count` with each chunk's size first.
+fn copy_file(
+    reader: &mut dyn Read,
+    path: &Path,
+    count: &mut dyn FnMut(u64) -> Result<(), ExtractError>,
+) -> Result<(), ExtractError> {
+    let mut out = File::create(path)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(budget_error(e)),
+        };
+        count(n as u64)?;
+        out.write_all(&buf[..n])?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Check an entry's path and return where it goes under `dest` (None for the root itself).
@@ -223,46 +288,58 @@ fn refuse_link(entry: &Path, target: &Path) -> ExtractError {
     }
 }
 
+/// A tar entry's data, as a reader.
+struct EntryData<'r, R>(&'r mut TarReader<R>);
+
+impl<R: Read> Read for EntryData<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_data(buf)
+    }
+}
+
 fn extract_tgz(archive: &Path, dest: &Path, budget: &mut Budget) -> Result<(), ExtractError> {
     let file = File::open(archive)?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
-    let entries = tar
-        .entries()
-        .map_err(|e| ExtractError::Corrupt(e.to_string()))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| ExtractError::Corrupt(e.to_string()))?;
-        let raw = entry
-            .path()
-            .map_err(|e| ExtractError::Corrupt(e.to_string()))?
-            .into_owned();
-        let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
-            continue;
+    // Every gzip member: parallel compressors (pigz) and `cat a.gz b.gz` make several.
+    let decoder = flate2::read::MultiGzDecoder::new(io::BufReader::new(file));
+    let max_entries = budget.limits.max_entries;
+    let mut entries = 0u64;
+    let mut tar = TarReader::new(
+        Counted {
+            inner: decoder,
+            budget,
+        },
+        EXTENSION_LIMIT,
+    );
+    while let Some(entry) = tar.next_entry()? {
+        entries += 1;
+        if entries > max_entries {
+            return Err(ExtractError::TooManyEntries { limit: max_entries });
         }
-        budget.entry()?;
+        let raw = entry.path_buf();
         let target = safe_target(dest, &raw)?;
-        if kind.is_symlink() || kind.is_hard_link() {
-            let link = entry
-                .link_name()
-                .ok()
-                .flatten()
-                .map(|l| l.into_owned())
-                .unwrap_or_default();
-            return Err(refuse_link(&raw, &link));
-        }
-        let Some(target) = target else { continue };
-        if kind.is_dir() {
-            std::fs::create_dir_all(&target)?;
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent)?;
+        match entry.kind {
+            EntryKind::Symlink | EntryKind::HardLink => {
+                return Err(refuse_link(&raw, &entry.link_buf()));
             }
-            budget.copy(&mut entry, &target)?;
-        } else {
-            return Err(ExtractError::Unsupported {
-                entry: raw.to_string_lossy().into_owned(),
-                kind: format!("{kind:?}").to_lowercase(),
-            });
+            EntryKind::Dir => {
+                if let Some(target) = target {
+                    std::fs::create_dir_all(&target)?;
+                }
+            }
+            EntryKind::File => {
+                let Some(target) = target else { continue };
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                // Already counted as it left the decompressor.
+                copy_file(&mut EntryData(&mut tar), &target, &mut |_| Ok(()))?;
+            }
+            EntryKind::Other(_) => {
+                return Err(ExtractError::Unsupported {
+                    entry: raw.to_string_lossy().into_owned(),
+                    kind: entry.kind.describe(),
+                });
+            }
         }
     }
     Ok(())

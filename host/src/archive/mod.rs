@@ -3,9 +3,10 @@
 
 mod create;
 mod extract;
+pub mod tar;
 
 pub use create::{create_archive, ArchiveFormat, ArchiveOptions};
-pub use extract::{ExtractError, ExtractLimits};
+pub use extract::{extract, ExtractError, ExtractLimits, EXTENSION_LIMIT};
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};

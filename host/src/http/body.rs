@@ -38,3 +38,14 @@ pub fn capped_multipart(
         move || seen.get() > max,
     )
 }
+
+/// The next item of a body stream, unless `idle` passes first with nothing arriving: a stalled
+/// body is refused (408) instead of holding its slot for a fixed total time.
+pub async fn next_within<F: std::future::Future<Output = Option<T>>, T>(
+    idle: std::time::Duration,
+    next: F,
+) -> Result<Option<T>, super::ApiError> {
+    tokio::time::timeout(idle, next)
+        .await
+        .map_err(|_| super::ApiError::BodyStalled(idle.as_secs()))
+}

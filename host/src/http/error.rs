@@ -1,9 +1,61 @@
 //! API errors, mapped to HTTP statuses in one place, with TorchServe's body shape:
 //! `{"code": 404, "type": "ModelNotFoundException", "message": "..."}`.
+//!
+//! No answer carries a path of the host: messages are redacted here (the work folder, the model
+//! store and the plugin folder become `<work_dir>`, `<model_store>`, `<plugin_dir>`, and an
+//! extracted archive's folder `<archive>`), and the full message goes to the log instead.
+
+use std::sync::OnceLock;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use cresset_plugin_api::{ErrorCode, PluginError};
+
+use crate::registry::{FailureKind, LoadError, LoadFailure};
+
+/// Folders whose paths are kept out of answers, with what replaces them.
+static REDACTED: OnceLock<Vec<(String, &'static str)>> = OnceLock::new();
+
+/// Set the folders to keep out of answers (once, at start-up).
+pub fn redact_paths(work_dir: &std::path::Path, model_store: &std::path::Path, plugin_dir: &std::path::Path) {
+    let mut folders = Vec::new();
+    for (dir, name) in [
+        (work_dir, "<work_dir>"),
+        (model_store, "<model_store>"),
+        (plugin_dir, "<plugin_dir>"),
+    ] {
+        let absolute = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+        for form in [absolute, dir.to_owned()] {
+            let text = form.to_string_lossy().trim_end_matches('/').to_owned();
+            if text.len() > 1 {
+                folders.push((text, name));
+            }
+        }
+    }
+    // Longest first, so that a folder inside another is replaced as itself.
+    folders.sort_by_key(|(text, _)| std::cmp::Reverse(text.len()));
+    let _ = REDACTED.set(folders);
+}
+
+/// `message` without host paths.
+pub fn redact(message: &str) -> String {
+    let mut out = message.to_owned();
+    if let Some(folders) = REDACTED.get() {
+        for (text, name) in folders {
+            if out.contains(text.as_str()) {
+                out = out.replace(text.as_str(), name);
+            }
+        }
+    }
+    // An archive extracted in this process's scratch folder is just `<archive>`.
+    static EXTRACTED: OnceLock<Option<regex::Regex>> = OnceLock::new();
+    if let Some(re) = EXTRACTED
+        .get_or_init(|| regex::Regex::new(r"<work_dir>/run-[^/\s]+/models/model-[^/\s`'\x22]+").ok())
+    {
+        out = re.replace_all(&out, "<archive>").into_owned();
+    }
+    out
+}
 
 /// Everything a route can answer with other than success.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +72,9 @@ pub enum ApiError {
     /// Over the global concurrency cap.
     #[error("the server already has {0} requests in flight, the most `max_concurrent_requests` allows; retry later")]
     TooManyRequests(usize),
+    /// Over the cap on bodies arriving at once.
+    #[error("the server already receives {0} request bodies, the most `max_bodies_in_transit` allows; retry later")]
+    TooManyBodies(usize),
     /// No token, or a wrong one.
     #[error("{0}")]
     Unauthorized(String),
@@ -49,6 +104,59 @@ pub enum ApiError {
     /// A bug or an unexpected failure in the host.
     #[error("{0}")]
     Internal(String),
+    /// A synchronous registration whose load failed.
+    #[error("model `{model}` version `{version}` failed to load: {failure}")]
+    LoadFailed {
+        /// The model.
+        model: String,
+        /// The version.
+        version: String,
+        /// Why, and whose fault.
+        failure: LoadFailure,
+    },
+    /// A request header is over `max_header_size`.
+    #[error("request header `{name}` is {size} bytes, more than `max_header_size` ({max} bytes)")]
+    HeaderTooLarge {
+        /// The header.
+        name: String,
+        /// Its size.
+        size: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The body stopped arriving.
+    #[error("the request body made no progress for {0} s (`body_idle_timeout`)")]
+    BodyStalled(u64),
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        match e.kind() {
+            FailureKind::NotFound => Self::ModelNotFound(e.to_string()),
+            _ => {
+                let failure = e.into_failure();
+                match failure.kind {
+                    FailureKind::BadArchive | FailureKind::BadModel => {
+                        Self::BadRequest(failure.message)
+                    }
+                    _ => Self::Internal(failure.message),
+                }
+            }
+        }
+    }
+}
+
+/// The status of a failed load: the client's fault (400), a missing archive (404), or the
+/// server's, the plugin's included (500).
+fn load_status(kind: FailureKind) -> StatusCode {
+    match kind {
+        FailureKind::BadArchive | FailureKind::BadModel => StatusCode::BAD_REQUEST,
+        FailureKind::NotFound => StatusCode::NOT_FOUND,
+        FailureKind::PluginFault
+        | FailureKind::MissingPlugin
+        | FailureKind::Crashed
+        | FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
 impl ApiError {
@@ -59,11 +167,18 @@ impl ApiError {
             Self::Conflict(_) => "ConflictStatusException",
             Self::Forbidden(_) => "ForbiddenException",
             Self::Unauthorized(_) => "UnauthorizedException",
-            Self::TooManyRequests(_) => "TooManyRequestsException",
+            Self::TooManyRequests(_) | Self::TooManyBodies(_) => "TooManyRequestsException",
             Self::PayloadTooLarge(_) => "RequestEntityTooLargeException",
             Self::Unavailable(_) => "ServiceUnavailableException",
             Self::Timeout { .. } => "ResponseTimeoutException",
             Self::Internal(_) => "InternalServerException",
+            Self::LoadFailed { failure, .. } => match load_status(failure.kind) {
+                StatusCode::BAD_REQUEST => "BadRequestException",
+                StatusCode::NOT_FOUND => "ModelNotFoundException",
+                _ => "InternalServerException",
+            },
+            Self::HeaderTooLarge { .. } => "RequestHeaderFieldsTooLargeException",
+            Self::BodyStalled(_) => "RequestTimeoutException",
             Self::ClientGone => "ClientClosedRequest",
             Self::Plugin(e) => match e.code {
                 ErrorCode::INVALID_INPUT => "BadRequestException",
@@ -84,11 +199,14 @@ impl ResponseError for ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests(_) | Self::TooManyBodies(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::LoadFailed { failure, .. } => load_status(failure.kind),
+            Self::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             // nginx's 499: recorded in logs and metrics only.
             Self::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Self::Plugin(e) => match e.code {
@@ -103,10 +221,14 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        let message = match self {
+        let full = match self {
             Self::Plugin(e) => e.message.to_string(),
             other => other.to_string(),
         };
+        let message = redact(&full);
+        if message != full {
+            tracing::info!(status = status.as_u16(), "answered with host paths redacted: {full}");
+        }
         HttpResponse::build(status).json(serde_json::json!({
             "code": status.as_u16(),
             "type": self.type_name(),

@@ -25,14 +25,40 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/explanations/{model}/{version}", web::post().to(infer));
 }
 
-/// Healthy only when every model that should have workers has them all up.
+/// Healthy when no model that should have workers is still coming up (failed ones are listed
+/// but do not hold it).
 pub(super) async fn ping(state: web::Data<AppState>) -> HttpResponse {
-    let (ready, not_ready) = state.registry.readiness();
+    let (ready, details) = readiness(&state);
+    let mut body = serde_json::json!({ "status": if ready { "Healthy" } else { "Unhealthy" } });
+    merge(&mut body, details);
     if ready {
-        HttpResponse::Ok().json(serde_json::json!({ "status": "Healthy" }))
+        HttpResponse::Ok().json(body)
     } else {
-        HttpResponse::InternalServerError()
-            .json(serde_json::json!({ "status": "Unhealthy", "models": not_ready }))
+        HttpResponse::InternalServerError().json(body)
+    }
+}
+
+/// Whether the server is ready, and what health routes (which need no token) may say about the
+/// models: their names and states when the inference API is open, counts only when it needs a
+/// token.
+pub(super) fn readiness(state: &AppState) -> (bool, serde_json::Value) {
+    let readiness = state.registry.readiness();
+    let named = state.keys.is_none() || !state.config.inference_token_auth;
+    let details = if named {
+        serde_json::json!({ "models": readiness.not_ready, "failed": readiness.failed })
+    } else {
+        serde_json::json!({
+            "notReady": readiness.not_ready.len(),
+            "failed": readiness.failed.len(),
+        })
+    };
+    (readiness.ready(), details)
+}
+
+/// Add the fields of `extra` (an object) to `body` (an object).
+pub(super) fn merge(body: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
     }
 }
 
@@ -120,13 +146,13 @@ pub(super) async fn run(
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
     let id = request_id(&req);
-    let permit = acquire(&state, &model)?;
     let started = Instant::now();
-    let request = read_within_timeout(&state, &id, protocol, &req, payload).await?;
+    let request = receive(&state, &id, protocol, &req, payload).await?;
     let target = state
         .registry
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
+    let permit = acquire(&state, &target)?;
     let result = answer(&target, kind, request, &req, permit, Framing::Raw).await;
     Ok(respond(
         &state,
@@ -138,42 +164,41 @@ pub(super) async fn run(
     ))
 }
 
-/// The global cap: answer 429 at once rather than queue without bound. The permit lives as long
-/// as the request, streams included.
+/// The global cap on requests in flight, taken once the body has arrived (a slow body must not
+/// hold it): answer 429 at once rather than queue without bound. The permit lives as long as
+/// the request, streams included.
 pub(super) fn acquire(
     state: &AppState,
-    model: &str,
+    target: &ModelVersion,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     state.in_flight.clone().try_acquire_owned().map_err(|_| {
         state
             .metrics
             .requests_total
-            .with_label_values(&[model, "", "429"])
+            .with_label_values(&[target.name.as_str(), target.version.as_str(), "429"])
             .inc();
         ApiError::TooManyRequests(state.config.max_concurrent_requests)
     })
 }
 
-/// Read the request within [`BODY_TIMEOUT`].
-pub(super) async fn read_within_timeout(
+/// Receive the request: a body-in-transit slot while it arrives (429 when all are taken), each
+/// chunk within `body_idle_timeout` (408 when it stalls).
+pub(super) async fn receive(
     state: &AppState,
     id: &str,
     protocol: Protocol,
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Request, ApiError> {
-    match tokio::time::timeout(
-        BODY_TIMEOUT,
-        read_request(state, id, protocol, req, payload),
-    )
-    .await
-    {
-        Ok(request) => request,
-        Err(_) => Err(ApiError::BadRequest(format!(
-            "the request body did not arrive within {} s",
-            BODY_TIMEOUT.as_secs()
-        ))),
-    }
+    let _arriving = state.in_transit.clone().try_acquire_owned().map_err(|_| {
+        state
+            .metrics
+            .requests_total
+            .with_label_values(&["", "", "429"])
+            .inc();
+        ApiError::TooManyBodies(state.config.max_bodies_in_transit)
+    })?;
+    read_request(state, id, protocol, req, payload).await
 }
 
 /// Count the answer in the metrics, render an error with `render`, and add the version and
@@ -214,9 +239,6 @@ pub(super) fn respond(
     response
 }
 
-/// How long a client may take to send its body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Read the body and make the plugin's `Request`.
 async fn read_request(
     state: &AppState,
@@ -225,8 +247,13 @@ async fn read_request(
     req: &HttpRequest,
     payload: web::Payload,
 ) -> Result<Request, ApiError> {
-    let (content_type, body, mut params) =
-        read_body(req, payload, state.config.max_request_size).await?;
+    let (content_type, body, mut params) = read_body(
+        req,
+        payload,
+        state.config.max_request_size,
+        state.config.body_idle_timeout,
+    )
+    .await?;
     if let Ok(query) = web::Query::<Vec<(String, String)>>::from_query(req.query_string()) {
         params.extend(
             query
@@ -441,9 +468,10 @@ async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     max: usize,
+    idle: Duration,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
     if super::body::is_multipart(req) {
-        return read_multipart(req, payload, max).await;
+        return read_multipart(req, payload, max, idle).await;
     }
     let content_type = req
         .headers()
@@ -452,7 +480,7 @@ async fn read_body(
         .unwrap_or("")
         .to_owned();
     let mut body = Vec::new();
-    while let Some(chunk) = payload.next().await {
+    while let Some(chunk) = super::body::next_within(idle, payload.next()).await? {
         let chunk = chunk
             .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
         if body.len() + chunk.len() > max {
@@ -467,6 +495,7 @@ async fn read_multipart(
     req: &HttpRequest,
     payload: web::Payload,
     max: usize,
+    idle: Duration,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
     let (mut form, over_cap) = super::body::capped_multipart(req, payload, max as u64);
     let failed = |what: String| {
@@ -478,7 +507,7 @@ async fn read_multipart(
     };
     let mut data: Option<(String, Vec<u8>)> = None;
     let mut params = Vec::new();
-    while let Some(field) = form.next().await {
+    while let Some(field) = super::body::next_within(idle, form.next()).await? {
         let mut field = field.map_err(|e| failed(format!("malformed multipart body: {e}")))?;
         let name = field.name().unwrap_or_default().to_owned();
         let field_type = field
@@ -486,7 +515,7 @@ async fn read_multipart(
             .map(|m| m.to_string())
             .unwrap_or_default();
         let mut bytes = Vec::new();
-        while let Some(chunk) = field.next().await {
+        while let Some(chunk) = super::body::next_within(idle, field.next()).await? {
             let chunk =
                 chunk.map_err(|e| failed(format!("malformed multipart field `{name}`: {e}")))?;
             bytes.extend_from_slice(&chunk);

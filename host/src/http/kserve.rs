@@ -67,8 +67,9 @@ async fn live() -> HttpResponse {
 
 /// Ready as `/ping` is: every model that should have workers has them all up.
 async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let (ready, not_ready) = state.registry.readiness();
-    let body = json!({ "ready": ready, "models": not_ready });
+    let (ready, details) = super::inference::readiness(&state);
+    let mut body = json!({ "ready": ready });
+    super::inference::merge(&mut body, details);
     if ready {
         HttpResponse::Ok().json(body)
     } else {

@@ -12,8 +12,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
-use crate::archive::{resolve_in_store, ArchiveError, ConfigOverrides, OpenedArchive};
-use crate::registry::{drain, ModelState, ModelVersion, Origin};
+use crate::archive::{resolve_in_store, ConfigOverrides, OpenedArchive};
+use crate::registry::registrar::RegisterError;
+use crate::registry::store::{Incoming, IncomingError};
+use crate::registry::{LoadError, ModelState, ModelVersion, Origin};
 
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -33,15 +35,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Write the snapshot before acknowledging a change, so that no acknowledged change is lost.
 fn persist(state: &AppState) -> Result<(), ApiError> {
-    match &state.snapshot {
-        Some(snapshot) => snapshot.save(&state.registry).map_err(|e| {
-            ApiError::Internal(format!(
-                "cannot write the snapshot {}: {e}",
-                snapshot.path().display()
-            ))
-        }),
-        None => Ok(()),
-    }
+    state
+        .registrar
+        .persist()
+        .map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))
 }
 
 fn status(code: actix_web::http::StatusCode, message: String) -> HttpResponse {
@@ -76,12 +73,12 @@ async fn register(
     let store = state.config.model_store.clone();
     let (path, url) = match params.url.as_deref().map(str::trim) {
         Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-            if !state.config.allowed_urls.iter().any(|re| re.is_match(url)) {
-                return Err(ApiError::Forbidden(format!(
-                    "`url` {url:?} is not allowed: it matches no `allowed_urls` pattern (only the model store is allowed by default)"
-                )));
-            }
-            (download(&state, url).await?, url.to_owned())
+            let parsed = state
+                .config
+                .allowed_urls
+                .check(url)
+                .map_err(ApiError::Forbidden)?;
+            (download(&state, parsed).await?, url.to_owned())
         }
         Some(url) if Path::new(url).is_absolute() => {
             return Err(ApiError::Forbidden(format!(
@@ -102,17 +99,21 @@ async fn register(
             (path, name)
         }
     };
+    let archive_file = state.registrar.archive_name(&path);
+    // An archive the server kept (an upload, a download) that is refused is not kept.
+    let refused = |e: ApiError| {
+        state.registrar.forget_archive_if_unused(&archive_file, None);
+        e
+    };
 
-    let ctx = state.ctx.clone();
+    let ctx = state.registrar.ctx.clone();
     let archive = web::block(move || OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits))
         .await
         .map_err(|e| ApiError::Internal(format!("the archive reader stopped: {e}")))?
-        .map_err(|e| match e {
-            ArchiveError::NotFound(_) => ApiError::ModelNotFound(e.to_string()),
-            other => ApiError::BadRequest(other.to_string()),
-        })?;
+        .map_err(|e| refused(ApiError::from(LoadError::from(e))))?;
     if let Some(name) = &params.model_name {
-        crate::archive::validate_name("model_name", name).map_err(ApiError::BadRequest)?;
+        crate::archive::validate_name("model_name", name)
+            .map_err(|e| refused(ApiError::BadRequest(e)))?;
     }
     let overrides = ConfigOverrides {
         batch_size: params.batch_size,
@@ -125,17 +126,13 @@ async fn register(
         .config
         .clone()
         .with_overrides(&overrides)
-        .map_err(ApiError::BadRequest)?;
-    let archive_file = archive
-        .source
-        .strip_prefix(&store)
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| archive.source.to_string_lossy().into_owned());
+        .map_err(|e| refused(ApiError::BadRequest(e)))?;
     let origin = Origin {
         url,
-        archive_file,
+        archive_file: archive_file.clone(),
         at_startup: false,
         overrides,
+        loaded_before: false,
     };
     let version = Arc::new(ModelVersion::from_archive(
         archive,
@@ -143,17 +140,13 @@ async fn register(
         config,
         origin,
     ));
-    state.registry.insert(version.clone())?;
-    if let Err(e) = persist(&state) {
-        let _ = state.registry.remove(&version.name, Some(&version.version));
-        return Err(e);
-    }
-    let ctx = state.ctx.clone();
-    let loading = version.clone();
-    std::thread::Builder::new()
-        .name("cresset-loader".into())
-        .spawn(move || loading.start(&ctx))
-        .map_err(|e| ApiError::Internal(format!("cannot start a loader thread: {e}")))?;
+    state
+        .registrar
+        .register(version.clone())
+        .map_err(|e| match e {
+            RegisterError::Registry(e) => refused(e.into()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
     let workers = version.config.min_workers;
     if !params.synchronous.unwrap_or(false) {
         return Ok(status(
@@ -165,14 +158,14 @@ async fn register(
         ));
     }
     match version.settled().await {
-        ModelState::Failed(why) => {
+        ModelState::Failed(failure) => {
             // A registration that cannot load is not kept.
-            let _ = state.registry.remove(&version.name, Some(&version.version));
-            persist(&state)?;
-            Err(ApiError::BadRequest(format!(
-                "model `{}` version `{}` failed to load: {why}",
-                version.name, version.version
-            )))
+            state.registrar.withdraw_failed(&version);
+            Err(ApiError::LoadFailed {
+                model: version.name.clone(),
+                version: version.version.clone(),
+                failure,
+            })
         }
         ModelState::Draining => Err(ApiError::Conflict(format!(
             "model `{}` version `{}` was unregistered while it was loading",
@@ -188,86 +181,27 @@ async fn register(
     }
 }
 
-/// An archive format from its first bytes.
-fn sniff_extension(head: &[u8]) -> Option<&'static str> {
-    match head {
-        [0x1f, 0x8b, ..] => Some("tar.gz"),
-        [b'P', b'K', 3, 4, ..] => Some("zip"),
-        _ => None,
-    }
-}
-
-/// An archive arriving into the model store: written to a temporary file as it comes (never
-/// whole in memory), hashed on the way, capped at `max` bytes.
-struct Incoming {
-    file: tempfile::NamedTempFile,
-    hasher: sha2::Sha256,
-    head: Vec<u8>,
-    len: u64,
-    max: u64,
-}
-
-fn store_io(e: std::io::Error) -> ApiError {
-    ApiError::Internal(format!("cannot write to the model store: {e}"))
-}
-
-impl Incoming {
-    fn new(store: &Path, max: u64) -> Result<Self, ApiError> {
-        use sha2::Digest;
-        Ok(Self {
-            file: tempfile::NamedTempFile::new_in(store).map_err(store_io)?,
-            hasher: sha2::Sha256::new(),
-            head: Vec::new(),
-            len: 0,
-            max,
-        })
-    }
-
-    fn push(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
-        use sha2::Digest;
-        use std::io::Write;
-        self.len += chunk.len() as u64;
-        if self.len > self.max {
-            return Err(ApiError::PayloadTooLarge(
-                usize::try_from(self.max).unwrap_or(usize::MAX),
-            ));
-        }
-        if self.head.len() < 8 {
-            self.head.extend(chunk.iter().take(8 - self.head.len()));
-        }
-        self.hasher.update(chunk);
-        self.file.write_all(chunk).map_err(store_io)
-    }
-
-    /// Keep the archive in the store under a name made from its hash (the same archive twice is
-    /// one file), atomically. Kept archives survive restarts.
-    fn keep(self, store: &Path, prefix: &str) -> Result<PathBuf, ApiError> {
-        use sha2::Digest;
-        if self.len == 0 {
-            return Err(ApiError::BadRequest(
+impl From<IncomingError> for ApiError {
+    fn from(e: IncomingError) -> Self {
+        match e {
+            IncomingError::TooLarge(max) => {
+                ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX))
+            }
+            IncomingError::Empty => ApiError::BadRequest(
                 "give `url` (an archive in the model store, or an allowed http(s) URL), or send the archive as the body".into(),
-            ));
+            ),
+            IncomingError::UnknownFormat => ApiError::BadRequest(e.to_string()),
+            IncomingError::Io(_) => ApiError::Internal(e.to_string()),
         }
-        let ext = sniff_extension(&self.head).ok_or_else(|| {
-            ApiError::BadRequest(
-                "the archive must be a .tar.gz or a .zip (checked by its first bytes)".into(),
-            )
-        })?;
-        let hash: String = self
-            .hasher
-            .finalize()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let path = store.join(format!("{prefix}-{hash}.{ext}"));
-        if path.is_file() {
-            return Ok(path);
-        }
-        self.file.as_file().sync_all().map_err(store_io)?;
-        self.file.persist(&path).map_err(|e| store_io(e.error))?;
-        Ok(path)
     }
+}
+
+/// Keep a finished upload or download in the store.
+async fn keep(incoming: Incoming, store: PathBuf, prefix: &'static str) -> Result<PathBuf, ApiError> {
+    let (path, _existed) = web::block(move || incoming.keep(&store, prefix))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the archive writer stopped: {e}")))??;
+    Ok(path)
 }
 
 async fn save_upload(
@@ -276,13 +210,14 @@ async fn save_upload(
     mut payload: web::Payload,
 ) -> Result<PathBuf, ApiError> {
     let max = state.config.max_upload_size;
+    let idle = state.config.body_idle_timeout;
     let store = state.config.model_store.clone();
     let mut incoming = Incoming::new(&store, max)?;
     if super::body::is_multipart(req) {
         let (mut form, over_cap) = super::body::capped_multipart(req, payload, max);
         let too_big = || ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX));
         let mut taken = false;
-        while let Some(field) = form.next().await {
+        while let Some(field) = super::body::next_within(idle, form.next()).await? {
             let mut field = field.map_err(|e| {
                 if over_cap() {
                     too_big()
@@ -293,7 +228,7 @@ async fn save_upload(
             let wanted =
                 !taken && matches!(field.name(), Some("data" | "file" | "model" | "archive"));
             taken |= wanted;
-            while let Some(chunk) = field.next().await {
+            while let Some(chunk) = super::body::next_within(idle, field.next()).await? {
                 let chunk: Bytes = chunk.map_err(|e| {
                     if over_cap() {
                         too_big()
@@ -307,33 +242,29 @@ async fn save_upload(
             }
         }
     } else {
-        while let Some(chunk) = payload.next().await {
+        while let Some(chunk) = super::body::next_within(idle, payload.next()).await? {
             let chunk =
                 chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the upload: {e}")))?;
             incoming.push(&chunk)?;
         }
     }
-    web::block(move || incoming.keep(&store, "upload"))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the upload writer stopped: {e}")))?
+    keep(incoming, store, "upload").await
 }
 
-/// Download an allowed URL into the model store (kept, like uploads). Redirects are not
-/// followed: they could lead outside `allowed_urls`.
-async fn download(state: &AppState, url: &str) -> Result<PathBuf, ApiError> {
+/// Download an allowed URL into the model store (kept, like uploads), through an agent that
+/// follows no redirect and, for hosts given by name, reaches public addresses only.
+async fn download(state: &AppState, url: url::Url) -> Result<PathBuf, ApiError> {
     let max = state.config.max_upload_size;
     let store = state.config.model_store.clone();
-    let url = url.to_owned();
-    web::block(move || -> Result<PathBuf, ApiError> {
+    let agent = crate::remote::agent(
+        &state.config.allowed_urls,
+        std::time::Duration::from_secs(600),
+    );
+    let incoming = web::block(move || -> Result<Incoming, ApiError> {
         let failed = |e: &dyn std::fmt::Display| {
-            ApiError::BadRequest(format!("cannot download `url` {url:?}: {e}"))
+            ApiError::BadRequest(format!("cannot download `url` {:?}: {e}", url.as_str()))
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(std::time::Duration::from_secs(600)))
-            .max_redirects(0)
-            .build()
-            .into();
-        let mut response = agent.get(&url).call().map_err(|e| failed(&e))?;
+        let mut response = agent.get(url.as_str()).call().map_err(|e| failed(&e))?;
         if !response.status().is_success() {
             return Err(failed(&format!(
                 "the server answered {} (redirects are not followed)",
@@ -350,10 +281,11 @@ async fn download(state: &AppState, url: &str) -> Result<PathBuf, ApiError> {
             }
             incoming.push(&buf[..n])?;
         }
-        incoming.keep(&store, "download")
+        Ok(incoming)
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("the downloader stopped: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("the downloader stopped: {e}")))??;
+    keep(incoming, state.config.model_store.clone(), "download").await
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,7 +314,7 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
     let (page, total) = state.registry.list(offset, limit);
     let models: Vec<Value> = page
         .iter()
-        .map(|v| json!({ "modelName": v.name, "modelUrl": v.url }))
+        .map(|v| json!({ "modelName": v.name, "modelUrl": v.origin.url }))
         .collect();
     let mut body = json!({ "models": models });
     let next = offset.saturating_add(limit);
@@ -409,11 +341,11 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
     let workers: Vec<Value> = v
         .workers()
         .into_iter()
-        .map(|(id, status, started)| {
+        .map(|w| {
             json!({
-                "id": id.to_string(),
-                "startTime": rfc3339(started),
-                "status": status.name(),
+                "id": w.id.to_string(),
+                "startTime": rfc3339(w.started),
+                "status": w.status.name(),
                 "gpu": v.config.device_type == crate::archive::DeviceKind::Gpu,
             })
         })
@@ -430,7 +362,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
     let mut body = json!({
         "modelName": v.name,
         "modelVersion": v.version,
-        "modelUrl": v.url,
+        "modelUrl": v.origin.url,
         "runtime": "cresset",
         "handler": v.handler,
         "minWorkers": min_workers,
@@ -438,7 +370,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
         "batchSize": v.config.batch_size,
         "maxBatchDelay": v.config.max_batch_delay_ms,
         "responseTimeout": v.config.response_timeout_s,
-        "loadedAtStartup": v.loaded_at_startup,
+        "loadedAtStartup": v.origin.at_startup,
         "isDefault": v.version == default,
         "state": state.name(),
         "queueDepth": v.queue_depth(),
@@ -447,8 +379,9 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
         "plugin": plugin,
         "config": serde_json::to_value(&v.config).unwrap_or(Value::Null),
     });
-    if let ModelState::Failed(why) = state {
-        body["error"] = json!(why);
+    if let ModelState::Failed(failure) = state {
+        body["error"] = json!(super::error::redact(&failure.message));
+        body["failure"] = json!(failure.kind.name());
     }
     body
 }
@@ -532,12 +465,12 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
         let version = version.clone();
         async move {
             let _one_at_a_time = version.scale_lock.lock().await;
-            let ctx = state.ctx.clone();
+            let ctx = state.registrar.ctx.clone();
             let scaling = version.clone();
             web::block(move || scaling.scale(&ctx, min))
                 .await
                 .map_err(|e| ApiError::Internal(format!("the scaler stopped: {e}")))?
-                .map_err(ApiError::Internal)?;
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
             version.set_worker_bounds(min, max);
             persist(&state)
         }
@@ -583,15 +516,13 @@ async fn unregister(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let model = req.match_info().get("model").unwrap_or_default();
-    let removed = state
-        .registry
-        .remove(model, req.match_info().get("version"))?;
-    let message = format!(
-        "Model \"{}\" version {} unregistered",
-        removed.name, removed.version
-    );
-    tracing::info!(model = %removed.name, version = %removed.version, "unregistered; draining");
-    drain(removed);
-    persist(&state)?;
-    Ok(status(actix_web::http::StatusCode::OK, message))
+    let ((name, version), persisted) = state
+        .registrar
+        .unregister(model, req.match_info().get("version"))?;
+    tracing::info!(model = %name, %version, "unregistered; draining");
+    persisted.map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))?;
+    Ok(status(
+        actix_web::http::StatusCode::OK,
+        format!("Model \"{name}\" version {version} unregistered"),
+    ))
 }

@@ -2,7 +2,8 @@
 
 mod auth;
 mod body;
-mod error;
+pub mod error;
+mod guard;
 mod inference;
 mod kserve;
 mod management;
@@ -31,14 +32,34 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The configuration.
     pub config: Arc<ServerConfig>,
-    /// What loading models needs.
-    pub ctx: Arc<crate::registry::LoadContext>,
-    /// Permits for inference requests in flight (`max_concurrent_requests`).
+    /// Registers, restores and unregisters models, with the snapshot in step.
+    pub registrar: Arc<crate::registry::Registrar>,
+    /// Permits for inference requests in flight (`max_concurrent_requests`), taken once the
+    /// body has arrived.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Permits for inference bodies arriving (`max_bodies_in_transit`).
+    pub in_transit: Arc<tokio::sync::Semaphore>,
     /// The API keys (`None` with `--disable-token-auth`).
     pub keys: Option<ApiKeys>,
-    /// Where registrations are persisted (`None` with `--no-config-snapshot`).
-    pub snapshot: Option<Arc<crate::snapshot::Snapshotter>>,
+}
+
+impl AppState {
+    /// The state for these parts.
+    pub fn new(
+        config: Arc<ServerConfig>,
+        registrar: Arc<crate::registry::Registrar>,
+        keys: Option<ApiKeys>,
+    ) -> Self {
+        Self {
+            registry: registrar.registry.clone(),
+            metrics: registrar.ctx.metrics.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+            in_transit: Arc::new(tokio::sync::Semaphore::new(config.max_bodies_in_transit)),
+            config,
+            registrar,
+            keys,
+        }
+    }
 }
 
 /// Bind the listeners and return the running server and the addresses it bound (port 0 picks a
@@ -52,19 +73,26 @@ pub fn bind(
     let config = state.config.clone();
     let data = web::Data::from(state);
     let inference_token = web::Data::new(auth::RequiredToken(
-        data.keys.as_ref().map(|k| k.inference.clone()),
+        data.keys
+            .as_ref()
+            .filter(|_| config.inference_token_auth)
+            .map(|k| k.inference.clone()),
     ));
+    let header_limit = web::Data::new(guard::HeaderLimit(config.max_header_size));
     let management_token = web::Data::new(auth::RequiredToken(
         data.keys.as_ref().map(|k| k.management.clone()),
     ));
     let inference_data = data.clone();
     let max = config.max_request_size;
+    let limit = header_limit.clone();
     let inference = HttpServer::new(move || {
         App::new()
             .app_data(inference_data.clone())
             .app_data(inference_token.clone())
+            .app_data(limit.clone())
             .app_data(web::PayloadConfig::new(max))
             .wrap(actix_web::middleware::from_fn(auth::require_token))
+            .wrap(actix_web::middleware::from_fn(guard::limit_headers))
             .wrap_fn(access_log)
             .configure(inference::routes)
             .configure(kserve::routes)
@@ -80,32 +108,54 @@ pub fn bind(
         .map(|a| ("inference", a))
         .collect();
 
+    // Bind first: the browser guard needs the bound address (port 0 picks one).
+    let management_listener = std::net::TcpListener::bind(config.management_address)?;
+    let metrics_listener = std::net::TcpListener::bind(config.metrics_address)?;
+    let guard_of = |listener: &std::net::TcpListener| -> std::io::Result<_> {
+        Ok(web::Data::new(guard::BrowserGuard {
+            bound: listener.local_addr()?,
+            allowed_hosts: config.allowed_hosts.clone(),
+        }))
+    };
+    let management_guard = guard_of(&management_listener)?;
+    let metrics_guard = guard_of(&metrics_listener)?;
+
     let management_data = data.clone();
     let metrics_token = management_token.clone();
+    let limit = header_limit.clone();
     let management = HttpServer::new(move || {
         App::new()
             .app_data(management_data.clone())
             .app_data(management_token.clone())
+            .app_data(management_guard.clone())
+            .app_data(limit.clone())
             .wrap(actix_web::middleware::from_fn(auth::require_token))
+            .wrap(actix_web::middleware::from_fn(guard::refuse_browsers))
+            .wrap(actix_web::middleware::from_fn(guard::limit_headers))
             .wrap_fn(access_log)
             .configure(management::routes)
             .configure(|c| describe_api(c, openapi::management))
     })
     .workers(1)
-    .bind(config.management_address)?;
+    .listen(management_listener)?;
     addresses.extend(management.addrs().into_iter().map(|a| ("management", a)));
 
     let metrics_data = data.clone();
+    let limit = header_limit;
     let metrics = HttpServer::new(move || {
         App::new()
             .app_data(metrics_data.clone())
             .app_data(metrics_token.clone())
+            .app_data(metrics_guard.clone())
+            .app_data(limit.clone())
             .wrap(actix_web::middleware::from_fn(auth::require_token))
+            .wrap(actix_web::middleware::from_fn(guard::refuse_browsers))
+            .wrap(actix_web::middleware::from_fn(guard::limit_headers))
             .route("/metrics", web::get().to(render_metrics))
             .configure(|c| describe_api(c, openapi::metrics))
     })
     .workers(1)
-    .bind(config.metrics_address)?;
+    .listen(metrics_listener)?;
     addresses.extend(metrics.addrs().into_iter().map(|a| ("metrics", a)));
 
     let inference = inference.run();
@@ -147,7 +197,7 @@ async fn api_description(doc: web::Data<serde_json::Value>) -> HttpResponse {
 }
 
 async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
-    state.metrics.observe_registry(&state.registry);
+    state.registry.publish_gauges(&state.metrics);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

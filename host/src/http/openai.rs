@@ -15,7 +15,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde_json::{json, Value};
 
 use super::inference::{
-    acquire, answer, read_within_timeout, request_id, respond, Framing, Protocol,
+    acquire, answer, receive, request_id, respond, Framing, Protocol,
 };
 use super::{ApiError, AppState};
 use crate::worker::JobKind;
@@ -37,7 +37,7 @@ fn openai_error(status: StatusCode, message: &str) -> HttpResponse {
         _ => "server_error",
     };
     HttpResponse::build(status).json(json!({
-        "error": {"message": message, "type": kind, "param": null, "code": null}
+        "error": {"message": super::error::redact(message), "type": kind, "param": null, "code": null}
     }))
 }
 
@@ -77,12 +77,8 @@ async fn generate(
     protocol: Protocol,
 ) -> HttpResponse {
     let id = request_id(&req);
-    let permit = match acquire(&state, "") {
-        Ok(p) => p,
-        Err(e) => return render(&e),
-    };
     let started = Instant::now();
-    let request = match read_within_timeout(&state, &id, protocol, &req, payload).await {
+    let request = match receive(&state, &id, protocol, &req, payload).await {
         Ok(r) => r,
         Err(e) => return render(&e),
     };
@@ -119,6 +115,10 @@ async fn generate(
                 &format!("The model `{model}` does not exist"),
             )
         }
+    };
+    let permit = match acquire(&state, &target) {
+        Ok(p) => p,
+        Err(e) => return render(&e),
     };
     let framing = if stream { Framing::Sse } else { Framing::Raw };
     let result = answer(&target, JobKind::Predict, request, &req, permit, framing).await;

@@ -61,6 +61,13 @@ fn json_request(value: Value) -> Request {
     request("application/json", value.to_string())
 }
 
+/// A request through one of the host's OpenAI routes.
+fn openai(protocol: &str, value: Value) -> Request {
+    let mut r = json_request(value);
+    r.params = vec![KeyValue::new("cresset-protocol", protocol)].into();
+    r
+}
+
 /// Every request arrives at once; steps run until all are answered.
 struct Out {
     chunks: Vec<Vec<cresset_plugin_api::Response>>,
@@ -152,10 +159,10 @@ fn openai_shapes_come_back_with_usage_and_finish_reason() {
     let expected = expected();
     let spec = &expected["llama-gqa-tied"];
     let mut h = handler(json!({}), 1);
-    let mut r = json_request(
+    let r = openai(
+        "openai-completions",
         json!({"model": "m", "prompt": spec["prompt"], "max_tokens": 5, "temperature": 0}),
     );
-    r.params = vec![KeyValue::new("cresset-protocol", "openai-completions")].into();
     let out = body(&run(&mut h, &[r]).finals[0]);
     assert_eq!(out["object"], "text_completion");
     assert_eq!(out["choices"][0]["finish_reason"], "length");
@@ -197,6 +204,62 @@ fn bad_requests_get_400_naming_the_field() {
         &[json_request(json!({"data": "hi", "max_new_tokens": 2}))],
     );
     assert!(ok.finals[0].is_ok(), "the handler still answers");
+}
+
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n";
+
+#[test]
+fn a_prompt_too_long_in_bytes_is_refused_without_tokenizing() {
+    let mut h = handler(json!({"chat_template": CHATML}), 1);
+    // 256 positions, and no token of this byte-level BPE stands for more than 13 bytes
+    // (`<|endoftext|>`): 255 tokens are at most 3315 bytes.
+    let max = h
+        .max_prompt_bytes()
+        .expect("a byte-level BPE bounds its tokens");
+    assert_eq!(max, 255 * 13);
+    let huge = "a".repeat(6 << 20);
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": huge}]});
+    for (request, field) in [
+        (json_request(json!({"data": huge})), "`data` is"),
+        (request("text/plain", huge.clone()), "the body is"),
+        (
+            openai("openai-completions", json!({"model": "m", "prompt": huge})),
+            "`prompt` is",
+        ),
+        (
+            openai("openai-chat", chat),
+            "`messages`, rendered with the chat template, is",
+        ),
+    ] {
+        let out = run(&mut h, &[request]);
+        let err = out.finals[0].as_ref().expect_err("refused");
+        assert_eq!(err.code, ErrorCode::INVALID_INPUT);
+        assert!(err.message.starts_with(field), "{}", err.message);
+        assert!(
+            err.message.contains("bytes long: at least")
+                && err.message.contains("the context holds 256"),
+            "{}",
+            err.message
+        );
+    }
+    assert_eq!(h.prompts_tokenized(), 0, "refused by their length in bytes");
+    // One byte over the bound is refused as it stands; at the bound, the prompt is tokenized
+    // and its tokens counted.
+    let out = run(
+        &mut h,
+        &[json_request(json!({"data": "a".repeat(max + 1)}))],
+    );
+    let err = out.finals[0].as_ref().expect_err("refused");
+    assert!(
+        err.message.contains("at least 256 tokens"),
+        "{}",
+        err.message
+    );
+    assert_eq!(h.prompts_tokenized(), 0);
+    let out = run(&mut h, &[json_request(json!({"data": "a".repeat(max)}))]);
+    let err = out.finals[0].as_ref().expect_err("too many tokens");
+    assert!(err.message.starts_with("the prompt is"), "{}", err.message);
+    assert_eq!(h.prompts_tokenized(), 1);
 }
 
 #[test]

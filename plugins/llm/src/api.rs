@@ -23,6 +23,8 @@ pub struct GenRequest {
     pub api: Api,
     /// The prompt text (chat messages are rendered later, with the model's template).
     pub prompt: Prompt,
+    /// Where the request holds its prompt, for messages that name it.
+    pub prompt_field: PromptField,
     /// Most new tokens (`None`: the handler's default).
     pub max_new_tokens: Option<u64>,
     /// Sampling temperature (0: greedy).
@@ -50,6 +52,24 @@ pub enum Prompt {
     Text(String),
     /// `(role, content)` messages.
     Chat(Vec<(String, String)>),
+}
+
+/// Where a request holds its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptField {
+    /// A field of the JSON body (`data`, `prompt`, `messages`, ...).
+    Key(&'static str),
+    /// The whole body (raw text, or a JSON string).
+    Body,
+}
+
+impl std::fmt::Display for PromptField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key(key) => write!(f, "`{key}`"),
+            Self::Body => f.write_str("the body"),
+        }
+    }
 }
 
 fn invalid(message: impl Into<String>) -> PluginError {
@@ -190,6 +210,7 @@ fn parse_torchserve(request: &Request) -> Result<GenRequest, PluginError> {
     let body: &[u8] = &request.body;
     let json_body = request.content_type.as_str().contains("json");
     let mut map = Map::new();
+    let mut field = PromptField::Body;
     let prompt = if json_body {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
@@ -201,6 +222,7 @@ fn parse_torchserve(request: &Request) -> Result<GenRequest, PluginError> {
                     .into_iter()
                     .find(|k| map.contains_key(*k))
                     .ok_or_else(|| invalid("the JSON body needs `data` (the prompt)"))?;
+                field = PromptField::Key(key);
                 match map.get(key) {
                     Some(Value::String(s)) => s.clone(),
                     Some(other) => {
@@ -243,6 +265,7 @@ fn parse_torchserve(request: &Request) -> Result<GenRequest, PluginError> {
     Ok(GenRequest {
         api: Api::TorchServe,
         prompt: Prompt::Text(prompt),
+        prompt_field: field,
         max_new_tokens: integer(&map, "max_new_tokens", 1 << 20)?,
         temperature,
         top_k,
@@ -350,6 +373,11 @@ fn parse_openai(request: &Request, api: Api) -> Result<GenRequest, PluginError> 
     Ok(GenRequest {
         api,
         prompt,
+        prompt_field: PromptField::Key(if api == Api::Chat {
+            "messages"
+        } else {
+            "prompt"
+        }),
         max_new_tokens,
         temperature: number(&map, "temperature", 0.0, 2.0)?.unwrap_or(1.0),
         top_k: 0,

@@ -37,6 +37,17 @@ impl GptHandler {
     pub fn in_flight(&self) -> usize {
         self.engine.in_flight()
     }
+
+    /// The longest prompt, in bytes, that may fit the context; a longer one is refused without
+    /// being tokenized (`None`: this tokenizer puts no bound on the bytes of a token).
+    pub fn max_prompt_bytes(&self) -> Option<usize> {
+        self.prompts.max_prompt_bytes()
+    }
+
+    /// Prompts tokenized so far (for tests).
+    pub fn prompts_tokenized(&self) -> u64 {
+        self.prompts.tokenized()
+    }
 }
 
 impl Handler for GptHandler {

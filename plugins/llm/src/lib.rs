@@ -38,7 +38,7 @@ mod load;
 mod prompt;
 mod text;
 
-pub use api::{parse, Api, Finish, GenRequest, Prompt};
+pub use api::{parse, Api, Finish, GenRequest, Prompt, PromptField};
 pub use device_map::load_options;
 pub use handler::GptHandler;
 pub use load::{load, Loaded, Placer};

@@ -5,7 +5,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cresset_torch::sampling::{Rng, SamplingParams};
 
-use crate::api::{Api, Finish, GenRequest, Prompt};
+use crate::api::{Api, Finish, GenRequest, Prompt, PromptField};
 use crate::prompt::Prepared;
 use crate::text::TextStream;
 
@@ -87,6 +87,7 @@ pub(super) fn placeholder() -> Sequence {
         request: GenRequest {
             api: Api::TorchServe,
             prompt: Prompt::Text(String::new()),
+            prompt_field: PromptField::Body,
             max_new_tokens: None,
             temperature: 0.0,
             top_k: 0,

@@ -1,9 +1,14 @@
 //! From a request to the token ids of its prompt: parse it ([`api::parse`]), render chat
-//! messages with the model's template, tokenize, and check that the prompt fits the context.
+//! messages with the model's template, refuse a prompt too long in bytes to fit the context
+//! (before tokenizing it: see [`byte_bound`]), tokenize, and check that the tokens fit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cresset_plugin_api::{PluginError, Request};
 use cresset_torch::tokenizers::Tokenizer;
 use serde_json::Value;
+
+mod byte_bound;
 
 use crate::api::{self, GenRequest, Prompt};
 
@@ -44,6 +49,10 @@ pub(crate) struct PromptEncoder {
     /// A BOS id to put before text prompts (see [`crate::Loaded::add_bos`]).
     add_bos: Option<i64>,
     limits: Limits,
+    /// The most prompt bytes one token stands for (`None`: the tokenizer has no such bound).
+    bytes_per_token: Option<usize>,
+    /// Prompts tokenized so far.
+    tokenized: AtomicU64,
 }
 
 impl PromptEncoder {
@@ -54,12 +63,35 @@ impl PromptEncoder {
         add_bos: Option<i64>,
         limits: Limits,
     ) -> Self {
+        let bytes_per_token = match byte_bound::bytes_per_token(&tokenizer) {
+            Ok(bytes) => Some(bytes),
+            Err(why) => {
+                tracing::info!(
+                    "prompts are not bounded in bytes ({why}): only their tokens are counted"
+                );
+                None
+            }
+        };
         Self {
             tokenizer,
             chat,
             add_bos,
             limits,
+            bytes_per_token,
+            tokenized: AtomicU64::new(0),
         }
+    }
+
+    /// The longest prompt, in bytes, that may fit the context: (context - 1) tokens of the
+    /// longest token (`None`: the tokenizer has no such bound).
+    pub fn max_prompt_bytes(&self) -> Option<usize> {
+        self.bytes_per_token
+            .map(|per_token| per_token.saturating_mul(self.limits.capacity.saturating_sub(1)))
+    }
+
+    /// Prompts tokenized so far.
+    pub fn tokenized(&self) -> u64 {
+        self.tokenized.load(Ordering::Relaxed)
     }
 
     /// The tokenizer (the engine decodes generated tokens with it).
@@ -113,6 +145,14 @@ impl PromptEncoder {
                 )
             }
         };
+        let field = match &request.prompt {
+            Prompt::Text(_) => request.prompt_field.to_string(),
+            Prompt::Chat(_) => {
+                format!("{}, rendered with the chat template,", request.prompt_field)
+            }
+        };
+        self.check_bytes(&field, text.len())?;
+        self.tokenized.fetch_add(1, Ordering::Relaxed);
         let encoding = self
             .tokenizer
             .encode(text, specials)
@@ -133,6 +173,22 @@ impl PromptEncoder {
             )));
         }
         Ok(ids)
+    }
+
+    /// Refuse a prompt of `bytes` bytes that has more tokens than the context holds for sure,
+    /// without tokenizing it.
+    fn check_bytes(&self, field: &str, bytes: usize) -> Result<(), PluginError> {
+        let Some(per_token) = self.bytes_per_token else {
+            return Ok(());
+        };
+        let at_least = bytes.div_ceil(per_token);
+        let capacity = self.limits.capacity;
+        if at_least >= capacity {
+            return Err(PluginError::invalid_input(format!(
+                "{field} is {bytes} bytes long: at least {at_least} tokens, as no token stands for more than {per_token} bytes; the context holds {capacity}"
+            )));
+        }
+        Ok(())
     }
 }
 

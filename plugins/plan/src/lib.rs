@@ -5,6 +5,8 @@
 //! cache and activations at `max_length`. An explicit map is validated instead. `cresset plan`
 //! prints the result as a dry run.
 
+#[cfg(test)]
+mod counting_alloc;
 pub mod gguf;
 pub mod safetensors;
 

@@ -3,7 +3,9 @@
 //! serve the files they already have.
 //!
 //! The file is memory-mapped; the header is parsed as hostile input (every count, length and
-//! offset is checked against the file before use).
+//! offset is checked against the file before use, and the metadata is capped). Metadata arrays
+//! stay in the mapping until they are read ([`Gguf::array`]), so a parse costs memory only for
+//! what a model uses.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -13,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
 
-pub use cresset_plan::gguf::{GgmlType, TensorInfo, Value, MAGIC, QK};
+pub use cresset_plan::gguf::{Array, GgmlType, TensorInfo, Value, ValueType, MAGIC, QK};
 
 /// A parsed GGUF file.
 pub struct Gguf {
@@ -70,6 +72,38 @@ impl Gguf {
         })
     }
 
+    /// The elements of the metadata array `key`, decoded one at a time from the file (a
+    /// parse leaves arrays in the file); `None` if there is no array of that name.
+    pub fn array<'a>(
+        &'a self,
+        key: &str,
+    ) -> Option<impl Iterator<Item = Result<Value, ModelError>> + 'a> {
+        let array = self.get(key)?.as_array()?;
+        let key = key.to_owned();
+        Some(
+            array
+                .values(&self.map)
+                .map(move |v| v.map_err(|e| bad(&self.path, format!("metadata `{key}`: {e}")))),
+        )
+    }
+
+    /// The strings of the metadata array `key`, decoded one at a time.
+    fn strings<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> Result<impl Iterator<Item = Result<String, ModelError>> + 'a, ModelError> {
+        let values = self.array(key).ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("metadata `{key}` is missing or not an array"),
+            )
+        })?;
+        Ok(values.map(move |v| match v? {
+            Value::String(s) => Ok(s),
+            _ => Err(bad(&self.path, format!("`{key}` holds a non-string"))),
+        }))
+    }
+
     /// Dequantize a tensor into a `kind` tensor on `device`.
     pub fn tensor(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor, ModelError> {
         let info = self
@@ -123,28 +157,22 @@ impl Gguf {
                 "GGUF tokenizer model {model:?} is not byte-level BPE (gpt2); put a tokenizer.json beside the file"
             )));
         }
-        let strings = |key: &str| -> Result<Vec<String>, ModelError> {
-            self.get(key)
-                .and_then(Value::as_array)
-                .ok_or_else(|| bad(&self.path, format!("metadata `{key}` is missing")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| bad(&self.path, format!("`{key}` holds a non-string")))
-                })
-                .collect()
+        // The arrays are decoded here, one element at a time; the parse capped their total.
+        let tokens: Vec<String> = self
+            .strings("tokenizer.ggml.tokens")?
+            .collect::<Result<_, _>>()?;
+        let mut merges: Vec<(String, String)> = Vec::new();
+        for merge in self.strings("tokenizer.ggml.merges")? {
+            if let Some((a, b)) = merge?.split_once(' ') {
+                merges.push((a.to_owned(), b.to_owned()));
+            }
+        }
+        let types: Vec<u64> = match self.array("tokenizer.ggml.token_type") {
+            Some(values) => values
+                .map(|v| v.map(|v| v.as_u64().unwrap_or(1)))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
         };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
-            .collect();
-        let types: Vec<u64> = self
-            .get("tokenizer.ggml.token_type")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_default();
         let vocab: tokenizers::models::bpe::Vocab = tokens
             .iter()
             .enumerate()

@@ -22,9 +22,11 @@ build: setup
 models: setup
 	@$(ENV) scripts/make-models.sh
 
-# The quick start serves on loopback without tokens; see README "Security" to turn them on.
+# The quick start serves on loopback. The inference API is open; the management and metrics
+# APIs need the key in model_store/.cresset-keys.json, and the server prints a ready-to-paste
+# curl that reads it (README "Security").
 serve: build models
-	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all --disable-token-auth
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all --disable-inference-token-auth
 
 test: build models
 	@$(ENV) cargo test --release --workspace --no-fail-fast

@@ -153,11 +153,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot record the registrations and start loading them")?;
 
     let keys = match &config.key_file {
-        Some(path) => {
-            let keys = cresset::http::ApiKeys::load_or_create(path)?;
-            announce_keys(&config, path);
-            Some(keys)
-        }
+        Some(path) => Some(cresset::http::ApiKeys::load_or_create(path)?),
         None => {
             tracing::warn!("token authorization is off (--disable-token-auth)");
             None
@@ -168,6 +164,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;
         for (api, address) in &addresses {
             tracing::info!(%api, %address, "listening");
+        }
+        if let Some(path) = &config.key_file {
+            let bound = |api: &str| {
+                addresses
+                    .iter()
+                    .find(|(a, _)| *a == api)
+                    .map(|(_, address)| address.to_string())
+                    .unwrap_or_default()
+            };
+            announce_keys(&config, path, &bound("management"), &bound("inference"));
+        }
+        for (api, address) in &addresses {
             // One machine-readable line on stdout per listener, for scripts and tests that
             // ask for port 0.
             println!("{}", serde_json::json!({ "event": "listening", "api": api, "address": address.to_string() }));
@@ -181,20 +189,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Say where the keys are and how to use them, without printing a key.
-fn announce_keys(config: &ServerConfig, path: &std::path::Path) {
+fn announce_keys(config: &ServerConfig, path: &std::path::Path, management: &str, inference: &str) {
     let file = path.display();
     let extract = |api: &str| format!("$(sed -n 's/.*\"{api}\": *\"\\([0-9a-f]*\\)\".*/\\1/p' {file})");
     tracing::info!(
         key_file = %file,
         "the management API needs its key; try: curl -H \"Authorization: Bearer {}\" http://{}/models",
         extract("management"),
-        config.management_address
+        management
     );
     if config.inference_token_auth {
         tracing::info!(
             "the inference API needs its key too: curl -H \"Authorization: Bearer {}\" http://{}/ping",
             extract("inference"),
-            config.inference_address
+            inference
         );
     } else {
         tracing::warn!("the inference API is open (--disable-inference-token-auth); the management API keeps its key");

@@ -40,9 +40,13 @@ fn built(relative: &str) -> PathBuf {
     path
 }
 
-/// The `cresset` binary.
+/// The `cresset` binary: the one built beside the tests, or `CRESSET_E2E_SERVER` (to run the
+/// suite against another build, such as the code before a fix).
 pub fn cresset_bin() -> PathBuf {
-    built("cresset")
+    match std::env::var_os("CRESSET_E2E_SERVER") {
+        Some(path) => PathBuf::from(path),
+        None => built("cresset"),
+    }
 }
 
 /// A built plugin library by crate name suffix, e.g. `plugin_echo` or `fixture_panicky`.
@@ -197,11 +201,13 @@ impl Server {
                 "--management-address",
                 "127.0.0.1:0",
             ])
-            .arg("--work-dir")
-            .arg(work.path())
             .env_remove("CRESSET_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Each server gets its own work folder unless the test picks one (to restart in it).
+        if !args.contains(&"--work-dir") {
+            command.arg("--work-dir").arg(work.path());
+        }
         // Each server keeps its own snapshot unless the test picks one (tests share model stores).
         if !args.contains(&"--snapshot-file") && !args.contains(&"--no-config-snapshot") {
             command
@@ -386,6 +392,36 @@ impl Server {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Wait up to `timeout` for the server to exit on its own; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
     }
 
     /// SIGKILL the server, as a crash would.

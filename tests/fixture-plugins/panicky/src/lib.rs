@@ -3,7 +3,9 @@
 //! Bodies: `panic` panics in `inference`; `sleep:MS` sleeps MS milliseconds; `stream:N` sends
 //! N chunks then a final `done`; `wait-cancel` waits (up to 20 s) for its client to go away,
 //! then counts it in the metric `cresset_fixture_cancelled_total`. Anything else is answered
-//! with `ok`. `[handler] panic_in = "initialize"` panics while a worker initialises.
+//! with `ok`. `[handler] panic_in = "initialize"` panics while a worker initialises;
+//! `[handler] crash_in = "initialize"` kills the process there instead, with `crash = "abort"`
+//! (the default) or `"segfault"`, as a broken native library would.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,12 @@ impl Handler for Panicky {
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         if ctx.handler_config.get("panic_in").and_then(|v| v.as_str()) == Some("initialize") {
             panic!("panicky fixture: asked to panic in initialize");
+        }
+        if ctx.handler_config.get("crash_in").and_then(|v| v.as_str()) == Some("initialize") {
+            match ctx.handler_config.get("crash").and_then(|v| v.as_str()) {
+                Some("segfault") => segfault(),
+                _ => std::process::abort(),
+            }
         }
         tracing::info!(
             index = ctx.assignment.index,
@@ -79,6 +87,15 @@ impl Handler for Panicky {
     fn postprocess(&mut self, output: String) -> Result<Response, PluginError> {
         Ok(Response::ok("text/plain", output))
     }
+}
+
+/// Die of SIGSEGV, as a bad pointer in native code would.
+fn segfault() -> ! {
+    // SAFETY: raise has no preconditions; SIGSEGV's default action ends the process.
+    unsafe {
+        libc::raise(libc::SIGSEGV);
+    }
+    std::process::abort()
 }
 
 cresset_plugin_api::export_handler!(Panicky);

@@ -148,17 +148,13 @@ fn tar_extension_headers_cannot_blow_up_the_server() {
     ]);
     server.wait_healthy();
     let before = server.status_kib("VmRSS");
+    let mut replies = Vec::new();
     for flag in [b'L', b'x'] {
         // 768 MiB of name in about a megabyte.
         let bomb = extension_bomb(flag, 768 << 20);
         assert!(bomb.len() < 8 << 20, "{} bytes packed", bomb.len());
         let reply = upload(&server, "synchronous=true", &bomb);
-        assert_eq!(reply.status, 400, "{}", reply.text());
-        let message = reply.json()["message"].as_str().unwrap_or("").to_owned();
-        assert!(
-            message.contains("extension header") && message.contains("65536"),
-            "{message}"
-        );
+        replies.push((flag as char, reply.status, reply.text()));
     }
     let peak = server.status_kib("VmHWM");
     eprintln!(
@@ -172,6 +168,13 @@ fn tar_extension_headers_cannot_blow_up_the_server() {
         peak / MIB,
         before / MIB
     );
+    for (flag, status, text) in replies {
+        assert_eq!(status, 400, "{flag}: {text}");
+        assert!(
+            text.contains("extension header") && text.contains("65536"),
+            "{flag}: {text}"
+        );
+    }
     // Nothing was registered, and the server serves.
     assert_eq!(server.manage("GET", "/models/bomb", "", b"").status, 404);
     assert_eq!(
@@ -609,16 +612,8 @@ fn stall(base: &str, path: &str) -> TcpStream {
 
 #[test]
 fn stalled_bodies_neither_hold_the_concurrency_permits_nor_their_connections() {
-    let server = Server::start(&[
-        "--models",
-        "echo",
-        "--max-concurrent-requests",
-        "8",
-        "--max-bodies-in-transit",
-        "32",
-        "--body-idle-timeout",
-        "3",
-    ]);
+    // Only the concurrency cap of the attack; the body caps and timeout are the defaults.
+    let server = Server::start(&["--models", "echo", "--max-concurrent-requests", "8"]);
     server.wait_healthy();
     let began = Instant::now();
     let mut stalled: Vec<TcpStream> = (0..12)
@@ -631,7 +626,8 @@ fn stalled_bodies_neither_hold_the_concurrency_permits_nor_their_connections() {
         let reply = server.post("/predictions/echo", "text/plain", format!("{i}").as_bytes());
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    // Each stalled body is refused once it made no progress for the idle timeout.
+    // Each stalled body is refused once it made no progress for the idle timeout (10 s by
+    // default), not held for a fixed total.
     for stream in &mut stalled {
         let (status, body) = read_answer(stream);
         assert_eq!(status, 408, "{body}");
@@ -639,7 +635,7 @@ fn stalled_bodies_neither_hold_the_concurrency_permits_nor_their_connections() {
     }
     let waited = began.elapsed();
     assert!(
-        waited >= Duration::from_secs(3) && waited < Duration::from_secs(20),
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(25),
         "{waited:?}"
     );
 }
@@ -708,14 +704,14 @@ fn crash_debris_is_swept_at_start_up_and_refused_archives_are_not_kept() {
     upload_stream.write_all(&[0x1f, 0x8b]).expect("send");
     upload_stream.write_all(&vec![7u8; 1 << 20]).expect("send");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while names_in(&store, ".incoming-").is_empty() && Instant::now() < deadline {
+    while names_in(&store, ".").is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(names_in(&store, ".incoming-").len(), 1, "the upload is on disk");
+    assert_eq!(names_in(&store, ".").len(), 1, "the upload is on disk");
     server.kill();
     let second = Server::start(&refs);
     second.wait_healthy();
-    assert!(names_in(&store, ".incoming-").is_empty(), "the half upload was removed");
+    assert!(names_in(&store, ".").is_empty(), "the half upload was removed");
     let runs = names_in(&work, "run-");
     assert_eq!(runs.len(), 1, "only the live server's scratch folder: {runs:?}");
     second.kill();

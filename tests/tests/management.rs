@@ -387,6 +387,65 @@ fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
 }
 
 #[test]
+fn allowed_urls_are_matched_against_the_parsed_url_and_names_must_not_lead_inside() {
+    let build = tempfile::tempdir().expect("tempdir");
+    let file = archive(build.path(), "remote", "1.0", "echo", "tgz");
+    let bytes = std::fs::read(build.path().join(file)).expect("read");
+    let store = tempfile::tempdir().expect("tempdir");
+    let call = |server: &Server, url: &str| {
+        server.manage(
+            "POST",
+            &format!("/models?url={url}&synchronous=true"),
+            "",
+            b"",
+        )
+    };
+    // User-info: the host of `http://good.example@127.0.0.1:PORT/...` is 127.0.0.1.
+    let url = serve_file(bytes.clone());
+    let sneaky = url.replacen("http://", "http://good.example@", 1);
+    let server = store_server(store.path(), &["--allowed-urls", r"http://good\.example.*"]);
+    let r = call(&server, &sneaky);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("user information"), "{}", r.text());
+    drop(server);
+
+    // Dot segments are resolved before the path is matched.
+    let url = serve_file(bytes.clone());
+    let escaped = url.replace("/models/", "/ok/../models/");
+    let server = store_server(
+        store.path(),
+        &["--allowed-urls", r"http://127\.0\.0\.1:\d+/ok/.*"],
+    );
+    let r = call(&server, &escaped);
+    assert_eq!(r.status, 403, "{}", r.text());
+    drop(server);
+
+    // A host given by name that resolves to loopback is refused by default...
+    let url = serve_file(bytes.clone());
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let server = store_server(
+        store.path(),
+        &["--allowed-urls", r"http://localhost:\d+/models/.*"],
+    );
+    let r = call(&server, &by_name);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("loopback, private or link-local"), "{}", r.text());
+    assert_eq!(server.manage("GET", "/models/remote", "", b"").status, 404);
+    drop(server);
+    // ...and allowed when the operator says so.
+    let server = store_server(
+        store.path(),
+        &[
+            "--allowed-urls",
+            r"http://localhost:\d+/models/.*",
+            "--allow-private-url-hosts",
+        ],
+    );
+    let r = call(&server, &by_name);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
 fn a_hot_swap_under_load_fails_no_request_and_frees_the_old_version() {
     let store = tempfile::tempdir().expect("tempdir");
     let v1 = archive(store.path(), "swap", "1.0", "echo", "tgz");

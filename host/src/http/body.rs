@@ -1,10 +1,17 @@
-//! Request bodies shared by the inference and management APIs.
+//! Request bodies shared by the inference and management APIs: multipart forms counted byte
+//! for byte, and reads that give up when a body stalls.
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Duration;
 
-use actix_web::{web, HttpRequest};
-use futures_util::StreamExt;
+use actix_web::http::header::HeaderMap;
+use actix_web::web::Bytes;
+use actix_web::HttpRequest;
+use cresset_plugin_api::KeyValue;
+use futures_util::{Stream, StreamExt};
+
+use super::ApiError;
 
 /// Whether the request is a `multipart/form-data` form.
 pub fn is_multipart(req: &HttpRequest) -> bool {
@@ -17,11 +24,14 @@ pub fn is_multipart(req: &HttpRequest) -> bool {
 /// A multipart form over `payload` that counts every byte, part headers included
 /// (actix-multipart buffers part headers without a cap of its own), and fails past `max`.
 /// The second value tells, after a failure, whether it was the cap.
-pub fn capped_multipart(
-    req: &HttpRequest,
-    payload: web::Payload,
+pub fn capped_multipart<S>(
+    headers: &HeaderMap,
+    payload: S,
     max: u64,
-) -> (actix_multipart::Multipart, impl Fn() -> bool) {
+) -> (actix_multipart::Multipart, impl Fn() -> bool)
+where
+    S: Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + 'static,
+{
     let seen = Rc::new(Cell::new(0u64));
     let counter = seen.clone();
     let limited = payload.map(move |chunk| {
@@ -34,7 +44,7 @@ pub fn capped_multipart(
         }
     });
     (
-        actix_multipart::Multipart::new(req.headers(), limited),
+        actix_multipart::Multipart::new(headers, limited),
         move || seen.get() > max,
     )
 }
@@ -42,10 +52,59 @@ pub fn capped_multipart(
 /// The next item of a body stream, unless `idle` passes first with nothing arriving: a stalled
 /// body is refused (408) instead of holding its slot for a fixed total time.
 pub async fn next_within<F: std::future::Future<Output = Option<T>>, T>(
-    idle: std::time::Duration,
+    idle: Duration,
     next: F,
-) -> Result<Option<T>, super::ApiError> {
+) -> Result<Option<T>, ApiError> {
     tokio::time::timeout(idle, next)
         .await
-        .map_err(|_| super::ApiError::BodyStalled(idle.as_secs()))
+        .map_err(|_| ApiError::BodyStalled(idle.as_secs()))
+}
+
+/// A prediction's multipart form: the `data` (or `body`) field is the request body, with its
+/// part's content type, and the other fields become parameters. Every byte counts against
+/// `max` (413), and each must arrive within `idle` (408).
+pub async fn read_form<S>(
+    headers: &HeaderMap,
+    payload: S,
+    max: usize,
+    idle: Duration,
+) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError>
+where
+    S: Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + 'static,
+{
+    let (mut form, over_cap) = capped_multipart(headers, payload, max as u64);
+    let failed = |what: String| {
+        if over_cap() {
+            ApiError::PayloadTooLarge(max)
+        } else {
+            ApiError::BadRequest(what)
+        }
+    };
+    let mut data: Option<(String, Vec<u8>)> = None;
+    let mut params = Vec::new();
+    while let Some(field) = next_within(idle, form.next()).await? {
+        let mut field = field.map_err(|e| failed(format!("malformed multipart body: {e}")))?;
+        let name = field.name().unwrap_or_default().to_owned();
+        let field_type = field
+            .content_type()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = next_within(idle, field.next()).await? {
+            let chunk =
+                chunk.map_err(|e| failed(format!("malformed multipart field `{name}`: {e}")))?;
+            bytes.extend_from_slice(&chunk);
+        }
+        if (name == "data" || name == "body") && data.is_none() {
+            data = Some((field_type, bytes));
+        } else {
+            params.push(KeyValue::new(
+                name,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    let (content_type, body) =
+        data.ok_or_else(|| ApiError::BadRequest("the multipart form has no `data` field".into()))?;
+    Ok((content_type, body, params))
 }

@@ -471,7 +471,7 @@ async fn read_body(
     idle: Duration,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
     if super::body::is_multipart(req) {
-        return read_multipart(req, payload, max, idle).await;
+        return super::body::read_form(req.headers(), payload, max, idle).await;
     }
     let content_type = req
         .headers()
@@ -489,47 +489,4 @@ async fn read_body(
         body.extend_from_slice(&chunk);
     }
     Ok((content_type, body, Vec::new()))
-}
-
-async fn read_multipart(
-    req: &HttpRequest,
-    payload: web::Payload,
-    max: usize,
-    idle: Duration,
-) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
-    let (mut form, over_cap) = super::body::capped_multipart(req, payload, max as u64);
-    let failed = |what: String| {
-        if over_cap() {
-            ApiError::PayloadTooLarge(max)
-        } else {
-            ApiError::BadRequest(what)
-        }
-    };
-    let mut data: Option<(String, Vec<u8>)> = None;
-    let mut params = Vec::new();
-    while let Some(field) = super::body::next_within(idle, form.next()).await? {
-        let mut field = field.map_err(|e| failed(format!("malformed multipart body: {e}")))?;
-        let name = field.name().unwrap_or_default().to_owned();
-        let field_type = field
-            .content_type()
-            .map(|m| m.to_string())
-            .unwrap_or_default();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = super::body::next_within(idle, field.next()).await? {
-            let chunk =
-                chunk.map_err(|e| failed(format!("malformed multipart field `{name}`: {e}")))?;
-            bytes.extend_from_slice(&chunk);
-        }
-        if (name == "data" || name == "body") && data.is_none() {
-            data = Some((field_type, bytes));
-        } else {
-            params.push(KeyValue::new(
-                name,
-                String::from_utf8_lossy(&bytes).into_owned(),
-            ));
-        }
-    }
-    let (content_type, body) =
-        data.ok_or_else(|| ApiError::BadRequest("the multipart form has no `data` field".into()))?;
-    Ok((content_type, body, params))
 }

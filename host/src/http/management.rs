@@ -214,7 +214,7 @@ async fn save_upload(
     let store = state.config.model_store.clone();
     let mut incoming = Incoming::new(&store, max)?;
     if super::body::is_multipart(req) {
-        let (mut form, over_cap) = super::body::capped_multipart(req, payload, max);
+        let (mut form, over_cap) = super::body::capped_multipart(req.headers(), payload, max);
         let too_big = || ApiError::PayloadTooLarge(usize::try_from(max).unwrap_or(usize::MAX));
         let mut taken = false;
         while let Some(field) = super::body::next_within(idle, form.next()).await? {

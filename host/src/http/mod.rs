@@ -1,7 +1,7 @@
 //! The HTTP APIs: inference (TorchServe's) and metrics.
 
 mod auth;
-mod body;
+pub mod body;
 pub mod error;
 mod guard;
 mod inference;

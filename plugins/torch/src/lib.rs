@@ -166,7 +166,11 @@ impl From<ModelError> for cresset_plugin_api::PluginError {
     fn from(e: ModelError) -> Self {
         use cresset_plugin_api::PluginError;
         match e {
-            ModelError::Invalid(m) | ModelError::Config(m) => PluginError::invalid_input(m),
+            // A bad config or checkpoint is the archive's fault: the client's 400, not a
+            // server failure.
+            ModelError::Invalid(m) | ModelError::Config(m) | ModelError::Checkpoint(m) => {
+                PluginError::invalid_input(m)
+            }
             ModelError::Unsupported(m) => PluginError::unsupported(m),
             other => PluginError::internal(other.to_string()),
         }

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use cresset_plugin_api::sdk::testing::{init_context, request, run_steps};
-use cresset_plugin_api::sdk::{Handler, InitContext};
-use cresset_plugin_api::{ErrorCode, KeyValue, Request};
-use cresset_plugin_gpt::GptHandler;
+use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext, StepContext};
+use cresset_plugin_api::{Capabilities, ErrorCode, KeyValue, PluginError, Request, Response};
+use cresset_plugin_gpt::{GptHandler, TokenizingHeld, INLINE_BODY_BYTES};
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
@@ -260,6 +260,99 @@ fn a_prompt_too_long_in_bytes_is_refused_without_tokenizing() {
     let err = out.finals[0].as_ref().expect_err("too many tokens");
     assert!(err.message.starts_with("the prompt is"), "{}", err.message);
     assert_eq!(h.prompts_tokenized(), 1);
+}
+
+/// The gpt handler with tokenizing held from one step until a later one, as if a prompt took
+/// that many steps to tokenize.
+struct SlowTokenizing {
+    inner: GptHandler,
+    held_during: std::ops::Range<usize>,
+    step: usize,
+    held: Option<TokenizingHeld>,
+}
+
+impl Handler for SlowTokenizing {
+    const NAME: &'static str = "slow-tokenizing";
+    const SUMMARY: &'static str = "the gpt handler, tokenizing held for some steps";
+    const CAPABILITIES: Capabilities = GptHandler::CAPABILITIES;
+    type Input = ();
+    type Output = ();
+
+    fn initialize(_ctx: &InitContext) -> Result<Self, PluginError> {
+        Err(PluginError::unsupported("made by the test"))
+    }
+
+    fn preprocess(&mut self, _request: &Request) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn inference(
+        &mut self,
+        batch: Vec<()>,
+        _ctx: &mut BatchContext<'_, '_>,
+    ) -> Result<Vec<()>, PluginError> {
+        Ok(batch)
+    }
+
+    fn postprocess(&mut self, _output: ()) -> Result<Response, PluginError> {
+        Err(PluginError::internal("answers in `step`"))
+    }
+
+    fn step(
+        &mut self,
+        new: &[Request],
+        first_index: usize,
+        ctx: &mut StepContext<'_, '_>,
+    ) -> Result<(), PluginError> {
+        if self.step == self.held_during.start {
+            self.held = Some(self.inner.hold_tokenizing());
+        }
+        if self.step == self.held_during.end {
+            self.held = None;
+        }
+        self.step += 1;
+        self.inner.step(new, first_index, ctx)
+    }
+}
+
+#[test]
+fn a_stream_keeps_decoding_while_a_big_prompt_is_tokenized() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let stream = json!({"data": spec["prompt"], "max_new_tokens": 8, "stream": true});
+    // 200 tokens of 12 bytes: within the byte bound, too big to be tokenized on the step loop.
+    let big_prompt = "<|im_start|>".repeat(200);
+    let big = json_request(json!({"data": big_prompt, "max_new_tokens": 4}));
+    assert!(big.body.len() > INLINE_BODY_BYTES);
+    // It arrives at step 2 and its tokenizing lasts until step 30.
+    let mut h = SlowTokenizing {
+        inner: handler(json!({}), 2),
+        held_during: 2..30,
+        step: 0,
+        held: None,
+    };
+    let bound = h.inner.max_prompt_bytes().expect("bounded");
+    assert!(big_prompt.len() <= bound);
+    let out = run_steps(&mut h, &[(0, json_request(stream)), (2, big.clone())], 1000);
+    // The stream decoded one token per step to its end meanwhile, with its solo text...
+    let stream_done = out.final_step[0].expect("answered");
+    assert!(
+        stream_done < 30,
+        "the stream ended at step {stream_done}, not while the big prompt was tokenized"
+    );
+    let streamed: String = out.chunks[0]
+        .iter()
+        .map(|c| String::from_utf8(c.body.to_vec()).expect("utf-8"))
+        .collect();
+    assert_eq!(streamed, greedy_text(&ids(&spec["greedy_ids"])[..8]));
+    // ...and the big request joined once its tokens were ready, with its solo answer.
+    let big_done = out.final_step[1].expect("answered");
+    assert!(big_done >= 30, "answered at step {big_done}, while held");
+    let solo = run(&mut handler(json!({}), 1), &[big]);
+    let answer = out.finals[1].as_ref().expect("answered");
+    assert_eq!(body(answer), body(&solo.finals[0]));
+    assert_eq!(h.inner.prompts_tokenized(), 2);
+    assert_eq!(h.inner.in_flight(), 0);
 }
 
 #[test]

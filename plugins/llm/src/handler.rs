@@ -1,24 +1,26 @@
 //! [`GptHandler`]: the SDK's [`Handler`] over the engine. `initialize` reads the settings,
-//! loads the model (and its draft) and sizes the KV cache; `step` admits the requests the host
-//! hands over and runs one scheduling step.
+//! loads the model (and its draft), sizes the KV cache and starts the tokenizer thread; `step`
+//! hands the new requests to admission, gives the engine those whose tokens are ready (and
+//! answers those refused), and runs one scheduling step.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext, StepContext};
 use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
 use cresset_torch::decoder::{Decoder, DecoderConfig, LoadOptions};
 use cresset_torch::InferenceMode;
 
+use crate::admission::Admissions;
 use crate::config::Settings;
 use crate::device_map::load_options;
 use crate::engine::{Draft, Engine, Identity};
 use crate::load::{load, Loaded};
-use crate::prompt::{ChatTemplate, Limits, PromptEncoder};
+use crate::prompt::{ChatTemplate, Limits, PromptEncoder, TokenizingHeld};
 
 /// The GPT handler.
 pub struct GptHandler {
     prompts: Arc<PromptEncoder>,
+    admissions: Admissions,
     engine: Engine,
 }
 
@@ -33,9 +35,9 @@ impl GptHandler {
         self.engine.speculation()
     }
 
-    /// Sequences waiting or running (for tests).
+    /// Requests being tokenized, waiting or running (for tests).
     pub fn in_flight(&self) -> usize {
-        self.engine.in_flight()
+        self.admissions.in_flight() + self.engine.in_flight()
     }
 
     /// The longest prompt, in bytes, that may fit the context; a longer one is refused without
@@ -47,6 +49,12 @@ impl GptHandler {
     /// Prompts tokenized so far (for tests).
     pub fn prompts_tokenized(&self) -> u64 {
         self.prompts.tokenized()
+    }
+
+    /// Hold tokenizing, wherever it runs, until the returned guard is dropped (at most 30 s):
+    /// for tests that watch the step loop while a prompt is being tokenized.
+    pub fn hold_tokenizing(&self) -> TokenizingHeld {
+        self.prompts.hold_tokenizing()
     }
 }
 
@@ -116,6 +124,11 @@ impl Handler for GptHandler {
             eos_token,
         };
         let prompts = Arc::new(PromptEncoder::new(tokenizer, chat, add_bos, limits));
+        let admissions = Admissions::start(
+            Arc::clone(&prompts),
+            slots,
+            format!("prompts-{}", ctx.assignment.index),
+        )?;
         let identity = Identity {
             host: ctx.host.clone(),
             model_name: ctx.model_name.clone(),
@@ -130,7 +143,11 @@ impl Handler for GptHandler {
             draft,
             identity,
         );
-        Ok(Self { prompts, engine })
+        Ok(Self {
+            prompts,
+            admissions,
+            engine,
+        })
     }
 
     fn preprocess(&mut self, _request: &Request) -> Result<(), PluginError> {
@@ -157,18 +174,23 @@ impl Handler for GptHandler {
     ) -> Result<(), PluginError> {
         let _mode = InferenceMode::enter();
         for (k, request) in new.iter().enumerate() {
-            let index = first_index + k;
-            match self.prompts.prepare(request) {
+            self.admissions.submit(first_index + k, request);
+        }
+        // With nothing else to do, the step may wait a little for the tokenizer thread.
+        let idle = self.engine.is_idle();
+        for admission in self.admissions.collect(|i| ctx.is_cancelled(i), idle) {
+            match admission.outcome {
                 Ok(prepared) => {
                     self.engine
-                        .enqueue(index, request.id.to_string(), Instant::now(), prepared)
+                        .enqueue(admission.index, admission.id, admission.arrived, prepared)
                 }
-                Err(e) => ctx.send_final(index, Err(e)),
+                Err(e) => ctx.send_final(admission.index, Err(e)),
             }
         }
         let result = self.engine.schedule(ctx);
         if result.is_err() {
             self.engine.abort();
+            self.admissions.abandon();
         }
         result
     }

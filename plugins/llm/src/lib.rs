@@ -15,6 +15,9 @@
 //! (`batch_size` slots of `max_seq_len` positions), its prompt is prefilled into the slot, and
 //! then one forward pass per step decodes every running sequence. A sequence leaves the batch
 //! when it ends (end of sequence, a `stop` string, `max_new_tokens`) or its client goes away.
+//! Prompts are tokenized on the instance's tokenizer thread, off that step loop, so that a long
+//! prompt never stalls the running streams; a prompt too long in bytes to fit the context is
+//! refused before it is tokenized at all.
 //!
 //! `[handler]` keys: `model_file` (a `.gguf` in the archive; default: the only one, else the
 //! safetensors checkpoint), `model_path` (default `.`), `dtype` (`float32`), `max_seq_len`
@@ -25,10 +28,12 @@
 //! `offload_folder`, `low_cpu_mem_usage`, `offload_state_dict` (see [`load_options`]).
 //!
 //! Where things are: `config` reads the settings; `load` and `device_map` load a checkpoint
-//! where the settings put it; `prompt` turns a request into prompt tokens; `engine` is the step
-//! loop (prefill, decode, speculation, answers); `handler` ties them into the SDK's `Handler`;
-//! `api` and `text` are the request formats and incremental detokenization.
+//! where the settings put it; `prompt` turns a request into prompt tokens, and `admission` does
+//! that off the step loop (on the instance's tokenizer thread); `engine` is the step loop
+//! (prefill, decode, speculation, answers); `handler` ties them into the SDK's `Handler`; `api`
+//! and `text` are the request formats and incremental detokenization.
 
+mod admission;
 mod api;
 mod config;
 mod device_map;
@@ -38,9 +43,10 @@ mod load;
 mod prompt;
 mod text;
 
+pub use admission::INLINE_BODY_BYTES;
 pub use api::{parse, Api, Finish, GenRequest, Prompt, PromptField};
 pub use device_map::load_options;
 pub use handler::GptHandler;
 pub use load::{load, Loaded, Placer};
-pub use prompt::render_chat;
+pub use prompt::{render_chat, TokenizingHeld};
 pub use text::TextStream;

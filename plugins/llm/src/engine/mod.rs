@@ -25,6 +25,11 @@ use crate::prompt::{Prepared, PromptEncoder};
 use sequence::{placeholder, Sequence};
 pub(crate) use speculative::Draft;
 
+/// The answer to a request whose client went away.
+pub(crate) fn cancelled() -> PluginError {
+    PluginError::new(cresset_plugin_api::ErrorCode::CANCELLED, "cancelled")
+}
+
 /// The model, its KV cache and the sequences of the batch.
 pub(crate) struct Engine {
     model: Decoder,
@@ -87,10 +92,17 @@ impl Engine {
         &self.model
     }
 
-    /// Request `index` (id `id`, arrived at `started`), tokenized: it waits for a slot.
+    /// Request `index` (id `id`, arrived at `started`), tokenized: it waits for a slot, behind
+    /// the requests the host gave before it.
     pub fn enqueue(&mut self, index: usize, id: String, started: Instant, prepared: Prepared) {
+        let at = self.waiting.partition_point(|s| s.index < index);
         self.waiting
-            .push_back(Sequence::new(index, id, started, prepared));
+            .insert(at, Sequence::new(index, id, started, prepared));
+    }
+
+    /// Whether no sequence waits or runs: a step would do nothing.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
     }
 
     /// Forget every sequence after a failed step (the cache may be half-written; the host
@@ -348,10 +360,7 @@ impl Engine {
                     self.free_slots.insert(at, seq.slot);
                 }
                 let answer = if ctx.is_cancelled(seq.index) {
-                    Err(PluginError::new(
-                        cresset_plugin_api::ErrorCode::CANCELLED,
-                        "cancelled",
-                    ))
+                    Err(cancelled())
                 } else {
                     self.answer(&seq)
                 };

@@ -3,6 +3,8 @@
 //! (before tokenizing it: see [`byte_bound`]), tokenize, and check that the tokens fit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use cresset_plugin_api::{PluginError, Request};
 use cresset_torch::tokenizers::Tokenizer;
@@ -53,6 +55,51 @@ pub(crate) struct PromptEncoder {
     bytes_per_token: Option<usize>,
     /// Prompts tokenized so far.
     tokenized: AtomicU64,
+    /// Tokenizing waits while this is held (for tests).
+    hold: Arc<Hold>,
+}
+
+/// How long tokenizing waits at most for a hold to be released.
+const HOLD_LIMIT: Duration = Duration::from_secs(30);
+
+/// Whether tokenizing is held.
+#[derive(Default)]
+struct Hold {
+    held: Mutex<bool>,
+    released: Condvar,
+}
+
+impl Hold {
+    fn set(&self, held: bool) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
+        self.released.notify_all();
+    }
+
+    /// Wait while held, at most [`HOLD_LIMIT`].
+    fn wait(&self) {
+        let deadline = Instant::now() + HOLD_LIMIT;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            held = match self.released.wait_timeout(held, left) {
+                Ok((guard, _)) => guard,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Tokenizing waits (at most 30 s) until this is dropped: for tests that watch the step loop
+/// while a prompt is being tokenized.
+pub struct TokenizingHeld(Arc<Hold>);
+
+impl Drop for TokenizingHeld {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
 }
 
 impl PromptEncoder {
@@ -79,7 +126,14 @@ impl PromptEncoder {
             limits,
             bytes_per_token,
             tokenized: AtomicU64::new(0),
+            hold: Arc::default(),
         }
+    }
+
+    /// Hold tokenizing until the returned guard is dropped.
+    pub fn hold_tokenizing(&self) -> TokenizingHeld {
+        self.hold.set(true);
+        TokenizingHeld(Arc::clone(&self.hold))
     }
 
     /// The longest prompt, in bytes, that may fit the context: (context - 1) tokens of the
@@ -152,6 +206,7 @@ impl PromptEncoder {
             }
         };
         self.check_bytes(&field, text.len())?;
+        self.hold.wait();
         self.tokenized.fetch_add(1, Ordering::Relaxed);
         let encoding = self
             .tokenizer

@@ -103,7 +103,6 @@ impl Handler for GptHandler {
         let slots = settings.slots;
         let cache = loaded.model.new_cache(slots, max_seq_len as i64);
         let draft = draft_loaded.map(|(model, k)| Draft::new(model, slots, max_seq_len as i64, k));
-        tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?device, "gpt model loaded");
         let Loaded {
             model,
             tokenizer,
@@ -124,6 +123,8 @@ impl Handler for GptHandler {
             eos_token,
         };
         let prompts = Arc::new(PromptEncoder::new(tokenizer, chat, add_bos, limits));
+        let max_prompt_bytes = prompts.max_prompt_bytes();
+        tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?max_prompt_bytes, ?device, "gpt model loaded");
         let admissions = Admissions::start(
             Arc::clone(&prompts),
             slots,

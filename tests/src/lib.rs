@@ -304,15 +304,17 @@ impl Server {
         }
     }
 
-    /// Wait until no model is loading any more (whether it then failed or not).
+    /// Wait until no model is loading any more (whether it then failed or not). With the
+    /// inference token on, `/ping` gives counts instead of names.
     pub fn wait_settled(&self) -> &Self {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let reply = self.get("/ping");
-            let loading = reply.json()["models"]
+            let ping = self.get("/ping").json();
+            let loading = ping["models"]
                 .as_object()
                 .map(|m| m.values().any(|v| v == "Loading"))
-                .unwrap_or(false);
+                .unwrap_or(false)
+                || ping["notReady"].as_u64().is_some_and(|n| n > 0);
             if !loading {
                 return self;
             }
@@ -422,6 +424,15 @@ impl Server {
             .find_map(|l| l.strip_prefix(&format!("{field}:")))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
+    }
+
+    /// Ask the server to stop cleanly (SIGTERM).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
     }
 
     /// SIGKILL the server, as a crash would.

@@ -342,6 +342,50 @@ fn a_registration_that_kills_the_server_is_not_replayed_at_the_next_start() {
     );
 }
 
+#[test]
+fn a_clean_stop_in_the_middle_of_a_first_load_leaves_it_to_load_next_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    let panicky = std::fs::read(library("fixture_panicky")).expect("fixture");
+    tgz(
+        &store.join("slow.tar.gz"),
+        "slow",
+        "handler/libcresset_fixture_panicky.so",
+        &[
+            ("handler/libcresset_fixture_panicky.so", &panicky),
+            ("model-config.toml", b"[handler]\ninitialize_ms = 3000\n"),
+        ],
+    );
+    let snapshot = dir.path().join("snapshot.json");
+    let args = [
+        "--model-store",
+        store.to_str().expect("utf-8"),
+        "--snapshot-file",
+        snapshot.to_str().expect("utf-8"),
+    ];
+    let mut server = Server::start(&args);
+    let reply = server.manage("POST", "/models?url=slow.tar.gz", "", b"");
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.manage("GET", "/models/slow", "", b"").json()[0]["state"],
+        "Loading"
+    );
+    server.terminate();
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("SIGTERM stops the server");
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    // Not a crash: the next start loads it.
+    let restarted = Server::start(&args);
+    restarted.wait_healthy();
+    assert_eq!(
+        restarted.post("/predictions/slow", "text/plain", b"x").text(),
+        "ok"
+    );
+}
+
 fn kept_archives(store: &Path) -> usize {
     std::fs::read_dir(store)
         .expect("store")
@@ -527,6 +571,7 @@ fn health_routes_name_no_model_when_tokens_are_on_and_no_answer_carries_a_host_p
         "--key-file",
         key_file.to_str().expect("utf-8"),
     ]);
+    server.wait_settled();
     let ping = server.get("/ping");
     assert!(!ping.text().contains("broken"), "{}", ping.text());
     assert!(!ping.text().contains("badlib"), "{}", ping.text());

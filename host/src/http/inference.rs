@@ -439,7 +439,7 @@ fn streamed(
                 Ok(Some(Reply::Final(Err(e)))) if framing == Framing::Sse => {
                     // Headers are gone: the error travels as an event, as OpenAI's does.
                     tracing::warn!(%model, "stream ended with an error: {e}");
-                    let event = serde_json::json!({"error": {"message": e.message.as_str(), "type": "server_error", "param": null, "code": null}});
+                    let event = serde_json::json!({"error": {"message": super::error::redact(e.message.as_str()), "type": "server_error", "param": null, "code": null}});
                     Some((Ok(frame(event.to_string().into_bytes(), true)), None))
                 }
                 Ok(Some(Reply::Final(Err(e)))) => {

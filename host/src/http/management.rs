@@ -314,7 +314,7 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
     let (page, total) = state.registry.list(offset, limit);
     let models: Vec<Value> = page
         .iter()
-        .map(|v| json!({ "modelName": v.name, "modelUrl": v.origin.url }))
+        .map(|v| json!({ "modelName": v.name, "modelUrl": super::error::redact(&v.origin.url) }))
         .collect();
     let mut body = json!({ "models": models });
     let next = offset.saturating_add(limit);
@@ -362,7 +362,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
     let mut body = json!({
         "modelName": v.name,
         "modelVersion": v.version,
-        "modelUrl": v.origin.url,
+        "modelUrl": super::error::redact(&v.origin.url),
         "runtime": "cresset",
         "handler": v.handler,
         "minWorkers": min_workers,

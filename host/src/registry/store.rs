@@ -17,8 +17,14 @@ use sha2::Digest;
 const INCOMING_PREFIX: &str = ".incoming-";
 /// The name prefix of a snapshot being written.
 pub const SNAPSHOT_TMP_PREFIX: &str = ".snapshot-";
-/// What a `tempfile` with its default prefix is called (older servers used it for both).
+/// The name prefix of a plugin library being staged.
+pub const STAGING_PREFIX: &str = ".staging-";
+/// What a `tempfile` with its default prefix is called: older servers wrote uploads, snapshots
+/// and staged plugins so, without a lock. Such a file is only taken for debris once it has not
+/// been written for [`LEGACY_TMP_AGE`] (`cresset archive` still writes one while it works).
 const LEGACY_TMP_PREFIX: &str = ".tmp";
+/// How old an unlocked `.tmp…` file must be to be removed.
+const LEGACY_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 /// The prefix of a server process's scratch folder in the work folder.
 const SCRATCH_PREFIX: &str = "run-";
 /// The lock file inside a scratch folder.
@@ -91,11 +97,21 @@ pub struct Swept {
     pub bytes: u64,
 }
 
-fn is_temp_name(name: &str) -> bool {
-    (name.starts_with(INCOMING_PREFIX)
-        || name.starts_with(SNAPSHOT_TMP_PREFIX)
-        || name.starts_with(LEGACY_TMP_PREFIX))
-        && !name.contains('/')
+/// Whether a file of this name is a temporary file of ours (and, for an older server's, old
+/// enough to be debris).
+fn is_temp(name: &str, meta: &std::fs::Metadata) -> bool {
+    if [INCOMING_PREFIX, SNAPSHOT_TMP_PREFIX, STAGING_PREFIX]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
+        return true;
+    }
+    name.starts_with(LEGACY_TMP_PREFIX)
+        && meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > LEGACY_TMP_AGE)
 }
 
 fn folder_bytes(dir: &Path) -> u64 {
@@ -121,8 +137,10 @@ pub fn sweep_temp_files(dirs: &[&Path], swept: &mut Swept) {
         };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            if !is_file || !is_temp_name(&name) {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if !meta.is_file() || !is_temp(&name, &meta) {
                 continue;
             }
             let path = entry.path();
@@ -297,9 +315,14 @@ mod tests {
     fn a_sweep_removes_unlocked_temp_files_and_dead_scratch_folders_only() {
         let root = tempfile::tempdir().expect("tempdir");
         let store = root.path();
-        // Debris of a dead writer: an unlocked temp file, and an older server's `.tmp` file.
+        // Debris of a dead writer: an unlocked temp file, and an older server's `.tmp` file
+        // from long ago; a recent `.tmp` file may be `cresset archive` at work, and stays.
         std::fs::write(store.join(".incoming-dead.tmp"), vec![0u8; 1000]).expect("write");
-        std::fs::write(store.join(".tmpAbC123"), b"x").expect("write");
+        let old = std::fs::File::create(store.join(".tmpAbC123")).expect("create");
+        old.set_len(1).expect("write");
+        old.set_modified(std::time::SystemTime::now() - 2 * LEGACY_TMP_AGE)
+            .expect("mtime");
+        std::fs::write(store.join(".tmpRecent"), b"x").expect("write");
         // A live upload holds its lock.
         let mut live = Incoming::new(store, 1 << 20).expect("incoming");
         live.push(b"\x1f\x8b live").expect("push");
@@ -318,6 +341,7 @@ mod tests {
         assert_eq!((swept.files, swept.folders), (2, 1), "{swept:?}");
         assert_eq!(swept.bytes, 1000 + 1 + 4096);
         assert!(!store.join(".incoming-dead.tmp").exists());
+        assert!(store.join(".tmpRecent").exists());
         assert!(!dead.exists());
         assert!(scratch.path().is_dir(), "the live scratch folder stays");
         assert!(store.join("model.tar.gz").exists());

@@ -5,7 +5,8 @@
 //! then counts it in the metric `cresset_fixture_cancelled_total`. Anything else is answered
 //! with `ok`. `[handler] panic_in = "initialize"` panics while a worker initialises;
 //! `[handler] crash_in = "initialize"` kills the process there instead, with `crash = "abort"`
-//! (the default) or `"segfault"`, as a broken native library would.
+//! (the default) or `"segfault"`, as a broken native library would; `initialize_ms = N`
+//! makes initialising take N milliseconds.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,9 @@ impl Handler for Panicky {
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         if ctx.handler_config.get("panic_in").and_then(|v| v.as_str()) == Some("initialize") {
             panic!("panicky fixture: asked to panic in initialize");
+        }
+        if let Some(ms) = ctx.handler_config.get("initialize_ms").and_then(|v| v.as_u64()) {
+            std::thread::sleep(Duration::from_millis(ms));
         }
         if ctx.handler_config.get("crash_in").and_then(|v| v.as_str()) == Some("initialize") {
             match ctx.handler_config.get("crash").and_then(|v| v.as_str()) {

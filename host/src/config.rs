@@ -322,7 +322,9 @@ impl ServerConfig {
             .iter()
             .find(|h| h.contains(['/', ':', '@', ' ']))
         {
-            bail!("`allowed_hosts` entries must be host names without port or scheme. Given: {bad:?}");
+            bail!(
+                "`allowed_hosts` entries must be host names without port or scheme. Given: {bad:?}"
+            );
         }
         let max_upload_size = args
             .max_upload_size
@@ -610,9 +612,17 @@ mod tests {
         let (in_flight, transit) = body_caps(Some(memory), size);
         assert!(transit > in_flight);
         assert!(((in_flight + transit) as u64) * size as u64 <= memory / 4);
-        assert_eq!(body_caps(Some(1 << 20), size), (8, 16), "a floor on tiny machines");
+        assert_eq!(
+            body_caps(Some(1 << 20), size),
+            (8, 16),
+            "a floor on tiny machines"
+        );
         let (in_flight, transit) = body_caps(Some(1 << 50), 1024);
-        assert_eq!((in_flight, transit), (10_000, 20_000), "a ceiling on huge ones");
+        assert_eq!(
+            (in_flight, transit),
+            (10_000, 20_000),
+            "a ceiling on huge ones"
+        );
     }
 
     #[test]

@@ -194,10 +194,8 @@ impl PluginLoader {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin.so".into());
         // Locked while it is written: a crash leaves it for the next start-up's sweep.
-        let tmp = crate::registry::store::locked_temp(
-            &self.runtime_dir,
-            crate::registry::store::STAGING_PREFIX,
-        )?;
+        let tmp =
+            crate::locked_file::locked_temp(&self.runtime_dir, crate::locked_file::STAGING_PREFIX)?;
         std::fs::copy(path, tmp.path())?;
         let sha256 = sha256_file(tmp.path())?;
         let target = self.runtime_dir.join(format!("{}-{name}", &sha256[..32]));

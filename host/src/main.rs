@@ -7,8 +7,8 @@ use cresset::config::{ArchiveArgs, Cli, Command, LogFormat, ServeArgs, ServerCon
 use cresset::http::{self, AppState};
 use cresset::loader::PluginLoader;
 use cresset::metrics::Metrics;
+use cresset::registry::snapshot::{RegistrationStatus, Snapshotter};
 use cresset::registry::{store, LoadContext, ModelRegistry, Registrar, StoreRegistration};
-use cresset::snapshot::{RegistrationStatus, Snapshotter};
 
 fn main() -> std::process::ExitCode {
     // A server shares its cores between HTTP threads and libtorch's OpenMP pool. libgomp's
@@ -191,7 +191,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 /// Say where the keys are and how to use them, without printing a key.
 fn announce_keys(config: &ServerConfig, path: &std::path::Path, management: &str, inference: &str) {
     let file = path.display();
-    let extract = |api: &str| format!("$(sed -n 's/.*\"{api}\": *\"\\([0-9a-f]*\\)\".*/\\1/p' {file})");
+    let extract =
+        |api: &str| format!("$(sed -n 's/.*\"{api}\": *\"\\([0-9a-f]*\\)\".*/\\1/p' {file})");
     tracing::info!(
         key_file = %file,
         "the management API needs its key; try: curl -H \"Authorization: Bearer {}\" http://{}/models",

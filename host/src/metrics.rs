@@ -189,8 +189,7 @@ impl Metrics {
                     .iter()
                     .map(|l| (l.name(), l.value()))
                     .collect();
-                if labels.get("model") != Some(&model) || labels.get("version") != Some(&version)
-                {
+                if labels.get("model") != Some(&model) || labels.get("version") != Some(&version) {
                     continue;
                 }
                 let removed = match family.name() {

@@ -30,9 +30,8 @@ struct UrlPattern {
 }
 
 fn whole(field: &str, part: &str, raw: &str) -> Result<Regex, String> {
-    Regex::new(&format!("^(?:{part})$")).map_err(|e| {
-        format!("`{field}` entry {raw:?} is not a valid pattern: {e}")
-    })
+    Regex::new(&format!("^(?:{part})$"))
+        .map_err(|e| format!("`{field}` entry {raw:?} is not a valid pattern: {e}"))
 }
 
 impl UrlPattern {
@@ -47,7 +46,9 @@ impl UrlPattern {
         };
         // The port follows the last `:` outside an IPv6 literal's brackets.
         let (host, port) = match authority.rfind(':') {
-            Some(i) if !authority[i..].contains(']') => (&authority[..i], Some(&authority[i + 1..])),
+            Some(i) if !authority[i..].contains(']') => {
+                (&authority[..i], Some(&authority[i + 1..]))
+            }
             _ => (authority, None),
         };
         if scheme.is_empty() || host.is_empty() || authority.contains('@') {
@@ -257,10 +258,16 @@ mod tests {
     fn scheme_host_and_port_are_matched_as_parts() {
         let p = policy(&[r"https://models\.example/.*", r"http://10\.0\.0\.5:8000/.*"]);
         assert!(p.check("http://models.example/a").is_err(), "scheme");
-        assert!(p.check("https://models.example.evil.com/a").is_err(), "host");
+        assert!(
+            p.check("https://models.example.evil.com/a").is_err(),
+            "host"
+        );
         assert!(p.check("https://MODELS.example/a").is_ok(), "host case");
         assert!(p.check("https://models.example:8443/a").is_err(), "port");
-        assert!(p.check("https://models.example:443/a").is_ok(), "default port");
+        assert!(
+            p.check("https://models.example:443/a").is_ok(),
+            "default port"
+        );
         assert!(p.check("http://10.0.0.5:8000/a").is_ok());
         assert!(p.check("http://10.0.0.5/a").is_err());
         assert!(p.check("ftp://models.example/a").is_err());
@@ -276,8 +283,17 @@ mod tests {
     #[test]
     fn internal_addresses_are_recognised() {
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
         ] {
             assert!(is_internal(ip.parse().expect("ip")), "{ip}");
         }

@@ -133,7 +133,11 @@ fn extension_bomb(flag: u8, size: u64) -> Vec<u8> {
     }
     let pad = (512 - size % 512) % 512;
     gz.write_all(&vec![0u8; pad as usize]).expect("write");
-    tar_file(&mut gz, "MANIFEST.toml", manifest("bomb", "echo").as_bytes());
+    tar_file(
+        &mut gz,
+        "MANIFEST.toml",
+        manifest("bomb", "echo").as_bytes(),
+    );
     gz.write_all(&[0u8; 1024]).expect("end marker");
     gz.finish().expect("gzip")
 }
@@ -178,7 +182,9 @@ fn tar_extension_headers_cannot_blow_up_the_server() {
     // Nothing was registered, and the server serves.
     assert_eq!(server.manage("GET", "/models/bomb", "", b"").status, 404);
     assert_eq!(
-        server.post("/predictions/echo", "text/plain", b"alive").text(),
+        server
+            .post("/predictions/echo", "text/plain", b"alive")
+            .text(),
         "alive"
     );
 }
@@ -194,7 +200,11 @@ fn every_gzip_member_and_every_concatenated_archive_is_read() {
     // One tar stream split over two gzip members (as pigz writes): the manifest in the first,
     // the bundled plugin it names in the second.
     let mut first = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    tar_file(&mut first, "MANIFEST.toml", manifest("split", handler).as_bytes());
+    tar_file(
+        &mut first,
+        "MANIFEST.toml",
+        manifest("split", handler).as_bytes(),
+    );
     let mut second = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     tar_file(&mut second, handler, &plugin);
     second.write_all(&[0u8; 1024]).expect("end");
@@ -203,7 +213,9 @@ fn every_gzip_member_and_every_concatenated_archive_is_read() {
     let reply = upload(&server, "synchronous=true", &split);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(
-        server.post("/predictions/split", "text/plain", b"both").text(),
+        server
+            .post("/predictions/split", "text/plain", b"both")
+            .text(),
         "both"
     );
 
@@ -241,7 +253,11 @@ fn a_registration_that_kills_the_server_is_not_replayed_at_the_next_start() {
     std::fs::create_dir_all(&store).expect("mkdir");
     let snapshot = dir.path().join("snapshot.json");
     let echo = archive_model(&store, "echo", "1.0", "echo", "tgz");
-    let echo_name = echo.file_name().expect("name").to_string_lossy().into_owned();
+    let echo_name = echo
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
     let args = |extra: &'static [&'static str]| -> Vec<String> {
         let mut args: Vec<String> = [
             "--model-store",
@@ -282,7 +298,9 @@ fn a_registration_that_kills_the_server_is_not_replayed_at_the_next_start() {
         let ping = server.get("/ping");
         assert_eq!(ping.status, 200, "restart {restart}: {}", ping.text());
         assert_eq!(
-            server.post("/predictions/echo", "text/plain", b"alive").text(),
+            server
+                .post("/predictions/echo", "text/plain", b"alive")
+                .text(),
             "alive"
         );
         let describe = server.manage("GET", "/models/deadly", "", b"");
@@ -300,7 +318,10 @@ fn a_registration_that_kills_the_server_is_not_replayed_at_the_next_start() {
     // Unregistering it clears it for good, and its kept archive with it.
     let server = start(&[]);
     server.wait_settled();
-    assert_eq!(server.manage("DELETE", "/models/deadly", "", b"").status, 200);
+    assert_eq!(
+        server.manage("DELETE", "/models/deadly", "", b"").status,
+        200
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while kept_archives(&store) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -337,7 +358,9 @@ fn a_registration_that_kills_the_server_is_not_replayed_at_the_next_start() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(restarted.is_running());
     assert_eq!(
-        restarted.post("/predictions/echo", "text/plain", b"x").text(),
+        restarted
+            .post("/predictions/echo", "text/plain", b"x")
+            .text(),
         "x"
     );
 }
@@ -381,7 +404,9 @@ fn a_clean_stop_in_the_middle_of_a_first_load_leaves_it_to_load_next_time() {
     let restarted = Server::start(&args);
     restarted.wait_healthy();
     assert_eq!(
-        restarted.post("/predictions/slow", "text/plain", b"x").text(),
+        restarted
+            .post("/predictions/slow", "text/plain", b"x")
+            .text(),
         "ok"
     );
 }
@@ -400,7 +425,12 @@ fn web_pages_cannot_register_models_whether_tokens_are_on_or_off() {
     let mut server = Server::start(&["--models", "echo"]); // tokens off
     server.wait_healthy();
     let deadly = deadly_archive(dir.path(), "driveby");
-    let port = server.management.rsplit(':').next().expect("port").to_owned();
+    let port = server
+        .management
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
     let evil_host = format!("evil.example:{port}");
     let own_host = authority(&server.management).to_owned();
     // The attack: a cross-site "simple" request, and its DNS-rebinding variant.
@@ -438,7 +468,10 @@ fn web_pages_cannot_register_models_whether_tokens_are_on_or_off() {
         &request("GET", "/models", &[("Host", evil_host.as_str())], b""),
     );
     assert_eq!(status, 403);
-    let metrics_host = format!("evil.example:{}", server.metrics.rsplit(':').next().expect("port"));
+    let metrics_host = format!(
+        "evil.example:{}",
+        server.metrics.rsplit(':').next().expect("port")
+    );
     let (status, _) = raw(
         &server.metrics,
         &request("GET", "/metrics", &[("Host", metrics_host.as_str())], b""),
@@ -451,7 +484,10 @@ fn web_pages_cannot_register_models_whether_tokens_are_on_or_off() {
         vec![("Host", local.as_str())],
         vec![("Host", own_host.as_str()), ("Origin", origin.as_str())],
     ] {
-        let (status, body) = raw(&server.management, &request("GET", "/models", &headers, b""));
+        let (status, body) = raw(
+            &server.management,
+            &request("GET", "/models", &headers, b""),
+        );
         assert_eq!(status, 200, "{headers:?}: {body}");
     }
     // The inference API is not guarded this way (it runs no code from the request).
@@ -470,7 +506,12 @@ fn web_pages_cannot_register_models_whether_tokens_are_on_or_off() {
 #[test]
 fn an_operator_configured_host_name_is_accepted() {
     let server = Server::start(&["--allowed-hosts", "cresset.internal"]);
-    let port = server.management.rsplit(':').next().expect("port").to_owned();
+    let port = server
+        .management
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
     let named = format!("cresset.internal:{port}");
     let (status, body) = raw(
         &server.management,
@@ -506,7 +547,9 @@ fn the_quick_start_keeps_the_management_key_and_says_how_to_use_it() {
     server.wait_healthy();
     // Inference is open; management needs the key, given with a lower-case scheme too.
     assert_eq!(
-        server.post("/predictions/echo", "text/plain", b"open").text(),
+        server
+            .post("/predictions/echo", "text/plain", b"open")
+            .text(),
         "open"
     );
     assert_eq!(server.manage("GET", "/models", "", b"").status, 401);
@@ -535,7 +578,10 @@ fn the_quick_start_keeps_the_management_key_and_says_how_to_use_it() {
         .find(|l| l.contains("curl -H"))
         .unwrap_or_else(|| panic!("no curl line in the log:\n{log}"));
     assert!(line.contains(key_file.to_str().expect("utf-8")), "{line}");
-    assert!(!line.contains(key), "the log must not carry the key: {line}");
+    assert!(
+        !line.contains(key),
+        "the log must not carry the key: {line}"
+    );
     let command = &line[line.find("curl -H").expect("curl")..];
     let command = command.split(" http://").next().expect("header part");
     let sh = std::process::Command::new("sh")
@@ -599,7 +645,10 @@ fn health_routes_name_no_model_when_tokens_are_on_and_no_answer_carries_a_host_p
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not a loadable shared library"), "{body}");
     assert!(body.contains("<archive>/handler/garbage.so"), "{body}");
-    assert!(!body.contains("/tmp/") && !body.contains(&store_text), "{body}");
+    assert!(
+        !body.contains("/tmp/") && !body.contains(&store_text),
+        "{body}"
+    );
     let own = authority(&server.management).to_owned();
     let auth = format!("Bearer {management_key}");
     let (status, body) = raw(
@@ -628,7 +677,12 @@ fn request_headers_over_8_kib_get_431_on_every_listener() {
         let own = authority(base).to_owned();
         let (status, body) = raw(
             base,
-            &request("GET", "/ping", &[("Host", own.as_str()), ("X-Big", &big)], b""),
+            &request(
+                "GET",
+                "/ping",
+                &[("Host", own.as_str()), ("X-Big", &big)],
+                b"",
+            ),
         );
         assert_eq!(status, 431, "{base}: {body}");
     }
@@ -636,7 +690,12 @@ fn request_headers_over_8_kib_get_431_on_every_listener() {
     let own = authority(&server.inference).to_owned();
     let (status, _) = raw(
         &server.inference,
-        &request("GET", "/ping", &[("Host", own.as_str()), ("X-Fine", &ok)], b""),
+        &request(
+            "GET",
+            "/ping",
+            &[("Host", own.as_str()), ("X-Fine", &ok)],
+            b"",
+        ),
     );
     assert_eq!(status, 200);
 }
@@ -702,7 +761,11 @@ fn bodies_in_transit_have_their_own_cap() {
     std::thread::sleep(Duration::from_millis(300));
     let reply = server.post("/predictions/echo", "text/plain", b"third");
     assert_eq!(reply.status, 429, "{}", reply.text());
-    assert!(reply.text().contains("max_bodies_in_transit"), "{}", reply.text());
+    assert!(
+        reply.text().contains("max_bodies_in_transit"),
+        "{}",
+        reply.text()
+    );
 }
 
 fn names_in(dir: &Path, prefix: &str) -> Vec<String> {
@@ -756,11 +819,22 @@ fn crash_debris_is_swept_at_start_up_and_refused_archives_are_not_kept() {
     server.kill();
     let second = Server::start(&refs);
     second.wait_healthy();
-    assert!(names_in(&store, ".").is_empty(), "the half upload was removed");
+    assert!(
+        names_in(&store, ".").is_empty(),
+        "the half upload was removed"
+    );
     let runs = names_in(&work, "run-");
-    assert_eq!(runs.len(), 1, "only the live server's scratch folder: {runs:?}");
+    assert_eq!(
+        runs.len(),
+        1,
+        "only the live server's scratch folder: {runs:?}"
+    );
     second.kill();
-    assert_eq!(names_in(&work, "run-").len(), 1, "a killed server leaves its folder");
+    assert_eq!(
+        names_in(&work, "run-").len(),
+        1,
+        "a killed server leaves its folder"
+    );
     let third = Server::start(&refs);
     third.wait_healthy();
     assert_eq!(names_in(&work, "run-").len(), 1, "swept again");
@@ -783,7 +857,11 @@ fn crash_debris_is_swept_at_start_up_and_refused_archives_are_not_kept() {
     while !names_in(&store, "upload-").is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(names_in(&store, "upload-").is_empty(), "{:?}", names_in(&store, ""));
+    assert!(
+        names_in(&store, "upload-").is_empty(),
+        "{:?}",
+        names_in(&store, "")
+    );
     // A load that fails asynchronously stays visible until unregistered.
     let describe = third.manage("GET", "/models/garbage", "", b"");
     assert_eq!(describe.json()[0]["state"], "Failed");
@@ -800,10 +878,18 @@ fn load_failures_are_answered_by_whose_fault_they_are() {
         "handler/libcresset_fixture_panicky.so",
         &[
             ("handler/libcresset_fixture_panicky.so", &panicky),
-            ("model-config.toml", b"[handler]\npanic_in = \"initialize\"\n"),
+            (
+                "model-config.toml",
+                b"[handler]\npanic_in = \"initialize\"\n",
+            ),
         ],
     );
-    tgz(&store.join("nobuiltin.tar.gz"), "nobuiltin", "vision_not_here", &[]);
+    tgz(
+        &store.join("nobuiltin.tar.gz"),
+        "nobuiltin",
+        "vision_not_here",
+        &[],
+    );
     tgz(
         &store.join("notlib.tar.gz"),
         "notlib",
@@ -822,15 +908,32 @@ fn load_failures_are_answered_by_whose_fault_they_are() {
     };
     let (status, body) = call("panics");
     assert_eq!(status, 500, "a plugin that panics while loading: {body}");
-    assert!(body["message"].as_str().unwrap_or("").contains("panicked"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("panicked"),
+        "{body}"
+    );
     let (status, body) = call("nobuiltin");
     assert_eq!(status, 500, "a missing built-in plugin: {body}");
-    assert!(body["message"].as_str().unwrap_or("").contains("unknown handler"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown handler"),
+        "{body}"
+    );
     let (status, body) = call("notlib");
-    assert_eq!(status, 400, "a bad bundled library is the archive's fault: {body}");
+    assert_eq!(
+        status, 400,
+        "a bad bundled library is the archive's fault: {body}"
+    );
     // None of them is kept.
     for name in ["panics", "nobuiltin", "notlib"] {
-        assert_eq!(server.manage("GET", &format!("/models/{name}"), "", b"").status, 404);
+        assert_eq!(
+            server
+                .manage("GET", &format!("/models/{name}"), "", b"")
+                .status,
+            404
+        );
     }
 }
 
@@ -844,26 +947,35 @@ fn unregistered_versions_leave_no_metric_series_behind() {
         server.register("url=cycled.tar.gz&synchronous=true");
         for _ in 0..3 {
             assert_eq!(
-                server.post("/predictions/cycled", "text/plain", b"x").status,
+                server
+                    .post("/predictions/cycled", "text/plain", b"x")
+                    .status,
                 200
             );
         }
         assert_eq!(
-            server.post("/predictions/cycled/9.9", "text/plain", b"x").status,
+            server
+                .post("/predictions/cycled/9.9", "text/plain", b"x")
+                .status,
             404
         );
         let metrics = server.metrics_text();
         assert!(metrics.contains("model=\"cycled\""), "round {round}");
-        assert_eq!(server.manage("DELETE", "/models/cycled", "", b"").status, 200);
+        assert_eq!(
+            server.manage("DELETE", "/models/cycled", "", b"").status,
+            200
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let metrics = server.metrics_text();
             if !metrics.contains("cycled") {
                 break;
             }
-            assert!(Instant::now() < deadline, "round {round}: stale series\n{metrics}");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: stale series\n{metrics}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
-

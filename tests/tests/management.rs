@@ -429,7 +429,11 @@ fn allowed_urls_are_matched_against_the_parsed_url_and_names_must_not_lead_insid
     );
     let r = call(&server, &by_name);
     assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.text().contains("loopback, private or link-local"), "{}", r.text());
+    assert!(
+        r.text().contains("loopback, private or link-local"),
+        "{}",
+        r.text()
+    );
     assert_eq!(server.manage("GET", "/models/remote", "", b"").status, 404);
     drop(server);
     // ...and allowed when the operator says so.

@@ -123,9 +123,9 @@ fn budget_error(e: io::Error) -> ExtractError {
         return ExtractError::Corrupt("the archive could not be read".into());
     }
     match e.kind() {
-        io::ErrorKind::InvalidData
-        | io::ErrorKind::InvalidInput
-        | io::ErrorKind::UnexpectedEof => ExtractError::Corrupt(e.to_string()),
+        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof => {
+            ExtractError::Corrupt(e.to_string())
+        }
         _ => ExtractError::Io(e),
     }
 }
@@ -140,9 +140,7 @@ struct Counted<'a, R> {
 impl<R: Read> Read for Counted<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.budget
-            .wrote(n as u64)
-            .map_err(io::Error::other)?;
+        self.budget.wrote(n as u64).map_err(io::Error::other)?;
         Ok(n)
     }
 }

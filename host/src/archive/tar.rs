@@ -92,7 +92,9 @@ impl Entry {
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
     /// An extension header (long name, long link, pax records) over the limit.
-    #[error("a tar extension header ({kind}) of {size} bytes is larger than the {limit} bytes allowed")]
+    #[error(
+        "a tar extension header ({kind}) of {size} bytes is larger than the {limit} bytes allowed"
+    )]
     ExtensionTooLarge {
         /// Which kind.
         kind: &'static str,
@@ -129,7 +131,11 @@ fn read_block(r: &mut impl Read, block: &mut [u8; BLOCK]) -> Result<bool, TarErr
     while filled < BLOCK {
         match r.read(&mut block[filled..]) {
             Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => return Err(TarError::Corrupt("the tar stream ends inside a header".into())),
+            Ok(0) => {
+                return Err(TarError::Corrupt(
+                    "the tar stream ends inside a header".into(),
+                ))
+            }
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
@@ -148,7 +154,9 @@ fn field(bytes: &[u8]) -> &[u8] {
 fn number(bytes: &[u8], what: &str) -> Result<u64, TarError> {
     if bytes.first().is_some_and(|b| b & 0x80 != 0) {
         if bytes[0] & 0x40 != 0 {
-            return Err(TarError::Corrupt(format!("negative {what} in a tar header")));
+            return Err(TarError::Corrupt(format!(
+                "negative {what} in a tar header"
+            )));
         }
         let mut value: u64 = u64::from(bytes[0] & 0x3f);
         for &b in &bytes[1..] {
@@ -228,7 +236,9 @@ impl<R: Read> TarReader<R> {
             let want = n.min(scratch.len() as u64) as usize;
             let got = self.inner.read(&mut scratch[..want])?;
             if got == 0 {
-                return Err(TarError::Corrupt("the tar stream ends inside an entry".into()));
+                return Err(TarError::Corrupt(
+                    "the tar stream ends inside an entry".into(),
+                ));
             }
             n -= got as u64;
         }
@@ -320,11 +330,9 @@ impl<R: Read> TarReader<R> {
                                 b"linkpath" => pax_link = Some(value.to_vec()),
                                 b"size" => {
                                     let text = std::str::from_utf8(value).ok();
-                                    pax_size = Some(
-                                        text.and_then(|t| t.parse().ok()).ok_or_else(|| {
-                                            TarError::Corrupt("pax `size` is not a number".into())
-                                        })?,
-                                    );
+                                    pax_size = Some(text.and_then(|t| t.parse().ok()).ok_or_else(
+                                        || TarError::Corrupt("pax `size` is not a number".into()),
+                                    )?);
                                 }
                                 _ => {}
                             }
@@ -351,7 +359,9 @@ impl<R: Read> TarReader<R> {
                 .or(long_link)
                 .unwrap_or_else(|| field(&block[157..257]).to_vec());
             if path.contains(&0) || link.contains(&0) {
-                return Err(TarError::Corrupt("a tar entry's name holds a NUL byte".into()));
+                return Err(TarError::Corrupt(
+                    "a tar entry's name holds a NUL byte".into(),
+                ));
             }
             let size = pax_size.unwrap_or(size);
             if size > 1 << 62 {
@@ -499,7 +509,10 @@ mod tests {
         let mut t = Vec::new();
         entry(&mut t, b"PaxHeader", b'x', b"99 path=x\n");
         entry(&mut t, b"a", b'0', b"");
-        assert!(matches!(read_all(&t), Err(TarError::Corrupt(_))), "bad pax length");
+        assert!(
+            matches!(read_all(&t), Err(TarError::Corrupt(_))),
+            "bad pax length"
+        );
     }
 
     #[test]

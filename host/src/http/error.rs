@@ -17,7 +17,11 @@ use crate::registry::{FailureKind, LoadError, LoadFailure};
 static REDACTED: OnceLock<Vec<(String, &'static str)>> = OnceLock::new();
 
 /// Set the folders to keep out of answers (once, at start-up).
-pub fn redact_paths(work_dir: &std::path::Path, model_store: &std::path::Path, plugin_dir: &std::path::Path) {
+pub fn redact_paths(
+    work_dir: &std::path::Path,
+    model_store: &std::path::Path,
+    plugin_dir: &std::path::Path,
+) {
     let mut folders = Vec::new();
     for (dir, name) in [
         (work_dir, "<work_dir>"),
@@ -49,9 +53,9 @@ pub fn redact(message: &str) -> String {
     }
     // An archive extracted in this process's scratch folder is just `<archive>`.
     static EXTRACTED: OnceLock<Option<regex::Regex>> = OnceLock::new();
-    if let Some(re) = EXTRACTED
-        .get_or_init(|| regex::Regex::new(r"<work_dir>/run-[^/\s]+/models/model-[^/\s`'\x22]+").ok())
-    {
+    if let Some(re) = EXTRACTED.get_or_init(|| {
+        regex::Regex::new(r"<work_dir>/run-[^/\s]+/models/model-[^/\s`'\x22]+").ok()
+    }) {
         out = re.replace_all(&out, "<archive>").into_owned();
     }
     out
@@ -227,7 +231,10 @@ impl ResponseError for ApiError {
         };
         let message = redact(&full);
         if message != full {
-            tracing::info!(status = status.as_u16(), "answered with host paths redacted: {full}");
+            tracing::info!(
+                status = status.as_u16(),
+                "answered with host paths redacted: {full}"
+            );
         }
         HttpResponse::build(status).json(serde_json::json!({
             "code": status.as_u16(),

@@ -41,7 +41,9 @@ pub async fn limit_headers<B: MessageBody + 'static>(
                 size,
                 max: limit,
             };
-            return Ok(req.into_response(error.error_response()).map_into_boxed_body());
+            return Ok(req
+                .into_response(error.error_response())
+                .map_into_boxed_body());
         }
     }
     next.call(req)
@@ -114,7 +116,11 @@ pub async fn refuse_browsers<B: MessageBody + 'static>(
     next: Next<B>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     if let Some(guard) = req.app_data::<web::Data<BrowserGuard>>() {
-        let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+        };
         if let Err(why) = guard.check(header("host"), header("origin")) {
             tracing::warn!(
                 path = %req.path(),
@@ -150,7 +156,10 @@ mod tests {
         assert!(g.check(Some("cresset.internal:8081"), None).is_ok());
         assert!(g.check(Some("evil.example:8081"), None).is_err());
         assert!(g.check(Some("10.0.0.1:8081"), None).is_err());
-        assert!(g.check(None, None).is_ok(), "HTTP/1.0 without Host is not a browser");
+        assert!(
+            g.check(None, None).is_ok(),
+            "HTTP/1.0 without Host is not a browser"
+        );
         let all = guard("0.0.0.0:8081", &[]);
         assert!(all.check(Some("10.0.0.1:8081"), None).is_ok());
         assert!(all.check(Some("[::1]:8081"), None).is_ok());

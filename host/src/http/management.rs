@@ -102,7 +102,9 @@ async fn register(
     let archive_file = state.registrar.archive_name(&path);
     // An archive the server kept (an upload, a download) that is refused is not kept.
     let refused = |e: ApiError| {
-        state.registrar.forget_archive_if_unused(&archive_file, None);
+        state
+            .registrar
+            .forget_archive_if_unused(&archive_file, None);
         e
     };
 
@@ -197,7 +199,11 @@ impl From<IncomingError> for ApiError {
 }
 
 /// Keep a finished upload or download in the store.
-async fn keep(incoming: Incoming, store: PathBuf, prefix: &'static str) -> Result<PathBuf, ApiError> {
+async fn keep(
+    incoming: Incoming,
+    store: PathBuf,
+    prefix: &'static str,
+) -> Result<PathBuf, ApiError> {
     let (path, _existed) = web::block(move || incoming.keep(&store, prefix))
         .await
         .map_err(|e| ApiError::Internal(format!("the archive writer stopped: {e}")))??;

@@ -14,9 +14,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde_json::{json, Value};
 
-use super::inference::{
-    acquire, answer, receive, request_id, respond, Framing, Protocol,
-};
+use super::inference::{acquire, answer, receive, request_id, respond, Framing, Protocol};
 use super::{ApiError, AppState};
 use crate::worker::JobKind;
 

@@ -6,6 +6,7 @@
 //! - [`pool`]: a version's worker threads and the devices they get.
 //! - [`load`]: loading a plugin and a model, with typed errors.
 //! - [`store`]: the model store on disk: archives arriving, kept and forgotten; crash debris.
+//! - [`snapshot`]: registrations that survive restarts (pending until their first load).
 //! - [`registrar`]: registering, restoring and unregistering, with the snapshot kept in step.
 //!
 //! Unregistering a version takes it out of the registry at once (no new request can reach it),
@@ -15,6 +16,7 @@
 pub mod load;
 pub mod pool;
 pub mod registrar;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 pub mod version;
@@ -362,6 +364,9 @@ mod tests {
         let removed = registry.remove("a", None).expect("remove the last");
         assert_eq!(removed.version, "2");
         assert_eq!(registry.draining("a").len(), 1);
-        assert!(matches!(registry.get("a", None), Err(RegistryError::NoModel(_))));
+        assert!(matches!(
+            registry.get("a", None),
+            Err(RegistryError::NoModel(_))
+        ));
     }
 }

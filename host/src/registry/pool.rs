@@ -220,11 +220,7 @@ mod tests {
             }
             RResult::ROk(())
         }
-        fn explain(
-            &mut self,
-            _: RSlice<'_, Request>,
-            _: SinkRef<'_>,
-        ) -> RResult<(), PluginError> {
+        fn explain(&mut self, _: RSlice<'_, Request>, _: SinkRef<'_>) -> RResult<(), PluginError> {
             RResult::RErr(PluginError::internal("no"))
         }
     }
@@ -285,7 +281,9 @@ mod tests {
         let (_tx, rx) = crossbeam_channel::bounded(4);
         let spec = pool_spec(rx);
         let pool = WorkerPool::default();
-        let err = pool.scale(&spec, &model(Some(1)), 2).expect_err("instance 1 fails");
+        let err = pool
+            .scale(&spec, &model(Some(1)), 2)
+            .expect_err("instance 1 fails");
         assert!(matches!(err, LoadError::Instance(_)), "{err:?}");
         assert_eq!(err.kind(), super::super::state::FailureKind::BadModel);
         assert!(err.to_string().contains("instance 1 cannot start"), "{err}");

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::load::{LoadContext, LoadError};
+use super::snapshot::{RegistrationStatus, Snapshotter};
 use super::state::{FailureKind, LoadFailure, ModelState};
 use super::version::{drain, ModelVersion, Origin};
 use super::{store, ModelRegistry, RegistryError};
 use crate::archive::{resolve_in_store, ConfigOverrides, ModelSource, OpenedArchive};
-use crate::snapshot::{RegistrationStatus, Snapshotter};
 
 /// A registration from the model store: at start-up from `--models`, or restored from a
 /// snapshot (with the overrides, URL, version and status it had).

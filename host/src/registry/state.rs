@@ -185,7 +185,10 @@ mod tests {
         let loader = cell.clone();
         let thread = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(20));
-            loader.finish_loading(Err(LoadFailure::new(FailureKind::BadArchive, "no manifest")));
+            loader.finish_loading(Err(LoadFailure::new(
+                FailureKind::BadArchive,
+                "no manifest",
+            )));
         });
         let state = block_on(cell.settled());
         assert_eq!(state.name(), "Failed");

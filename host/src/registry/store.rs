@@ -8,57 +8,21 @@
 //! live server that shares the store.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use sha2::Digest;
 
-/// The name prefix of an archive arriving in the store.
-const INCOMING_PREFIX: &str = ".incoming-";
-/// The name prefix of a snapshot being written.
-pub const SNAPSHOT_TMP_PREFIX: &str = ".snapshot-";
-/// The name prefix of a plugin library being staged.
-pub const STAGING_PREFIX: &str = ".staging-";
-/// What a `tempfile` with its default prefix is called: older servers wrote uploads, snapshots
-/// and staged plugins so, without a lock. Such a file is only taken for debris once it has not
-/// been written for [`LEGACY_TMP_AGE`] (`cresset archive` still writes one while it works).
-const LEGACY_TMP_PREFIX: &str = ".tmp";
-/// How old an unlocked `.tmp…` file must be to be removed.
-const LEGACY_TMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+use crate::locked_file::{
+    locked_temp, try_lock, INCOMING_PREFIX, LEGACY_TMP_AGE, LEGACY_TMP_PREFIX, SNAPSHOT_TMP_PREFIX,
+    STAGING_PREFIX,
+};
+
 /// The prefix of a server process's scratch folder in the work folder.
 const SCRATCH_PREFIX: &str = "run-";
 /// The lock file inside a scratch folder.
 const SCRATCH_LOCK: &str = ".lock";
 /// Prefixes of the archives the server itself keeps in the store (uploads and downloads).
 const KEPT_PREFIXES: [&str; 2] = ["upload-", "download-"];
-
-/// Try to take an exclusive lock on `file` without waiting. `Ok(false)`: someone holds it.
-fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
-    // SAFETY: flock on a descriptor this `File` owns; it has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
-/// A temporary file in `dir` named `<prefix>…`, locked for as long as it lives (see the module
-/// docs): a crash leaves it unlocked, and the next start-up removes it.
-pub fn locked_temp(dir: &Path, prefix: &str) -> std::io::Result<tempfile::NamedTempFile> {
-    let file = tempfile::Builder::new()
-        .prefix(prefix)
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    if !try_lock(file.as_file())? {
-        return Err(std::io::Error::other("a new temporary file is locked: this is a bug"));
-    }
-    Ok(file)
-}
 
 /// This process's scratch folder in the work folder (`run-…`), locked while it lives and
 /// removed when it is dropped.
@@ -75,7 +39,9 @@ impl ScratchDir {
             .tempdir_in(work_dir)?;
         let lock = std::fs::File::create(dir.path().join(SCRATCH_LOCK))?;
         if !try_lock(&lock)? {
-            return Err(std::io::Error::other("a new scratch folder is locked: this is a bug"));
+            return Err(std::io::Error::other(
+                "a new scratch folder is locked: this is a bug",
+            ));
         }
         Ok(Self { dir, _lock: lock })
     }
@@ -205,7 +171,9 @@ pub fn forget_kept_archive(store: &Path, archive_file: &str) {
     }
     let path = store.join(archive_file);
     match std::fs::remove_file(&path) {
-        Ok(()) => tracing::info!(archive = %archive_file, "removed an archive nothing uses any more"),
+        Ok(()) => {
+            tracing::info!(archive = %archive_file, "removed an archive nothing uses any more")
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::warn!(archive = %archive_file, "cannot remove an unused archive: {e}"),
     }
@@ -345,7 +313,9 @@ mod tests {
         assert!(!dead.exists());
         assert!(scratch.path().is_dir(), "the live scratch folder stays");
         assert!(store.join("model.tar.gz").exists());
-        let (kept, existed) = live.keep(store, "upload").expect("the live upload completes");
+        let (kept, existed) = live
+            .keep(store, "upload")
+            .expect("the live upload completes");
         assert!(!existed);
         assert!(kept.is_file());
     }
@@ -366,7 +336,10 @@ mod tests {
     fn incoming_archives_are_capped_and_sniffed() {
         let store = tempfile::tempdir().expect("tempdir");
         let mut small = Incoming::new(store.path(), 4).expect("incoming");
-        assert!(matches!(small.push(b"12345"), Err(IncomingError::TooLarge(4))));
+        assert!(matches!(
+            small.push(b"12345"),
+            Err(IncomingError::TooLarge(4))
+        ));
         let mut text = Incoming::new(store.path(), 100).expect("incoming");
         text.push(b"hello").expect("push");
         assert!(matches!(

@@ -27,7 +27,11 @@ impl Handler for Panicky {
         if ctx.handler_config.get("panic_in").and_then(|v| v.as_str()) == Some("initialize") {
             panic!("panicky fixture: asked to panic in initialize");
         }
-        if let Some(ms) = ctx.handler_config.get("initialize_ms").and_then(|v| v.as_u64()) {
+        if let Some(ms) = ctx
+            .handler_config
+            .get("initialize_ms")
+            .and_then(|v| v.as_u64())
+        {
             std::thread::sleep(Duration::from_millis(ms));
         }
         if ctx.handler_config.get("crash_in").and_then(|v| v.as_str()) == Some("initialize") {

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::{FailureKind, ModelRegistry, ModelState};
 use crate::archive::ConfigOverrides;
-use crate::registry::{FailureKind, ModelRegistry, ModelState};
 
 /// Where a registration stands, as the snapshot keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -157,10 +157,8 @@ impl Snapshotter {
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let mut tmp = crate::registry::store::locked_temp(
-            dir,
-            crate::registry::store::SNAPSHOT_TMP_PREFIX,
-        )?;
+        let mut tmp =
+            crate::locked_file::locked_temp(dir, crate::locked_file::SNAPSHOT_TMP_PREFIX)?;
         tmp.write_all(&text)?;
         tmp.as_file().sync_all()?;
         tmp.persist(&self.path).map_err(|e| e.error)?;

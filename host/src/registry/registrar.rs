@@ -201,13 +201,16 @@ impl Registrar {
     }
 
     /// After a load: a first success is recorded (the registration is no longer pending); a
-    /// first failure is not kept in the snapshot, nor is its archive if the server kept it.
+    /// first failure of a registration made through the API is not kept in the snapshot, nor is
+    /// its archive if the server kept it (one made at start-up is tried again next time).
     fn settled(&self, version: &ModelVersion, state: &ModelState) {
         match state {
             ModelState::Ready => self.persist_or_log(),
             ModelState::Failed(_) if !version.loaded_before() => {
                 self.persist_or_log();
-                self.forget_archive_if_unused(&version.origin.archive_file, Some(version));
+                if !version.origin.at_startup {
+                    self.forget_archive_if_unused(&version.origin.archive_file, Some(version));
+                }
             }
             _ => {}
         }
@@ -250,7 +253,9 @@ impl Registrar {
         let in_use = self.registry.all_versions().iter().any(|v| {
             let other = except.is_none_or(|e| !std::ptr::eq(Arc::as_ptr(v), e));
             let may_load_again = match v.state() {
-                ModelState::Failed(f) => v.loaded_before() || f.kind == FailureKind::Crashed,
+                ModelState::Failed(f) => {
+                    v.loaded_before() || v.origin.at_startup || f.kind == FailureKind::Crashed
+                }
                 ModelState::Draining => false,
                 ModelState::Loading | ModelState::Ready => true,
             };

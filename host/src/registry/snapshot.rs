@@ -120,7 +120,10 @@ impl Snapshotter {
                             reason: f.message.clone(),
                         }
                     }
-                    // A registration whose first load failed is not kept.
+                    // An operator's `--models` entry (or a registration restored at start-up)
+                    // whose first load failed is tried again at the next start; one registered
+                    // through the API whose first load failed is not kept (its client was told).
+                    ModelState::Failed(_) if v.origin.at_startup => RegistrationStatus::Queued,
                     ModelState::Failed(_) => return None,
                     _ if exiting => RegistrationStatus::Queued,
                     _ => RegistrationStatus::Pending {
@@ -211,5 +214,161 @@ mod tests {
         let snap = Snapshotter::new(dir.path().join("nested/snapshot.json"));
         snap.save(&ModelRegistry::default(), false).expect("save");
         assert!(snap.load().expect("load").is_empty());
+    }
+
+    fn origin(archive: &str, at_startup: bool, loaded_before: bool) -> crate::registry::Origin {
+        crate::registry::Origin {
+            url: archive.into(),
+            archive_file: archive.into(),
+            at_startup,
+            overrides: ConfigOverrides::default(),
+            loaded_before,
+        }
+    }
+
+    fn failed(
+        name: &str,
+        origin: crate::registry::Origin,
+        kind: FailureKind,
+    ) -> Arc<crate::registry::ModelVersion> {
+        Arc::new(crate::registry::ModelVersion::failed(
+            name.into(),
+            "1.0".into(),
+            origin,
+            crate::registry::LoadFailure::new(kind, "why"),
+        ))
+    }
+
+    /// A version in `Loading`, from a directory archive.
+    fn loading(
+        dir: &Path,
+        name: &str,
+        origin: crate::registry::Origin,
+    ) -> Arc<crate::registry::ModelVersion> {
+        let archive_dir = dir.join(name);
+        std::fs::create_dir_all(&archive_dir).expect("mkdir");
+        std::fs::write(
+            archive_dir.join("MANIFEST.toml"),
+            format!("[model]\nname = \"{name}\"\nversion = \"1.0\"\nhandler = \"echo\"\n"),
+        )
+        .expect("manifest");
+        let archive = crate::archive::OpenedArchive::open(
+            &archive_dir,
+            &dir.join("work"),
+            &crate::archive::ExtractLimits::default(),
+        )
+        .expect("open");
+        let config = archive.config.clone();
+        Arc::new(crate::registry::ModelVersion::from_archive(
+            archive, None, config, origin,
+        ))
+    }
+
+    fn status_of(models: &[SnapshotModel], name: &str) -> Option<RegistrationStatus> {
+        models
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.status.clone())
+    }
+
+    #[test]
+    fn registrations_are_pending_until_loaded_and_failed_first_loads_are_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = ModelRegistry::default();
+        registry
+            .insert(loading(
+                dir.path(),
+                "new",
+                origin("new.tar.gz", false, false),
+            ))
+            .expect("insert");
+        registry
+            .insert(loading(
+                dir.path(),
+                "known",
+                origin("known.tar.gz", true, true),
+            ))
+            .expect("insert");
+        registry
+            .insert(failed(
+                "refused",
+                origin("r.tar.gz", false, false),
+                FailureKind::BadModel,
+            ))
+            .expect("insert");
+        registry
+            .insert(failed(
+                "operators",
+                origin("o.tar.gz", true, false),
+                FailureKind::BadModel,
+            ))
+            .expect("insert");
+        registry
+            .insert(failed(
+                "crashed",
+                origin("c.tar.gz", true, false),
+                FailureKind::Crashed,
+            ))
+            .expect("insert");
+        registry
+            .insert(failed(
+                "missing",
+                origin("m.tar.gz", true, true),
+                FailureKind::NotFound,
+            ))
+            .expect("insert");
+        let snap = Snapshotter::new(dir.path().join("snapshot.json"));
+
+        snap.save(&registry, false).expect("save");
+        let models = snap.load().expect("load");
+        assert!(matches!(
+            status_of(&models, "new"),
+            Some(RegistrationStatus::Pending { pid, .. }) if pid == std::process::id()
+        ));
+        assert_eq!(
+            status_of(&models, "known"),
+            Some(RegistrationStatus::Loaded)
+        );
+        assert_eq!(status_of(&models, "refused"), None, "its client was told");
+        assert_eq!(
+            status_of(&models, "operators"),
+            Some(RegistrationStatus::Queued)
+        );
+        assert_eq!(
+            status_of(&models, "crashed"),
+            Some(RegistrationStatus::Crashed {
+                reason: "why".into()
+            })
+        );
+        assert_eq!(
+            status_of(&models, "missing"),
+            Some(RegistrationStatus::Loaded),
+            "its archive may be back next time"
+        );
+
+        // A clean exit: the load under way was not the cause.
+        snap.save(&registry, true).expect("save");
+        let models = snap.load().expect("load");
+        assert_eq!(status_of(&models, "new"), Some(RegistrationStatus::Queued));
+    }
+
+    #[test]
+    fn snapshots_from_before_the_status_field_hold_loaded_registrations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = Snapshotter::new(dir.path().join("snapshot.json"));
+        std::fs::write(
+            snap.path(),
+            br#"{"format":1,"models":[{"name":"a","version":"1.0","archive":"a.tar.gz","url":"a.tar.gz","default":true,"overrides":{}}]}"#,
+        )
+        .expect("write");
+        let models = snap.load().expect("load");
+        assert_eq!(models[0].status, RegistrationStatus::Loaded);
+        // And an unknown status is an error, not silently a default.
+        std::fs::write(
+            snap.path(),
+            br#"{"format":1,"models":[{"name":"a","version":"1.0","archive":"a","url":"a","default":true,"overrides":{},"status":"maybe"}]}"#,
+        )
+        .expect("write");
+        assert!(snap.load().is_err());
     }
 }

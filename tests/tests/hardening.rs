@@ -144,9 +144,13 @@ fn extension_bomb(flag: u8, size: u64) -> Vec<u8> {
 
 #[test]
 fn tar_extension_headers_cannot_blow_up_the_server() {
+    let store = tempfile::tempdir().expect("tempdir");
+    archive_model(store.path(), "echo", "1.0", "echo", "tgz");
     let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
         "--models",
-        "echo",
+        "echo=echo.tar.gz",
         "--max-archive-unpacked-bytes",
         "104857600",
     ]);
@@ -192,7 +196,8 @@ fn tar_extension_headers_cannot_blow_up_the_server() {
 #[test]
 fn every_gzip_member_and_every_concatenated_archive_is_read() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&[]);
+    // Uploads are kept in the store: a store of its own, not the repository's.
+    let server = Server::start(&["--model-store", dir.path().to_str().expect("utf-8")]);
     server.wait_healthy();
     let plugin = std::fs::read(library("plugin_echo")).expect("echo plugin");
     let handler = "handler/libcresset_plugin_echo.so";
@@ -422,7 +427,17 @@ fn kept_archives(store: &Path) -> usize {
 #[test]
 fn web_pages_cannot_register_models_whether_tokens_are_on_or_off() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::start(&["--models", "echo"]); // tokens off
+    // Tokens off, and a store of its own: were the drive-by accepted, its archive would be kept
+    // there (and poison any server started on that store with `--models all`).
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    archive_model(&store, "echo", "1.0", "echo", "tgz");
+    let mut server = Server::start(&[
+        "--model-store",
+        store.to_str().expect("utf-8"),
+        "--models",
+        "echo=echo.tar.gz",
+    ]);
     server.wait_healthy();
     let deadly = deadly_archive(dir.path(), "driveby");
     let port = server

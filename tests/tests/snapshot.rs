@@ -1,4 +1,6 @@
 //! Registrations survive restarts, and a SIGKILL at any moment loses none that was acknowledged.
+//! (A registration whose first load was still under way at the kill comes back `Failed` with
+//! `failure: Crashed`, not loaded: the kill may have been the load's doing.)
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -44,7 +46,8 @@ fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
         .into_iter()
         .enumerate()
         .map(|(i, (name, file))| {
-            let url = format!("{management}/models?url={file}&synchronous={}", i % 2 == 0);
+            let synchronous = i % 2 == 0;
+            let url = format!("{management}/models?url={file}&synchronous={synchronous}");
             let tx = tx.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(15 * i as u64));
@@ -54,7 +57,7 @@ fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
                     .into();
                 if let Ok(r) = agent.post(&url).send(&b""[..]) {
                     if matches!(r.status().as_u16(), 200 | 202) {
-                        let _ = tx.send(name);
+                        let _ = tx.send((name, synchronous));
                     }
                 }
             })
@@ -62,7 +65,7 @@ fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
         .collect();
     drop(tx);
     // Kill mid-burst, once two registrations are acknowledged: others are in flight or unsent.
-    let mut acknowledged: Vec<String> = Vec::new();
+    let mut acknowledged: Vec<(String, bool)> = Vec::new();
     while acknowledged.len() < 2 {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(name) => acknowledged.push(name),
@@ -85,13 +88,26 @@ fn acknowledged_registrations_survive_a_sigkill_in_the_middle_of_a_burst() {
     );
 
     let restarted = start(store.path(), &snapshot, &[]);
-    restarted.wait_healthy();
-    for name in &acknowledged {
+    restarted.wait_settled();
+    assert_eq!(restarted.get("/ping").status, 200);
+    for (name, synchronous) in &acknowledged {
+        let described = restarted.manage("GET", &format!("/models/{name}"), "", b"");
+        assert_eq!(described.status, 200, "{name} was acknowledged but is gone");
+        let version = &described.json()[0];
+        if version["state"] == "Failed" {
+            // Only a registration answered 202 can have been loading when the server died.
+            assert!(
+                !synchronous,
+                "{name} was loaded when acknowledged: {version}"
+            );
+            assert_eq!(version["failure"], "Crashed", "{version}");
+            continue;
+        }
         let reply = restarted.post(&format!("/predictions/{name}"), "text/plain", b"back");
         assert_eq!(
             (reply.status, reply.text()),
             (200, "back".to_owned()),
-            "{name} was acknowledged but is gone"
+            "{name}: {version}"
         );
     }
     let log = restarted.log();

@@ -195,17 +195,17 @@ impl Registrar {
         std::thread::Builder::new()
             .name("cresset-loader".into())
             .spawn(move || {
-                let state = version.start(&this.ctx);
+                let state = version.start(&this.ctx, |_| this.persist_or_log());
                 this.settled(&version, &state);
             })
     }
 
-    /// After a load: a first success is recorded (the registration is no longer pending); a
-    /// first failure of a registration made through the API is not kept in the snapshot, nor is
+    /// After a load: a first failure of a registration made through the API is not kept in the snapshot, nor is
     /// its archive if the server kept it (one made at start-up is tried again next time).
     fn settled(&self, version: &ModelVersion, state: &ModelState) {
         match state {
-            ModelState::Ready => self.persist_or_log(),
+            // Recorded before it became Ready (see `ModelVersion::start`).
+            ModelState::Ready => {}
             ModelState::Failed(_) if !version.loaded_before() => {
                 self.persist_or_log();
                 if !version.origin.at_startup {

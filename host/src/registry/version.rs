@@ -231,8 +231,11 @@ impl ModelVersion {
     }
 
     /// Load the plugin, the model and `min_workers` instances, and move to `Ready` or `Failed`.
-    /// Runs on a loader thread. Returns the state it settled in.
-    pub fn start(&self, ctx: &LoadContext) -> ModelState {
+    /// Runs on a loader thread. `record` runs once the version has loaded and before it is
+    /// `Ready`, so that whoever waits for `Ready` (a synchronous registration) is answered only
+    /// after the load is on record (the snapshot no longer has it pending). Returns the state
+    /// it settled in.
+    pub fn start(&self, ctx: &LoadContext, record: impl FnOnce(&Self)) -> ModelState {
         let began = Instant::now();
         let result = self
             .load(ctx)
@@ -245,6 +248,7 @@ impl ModelVersion {
                     .observe(began.elapsed().as_secs_f64());
                 tracing::info!(model = %self.name, version = %self.version, workers = self.config.min_workers, seconds = began.elapsed().as_secs_f64(), "model ready");
                 self.loaded_once.store(true, Ordering::Release);
+                record(self);
                 self.state.finish_loading(Ok(()));
             }
             Err(e) => {

@@ -684,6 +684,34 @@ fn health_routes_name_no_model_when_tokens_are_on_and_no_answer_carries_a_host_p
 }
 
 #[test]
+fn a_multipart_body_that_crashed_the_form_parser_is_a_400() {
+    // Found by fuzzing: actix-multipart 0.7 panicked on a line shorter than the boundary
+    // marker, killing the HTTP worker thread and every connection on it.
+    let server = Server::start(&["--models", "echo"]);
+    server.wait_healthy();
+    let own = authority(&server.inference).to_owned();
+    for _ in 0..4 {
+        let (status, body) = raw(
+            &server.inference,
+            &request(
+                "POST",
+                "/predictions/echo",
+                &[
+                    ("Host", own.as_str()),
+                    ("Content-Type", "multipart/form-data; boundary=XyZ"),
+                ],
+                b"--X\ryZ\n--\nContent-Disposition: XyZ4\r\n--XyZ-~-~-\r\n",
+            ),
+        );
+        assert_eq!(status, 400, "{body}");
+    }
+    assert_eq!(
+        server.post("/predictions/echo", "text/plain", b"alive").text(),
+        "alive"
+    );
+}
+
+#[test]
 fn request_headers_over_8_kib_get_431_on_every_listener() {
     let server = Server::start(&["--models", "echo"]);
     server.wait_healthy();

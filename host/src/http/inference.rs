@@ -471,7 +471,8 @@ async fn read_body(
     idle: Duration,
 ) -> Result<(String, Vec<u8>, Vec<KeyValue>), ApiError> {
     if super::body::is_multipart(req) {
-        return super::body::read_form(req.headers(), payload, max, idle).await;
+        let form = super::body::read_form(req.headers(), payload, max, idle);
+        return super::body::without_panics("multipart body", form).await;
     }
     let content_type = req
         .headers()

@@ -213,6 +213,14 @@ async fn keep(
 async fn save_upload(
     state: &AppState,
     req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<PathBuf, ApiError> {
+    super::body::without_panics("upload", receive_upload(state, req, payload)).await
+}
+
+async fn receive_upload(
+    state: &AppState,
+    req: &HttpRequest,
     mut payload: web::Payload,
 ) -> Result<PathBuf, ApiError> {
     let max = state.config.max_upload_size;

@@ -200,11 +200,11 @@ impl Registrar {
             })
     }
 
-    /// After a load: a first failure of a registration made through the API is not kept in the snapshot, nor is
-    /// its archive if the server kept it (one made at start-up is tried again next time).
+    /// After a load: the first failure of a registration made through the API is not kept in
+    /// the snapshot, nor is its archive if the server kept it (a registration made at start-up
+    /// is tried again next time). A success was recorded before the version turned `Ready`.
     fn settled(&self, version: &ModelVersion, state: &ModelState) {
         match state {
-            // Recorded before it became Ready (see `ModelVersion::start`).
             ModelState::Ready => {}
             ModelState::Failed(_) if !version.loaded_before() => {
                 self.persist_or_log();
@@ -222,6 +222,7 @@ impl Registrar {
         if self.registry.withdraw(version) {
             self.persist_or_log();
         }
+        self.ctx.metrics.forget(&version.name, &version.version);
         self.forget_archive_if_unused(&version.origin.archive_file, Some(version));
     }
 

@@ -55,6 +55,32 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> V
     bytes
 }
 
+/// Call `base` with an `Authorization` header (as a client with the key would), to its own
+/// `Host`: (status, body).
+fn authorized(
+    base: &str,
+    method: &str,
+    path: &str,
+    authorization: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let own = authority(base).to_owned();
+    raw(
+        base,
+        &request(
+            method,
+            path,
+            &[("Host", own.as_str()), ("Authorization", authorization)],
+            body,
+        ),
+    )
+}
+
+/// The key file's keys.
+fn keys(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("keys")).expect("json")
+}
+
 /// A tar header block, ustar, with a good checksum.
 fn tar_header(name: &str, flag: u8, size: u64) -> [u8; 512] {
     let mut h = tar::Header::new_ustar();
@@ -568,21 +594,11 @@ fn the_quick_start_keeps_the_management_key_and_says_how_to_use_it() {
         "open"
     );
     assert_eq!(server.manage("GET", "/models", "", b"").status, 401);
-    let keys: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&key_file).expect("keys")).expect("json");
+    let keys = keys(&key_file);
     let key = keys["management"].as_str().expect("key");
-    let own = authority(&server.management).to_owned();
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let auth = format!("{scheme} {key}");
-        let (status, body) = raw(
-            &server.management,
-            &request(
-                "GET",
-                "/models",
-                &[("Host", own.as_str()), ("Authorization", auth.as_str())],
-                b"",
-            ),
-        );
+        let (status, body) = authorized(&server.management, "GET", "/models", &auth, b"");
         assert_eq!(status, 200, "{scheme}: {body}");
     }
     // The log says where the key is and gives a curl that reads it from there; pasted into a
@@ -641,21 +657,16 @@ fn health_routes_name_no_model_when_tokens_are_on_and_no_answer_carries_a_host_p
     assert!(!ready.text().contains("badlib"), "{}", ready.text());
 
     // With the key: the errors say what is wrong, without the store's or work folder's path.
-    let keys: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&key_file).expect("keys")).expect("json");
+    let keys = keys(&key_file);
     let inference_key = keys["inference"].as_str().expect("key");
     let management_key = keys["management"].as_str().expect("key");
     let store_text = store.to_string_lossy().into_owned();
-    let own = authority(&server.inference).to_owned();
-    let auth = format!("Bearer {inference_key}");
-    let (status, body) = raw(
+    let (status, body) = authorized(
         &server.inference,
-        &request(
-            "POST",
-            "/predictions/badlib",
-            &[("Host", own.as_str()), ("Authorization", auth.as_str())],
-            b"x",
-        ),
+        "POST",
+        "/predictions/badlib",
+        &format!("Bearer {inference_key}"),
+        b"x",
     );
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("not a loadable shared library"), "{body}");
@@ -664,16 +675,12 @@ fn health_routes_name_no_model_when_tokens_are_on_and_no_answer_carries_a_host_p
         !body.contains("/tmp/") && !body.contains(&store_text),
         "{body}"
     );
-    let own = authority(&server.management).to_owned();
-    let auth = format!("Bearer {management_key}");
-    let (status, body) = raw(
+    let (status, body) = authorized(
         &server.management,
-        &request(
-            "GET",
-            "/models/broken",
-            &[("Host", own.as_str()), ("Authorization", auth.as_str())],
-            b"",
-        ),
+        "GET",
+        "/models/broken",
+        &format!("Bearer {management_key}"),
+        b"",
     );
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("corrupt"), "{body}");
@@ -706,7 +713,9 @@ fn a_multipart_body_that_crashed_the_form_parser_is_a_400() {
         assert_eq!(status, 400, "{body}");
     }
     assert_eq!(
-        server.post("/predictions/echo", "text/plain", b"alive").text(),
+        server
+            .post("/predictions/echo", "text/plain", b"alive")
+            .text(),
         "alive"
     );
 }

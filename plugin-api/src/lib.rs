@@ -36,11 +36,18 @@
 //!    does not use the SDK must do the same.
 //! 6. This crate depends on `abi_stable` only (and, behind the `sdk` feature, `serde`,
 //!    `serde_json` and `tracing-core`): never on a runtime such as tch, actix or tokio.
+//! 7. **The SDK is not the ABI.** What the `sdk` feature adds for Rust authors (traits such as
+//!    [`sdk::ModelHandler`] and [`sdk::StepHandler`], helpers, macros) compiles down to the same
+//!    root module, so it may grow without a version change as long as nothing above moves and
+//!    every handler written against an earlier SDK still builds unchanged (additive only: no
+//!    new required items on an existing trait).
 //!
 //! ## Writing a plugin
 //!
-//! Most authors use the [`sdk`] (feature `sdk`): implement [`sdk::Handler`] and call
-//! [`export_handler!`]. See the `sdk` module for a complete example.
+//! Most authors use the [`sdk`] (feature `sdk`): implement [`sdk::Handler`] (or
+//! [`sdk::ModelHandler`], whose weights the instances share) and call [`export_handler!`], or
+//! [`sdk::StepHandler`] and [`export_step_handler!`] for continuous batching. See the `sdk`
+//! module for a complete example.
 
 #![warn(missing_docs)]
 // `#[sabi_trait]` expands to impl blocks inside consts; that is how abi_stable works.

@@ -29,8 +29,8 @@
 use std::path::Path;
 
 use cresset_llm::GptHandler;
-use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext, StepContext};
-use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+use cresset_plugin_api::sdk::{settings, InitContext, StepContext, StepHandler};
+use cresset_plugin_api::{Capabilities, PluginError, Request};
 use cresset_torch::decoder::Decoder;
 use serde_json::{Map, Value};
 
@@ -126,18 +126,17 @@ fn is_checkpoint(dir: &Path) -> bool {
         })
 }
 
-impl Handler for AccelerateHandler {
+impl StepHandler for AccelerateHandler {
     const NAME: &'static str = "accelerate";
     const SUMMARY: &'static str =
         "Device-mapped causal LMs (Llama, GPT-2, BLOOM): layers on GPUs, CPU and disk under max_memory, streaming, OpenAI-compatible";
     const CAPABILITIES: Capabilities = GptHandler::CAPABILITIES;
-    type Input = ();
-    type Output = ();
+    type Model = ();
 
-    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+    fn initialize(model: &std::sync::Arc<()>, ctx: &InitContext) -> Result<Self, PluginError> {
         let mut ctx = ctx.clone();
         ctx.handler_config = gpt_settings(&ctx)?;
-        let inner = GptHandler::initialize(&ctx)?;
+        let inner = GptHandler::initialize(model, &ctx)?;
         tracing::info!(
             model = %ctx.model_name,
             offloaded = inner.model().offloaded_layers().len(),
@@ -145,22 +144,6 @@ impl Handler for AccelerateHandler {
             "accelerate model placed"
         );
         Ok(Self { inner })
-    }
-
-    fn preprocess(&mut self, request: &Request) -> Result<(), PluginError> {
-        self.inner.preprocess(request)
-    }
-
-    fn inference(
-        &mut self,
-        batch: Vec<()>,
-        ctx: &mut BatchContext<'_, '_>,
-    ) -> Result<Vec<()>, PluginError> {
-        self.inner.inference(batch, ctx)
-    }
-
-    fn postprocess(&mut self, output: ()) -> Result<Response, PluginError> {
-        self.inner.postprocess(output)
     }
 
     fn step(
@@ -173,4 +156,4 @@ impl Handler for AccelerateHandler {
     }
 }
 
-cresset_plugin_api::export_handler!(AccelerateHandler);
+cresset_plugin_api::export_step_handler!(AccelerateHandler);

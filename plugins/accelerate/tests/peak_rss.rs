@@ -17,7 +17,7 @@ use common::{expected, generate};
 
 use cresset_plugin_accelerate::AccelerateHandler;
 use cresset_plugin_api::sdk::testing::init_context;
-use cresset_plugin_api::sdk::Handler;
+use cresset_plugin_api::sdk::testing::step_instance;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -56,7 +56,7 @@ fn start(settings: Value) -> (AccelerateHandler, tempfile::TempDir) {
     std::os::unix::fs::symlink(&gguf, root.path().join("smollm2.gguf")).expect("link");
     let mut ctx = init_context(root.path(), settings);
     ctx.model_config = json!({"batch_size": 1});
-    let h = AccelerateHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let h = step_instance::<AccelerateHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     (h, root)
 }
 

@@ -11,7 +11,7 @@ use common::{expected, generate, generated};
 
 use cresset_plugin_accelerate::AccelerateHandler;
 use cresset_plugin_api::sdk::testing::init_context;
-use cresset_plugin_api::sdk::Handler;
+use cresset_plugin_api::sdk::testing::step_instance;
 use cresset_torch::decoder::DecoderConfig;
 use cresset_torch::layers::HfConfig;
 use serde_json::{json, Value};
@@ -65,7 +65,7 @@ fn start(root: &Path, handler: Value) -> Result<AccelerateHandler, String> {
     let mut ctx = init_context(root, handler);
     ctx.model_config = json!({"batch_size": 2});
     ctx.model_version = "1.0".into();
-    AccelerateHandler::initialize(&ctx).map_err(|e| e.message.to_string())
+    step_instance::<AccelerateHandler>(&ctx).map_err(|e| e.message.to_string())
 }
 
 #[test]
@@ -205,8 +205,9 @@ fn two_instances_of_a_model_offload_to_their_own_files() {
     for index in 0..2 {
         let mut ctx = init_context(root.path(), settings.clone());
         ctx.assignment.index = index;
-        handlers
-            .push(AccelerateHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message)));
+        handlers.push(
+            step_instance::<AccelerateHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message)),
+        );
     }
     for index in 0..2 {
         assert!(root

@@ -4,4 +4,4 @@
 
 pub use cresset_llm::*;
 
-cresset_plugin_api::export_handler!(GptHandler);
+cresset_plugin_api::export_step_handler!(GptHandler);

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use cresset_plugin_api::sdk::testing::{init_context, request, run_steps};
-use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext, StepContext};
-use cresset_plugin_api::{Capabilities, ErrorCode, KeyValue, PluginError, Request, Response};
+use cresset_plugin_api::sdk::testing::{init_context, request, run_steps, step_instance};
+use cresset_plugin_api::sdk::{InitContext, StepContext, StepHandler};
+use cresset_plugin_api::{Capabilities, ErrorCode, KeyValue, PluginError, Request};
 use cresset_plugin_gpt::{GptHandler, TokenizingHeld, INLINE_BODY_BYTES};
 use serde_json::{json, Value};
 
@@ -27,7 +27,8 @@ fn context(handler: Value, batch_size: u64) -> InitContext {
 }
 
 fn handler(config: Value, batch_size: u64) -> GptHandler {
-    GptHandler::initialize(&context(config, batch_size)).unwrap_or_else(|e| panic!("{}", e.message))
+    step_instance::<GptHandler>(&context(config, batch_size))
+        .unwrap_or_else(|e| panic!("{}", e.message))
 }
 
 /// Token ids as text, with the tokenizer of fixture `name`.
@@ -271,31 +272,14 @@ struct SlowTokenizing {
     held: Option<TokenizingHeld>,
 }
 
-impl Handler for SlowTokenizing {
+impl StepHandler for SlowTokenizing {
     const NAME: &'static str = "slow-tokenizing";
     const SUMMARY: &'static str = "the gpt handler, tokenizing held for some steps";
     const CAPABILITIES: Capabilities = GptHandler::CAPABILITIES;
-    type Input = ();
-    type Output = ();
+    type Model = ();
 
-    fn initialize(_ctx: &InitContext) -> Result<Self, PluginError> {
+    fn initialize(_: &std::sync::Arc<()>, _ctx: &InitContext) -> Result<Self, PluginError> {
         Err(PluginError::unsupported("made by the test"))
-    }
-
-    fn preprocess(&mut self, _request: &Request) -> Result<(), PluginError> {
-        Ok(())
-    }
-
-    fn inference(
-        &mut self,
-        batch: Vec<()>,
-        _ctx: &mut BatchContext<'_, '_>,
-    ) -> Result<Vec<()>, PluginError> {
-        Ok(batch)
-    }
-
-    fn postprocess(&mut self, _output: ()) -> Result<Response, PluginError> {
-        Err(PluginError::internal("answers in `step`"))
     }
 
     fn step(
@@ -448,7 +432,7 @@ fn with_draft(draft: &str) -> tempfile::TempDir {
 fn speculative(draft_dir: &Path, batch: u64) -> GptHandler {
     let mut ctx = init_context(draft_dir, json!({"draft_model": "draft", "speculate_k": 4}));
     ctx.model_config = json!({ "batch_size": batch });
-    GptHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message))
+    step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message))
 }
 
 #[test]
@@ -525,7 +509,7 @@ fn tensor_parallel_serving_gives_the_same_text() {
     let spec = &expected["llama-gqa-untied"];
     let mut ctx = init_context(fixtures().join("llama-gqa-untied"), json!({"tp_shards": 3}));
     ctx.model_config = json!({"batch_size": 2, "parallel_type": "tp"});
-    let mut h = GptHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let mut h = step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     assert_eq!(h.model().shards(), 3);
     let out = run(
         &mut h,
@@ -554,7 +538,7 @@ fn a_device_map_with_disk_offload_serves_the_same_text() {
         json!({"max_memory": {"cpu": "450KiB"}, "offload_folder": "offload", "max_length": 64});
     let mut ctx = init_context(dir.path(), config);
     ctx.model_config = json!({"batch_size": 1});
-    let mut h = GptHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let mut h = step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     let offloaded = h.model().offloaded_layers();
     assert!(!offloaded.is_empty(), "the budget sends layers to disk");
     assert!(
@@ -571,13 +555,13 @@ fn a_device_map_with_disk_offload_serves_the_same_text() {
     assert_eq!(body(&out.finals[0])["generated_text"], want.as_str());
     // An explicit map is validated: a module the model lacks is a clear error at load.
     let bad = json!({"device_map": {"model.layers.99": "cpu", "model": "cpu", "lm_head": "cpu"}});
-    let err = GptHandler::initialize(&init_context(dir.path(), bad))
+    let err = step_instance::<GptHandler>(&init_context(dir.path(), bad))
         .err()
         .expect("refused");
     assert!(err.message.contains("model.layers.99"), "{}", err.message);
     // Too small without an offload folder: the shortfall is named.
     let tight = json!({"max_memory": {"cpu": "100KiB"}});
-    let err = GptHandler::initialize(&init_context(dir.path(), tight))
+    let err = step_instance::<GptHandler>(&init_context(dir.path(), tight))
         .err()
         .expect("refused");
     assert!(err.message.contains("does not fit"), "{}", err.message);

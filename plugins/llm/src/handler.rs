@@ -1,12 +1,12 @@
-//! [`GptHandler`]: the SDK's [`Handler`] over the engine. `initialize` reads the settings,
+//! [`GptHandler`]: the SDK's [`StepHandler`] over the engine. `initialize` reads the settings,
 //! loads the model (and its draft), sizes the KV cache and starts the tokenizer thread; `step`
 //! hands the new requests to admission, gives the engine those whose tokens are ready (and
 //! answers those refused), and runs one scheduling step.
 
 use std::sync::Arc;
 
-use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext, StepContext};
-use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
+use cresset_plugin_api::sdk::{InitContext, StepContext, StepHandler};
+use cresset_plugin_api::{Capabilities, PluginError, Request};
 use cresset_torch::decoder::{Decoder, DecoderConfig, LoadOptions};
 use cresset_torch::InferenceMode;
 
@@ -58,16 +58,14 @@ impl GptHandler {
     }
 }
 
-impl Handler for GptHandler {
+impl StepHandler for GptHandler {
     const NAME: &'static str = "gpt";
     const SUMMARY: &'static str =
         "Text generation (Llama from safetensors or GGUF, GPT-2, BLOOM), streaming, continuous batching, speculative decoding, tensor parallelism, OpenAI-compatible";
-    const CAPABILITIES: Capabilities =
-        Capabilities(Capabilities::STREAMING.0 | Capabilities::CONTINUOUS_BATCHING.0);
-    type Input = ();
-    type Output = ();
+    const CAPABILITIES: Capabilities = Capabilities::STREAMING;
+    type Model = ();
 
-    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+    fn initialize(_: &Arc<()>, ctx: &InitContext) -> Result<Self, PluginError> {
         let settings = Settings::read(ctx)?;
         let (kind, device) = (settings.kind, settings.device);
         let place = |cfg: &DecoderConfig| load_options(ctx, cfg, kind, device);
@@ -149,22 +147,6 @@ impl Handler for GptHandler {
             admissions,
             engine,
         })
-    }
-
-    fn preprocess(&mut self, _request: &Request) -> Result<(), PluginError> {
-        Ok(())
-    }
-
-    fn inference(
-        &mut self,
-        batch: Vec<()>,
-        _ctx: &mut BatchContext<'_, '_>,
-    ) -> Result<Vec<()>, PluginError> {
-        Ok(batch)
-    }
-
-    fn postprocess(&mut self, _output: ()) -> Result<Response, PluginError> {
-        Err(PluginError::internal("the gpt handler answers in `step`"))
     }
 
     fn step(

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod gpt2;
 mod json;
 pub mod layers;
+pub mod quant;
 pub mod sampling;
 pub mod weights;
 

@@ -7,6 +7,7 @@
 #     (scripts/make_nlp_fixtures.py, with transformers installed into the venv);
 #   - small random Llama checkpoints and GGUF files, and what transformers gives for them and
 #     for the real SmolLM2 GGUF (scripts/make_llm_fixtures.py);
+#   - k-quant blocks and the gguf package's dequantization of them (scripts/make_kquant_fixtures.py);
 #   - the default store's `minilm` and `smollm2` models, from the real weights.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -41,6 +42,10 @@ llm_stamp="$root/tests/fixtures/generated/llm/expected.json"
 if ! { [ -f "$llm_stamp" ] && [ "$llm_stamp" -nt "$root/scripts/make_llm_fixtures.py" ] \
   && [ "$llm_stamp" -nt "$root/scripts/fixture_common.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_llm_fixtures.py" "$root" "$smollm2"
+fi
+kquant_stamp="$root/tests/fixtures/generated/kquants/meta.json"
+if ! { [ -f "$kquant_stamp" ] && [ "$kquant_stamp" -nt "$root/scripts/make_kquant_fixtures.py" ]; }; then
+  "$CRESSET_VENV/bin/python" "$root/scripts/make_kquant_fixtures.py" "$root"
 fi
 if ! cmp -s "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; then
   cp "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,6 +20,8 @@ pub const MAGIC: u32 = 0x4655_4747;
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Block of 32 weights for the quantized types this reader supports.
 pub const QK: usize = 32;
+/// Super-block of 256 weights of the k-quants.
+pub const QK_K: usize = 256;
 
 /// The most bytes the metadata section may take. Nearly all of it is the tokenizer, about 16
 /// bytes a string with its length: SmolLM2's metadata is 1.7 MiB (49,152 tokens, 48,900
@@ -248,8 +250,9 @@ impl Iterator for Values<'_> {
     }
 }
 
-/// The ggml tensor types this reader can dequantize.
+/// The ggml tensor types this reader can read (named as ggml names them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
 pub enum GgmlType {
     /// 32-bit float.
     F32,
@@ -263,6 +266,12 @@ pub enum GgmlType {
     Q4_0,
     /// 4-bit blocks of 32 with an f16 scale and an f16 minimum.
     Q4_1,
+    /// k-quant: super-blocks of 256 in 8 groups of 32, 4 bits, 6-bit scales and minimums.
+    Q4_K,
+    /// k-quant: as `Q4_K`, with a fifth bit per weight.
+    Q5_K,
+    /// k-quant: super-blocks of 256 in 16 groups of 16, 6 bits, 8-bit scales.
+    Q6_K,
 }
 
 impl GgmlType {
@@ -274,21 +283,43 @@ impl GgmlType {
             2 => Self::Q4_0,
             3 => Self::Q4_1,
             8 => Self::Q8_0,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
             30 => Self::BF16,
             _ => return None,
         })
     }
 
-    /// Bytes for `n` elements (`n` a multiple of 32 for block types).
-    pub fn bytes_for(self, n: u64) -> Option<u64> {
-        let block = |bytes: u64| (n % QK as u64 == 0).then(|| n / QK as u64 * bytes);
+    /// Elements per block (1 for the float types).
+    pub fn block_elements(self) -> u64 {
         match self {
-            Self::F32 => n.checked_mul(4),
-            Self::F16 | Self::BF16 => n.checked_mul(2),
-            Self::Q8_0 => block(34),
-            Self::Q4_0 => block(18),
-            Self::Q4_1 => block(20),
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => QK as u64,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => QK_K as u64,
         }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q4_K => 144,
+            Self::Q5_K => 176,
+            Self::Q6_K => 210,
+        }
+    }
+
+    /// Bytes for `n` elements (`n` a multiple of the block for block types).
+    pub fn bytes_for(self, n: u64) -> Option<u64> {
+        let per = self.block_elements();
+        (n % per == 0)
+            .then(|| n / per)
+            .and_then(|blocks| blocks.checked_mul(self.block_bytes()))
     }
 }
 
@@ -533,7 +564,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Header, CheckpointError> {
     let mut tensors = BTreeMap::new();
     for (name, (dims, type_id, offset)) in raw {
         let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                bad(path, format!("tensor `{name}` has ggml type {type_id}, which Cresset cannot dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1)"))
+                bad(path, format!("tensor `{name}` has ggml type {type_id}, which Cresset cannot read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)"))
             })?;
         let numel = dims
             .iter()

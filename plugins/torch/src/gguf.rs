@@ -233,33 +233,117 @@ fn f16(bytes: [u8; 2]) -> f32 {
     half::f16::from_le_bytes(bytes).to_f32()
 }
 
-/// Dequantize whole blocks of a quantized type to f32.
+/// Dequantize whole blocks of a quantized type to f32 (`bytes` must hold whole blocks).
 pub fn dequantize(kind: GgmlType, bytes: &[u8]) -> Vec<f32> {
-    let (block_bytes, mut out) = match kind {
-        GgmlType::Q8_0 => (34, Vec::with_capacity(bytes.len() / 34 * QK)),
-        GgmlType::Q4_0 => (18, Vec::with_capacity(bytes.len() / 18 * QK)),
-        GgmlType::Q4_1 => (20, Vec::with_capacity(bytes.len() / 20 * QK)),
-        _ => return Vec::new(),
-    };
+    let block_bytes = kind.block_bytes() as usize;
+    let mut out = Vec::with_capacity(bytes.len() / block_bytes * kind.block_elements() as usize);
     for block in bytes.chunks_exact(block_bytes) {
-        let d = f16([block[0], block[1]]);
         match kind {
-            GgmlType::Q8_0 => out.extend(block[2..34].iter().map(|&q| f32::from(q as i8) * d)),
+            GgmlType::Q8_0 => {
+                let d = f16([block[0], block[1]]);
+                out.extend(block[2..34].iter().map(|&q| f32::from(q as i8) * d));
+            }
             GgmlType::Q4_0 => {
+                let d = f16([block[0], block[1]]);
                 let qs = &block[2..18];
                 out.extend(qs.iter().map(|&q| (f32::from(q & 0x0F) - 8.0) * d));
                 out.extend(qs.iter().map(|&q| (f32::from(q >> 4) - 8.0) * d));
             }
             GgmlType::Q4_1 => {
-                let m = f16([block[2], block[3]]);
+                let (d, m) = (f16([block[0], block[1]]), f16([block[2], block[3]]));
                 let qs = &block[4..20];
                 out.extend(qs.iter().map(|&q| f32::from(q & 0x0F) * d + m));
                 out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
             }
-            _ => {}
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                for group in kquant::groups(kind, block) {
+                    out.extend(
+                        group
+                            .q
+                            .iter()
+                            .map(|&q| f32::from(q) * group.scale - group.min),
+                    );
+                }
+            }
+            GgmlType::Q6_K => out.extend(kquant::q6_k(block)),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {}
         }
     }
     out
+}
+
+/// The k-quants' super-blocks of 256 weights (llama.cpp's `block_q4_K`, `block_q5_K`,
+/// `block_q6_K`; checked against the `gguf` package's dequantization in the tests).
+pub mod kquant {
+    use super::f16;
+    use crate::gguf::GgmlType;
+
+    /// One group of 32 weights of a Q4_K or Q5_K super-block: `w = scale·q − min`.
+    pub struct Group {
+        /// The effective scale (`d·sc`).
+        pub scale: f32,
+        /// The effective minimum (`dmin·m`).
+        pub min: f32,
+        /// The 32 quantized values (0..16 for Q4_K, 0..32 for Q5_K).
+        pub q: [u8; 32],
+    }
+
+    /// The 6-bit scale and minimum of group `j` (0..8) from the 12 packed bytes.
+    fn scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+        if j < 4 {
+            (scales[j] & 0x3F, scales[j + 4] & 0x3F)
+        } else {
+            (
+                (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 2) & 0x30),
+                (scales[j + 4] >> 4) | ((scales[j] >> 2) & 0x30),
+            )
+        }
+    }
+
+    /// The 8 groups of a Q4_K (144 bytes) or Q5_K (176 bytes) super-block.
+    pub fn groups(kind: GgmlType, block: &[u8]) -> Vec<Group> {
+        let d = f16([block[0], block[1]]);
+        let dmin = f16([block[2], block[3]]);
+        let scales = &block[4..16];
+        let (qh, qs) = match kind {
+            GgmlType::Q5_K => (Some(&block[16..48]), &block[48..176]),
+            _ => (None, &block[16..144]),
+        };
+        (0..8)
+            .map(|j| {
+                let (sc, m) = scale_min(scales, j);
+                let (chunk, shift) = (j / 2, 4 * (j % 2));
+                let mut q = [0u8; 32];
+                for (i, v) in q.iter_mut().enumerate() {
+                    *v = (qs[chunk * 32 + i] >> shift) & 0x0F;
+                    if let Some(qh) = qh {
+                        *v |= ((qh[i] >> j) & 1) << 4;
+                    }
+                }
+                Group {
+                    scale: d * f32::from(sc),
+                    min: dmin * f32::from(m),
+                    q,
+                }
+            })
+            .collect()
+    }
+
+    /// The 256 weights of a Q6_K super-block (210 bytes): `w = d·scale[t/16]·(q − 32)`.
+    pub fn q6_k(block: &[u8]) -> Vec<f32> {
+        let (ql, qh, scales) = (&block[0..128], &block[128..192], &block[192..208]);
+        let d = f16([block[208], block[209]]);
+        (0..256)
+            .map(|t| {
+                let (chunk, i) = (t / 32, t % 32);
+                let (half, s) = (chunk / 4, (chunk % 4) / 2);
+                let low = (ql[half * 64 + (chunk % 2) * 32 + i] >> (4 * s)) & 0x0F;
+                let high = (qh[half * 32 + i] >> (2 * (chunk % 4))) & 0x03;
+                let q = i32::from(low | (high << 4)) - 32;
+                d * f32::from(scales[t / 16] as i8) * q as f32
+            })
+            .collect()
+    }
 }
 
 /// Undo llama.cpp's row permutation of a q or k projection (`[heads × head_dim, in]`): its

@@ -7,8 +7,10 @@
 //!   block by block straight into the packed layout, 64 rows at a time: no f32 copy of the
 //!   weight exists at any point, and the only loss is rounding the scales to the activation
 //!   dtype.
-//! - GGUF Q8_0 has a scale per 32 weights, which the per-channel int8 kernel cannot express; it
-//!   is requantized per channel (see [`QuantizedWeight::int8_from_q8_0`] for the error).
+//! - GGUF Q4_K groups of 32 (6-bit scale and minimum each) map exactly onto int4 group 32 too.
+//! - GGUF Q8_0 (a scale per 32 weights), Q5_K and Q6_K cannot be expressed by the per-channel
+//!   int8 kernel: they are requantized per channel (see [`QuantizedWeight::int8_from_gguf`] for
+//!   the error).
 //! - Dense weights quantize at load as gpt-fast does: int8 symmetric per channel, int4
 //!   asymmetric per group (min/max).
 //!
@@ -73,6 +75,21 @@ pub fn unpermuted_rows(rows: i64, heads: i64) -> Vec<i64> {
 
 fn f16(bytes: [u8; 2]) -> f32 {
     half::f16::from_le_bytes(bytes).to_f32()
+}
+
+/// A scale as the kernels will hold it: rounded to bf16, and never below `scale`, so that the
+/// quantized values are computed with the stored scale and never clip (bf16 keeps 8 significant
+/// bits: rounding to nearest moves a value by at most 2⁻⁸ of it, so growing it by 2⁻⁷ first
+/// keeps it above, at a cost of at most 1.2% in step size).
+fn stored_scale(scale: f32) -> f32 {
+    half::bf16::from_f32(scale * (1.0 + 2f32.powi(-7))).to_f32()
+}
+
+/// [`stored_scale`] on a tensor.
+fn stored_scales(scales: &Tensor) -> Tensor {
+    (scales * (1.0 + 2f64.powi(-7)))
+        .to_kind(COMPUTE_KIND)
+        .to_kind(Kind::Float)
 }
 
 impl QuantizedWeight {
@@ -155,10 +172,12 @@ impl QuantizedWeight {
     }
 
     /// int8 per output channel, symmetric (gpt-fast's `WeightOnlyInt8QuantHandler`): the scale
-    /// of a row is its largest magnitude / 127.
+    /// of a row is its largest magnitude / 127, as stored ([`stored_scale`]): every weight is
+    /// within half a step.
     pub fn int8_from_dense(weight: &Tensor) -> Self {
         let w = weight.to_kind(Kind::Float).to_device(Device::Cpu);
-        let scales = (w.abs().amax([1i64].as_slice(), true) / 127.0).clamp_min(1e-10);
+        let scales =
+            stored_scales(&(w.abs().amax([1i64].as_slice(), true) / 127.0).clamp_min(1e-10));
         let q = (&w / &scales)
             .round()
             .clamp(-128.0, 127.0)
@@ -170,7 +189,9 @@ impl QuantizedWeight {
     }
 
     /// int4 in groups of `group` inputs, asymmetric (gpt-fast's `WeightOnlyInt4QuantHandler`):
-    /// `scale = (max − min) / 15`, `zero = min + 8·scale`, `q = round((w − min) / scale)`.
+    /// `scale = (max − min) / 15`, `zero = min + 8·scale`, `q = round((w − zero) / scale) + 8`,
+    /// against the scale and zero as stored: every weight within half a step, but for the bf16
+    /// rounding of the zero (2⁻⁸ of it).
     pub fn int4_from_dense(weight: &Tensor, group: i64) -> Result<Self, ModelError> {
         let size = weight.size();
         let (out, inp) = (size[0], size[1]);
@@ -182,9 +203,12 @@ impl QuantizedWeight {
                 .reshape([out, inp / group, group]);
         let max = w.amax([2i64].as_slice(), true);
         let min = w.amin([2i64].as_slice(), true);
-        let scale = ((&max - &min) / 15.0).clamp_min(1e-6);
-        let zero = &min + &scale * 8.0;
-        let q = ((&w - &min) / &scale)
+        let scale = stored_scales(&((&max - &min) / 15.0).clamp_min(1e-6));
+        // The zero as stored: the weights are quantized against what the kernel will use.
+        let zero = (&min + &scale * 8.0)
+            .to_kind(COMPUTE_KIND)
+            .to_kind(Kind::Float);
+        let q = ((&w - &zero) / &scale + 8.0)
             .round()
             .clamp(0.0, 15.0)
             .reshape([out, inp])
@@ -200,9 +224,10 @@ impl QuantizedWeight {
         })
     }
 
-    /// int4 (group 32) from GGUF Q4_0 or Q4_1 blocks of a `[out, in]` weight, row by row, with
-    /// `rows` giving the source row of each output row (to undo a row permutation; `None`:
-    /// identity).
+    /// int4 (group 32) from GGUF Q4_0, Q4_1 or Q4_K blocks of a `[out, in]` weight, row by
+    /// row, with `rows` giving the source row of each output row (to undo a row permutation;
+    /// `None`: identity). Each group of 32 maps exactly: Q4_0 is scale `d`, zero 0; Q4_1 is
+    /// scale `d`, zero `m + 8d`; a Q4_K group is scale `d·sc`, zero `8·d·sc − dmin·m`.
     pub fn int4_from_gguf(
         kind: GgmlType,
         bytes: &[u8],
@@ -210,30 +235,19 @@ impl QuantizedWeight {
         inp: i64,
         rows: Option<&[i64]>,
     ) -> Result<Self, ModelError> {
-        let block_bytes = match kind {
-            GgmlType::Q4_0 => 18,
-            GgmlType::Q4_1 => 20,
-            other => {
-                return Err(invalid(format!(
-                    "{other:?} blocks cannot load as int4 (Q4_0 and Q4_1 can)"
-                )))
-            }
-        };
-        const QK: i64 = 32;
-        check_int4_shape(out, inp, QK)?;
-        let blocks_per_row = (inp / QK) as usize;
-        let row_bytes = blocks_per_row * block_bytes;
-        if bytes.len() != row_bytes * out as usize {
+        if !matches!(kind, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K) {
             return Err(invalid(format!(
-                "a {out}×{inp} {kind:?} tensor needs {} bytes; it has {}",
-                row_bytes * out as usize,
-                bytes.len()
+                "{kind:?} blocks cannot load as int4 (Q4_0, Q4_1 and Q4_K can)"
             )));
         }
+        const GROUP: i64 = 32;
+        check_int4_shape(out, inp, GROUP)?;
+        let row_bytes = row_bytes(kind, bytes, out, inp)?;
+        let block_bytes = kind.block_bytes() as usize;
         let source = |r: i64| -> usize { rows.map_or(r, |p| p[r as usize]) as usize };
         let mut packed_chunks = Vec::new();
-        // scale and zero per (row, block): [out, in/32, 2].
-        let mut sz: Vec<f32> = Vec::with_capacity(out as usize * blocks_per_row * 2);
+        // Scale and zero per (row, group): [out, in/32, 2].
+        let mut sz: Vec<f32> = Vec::with_capacity(out as usize * (inp / GROUP) as usize * 2);
         let mut q: Vec<i32> = Vec::with_capacity((PACK_ROWS * inp) as usize);
         let mut first = 0;
         while first < out {
@@ -243,15 +257,28 @@ impl QuantizedWeight {
                 let src = source(r);
                 let row = &bytes[src * row_bytes..(src + 1) * row_bytes];
                 for block in row.chunks_exact(block_bytes) {
-                    let d = f16([block[0], block[1]]);
-                    let (zero, qs) = match kind {
-                        GgmlType::Q4_1 => (f16([block[2], block[3]]) + 8.0 * d, &block[4..20]),
-                        _ => (0.0, &block[2..18]),
-                    };
-                    sz.push(d);
-                    sz.push(zero);
-                    q.extend(qs.iter().map(|&b| i32::from(b & 0x0F)));
-                    q.extend(qs.iter().map(|&b| i32::from(b >> 4)));
+                    match kind {
+                        GgmlType::Q4_K => {
+                            for g in crate::gguf::kquant::groups(kind, block) {
+                                sz.push(g.scale);
+                                sz.push(8.0 * g.scale - g.min);
+                                q.extend(g.q.iter().map(|&v| i32::from(v)));
+                            }
+                        }
+                        _ => {
+                            let d = f16([block[0], block[1]]);
+                            let (zero, qs) = match kind {
+                                GgmlType::Q4_1 => {
+                                    (f16([block[2], block[3]]) + 8.0 * d, &block[4..20])
+                                }
+                                _ => (0.0, &block[2..18]),
+                            };
+                            sz.push(d);
+                            sz.push(zero);
+                            q.extend(qs.iter().map(|&b| i32::from(b & 0x0F)));
+                            q.extend(qs.iter().map(|&b| i32::from(b >> 4)));
+                        }
+                    }
                 }
             }
             let chunk = Tensor::from_slice(&q).reshape([n, inp]);
@@ -259,60 +286,41 @@ impl QuantizedWeight {
             first += n;
         }
         let scale_zeros = Tensor::from_slice(&sz)
-            .reshape([out, inp / QK, 2])
+            .reshape([out, inp / GROUP, 2])
             .transpose(0, 1)
             .contiguous()
             .to_kind(COMPUTE_KIND);
         Ok(Self::Int4 {
             packed: Tensor::cat(&packed_chunks, 0),
-            group: QK,
+            group: GROUP,
             scale_zeros,
             out_features: out,
             in_features: inp,
         })
     }
 
-    /// int8 per output channel from GGUF Q8_0 blocks (a scale per 32 weights), requantized:
-    /// each row's weights are decoded block by block and scaled by the row's largest magnitude
-    /// / 127. The rounding adds at most half a step of the row's scale to each weight, on top of
-    /// Q8_0's own (half a step of its block's scale); the row's step is no smaller than any of its
-    /// blocks', so the error of a weight at most doubles, and is unchanged for the largest
-    /// block of each row. Done 64 rows at a time (no whole f32 copy).
-    pub fn int8_from_q8_0(
+    /// int8 per output channel from GGUF blocks of any type (Q8_0, Q5_K, Q6_K, ...),
+    /// requantized: each row is decoded block by block and scaled by its largest magnitude /
+    /// 127, as stored ([`stored_scale`]). The rounding adds at most half a step of the row's
+    /// scale (grown by at most 1.2%) to each weight, on top of the file's own error; for Q8_0
+    /// (a scale per 32) the row's step is no smaller than any of its blocks', so the error of a
+    /// weight at most doubles. Done row by row (no whole f32 copy).
+    pub fn int8_from_gguf(
+        kind: GgmlType,
         bytes: &[u8],
         out: i64,
         inp: i64,
         rows: Option<&[i64]>,
     ) -> Result<Self, ModelError> {
-        const QK: usize = 32;
-        const BLOCK: usize = 34;
-        if inp % QK as i64 != 0 {
-            return Err(invalid(format!(
-                "a Q8_0 tensor's rows must be whole blocks of 32. Given: {inp}"
-            )));
-        }
-        let row_bytes = inp as usize / QK * BLOCK;
-        if bytes.len() != row_bytes * out as usize {
-            return Err(invalid(format!(
-                "a {out}×{inp} Q8_0 tensor needs {} bytes; it has {}",
-                row_bytes * out as usize,
-                bytes.len()
-            )));
-        }
+        let row_bytes = row_bytes(kind, bytes, out, inp)?;
         let mut q = vec![0i8; (out * inp) as usize];
         let mut scales = Vec::with_capacity(out as usize);
-        let mut decoded = vec![0f32; inp as usize];
         for r in 0..out as usize {
             let src = rows.map_or(r as i64, |p| p[r]) as usize;
-            let row = &bytes[src * row_bytes..(src + 1) * row_bytes];
-            for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-                let d = f16([block[0], block[1]]);
-                for (j, &v) in block[2..].iter().enumerate() {
-                    decoded[b * QK + j] = f32::from(v as i8) * d;
-                }
-            }
+            let decoded =
+                crate::gguf::dequantize(kind, &bytes[src * row_bytes..(src + 1) * row_bytes]);
             let max = decoded.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = (max / 127.0).max(1e-10);
+            let scale = stored_scale((max / 127.0).max(1e-10));
             scales.push(scale);
             for (j, v) in decoded.iter().enumerate() {
                 q[r * inp as usize + j] = (v / scale).round().clamp(-128.0, 127.0) as i8;
@@ -323,6 +331,25 @@ impl QuantizedWeight {
             scales: Tensor::from_slice(&scales).to_kind(COMPUTE_KIND),
         })
     }
+}
+
+/// Bytes per row of a `[out, in]` tensor of block type `kind`, checked against `bytes`.
+fn row_bytes(kind: GgmlType, bytes: &[u8], out: i64, inp: i64) -> Result<usize, ModelError> {
+    let per = kind.block_elements() as i64;
+    if kind.block_elements() == 1 || inp % per != 0 {
+        return Err(invalid(format!(
+            "a {kind:?} tensor's rows must be whole blocks of {per}. Given: {out}×{inp}"
+        )));
+    }
+    let row = (inp / per) as usize * kind.block_bytes() as usize;
+    if bytes.len() != row * out as usize {
+        return Err(invalid(format!(
+            "a {out}×{inp} {kind:?} tensor needs {} bytes; it has {}",
+            row * out as usize,
+            bytes.len()
+        )));
+    }
+    Ok(row)
 }
 
 fn check_int4_shape(out: i64, inp: i64, group: i64) -> Result<(), ModelError> {
@@ -414,10 +441,12 @@ mod tests {
                 .reshape([out as i64, inp as i64]);
             let diff = max_diff(&q.dequantize(), &expected);
             assert!(diff <= 1e-6, "{kind:?}: {diff}");
-            // And that rounding is small against the weights: |Δw| ≤ (8·d + |zero|)·2⁻⁹.
+            // And that rounding is small against the weights: bf16 keeps 8 significant bits, so
+            // |Δw| ≤ 8·|Δd| + |Δzero| ≤ 2⁻⁸·(8·d + |zero|) ≤ 2⁻⁸·2·max|w| (8·d ≤ max|w| for
+            // Q4_0; for Q4_1, whose values span m..m + 15d, 8·d + |m + 8d| ≤ 2·max|w|).
             let dense = Tensor::from_slice(&crate::gguf::dequantize(kind, &bytes))
                 .reshape([out as i64, inp as i64]);
-            let bound = 2.0 * dense.abs().max().double_value(&[]) * 2f64.powi(-9) + 1e-6;
+            let bound = 2.0 * dense.abs().max().double_value(&[]) * 2f64.powi(-8) + 1e-6;
             let rounding = max_diff(&expected, &dense);
             assert!(rounding <= bound, "{kind:?}: {rounding} > {bound}");
             // A bf16 matmul agrees with the dense f32 one to bf16's precision over the sum:
@@ -448,14 +477,26 @@ mod tests {
     #[test]
     fn dense_weights_quantize_within_half_a_step() {
         let w = Tensor::randn([64, 128], (Kind::Float, Device::Cpu)) * 0.05;
+        // The stored step is at most (1 + 2⁻⁷)(1 + 2⁻⁸) of the exact one.
+        let growth = (1.0 + 2f64.powi(-7)) * (1.0 + 2f64.powi(-8));
         let int8 = QuantizedWeight::int8_from_dense(&w);
-        let step8 = w.abs().max().double_value(&[]) / 127.0;
-        // Half a step, plus the bf16 rounding of the scale over 127 steps.
-        assert!(max_diff(&int8.dequantize(), &w) <= step8 * (0.5 + 127.0 * 2f64.powi(-8)));
+        let row_step = w.abs().amax([1i64].as_slice(), true) / 127.0 * growth;
+        let over = ((int8.dequantize() - &w).abs() - row_step * 0.5)
+            .max()
+            .double_value(&[]);
+        assert!(over <= 1e-7, "int8: {over}");
         let int4 = QuantizedWeight::int4_from_dense(&w, 32).expect("int4");
-        let range = (w.max() - w.min()).double_value(&[]);
-        let step4 = range / 15.0;
-        assert!(max_diff(&int4.dequantize(), &w) <= step4 * (0.5 + 16.0 * 2f64.powi(-8)) + 1e-6);
+        let groups = w.reshape([64, 4, 32]);
+        let range = groups.amax([2i64].as_slice(), true) - groups.amin([2i64].as_slice(), true);
+        let step = (&range / 15.0 * growth).expand([64, 4, 32], false);
+        // Half a step, and the zero's rounding: |zero| ≤ max|w| + 8·step, 2⁻⁸ of it.
+        let zero_rounding =
+            (groups.abs().amax([2i64].as_slice(), true) + &range * 0.6) * 2f64.powi(-8);
+        let allowed = (step * 0.5 + zero_rounding).reshape([64, 128]);
+        let over = ((int4.dequantize() - &w).abs() - allowed)
+            .max()
+            .double_value(&[]);
+        assert!(over <= 1e-7, "int4: {over}");
         assert!(QuantizedWeight::int4_from_dense(&w, 48).is_err());
     }
 
@@ -474,11 +515,13 @@ mod tests {
         let dense = Tensor::from_slice(&crate::gguf::dequantize(GgmlType::Q8_0, &bytes))
             .reshape([out as i64, inp as i64]);
         let q =
-            QuantizedWeight::int8_from_q8_0(&bytes, out as i64, inp as i64, None).expect("int8");
-        let row_step = dense.abs().amax([1i64].as_slice(), true) / 127.0;
+            QuantizedWeight::int8_from_gguf(GgmlType::Q8_0, &bytes, out as i64, inp as i64, None)
+                .expect("int8");
+        let growth = (1.0 + 2f64.powi(-7)) * (1.0 + 2f64.powi(-8));
+        let row_step = dense.abs().amax([1i64].as_slice(), true) / 127.0 * growth;
         let err = (q.dequantize() - &dense).abs();
         // Half a row step, plus the bf16 rounding of the row scale.
-        let allowed = &row_step * (0.5 + 127.0 * 2f64.powi(-8));
+        let allowed = &row_step * 0.5;
         let over = (err - allowed).max().double_value(&[]);
         assert!(over <= 1e-6, "{over}");
     }

@@ -35,7 +35,7 @@ test: build models
 bench: build models
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-nlp" $(BENCH_ARGS)
-	@$(ENV) CRESSET_LLAMA_CPP_PYTHON="$$(scripts/setup-llama-cpp.sh)" "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
+	@$(ENV) llama="$$(scripts/setup-llama-cpp.sh)" && CRESSET_LLAMA_CPP_PYTHON="$$llama" "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-offload" $(BENCH_ARGS)
 
 clean-cache:

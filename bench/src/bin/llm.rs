@@ -131,10 +131,18 @@ fn main() {
     eprintln!("bench-llm: transformers baseline");
     let hf = python_json(&python, "bench/transformers_llm_baseline.py", &args)
         .expect("the transformers baseline ran");
-    let llama_cpp = std::env::var("CRESSET_LLAMA_CPP_PYTHON")
+    // The baseline must not vanish silently: no llama.cpp, no benchmark.
+    let llama_python = std::env::var("CRESSET_LLAMA_CPP_PYTHON")
         .ok()
         .filter(|p| !p.is_empty())
-        .and_then(|p| python_json(Path::new(&p), "bench/llama_cpp_baseline.py", &args));
+        .unwrap_or_else(|| {
+            panic!("CRESSET_LLAMA_CPP_PYTHON is not set: run through `make bench`, which builds llama-cpp-python (scripts/setup-llama-cpp.sh)")
+        });
+    eprintln!("bench-llm: llama.cpp baseline");
+    let llama_cpp = Some(
+        python_json(Path::new(&llama_python), "bench/llama_cpp_baseline.py", &args)
+            .expect("the llama.cpp baseline ran"),
+    );
 
     eprintln!("bench-llm: cresset");
     let (ttft, decode, aggregate, rss) = measure(&gguf, runs);

@@ -30,8 +30,9 @@ mod tasks;
 
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, Host, InitContext};
 use cresset_plugin_api::{Capabilities, PluginError, Request, Response};
-use cresset_torch::decoder::{Decoder, GenerationRequest};
+use cresset_torch::decoder::Decoder;
 use cresset_torch::encoder::{mean_pool_normalized, Encoder, EncoderHead};
+use cresset_torch::generation::GenerationRequest;
 use cresset_torch::layers::{parse_dtype, HfConfig};
 use cresset_torch::sampling::SamplingParams;
 use cresset_torch::tch::{Device, Kind, Tensor};

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::layers::{merge_heads, split_heads, Activation, HfConfig, LayerNorm, Linear};
+use crate::decoder::{Linear, Norm};
+use crate::layers::{merge_heads, split_heads, Activation, HfConfig};
 use crate::weights::Weights;
 use crate::ModelError;
 
@@ -170,10 +171,10 @@ struct Layer {
     /// Query, key and value projections fused into one `[3 × hidden, hidden]` matmul.
     qkv: Linear,
     attn_out: Linear,
-    attn_norm: LayerNorm,
+    attn_norm: Norm,
     ff_in: Linear,
     ff_out: Linear,
-    ff_norm: LayerNorm,
+    ff_norm: Norm,
 }
 
 enum Head {
@@ -215,7 +216,7 @@ pub struct Encoder {
     word: Tensor,
     position: Tensor,
     token_type: Option<Tensor>,
-    embed_norm: LayerNorm,
+    embed_norm: Norm,
     layers: Vec<Layer>,
     head: Head,
     device: Device,
@@ -268,7 +269,7 @@ impl Encoder {
             None
         };
         let embed_norm =
-            LayerNorm::load(&mut w, &format!("{base}embeddings.LayerNorm"), h, cfg.eps)?;
+            Norm::load_layer_norm(&mut w, &format!("{base}embeddings.LayerNorm"), h, cfg.eps)?;
         let mut layers = Vec::new();
         for l in 0..cfg.layers {
             let layer = if cfg.arch == EncoderArch::DistilBert {
@@ -280,10 +281,15 @@ impl Encoder {
                         Linear::load(&mut w, &format!("{p}.attention.v_lin"), h, h)?,
                     ]),
                     attn_out: Linear::load(&mut w, &format!("{p}.attention.out_lin"), h, h)?,
-                    attn_norm: LayerNorm::load(&mut w, &format!("{p}.sa_layer_norm"), h, cfg.eps)?,
+                    attn_norm: Norm::load_layer_norm(
+                        &mut w,
+                        &format!("{p}.sa_layer_norm"),
+                        h,
+                        cfg.eps,
+                    )?,
                     ff_in: Linear::load(&mut w, &format!("{p}.ffn.lin1"), h, i)?,
                     ff_out: Linear::load(&mut w, &format!("{p}.ffn.lin2"), i, h)?,
-                    ff_norm: LayerNorm::load(
+                    ff_norm: Norm::load_layer_norm(
                         &mut w,
                         &format!("{p}.output_layer_norm"),
                         h,
@@ -299,7 +305,7 @@ impl Encoder {
                         Linear::load(&mut w, &format!("{p}.attention.self.value"), h, h)?,
                     ]),
                     attn_out: Linear::load(&mut w, &format!("{p}.attention.output.dense"), h, h)?,
-                    attn_norm: LayerNorm::load(
+                    attn_norm: Norm::load_layer_norm(
                         &mut w,
                         &format!("{p}.attention.output.LayerNorm"),
                         h,
@@ -307,7 +313,12 @@ impl Encoder {
                     )?,
                     ff_in: Linear::load(&mut w, &format!("{p}.intermediate.dense"), h, i)?,
                     ff_out: Linear::load(&mut w, &format!("{p}.output.dense"), i, h)?,
-                    ff_norm: LayerNorm::load(&mut w, &format!("{p}.output.LayerNorm"), h, cfg.eps)?,
+                    ff_norm: Norm::load_layer_norm(
+                        &mut w,
+                        &format!("{p}.output.LayerNorm"),
+                        h,
+                        cfg.eps,
+                    )?,
                 }
             };
             layers.push(layer);

@@ -1,94 +1,13 @@
-//! Building blocks shared by the architectures: linear layers, layer norms, activations, and
-//! reading `config.json`.
+//! What the architectures share besides their layers (the crate's one linear layer and one
+//! norm are [`crate::decoder::Linear`] and [`crate::decoder::Norm`]): activations, reading
+//! `config.json`, dtypes and head reshaping.
 
 use std::path::Path;
 
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-use crate::weights::Weights;
 use crate::ModelError;
-
-/// A dense layer `x @ weight.T + bias`, with weight `[out, in]` as nn.Linear stores it.
-pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
-    /// `[out]`, if any.
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Load `{prefix}.weight` `[out, in]` and `{prefix}.bias` `[out]` (required).
-    pub fn load(w: &mut Weights, prefix: &str, inp: i64, out: i64) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.take(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: Some(w.take(&format!("{prefix}.bias"), &[out])?),
-        })
-    }
-
-    /// Load GPT-2's Conv1D, which stores the weight as `[in, out]`; it is transposed once here.
-    pub fn load_conv1d(
-        w: &mut Weights,
-        prefix: &str,
-        inp: i64,
-        out: i64,
-    ) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w
-                .take(&format!("{prefix}.weight"), &[inp, out])?
-                .transpose(0, 1)
-                .contiguous(),
-            bias: Some(w.take(&format!("{prefix}.bias"), &[out])?),
-        })
-    }
-
-    /// Stack layers that read the same input into one (outputs concatenated in order), so that
-    /// one matmul replaces several.
-    pub fn fuse(parts: &[Linear]) -> Self {
-        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
-        Self {
-            weight: Tensor::cat(&weights, 0),
-            bias: biases.map(|b| Tensor::cat(&b, 0)),
-        }
-    }
-
-    /// Apply to the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
-    }
-}
-
-/// Layer normalisation over the last dimension.
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-    size: i64,
-}
-
-impl LayerNorm {
-    /// Load `{prefix}.weight` and `{prefix}.bias`.
-    pub fn load(w: &mut Weights, prefix: &str, size: i64, eps: f64) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.take(&format!("{prefix}.weight"), &[size])?,
-            bias: w.take(&format!("{prefix}.bias"), &[size])?,
-            eps,
-            size,
-        })
-    }
-
-    /// Apply.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
-            [self.size],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )
-    }
-}
 
 /// The activations HuggingFace configs name in `hidden_act` / `activation` /
 /// `activation_function`.

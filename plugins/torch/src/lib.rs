@@ -6,6 +6,7 @@
 pub mod bloom;
 pub mod decoder;
 pub mod encoder;
+pub mod generation;
 pub mod gguf;
 pub mod gpt2;
 mod json;

@@ -1,0 +1,185 @@
+//! One pre-norm decoder for the causal LMs Cresset serves, with the family deciding the
+//! details:
+//!
+//! - **Llama** (`LlamaForCausalLM`, also Mistral-style configs): RMSNorm, rotary position
+//!   embeddings (with the `rope_scaling` types Llama 3 uses), SwiGLU, grouped-query attention,
+//!   tied or untied embeddings; from a HuggingFace checkpoint or a GGUF file (dequantized at
+//!   load, llama.cpp's q/k row permutation undone).
+//! - **GPT-2** (`GPT2LMHeadModel`): LayerNorm, learned position embeddings, a GELU MLP, biases
+//!   everywhere, Conv1D weights (transposed at load), the head tied to the embeddings.
+//! - **BLOOM** (`BloomForCausalLM`): LayerNorm (also after the word embeddings), ALiBi biases
+//!   instead of positions, query/key/value fused per head (reordered at load), a GELU MLP,
+//!   the head tied to the embeddings.
+//!
+//! Every family gets the same machinery: a slot KV cache, tensor parallelism
+//! ([`Decoder::shard`]), per-layer device placement and disk offload, and layer-by-layer
+//! loading ([`LoadOptions`]).
+//!
+//! Each part is its own type in its own module, as in candle's `models/llama.rs` and
+//! mistral.rs: `config` (sizes and the per-family decisions), `checkpoint` (tensor names and
+//! layouts), `load` (building and placing the layers), `linear` (every projection),
+//! `norm`, `rope`, `attention`, `mlp`, `block` (one layer), `embedding` (the two ends),
+//! `cache` (the slot KV cache), `parallel` (tensor-parallel shards) and `offload` (disk
+//! offload). This module holds [`Decoder`] and its forward pass. Generation loops over
+//! [`Decoder::forward`] live in [`crate::generation`].
+
+mod attention;
+mod block;
+mod cache;
+mod checkpoint;
+mod config;
+mod embedding;
+mod linear;
+mod load;
+mod mlp;
+mod norm;
+mod offload;
+mod parallel;
+mod rope;
+
+use tch::{Device, Kind, Tensor};
+
+pub use crate::generation::GenerationRequest;
+pub use cache::SlotCache;
+pub use config::{DecoderConfig, Family, Positions, RopeScaling};
+pub use linear::Linear;
+pub use load::{LayerTarget, LoadOptions};
+pub use norm::Norm;
+
+use crate::ModelError;
+use attention::Step;
+use block::Block;
+use embedding::{Embeddings, Head};
+use offload::ReadAhead;
+use rope::Rope;
+
+/// A loaded decoder.
+pub struct Decoder {
+    /// Its configuration.
+    pub config: DecoderConfig,
+    embeddings: Embeddings,
+    blocks: Vec<Block>,
+    head: Head,
+    /// Rotary tables, for the models that use them.
+    rope: Option<Rope>,
+    /// The device of the residual stream (and of an unsharded model's layers).
+    device: Device,
+    kind: Kind,
+}
+
+impl Decoder {
+    /// The device of the embeddings, norms and head (and of an unsharded model's layers).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// What the device-map planner places (see [`DecoderConfig::modules`]).
+    pub fn modules(&self) -> Vec<cresset_plan::Module> {
+        self.config.modules(self.kind.elt_size_in_bytes())
+    }
+
+    /// Bytes of weights held in memory (offloaded layers not counted).
+    pub fn resident_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.input_norm.bytes()
+                    + b.post_norm.bytes()
+                    + b.shards.iter().map(|s| s.bytes()).sum::<u64>()
+            })
+            .sum();
+        self.embeddings.bytes() + self.head.bytes() + layers
+    }
+
+    /// Move layer `l`'s weights (and so its part of the KV cache) to `device`. The
+    /// embeddings, norms and head stay on the model's device; activations cross over.
+    pub fn place_layer(&mut self, l: usize, device: Device) -> Result<(), ModelError> {
+        let block = self
+            .blocks
+            .get_mut(l)
+            .ok_or_else(|| ModelError::Config(format!("there is no layer {l}")))?;
+        for shard in &mut block.shards {
+            shard.move_to(device);
+        }
+        Ok(())
+    }
+
+    /// The device of each layer (of its first part).
+    pub fn layer_devices(&self) -> Vec<Device> {
+        self.blocks
+            .iter()
+            .map(|b| b.shards.first().map_or(self.device, |s| s.device))
+            .collect()
+    }
+
+    /// An empty cache of `slots` sequences of up to `capacity` positions each.
+    pub fn new_cache(&self, slots: usize, capacity: i64) -> SlotCache {
+        let parts: Vec<Vec<(i64, Device)>> = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.shards
+                    .iter()
+                    .map(|s| (s.attention.kv_heads, s.device))
+                    .collect()
+            })
+            .collect();
+        SlotCache::new(&parts, slots, capacity, self.config.head_dim, self.kind)
+    }
+
+    /// Run `tokens[i]` (new tokens of the sequence in slot `slots[i]`, all rows the same
+    /// length `s`) after what each slot holds, and return the logits of every new position,
+    /// `[rows, s, vocab]` (or only the last, `[rows, 1, vocab]`, with `last_only`). Advances
+    /// each slot by `s`. Rows must be distinct slots.
+    pub fn forward(
+        &self,
+        slots: &[usize],
+        tokens: &[Vec<i64>],
+        cache: &mut SlotCache,
+        last_only: bool,
+    ) -> Result<Tensor, ModelError> {
+        let rows = slots.len() as i64;
+        let s = tokens.first().map(|t| t.len()).unwrap_or(0) as i64;
+        if rows == 0 || s == 0 || tokens.iter().any(|t| t.len() as i64 != s) {
+            return Err(ModelError::Invalid(
+                "a step needs rows of equal, non-zero length".into(),
+            ));
+        }
+        let places = cache.rows(slots, s, self.config.max_positions, self.device)?;
+        let ids: Vec<i64> = tokens.iter().flatten().copied().collect();
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= self.config.vocab_size) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let ids = Tensor::from_slice(&ids)
+            .view([rows, s])
+            .to_device(self.embeddings.device());
+        // Absolute positions of the new tokens, per row: [rows, s].
+        let positions: Vec<i64> = places.starts.iter().flat_map(|&p| p..p + s).collect();
+        let positions = Tensor::from_slice(&positions)
+            .view([rows, s])
+            .to_device(self.device);
+        let alibi = self.config.positions() == Positions::Alibi;
+        let step = Step::new(places, &positions, self.rope.as_ref(), alibi);
+        // On the embeddings' device, then the residual stream moves to the model's.
+        let mut x = self
+            .embeddings
+            .forward(&ids, &positions)
+            .to_device(self.device);
+        let mut disk = ReadAhead::start(&self.blocks, self.kind);
+        for (l, block) in self.blocks.iter().enumerate() {
+            let loaded = disk.take(l)?;
+            x = block.forward(x, &loaded, &step, cache.layer(l));
+        }
+        cache.advance(&step.rows);
+        let x = if last_only { x.narrow(1, s - 1, 1) } else { x };
+        Ok(self.head.forward(&x))
+    }
+
+    /// Generate for several prompts together (see [`crate::generation::generate`]).
+    pub fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Vec<i64>>, ModelError> {
+        crate::generation::generate(self, requests)
+    }
+}

@@ -390,23 +390,8 @@ fn parse_openai(request: &Request, api: Api) -> Result<GenRequest, PluginError> 
     })
 }
 
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    /// End of sequence or a stop string.
-    Stop,
-    /// `max_new_tokens`.
-    Length,
-}
-
-impl Finish {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Stop => "stop",
-            Self::Length => "length",
-        }
-    }
-}
+/// Why generation ended (the shared generation loop's).
+pub use cresset_torch::generation::Finish;
 
 /// Identity of one answer: OpenAI's `id`, `created` and `model`.
 pub struct Meta<'a> {

@@ -1,116 +1,64 @@
-//! One sequence of the batch: its request, its prompt, where it is in the KV cache and what it
-//! has generated.
+//! One sequence of the batch: the shared loop's [`generation::Sequence`] (prompt, slot,
+//! history, sampler) carrying the engine's [`Reply`]: its request, the text streamed so far,
+//! and its timings.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use cresset_torch::generation::{self, Finish};
 use cresset_torch::sampling::{Rng, SamplingParams};
 
-use crate::api::{Api, Finish, GenRequest, Prompt, PromptField};
+use crate::api::GenRequest;
 use crate::prompt::Prepared;
 use crate::text::TextStream;
 
-/// One sequence: waiting for a slot, prefilling, or decoding.
-pub(super) struct Sequence {
-    /// The request's index (numbered across calls).
-    pub index: usize,
+/// What the engine keeps to answer a sequence's request.
+pub(super) struct Reply {
     /// The request id, for OpenAI's `id`.
     pub id: String,
     pub created: u64,
     pub request: GenRequest,
-    pub prompt: Vec<i64>,
-    /// Prompt tokens already in the cache.
-    pub prefilled: usize,
-    pub slot: usize,
     pub max_new: usize,
-    pub history: Vec<i64>,
-    pub generated: usize,
-    pub rng: Rng,
     pub text: TextStream,
-    pub finish: Option<Finish>,
     pub started: Instant,
     pub first_token_at: Option<Instant>,
     pub chunks_sent: usize,
 }
 
-impl Sequence {
-    /// Request `index` (id `id`, arrived at `started`), ready to wait for a slot.
-    pub fn new(index: usize, id: String, started: Instant, prepared: Prepared) -> Self {
-        let Prepared {
-            request,
-            ids,
-            max_new,
-        } = prepared;
-        Self {
-            index,
-            id,
-            created: now_secs(),
-            rng: request
-                .seed
-                .map(Rng::seeded)
-                .unwrap_or_else(Rng::from_entropy),
-            text: TextStream::new(request.stop.clone()),
-            finish: (max_new == 0).then_some(Finish::Length),
-            request,
-            history: ids.clone(),
-            prompt: ids,
-            prefilled: 0,
-            slot: usize::MAX,
-            max_new,
-            generated: 0,
-            started,
-            first_token_at: None,
-            chunks_sent: 0,
-        }
-    }
+/// A sequence of the engine's batch.
+pub(super) type Sequence = generation::Sequence<Reply>;
 
-    pub fn decoding(&self) -> bool {
-        self.finish.is_none() && self.prefilled == self.prompt.len()
-    }
-
-    pub fn params(&self) -> SamplingParams {
-        let r = &self.request;
-        SamplingParams {
-            temperature: r.temperature as f32,
-            top_k: r.top_k as usize,
-            top_p: r.top_p as f32,
-            repetition_penalty: r.repetition_penalty as f32,
-        }
-    }
-}
-
-/// An empty sequence, to move real ones out of the running list briefly.
-pub(super) fn placeholder() -> Sequence {
-    Sequence {
-        index: usize::MAX,
-        id: String::new(),
-        created: 0,
-        request: GenRequest {
-            api: Api::TorchServe,
-            prompt: Prompt::Text(String::new()),
-            prompt_field: PromptField::Body,
-            max_new_tokens: None,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: None,
-            stop: Vec::new(),
-            stream: false,
-            include_usage: false,
-        },
-        prompt: Vec::new(),
-        prefilled: 0,
-        slot: usize::MAX,
-        max_new: 0,
-        history: Vec::new(),
-        generated: 0,
-        rng: Rng::seeded(0),
-        text: TextStream::new(Vec::new()),
-        finish: Some(Finish::Stop),
-        started: Instant::now(),
+/// Request `index` (id `id`, arrived at `started`), ready to wait for a slot.
+pub(super) fn sequence(index: usize, id: String, started: Instant, prepared: Prepared) -> Sequence {
+    let Prepared {
+        request,
+        ids,
+        max_new,
+    } = prepared;
+    let rng = request
+        .seed
+        .map(Rng::seeded)
+        .unwrap_or_else(Rng::from_entropy);
+    let sampling = SamplingParams {
+        temperature: request.temperature as f32,
+        top_k: request.top_k as usize,
+        top_p: request.top_p as f32,
+        repetition_penalty: request.repetition_penalty as f32,
+    };
+    let reply = Reply {
+        id,
+        created: now_secs(),
+        text: TextStream::new(request.stop.clone()),
+        request,
+        max_new,
+        started,
         first_token_at: None,
         chunks_sent: 0,
+    };
+    let mut seq = Sequence::new(index, ids, sampling, rng, reply);
+    if max_new == 0 {
+        seq.finish = Some(Finish::Length);
     }
+    seq
 }
 
 fn now_secs() -> u64 {

@@ -29,8 +29,8 @@
 //!
 //! Where things are: `config` reads the settings; `load` and `device_map` load a checkpoint
 //! where the settings put it; `prompt` turns a request into prompt tokens, and `admission` does
-//! that off the step loop (on the instance's tokenizer thread); `engine` is the step loop
-//! (prefill, decode, speculation, answers); `handler` ties them into the SDK's `Handler`; `api`
+//! that off the step loop (on the instance's tokenizer thread); `engine` runs the sequences on
+//! `cresset-torch`'s generation loop (prefill, decode, speculation) and answers them; `handler` ties them into the SDK's `Handler`; `api`
 //! and `text` are the request formats and incremental detokenization.
 
 mod admission;

@@ -21,8 +21,7 @@ use cresset_bench::{
 };
 use cresset_e2e::repo_root;
 use cresset_plugin_accelerate::AccelerateHandler;
-use cresset_plugin_api::sdk::testing::{init_context, request, step_one};
-use cresset_plugin_api::sdk::Handler;
+use cresset_plugin_api::sdk::testing::{init_context, request, step_instance, step_one};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
@@ -66,7 +65,7 @@ fn child(checkpoint: &Path, placement: &str, low_cpu: bool, new_tokens: usize) {
     let mut ctx = init_context(root.path(), settings(placement, layers, low_cpu));
     ctx.model_config = json!({"batch_size": 1});
     let started = Instant::now();
-    let mut h = AccelerateHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let mut h = step_instance::<AccelerateHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     let load_s = started.elapsed().as_secs_f64();
     let load_peak = status_mib("VmHWM:");
     let tokenizer = cresset_torch::load_tokenizer(checkpoint).expect("tokenizer");

@@ -134,6 +134,38 @@ impl Gguf {
         };
         Ok(tensor.to_kind(kind).to_device(device))
     }
+
+    /// Call `f` with a tensor's type, its bytes in the file and its shape (outermost first),
+    /// then drop those pages from this process's resident set (as [`Gguf::tensor`] does): for
+    /// reading quantized blocks without dequantizing them.
+    pub fn with_raw<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(GgmlType, &[u8], &[i64]) -> R,
+    ) -> Result<R, ModelError> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad(&self.path, format!("the file has no tensor `{name}`")))?;
+        let bytes = &self.map[info.offset as usize..(info.offset + info.size) as usize];
+        let out = f(info.ggml_type, bytes, &info.shape);
+        #[cfg(unix)]
+        // SAFETY: the mapping is private and read-only, and `f` has returned: nothing borrows
+        // from these pages any more; a later read faults them back in.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                info.offset as usize,
+                info.size as usize,
+            )
+        };
+        Ok(out)
+    }
+
+    /// The type of tensor `name`, if the file has it.
+    pub fn ggml_type(&self, name: &str) -> Option<GgmlType> {
+        self.tensors.get(name).map(|t| t.ggml_type)
+    }
 }
 
 impl Gguf {

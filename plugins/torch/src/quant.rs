@@ -93,6 +93,87 @@ fn stored_scales(scales: &Tensor) -> Tensor {
 }
 
 impl QuantizedWeight {
+    /// The same weight, sharing its tensors.
+    pub fn shallow_clone(&self) -> Self {
+        match self {
+            Self::Int8 { weight, scales } => Self::Int8 {
+                weight: weight.shallow_clone(),
+                scales: scales.shallow_clone(),
+            },
+            Self::Int4 {
+                packed,
+                group,
+                scale_zeros,
+                out_features,
+                in_features,
+            } => Self::Int4 {
+                packed: packed.shallow_clone(),
+                group: *group,
+                scale_zeros: scale_zeros.shallow_clone(),
+                out_features: *out_features,
+                in_features: *in_features,
+            },
+        }
+    }
+
+    /// Stack weights that read the same input (outputs concatenated in order). int4 parts
+    /// stack when they share a group size and each has whole 64-row blocks (the packing's unit);
+    /// int8 parts always. `None` where the parts cannot be stacked as they are.
+    pub fn cat(parts: &[QuantizedWeight]) -> Option<Self> {
+        let first = parts.first()?;
+        let inp = first.shape()[1];
+        if parts.iter().any(|p| p.shape()[1] != inp) {
+            return None;
+        }
+        match first {
+            Self::Int8 { .. } => {
+                let mut weights = Vec::new();
+                let mut scales = Vec::new();
+                for p in parts {
+                    let Self::Int8 { weight, scales: s } = p else {
+                        return None;
+                    };
+                    weights.push(weight);
+                    scales.push(s);
+                }
+                Some(Self::Int8 {
+                    weight: Tensor::cat(&weights, 0),
+                    scales: Tensor::cat(&scales, 0),
+                })
+            }
+            Self::Int4 { group, .. } => {
+                let mut packed = Vec::new();
+                let mut sz = Vec::new();
+                let mut out = 0;
+                for p in parts {
+                    let Self::Int4 {
+                        packed: pk,
+                        group: g,
+                        scale_zeros,
+                        out_features,
+                        ..
+                    } = p
+                    else {
+                        return None;
+                    };
+                    if g != group || out_features % PACK_ROWS != 0 {
+                        return None;
+                    }
+                    packed.push(pk);
+                    sz.push(scale_zeros);
+                    out += out_features;
+                }
+                Some(Self::Int4 {
+                    packed: Tensor::cat(&packed, 0),
+                    group: *group,
+                    scale_zeros: Tensor::cat(&sz, 1),
+                    out_features: out,
+                    in_features: inp,
+                })
+            }
+        }
+    }
+
     /// `[out, in]`.
     pub fn shape(&self) -> [i64; 2] {
         match self {

@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{DecoderConfig, Family, Positions};
-use super::linear::Linear;
+use super::linear::{Linear, Quantize};
 use super::norm::Norm;
-use crate::gguf::unpermute_qk;
+use crate::gguf::{unpermute_qk, Gguf};
 use crate::weights::Weights;
 use crate::ModelError;
 
@@ -258,6 +258,10 @@ pub(super) struct Checkpoint<'c, 'r> {
     shapes: HashMap<String, Vec<i64>>,
     kind: Kind,
     device: Device,
+    /// A GGUF file whose quantized layers load as they are (see `quantized`).
+    gguf: Option<&'c Gguf>,
+    /// Quantize dense layers at load.
+    quantize: Option<Quantize>,
 }
 
 impl<'c, 'r> Checkpoint<'c, 'r> {
@@ -277,7 +281,48 @@ impl<'c, 'r> Checkpoint<'c, 'r> {
             shapes: canonical(cfg).into_iter().collect(),
             kind,
             device,
+            gguf: None,
+            quantize: None,
         }
+    }
+
+    /// Load `gguf`'s quantized layers as they are (when given), and quantize dense layers as
+    /// `quantize` says.
+    pub fn quantized(mut self, gguf: Option<&'c Gguf>, quantize: Option<Quantize>) -> Self {
+        self.gguf = gguf;
+        self.quantize = quantize;
+        self
+    }
+
+    /// Whether any layer may load quantized.
+    pub fn quantizes(&self) -> bool {
+        self.gguf.is_some() || self.quantize.is_some()
+    }
+
+    /// The layer `prefix` from dense weights `weight` (and `bias`), quantized if asked to.
+    fn dense_linear(&self, weight: Tensor, bias: Option<Tensor>) -> Result<Linear, ModelError> {
+        let linear = Linear::from_parts(weight, bias);
+        match self.quantize {
+            Some(how) => linear.quantize(how),
+            None => Ok(linear),
+        }
+    }
+
+    /// The output head `[vocab, hidden]`: the file's own projection, or for a tied head the
+    /// word embeddings `tokens`, as a layer of its own (quantized like the others, or sharing
+    /// `tokens` when dense).
+    pub fn head(&mut self, tokens: &Tensor) -> Result<Linear, ModelError> {
+        if let Some(gguf) = self.gguf {
+            if let Some(l) = super::quantized::gguf_linear(self.cfg, gguf, "lm_head")? {
+                return Ok(l);
+            }
+        }
+        let weight = if self.cfg.tie_embeddings {
+            tokens.shallow_clone()
+        } else {
+            self.required("lm_head")?
+        };
+        self.dense_linear(weight, None)
     }
 
     /// The canonical tensor `name`, or `None` where the configuration implies none (a bias
@@ -296,11 +341,17 @@ impl<'c, 'r> Checkpoint<'c, 'r> {
         required(self.tensor(name)?, name)
     }
 
-    /// The linear layer `{prefix}.weight` (and its bias, if the family has one).
+    /// The linear layer `{prefix}.weight` (and its bias, if the family has one): quantized
+    /// GGUF blocks as they are when asked to, else dense (then quantized if asked to).
     pub fn linear(&mut self, prefix: &str) -> Result<Linear, ModelError> {
+        if let Some(gguf) = self.gguf {
+            if let Some(l) = super::quantized::gguf_linear(self.cfg, gguf, prefix)? {
+                return Ok(l);
+            }
+        }
         let weight = required(self.tensor(&format!("{prefix}.weight"))?, prefix)?;
         let bias = self.tensor(&format!("{prefix}.bias"))?;
-        Ok(Linear::from_parts(weight, bias))
+        self.dense_linear(weight, bias)
     }
 
     /// The norm `{prefix}`: a LayerNorm or an RMSNorm as the configuration says.

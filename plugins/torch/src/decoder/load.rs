@@ -12,7 +12,7 @@ use super::block::Block;
 use super::checkpoint::{check_shape, Checkpoint, Naming, Raw};
 use super::config::{DecoderConfig, Positions};
 use super::embedding::{Embeddings, Head};
-use super::linear::Linear;
+use super::linear::Quantize;
 use super::mlp::Mlp;
 use super::offload::{create_folder, offload_path};
 use super::parallel::Shard;
@@ -51,6 +51,12 @@ pub struct LoadOptions {
     pub embeddings: Option<Device>,
     /// The device of the final norm and an untied head; default `device`.
     pub head: Option<Device>,
+    /// Quantize dense linear layers at load (the head too: a tied head gets a quantized copy
+    /// of the word embeddings); `None` keeps them dense.
+    pub quantize: Option<Quantize>,
+    /// GGUF: load quantized tensors as they are (Q4_* as int4, other block types as int8)
+    /// instead of dequantizing them to `kind`.
+    pub keep_gguf_quantization: bool,
 }
 
 impl LoadOptions {
@@ -64,6 +70,8 @@ impl LoadOptions {
             offload_folder: None,
             embeddings: None,
             head: None,
+            quantize: None,
+            keep_gguf_quantization: false,
         }
     }
 }
@@ -95,7 +103,7 @@ impl Decoder {
         };
         let naming = Naming::hf(&cfg, &w);
         let mut raw = |name: &str, shape: &[i64]| w.take(name, shape);
-        Self::build(cfg, &naming, opts, &mut raw, None)
+        Self::build(cfg, &naming, opts, &mut raw, None, None)
     }
 
     /// Load from a GGUF file, dequantizing to `kind`, everything on `device`.
@@ -120,11 +128,12 @@ impl Decoder {
             None
         };
         let (kind, device) = (opts.kind, opts.device);
-        if opts.low_cpu_mem_usage {
+        let native = opts.keep_gguf_quantization.then_some(gguf);
+        if opts.low_cpu_mem_usage || native.is_some() {
             let mut raw = |name: &str, shape: &[i64]| {
                 check_shape(name, gguf.tensor(name, kind, device)?, shape)
             };
-            return Self::build(cfg, &Naming::Gguf, opts, &mut raw, rope_freqs);
+            return Self::build(cfg, &Naming::Gguf, opts, &mut raw, rope_freqs, native);
         }
         let mut all = HashMap::new();
         for name in gguf.tensors.keys() {
@@ -136,7 +145,7 @@ impl Decoder {
             })?;
             check_shape(name, t, shape)
         };
-        Self::build(cfg, &Naming::Gguf, opts, &mut raw, rope_freqs)
+        Self::build(cfg, &Naming::Gguf, opts, &mut raw, rope_freqs, None)
     }
 
     fn build(
@@ -145,9 +154,14 @@ impl Decoder {
         opts: &LoadOptions,
         raw: &mut Raw<'_>,
         rope_freqs: Option<Tensor>,
+        gguf: Option<&Gguf>,
     ) -> Result<Self, ModelError> {
         let (kind, device) = (opts.kind, opts.device);
-        let mut ckpt = Checkpoint::new(&cfg, naming, raw, kind, device);
+        let mut ckpt =
+            Checkpoint::new(&cfg, naming, raw, kind, device).quantized(gguf, opts.quantize);
+        if ckpt.quantizes() {
+            super::quantized::check_options(opts)?;
+        }
         let tokens = ckpt.required("embed")?;
         let positions = ckpt.tensor("positions")?;
         let embed_norm = match cfg.embedding_norm() {
@@ -203,15 +217,13 @@ impl Decoder {
             positions: positions.map(|p| p.to_device(embed_device)),
             norm: embed_norm.map(|n| n.to_device(embed_device)),
         };
-        let lm_head = if cfg.tie_embeddings {
-            embeddings.tokens.shallow_clone()
-        } else {
-            ckpt.required("lm_head")?.to_device(head_device)
-        };
+        let lm_head = ckpt.head(&embeddings.tokens)?;
+        // A quantized head is a layer of its own, even when tied to the embeddings.
+        let tied = cfg.tie_embeddings && !lm_head.is_quantized();
         let head = Head {
             norm,
-            lm_head: Linear::from_parts(lm_head, None),
-            tied: cfg.tie_embeddings,
+            lm_head: lm_head.to_device(head_device),
+            tied,
         };
         let rope = (cfg.positions() == Positions::Rotary)
             .then(|| Rope::new(&cfg, rope_freqs, kind, device));
@@ -240,6 +252,7 @@ impl Decoder {
                 .view(shape))
         };
         let opts = LoadOptions::new(Kind::Float, Device::Cpu);
-        Self::build(cfg, &Naming::Llama, &opts, &mut raw, None).expect("a made-up model builds")
+        Self::build(cfg, &Naming::Llama, &opts, &mut raw, None, None)
+            .expect("a made-up model builds")
     }
 }

@@ -35,6 +35,7 @@ mod mlp;
 mod norm;
 mod offload;
 mod parallel;
+mod quantized;
 mod rope;
 
 use tch::{Device, Kind, Tensor};
@@ -42,7 +43,7 @@ use tch::{Device, Kind, Tensor};
 pub use crate::generation::GenerationRequest;
 pub use cache::SlotCache;
 pub use config::{DecoderConfig, Family, Positions, RopeScaling};
-pub use linear::Linear;
+pub use linear::{Linear, Quantize};
 pub use load::{LayerTarget, LoadOptions};
 pub use norm::Norm;
 
@@ -92,9 +93,32 @@ impl Decoder {
         self.embeddings.bytes() + self.head.bytes() + layers
     }
 
+    /// Whether any layer (or the head) holds quantized weights.
+    pub fn is_quantized(&self) -> bool {
+        self.head.lm_head.is_quantized()
+            || self.blocks.iter().any(|b| {
+                b.shards
+                    .iter()
+                    .any(|s| s.linears().iter().any(|(_, l)| l.is_quantized()))
+            })
+    }
+
+    /// The error for what a quantized model cannot do (its weights are packed for the CPU).
+    fn refuse_if_quantized(&self, what: &str) -> Result<(), ModelError> {
+        if self.is_quantized() {
+            return Err(ModelError::Config(format!(
+                "a model with quantized weights cannot use {what}: its weights are packed for the CPU's kernels; load it dense (`quantize = \"none\"`)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Move layer `l`'s weights (and so its part of the KV cache) to `device`. The
     /// embeddings, norms and head stay on the model's device; activations cross over.
     pub fn place_layer(&mut self, l: usize, device: Device) -> Result<(), ModelError> {
+        if device != Device::Cpu {
+            self.refuse_if_quantized("another device")?;
+        }
         let block = self
             .blocks
             .get_mut(l)

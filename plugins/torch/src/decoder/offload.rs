@@ -195,6 +195,7 @@ impl Decoder {
     /// layer (the next one is read ahead on another thread while the current one computes) and
     /// drops the weights after use, so at most two offloaded layers are in memory at a time.
     pub fn offload_layers(mut self, layers: &[usize], folder: &Path) -> Result<Self, ModelError> {
+        self.refuse_if_quantized("disk offload")?;
         create_folder(folder)?;
         for &l in layers {
             let block = self

@@ -205,6 +205,7 @@ impl Decoder {
     /// model's device after each attention and feed-forward block (an all-reduce by copies and
     /// a sum; there is no NCCL). Uneven splits are allowed; a part may have no heads.
     pub fn shard(mut self, devices: &[Device]) -> Result<Self, ModelError> {
+        self.refuse_if_quantized("tensor parallelism")?;
         if devices.is_empty() || devices.len() as i64 > self.config.intermediate {
             return Err(ModelError::Config(format!(
                 "tensor parallelism over {} devices is not possible",

@@ -1,0 +1,136 @@
+//! Loading linear layers quantized: GGUF blocks straight into int4 or int8 layers (no dense
+//! copy of the weight at any point), and which combinations of loading options a quantized
+//! model allows.
+//!
+//! A GGUF layer whose pieces (q, k, v; gate, up) are all Q4_0, Q4_1 or Q4_K loads as int4 group
+//! 32, exactly up to the bf16 rounding of each group's scale and zero; pieces of any other
+//! block type (Q8_0, Q5_K, Q6_K, or a mix, as Q4_K_M files have) load as int8 per channel,
+//! requantized row by row. Float pieces (F32, F16, BF16) stay dense.
+
+use tch::Device;
+
+use super::config::DecoderConfig;
+use super::linear::Linear;
+use super::load::{LayerTarget, LoadOptions};
+use crate::gguf::{GgmlType, Gguf};
+use crate::quant::{unpermuted_rows, QuantizedWeight};
+use crate::ModelError;
+
+fn is_q4(kind: GgmlType) -> bool {
+    matches!(kind, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K)
+}
+
+fn is_float(kind: GgmlType) -> bool {
+    matches!(kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// One tensor of a fused layer: its GGUF name and, for q and k, the heads whose rows llama.cpp
+/// permuted.
+struct Piece {
+    name: String,
+    permuted_heads: Option<i64>,
+}
+
+fn pieces(cfg: &DecoderConfig, prefix: &str) -> Option<Vec<Piece>> {
+    let piece = |name: String, heads: Option<i64>| Piece {
+        name,
+        permuted_heads: heads,
+    };
+    if prefix == "lm_head" {
+        let name = if cfg.tie_embeddings {
+            "token_embd.weight"
+        } else {
+            "output.weight"
+        };
+        return Some(vec![piece(name.into(), None)]);
+    }
+    let (layer, what) = prefix.split_once('.')?;
+    let b = format!("blk.{layer}");
+    Some(match what {
+        "qkv" => vec![
+            piece(format!("{b}.attn_q.weight"), Some(cfg.heads)),
+            piece(format!("{b}.attn_k.weight"), Some(cfg.kv_heads)),
+            piece(format!("{b}.attn_v.weight"), None),
+        ],
+        "o" => vec![piece(format!("{b}.attn_output.weight"), None)],
+        "gate_up" => vec![
+            piece(format!("{b}.ffn_gate.weight"), None),
+            piece(format!("{b}.ffn_up.weight"), None),
+        ],
+        "down" => vec![piece(format!("{b}.ffn_down.weight"), None)],
+        _ => return None,
+    })
+}
+
+/// The GGUF layer `prefix` (`{l}.qkv`, `{l}.o`, `{l}.gate_up`, `{l}.down`, `lm_head`) as a
+/// quantized [`Linear`], or `None` where its tensors are floats (it then loads dense).
+pub(super) fn gguf_linear(
+    cfg: &DecoderConfig,
+    gguf: &Gguf,
+    prefix: &str,
+) -> Result<Option<Linear>, ModelError> {
+    let Some(pieces) = pieces(cfg, prefix) else {
+        return Ok(None);
+    };
+    let mut kinds = Vec::new();
+    for p in &pieces {
+        let kind = gguf.ggml_type(&p.name).ok_or_else(|| {
+            ModelError::Checkpoint(format!("the GGUF file has no tensor `{}`", p.name))
+        })?;
+        kinds.push(kind);
+    }
+    if kinds.iter().any(|&k| is_float(k)) {
+        return Ok(None);
+    }
+    let load = |int4: bool| -> Result<Vec<QuantizedWeight>, ModelError> {
+        pieces
+            .iter()
+            .map(|p| {
+                gguf.with_raw(&p.name, |kind, bytes, shape| {
+                    let [rows, cols] = shape else {
+                        return Err(ModelError::Checkpoint(format!(
+                            "tensor `{}` has shape {shape:?}; a linear layer's is [out, in]",
+                            p.name
+                        )));
+                    };
+                    let order = p.permuted_heads.map(|h| unpermuted_rows(*rows, h));
+                    if int4 {
+                        QuantizedWeight::int4_from_gguf(kind, bytes, *rows, *cols, order.as_deref())
+                    } else {
+                        QuantizedWeight::int8_from_gguf(kind, bytes, *rows, *cols, order.as_deref())
+                    }
+                })?
+            })
+            .collect()
+    };
+    let all_q4 = kinds.iter().all(|&k| is_q4(k));
+    if all_q4 {
+        if let Some(w) = QuantizedWeight::cat(&load(true)?) {
+            return Ok(Some(Linear::quantized(w, None)));
+        }
+    }
+    // Mixed types, or int4 parts that cannot stack: int8 for the whole layer.
+    let w = QuantizedWeight::cat(&load(false)?).ok_or_else(|| {
+        ModelError::Checkpoint(format!("the pieces of layer `{prefix}` do not stack"))
+    })?;
+    Ok(Some(Linear::quantized(w, None)))
+}
+
+/// Quantized layers run on libtorch's CPU kernels, in a packed layout made at load: refuse,
+/// before any weight is read, what would move, split or offload them.
+pub(super) fn check_options(opts: &LoadOptions) -> Result<(), ModelError> {
+    let on_cpu = |d: Device| d == Device::Cpu;
+    let elsewhere = !on_cpu(opts.device)
+        || opts.embeddings.is_some_and(|d| !on_cpu(d))
+        || opts.head.is_some_and(|d| !on_cpu(d))
+        || opts
+            .layers
+            .iter()
+            .any(|t| !matches!(t, LayerTarget::Device(Device::Cpu)));
+    if elsewhere {
+        return Err(ModelError::Config(
+            "quantized weights (`quantize`, or a GGUF file's quantized tensors kept as they are) run on the CPU only: they cannot be placed on a GPU or offloaded to disk; set `quantize = \"none\"` to load dense weights".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Quantized decoders: SmolLM2's Q4_1 GGUF kept as int4 against the same file dequantized to
+//! f32, quantization at load on a safetensors Llama, and what a quantized model refuses.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{expected, ids, Case};
+use cresset_torch::decoder::{Decoder, LayerTarget, LoadOptions, Quantize};
+use cresset_torch::gguf::Gguf;
+use cresset_torch::tch::{self, Device, Kind, Tensor};
+
+/// 256 tokens or so of ordinary English, not repetitive.
+const TEXT: &str = "The city of Paris sits on the river Seine in the north of France. It has been \
+the capital for more than a thousand years, and today about two million people live within its \
+old walls. Visitors come for the museums, the long avenues and the food, but most of the people \
+who live there think first of their neighbourhood: the bakery on the corner, the market twice a \
+week, the school, the small park where children play after lunch. In the nineteenth century the \
+prefect Haussmann rebuilt much of the centre, cutting wide boulevards through crowded streets and \
+setting the grey stone buildings that still line them. The metro opened in 1900. Since then the \
+city has grown outwards into a region of twelve million, joined by trains that run under the \
+ground and over the fields. Writers, painters and musicians have lived here, often poor, often \
+arguing in cafes late into the night, and some of their work is now in the same museums. \
+Outside the centre, the suburbs tell a different story. Tower blocks built in the sixties stand \
+beside old villages that the city swallowed; a church, a square and a row of low houses remain \
+between the motorways. Many families moved out to find more room, and many came from other \
+countries to work, bringing their languages, their shops and their recipes. On a Sunday \
+morning the markets there are louder and cheaper than those of the rich districts.";
+
+fn smollm2() -> Gguf {
+    let spec = &expected("llm")["smollm2"];
+    let path = PathBuf::from(std::env::var("CRESSET_CACHE").expect("scripts/env.sh sets it"))
+        .join("assets/smollm2")
+        .join(spec["file"].as_str().expect("file"));
+    Gguf::open(&path).expect("open SmolLM2")
+}
+
+/// The first 256 tokens of [`TEXT`].
+fn text_ids(gguf: &Gguf) -> Vec<i64> {
+    let ids: Vec<i64> = gguf
+        .tokenizer()
+        .expect("tokenizer")
+        .encode(TEXT, false)
+        .expect("encode")
+        .get_ids()
+        .iter()
+        .map(|&i| i64::from(i))
+        .take(256)
+        .collect();
+    assert_eq!(ids.len(), 256);
+    ids
+}
+
+fn load(gguf: &Gguf, kind: Kind, keep: bool) -> Decoder {
+    let mut opts = LoadOptions::new(kind, Device::Cpu);
+    opts.keep_gguf_quantization = keep;
+    opts.low_cpu_mem_usage = true;
+    Decoder::load_gguf_with(gguf, &opts).expect("SmolLM2 loads")
+}
+
+/// The top-1 token at every position of `ids`, teacher-forced.
+fn top1(model: &Decoder, ids: &[i64]) -> Tensor {
+    let mut cache = model.new_cache(1, 1024);
+    tch::no_grad(|| model.forward(&[0], &[ids.to_vec()], &mut cache, false))
+        .expect("forward")
+        .squeeze_dim(0)
+        .argmax(-1, false)
+}
+
+fn greedy(model: &Decoder, prompt: &[i64], n: usize) -> Vec<i64> {
+    let mut cache = model.new_cache(1, 512);
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    for _ in 0..n {
+        let logits =
+            tch::no_grad(|| model.forward(&[0], &[input.clone()], &mut cache, true)).expect("step");
+        let next = logits.view([-1]).argmax(0, false).int64_value(&[]);
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+#[test]
+fn smollm2_kept_in_int4_agrees_with_the_dequantized_model_and_knows_paris() {
+    let gguf = smollm2();
+    let tokenizer = gguf.tokenizer().expect("tokenizer");
+    let ids = text_ids(&gguf);
+    let dense = load(&gguf, Kind::Float, false);
+    let reference = top1(&dense, &ids);
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let int4 = load(&gguf, kind, true);
+        assert!(int4.is_quantized());
+        // A quarter of the f32 weights or less (the f32 embeddings are most of what is left).
+        assert!(
+            int4.resident_bytes() * 2 < dense.resident_bytes(),
+            "{kind:?}: {} vs {}",
+            int4.resident_bytes(),
+            dense.resident_bytes()
+        );
+        let agreement = top1(&int4, &ids)
+            .eq_tensor(&reference)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        eprintln!(
+            "int4 with {kind:?} activations: top-1 agreement {:.2}%",
+            agreement * 100.0
+        );
+        // The issue's bar is for int4 weights with f32 activations (the quantized layers
+        // compute in bf16 either way); a bf16 model rounds its norms, attention and residual
+        // stream to 8 significant bits too, and agrees a little less.
+        let bar = if kind == Kind::Float { 0.98 } else { 0.95 };
+        assert!(agreement >= bar, "{kind:?}: {agreement} < {bar}");
+        let spec = &expected("llm")["smollm2"];
+        let prompt = ids_of(&spec["prompt_ids"]);
+        let answer = greedy(&int4, &prompt, 24);
+        let text = tokenizer
+            .decode(&answer.iter().map(|&t| t as u32).collect::<Vec<_>>(), true)
+            .expect("decode");
+        assert!(text.contains("Paris"), "{kind:?}: {text}");
+    }
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<i64> {
+    ids(v)
+}
+
+#[test]
+fn dense_weights_quantize_at_load_close_to_the_dense_model() {
+    // Real weights: SmolLM2 dequantized to f32, then quantized at load with gpt-fast's recipes.
+    let gguf = smollm2();
+    let ids = text_ids(&gguf);
+    let reference = top1(&load(&gguf, Kind::Float, false), &ids);
+    for (how, bar) in [(Quantize::Int8, 0.95), (Quantize::Int4 { group: 32 }, 0.8)] {
+        let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+        opts.quantize = Some(how);
+        opts.low_cpu_mem_usage = true;
+        let model = Decoder::load_gguf_with(&gguf, &opts).expect("loads quantized");
+        assert!(model.is_quantized());
+        let agreement = top1(&model, &ids)
+            .eq_tensor(&reference)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        eprintln!("{how:?} at load: top-1 agreement {:.2}%", agreement * 100.0);
+        // int8 moves each weight by at most 1/254 of its row's largest; int4 (requantizing
+        // weights that were Q4_1 already, on a grid that need not line up with theirs) by up to
+        // 1/30 of a group's range. Measured here: 96.5% and 81.6% (deterministic); the bars
+        // are those, rounded down. Keeping a GGUF's own int4 (above) loses far less.
+        assert!(agreement >= bar, "{how:?}: {agreement} < {bar}");
+    }
+    // A safetensors checkpoint quantizes too.
+    let case = Case::new("llm", "llama-gqa-untied");
+    let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+    opts.quantize = Some(Quantize::Int4 { group: 32 });
+    let model = Decoder::load_with(&case.dir, &case.config, &opts).expect("loads quantized");
+    assert!(model.is_quantized());
+    assert!(model.resident_bytes() < case.load(Device::Cpu).resident_bytes());
+}
+
+#[test]
+fn a_quantized_model_refuses_what_would_move_split_or_offload_its_weights() {
+    let case = Case::new("llm", "llama-gqa-untied");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = LoadOptions::new(Kind::Float, Device::Cpu);
+    opts.quantize = Some(Quantize::Int8);
+    opts.layers = vec![LayerTarget::Disk];
+    opts.offload_folder = Some(dir.path().to_owned());
+    let err = Decoder::load_with(&case.dir, &case.config, &opts)
+        .err()
+        .expect("offload refused");
+    assert!(err.to_string().contains("CPU only"), "{err}");
+    opts.layers.clear();
+    let model = Decoder::load_with(&case.dir, &case.config, &opts).expect("loads");
+    let err = model
+        .shard(&[Device::Cpu, Device::Cpu])
+        .err()
+        .expect("tensor parallelism refused");
+    assert!(err.to_string().contains("tensor parallelism"), "{err}");
+}

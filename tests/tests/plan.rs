@@ -89,9 +89,52 @@ fn plan_reads_a_gguf_file_at_the_dtype_it_loads_in() {
         out.contains("model.layers.13 … model.layers.29  →  disk"),
         "{out}"
     );
-    // In bfloat16 half the bytes, and then everything fits in the CPU budget.
-    let (ok, out, err) = plan(&[store, "--max-memory", "cpu=400MiB", "--dtype", "bfloat16"]);
+    // Dense in bfloat16 half the bytes, and then everything fits in the CPU budget.
+    let (ok, out, err) = plan(&[
+        store,
+        "--max-memory",
+        "cpu=400MiB",
+        "--dtype",
+        "bfloat16",
+        "--quantize",
+        "none",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("of weights in bfloat16"), "{out}");
     assert!(!out.contains("disk"), "{out}");
+}
+
+#[test]
+fn plan_sizes_a_quantized_model_as_the_gpt_handler_holds_it() {
+    let store = repo_root().join("model_store/smollm2");
+    let store = store.to_str().expect("utf-8");
+    // By default (`quantize = "auto"`, all on the CPU) the GGUF's blocks are kept: int4 layers,
+    // the Q8_0 embeddings as stored and an int8 copy of them as the tied head, f32 norms
+    // (`dtype = "auto"` keeps f32 activations around quantized layers). The sizes equal the
+    // loaded model's (plugins/torch/tests/quantized.rs).
+    let (ok, out, err) = plan(&[store]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(
+            "33 modules, 119.2 MiB of weights in the GGUF's quantized blocks (int4/int8) and float32"
+        ),
+        "{out}"
+    );
+    // Quantized at load: int8 layers and head, f32 embeddings.
+    let (ok, out, err) = plan(&[store, "--quantize", "int8"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("of weights in int8 (linear layers) and float32"),
+        "{out}"
+    );
+    let (ok, out, err) = plan(&[store, "--quantize", "int4", "--group-size", "128"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("int4 group 128 (linear layers)"), "{out}");
+    // Quantized weights cannot go to disk; a bad value names the flag.
+    let (ok, _, err) = plan(&[store, "--quantize", "int4", "--offload"]);
+    assert!(!ok);
+    assert!(err.contains("CPU only"), "{err}");
+    let (ok, _, err) = plan(&[store, "--quantize", "int3"]);
+    assert!(!ok);
+    assert!(err.contains("quantize \"int3\""), "{err}");
 }

@@ -65,7 +65,8 @@ fn child(checkpoint: &Path, placement: &str, low_cpu: bool, new_tokens: usize) {
     let mut ctx = init_context(root.path(), settings(placement, layers, low_cpu));
     ctx.model_config = json!({"batch_size": 1});
     let started = Instant::now();
-    let mut h = step_instance::<AccelerateHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let mut h =
+        step_instance::<AccelerateHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     let load_s = started.elapsed().as_secs_f64();
     let load_peak = status_mib("VmHWM:");
     let tokenizer = cresset_torch::load_tokenizer(checkpoint).expect("tokenizer");

@@ -20,8 +20,17 @@ fn expected() -> Value {
     serde_json::from_str(&text).expect("JSON")
 }
 
+/// `handler` in f32 unless it says otherwise: the references are transformers' f32 outputs, and
+/// `dtype = "auto"` would run in bf16 on a CPU with native bf16.
+fn in_f32(mut handler: Value) -> Value {
+    if handler.get("dtype").is_none() {
+        handler["dtype"] = json!("float32");
+    }
+    handler
+}
+
 fn context(handler: Value, batch_size: u64) -> InitContext {
-    let mut ctx = init_context(fixtures().join("llama-gqa-tied"), handler);
+    let mut ctx = init_context(fixtures().join("llama-gqa-tied"), in_f32(handler));
     ctx.model_config = json!({ "batch_size": batch_size });
     ctx
 }
@@ -430,7 +439,10 @@ fn with_draft(draft: &str) -> tempfile::TempDir {
 }
 
 fn speculative(draft_dir: &Path, batch: u64) -> GptHandler {
-    let mut ctx = init_context(draft_dir, json!({"draft_model": "draft", "speculate_k": 4}));
+    let mut ctx = init_context(
+        draft_dir,
+        in_f32(json!({"draft_model": "draft", "speculate_k": 4})),
+    );
     ctx.model_config = json!({ "batch_size": batch });
     step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message))
 }
@@ -507,7 +519,10 @@ fn speculative_decoding_with_another_draft_keeps_greedy_output() {
 fn tensor_parallel_serving_gives_the_same_text() {
     let expected = expected();
     let spec = &expected["llama-gqa-untied"];
-    let mut ctx = init_context(fixtures().join("llama-gqa-untied"), json!({"tp_shards": 3}));
+    let mut ctx = init_context(
+        fixtures().join("llama-gqa-untied"),
+        in_f32(json!({"tp_shards": 3})),
+    );
     ctx.model_config = json!({"batch_size": 2, "parallel_type": "tp"});
     let mut h = step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     assert_eq!(h.model().shards(), 3);
@@ -536,7 +551,7 @@ fn a_device_map_with_disk_offload_serves_the_same_text() {
     let want = decoded("llama-gqa-untied", &ids(&spec["greedy_ids"]));
     let config =
         json!({"max_memory": {"cpu": "450KiB"}, "offload_folder": "offload", "max_length": 64});
-    let mut ctx = init_context(dir.path(), config);
+    let mut ctx = init_context(dir.path(), in_f32(config));
     ctx.model_config = json!({"batch_size": 1});
     let mut h = step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
     let offloaded = h.model().offloaded_layers();
@@ -565,4 +580,70 @@ fn a_device_map_with_disk_offload_serves_the_same_text() {
         .err()
         .expect("refused");
     assert!(err.message.contains("does not fit"), "{}", err.message);
+}
+
+#[test]
+fn quantize_and_dtype_choose_how_the_weights_are_held_and_bad_values_are_refused() {
+    use cresset_torch::tch::Kind;
+    let load = |dir: &Path, config: Value| {
+        let tp = config.get("tp_shards").is_some();
+        let mut ctx = init_context(dir, config);
+        ctx.model_config = match tp {
+            true => json!({"batch_size": 1, "parallel_type": "tp"}),
+            false => json!({"batch_size": 1}),
+        };
+        step_instance::<GptHandler>(&ctx)
+    };
+    let say = |h: &mut GptHandler| {
+        let out = run(
+            h,
+            &[json_request(json!({"data": "hello", "max_new_tokens": 4}))],
+        );
+        body(&out.finals[0])["generated_text"].clone()
+    };
+    // A GGUF (with the checkpoint's tokenizer): by default its quantized blocks are kept, with
+    // f32 activations around them; `quantize = "none"` dequantizes.
+    let gguf = tempfile::tempdir().expect("tempdir");
+    for f in ["llama-gqa-tied.Q4_1.gguf", "llama-gqa-tied/tokenizer.json"] {
+        let from = fixtures().join(f);
+        std::fs::copy(&from, gguf.path().join(from.file_name().expect("name"))).expect("copy");
+    }
+    let mut h = load(gguf.path(), json!({})).unwrap_or_else(|e| panic!("{}", e.message));
+    assert!(h.model().is_quantized());
+    assert_eq!(h.model().kind(), Kind::Float);
+    assert!(say(&mut h).is_string());
+    let h = load(gguf.path(), json!({"quantize": "none", "dtype": "float32"}))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert!(!h.model().is_quantized());
+    // safetensors quantized at load, in int8 and int4.
+    let tied = fixtures().join("llama-gqa-tied");
+    for q in [
+        json!({"quantize": "int8"}),
+        json!({"quantize": "int4", "group_size": 32}),
+    ] {
+        let mut h = load(&tied, q.clone()).unwrap_or_else(|e| panic!("{q}: {}", e.message));
+        assert!(h.model().is_quantized(), "{q}");
+        assert!(say(&mut h).is_string(), "{q}");
+    }
+    // `dtype = "auto"` on a dense model: bf16 where the CPU has it natively, else f32.
+    let h = load(&tied, json!({"dtype": "auto"})).unwrap_or_else(|e| panic!("{}", e.message));
+    let want = if cresset_torch::layers::cpu_has_native_bf16() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    assert_eq!(h.model().kind(), want);
+    // Bad values name the key; a quantized model cannot be split for tensor parallelism.
+    for (config, key) in [
+        (json!({"quantize": "int3"}), "`handler.quantize`"),
+        (
+            json!({"quantize": "int4", "group_size": 48}),
+            "`handler.group_size`",
+        ),
+        (json!({"dtype": "float8"}), "`dtype`"),
+        (json!({"quantize": "int8", "tp_shards": 2}), "quantized"),
+    ] {
+        let err = load(&tied, config.clone()).err().expect("refused");
+        assert!(err.message.contains(key), "{config}: {}", err.message);
+    }
 }

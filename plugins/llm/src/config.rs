@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use cresset_plugin_api::sdk::{settings, InitContext};
 use cresset_plugin_api::PluginError;
-use cresset_torch::layers::parse_dtype;
+use cresset_torch::decoder::{LayerTarget, LoadOptions, Quantize};
+use cresset_torch::layers::Dtype;
 use cresset_torch::tch::{Device, Kind};
 use serde_json::Value;
 
@@ -33,9 +34,65 @@ pub(crate) struct Settings {
     pub prefill_budget: usize,
     /// KV-cache slots: the model config's `batch_size`.
     pub slots: usize,
+    /// How the weights are quantized (`quantize`, `group_size`).
+    pub quantize: Quantization,
     /// The key that sets the positions per slot: `max_seq_len`, or Accelerate's `max_length`
     /// when only that is given.
     length_key: &'static str,
+}
+
+/// `quantize`: how the linear layers' weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Quantization {
+    /// `"auto"` (the default): a GGUF file's quantized tensors stay as they are (Q4_0, Q4_1,
+    /// Q4_K as int4; Q8_0, Q5_K, Q6_K as int8) where the model runs wholly on the CPU; dense
+    /// weights stay dense.
+    Auto,
+    /// `"none"`: everything dense in `dtype` (a GGUF file is dequantized).
+    None,
+    /// `"int8"` or `"int4"`: quantize every linear layer at load (gpt-fast's recipes).
+    AtLoad(Quantize),
+}
+
+impl Quantization {
+    fn read(config: &Value) -> Result<Self, PluginError> {
+        let group = settings::integer(config, "group_size", 32, 256)? as i64;
+        if config.get("group_size").is_some() && ![32, 64, 128, 256].contains(&group) {
+            return Err(PluginError::invalid_input(format!(
+                "`handler.group_size` must be 32, 64, 128 or 256. Given: {group}"
+            )));
+        }
+        Ok(match settings::string(config, "quantize")?.unwrap_or("auto") {
+            "auto" => Self::Auto,
+            "none" => Self::None,
+            "int8" => Self::AtLoad(Quantize::Int8),
+            "int4" => Self::AtLoad(Quantize::Int4 { group }),
+            other => {
+                return Err(PluginError::invalid_input(format!(
+                    "`handler.quantize` must be \"auto\", \"none\", \"int8\" or \"int4\". Given: {other:?}"
+                )))
+            }
+        })
+    }
+
+    /// Set `opts` as this asks; `split` says the model will be split for tensor parallelism.
+    pub fn apply(self, opts: &mut LoadOptions, split: bool) {
+        match self {
+            Self::Auto => {
+                let cpu = |d: Device| d == Device::Cpu;
+                opts.keep_gguf_quantization = !split
+                    && cpu(opts.device)
+                    && opts.embeddings.is_none_or(cpu)
+                    && opts.head.is_none_or(cpu)
+                    && opts
+                        .layers
+                        .iter()
+                        .all(|t| matches!(t, LayerTarget::Device(Device::Cpu)));
+            }
+            Self::None => {}
+            Self::AtLoad(how) => opts.quantize = Some(how),
+        }
+    }
 }
 
 /// Where the draft model is and how far it speculates.
@@ -53,7 +110,7 @@ impl Settings {
     pub fn read(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
         let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
-        let kind = parse_dtype(settings::string(config, "dtype")?.unwrap_or("float32"))
+        let dtype = Dtype::parse(settings::string(config, "dtype")?.unwrap_or("auto"))
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
         let tensor_parallel = ctx
@@ -97,10 +154,28 @@ impl Settings {
             (None, Some(_)) => "max_length",
             _ => "max_seq_len",
         };
+        let model_file = settings::string(config, "model_file")?.map(str::to_owned);
+        let quantize = Quantization::read(config)?;
+        // Whether the layers will be quantized decides what `dtype = "auto"` means.
+        let quantized = match quantize {
+            Quantization::None => false,
+            Quantization::AtLoad(_) => true,
+            Quantization::Auto => {
+                device == Device::Cpu
+                    && shards.is_none()
+                    && settings::named_or_only_file(
+                        &dir,
+                        "model_file",
+                        model_file.as_deref(),
+                        "gguf",
+                    )?
+                    .is_some()
+            }
+        };
         Ok(Self {
+            kind: dtype.resolve(device, quantized),
             dir,
-            model_file: settings::string(config, "model_file")?.map(str::to_owned),
-            kind,
+            model_file,
             device,
             shards,
             chat_template: settings::string(config, "chat_template")?.map(str::to_owned),
@@ -113,6 +188,7 @@ impl Settings {
                 .and_then(Value::as_u64)
                 .unwrap_or(1)
                 .clamp(1, 256) as usize,
+            quantize,
             length_key,
         })
     }

@@ -68,7 +68,12 @@ impl StepHandler for GptHandler {
     fn initialize(_: &Arc<()>, ctx: &InitContext) -> Result<Self, PluginError> {
         let settings = Settings::read(ctx)?;
         let (kind, device) = (settings.kind, settings.device);
-        let place = |cfg: &DecoderConfig| load_options(ctx, cfg, kind, device);
+        let split = settings.shards.is_some();
+        let place = |cfg: &DecoderConfig| {
+            let mut opts = load_options(ctx, cfg, kind, device)?;
+            settings.quantize.apply(&mut opts, split);
+            Ok(opts)
+        };
         let mut loaded = load(&settings.dir, settings.model_file.as_deref(), &place)?;
         if let Some(devices) = &settings.shards {
             loaded.model = loaded.model.shard(devices)?;
@@ -80,7 +85,11 @@ impl StepHandler for GptHandler {
         let draft_loaded = match &settings.draft {
             None => None,
             Some(d) => {
-                let everything_here = |_: &DecoderConfig| Ok(LoadOptions::new(kind, device));
+                let everything_here = |_: &DecoderConfig| {
+                    let mut opts = LoadOptions::new(kind, device);
+                    settings.quantize.apply(&mut opts, false);
+                    Ok(opts)
+                };
                 let draft = load(&d.dir, d.file.as_deref(), &everything_here)?;
                 if draft.model.config.vocab_size != loaded.model.config.vocab_size {
                     return Err(PluginError::invalid_input(format!(
@@ -122,7 +131,12 @@ impl StepHandler for GptHandler {
         };
         let prompts = Arc::new(PromptEncoder::new(tokenizer, chat, add_bos, limits));
         let max_prompt_bytes = prompts.max_prompt_bytes();
-        tracing::info!(model = %ctx.model_name, slots, max_seq_len, ?max_prompt_bytes, ?device, "gpt model loaded");
+        tracing::info!(
+            model = %ctx.model_name, slots, max_seq_len, ?max_prompt_bytes, ?device, ?kind,
+            quantized = model.is_quantized(),
+            weights_mib = model.resident_bytes() >> 20,
+            "gpt model loaded"
+        );
         let admissions = Admissions::start(
             Arc::clone(&prompts),
             slots,

@@ -8,6 +8,7 @@
 #[cfg(test)]
 mod counting_alloc;
 pub mod gguf;
+pub mod quantized;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,29 @@ use std::fmt;
 use std::path::Path;
 
 use serde_json::Value;
+
+pub use quantized::Quantization;
+
+/// Whether this CPU does bf16 arithmetic natively (x86 AVX512-BF16 or AMX-BF16, as the kernel
+/// reports them in `/proc/cpuinfo`): what `dtype = "auto"` runs in on the CPU depends on it.
+/// `CRESSET_CPU_BF16=0|1` overrides the answer.
+pub fn cpu_has_native_bf16() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        if let Ok(v) = std::env::var("CRESSET_CPU_BF16") {
+            return v == "1";
+        }
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .take(1)
+                .any(|l| {
+                    l.split_whitespace()
+                        .any(|f| f == "avx512_bf16" || f == "amx_bf16")
+                })
+        })
+    })
+}
 
 /// Where a module's weights live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -236,17 +260,64 @@ pub fn modules_from_checkpoint(
     dir: &Path,
     dtype_bytes: Option<u64>,
 ) -> Result<Vec<Module>, PlanError> {
+    modules_from_checkpoint_as(dir, dtype_bytes, Quantization::None)
+}
+
+/// [`modules_from_checkpoint`] with the linear layers (the 2-D weights of the decoder layers,
+/// and the output head) quantized at load as `q` says; a tied head that is quantized is a copy
+/// of the word embeddings of its own.
+pub fn modules_from_checkpoint_as(
+    dir: &Path,
+    dtype_bytes: Option<u64>,
+    q: Quantization,
+) -> Result<Vec<Module>, PlanError> {
+    let quantizes = matches!(q, Quantization::Int8 | Quantization::Int4 { .. });
     let mut tensors = Vec::new();
+    let mut head = false;
+    let mut word_embeddings: Option<gguf::TensorInfo> = None;
     for file in safetensors::checkpoint_files(dir)? {
         let header = safetensors::read_header(&file)?;
         for (name, info) in header.tensors {
             let stored = info.data_offsets[1] - info.data_offsets[0];
             let floating = matches!(info.dtype.as_str(), "F64" | "F32" | "F16" | "BF16");
-            let bytes = match (dtype_bytes, safetensors::dtype_size(&info.dtype)) {
+            let size = safetensors::dtype_size(&info.dtype);
+            let dense = match (dtype_bytes, size) {
+                (Some(target), Some(_)) if floating => target,
+                _ => size.unwrap_or(1) as u64,
+            };
+            let as_info = || gguf::TensorInfo {
+                shape: info.shape.clone(),
+                ggml_type: gguf::GgmlType::F32,
+                offset: 0,
+                size: stored,
+            };
+            let is_head = name == "lm_head.weight";
+            head |= is_head;
+            if name.ends_with("embed_tokens.weight")
+                || name.ends_with("wte.weight")
+                || name.ends_with("word_embeddings.weight")
+            {
+                word_embeddings = Some(as_info());
+            }
+            let linear = floating
+                && info.shape.len() == 2
+                && name.ends_with(".weight")
+                && (is_head || layer_of(&name).is_some());
+            let bytes = match (dtype_bytes, size) {
+                _ if quantizes && linear => quantized::linear_bytes(&as_info(), q, None, dense),
                 (Some(target), Some(size)) if floating => stored / size as u64 * target,
                 _ => stored,
             };
             tensors.push((name, bytes));
+        }
+    }
+    if quantizes && !head {
+        if let Some(embed) = &word_embeddings {
+            let dense = dtype_bytes.unwrap_or(4);
+            tensors.push((
+                "lm_head.weight".into(),
+                quantized::linear_bytes(embed, q, None, dense),
+            ));
         }
     }
     Ok(modules_from_tensors(&tensors))
@@ -257,7 +328,31 @@ pub fn modules_from_checkpoint(
 /// `dtype_bytes` per element (GGUF tensors are dequantized at load), read from the header only.
 /// Also a `config.json`-like object of the sizes the headroom estimate needs.
 pub fn modules_from_gguf(path: &Path, dtype_bytes: u64) -> Result<(Vec<Module>, Value), PlanError> {
+    modules_from_gguf_as(path, dtype_bytes, Quantization::None)
+}
+
+/// [`modules_from_gguf`] with the linear layers held as `q` says (and, for
+/// [`Quantization::GgufKept`], quantized word embeddings as stored); other tensors at
+/// `dtype_bytes` per element. A tied head that is quantized is a copy of its own.
+pub fn modules_from_gguf_as(
+    path: &Path,
+    dtype_bytes: u64,
+    q: Quantization,
+) -> Result<(Vec<Module>, Value), PlanError> {
     let header = gguf::read(path)?;
+    // How each fused layer loads when the file's quantization is kept.
+    let mut fused: BTreeMap<String, Vec<&gguf::TensorInfo>> = BTreeMap::new();
+    for (name, info) in &header.tensors {
+        if let Some(layer) = quantized::fused_layer(name) {
+            fused.entry(layer).or_default().push(info);
+        }
+    }
+    let kept = |name: &str| {
+        quantized::fused_layer(name)
+            .and_then(|l| fused.get(&l))
+            .and_then(|pieces| quantized::kept_as_int4(pieces))
+    };
+    let tied = !header.tensors.contains_key("output.weight");
     let mut tensors = Vec::new();
     for (name, info) in &header.tensors {
         let numel: u64 = info.shape.iter().map(|&d| d.max(0) as u64).product();
@@ -268,11 +363,30 @@ pub fn modules_from_gguf(path: &Path, dtype_bytes: u64) -> Result<(Vec<Module>, 
             ["output", ..] => "lm_head.weight".into(),
             _ => name.clone(),
         };
-        tensors.push((module, numel * dtype_bytes));
+        let bytes = if quantized::fused_layer(name).is_some() {
+            quantized::linear_bytes(info, q, kept(name), dtype_bytes)
+        } else if name == "output.weight" {
+            quantized::linear_bytes(info, q, quantized::kept_as_int4(&[info]), dtype_bytes)
+        } else if name == "token_embd.weight" {
+            quantized::embedding_bytes(info, q, dtype_bytes)
+        } else {
+            numel * dtype_bytes
+        };
+        tensors.push((module, bytes));
     }
-    if !header.tensors.contains_key("output.weight") {
-        // Tied: the head is the embedding matrix.
-        tensors.push(("lm_head.weight".into(), 0));
+    if tied {
+        // Tied: the head is the embedding matrix, or a quantized copy of it.
+        let head = match header.tensors.get("token_embd.weight") {
+            Some(embed) => {
+                let kept = quantized::kept_as_int4(&[embed]);
+                match (q, kept) {
+                    (Quantization::None, _) | (Quantization::GgufKept, None) => 0,
+                    _ => quantized::linear_bytes(embed, q, kept, dtype_bytes),
+                }
+            }
+            None => 0,
+        };
+        tensors.push(("lm_head.weight".into(), head));
     }
     let arch = header
         .metadata

@@ -193,6 +193,47 @@ impl HfConfig {
     }
 }
 
+/// A handler's `dtype` setting: a named dtype, or `"auto"` (chosen for the device: see
+/// [`Dtype::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// `"auto"`.
+    Auto,
+    /// A named dtype.
+    Fixed(Kind),
+}
+
+impl Dtype {
+    /// Parse a `dtype` setting: `"auto"` or a name [`parse_dtype`] takes.
+    pub fn parse(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "auto" => Ok(Self::Auto),
+            other => parse_dtype(other).map(Self::Fixed).map_err(|_| {
+                ModelError::Config(format!(
+                    "`dtype` {other:?} is not supported (auto, float32, float16 or bfloat16)"
+                ))
+            }),
+        }
+    }
+
+    /// The dtype to run in on `device`. `"auto"` is bf16 on a CPU with native bf16 arithmetic
+    /// (AVX512-BF16 or AMX: measured faster there, see BENCHMARKS.md) and f32 on other CPUs and
+    /// on GPUs, unless `quantized`: weight-only quantized layers compute in bf16 inside their
+    /// kernels whatever the activations are, and f32 activations around them were measured as
+    /// fast and closer to the dense model (so they stay f32).
+    pub fn resolve(self, device: tch::Device, quantized: bool) -> Kind {
+        match self {
+            Self::Fixed(kind) => kind,
+            Self::Auto if device == tch::Device::Cpu && !quantized && cpu_has_native_bf16() => {
+                Kind::BFloat16
+            }
+            Self::Auto => Kind::Float,
+        }
+    }
+}
+
+pub use cresset_plan::cpu_has_native_bf16;
+
 /// The floating dtype a config or handler asks for: `float32`/`f32`, `float16`/`f16`/`half`,
 /// `bfloat16`/`bf16`.
 pub fn parse_dtype(name: &str) -> Result<Kind, ModelError> {

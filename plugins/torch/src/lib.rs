@@ -68,6 +68,36 @@ use std::sync::OnceLock;
 pub use tch;
 pub use tokenizers;
 
+/// A model read by several threads at once: one copy of the weights serves every worker of a
+/// model version (the SDK's `SharedModel`).
+///
+/// `tch::Tensor` is `Send` but not `Sync`, because a tensor can be written in place through
+/// `&self`. libtorch itself allows any number of threads to read a tensor while none writes it,
+/// and the models of this crate ([`encoder::Encoder`], [`decoder::Decoder`]) write their weights
+/// at load only: their `&self` methods allocate new tensors for activations and caches and never
+/// write to a weight, and their weights do not require gradients (integrated gradients take
+/// them with respect to the embedded input), so autograd records nothing on them either. Wrap
+/// only such values.
+pub struct ReadOnly<T>(T);
+
+// SAFETY: see the type's documentation: the wrapped value is only read after construction
+// (`ReadOnly` hands out `&T` only), and libtorch supports concurrent reads of a tensor.
+unsafe impl<T: Send> Sync for ReadOnly<T> {}
+
+impl<T> ReadOnly<T> {
+    /// Wrap a model whose `&self` methods never write to its tensors.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+}
+
+impl<T> std::ops::Deref for ReadOnly<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Give freed heap memory back to the operating system (glibc's `malloc_trim`). Tensors of a
 /// few MB come from malloc's heap once its dynamic mmap threshold has grown, and freeing them
 /// does not shrink the resident set; loading a model layer by layer frees a layer's worth at a

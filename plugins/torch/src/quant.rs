@@ -415,7 +415,12 @@ impl QuantizedWeight {
 }
 
 /// Bytes per row of a `[out, in]` tensor of block type `kind`, checked against `bytes`.
-fn row_bytes(kind: GgmlType, bytes: &[u8], out: i64, inp: i64) -> Result<usize, ModelError> {
+pub(crate) fn row_bytes(
+    kind: GgmlType,
+    bytes: &[u8],
+    out: i64,
+    inp: i64,
+) -> Result<usize, ModelError> {
     let per = kind.block_elements() as i64;
     if kind.block_elements() == 1 || inp % per != 0 {
         return Err(invalid(format!(

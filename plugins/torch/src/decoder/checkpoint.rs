@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{DecoderConfig, Family, Positions};
+use super::embedding::TokenTable;
 use super::linear::{Linear, Quantize};
 use super::norm::Norm;
 use crate::gguf::{unpermute_qk, Gguf};
@@ -308,17 +309,32 @@ impl<'c, 'r> Checkpoint<'c, 'r> {
         }
     }
 
+    /// The word embeddings: a GGUF file's quantized blocks as they are when its quantization
+    /// is kept, else dense.
+    pub fn token_table(&mut self) -> Result<TokenTable, ModelError> {
+        if let Some(gguf) = self.gguf {
+            if let Some(table) = super::quantized::gguf_token_table(gguf, self.cfg, self.kind)? {
+                return Ok(table);
+            }
+        }
+        Ok(TokenTable::Dense(self.required("embed")?))
+    }
+
     /// The output head `[vocab, hidden]`: the file's own projection, or for a tied head the
     /// word embeddings `tokens`, as a layer of its own (quantized like the others, or sharing
     /// `tokens` when dense).
-    pub fn head(&mut self, tokens: &Tensor) -> Result<Linear, ModelError> {
+    pub fn head(&mut self, tokens: &TokenTable) -> Result<Linear, ModelError> {
         if let Some(gguf) = self.gguf {
             if let Some(l) = super::quantized::gguf_linear(self.cfg, gguf, "lm_head")? {
                 return Ok(l);
             }
         }
         let weight = if self.cfg.tie_embeddings {
-            tokens.shallow_clone()
+            tokens.dense().map(Tensor::shallow_clone).ok_or_else(|| {
+                ModelError::Checkpoint(
+                    "the head is tied to quantized embeddings but is not quantized itself".into(),
+                )
+            })?
         } else {
             self.required("lm_head")?
         };

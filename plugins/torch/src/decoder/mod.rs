@@ -74,9 +74,47 @@ impl Decoder {
         self.device
     }
 
+    /// The dtype of the dense weights and the activations.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// What the device-map planner places (see [`DecoderConfig::modules`]).
     pub fn modules(&self) -> Vec<cresset_plan::Module> {
         self.config.modules(self.kind.elt_size_in_bytes())
+    }
+
+    /// The planner's modules (as [`Decoder::modules`] names them) with the bytes this model
+    /// holds for each (quantized layers at their packed size, offloaded layers at 0): what
+    /// `cresset_plan::modules_from_gguf_as` predicts from the file's header.
+    pub fn resident_modules(&self) -> Vec<cresset_plan::Module> {
+        let mut modules = self.modules();
+        for m in &mut modules {
+            m.bytes = match m.layer {
+                Some(l) => self.blocks.get(l).map_or(0, |b| {
+                    b.input_norm.bytes()
+                        + b.post_norm.bytes()
+                        + b.shards.iter().map(|s| s.bytes()).sum::<u64>()
+                }),
+                None if m.name == "lm_head" => match self.head.tied {
+                    true => 0,
+                    false => self.head.lm_head.bytes(),
+                },
+                None if m.name.ends_with("wpe") => self
+                    .embeddings
+                    .positions
+                    .as_ref()
+                    .map_or(0, linear::tensor_bytes),
+                None if m.name.ends_with("layernorm") => {
+                    self.embeddings.norm.as_ref().map_or(0, norm::Norm::bytes)
+                }
+                None if m.name.contains("emb") || m.name.ends_with("wte") => {
+                    self.embeddings.tokens.bytes()
+                }
+                None => self.head.norm.bytes(),
+            };
+        }
+        modules
     }
 
     /// Bytes of weights held in memory (offloaded layers not counted).

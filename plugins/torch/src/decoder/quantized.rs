@@ -7,13 +7,14 @@
 //! block type (Q8_0, Q5_K, Q6_K, or a mix, as Q4_K_M files have) load as int8 per channel,
 //! requantized row by row. Float pieces (F32, F16, BF16) stay dense.
 
-use tch::Device;
+use tch::{Device, Kind};
 
 use super::config::DecoderConfig;
+use super::embedding::TokenTable;
 use super::linear::Linear;
 use super::load::{LayerTarget, LoadOptions};
 use crate::gguf::{GgmlType, Gguf};
-use crate::quant::{unpermuted_rows, QuantizedWeight};
+use crate::quant::{row_bytes, unpermuted_rows, QuantizedWeight};
 use crate::ModelError;
 
 fn is_q4(kind: GgmlType) -> bool {
@@ -114,6 +115,38 @@ pub(super) fn gguf_linear(
         ModelError::Checkpoint(format!("the pieces of layer `{prefix}` do not stack"))
     })?;
     Ok(Some(Linear::quantized(w, None)))
+}
+
+/// A GGUF file's quantized word embeddings as the file holds them (`None` where they are
+/// floats: they then load dense).
+pub(super) fn gguf_token_table(
+    gguf: &Gguf,
+    cfg: &DecoderConfig,
+    out: Kind,
+) -> Result<Option<TokenTable>, ModelError> {
+    let name = "token_embd.weight";
+    let kind = gguf
+        .ggml_type(name)
+        .ok_or_else(|| ModelError::Checkpoint(format!("the GGUF file has no tensor `{name}`")))?;
+    if is_float(kind) {
+        return Ok(None);
+    }
+    gguf.with_raw(name, |kind, bytes, shape| {
+        let expected = [cfg.vocab_size, cfg.hidden];
+        if shape != expected {
+            return Err(ModelError::Checkpoint(format!(
+                "tensor `{name}` has shape {shape:?}; the configuration implies {expected:?}"
+            )));
+        }
+        Ok(Some(TokenTable::Blocks {
+            kind,
+            row_bytes: row_bytes(kind, bytes, cfg.vocab_size, cfg.hidden)?,
+            bytes: bytes.to_vec(),
+            vocab: cfg.vocab_size,
+            hidden: cfg.hidden,
+            out,
+        }))
+    })?
 }
 
 /// Quantized layers run on libtorch's CPU kernels, in a packed layout made at load: refuse,

@@ -18,13 +18,19 @@ fn expected() -> Value {
     serde_json::from_str(&text).expect("JSON")
 }
 
-/// Archive a checkpoint folder with the nlp handler, as an operator would.
+/// Archive a checkpoint folder with the nlp handler, as an operator would; in f32 unless
+/// `handler_toml` sets `dtype` (the references are transformers' f32 outputs).
 fn archive(out: &Path, checkpoint: &str, name: &str, format: &str, handler_toml: &str) -> String {
     let dir = fixtures().join(checkpoint);
     let config = out.join(format!("{name}-config.toml"));
+    let dtype = if handler_toml.contains("dtype") {
+        ""
+    } else {
+        "dtype = \"float32\"\n"
+    };
     std::fs::write(
         &config,
-        format!("batch_size = 8\nmax_workers = 1\n\n[handler]\n{handler_toml}\n"),
+        format!("batch_size = 8\nmax_workers = 1\n\n[handler]\n{dtype}{handler_toml}\n"),
     )
     .expect("write config");
     let extra: Vec<String> = [

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use cresset_plugin_api::sdk::testing::{init_context, request, run};
-use cresset_plugin_api::sdk::Handler;
+use cresset_plugin_api::sdk::testing::{init_context, instance, request, run};
+use cresset_plugin_api::sdk::ModelHandler;
 use cresset_plugin_api::{ErrorCode, PluginError, Response};
 use cresset_plugin_nlp::{Mode, NlpHandler};
 use serde_json::{json, Value};
@@ -23,8 +23,13 @@ fn expected() -> Value {
     serde_json::from_str(&text).expect("expected.json parses")
 }
 
-fn handler(name: &str, config: Value) -> NlpHandler {
-    NlpHandler::initialize(&init_context(fixtures().join(name), config))
+/// The handler on checkpoint `name`, in f32 unless `config` says otherwise (the references are
+/// transformers' f32 outputs; `dtype = "auto"` would run in bf16 on a CPU with native bf16).
+fn handler(name: &str, mut config: Value) -> NlpHandler {
+    if config.get("dtype").is_none() {
+        config["dtype"] = json!("float32");
+    }
+    instance::<NlpHandler>(&init_context(fixtures().join(name), config))
         .unwrap_or_else(|e| panic!("{name}: {}", e.message))
 }
 
@@ -60,7 +65,7 @@ fn modes_are_inferred_from_architectures() {
     ] {
         assert_eq!(handler(dir, json!({})).mode(), mode, "{dir}");
     }
-    let err = NlpHandler::initialize(&init_context(
+    let err = instance::<NlpHandler>(&init_context(
         fixtures().join("bert-seq"),
         json!({"mode": "summarize"}),
     ))
@@ -81,7 +86,7 @@ fn an_unknown_architecture_is_a_clear_error_at_load() {
     .expect("json");
     config["architectures"] = json!(["BertForMaskedLM"]);
     std::fs::write(dir.path().join("config.json"), config.to_string()).expect("write");
-    let err = NlpHandler::initialize(&init_context(dir.path(), json!({})))
+    let err = instance::<NlpHandler>(&init_context(dir.path(), json!({})))
         .err()
         .expect("refused");
     assert_eq!(err.code, ErrorCode::INVALID_INPUT);

@@ -1,0 +1,224 @@
+//! What a model version's workers share: its settings, tokenizers and labels, read once when
+//! the version loads, and its weights, loaded once per device the first time a worker there
+//! needs them (so two CPU workers hold one copy).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cresset_plugin_api::sdk::{settings, LoadContext, SharedModel};
+use cresset_plugin_api::PluginError;
+use cresset_torch::decoder::{Decoder, DecoderConfig};
+use cresset_torch::encoder::{Encoder, EncoderConfig};
+use cresset_torch::layers::{Dtype, HfConfig};
+use cresset_torch::tch::{Device, Kind};
+use cresset_torch::tokenizers::{PostProcessorWrapper, Tokenizer, TruncationParams};
+use cresset_torch::ReadOnly;
+
+use crate::Mode;
+
+/// Settings from the `[handler]` table.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub max_length: usize,
+    pub max_batch_tokens: usize,
+    pub doc_stride: usize,
+    pub max_answer_len: usize,
+    pub handle_impossible_answer: bool,
+    pub max_new_tokens: usize,
+    pub n_steps: usize,
+    pub explain_batch: usize,
+    pub multi_label: bool,
+}
+
+/// The network of a model version on one device.
+pub(crate) enum Network {
+    Encoder(Encoder),
+    Decoder(Decoder),
+}
+
+/// A model version, shared by its workers.
+pub struct NlpModel {
+    pub(crate) mode: Mode,
+    pub(crate) settings: Settings,
+    pub(crate) tokenizer: Tokenizer,
+    /// The tokenizer without its post-processor (QA encodes each sequence with it).
+    pub(crate) bare_tokenizer: Tokenizer,
+    pub(crate) labels: Vec<String>,
+    pub(crate) pad_id: i64,
+    pub(crate) cls_id: Option<u32>,
+    pub(crate) eos_ids: Vec<i64>,
+    /// Generation: the decoder's context in tokens.
+    pub(crate) context: u64,
+    dir: PathBuf,
+    hf: HfConfig,
+    dtype: Dtype,
+    /// The weights per device (`Device`'s debug form), loaded by the first worker there.
+    networks: Mutex<HashMap<String, Arc<ReadOnly<Network>>>>,
+}
+
+/// The id of the first of these tokens the tokenizer knows.
+fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
+    candidates.iter().find_map(|t| tokenizer.token_to_id(t))
+}
+
+impl SharedModel for NlpModel {
+    fn load(ctx: &LoadContext) -> Result<Self, PluginError> {
+        let config = &ctx.handler_config;
+        let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
+        let hf = HfConfig::read(&dir).map_err(PluginError::from)?;
+        let mode = match settings::string(config, "mode")? {
+            Some(name) => Mode::parse(name)?,
+            None => {
+                let arch = hf.architecture().unwrap_or("(none)");
+                Mode::from_architecture(arch).ok_or_else(|| {
+                    PluginError::invalid_input(format!(
+                        "config.json names architecture {arch:?}, which the nlp handler does not \
+                         know; set `handler.mode` or use a BERT, RoBERTa, DistilBERT or GPT-2 \
+                         checkpoint"
+                    ))
+                })?
+            }
+        };
+        let dtype = Dtype::parse(settings::string(config, "dtype")?.unwrap_or("auto"))
+            .map_err(PluginError::from)?;
+        // What the configuration says of the network, before any weight is read.
+        let (model_limit, model_vocab, num_labels, model_pad) = if mode == Mode::TextGeneration {
+            let c = DecoderConfig::from_hf(&hf).map_err(PluginError::from)?;
+            (c.max_positions as usize, c.vocab_size, 0, None)
+        } else {
+            let c = EncoderConfig::from_hf(&hf).map_err(PluginError::from)?;
+            (
+                c.max_input_len() as usize,
+                c.vocab_size,
+                c.num_labels,
+                Some(c.pad_token_id),
+            )
+        };
+        let max_length =
+            settings::integer(config, "max_length", model_limit.min(512), model_limit)?;
+        let truncation = settings::boolean(config, "truncation", false)?;
+        let doc_stride = settings::integer(
+            config,
+            "doc_stride",
+            (max_length / 2).clamp(1, 128),
+            max_length,
+        )?;
+        let settings = Settings {
+            max_length,
+            max_batch_tokens: settings::integer(config, "max_batch_tokens", 16_384, 1 << 24)?,
+            doc_stride,
+            max_answer_len: settings::integer(config, "max_answer_len", 15, 512)?,
+            handle_impossible_answer: settings::boolean(config, "handle_impossible_answer", false)?,
+            max_new_tokens: settings::integer(config, "max_new_tokens", 32, model_limit)?,
+            n_steps: settings::integer(config, "n_steps", 50, 1000)?,
+            explain_batch: settings::integer(config, "explain_batch", 10, 1000)?,
+            multi_label: hf.opt_str("problem_type").map_err(PluginError::from)?
+                == Some("multi_label_classification"),
+        };
+        let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(PluginError::from)?;
+        // QA encodes each sequence with this one: no post-processor, no truncation (its
+        // windows cover the whole context).
+        let mut bare_tokenizer = tokenizer.clone();
+        bare_tokenizer.with_post_processor(None::<PostProcessorWrapper>);
+        if truncation && mode != Mode::TextGeneration {
+            tokenizer
+                .with_truncation(Some(TruncationParams {
+                    max_length,
+                    ..TruncationParams::default()
+                }))
+                .map_err(|e| PluginError::invalid_input(format!("tokenizer: {e}")))?;
+        }
+        let highest = tokenizer.get_vocab(true).into_values().max().unwrap_or(0);
+        if i64::from(highest) >= model_vocab {
+            return Err(PluginError::invalid_input(format!(
+                "tokenizer.json has token id {highest} but the model's vocab_size is \
+                 {model_vocab}: they do not belong together"
+            )));
+        }
+        let labels_path = settings::path_inside(
+            &ctx.model_dir,
+            "labels_file",
+            settings::string(config, "labels_file")?.unwrap_or("index_to_name.json"),
+        )?;
+        let mut labels = if labels_path.is_file() {
+            cresset_torch::read_index_to_name(&labels_path).map_err(PluginError::from)?
+        } else {
+            hf.id2label().unwrap_or_default()
+        };
+        // Every class of the head has a name: `LABEL_i` where the files give none.
+        let n = num_labels as usize;
+        if labels.len() < n {
+            labels.extend((labels.len()..n).map(|i| format!("LABEL_{i}")));
+        }
+        let pad_id = model_pad
+            .or_else(|| token_id(&tokenizer, &["[PAD]", "<pad>"]).map(i64::from))
+            .or_else(|| {
+                hf.token_ids("pad_token_id")
+                    .ok()
+                    .and_then(|v| v.first().copied())
+            })
+            .unwrap_or(0);
+        let cls_id = token_id(&tokenizer, &["[CLS]", "<s>"]);
+        let eos_ids =
+            cresset_torch::gpt2::generation_eos_ids(&dir, &hf).map_err(PluginError::from)?;
+        Ok(Self {
+            mode,
+            settings,
+            tokenizer,
+            bare_tokenizer,
+            labels,
+            pad_id,
+            cls_id,
+            eos_ids,
+            context: model_limit as u64,
+            dir,
+            hf,
+            dtype,
+            networks: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+impl NlpModel {
+    /// The dtype the network runs in on `device` (`dtype`, `"auto"` resolved).
+    pub(crate) fn kind(&self, device: Device) -> Kind {
+        self.dtype.resolve(device, false)
+    }
+
+    /// The network on `device`: loaded by the first worker there, shared by the others.
+    pub(crate) fn network(&self, device: Device) -> Result<Arc<ReadOnly<Network>>, PluginError> {
+        let key = format!("{device:?}");
+        // Loading holds the lock: a second worker on the same device waits for the first one's
+        // copy instead of loading its own.
+        let mut networks = self
+            .networks
+            .lock()
+            .map_err(|_| PluginError::internal("a worker panicked while loading the weights"))?;
+        if let Some(n) = networks.get(&key) {
+            return Ok(Arc::clone(n));
+        }
+        let kind = self.kind(device);
+        let network = if self.mode == Mode::TextGeneration {
+            Network::Decoder(
+                Decoder::load(&self.dir, &self.hf, kind, device).map_err(PluginError::from)?,
+            )
+        } else {
+            Network::Encoder(
+                Encoder::load(&self.dir, &self.hf, self.mode.head(), kind, device)
+                    .map_err(PluginError::from)?,
+            )
+        };
+        let network = Arc::new(ReadOnly::new(network));
+        networks.insert(key, Arc::clone(&network));
+        Ok(network)
+    }
+
+    /// A class's label.
+    pub(crate) fn label(&self, i: usize) -> String {
+        self.labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("LABEL_{i}"))
+    }
+}

@@ -644,3 +644,31 @@ mod tests {
         }
     }
 }
+
+/// The spin count the server gives libgomp when the operator sets neither `OMP_WAIT_POLICY`
+/// nor `GOMP_SPINCOUNT`.
+pub const DEFAULT_GOMP_SPINCOUNT: &str = "30000";
+
+/// A server shares its cores between HTTP threads and libtorch's OpenMP team. Between parallel
+/// regions libgomp's threads wait: spinning (its default, about 300,000 iterations, which starved
+/// the HTTP threads on 2 cores) or sleeping (`OMP_WAIT_POLICY=PASSIVE`, this server's choice
+/// until issue 13, which costs a thread wake-up per op: 2-3x on small models with two threads).
+/// The default now is a bounded spin, `GOMP_SPINCOUNT=30000` (tens of microseconds, enough to
+/// bridge the gap between one op and the next, then sleep): measured within 10% of the best
+/// setting at 1 and 32 clients and with a busy co-tenant (BENCHMARKS.md, `nlp`). An operator's
+/// own `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` wins. Call before any thread exists.
+pub fn set_openmp_wait_default() {
+    if std::env::var_os("OMP_WAIT_POLICY").is_none() && std::env::var_os("GOMP_SPINCOUNT").is_none()
+    {
+        std::env::set_var("GOMP_SPINCOUNT", DEFAULT_GOMP_SPINCOUNT);
+    }
+}
+
+/// How OpenMP threads wait in this process, as describe reports it.
+pub fn openmp_wait() -> serde_json::Value {
+    let var = |k: &str| std::env::var(k).ok();
+    serde_json::json!({
+        "OMP_WAIT_POLICY": var("OMP_WAIT_POLICY"),
+        "GOMP_SPINCOUNT": var("GOMP_SPINCOUNT"),
+    })
+}

@@ -11,15 +11,9 @@ use cresset::registry::snapshot::{RegistrationStatus, Snapshotter};
 use cresset::registry::{store, LoadContext, ModelRegistry, Registrar, StoreRegistration};
 
 fn main() -> std::process::ExitCode {
-    // A server shares its cores between HTTP threads and libtorch's OpenMP pool. libgomp's
-    // default is to spin between parallel regions, which starves the HTTP threads on small
-    // machines and stalls whole matmuls when a spinning thread is descheduled (measured on
-    // 2 cores: batched throughput 71% of in-process with spinning, 94% without; BENCHMARKS.md).
-    // Set before any thread exists and before a plugin loads libgomp; an operator's own
-    // setting wins.
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
-    }
+    // How libtorch's OpenMP threads wait between parallel regions; set before any thread exists
+    // and before a plugin loads libgomp (see `cresset::config::openmp_wait`).
+    cresset::config::set_openmp_wait_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
@@ -52,6 +46,11 @@ fn init_logging(format: LogFormat, filter: &str) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Arc::new(ServerConfig::resolve(args)?);
+    // The server divides the cores: a batch runs with the cores the busy workers leave it
+    // (cresset_torch::threads). Set before any plugin loads.
+    if config.intra_op_threads == 0 {
+        std::env::set_var("CRESSET_DYNAMIC_THREADS", "1");
+    }
     init_logging(config.log_format, &config.log);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),

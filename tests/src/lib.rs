@@ -188,10 +188,19 @@ impl Server {
     /// Start `cresset serve` with these extra arguments (`--model-store` defaults to the repo's
     /// `model_store/`).
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables. The OpenMP wait variables of the
+    /// test's own environment are not passed on: a server gets those `env` names only.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let work = tempfile::tempdir().expect("tempdir");
         let mut command = Command::new(cresset_bin());
         command
             .current_dir(repo_root())
+            .env_remove("OMP_WAIT_POLICY")
+            .env_remove("GOMP_SPINCOUNT")
+            .envs(env.iter().copied())
             .arg("serve")
             .args([
                 "--inference-address",

@@ -736,3 +736,37 @@ fn the_model_list_is_paginated_and_asynchronous_scaling_answers_202() {
     let r = server.manage("PUT", "/models/nope?min_worker=1", "", b"");
     assert_eq!(r.status, 404, "{}", r.text());
 }
+
+#[test]
+fn describe_reports_each_workers_threads_and_how_openmp_threads_wait() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let file = archive(store.path(), "e", "1.0", "echo", "tgz");
+    let register = |server: &Server| {
+        let reply = server.manage(
+            "POST",
+            &format!("/models?url={file}&synchronous=true&initial_workers=2"),
+            "",
+            b"",
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        describe(server, "/models/e")[0].clone()
+    };
+    // By default a bounded spin; the cores are divided among the workers.
+    let server = store_server(store.path(), &["--intra-op-threads", "0"]);
+    let body = register(&server);
+    assert_eq!(body["openmpWait"]["GOMP_SPINCOUNT"], "30000", "{body}");
+    assert_eq!(body["openmpWait"]["OMP_WAIT_POLICY"], Value::Null, "{body}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let workers = body["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2);
+    for w in workers {
+        assert_eq!(w["intraOpThreads"], (cores / 2).max(1), "{body}");
+    }
+    drop(server);
+    // An operator's own setting wins, and the server adds no spin count to it.
+    let args = ["--model-store", store.path().to_str().expect("utf-8")];
+    let server = Server::start_with_env(&args, &[("OMP_WAIT_POLICY", "PASSIVE")]);
+    let body = register(&server);
+    assert_eq!(body["openmpWait"]["OMP_WAIT_POLICY"], "PASSIVE", "{body}");
+    assert_eq!(body["openmpWait"]["GOMP_SPINCOUNT"], Value::Null, "{body}");
+}

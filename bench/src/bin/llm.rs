@@ -1,9 +1,11 @@
-//! `cresset-bench-llm`: SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantized to f32) through the
-//! `gpt` plugin in the real server, over the OpenAI-compatible API with streaming, against
-//! HuggingFace transformers `generate()` on the same weights and threads, in one run:
-//! time to first token, decode tokens/s of one stream, aggregate tokens/s of 8 concurrent
-//! streams (continuous batching). llama.cpp is measured too when `llama-cpp-python` is
-//! importable by `$CRESSET_LLAMA_CPP_PYTHON` (it has no wheel on the package index).
+//! `cresset-bench-llm`: SmolLM2-135M-Instruct (the default store's Q4_1 GGUF) through the `gpt`
+//! plugin in the real server, over the OpenAI-compatible API with streaming, its weights held
+//! four ways (int4 as the file has them, int8 quantized at load, bf16 and f32 dense), against
+//! llama.cpp on the same file and HuggingFace transformers `generate()` on the same weights and
+//! threads, in one run: time to first token, decode tokens/s of one stream, aggregate tokens/s
+//! of 8 concurrent streams (continuous batching), and the resident memory of the weights.
+//! llama.cpp is `llama-cpp-python`, built by `scripts/setup-llama-cpp.sh` and named by
+//! `$CRESSET_LLAMA_CPP_PYTHON`; without it the benchmark fails.
 //!
 //! Results go to the `llm` section of `BENCHMARKS.md`.
 
@@ -12,8 +14,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cresset_bench::{agent, cli, machine, smollm2_gguf, threads, venv_python, write_section};
+use cresset_bench::{
+    agent, cli, machine, proc_status_mib, smollm2_gguf, threads, venv_python, write_section,
+};
 use cresset_e2e::{dir_archive, repo_root, Server};
+use cresset_torch::decoder::{Decoder, LoadOptions, Quantize};
+use cresset_torch::gguf::Gguf;
+use cresset_torch::quant::QuantizedWeight;
+use cresset_torch::tch::{self, Device, Kind, Tensor};
 use serde_json::{json, Value};
 
 /// A prompt that keeps a small model generating (it counts on), so that every run makes the
@@ -64,14 +72,65 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// (TTFT ms, decode tokens/s at batch 1, aggregate tokens/s at 8 streams, peak RSS MiB).
-fn measure(gguf: &Path, runs: usize) -> (f64, f64, f64, f64) {
+/// One way of holding SmolLM2's weights, served and loaded.
+struct Variant {
+    /// The table's row label.
+    label: &'static str,
+    /// `[handler]` lines of the archive.
+    handler: &'static str,
+    /// The same choice for an in-process load (weights resident memory).
+    load: fn() -> LoadOptions,
+}
+
+fn variants() -> Vec<Variant> {
+    vec![
+        Variant {
+            label: "Cresset int4: the GGUF's Q4_1 blocks as they are (the default: `quantize` and `dtype` \"auto\")",
+            handler: "",
+            load: || {
+                let mut o = LoadOptions::new(Kind::Float, Device::Cpu);
+                o.keep_gguf_quantization = true;
+                o
+            },
+        },
+        Variant {
+            label: "Cresset int8 per channel, quantized at load (`quantize = \"int8\"`)",
+            handler: "quantize = \"int8\"\n",
+            load: || {
+                let mut o = LoadOptions::new(Kind::Float, Device::Cpu);
+                o.quantize = Some(Quantize::Int8);
+                o
+            },
+        },
+        Variant {
+            label: "Cresset bf16 dense (`quantize = \"none\"`, `dtype = \"bfloat16\"`)",
+            handler: "quantize = \"none\"\ndtype = \"bfloat16\"\n",
+            load: || LoadOptions::new(Kind::BFloat16, Device::Cpu),
+        },
+        Variant {
+            label: "Cresset f32 dense (`quantize = \"none\"`, `dtype = \"float32\"`)",
+            handler: "quantize = \"none\"\ndtype = \"float32\"\n",
+            load: || LoadOptions::new(Kind::Float, Device::Cpu),
+        },
+    ]
+}
+
+/// One variant served: TTFT ms, decode tokens/s at 1 stream, aggregate tokens/s at 8 streams.
+struct Served {
+    ttft_ms: f64,
+    decode: f64,
+    aggregate: f64,
+}
+
+fn measure(gguf: &Path, handler: &str, runs: usize) -> Served {
     let store = tempfile::tempdir().expect("tempdir");
     let dir = dir_archive(
         store.path(),
         "smollm2",
         "gpt",
-        "min_workers = 1\nbatch_size = 8\nresponse_timeout_s = 300\n\n[handler]\nmax_seq_len = 512\n",
+        &format!(
+            "min_workers = 1\nbatch_size = 8\nresponse_timeout_s = 300\n\n[handler]\nmax_seq_len = 512\n{handler}"
+        ),
         &[],
     );
     let target = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -88,19 +147,79 @@ fn measure(gguf: &Path, runs: usize) -> (f64, f64, f64, f64) {
     let url = format!("{}/v1/completions", server.inference);
     stream(&url); // warm-up
     let solo: Vec<(Duration, f64, u64)> = (0..runs).map(|_| stream(&url)).collect();
-    let ttft = median(solo.iter().map(|s| s.0.as_secs_f64() * 1000.0).collect());
+    let ttft_ms = median(solo.iter().map(|s| s.0.as_secs_f64() * 1000.0).collect());
     let decode = median(solo.iter().map(|s| s.1).collect());
-    let started = Instant::now();
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let url = url.clone();
-            std::thread::spawn(move || stream(&url).2)
-        })
-        .collect();
-    let total: u64 = clients.into_iter().map(|c| c.join().expect("client")).sum();
-    let aggregate = total as f64 / started.elapsed().as_secs_f64();
-    let rss = cresset_bench::peak_rss_mib(server.pid());
-    (ttft, decode, aggregate, rss)
+    let mut aggregates = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || stream(&url).2)
+            })
+            .collect();
+        let total: u64 = clients.into_iter().map(|c| c.join().expect("client")).sum();
+        aggregates.push(total as f64 / started.elapsed().as_secs_f64());
+    }
+    Served {
+        ttft_ms,
+        decode,
+        aggregate: median(aggregates),
+    }
+}
+
+/// In a child process (`--weights-rss N`): the resident memory the weights of variant `N` add
+/// to a process that has libtorch's runtime up already (VmRSS after the load minus before), in
+/// MiB, with the decoder's own count of its bytes.
+fn weights_rss(gguf: &Path, variant: usize) -> (f64, f64) {
+    let out = Command::new(std::env::current_exe().expect("own path"))
+        .args([
+            "--weights-rss",
+            &variant.to_string(),
+            &gguf.display().to_string(),
+        ])
+        .output()
+        .expect("run the weights probe");
+    assert!(
+        out.status.success(),
+        "the weights probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("the probe prints JSON");
+    (
+        v["rss_mib"].as_f64().unwrap_or(f64::NAN),
+        v["counted_mib"].as_f64().unwrap_or(f64::NAN),
+    )
+}
+
+/// The child side of [`weights_rss`].
+fn weights_probe(variant: usize, gguf: &Path) {
+    tch::set_num_threads(threads() as i32);
+    let _guard = tch::no_grad_guard();
+    // Bring libtorch's runtime (and the kernels every variant uses) up first.
+    let x = Tensor::ones([8, 64], (Kind::Float, Device::Cpu));
+    let warm =
+        QuantizedWeight::int4_from_dense(&Tensor::ones([64, 64], (Kind::Float, Device::Cpu)), 32)
+            .expect("a warm-up weight");
+    let _ = warm.forward(&x).sum(Kind::Float).double_value(&[]);
+    let _ = x
+        .to_kind(Kind::BFloat16)
+        .matmul(&x.to_kind(Kind::BFloat16).tr())
+        .sum(Kind::Float)
+        .double_value(&[]);
+    let file = Gguf::open(gguf).expect("open the GGUF");
+    cresset_torch::release_freed_memory();
+    let before = proc_status_mib("self", "VmRSS:");
+    let mut opts = (variants()[variant].load)();
+    opts.low_cpu_mem_usage = true;
+    let model = Decoder::load_gguf_with(&file, &opts).expect("load");
+    drop(file);
+    cresset_torch::release_freed_memory();
+    let after = proc_status_mib("self", "VmRSS:");
+    println!(
+        "{}",
+        json!({"rss_mib": after - before, "counted_mib": model.resident_bytes() as f64 / 1048576.0})
+    );
 }
 
 fn python_json(python: &Path, script: &str, args: &[String]) -> Option<Value> {
@@ -117,9 +236,16 @@ fn python_json(python: &Path, script: &str, args: &[String]) -> Option<Value> {
 }
 
 fn main() {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() == Some("--weights-rss") {
+        let variant = args.next().and_then(|v| v.parse().ok()).expect("a variant");
+        let gguf = args.next().expect("a GGUF path");
+        return weights_probe(variant, Path::new(&gguf));
+    }
     let (quick, out) = cli();
     let runs = if quick { 1 } else { 3 };
     let gguf = smollm2_gguf();
+    let gguf_mib = std::fs::metadata(&gguf).expect("the GGUF").len() as f64 / 1048576.0;
     let python = venv_python();
     let args = vec![
         gguf.display().to_string(),
@@ -139,70 +265,90 @@ fn main() {
             panic!("CRESSET_LLAMA_CPP_PYTHON is not set: run through `make bench`, which builds llama-cpp-python (scripts/setup-llama-cpp.sh)")
         });
     eprintln!("bench-llm: llama.cpp baseline");
-    let llama_cpp = Some(
-        python_json(Path::new(&llama_python), "bench/llama_cpp_baseline.py", &args)
-            .expect("the llama.cpp baseline ran"),
-    );
-
-    eprintln!("bench-llm: cresset");
-    let (ttft, decode, aggregate, rss) = measure(&gguf, runs);
-    eprintln!("bench-llm: cresset with GOMP_SPINCOUNT=30000");
-    std::env::set_var("GOMP_SPINCOUNT", "30000");
-    let (spin_ttft, spin_decode, spin_aggregate, _) = measure(&gguf, runs);
-    std::env::remove_var("GOMP_SPINCOUNT");
-
+    let llama = python_json(
+        Path::new(&llama_python),
+        "bench/llama_cpp_baseline.py",
+        &args,
+    )
+    .expect("the llama.cpp baseline ran");
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let mut table = format!(
-        "| | time to first token | decode tokens/s, 1 stream | aggregate tokens/s, 8 streams | 8 streams ÷ 1 |\n\
-         | --- | ---: | ---: | ---: | ---: |\n\
-         | Cresset gpt plugin, OpenAI API + SSE (default `OMP_WAIT_POLICY=PASSIVE`) | {ttft:.0} ms | {decode:.1} | {aggregate:.1} | {:.1}× |\n\
-         | Cresset, `GOMP_SPINCOUNT=30000` | {spin_ttft:.0} ms | {spin_decode:.1} | {spin_aggregate:.1} | {:.1}× |\n\
-         | transformers {} `generate()` (batch of 8 for the aggregate) | {:.0} ms | {:.1} | {:.1} | {:.1}× |\n",
-        aggregate / decode,
-        spin_aggregate / spin_decode,
+    let (llama_ttft, llama_decode) = (f(&llama, "ttft_s") * 1000.0, f(&llama, "decode_tps"));
+
+    let mut table = String::from(
+        "| | time to first token | decode tokens/s, 1 stream | ÷ llama.cpp | aggregate tokens/s, 8 streams | 8 streams ÷ llama.cpp's 1 | weights resident (decoder's count) | ÷ GGUF file |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut default = None;
+    for (i, v) in variants().iter().enumerate() {
+        eprintln!("bench-llm: {}", v.label);
+        let (rss, counted) = weights_rss(&gguf, i);
+        let served = measure(&gguf, v.handler, runs);
+        table.push_str(&format!(
+            "| {} | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {rss:.0} MiB ({counted:.0}) | {:.2}× |\n",
+            v.label,
+            served.ttft_ms,
+            served.decode,
+            served.decode / llama_decode,
+            served.aggregate,
+            served.aggregate / llama_decode,
+            rss / gguf_mib,
+        ));
+        default.get_or_insert((served, rss));
+    }
+    let (int4, int4_rss) = default.expect("the default variant ran");
+    // The OpenMP wait before issue 13: threads sleep between parallel regions.
+    eprintln!("bench-llm: int4 with OMP_WAIT_POLICY=PASSIVE");
+    std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
+    let spin = measure(&gguf, "", runs);
+    std::env::remove_var("OMP_WAIT_POLICY");
+    table.push_str(&format!(
+        "| Cresset int4 with `OMP_WAIT_POLICY=PASSIVE` (the server's default before issue 13) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | | |\n",
+        spin.ttft_ms,
+        spin.decode,
+        spin.decode / llama_decode,
+        spin.aggregate,
+        spin.aggregate / llama_decode
+    ));
+    table.push_str(&format!(
+        "| transformers {} `generate()`, f32 dequantized (batch of 8 for the aggregate) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | | |\n",
         hf["transformers"].as_str().unwrap_or("?"),
         f(&hf, "ttft_s") * 1000.0,
         f(&hf, "decode_tps"),
+        f(&hf, "decode_tps") / llama_decode,
         f(&hf, "aggregate8_tps"),
-        f(&hf, "aggregate8_tps") / f(&hf, "decode_tps"),
-    );
-    let llama_line = match &llama_cpp {
-        Some(v) => {
-            table.push_str(&format!(
-                "| llama.cpp (llama-cpp-python {}) on the Q4_1 GGUF as it is | {:.0} ms | {:.1} | – | |\n",
-                v["version"].as_str().unwrap_or("?"),
-                f(v, "ttft_s") * 1000.0,
-                f(v, "decode_tps")
-            ));
-            "llama.cpp (llama-cpp-python built from its sdist by `scripts/setup-llama-cpp.sh`) runs the Q4_1\n\
-             weights with its own quantized kernels and hand-written CPU code: it reads about a sixth of\n\
-             the bytes per token that an f32 model does, and it is several times faster than both\n\
-             Cresset and transformers here. Serving GGUF files without dequantizing (quantized matmuls\n\
-             in libtorch) is the way to close that gap; it is not done.".to_owned()
-        }
-        None => "llama.cpp: not measured. `llama-cpp-python` has no wheel on the package index; building it from source here failed or was not attempted in this run (set `CRESSET_LLAMA_CPP_PYTHON` to a Python that can import it).".to_owned(),
-    };
+        f(&hf, "aggregate8_tps") / llama_decode,
+    ));
+    table.push_str(&format!(
+        "| llama.cpp (llama-cpp-python {}, portable build) on the Q4_1 GGUF as it is | {llama_ttft:.0} ms | {llama_decode:.1} | 1.00× | – | | | |\n",
+        llama["version"].as_str().unwrap_or("?"),
+    ));
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let doc = format!(
-        "## LLM: SmolLM2-135M-Instruct generation (issue 6)\n\n\
+        "## LLM: SmolLM2-135M-Instruct generation (issues 6 and 13)\n\n\
          Measured by `make bench` (the program `bench/src/bin/llm.rs`){}. Machine: {}.\n\
-         Weights: the Q4_1 GGUF, dequantized to f32 at load by both Cresset and transformers; {} threads;\n\
-         greedy; the prompt `{PROMPT}` ({} tokens), {NEW_TOKENS} new tokens. Cresset is measured over\n\
-         loopback HTTP with server-sent events (time to first token is from sending the request to the\n\
-         first text event); transformers in-process. Median of {runs} runs. Server peak RSS {rss:.0} MiB.\n\n{table}\n\
-         Targets: faster than transformers at batch 1 (decode tokens/s): default {}, with the short spin {}.\n\
-         Aggregate throughput at 8 streams at least 3× batch 1: default {:.1}× ({}), short spin {:.1}× ({}).\n\n\
-         {llama_line}\n",
+         Weights: the default store's Q4_1 GGUF ({gguf_mib:.1} MiB); the dense and int8 rows dequantize it at load\n\
+         (the same weights an f32 safetensors export of it holds). {} threads; greedy; the prompt `{PROMPT}`\n\
+         ({} tokens), {NEW_TOKENS} new tokens. Cresset is measured over loopback HTTP with server-sent\n\
+         events (time to first token is from sending the request to the first text event), with one\n\
+         instance of 8 KV-cache slots; the baselines in-process. Median of {runs} runs. \"Weights resident\"\n\
+         is what loading adds to a process's resident set once libtorch is up (VmRSS after minus before,\n\
+         the GGUF file closed), next to the decoder's own count of its tensors' bytes.\n\n{table}\n\
+         Targets (issue 13), for the default int4 row: decode at 1 stream ≥ 0.6× llama.cpp: {:.2}× ({});\n\
+         time to first token no worse than llama.cpp's: {:.0} ms vs {llama_ttft:.0} ms ({});\n\
+         aggregate at 8 streams ≥ 2× llama.cpp's single stream: {:.2}× ({});\n\
+         weights resident ≤ 1.5× the GGUF file: {:.2}× ({}).\n",
         if quick { " with `--quick`" } else { "" },
         machine(),
         threads(),
         hf["prompt_tokens"],
-        verdict(decode > f(&hf, "decode_tps")),
-        verdict(spin_decode > f(&hf, "decode_tps")),
-        aggregate / decode,
-        verdict(aggregate >= 3.0 * decode),
-        spin_aggregate / spin_decode,
-        verdict(spin_aggregate >= 3.0 * spin_decode),
+        int4.decode / llama_decode,
+        verdict(int4.decode >= 0.6 * llama_decode),
+        int4.ttft_ms,
+        verdict(int4.ttft_ms <= llama_ttft),
+        int4.aggregate / llama_decode,
+        verdict(int4.aggregate >= 2.0 * llama_decode),
+        int4_rss / gguf_mib,
+        verdict(int4_rss <= 1.5 * gguf_mib),
     );
     println!("{doc}");
     write_section(&out, "llm", &doc).expect("write BENCHMARKS.md");

@@ -361,6 +361,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
                 "startTime": rfc3339(w.started),
                 "status": w.status.name(),
                 "gpu": v.config.device_type == crate::archive::DeviceKind::Gpu,
+                "intraOpThreads": w.threads,
             })
         })
         .collect();
@@ -390,6 +391,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
         "queueDepth": v.queue_depth(),
         "processMemoryUsage": process_rss(),
         "workers": workers,
+        "openmpWait": crate::config::openmp_wait(),
         "plugin": plugin,
         "config": serde_json::to_value(&v.config).unwrap_or(Value::Null),
     });

@@ -17,6 +17,7 @@ struct WorkerHandle {
     id: u32,
     status: StatusCell,
     started: SystemTime,
+    threads: u32,
     stop: Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -30,6 +31,8 @@ pub struct WorkerInfo {
     pub status: WorkerStatus,
     /// When it started.
     pub started: SystemTime,
+    /// libtorch intra-op threads it was given.
+    pub threads: u32,
 }
 
 /// What every worker of a version shares.
@@ -66,6 +69,7 @@ impl WorkerPool {
                 id: w.id,
                 status: w.status.get(),
                 started: w.started,
+                threads: w.threads,
             })
             .collect()
     }
@@ -131,6 +135,7 @@ impl WorkerPool {
                 id,
                 status,
                 started: SystemTime::now(),
+                threads,
                 stop: stop_tx,
                 thread: Some(thread),
             });

@@ -22,6 +22,8 @@ pub struct GptHandler {
     prompts: Arc<PromptEncoder>,
     admissions: Admissions,
     engine: Engine,
+    /// libtorch threads the host assigned this worker.
+    threads: u32,
 }
 
 impl GptHandler {
@@ -160,6 +162,7 @@ impl StepHandler for GptHandler {
             prompts,
             admissions,
             engine,
+            threads: ctx.assignment.intra_op_threads,
         })
     }
 
@@ -169,6 +172,7 @@ impl StepHandler for GptHandler {
         first_index: usize,
         ctx: &mut StepContext<'_, '_>,
     ) -> Result<(), PluginError> {
+        let _batch = cresset_torch::threads::Batch::enter(self.threads);
         let _mode = InferenceMode::enter();
         for (k, request) in new.iter().enumerate() {
             self.admissions.submit(first_index + k, request);

@@ -143,6 +143,8 @@ pub struct NlpHandler {
     model: Arc<NlpModel>,
     network: Arc<ReadOnly<Network>>,
     device: Device,
+    /// libtorch threads the host assigned this worker.
+    threads: u32,
     host: Host,
     forward_passes: u64,
 }
@@ -189,6 +191,7 @@ impl ModelHandler for NlpHandler {
             model: Arc::clone(model),
             network,
             device,
+            threads: ctx.assignment.intra_op_threads,
             host: ctx.host.clone(),
             forward_passes: 0,
         })
@@ -263,6 +266,7 @@ impl ModelHandler for NlpHandler {
         batch: Vec<Prepared>,
         _ctx: &mut BatchContext<'_, '_>,
     ) -> Result<Vec<Produced>, PluginError> {
+        let _batch = cresset_torch::threads::Batch::enter(self.threads);
         if self.model.mode == Mode::TextGeneration {
             let Network::Decoder(gpt) = &**self.network else {
                 return Err(PluginError::internal("generation without a decoder"));
@@ -397,6 +401,7 @@ impl ModelHandler for NlpHandler {
         requests: &[Request],
         _ctx: &mut BatchContext<'_, '_>,
     ) -> Vec<Result<Response, PluginError>> {
+        let _batch = cresset_torch::threads::Batch::enter(self.threads);
         requests
             .iter()
             .map(|request| {

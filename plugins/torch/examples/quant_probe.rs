@@ -1,6 +1,8 @@
 //! Probe: SmolLM2 from its GGUF, dense and quantized, f32 and bf16: resident bytes, greedy
 //! decode speed of one sequence, and top-1 agreement with the dense f32 model under teacher
-//! forcing. `cargo run --release -p cresset-torch --example quant_probe -- FILE.gguf [THREADS]`
+//! forcing. `cargo run --release -p cresset-torch --example quant_probe -- FILE.gguf [THREADS]
+//! [LABEL-PREFIX [TOKENS]]`: only the variants whose label starts with the prefix, decoding
+//! TOKENS tokens (64; more for a profile, as `perf record` takes it: see BENCHMARKS.md).
 
 use std::time::Instant;
 
@@ -15,6 +17,11 @@ fn main() {
         .next()
         .map(|t| t.parse().expect("threads"))
         .unwrap_or(2);
+    let only = args.next().unwrap_or_default();
+    let tokens: usize = args
+        .next()
+        .map(|t| t.parse().expect("tokens"))
+        .unwrap_or(64);
     tch::set_num_threads(threads);
     let gguf = Gguf::open(std::path::Path::new(&path)).expect("open");
     let tokenizer = gguf.tokenizer().expect("tokenizer");
@@ -35,6 +42,9 @@ fn main() {
         ("gguf int4, f32 activations", Kind::Float, true),
         ("gguf int4, bf16 activations", Kind::BFloat16, true),
     ] {
+        if !label.starts_with(only.as_str()) {
+            continue;
+        }
         let mut opts = LoadOptions::new(kind, Device::Cpu);
         opts.keep_gguf_quantization = quant;
         opts.low_cpu_mem_usage = true;
@@ -58,7 +68,7 @@ fn main() {
                 .mean(Kind::Float)
                 .double_value(&[]),
         };
-        // Greedy decode of 64 tokens after a short prompt.
+        // Greedy decode of `tokens` tokens after a short prompt.
         let mut cache = model.new_cache(1, 512);
         let prompt = ids[..10].to_vec();
         let logits = model
@@ -66,13 +76,13 @@ fn main() {
             .expect("prefill");
         let mut next = logits.view([-1]).argmax(0, false).int64_value(&[]);
         let started = Instant::now();
-        for _ in 0..64 {
+        for _ in 0..tokens {
             let logits = model
                 .forward(&[0], &[vec![next]], &mut cache, true)
                 .expect("decode");
             next = logits.view([-1]).argmax(0, false).int64_value(&[]);
         }
-        let tps = 64.0 / started.elapsed().as_secs_f64();
+        let tps = tokens as f64 / started.elapsed().as_secs_f64();
         println!(
             "{label:30} load {load_s:5.2} s, weights {:6.1} MiB, top-1 agreement {:6.2}%, decode {tps:6.1} tokens/s",
             model.resident_bytes() as f64 / (1 << 20) as f64,

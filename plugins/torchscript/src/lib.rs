@@ -57,6 +57,8 @@ pub struct TorchScriptHandler {
     softmax: bool,
     model_name: String,
     model_version: String,
+    /// libtorch threads the host assigned this worker.
+    threads: u32,
     /// Forward passes run so far (the batching tests count them).
     forward_passes: u64,
 }
@@ -312,6 +314,7 @@ impl Handler for TorchScriptHandler {
             softmax,
             model_name: ctx.model_name.clone(),
             model_version: ctx.model_version.clone(),
+            threads: ctx.assignment.intra_op_threads,
             forward_passes: 0,
         })
     }
@@ -325,6 +328,7 @@ impl Handler for TorchScriptHandler {
         batch: Vec<Prepared>,
         _ctx: &mut BatchContext<'_, '_>,
     ) -> Result<Vec<Produced>, PluginError> {
+        let _batch = cresset_torch::threads::Batch::enter(self.threads);
         // Group batchable requests by signature (every input's trailing shape and dtype). A
         // request is batchable when all its inputs share one first (batch) dimension; any other
         // request runs alone and never opens a group that others could join.

@@ -181,6 +181,12 @@ impl Capabilities {
     /// at most `batch_size` requests open per instance. Explanations still go through
     /// [`PluginInstance::explain`], one batch at a time.
     pub const CONTINUOUS_BATCHING: Self = Self(1 << 2);
+    /// The model's instances share one copy of its weights (a
+    /// [`SharedModel`](crate::sdk::SharedModel)), so another worker costs its activations,
+    /// not another copy. Where a model config leaves `min_workers` and `max_workers` unset,
+    /// the host starts one CPU worker per core (at most four) for such a plugin, and the
+    /// busy ones divide the cores batch by batch; other plugins get one worker.
+    pub const SHARED_WEIGHTS: Self = Self(1 << 3);
 
     /// Whether every bit of `other` is set in `self`.
     pub fn contains(self, other: Self) -> bool {
@@ -193,6 +199,7 @@ impl Capabilities {
             (Self::STREAMING, "streaming"),
             (Self::EXPLANATIONS, "explanations"),
             (Self::CONTINUOUS_BATCHING, "continuous_batching"),
+            (Self::SHARED_WEIGHTS, "shared_weights"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.contains(*bit))

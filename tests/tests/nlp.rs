@@ -365,6 +365,24 @@ fn the_default_store_serves_real_minilm_embeddings() {
     assert!(vectors.iter().all(|v| v.len() == 384));
     let cos = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     assert!(cos(&vectors[0], &vectors[1]) > cos(&vectors[0], &vectors[2]));
+    // The store's config leaves the workers to the server: the nlp plugin's instances share
+    // the weights, so it gets one worker per core (at most four), and the describe API says so.
+    let described = server.manage("GET", "/models/minilm", "", b"").json();
+    let v = &described[0];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert_eq!(v["autoWorkers"], true, "{v}");
+    assert_eq!(v["minWorkers"].as_u64(), Some(cores.min(4)), "{v}");
+    assert_eq!(
+        v["workers"].as_array().map(Vec::len),
+        Some(cores.min(4) as usize),
+        "{v}"
+    );
+    assert!(
+        v["plugin"]["capabilities"]
+            .as_array()
+            .is_some_and(|c| c.contains(&json!("shared_weights"))),
+        "{v}"
+    );
     // Concurrent requests are batched into shared forward passes.
     let url = format!("{}/predictions/minilm", server.inference);
     let handles: Vec<_> = (0..16)

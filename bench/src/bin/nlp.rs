@@ -179,19 +179,23 @@ fn threads_section(minilm: &Path, seconds: f64, quick: bool) -> String {
         "tokenizer_config.json",
     ];
     let handler = "[handler]\nmode = \"feature_extraction\"\nmax_length = 256\ntruncation = true\ndtype = \"float32\"\n";
-    let settings: [(&str, u32, &[(&str, &str)]); 5] = [
-        ("default: bounded spin (`GOMP_SPINCOUNT=30000`), 1 worker × 2 threads", 1, &[]),
-        ("`OMP_WAIT_POLICY=PASSIVE` (the old default), 1 worker × 2 threads", 1, &[("OMP_WAIT_POLICY", "PASSIVE")]),
-        ("`GOMP_SPINCOUNT=300000` (libgomp's own default), 1 worker × 2 threads", 1, &[("GOMP_SPINCOUNT", "300000")]),
-        ("2 workers, threads per batch (the default division of the cores: 2 threads while the other worker is idle)", 2, &[]),
-        ("2 workers × 1 thread (`intra_op_threads = 1`)", 2, &[("CRESSET_INTRA_OP_THREADS", "1")]),
+    // `None`: the config leaves the workers to the server (one per core for the nlp plugin).
+    let settings: [(&str, Option<u32>, &[(&str, &str)]); 5] = [
+        ("default: workers unset (one per core), threads per batch, bounded spin (`GOMP_SPINCOUNT=30000`)", None, &[]),
+        ("1 worker × 2 threads, bounded spin", Some(1), &[]),
+        ("1 worker × 2 threads, `OMP_WAIT_POLICY=PASSIVE` (the old default)", Some(1), &[("OMP_WAIT_POLICY", "PASSIVE")]),
+        ("1 worker × 2 threads, `GOMP_SPINCOUNT=300000` (libgomp's own default)", Some(1), &[("GOMP_SPINCOUNT", "300000")]),
+        ("2 workers × 1 thread (`intra_op_threads = 1`)", Some(2), &[("CRESSET_INTRA_OP_THREADS", "1")]),
     ];
     let body = json!({"text": SENTENCES[3]});
     let mut rows = Vec::new();
     for (label, workers, env) in settings {
         eprintln!("bench-nlp: threads: {label}");
+        let workers = workers
+            .map(|w| format!("min_workers = {w}\nmax_workers = {w}\n"))
+            .unwrap_or_default();
         let config = format!(
-            "min_workers = {workers}\nmax_workers = {workers}\nbatch_size = 8\njob_queue_size = 1000\nresponse_timeout_s = 60\n\n{handler}"
+            "{workers}batch_size = 8\njob_queue_size = 1000\nresponse_timeout_s = 60\n\n{handler}"
         );
         let (_store, server) = serve(minilm, &files, "minilm", &config, env);
         let url = format!("{}/predictions/minilm", server.inference);

@@ -68,12 +68,12 @@ pub enum HandlerRef {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Workers started at load.
-    #[serde(default = "one")]
-    pub min_workers: u32,
-    /// The most workers scaling may start.
-    #[serde(default = "one")]
-    pub max_workers: u32,
+    /// Workers started at load. Unset: chosen at load (see [`ModelConfig::worker_bounds`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<u32>,
+    /// The most workers scaling may start. Unset: chosen at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
     /// The most requests one `execute` call receives.
     #[serde(default = "one")]
     pub batch_size: u32,
@@ -141,6 +141,18 @@ pub struct ConfigOverrides {
 }
 
 impl ModelConfig {
+    /// `(min_workers, max_workers)` once the plugin is known, `auto` being the workers chosen
+    /// for it (`registry::pool::auto_workers`): an unset minimum is `auto` (within a set
+    /// maximum), an unset maximum the larger of `auto` and the minimum.
+    pub fn worker_bounds(&self, auto: u32) -> (u32, u32) {
+        match (self.min_workers, self.max_workers) {
+            (Some(min), Some(max)) => (min, max),
+            (Some(min), None) => (min, auto.max(min)),
+            (None, Some(max)) => (auto.min(max), max),
+            (None, None) => (auto, auto),
+        }
+    }
+
     /// This config with `overrides` applied and checked. Raising `min_workers` above
     /// `max_workers` raises `max_workers` too, as TorchServe's `initial_workers` does.
     pub fn with_overrides(mut self, overrides: &ConfigOverrides) -> Result<Self, String> {
@@ -154,12 +166,12 @@ impl ModelConfig {
             self.response_timeout_s = v;
         }
         if let Some(v) = overrides.max_workers {
-            self.max_workers = v;
+            self.max_workers = Some(v);
         }
         if let Some(v) = overrides.min_workers {
-            self.min_workers = v;
+            self.min_workers = Some(v);
             if overrides.max_workers.is_none() {
-                self.max_workers = self.max_workers.max(v);
+                self.max_workers = self.max_workers.map(|max| max.max(v));
             }
         }
         self.validate()?;
@@ -192,17 +204,22 @@ impl ModelConfig {
                 Ok(())
             }
         };
-        bounded("min_workers", self.min_workers.into(), 0, 1024)?;
-        bounded("max_workers", self.max_workers.into(), 0, 1024)?;
+        if let Some(min) = self.min_workers {
+            bounded("min_workers", min.into(), 0, 1024)?;
+        }
+        if let Some(max) = self.max_workers {
+            bounded("max_workers", max.into(), 0, 1024)?;
+        }
         bounded("batch_size", self.batch_size.into(), 1, 4096)?;
         bounded("max_batch_delay_ms", self.max_batch_delay_ms, 0, 3_600_000)?;
         bounded("response_timeout_s", self.response_timeout_s, 1, 31_536_000)?;
         bounded("job_queue_size", self.job_queue_size.into(), 1, 1_000_000)?;
-        if self.max_workers < self.min_workers {
-            return Err(format!(
-                "`max_workers` must be >= `min_workers` ({}). Given: {}",
-                self.min_workers, self.max_workers
-            ));
+        if let (Some(min), Some(max)) = (self.min_workers, self.max_workers) {
+            if max < min {
+                return Err(format!(
+                    "`max_workers` must be >= `min_workers` ({min}). Given: {max}"
+                ));
+            }
         }
         if !["", "pp", "tp", "pptp"].contains(&self.parallel_type.as_str()) {
             return Err(format!(
@@ -506,7 +523,22 @@ mod tests {
     #[test]
     fn model_config_defaults_match_torchserve() {
         let c = ModelConfig::default();
-        assert_eq!((c.min_workers, c.max_workers, c.batch_size), (1, 1, 1));
+        assert_eq!(
+            (c.min_workers, c.max_workers, c.batch_size),
+            (None, None, 1)
+        );
+        // Unset worker counts follow what the host chooses for the plugin.
+        assert_eq!(c.worker_bounds(1), (1, 1));
+        assert_eq!(c.worker_bounds(2), (2, 2));
+        let pinned = |min, max| ModelConfig {
+            min_workers: min,
+            max_workers: max,
+            ..ModelConfig::default()
+        };
+        assert_eq!(pinned(Some(1), None).worker_bounds(4), (1, 4));
+        assert_eq!(pinned(Some(6), None).worker_bounds(4), (6, 6));
+        assert_eq!(pinned(None, Some(1)).worker_bounds(4), (1, 1));
+        assert_eq!(pinned(Some(0), Some(3)).worker_bounds(4), (0, 3));
         assert_eq!(c.max_batch_delay_ms, 100);
         assert_eq!(c.response_timeout_s, 120);
         assert_eq!(c.device_type, DeviceKind::Cpu);

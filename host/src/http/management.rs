@@ -149,12 +149,16 @@ async fn register(
             RegisterError::Registry(e) => refused(e.into()),
             other => ApiError::Internal(other.to_string()),
         })?;
-    let workers = version.config.min_workers;
     if !params.synchronous.unwrap_or(false) {
+        // Unset, the count is chosen once the plugin is loaded.
+        let workers = match version.config.min_workers {
+            Some(n) => format!("{n} workers"),
+            None => "its workers".to_owned(),
+        };
         return Ok(status(
             actix_web::http::StatusCode::ACCEPTED,
             format!(
-                "Model \"{}\" Version: {} registered; starting {workers} workers in the background",
+                "Model \"{}\" Version: {} registered; starting {workers} in the background",
                 version.name, version.version
             ),
         ));
@@ -176,8 +180,10 @@ async fn register(
         _ => Ok(status(
             actix_web::http::StatusCode::OK,
             format!(
-                "Model \"{}\" Version: {} registered with {workers} initial workers",
-                version.name, version.version
+                "Model \"{}\" Version: {} registered with {} initial workers",
+                version.name,
+                version.version,
+                version.worker_bounds().0
             ),
         )),
     }
@@ -382,6 +388,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
         "handler": v.handler,
         "minWorkers": min_workers,
         "maxWorkers": max_workers,
+        "autoWorkers": v.auto_workers(),
         "batchSize": v.config.batch_size,
         "maxBatchDelay": v.config.max_batch_delay_ms,
         "responseTimeout": v.config.response_timeout_s,

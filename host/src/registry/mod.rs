@@ -280,7 +280,7 @@ impl ModelRegistry {
             let key = format!("{}/{}", v.name, v.version);
             match v.state() {
                 ModelState::Failed(_) => readiness.failed.push(key),
-                state if v.config.min_workers > 0 && state != ModelState::Ready => {
+                state if v.worker_bounds().0 > 0 && state != ModelState::Ready => {
                     readiness.not_ready.insert(key, state.name().to_owned());
                 }
                 _ => {}

@@ -4,12 +4,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use cresset_plugin_api::{DeviceType, InstanceAssignment, ModelBox};
+use cresset_plugin_api::{Capabilities, DeviceType, InstanceAssignment, ModelBox};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::load::LoadError;
 use crate::archive::{DeviceKind, ModelConfig};
 use crate::metrics::Metrics;
+use crate::worker::idle::IdleStack;
 use crate::worker::{self, Job, StatusCell, WorkerSpec, WorkerStatus};
 
 /// One worker thread of a version.
@@ -57,6 +58,8 @@ pub struct PoolSpec {
 #[derive(Default)]
 pub struct WorkerPool {
     workers: Mutex<Vec<WorkerHandle>>,
+    /// Its idle workers, most recently idle on top (the one that takes the next request).
+    idle: Arc<IdleStack>,
 }
 
 impl WorkerPool {
@@ -128,6 +131,7 @@ impl WorkerPool {
                 metrics: spec.metrics.clone(),
                 reply_timeout: Duration::from_secs(spec.config.response_timeout_s),
                 continuous: spec.continuous,
+                idle: self.idle.clone(),
             };
             let thread = worker::spawn(worker_spec, ready_tx.clone())
                 .map_err(|e| LoadError::Host(format!("cannot start a worker thread: {e}")))?;
@@ -173,6 +177,29 @@ impl WorkerPool {
     }
 }
 
+/// The most workers [`auto_workers`] starts.
+const MAX_AUTO_WORKERS: u32 = 4;
+
+/// The workers a model gets where its config leaves `min_workers`/`max_workers` unset: one per
+/// core (at most [`MAX_AUTO_WORKERS`]) for a CPU model whose plugin shares one copy of the
+/// weights among its instances ([`Capabilities::SHARED_WEIGHTS`]) and batches request by
+/// request; one otherwise (a second copy of the weights, or a second continuous-batching
+/// engine, is not free). With the server dividing the cores (`intra_op_threads = 0`), a lone
+/// busy worker still runs with every core (`cresset_torch::threads`), and under load each
+/// worker runs a batch on its own core, which beats one worker with an OpenMP team on small
+/// models (BENCHMARKS.md, `nlp-threads`). An operator's `intra_op_threads` (`threads`, 0 when
+/// unset) divides the cores instead: one worker per that many cores.
+pub fn auto_workers(config: &ModelConfig, caps: Capabilities, threads: u32) -> u32 {
+    let per_core = config.device_type == DeviceKind::Cpu
+        && caps.contains(Capabilities::SHARED_WEIGHTS)
+        && !caps.contains(Capabilities::CONTINUOUS_BATCHING);
+    if !per_core {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    (cores / threads.max(1)).clamp(1, MAX_AUTO_WORKERS)
+}
+
 /// Which device instance `index` gets: GPUs round-robin over `device_ids` (all of them for
 /// tensor parallelism), else the CPU.
 pub fn assignment(config: &ModelConfig, index: u32, threads: u32) -> InstanceAssignment {
@@ -212,7 +239,8 @@ mod tests {
         fail_at: Option<u32>,
     }
 
-    struct TestInstance;
+    /// Answers with its worker index.
+    struct TestInstance(u32);
 
     impl PluginInstance for TestInstance {
         fn execute(
@@ -221,7 +249,8 @@ mod tests {
             mut sink: SinkRef<'_>,
         ) -> RResult<(), PluginError> {
             for i in 0..requests.len() {
-                sink.send_final(i, RResult::ROk(Response::ok("text/plain", "ok")));
+                let body = self.0.to_string();
+                sink.send_final(i, RResult::ROk(Response::ok("text/plain", body)));
             }
             RResult::ROk(())
         }
@@ -238,7 +267,10 @@ mod tests {
             if Some(assignment.index) == self.fail_at {
                 return RResult::RErr(PluginError::invalid_input("instance 1 cannot start"));
             }
-            RResult::ROk(InstanceBox::from_value(TestInstance, TD_Opaque))
+            RResult::ROk(InstanceBox::from_value(
+                TestInstance(assignment.index),
+                TD_Opaque,
+            ))
         }
         fn metadata_json(&self) -> RString {
             "{}".into()
@@ -296,13 +328,9 @@ mod tests {
         pool.stop_all();
     }
 
-    #[test]
-    fn workers_answer_from_the_queue_and_stop_when_it_closes() {
-        let (tx, rx) = crossbeam_channel::bounded(4);
-        let spec = pool_spec(rx);
-        let pool = WorkerPool::default();
-        pool.scale(&spec, &model(None), 1).expect("one worker");
-        let (reply_tx, mut reply_rx) = tokio::sync::mpsc::channel(4);
+    /// Queue one request; its reply comes on the returned receiver.
+    fn ask(tx: &Sender<Job>) -> tokio::sync::mpsc::Receiver<worker::Reply> {
+        let (reply_tx, reply_rx) = tokio::sync::mpsc::channel(4);
         tx.send(Job {
             request: cresset_plugin_api::Request {
                 id: "r1".into(),
@@ -316,11 +344,44 @@ mod tests {
             enqueued: std::time::Instant::now(),
         })
         .expect("queued");
-        let reply = reply_rx.blocking_recv().expect("a reply");
+        reply_rx
+    }
+
+    #[test]
+    fn workers_answer_from_the_queue_and_stop_when_it_closes() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let spec = pool_spec(rx);
+        let pool = WorkerPool::default();
+        pool.scale(&spec, &model(None), 1).expect("one worker");
+        let reply = ask(&tx).blocking_recv().expect("a reply");
         assert!(matches!(reply, worker::Reply::Final(Ok(_))));
         drop(tx);
         pool.stop_all();
         assert!(pool.workers().is_empty());
+    }
+
+    #[test]
+    fn one_client_after_another_is_served_by_the_worker_that_answered_it_last() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        let spec = pool_spec(rx);
+        let pool = WorkerPool::default();
+        pool.scale(&spec, &model(None), 3).expect("three workers");
+        let mut by_worker = std::collections::HashMap::<String, usize>::new();
+        for _ in 0..20 {
+            let reply = ask(&tx).blocking_recv().expect("a reply");
+            let worker::Reply::Final(Ok(response)) = reply else {
+                panic!("{reply:?}");
+            };
+            let index = String::from_utf8_lossy(&response.body).into_owned();
+            *by_worker.entry(index).or_default() += 1;
+            // A client's next request follows its reply after a round trip.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Workers woken in the order they began waiting would take turns (about 7 each).
+        let most = by_worker.values().max().copied().unwrap_or(0);
+        assert!(most >= 15, "{by_worker:?}");
+        drop(tx);
+        pool.stop_all();
     }
 
     #[test]

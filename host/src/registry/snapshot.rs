@@ -131,7 +131,7 @@ impl Snapshotter {
                         since: self.since.clone(),
                     },
                 };
-                let (min, max) = v.worker_bounds();
+                let (min_workers, max_workers) = v.recorded_worker_bounds();
                 // A placeholder for an archive that failed to open has no config of its own: it
                 // keeps the overrides it was registered with.
                 let overrides = if v.handler.is_empty() {
@@ -140,8 +140,8 @@ impl Snapshotter {
                     ConfigOverrides {
                         batch_size: Some(v.config.batch_size),
                         max_batch_delay_ms: Some(v.config.max_batch_delay_ms),
-                        min_workers: Some(min),
-                        max_workers: Some(max),
+                        min_workers,
+                        max_workers,
                         response_timeout_s: Some(v.config.response_timeout_s),
                     }
                 };

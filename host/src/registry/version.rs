@@ -9,7 +9,7 @@ use cresset_plugin_api::ModelBox;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::load::{self, LoadContext, LoadError};
-use super::pool::{PoolSpec, WorkerInfo, WorkerPool};
+use super::pool::{self, PoolSpec, WorkerInfo, WorkerPool};
 use super::state::{LoadFailure, ModelState, StateCell};
 use crate::archive::{ConfigOverrides, ModelConfig, OpenedArchive};
 use crate::loader::PluginLibrary;
@@ -48,6 +48,8 @@ pub struct ModelVersion {
     state: StateCell,
     /// `min_workers` and `max_workers` as last set (the config's, or the scale API's), packed.
     worker_bounds: AtomicU64,
+    /// Whether the scale API set the bounds (then a snapshot keeps them as they are).
+    scaled: AtomicBool,
     /// `None` once the version stopped taking requests: its workers then finish and exit.
     queue_tx: RwLock<Option<Sender<Job>>>,
     queue_rx: Receiver<Job>,
@@ -114,7 +116,9 @@ impl ModelVersion {
         archive: Option<OpenedArchive>,
     ) -> Self {
         let (queue_tx, queue_rx) = crossbeam_channel::bounded(config.job_queue_size as usize);
-        let worker_bounds = AtomicU64::new(pack(config.min_workers, config.max_workers));
+        // Unset bounds are chosen once the plugin is loaded (`start`); until then, one.
+        let (min, max) = config.worker_bounds(1);
+        let worker_bounds = AtomicU64::new(pack(min, max));
         Self {
             name,
             version,
@@ -123,6 +127,7 @@ impl ModelVersion {
             loaded_once: AtomicBool::new(origin.loaded_before),
             origin,
             worker_bounds,
+            scaled: AtomicBool::new(false),
             state: StateCell::new(state),
             queue_tx: RwLock::new(Some(queue_tx)),
             queue_rx,
@@ -158,6 +163,18 @@ impl ModelVersion {
     /// Record new worker bounds (the scale API).
     pub fn set_worker_bounds(&self, min: u32, max: u32) {
         self.worker_bounds.store(pack(min, max), Ordering::Relaxed);
+        self.scaled.store(true, Ordering::Relaxed);
+    }
+
+    /// The worker bounds a snapshot records: the scale API's when it was used, else the
+    /// config's (unset ones stay unset, to be chosen again at the next load).
+    pub fn recorded_worker_bounds(&self) -> (Option<u32>, Option<u32>) {
+        if self.scaled.load(Ordering::Relaxed) {
+            let (min, max) = self.worker_bounds();
+            (Some(min), Some(max))
+        } else {
+            (self.config.min_workers, self.config.max_workers)
+        }
     }
 
     /// Requests waiting in the queue.
@@ -237,16 +254,17 @@ impl ModelVersion {
     /// it settled in.
     pub fn start(&self, ctx: &LoadContext, record: impl FnOnce(&Self)) -> ModelState {
         let began = Instant::now();
-        let result = self
-            .load(ctx)
-            .and_then(|()| self.scale(ctx, self.config.min_workers));
+        let result = self.load(ctx).and_then(|()| {
+            let min = self.choose_workers(ctx);
+            self.scale(ctx, min).map(|()| min)
+        });
         match result {
-            Ok(()) => {
+            Ok(workers) => {
                 ctx.metrics
                     .model_load_seconds
                     .with_label_values(&[&self.name, &self.version])
                     .observe(began.elapsed().as_secs_f64());
-                tracing::info!(model = %self.name, version = %self.version, workers = self.config.min_workers, seconds = began.elapsed().as_secs_f64(), "model ready");
+                tracing::info!(model = %self.name, version = %self.version, workers, seconds = began.elapsed().as_secs_f64(), "model ready");
                 self.loaded_once.store(true, Ordering::Release);
                 record(self);
                 self.state.finish_loading(Ok(()));
@@ -259,6 +277,36 @@ impl ModelVersion {
             }
         }
         self.state()
+    }
+
+    /// Settle the worker bounds the config leaves unset, now that the plugin is known
+    /// ([`pool::auto_workers`]), and return the workers to start. Bounds the scale API set
+    /// while the version loaded are kept.
+    fn choose_workers(&self, ctx: &LoadContext) -> u32 {
+        let caps = self
+            .plugin()
+            .map(|l| l.description.capabilities)
+            .unwrap_or_default();
+        let auto = pool::auto_workers(&self.config, caps, ctx.intra_op_threads);
+        let (min, max) = self.config.worker_bounds(auto);
+        let _ = self.worker_bounds.compare_exchange(
+            self.initial_bounds(),
+            pack(min, max),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.worker_bounds().0
+    }
+
+    /// The bounds a version starts with, before [`Self::choose_workers`].
+    fn initial_bounds(&self) -> u64 {
+        let (min, max) = self.config.worker_bounds(1);
+        pack(min, max)
+    }
+
+    /// Whether the config leaves a worker bound to the host (describe's `autoWorkers`).
+    pub fn auto_workers(&self) -> bool {
+        self.config.min_workers.is_none() || self.config.max_workers.is_none()
     }
 
     fn load(&self, ctx: &LoadContext) -> Result<(), LoadError> {

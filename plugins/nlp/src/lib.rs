@@ -175,7 +175,9 @@ impl ModelHandler for NlpHandler {
     const NAME: &'static str = "nlp";
     const SUMMARY: &'static str = "HuggingFace encoders and GPT-2 for classification, NER, QA, \
                                    generation and embeddings (TorchServe's generalized handler)";
-    const CAPABILITIES: Capabilities = Capabilities::EXPLANATIONS;
+    // Instances share the network (NlpModel): a worker per core costs activations only.
+    const CAPABILITIES: Capabilities =
+        Capabilities(Capabilities::EXPLANATIONS.0 | Capabilities::SHARED_WEIGHTS.0);
     type Model = NlpModel;
     type Input = Prepared;
     type Output = Produced;

@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
+pub mod idle;
+
 /// What a worker is asked to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
@@ -130,6 +132,8 @@ pub struct WorkerSpec {
     pub reply_timeout: Duration,
     /// The plugin does continuous batching: requests stay open across `execute` calls.
     pub continuous: bool,
+    /// The version's idle workers: which of them waits on the queue.
+    pub idle: Arc<idle::IdleStack>,
 }
 
 /// Start a worker thread. `ready` receives `Ok` once the instance exists, or the error.
@@ -180,18 +184,19 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
     }
     let labels = [spec.model.as_str(), spec.version.as_str()];
     let mut carried: Option<Job> = None;
+    let seat = idle::Seat::new();
+    // Back in the idle stack since the end of the last batch.
+    let mut parked: Option<idle::Idle<'_>> = None;
     loop {
         spec.status.set(WorkerStatus::Ready);
         let first = match carried.take() {
-            Some(job) => job,
-            // Biased to the queue: a worker told to stop first finishes the work already queued,
-            // so scaling down (even to zero) strands no request.
-            None => crossbeam_channel::select_biased! {
-                recv(spec.queue) -> job => match job {
-                    Ok(job) => job,
-                    Err(_) => break, // the queue was closed and is empty: the version is gone
-                },
-                recv(spec.stop) -> _ => break, // scaled down
+            Some(job) => {
+                parked = None;
+                job
+            }
+            None => match next_job(&spec, &seat, parked.take()) {
+                Some(job) => job,
+                None => break,
             },
         };
         let kind = first.kind;
@@ -229,12 +234,7 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
             .into_iter()
             .map(|job| (job.request, job.reply))
             .unzip();
-        let mut sink = JobSink {
-            replies: &replies,
-            finished: vec![false; replies.len()],
-            abandoned: vec![false; replies.len()],
-            timeout: spec.reply_timeout,
-        };
+        let mut sink = JobSink::new(&replies, spec.reply_timeout, true);
         let executing = Instant::now();
         let outcome = {
             let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
@@ -265,10 +265,50 @@ fn run(spec: WorkerSpec, ready: std::sync::mpsc::Sender<Result<(), PluginError>>
                 sink.send_final(i, RResult::RErr(error));
             }
         }
+        // Back in the idle stack before the reply that completes the batch goes out.
+        parked = Some(spec.idle.enter(&seat));
+        if let Some((index, message)) = sink.release_now() {
+            // Its client is slow to read: out of the other workers' way while waiting on it.
+            parked = None;
+            sink.send(index, message);
+        }
     }
+    drop(parked);
     spec.status.set(WorkerStatus::Stopped);
     tracing::debug!("worker stopped");
     drop(instance);
+}
+
+/// The next job for an idle worker, or `None` when it should stop: scaled down, or the queue
+/// closed and empty (the version is gone). Queued work is taken at once; otherwise the worker
+/// waits in the version's [`idle::IdleStack`], on the queue only while it is the most recently
+/// idle (`parked`: it already went back in at the end of its batch). Biased to the queue: a worker told to stop first finishes the work already queued (or
+/// leaves it to the workers that stay), so scaling down (even to zero) strands no request.
+fn next_job<'a>(
+    spec: &'a WorkerSpec,
+    seat: &'a idle::Seat,
+    parked: Option<idle::Idle<'a>>,
+) -> Option<Job> {
+    match spec.queue.try_recv() {
+        Ok(job) => return Some(job),
+        Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+        Err(crossbeam_channel::TryRecvError::Empty) => {}
+    }
+    let idle = parked.unwrap_or_else(|| spec.idle.enter(seat));
+    loop {
+        if idle.on_top() {
+            crossbeam_channel::select_biased! {
+                recv(spec.queue) -> job => return job.ok(),
+                recv(spec.stop) -> _ => return None,
+                recv(seat.baton) -> _ => {} // stepped down, or woken: look again
+            }
+        } else {
+            crossbeam_channel::select_biased! {
+                recv(seat.baton) -> _ => {}
+                recv(spec.stop) -> _ => return None,
+            }
+        }
+    }
 }
 
 /// Continuous batching: the instance keeps sequences running across `execute` calls. Each
@@ -375,12 +415,7 @@ fn run_continuous(spec: &WorkerSpec, instance: &mut cresset_plugin_api::Instance
 
 fn explain_alone(spec: &WorkerSpec, instance: &mut cresset_plugin_api::InstanceBox, job: Job) {
     let replies = [job.reply];
-    let mut sink = JobSink {
-        replies: &replies,
-        finished: vec![false],
-        abandoned: vec![false],
-        timeout: spec.reply_timeout,
-    };
+    let mut sink = JobSink::new(&replies, spec.reply_timeout, false);
     let requests = [job.request];
     let outcome = {
         let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
@@ -484,9 +519,35 @@ struct JobSink<'a> {
     /// Requests whose client stopped reading: no more waiting on them.
     abandoned: Vec<bool>,
     timeout: Duration,
+    /// Hold the final response that completes the batch until [`JobSink::release`]: the worker
+    /// first goes back into the idle stack, so that the client's next request finds it there
+    /// rather than a worker whose OpenMP team has gone cold (see [`idle`]).
+    hold_last: bool,
+    held: Option<(usize, Reply)>,
 }
 
-impl JobSink<'_> {
+impl<'a> JobSink<'a> {
+    fn new(replies: &'a [mpsc::Sender<Reply>], timeout: Duration, hold_last: bool) -> Self {
+        Self {
+            replies,
+            finished: vec![false; replies.len()],
+            abandoned: vec![false; replies.len()],
+            timeout,
+            hold_last,
+            held: None,
+        }
+    }
+
+    /// Send the held final response, if any, if its channel has room now; else hand it back,
+    /// to be sent with [`JobSink::send`] once the worker is out of the idle stack's way.
+    fn release_now(&mut self) -> Option<(usize, Reply)> {
+        let (index, message) = self.held.take()?;
+        match self.replies.get(index).map(|r| r.try_send(message)) {
+            Some(Err(mpsc::error::TrySendError::Full(back))) => Some((index, back)),
+            _ => None,
+        }
+    }
+
     /// Send without blocking forever: a streaming client that stops reading fills its channel,
     /// and must not stall the worker (and every request behind it). Gives up after `timeout`,
     /// marking the request abandoned.
@@ -516,7 +577,12 @@ impl ResponseSink for JobSink<'_> {
     fn send_final(&mut self, index: usize, result: RResult<Response, PluginError>) {
         if let Some(false) = self.finished.get(index) {
             self.finished[index] = true;
-            self.send(index, Reply::Final(result.into()));
+            let message = Reply::Final(result.into());
+            if self.hold_last && self.finished.iter().all(|f| *f) {
+                self.held = Some((index, message));
+            } else {
+                self.send(index, message);
+            }
         }
     }
 
@@ -533,15 +599,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_reply_that_completes_a_batch_waits_for_release_and_the_others_go_at_once() {
+        let (tx_a, mut rx_a) = mpsc::channel(4);
+        let (tx_b, mut rx_b) = mpsc::channel(4);
+        let replies = [tx_a, tx_b];
+        let mut sink = JobSink::new(&replies, Duration::from_secs(1), true);
+        sink.send_final(1, RResult::ROk(Response::ok("text/plain", "b")));
+        assert!(matches!(rx_b.try_recv(), Ok(Reply::Final(Ok(_)))));
+        sink.send_final(0, RResult::ROk(Response::ok("text/plain", "a")));
+        assert!(rx_a.try_recv().is_err(), "held until released");
+        assert!(sink.release_now().is_none(), "sent: its channel has room");
+        assert!(matches!(rx_a.try_recv(), Ok(Reply::Final(Ok(_)))));
+        // A full channel hands the reply back, to be sent out of the idle stack's way.
+        let (tx, _rx_full) = mpsc::channel(1);
+        tx.try_send(Reply::Chunk(Response::ok("text/plain", "x")))
+            .expect("room for one");
+        let replies = [tx];
+        let mut sink = JobSink::new(&replies, Duration::from_millis(50), true);
+        sink.send_final(0, RResult::ROk(Response::ok("text/plain", "y")));
+        assert!(matches!(sink.release_now(), Some((0, Reply::Final(_)))));
+    }
+
+    #[test]
     fn a_client_that_stops_reading_is_abandoned_instead_of_stalling_the_worker() {
         let (tx, _rx_kept_but_never_read) = mpsc::channel(1);
         let replies = [tx];
-        let mut sink = JobSink {
-            replies: &replies,
-            finished: vec![false],
-            abandoned: vec![false],
-            timeout: Duration::from_millis(50),
-        };
+        let mut sink = JobSink::new(&replies, Duration::from_millis(50), false);
         assert!(sink.send_chunk(0, Response::ok("text/plain", "a")));
         assert!(!sink.is_cancelled(0));
         let started = Instant::now();

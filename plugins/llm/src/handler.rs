@@ -37,6 +37,11 @@ impl GptHandler {
         self.engine.speculation()
     }
 
+    /// The draft model, if one is configured.
+    pub fn draft_model(&self) -> Option<&Decoder> {
+        self.engine.draft_model()
+    }
+
     /// Requests being tokenized, waiting or running (for tests).
     pub fn in_flight(&self) -> usize {
         self.admissions.in_flight() + self.engine.in_flight()

@@ -113,6 +113,11 @@ impl Engine {
         self.scheduler.speculation()
     }
 
+    /// The draft model, if one is configured.
+    pub fn draft_model(&self) -> Option<&cresset_torch::decoder::Decoder> {
+        self.scheduler.draft_model()
+    }
+
     /// Sequences waiting or running (for tests).
     pub fn in_flight(&self) -> usize {
         self.scheduler.running() + self.scheduler.waiting()

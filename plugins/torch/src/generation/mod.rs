@@ -183,6 +183,11 @@ impl<T> Scheduler<T> {
         self.draft.as_ref().map(|d| (d.accepted, d.drafted))
     }
 
+    /// The draft model, if one is configured.
+    pub fn draft_model(&self) -> Option<&crate::decoder::Decoder> {
+        self.draft.as_ref().map(|d| &d.model)
+    }
+
     /// Forget every sequence (after a failed step, when the cache may be half-written).
     pub fn abort(&mut self) {
         for seq in self.running.drain(..).chain(self.waiting.drain(..)) {

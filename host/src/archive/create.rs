@@ -123,6 +123,11 @@ pub fn create_archive(opts: &ArchiveOptions) -> anyhow::Result<PathBuf> {
             handler,
             abi_version: cresset_plugin_api::ABI_VERSION.to_owned(),
             description: opts.description.clone(),
+            serialized_file: opts
+                .serialized_file
+                .as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
         },
     };
     items.push(Item {

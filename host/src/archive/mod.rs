@@ -4,6 +4,7 @@
 mod create;
 mod extract;
 pub mod tar;
+pub mod torchserve;
 
 pub use create::{create_archive, ArchiveFormat, ArchiveOptions};
 pub use extract::{extract, ExtractError, ExtractLimits, EXTENSION_LIMIT};
@@ -53,6 +54,10 @@ pub struct ManifestModel {
     /// One line for people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// The main model file at the archive root (`--serialized-file`, TorchServe's
+    /// `serializedFile`), given to the plugin as `serialized_file` in its model config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serialized_file: Option<String>,
 }
 
 /// Where a model's plugin comes from.
@@ -98,6 +103,10 @@ pub struct ModelConfig {
     /// Free-form configuration passed to the plugin as JSON.
     #[serde(default)]
     pub handler: toml::Table,
+    /// What was accepted without effect (TorchServe keys Cresset does not implement): logged at
+    /// load and shown by describe.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -237,8 +246,10 @@ pub enum ArchiveError {
     /// The archive does not exist.
     #[error("model archive `{0}` does not exist")]
     NotFound(PathBuf),
-    /// The file is neither a `.tar.gz`, a `.zip` nor a directory.
-    #[error("`{0}` is not a model archive: expected a .tar.gz/.tgz, a .zip or a directory")]
+    /// The file is neither a `.tar.gz`, a `.zip` (or `.mar`) nor a directory.
+    #[error(
+        "`{0}` is not a model archive: expected a .tar.gz/.tgz, a .zip, a .mar or a directory"
+    )]
     UnknownFormat(PathBuf),
     /// Extraction refused or failed.
     #[error("cannot extract `{path}`: {source}")]
@@ -314,18 +325,35 @@ impl OpenedArchive {
             })?;
             (tmp.path().to_owned(), Some(tmp))
         };
-        let manifest: Manifest =
-            read_toml(source, &dir, MANIFEST_FILE)?.ok_or_else(|| ArchiveError::BadFile {
-                archive: source.to_owned(),
-                file: MANIFEST_FILE,
-                message: "the archive has no MANIFEST.toml at its root".into(),
-            })?;
-        let config: ModelConfig = read_toml(source, &dir, MODEL_CONFIG_FILE)?.unwrap_or_default();
+        let dir = model_root(&dir);
         let bad = |file, message: String| ArchiveError::BadFile {
             archive: source.to_owned(),
             file,
             message,
         };
+        let (manifest, config_file) = match read_toml(source, &dir, MANIFEST_FILE)? {
+            Some(manifest) => (manifest, None),
+            None => {
+                let Some(text) = read_small(&dir.join(torchserve::MAR_MANIFEST_FILE))? else {
+                    return Err(bad(
+                        MANIFEST_FILE,
+                        format!(
+                            "the archive has neither a MANIFEST.toml (Cresset) nor a {}                              (TorchServe) at its root",
+                            torchserve::MAR_MANIFEST_FILE
+                        ),
+                    ));
+                };
+                let mar: torchserve::MarManifest = serde_json::from_str(&text)
+                    .map_err(|e| bad(torchserve::MAR_MANIFEST_FILE, e.to_string()))?;
+                let manifest = torchserve::manifest(&mar, &dir)
+                    .map_err(|m| bad(torchserve::MAR_MANIFEST_FILE, m))?;
+                (manifest, mar.model.config_file)
+            }
+        };
+        let config = read_config(source, &dir, config_file.as_deref())?;
+        for warning in &config.warnings {
+            tracing::warn!(archive = %source.display(), "{warning}");
+        }
         validate_name("model.name", &manifest.model.name).map_err(|m| bad(MANIFEST_FILE, m))?;
         validate_version(&manifest.model.version).map_err(|m| bad(MANIFEST_FILE, m))?;
         if manifest.model.handler.trim().is_empty() {
@@ -360,6 +388,97 @@ impl OpenedArchive {
         }
         Ok(HandlerRef::Bundled(self.dir.join(rel)))
     }
+}
+
+/// Where the model files are in an unpacked archive: its root, or the one folder it holds when
+/// that folder has the manifest (TorchServe's `tgz` format puts everything under
+/// `<model-name>/`).
+fn model_root(dir: &Path) -> PathBuf {
+    let has_manifest = |d: &Path| {
+        d.join(MANIFEST_FILE).is_file() || d.join(torchserve::MAR_MANIFEST_FILE).is_file()
+    };
+    if has_manifest(dir) {
+        return dir.to_owned();
+    }
+    let entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .take(2)
+            .collect(),
+        Err(_) => return dir.to_owned(),
+    };
+    match entries.as_slice() {
+        [only] if only.is_dir() && !only.is_symlink() && has_manifest(only) => only.clone(),
+        _ => dir.to_owned(),
+    }
+}
+
+/// A small text file of an archive, or `None` when it is absent; over
+/// [`torchserve::MAX_CONFIG_BYTES`] is an error.
+fn read_small(path: &Path) -> Result<Option<String>, ArchiveError> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ArchiveError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut text = String::new();
+    file.take(torchserve::MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|source| ArchiveError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    if text.len() as u64 > torchserve::MAX_CONFIG_BYTES {
+        return Err(ArchiveError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(format!(
+                "larger than {} bytes",
+                torchserve::MAX_CONFIG_BYTES
+            )),
+        });
+    }
+    Ok(Some(text))
+}
+
+/// The model config: `model-config.toml`, else a YAML config (the `.mar` manifest's
+/// `configFile`, or `model-config.yaml`) in TorchServe's keys or ours, else the defaults.
+fn read_config(
+    archive: &Path,
+    dir: &Path,
+    named: Option<&str>,
+) -> Result<ModelConfig, ArchiveError> {
+    if let Some(config) = read_toml(archive, dir, MODEL_CONFIG_FILE)? {
+        return Ok(config);
+    }
+    let bad = |message: String| ArchiveError::BadFile {
+        archive: archive.to_owned(),
+        file: torchserve::MODEL_CONFIG_YAML,
+        message,
+    };
+    let name = named.unwrap_or(torchserve::MODEL_CONFIG_YAML);
+    if !is_plain_relative(Path::new(name)) {
+        return Err(bad(format!("`configFile` {name:?} is not a file name")));
+    }
+    let Some(text) = read_small(&dir.join(name))? else {
+        return match named {
+            Some(name) => Err(bad(format!(
+                "the manifest names `{name}`, which is missing"
+            ))),
+            None => Ok(ModelConfig::default()),
+        };
+    };
+    let suffix = if name == torchserve::MODEL_CONFIG_YAML {
+        String::new()
+    } else {
+        format!(" (`{name}`)")
+    };
+    torchserve::model_config_from_yaml(&text).map_err(|m| bad(format!("{m}{suffix}")))
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(
@@ -418,7 +537,8 @@ impl ArchiveFormat {
         let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
         if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
             Some(Self::Tgz)
-        } else if name.ends_with(".zip") {
+        } else if name.ends_with(".zip") || name.ends_with(".mar") {
+            // TorchServe's `.mar` (`default` and `zip-store` formats) is a zip.
             Some(Self::Zip)
         } else {
             None
@@ -479,6 +599,7 @@ pub fn resolve_in_store(store: &Path, archive: &str) -> Result<PathBuf, ArchiveE
         store.join(format!("{archive}.tar.gz")),
         store.join(format!("{archive}.tgz")),
         store.join(format!("{archive}.zip")),
+        store.join(format!("{archive}.mar")),
     ];
     candidates
         .into_iter()
@@ -503,14 +624,18 @@ pub fn list_store(store: &Path) -> Result<BTreeMap<String, PathBuf>, ArchiveErro
         if name.starts_with('.') {
             continue;
         }
-        if path.is_dir() && path.join(MANIFEST_FILE).exists() {
+        let manifest = |p: &Path| {
+            p.join(MANIFEST_FILE).exists() || p.join(torchserve::MAR_MANIFEST_FILE).exists()
+        };
+        if path.is_dir() && manifest(&path) {
             found.insert(name, path);
-        } else if let Some(format) = ArchiveFormat::of_file(&path) {
-            let stem = name
-                .trim_end_matches(format.extension())
-                .trim_end_matches(".tgz")
-                .to_owned();
-            found.insert(stem, path);
+        } else if ArchiveFormat::of_file(&path).is_some() {
+            let lower = name.to_ascii_lowercase();
+            let suffix = [".tar.gz", ".tgz", ".zip", ".mar"]
+                .into_iter()
+                .find(|s| lower.ends_with(s))
+                .map_or(0, str::len);
+            found.insert(name[..name.len() - suffix].to_owned(), path);
         }
     }
     Ok(found)
@@ -584,5 +709,79 @@ mod tests {
         assert!(validate_name("n", "..").is_err());
         assert!(validate_name("n", "a/b").is_err());
         assert!(validate_name("n", "resnet-18_v1.0").is_ok());
+    }
+
+    #[test]
+    fn hostile_torchserve_manifests_and_configs_are_clear_errors() {
+        let open = |files: &[(&str, Vec<u8>)]| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            for (name, bytes) in files {
+                let path = dir.path().join(name);
+                std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+                std::fs::write(path, bytes).expect("write");
+            }
+            let work = tempfile::tempdir().expect("tempdir");
+            OpenedArchive::open(dir.path(), work.path(), &ExtractLimits::default())
+                .map(|a| (a.manifest, a.config))
+                .map_err(|e| e.to_string())
+        };
+        let mar = |model: &str| {
+            (
+                torchserve::MAR_MANIFEST_FILE,
+                format!(r#"{{"runtime": "python", "model": {model}}}"#).into_bytes(),
+            )
+        };
+        let good = r#"{"modelName": "m", "handler": "torchscript", "configFile": "c.yaml"}"#;
+        for (files, says) in [
+            (
+                vec![(torchserve::MAR_MANIFEST_FILE, b"{".to_vec())],
+                "MAR-INF/MANIFEST.json",
+            ),
+            (
+                vec![(torchserve::MAR_MANIFEST_FILE, vec![b' '; 2 << 20])],
+                "larger than",
+            ),
+            (vec![mar(good)], "names `c.yaml`, which is missing"),
+            (
+                vec![
+                    mar(good),
+                    (
+                        "c.yaml",
+                        b"batchSize: -1
+"
+                        .to_vec(),
+                    ),
+                ],
+                "`c.yaml`",
+            ),
+            (
+                vec![mar(r#"{"modelName": "../x", "handler": "torchscript"}"#)],
+                "model.name",
+            ),
+            (
+                vec![mar(
+                    r#"{"modelName": "m", "handler": "nlp", "configFile": "../c.yaml"}"#,
+                )],
+                "not a file name",
+            ),
+            (
+                vec![("other.txt", b"x".to_vec())],
+                "neither a MANIFEST.toml",
+            ),
+        ] {
+            let err = open(&files).expect_err(says);
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        // A well-formed one opens, its YAML config read, its serialized file recorded.
+        let (manifest, config) = open(&[
+            mar(r#"{"modelName": "m", "handler": "torchscript", "serializedFile": "m.pt", "configFile": "c.yaml"}"#),
+            ("c.yaml", b"batchSize: 3
+useVenv: true
+".to_vec()),
+        ])
+        .expect("opens");
+        assert_eq!(manifest.model.serialized_file.as_deref(), Some("m.pt"));
+        assert_eq!(config.batch_size, 3);
+        assert_eq!(config.warnings.len(), 1);
     }
 }

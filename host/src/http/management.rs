@@ -389,6 +389,7 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
         "minWorkers": min_workers,
         "maxWorkers": max_workers,
         "autoWorkers": v.auto_workers(),
+        "warnings": v.config.warnings,
         "batchSize": v.config.batch_size,
         "maxBatchDelay": v.config.max_batch_delay_ms,
         "responseTimeout": v.config.response_timeout_s,

@@ -141,8 +141,14 @@ pub fn load_model(
     version: &str,
     model_dir: &Path,
     config: &ModelConfig,
+    serialized_file: Option<&str>,
 ) -> Result<(Arc<PluginLibrary>, ModelBox), LoadError> {
     let library = ctx.loader.load(path)?;
+    // The plugin's model config: the archive's, and the manifest's main model file.
+    let mut model_config = serde_json::to_value(config).unwrap_or_default();
+    if let (Some(file), Some(object)) = (serialized_file, model_config.as_object_mut()) {
+        object.insert("serialized_file".into(), file.into());
+    }
     let spec = ModelSpec {
         name: name.into(),
         version: version.into(),
@@ -150,9 +156,7 @@ pub fn load_model(
         handler_config_json: serde_json::to_string(&config.handler)
             .unwrap_or_else(|_| "{}".into())
             .into(),
-        model_config_json: serde_json::to_string(config)
-            .unwrap_or_else(|_| "{}".into())
-            .into(),
+        model_config_json: model_config.to_string().into(),
     };
     let host = PluginServices::handle(name, version, ctx.metrics.clone());
     match (library.module.load_model())(&spec, host) {

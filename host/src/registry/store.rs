@@ -198,7 +198,7 @@ pub enum IncomingError {
     #[error("the archive is empty")]
     Empty,
     /// Neither a gzip nor a zip.
-    #[error("the archive must be a .tar.gz or a .zip (checked by its first bytes)")]
+    #[error("the archive must be a .tar.gz or a .zip (a TorchServe .mar is one; checked by its first bytes)")]
     UnknownFormat,
     /// The store could not be written.
     #[error("cannot write to the model store: {0}")]

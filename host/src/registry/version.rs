@@ -322,6 +322,7 @@ impl ModelVersion {
             &self.version,
             &archive.dir,
             &self.config,
+            archive.manifest.model.serialized_file.as_deref(),
         )?;
         *self.plugin.lock().unwrap_or_else(|p| p.into_inner()) = Some(library);
         *self.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(model));

@@ -7,7 +7,8 @@
 //! of the first form become the top-k labels with their probabilities, as TorchServe's
 //! classifier handlers return them.
 //!
-//! `[handler]` keys: `model_file` (default `model.pt`), `labels_file` (default
+//! `[handler]` keys: `model_file` (default: the archive's serialized file, else `model.pt`),
+//! `labels_file` (default
 //! `index_to_name.json`, optional), `topk` (default 5), `softmax` (default true: apply softmax
 //! to the output before ranking labels).
 //!
@@ -17,7 +18,7 @@
 
 use std::path::Path;
 
-use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext};
+use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext};
 use cresset_plugin_api::{PluginError, Request, Response};
 use cresset_torch::tch::{self, CModule, Device, IValue, Kind, Tensor};
 use cresset_torch::{
@@ -264,9 +265,18 @@ impl Handler for TorchScriptHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
-        let model_file = ctx
-            .model_dir
-            .join(config_str(config, "model_file", "model.pt")?);
+        // The archive's main model file (`--serialized-file`, a `.mar`'s `serializedFile`) is
+        // the default.
+        let serialized = ctx
+            .model_config
+            .get("serialized_file")
+            .and_then(Value::as_str)
+            .unwrap_or("model.pt");
+        let model_file = settings::path_inside(
+            &ctx.model_dir,
+            "model_file",
+            config_str(config, "model_file", serialized)?,
+        )?;
         let device = cresset_torch::instance_device(ctx);
         if !model_file.is_file() {
             return Err(PluginError::not_found(format!(

@@ -1,0 +1,234 @@
+//! TorchServe users' artifacts: archives written by the real `torch-model-archiver` 0.12.0 (in
+//! the test venv) in its `default` (`.mar`), `tgz` and `no-archive` formats, with a
+//! `model-config.yaml` in TorchServe's keys, register from the store and by upload and answer as
+//! the same model in a Cresset archive does (the default store's `iris`). What Cresset cannot
+//! run (a Python handler, TorchServe's vision handlers, packages to install) is a 400 that says
+//! so, naming the file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cresset_e2e::{repo_root, Server};
+use serde_json::{json, Value};
+
+/// `torch-model-archiver` from the test venv.
+fn archiver() -> PathBuf {
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let path = Path::new(&venv).join("bin/torch-model-archiver");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `make models`",
+        path.display()
+    );
+    path
+}
+
+/// Run `torch-model-archiver` in `work` on `iris.pt` as model `name` (version 1.0) into
+/// `export`, with these further arguments; returns (success, its output).
+fn archive(work: &Path, name: &str, export: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(archiver())
+        .current_dir(work)
+        .args(["--model-name", name, "--version", "1.0"])
+        .args(["--serialized-file", "iris.pt", "--export-path"])
+        .arg(export)
+        .args(args)
+        .output()
+        .expect("run torch-model-archiver");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The iris TorchScript model, its labels and a `model-config.yaml` in `work`, with the
+/// serialized file under a name of its own (`iris.pt`), as TorchServe users name theirs.
+fn inputs(work: &Path) {
+    let iris = repo_root().join("model_store/iris");
+    std::fs::copy(iris.join("model.pt"), work.join("iris.pt")).expect("copy model.pt");
+    std::fs::copy(
+        iris.join("index_to_name.json"),
+        work.join("index_to_name.json"),
+    )
+    .expect("copy labels");
+    std::fs::write(
+        work.join("model-config.yaml"),
+        "# TorchServe frontend parameters\nminWorkers: 1\nmaxWorkers: 2\nbatchSize: 4\n\
+         maxBatchDelay: 5\nresponseTimeout: 30\nstartupTimeout: 120\n\n\
+         handler:\n  topk: 3\n",
+    )
+    .expect("write model-config.yaml");
+}
+
+/// Archive the iris inputs as `name` in `format` into `export`, with TorchServe's C++
+/// TorchScript handler (served by Cresset's `torchscript` plugin).
+fn archive_iris(work: &Path, export: &Path, name: &str, format: &str) {
+    let (ok, text) = archive(
+        work,
+        name,
+        export,
+        &[
+            "--handler",
+            "TorchScriptHandler",
+            "--runtime",
+            "LSP",
+            "--extra-files",
+            "index_to_name.json",
+            "--config-file",
+            "model-config.yaml",
+            "--archive-format",
+            format,
+        ],
+    );
+    assert!(ok, "torch-model-archiver {format}: {text}");
+}
+
+fn predict(server: &Server, model: &str) -> Value {
+    let reply = server.post_json(
+        &format!("/predictions/{model}"),
+        &json!({"data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}),
+    );
+    assert_eq!(reply.status, 200, "{model}: {}", reply.text());
+    reply.json()
+}
+
+#[test]
+fn archives_from_torch_model_archiver_register_from_the_store_and_by_upload() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    inputs(work.path());
+    archive_iris(work.path(), store.path(), "iris_mar", "default");
+    archive_iris(work.path(), store.path(), "iris_tgz", "tgz");
+    archive_iris(work.path(), store.path(), "iris_dir", "no-archive");
+    assert!(store.path().join("iris_mar.mar").is_file());
+    assert!(store.path().join("iris_tgz.tar.gz").is_file());
+    assert!(store
+        .path()
+        .join("iris_dir/MAR-INF/MANIFEST.json")
+        .is_file());
+    // The same model as a Cresset archive, for the expected answer.
+    let reference = repo_root().join("model_store/iris");
+    let link = store.path().join("iris");
+    std::fs::create_dir(&link).expect("mkdir");
+    for f in [
+        "MANIFEST.toml",
+        "model-config.toml",
+        "model.pt",
+        "index_to_name.json",
+    ] {
+        std::fs::copy(reference.join(f), link.join(f)).expect("copy iris");
+    }
+
+    // From the store: at start-up by name, and through the management API.
+    let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        "iris,iris_mar",
+    ]);
+    server.wait_healthy();
+    server.register("url=iris_tgz.tar.gz&synchronous=true");
+    server.register("url=iris_dir&synchronous=true");
+    let want = predict(&server, "iris");
+    assert_eq!(want[0].as_object().map(|o| o.len()), Some(3), "{want}");
+    for model in ["iris_mar", "iris_tgz", "iris_dir"] {
+        assert_eq!(predict(&server, model), want, "{model}");
+    }
+    // By upload: the bytes of the .mar and of the tgz, under names of their own.
+    for (file, name) in [("iris_mar.mar", "up_mar"), ("iris_tgz.tar.gz", "up_tgz")] {
+        let bytes = std::fs::read(store.path().join(file)).expect("read the archive");
+        let reply = server.manage(
+            "POST",
+            &format!("/models?model_name={name}&synchronous=true"),
+            "application/octet-stream",
+            &bytes,
+        );
+        assert_eq!(reply.status, 200, "{file}: {}", reply.text());
+        assert_eq!(predict(&server, name), want, "{name}");
+    }
+    // model-config.yaml's keys took effect, and what has no effect says so.
+    let described = server.manage("GET", "/models/iris_mar", "", b"").json();
+    let v = &described[0];
+    assert_eq!(v["modelVersion"], "1.0", "{v}");
+    assert_eq!(
+        (v["minWorkers"].as_u64(), v["maxWorkers"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(v["batchSize"], 4, "{v}");
+    assert_eq!(v["responseTimeout"], 30, "{v}");
+    assert_eq!(v["plugin"]["name"], "torchscript", "{v}");
+    let warnings = v["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{v}");
+    assert!(warnings[0]
+        .as_str()
+        .is_some_and(|w| w.contains("startupTimeout")));
+    assert!(server
+        .log()
+        .contains("`startupTimeout` (TorchServe) is accepted and has no effect"));
+}
+
+#[test]
+fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    inputs(work.path());
+    std::fs::write(
+        work.path().join("my_handler.py"),
+        "from ts.torch_handler.base_handler import BaseHandler\n\nclass MyHandler(BaseHandler):\n    pass\n",
+    )
+    .expect("write handler");
+    std::fs::write(work.path().join("requirements.txt"), "numpy\n").expect("write");
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "py",
+            &["--handler", "my_handler.py"],
+            "Python handlers are not supported yet",
+        ),
+        (
+            "vision",
+            &["--handler", "image_classifier"],
+            "`image_classifier` has no Cresset counterpart",
+        ),
+        (
+            "reqs",
+            &[
+                "--handler",
+                "TorchScriptHandler",
+                "--runtime",
+                "LSP",
+                "-r",
+                "requirements.txt",
+            ],
+            "requirements.txt",
+        ),
+    ];
+    for (name, handler, _) in &cases {
+        let (ok, text) = archive(work.path(), name, store.path(), handler);
+        assert!(ok, "torch-model-archiver {name}: {text}");
+    }
+    let server = Server::start(&["--model-store", store.path().to_str().expect("utf-8")]);
+    server.wait_healthy();
+    for (name, _, says) in cases {
+        let reply = server.manage(
+            "POST",
+            &format!("/models?url={name}.mar&synchronous=true"),
+            "",
+            b"",
+        );
+        assert_eq!(reply.status, 400, "{name}: {}", reply.text());
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(says), "{name}: {message}");
+        assert!(
+            message.contains("MAR-INF/MANIFEST.json"),
+            "{name}: {message}"
+        );
+    }
+    // Nothing was kept, and the server goes on serving.
+    let listed = server.manage("GET", "/models", "", b"").json();
+    assert_eq!(listed["models"], json!([]), "{listed}");
+    assert_eq!(server.get("/ping").status, 200);
+}

@@ -590,7 +590,7 @@ fn the_default_version_cannot_be_removed_while_others_exist() {
     assert_eq!(all.len(), 2);
     assert_eq!(all.iter().filter(|v| v["isDefault"] == true).count(), 1);
     let r = server.manage("DELETE", "/models/m/1.0", "", b"");
-    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.status, 403, "{}", r.text());
     assert_eq!(
         server.manage("DELETE", "/models/m/2.0", "", b"").status,
         200

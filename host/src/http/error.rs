@@ -131,6 +131,12 @@ pub enum ApiError {
     /// The body stopped arriving.
     #[error("the request body made no progress for {0} s (`body_idle_timeout`)")]
     BodyStalled(u64),
+    /// No route has this path.
+    #[error("{0}")]
+    RouteNotFound(String),
+    /// The path exists, the method does not.
+    #[error("{0}")]
+    MethodNotAllowed(String),
 }
 
 impl From<LoadError> for ApiError {
@@ -184,6 +190,8 @@ impl ApiError {
             Self::HeaderTooLarge { .. } => "RequestHeaderFieldsTooLargeException",
             Self::BodyStalled(_) => "RequestTimeoutException",
             Self::ClientGone => "ClientClosedRequest",
+            Self::RouteNotFound(_) => "ResourceNotFoundException",
+            Self::MethodNotAllowed(_) => "MethodNotAllowedException",
             Self::Plugin(e) => match e.code {
                 ErrorCode::INVALID_INPUT => "BadRequestException",
                 ErrorCode::NOT_FOUND => "NotFoundException",
@@ -211,6 +219,8 @@ impl ResponseError for ApiError {
             Self::LoadFailed { failure, .. } => load_status(failure.kind),
             Self::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             // nginx's 499: recorded in logs and metrics only.
             Self::ClientGone => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Self::Plugin(e) => match e.code {
@@ -252,6 +262,7 @@ impl From<crate::registry::RegistryError> for ApiError {
                 Self::ModelNotFound(e.to_string())
             }
             RegistryError::Exists(..) | RegistryError::Conflict(_) => Self::Conflict(e.to_string()),
+            RegistryError::Forbidden(_) => Self::Forbidden(e.to_string()),
         }
     }
 }

@@ -12,17 +12,24 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::peer::PeerSocket;
-use super::{ApiError, AppState};
+use super::{resource, ApiError, AppState};
 use crate::registry::{ModelVersion, SubmitError};
 use crate::worker::{Job, JobKind, Reply, REPLY_BUFFER};
 
 /// Register the routes.
+/// Predictions take `PUT` as well as `POST` (what `curl -T file` sends), as in TorchServe.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ping", web::get().to(ping))
-        .route("/predictions/{model}", web::post().to(infer))
-        .route("/predictions/{model}/{version}", web::post().to(infer))
-        .route("/explanations/{model}", web::post().to(infer))
-        .route("/explanations/{model}/{version}", web::post().to(infer));
+    cfg.service(resource("/ping").route(web::get().to(ping)));
+    for path in ["/predictions/{model}", "/predictions/{model}/{version}"] {
+        cfg.service(
+            resource(path)
+                .route(web::post().to(infer))
+                .route(web::put().to(infer)),
+        );
+    }
+    for path in ["/explanations/{model}", "/explanations/{model}/{version}"] {
+        cfg.service(resource(path).route(web::post().to(infer)));
+    }
 }
 
 /// Healthy when no model that should have workers is still coming up (failed ones are listed

@@ -6,30 +6,33 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
 use super::inference::{run, Protocol};
-use super::{ApiError, AppState};
+use super::{resource, ApiError, AppState};
 use crate::registry::ModelState;
 use crate::worker::JobKind;
 
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/models/{model:[^/:]+}:predict", web::post().to(predict))
-        .route("/v2/health/live", web::get().to(live))
-        .route("/v2/health/ready", web::get().to(ready))
-        .route("/v2/models/{model}", web::get().to(metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            web::get().to(metadata),
-        )
-        .route("/v2/models/{model}/ready", web::get().to(model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            web::get().to(model_ready),
-        )
-        .route("/v2/models/{model}/infer", web::post().to(predict))
-        .route(
-            "/v2/models/{model}/versions/{version}/infer",
-            web::post().to(predict),
-        );
+    cfg.service(resource("/v1/models/{model:[^/:]+}:predict").route(web::post().to(predict)))
+        .service(resource("/v2/health/live").route(web::get().to(live)))
+        .service(resource("/v2/health/ready").route(web::get().to(ready)));
+    for path in [
+        "/v2/models/{model}",
+        "/v2/models/{model}/versions/{version}",
+    ] {
+        cfg.service(resource(path).route(web::get().to(metadata)));
+    }
+    for path in [
+        "/v2/models/{model}/ready",
+        "/v2/models/{model}/versions/{version}/ready",
+    ] {
+        cfg.service(resource(path).route(web::get().to(model_ready)));
+    }
+    for path in [
+        "/v2/models/{model}/infer",
+        "/v2/models/{model}/versions/{version}/infer",
+    ] {
+        cfg.service(resource(path).route(web::post().to(predict)));
+    }
 }
 
 fn target(req: &HttpRequest) -> (String, Option<String>) {

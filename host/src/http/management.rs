@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState};
+use super::{resource, ApiError, AppState};
 use crate::archive::{resolve_in_store, ConfigOverrides, OpenedArchive};
 use crate::registry::registrar::RegisterError;
 use crate::registry::store::{Incoming, IncomingError};
@@ -19,18 +19,22 @@ use crate::registry::{LoadError, ModelState, ModelVersion, Origin};
 
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/models", web::post().to(register))
-        .route("/models", web::get().to(list))
-        .route("/models/{model}", web::get().to(describe))
-        .route("/models/{model}/{version}", web::get().to(describe))
-        .route("/models/{model}", web::put().to(scale))
-        .route("/models/{model}/{version}", web::put().to(scale))
-        .route(
-            "/models/{model}/{version}/set-default",
-            web::put().to(set_default),
-        )
-        .route("/models/{model}", web::delete().to(unregister))
-        .route("/models/{model}/{version}", web::delete().to(unregister));
+    cfg.service(
+        resource("/models")
+            .route(web::post().to(register))
+            .route(web::get().to(list)),
+    );
+    for path in ["/models/{model}", "/models/{model}/{version}"] {
+        cfg.service(
+            resource(path)
+                .route(web::get().to(describe))
+                .route(web::put().to(scale))
+                .route(web::delete().to(unregister)),
+        );
+    }
+    cfg.service(
+        resource("/models/{model}/{version}/set-default").route(web::put().to(set_default)),
+    );
 }
 
 /// Write the snapshot before acknowledging a change, so that no acknowledged change is lost.
@@ -64,12 +68,105 @@ struct RegisterParams {
     response_timeout: Option<u64>,
 }
 
+impl RegisterParams {
+    /// These parameters with `other`'s where these have none; a parameter given twice with
+    /// different values is an error naming it.
+    fn merged(self, other: Self) -> Result<Self, ApiError> {
+        fn one<T: PartialEq + std::fmt::Debug>(
+            name: &str,
+            a: Option<T>,
+            b: Option<T>,
+        ) -> Result<Option<T>, ApiError> {
+            match (a, b) {
+                (Some(a), Some(b)) if a != b => Err(ApiError::BadRequest(format!(
+                    "`{name}` is given in the query ({a:?}) and in the body ({b:?})"
+                ))),
+                (a, b) => Ok(a.or(b)),
+            }
+        }
+        Ok(Self {
+            url: one("url", self.url, other.url)?,
+            model_name: one("model_name", self.model_name, other.model_name)?,
+            batch_size: one("batch_size", self.batch_size, other.batch_size)?,
+            max_batch_delay: one(
+                "max_batch_delay",
+                self.max_batch_delay,
+                other.max_batch_delay,
+            )?,
+            initial_workers: one(
+                "initial_workers",
+                self.initial_workers,
+                other.initial_workers,
+            )?,
+            synchronous: one("synchronous", self.synchronous, other.synchronous)?,
+            response_timeout: one(
+                "response_timeout",
+                self.response_timeout,
+                other.response_timeout,
+            )?,
+        })
+    }
+}
+
+/// The most bytes of a JSON registration body (`{"url": ..., "initial_workers": ...}`).
+const MAX_REGISTER_JSON: usize = 64 * 1024;
+
+/// A JSON registration body: the query's parameters as an object.
+async fn register_json(
+    state: &AppState,
+    mut payload: web::Payload,
+) -> Result<RegisterParams, ApiError> {
+    let idle = state.config.body_idle_timeout;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = super::body::next_within(idle, payload.next()).await? {
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
+        if bytes.len() + chunk.len() > MAX_REGISTER_JSON {
+            return Err(ApiError::PayloadTooLarge(MAX_REGISTER_JSON));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let bad = |m: String| ApiError::BadRequest(format!("bad JSON registration body: {m}"));
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(bad("it must be an object of the query's parameters".into()));
+    };
+    // Field by field, so that a value of the wrong type is named.
+    let mut params = RegisterParams::default();
+    for (key, value) in fields {
+        let one = serde_json::Value::Object([(key.clone(), value)].into_iter().collect());
+        let field: RegisterParams =
+            serde_json::from_value(one).map_err(|e| bad(format!("`{key}`: {e}")))?;
+        params = params.merged(field)?;
+    }
+    Ok(params)
+}
+
 async fn register(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let params: RegisterParams = query(&req)?;
+    let mut params: RegisterParams = query(&req)?;
+    // TorchServe also takes the parameters as a JSON body; an archive is uploaded with any
+    // other content type.
+    let json_body = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    let mut payload = Some(payload);
+    if json_body {
+        if let Some(body) = payload.take() {
+            params = params.merged(register_json(&state, body).await?)?;
+        }
+        if params.url.is_none() {
+            return Err(ApiError::BadRequest(
+                "a JSON registration body must give `url` (an archive is uploaded with another content type)".into(),
+            ));
+        }
+    }
     let store = state.config.model_store.clone();
     let (path, url) = match params.url.as_deref().map(str::trim) {
         Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
@@ -91,6 +188,9 @@ async fn register(
             (path, url.to_owned())
         }
         _ => {
+            let payload = payload.ok_or_else(|| {
+                ApiError::BadRequest("`url` is empty and the body was read as JSON".into())
+            })?;
             let path = save_upload(&state, &req, payload).await?;
             let name = path
                 .file_name()
@@ -397,6 +497,10 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
         "isDefault": v.version == default,
         "state": state.name(),
         "queueDepth": v.queue_depth(),
+        "jobQueueStatus": {
+            "remainingCapacity": (v.config.job_queue_size as usize).saturating_sub(v.queue_depth()),
+            "pendingRequests": v.queue_depth(),
+        },
         "processMemoryUsage": process_rss(),
         "workers": workers,
         "openmpWait": crate::config::openmp_wait(),

@@ -98,6 +98,7 @@ pub fn bind(
             .configure(kserve::routes)
             .configure(openai::routes)
             .configure(|c| describe_api(c, openapi::inference))
+            .default_service(web::to(route_not_found))
     })
     .on_connect(peer::remember_socket)
     .workers(config.http_workers)
@@ -135,6 +136,7 @@ pub fn bind(
             .wrap_fn(access_log)
             .configure(management::routes)
             .configure(|c| describe_api(c, openapi::management))
+            .default_service(web::to(route_not_found))
     })
     .workers(1)
     .listen(management_listener)?;
@@ -151,8 +153,9 @@ pub fn bind(
             .wrap(actix_web::middleware::from_fn(auth::require_token))
             .wrap(actix_web::middleware::from_fn(guard::refuse_browsers))
             .wrap(actix_web::middleware::from_fn(guard::limit_headers))
-            .route("/metrics", web::get().to(render_metrics))
+            .service(resource("/metrics").route(web::get().to(render_metrics)))
             .configure(|c| describe_api(c, openapi::metrics))
+            .default_service(web::to(route_not_found))
     })
     .workers(1)
     .listen(metrics_listener)?;
@@ -185,11 +188,33 @@ pub fn bind(
 fn describe_api(cfg: &mut web::ServiceConfig, document: fn() -> serde_json::Value) {
     let doc = web::Data::new(document());
     cfg.app_data(doc)
-        .route("/api-description", web::get().to(api_description))
-        .route(
-            "/",
-            web::method(actix_web::http::Method::OPTIONS).to(api_description),
+        .service(resource("/api-description").route(web::get().to(api_description)))
+        .service(
+            resource("/").route(web::method(actix_web::http::Method::OPTIONS).to(api_description)),
         );
+}
+
+/// A route's path: its methods are added with `.route`, and any other method gets a 405 with
+/// the API's error body (TorchServe's `MethodNotAllowedException`).
+pub(crate) fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn method_not_allowed(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}; see the API description (GET /api-description)",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Any path no route has: a 404 with the API's error body.
+async fn route_not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::RouteNotFound(format!(
+        "no such resource: {} {}; see the API description (GET /api-description)",
+        req.method(),
+        req.path()
+    )))
 }
 
 async fn api_description(doc: web::Data<serde_json::Value>) -> HttpResponse {

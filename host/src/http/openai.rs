@@ -15,14 +15,14 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde_json::{json, Value};
 
 use super::inference::{acquire, answer, receive, request_id, respond, Framing, Protocol};
-use super::{ApiError, AppState};
+use super::{resource, ApiError, AppState};
 use crate::worker::JobKind;
 
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/models", web::get().to(models))
-        .route("/v1/completions", web::post().to(completions))
-        .route("/v1/chat/completions", web::post().to(chat));
+    cfg.service(resource("/v1/models").route(web::get().to(models)))
+        .service(resource("/v1/completions").route(web::post().to(completions)))
+        .service(resource("/v1/chat/completions").route(web::post().to(chat)));
 }
 
 /// An error in OpenAI's shape.

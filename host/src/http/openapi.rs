@@ -47,8 +47,14 @@ pub fn inference() -> Value {
         "Cresset inference API",
         json!({
             "/ping": { "get": op("Health: Healthy once every model's workers are up", &[], &[(200, "Healthy"), (500, "Unhealthy")]) },
-            "/predictions/{model}": { "post": op("Predict with the default version", &model, PREDICT_ERRORS) },
-            "/predictions/{model}/{version}": { "post": op("Predict with a version", &versioned, PREDICT_ERRORS) },
+            "/predictions/{model}": {
+                "post": op("Predict with the default version", &model, PREDICT_ERRORS),
+                "put": op("Predict with the default version (`curl -T file`)", &model, PREDICT_ERRORS),
+            },
+            "/predictions/{model}/{version}": {
+                "post": op("Predict with a version", &versioned, PREDICT_ERRORS),
+                "put": op("Predict with a version (`curl -T file`)", &versioned, PREDICT_ERRORS),
+            },
             "/explanations/{model}": { "post": op("Explain with the default version", &model, PREDICT_ERRORS) },
             "/explanations/{model}/{version}": { "post": op("Explain with a version", &versioned, PREDICT_ERRORS) },
             "/v1/models/{model}:predict": { "post": op("KServe v1 predict", &model, PREDICT_ERRORS) },

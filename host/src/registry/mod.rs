@@ -55,6 +55,9 @@ pub enum RegistryError {
     /// The operation conflicts with the version's state (message says why).
     #[error("{0}")]
     Conflict(String),
+    /// The operation is not allowed (removing a default version that others depend on).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// What `/ping` and readiness report.
@@ -191,7 +194,8 @@ impl ModelRegistry {
             return Err(RegistryError::NoVersion(name.to_owned(), version));
         }
         if version == entry.default_version && entry.versions.len() > 1 {
-            return Err(RegistryError::Conflict(format!(
+            // TorchServe's 403.
+            return Err(RegistryError::Forbidden(format!(
                 "version `{version}` is the default of model `{name}`, which has other versions; make another version the default first"
             )));
         }
@@ -356,7 +360,7 @@ mod tests {
         );
         assert!(matches!(
             registry.remove("a", Some("1")),
-            Err(RegistryError::Conflict(_))
+            Err(RegistryError::Forbidden(_))
         ));
         assert!(registry.withdraw(&v1));
         assert_eq!(registry.get("a", None).expect("default").version, "2");

@@ -1,0 +1,217 @@
+//! TorchServe's REST behaviour where its docs are the reference: `PUT /predictions` (what
+//! `curl -T file` sends), 404 and 405 with the API's error body on every listener, `POST
+//! /models` with a JSON body, `jobQueueStatus` in describe. Clients are real: `curl` and HTTP.
+
+use std::process::Command;
+
+use cresset_e2e::Server;
+use serde_json::{json, Value};
+
+/// `curl` with these arguments against `url`: (status, body).
+fn curl(args: &[&str], url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn error_body(body: &str, code: u16, kind: &str) {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    assert_eq!(v["code"], code, "{v}");
+    assert_eq!(v["type"], kind, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+}
+
+#[test]
+fn put_predicts_and_unknown_routes_and_methods_get_404_and_405_bodies() {
+    let server = Server::start(&["--models", "echo"]);
+    server.wait_healthy();
+    // `curl -T file` PUTs the file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("input.txt");
+    std::fs::write(&file, "hello from a file").expect("write");
+    let (code, body) = curl(
+        &["-T", file.to_str().expect("utf-8")],
+        &format!("{}/predictions/echo", server.inference),
+    );
+    assert_eq!((code, body.as_str()), (200, "hello from a file"));
+    let (code, body) = curl(
+        &["-X", "PUT", "--data-binary", "versioned"],
+        &format!("{}/predictions/echo/1.0", server.inference),
+    );
+    assert_eq!((code, body.as_str()), (200, "versioned"));
+
+    for (base, method, path, code, kind) in [
+        (
+            &server.inference,
+            "GET",
+            "/nothing/here",
+            404,
+            "ResourceNotFoundException",
+        ),
+        (
+            &server.inference,
+            "GET",
+            "/predictions/echo",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.inference,
+            "DELETE",
+            "/predictions/echo",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.inference,
+            "PUT",
+            "/explanations/echo",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.inference,
+            "POST",
+            "/ping",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.inference,
+            "GET",
+            "/v1/completions",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.inference,
+            "POST",
+            "/v2/health/ready",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.management,
+            "PATCH",
+            "/models",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.management,
+            "POST",
+            "/models/echo",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.management,
+            "GET",
+            "/models/echo/1.0/set-default",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.management,
+            "GET",
+            "/workflows",
+            404,
+            "ResourceNotFoundException",
+        ),
+        (
+            &server.metrics,
+            "POST",
+            "/metrics",
+            405,
+            "MethodNotAllowedException",
+        ),
+        (
+            &server.metrics,
+            "GET",
+            "/metrics/x",
+            404,
+            "ResourceNotFoundException",
+        ),
+    ] {
+        let (got, body) = curl(&["-X", method], &format!("{base}{path}"));
+        assert_eq!(got, code, "{method} {path}: {body}");
+        error_body(&body, code, kind);
+    }
+    // What exists still answers.
+    assert_eq!(server.get("/ping").status, 200);
+}
+
+#[test]
+fn models_register_from_a_json_body_and_describe_has_the_queue_status() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let echo = cresset_e2e::repo_root().join("model_store/echo");
+    let copy = store.path().join("echo");
+    std::fs::create_dir(&copy).expect("mkdir");
+    for entry in std::fs::read_dir(&echo).expect("read echo") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, copy.join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let server = Server::start(&["--model-store", store.path().to_str().expect("utf-8")]);
+    server.wait_healthy();
+    let register = |query: &str, body: &Value| {
+        server.manage(
+            "POST",
+            &format!("/models{query}"),
+            "application/json",
+            body.to_string().as_bytes(),
+        )
+    };
+    let r = register(
+        "?synchronous=true",
+        &json!({"url": "echo", "model_name": "from_json", "initial_workers": 2, "batch_size": 3}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = &server.manage("GET", "/models/from_json", "", b"").json()[0];
+    assert_eq!(v["workers"].as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v["batchSize"], 3, "{v}");
+    assert_eq!(
+        v["jobQueueStatus"],
+        json!({"remainingCapacity": 100, "pendingRequests": 0}),
+        "{v}"
+    );
+    assert_eq!(
+        server
+            .post("/predictions/from_json", "text/plain", b"x")
+            .text(),
+        "x"
+    );
+    for (query, body, says) in [
+        ("", json!({"model_name": "m"}), "must give `url`"),
+        (
+            "",
+            json!({"url": "echo", "workers": 1}),
+            "unknown field `workers`",
+        ),
+        (
+            "",
+            json!({"url": "echo", "initial_workers": "two"}),
+            "initial_workers",
+        ),
+        (
+            "?model_name=a",
+            json!({"url": "echo", "model_name": "b"}),
+            "`model_name` is given in the query",
+        ),
+        ("", json!(["echo"]), "bad JSON registration body"),
+    ] {
+        let r = register(query, &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let message = r.json()["message"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains(says), "{body}: {message}");
+    }
+    let big = json!({"url": "x".repeat(70_000)});
+    assert_eq!(register("", &big).status, 413);
+}

@@ -1,4 +1,5 @@
-//! Prometheus metrics, `cresset_` prefixed (see ARCHITECTURE.md for the names).
+//! Prometheus metrics, `cresset_` prefixed (see ARCHITECTURE.md for the names); plugins' own
+//! under `cresset_plugin_`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,6 +12,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
 ];
+
+/// The prefix of every metric a plugin reports.
+pub const PLUGIN_PREFIX: &str = "cresset_plugin_";
 
 /// The server's metrics, and the metrics plugins report.
 pub struct Metrics {
@@ -146,7 +150,8 @@ impl Metrics {
         let help = if help.is_empty() { name } else { help };
         let mut map = self.plugin.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(name) {
-            let opts = Opts::new(name, help);
+            // Under the server's prefix, apart from the host's own names.
+            let opts = Opts::new(format!("{PLUGIN_PREFIX}{name}"), help);
             let metric = match kind {
                 MetricKind::COUNTER => CounterVec::new(opts, &keys).map(PluginMetric::Counter),
                 MetricKind::GAUGE => GaugeVec::new(opts, &keys).map(PluginMetric::Gauge),
@@ -201,7 +206,7 @@ impl Metrics {
                     "cresset_model_load_seconds" => self.model_load_seconds.remove(&labels),
                     "cresset_queue_depth" => self.queue_depth.remove(&labels),
                     "cresset_workers" => self.workers.remove(&labels),
-                    name => match plugin.get(name) {
+                    name => match name.strip_prefix(PLUGIN_PREFIX).and_then(|n| plugin.get(n)) {
                         Some(PluginMetric::Counter(m)) => m.remove(&labels),
                         Some(PluginMetric::Gauge(m)) => m.remove(&labels),
                         Some(PluginMetric::Histogram(m)) => m.remove(&labels),
@@ -215,11 +220,16 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
-    pub fn render(&self) -> String {
+    /// The text exposition format: every family, or those named in `only` (TorchServe's
+    /// `GET /metrics?name[]=...`).
+    pub fn render(&self, only: &[String]) -> String {
         let mut out = String::new();
         let encoder = prometheus::TextEncoder::new();
-        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        let mut families = self.registry.gather();
+        if !only.is_empty() {
+            families.retain(|f| only.iter().any(|n| n == f.name()));
+        }
+        let _ = encoder.encode_utf8(&families, &mut out);
         out
     }
 }

@@ -145,6 +145,27 @@ fn put_predicts_and_unknown_routes_and_methods_get_404_and_405_bodies() {
     }
     // What exists still answers.
     assert_eq!(server.get("/ping").status, 200);
+
+    // `/metrics?name[]=` answers the named families only.
+    let metrics = |query: &str| curl(&[], &format!("{}/metrics{query}", server.metrics));
+    let (code, all) = metrics("");
+    assert_eq!(code, 200);
+    assert!(all.contains("# TYPE cresset_workers gauge") && all.contains("cresset_queue_depth"));
+    let (code, some) = metrics("?name[]=cresset_workers&name%5B%5D=cresset_queue_depth");
+    assert_eq!(code, 200);
+    let families: Vec<&str> = some
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        families,
+        ["cresset_queue_depth", "cresset_workers"],
+        "{some}"
+    );
+    let (code, body) = metrics("?names=cresset_workers");
+    assert_eq!(code, 400, "{body}");
+    error_body(&body, 400, "BadRequestException");
 }
 
 #[test]

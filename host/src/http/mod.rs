@@ -221,11 +221,37 @@ async fn api_description(doc: web::Data<serde_json::Value>) -> HttpResponse {
     HttpResponse::Ok().json(doc.get_ref())
 }
 
-async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
+/// `GET /metrics[?name[]=family&...]`: every family, or the named ones (TorchServe's filter).
+async fn render_metrics(
+    state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let only = metric_names(req.query_string())?;
     state.registry.publish_gauges(&state.metrics);
-    HttpResponse::Ok()
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render(&only)))
+}
+
+/// The families `name[]` (or `name`) asks for; any other parameter is an error naming it.
+fn metric_names(query: &str) -> Result<Vec<String>, ApiError> {
+    let mut names = Vec::new();
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "name[]" | "name" => names.push(value.into_owned()),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter `{other}`: `/metrics` takes `name[]`"
+                )))
+            }
+        }
+        if names.len() > 1000 {
+            return Err(ApiError::BadRequest(
+                "at most 1000 `name[]` parameters".into(),
+            ));
+        }
+    }
+    Ok(names)
 }
 
 /// One structured line per request, target `cresset::access`.

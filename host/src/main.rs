@@ -46,6 +46,7 @@ fn init_logging(format: LogFormat, filter: &str) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Arc::new(ServerConfig::resolve(args)?);
+    cresset::archive::set_model_defaults(config.model_defaults);
     // The server divides the cores: a batch runs with the cores the busy workers leave it
     // (cresset_torch::threads). Set before any plugin loads.
     if config.intra_op_threads == 0 {
@@ -97,6 +98,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         extract_dir: scratch.path().join("models"),
         limits: config.extract_limits,
         intra_op_threads: config.intra_op_threads,
+        default_workers: config.default_workers_per_model,
     });
     // An existing snapshot is the server's state: it is restored (default versions first) and
     // `--models` is ignored, so that a model unregistered at run time stays unregistered. On a

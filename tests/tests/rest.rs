@@ -236,3 +236,76 @@ fn models_register_from_a_json_body_and_describe_has_the_queue_status() {
     let big = json!({"url": "x".repeat(70_000)});
     assert_eq!(register("", &big).status, 413);
 }
+
+#[test]
+fn a_torchserve_config_properties_configures_the_server() {
+    let store = tempfile::tempdir().expect("tempdir");
+    cresset_e2e::dir_archive(store.path(), "plain", "echo", "", &[]);
+    cresset_e2e::dir_archive(
+        store.path(),
+        "pinned",
+        "echo",
+        "min_workers = 1\nmax_workers = 1\njob_queue_size = 5\nresponse_timeout_s = 9\n",
+        &[],
+    );
+    let properties = store.path().join("config.properties");
+    std::fs::write(
+        &properties,
+        format!(
+            "# as TorchServe users write it\ninference_address=http://127.0.0.1:8080\n\
+             model_store={}\nload_models=plain,pinned\ndefault_workers_per_model=2\n\
+             job_queue_size=7\ndefault_response_timeout=33\nenable_metrics_api=true\n",
+            store.path().display()
+        ),
+    )
+    .expect("write config.properties");
+    // The harness's own flags (ephemeral addresses, no token) win over the file, as flags do.
+    let server = Server::start(&[
+        "--ts-config",
+        properties.to_str().expect("utf-8"),
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        "plain,pinned",
+    ]);
+    server.wait_healthy();
+    let describe = |m: &str| {
+        server
+            .manage("GET", &format!("/models/{m}"), "", b"")
+            .json()[0]
+            .clone()
+    };
+    let plain = describe("plain");
+    assert_eq!(
+        plain["workers"].as_array().map(Vec::len),
+        Some(2),
+        "{plain}"
+    );
+    assert_eq!(plain["responseTimeout"], 33, "{plain}");
+    assert_eq!(plain["jobQueueStatus"]["remainingCapacity"], 7, "{plain}");
+    // A model's own config wins over the server's defaults.
+    let pinned = describe("pinned");
+    assert_eq!(
+        pinned["workers"].as_array().map(Vec::len),
+        Some(1),
+        "{pinned}"
+    );
+    assert_eq!(pinned["responseTimeout"], 9, "{pinned}");
+    assert_eq!(pinned["jobQueueStatus"]["remainingCapacity"], 5, "{pinned}");
+    assert!(server
+        .log()
+        .contains("`enable_metrics_api` (config.properties) is not used by Cresset"));
+
+    // TLS settings stop the server, naming the key.
+    std::fs::write(&properties, "private_key_file=/etc/key.pem\n").expect("write");
+    let out = Command::new(cresset_e2e::cresset_bin())
+        .args(["serve", "--ts-config", properties.to_str().expect("utf-8")])
+        .output()
+        .expect("run cresset");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`private_key_file`") && stderr.contains("plain HTTP"),
+        "{stderr}"
+    );
+}

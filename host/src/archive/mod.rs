@@ -116,10 +116,27 @@ fn default_batch_delay() -> u64 {
     100
 }
 fn default_response_timeout() -> u64 {
-    120
+    MODEL_DEFAULTS.get().map_or(120, |d| d.response_timeout_s)
 }
 fn default_queue_size() -> u32 {
-    100
+    MODEL_DEFAULTS.get().map_or(100, |d| d.job_queue_size)
+}
+
+/// The server's defaults for what a model config leaves unset (`job_queue_size`,
+/// `default_response_timeout` in `cresset.toml` or TorchServe's `config.properties`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelDefaults {
+    /// `job_queue_size`.
+    pub job_queue_size: u32,
+    /// `response_timeout_s`.
+    pub response_timeout_s: u64,
+}
+
+static MODEL_DEFAULTS: std::sync::OnceLock<ModelDefaults> = std::sync::OnceLock::new();
+
+/// Set the server's model defaults, once, at start-up before any archive is read.
+pub fn set_model_defaults(defaults: ModelDefaults) {
+    let _ = MODEL_DEFAULTS.set(defaults);
 }
 
 impl Default for ModelConfig {

@@ -30,6 +30,8 @@ pub struct LoadContext {
     pub limits: ExtractLimits,
     /// Intra-op threads per instance; 0 = cores / instances.
     pub intra_op_threads: u32,
+    /// Workers for a model whose config leaves the counts unset (`None`: chosen per plugin).
+    pub default_workers: Option<u32>,
 }
 
 /// Why a version could not be loaded.

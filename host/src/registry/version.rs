@@ -287,7 +287,9 @@ impl ModelVersion {
             .plugin()
             .map(|l| l.description.capabilities)
             .unwrap_or_default();
-        let auto = pool::auto_workers(&self.config, caps, ctx.intra_op_threads);
+        let auto = ctx
+            .default_workers
+            .unwrap_or_else(|| pool::auto_workers(&self.config, caps, ctx.intra_op_threads));
         let (min, max) = self.config.worker_bounds(auto);
         let _ = self.worker_bounds.compare_exchange(
             self.initial_bounds(),

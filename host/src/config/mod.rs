@@ -1,6 +1,8 @@
 //! Command line, `cresset.toml` and `CRESSET_*` variables, merged into one validated
 //! [`ServerConfig`]. Precedence: flag or variable, then the file, then the default.
 
+mod properties;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -49,6 +51,22 @@ pub struct ServeArgs {
     /// A `cresset.toml` to read.
     #[arg(long, env = "CRESSET_CONFIG")]
     pub config: Option<PathBuf>,
+    /// A TorchServe `config.properties` to read instead of a `cresset.toml` (the keys with a
+    /// meaning here; others are logged; TLS keys are refused).
+    #[arg(long, env = "CRESSET_TS_CONFIG")]
+    pub ts_config: Option<PathBuf>,
+    /// Workers for a model whose config leaves `min_workers`/`max_workers` unset. [default:
+    /// chosen per model: one per core (at most 4) for plugins that share weights, else 1]
+    #[arg(long, env = "CRESSET_DEFAULT_WORKERS_PER_MODEL")]
+    pub default_workers_per_model: Option<u32>,
+    /// Queued requests per model before 503, where its config leaves `job_queue_size` unset.
+    /// [default: 100]
+    #[arg(long, env = "CRESSET_JOB_QUEUE_SIZE")]
+    pub job_queue_size: Option<u32>,
+    /// Seconds a client waits for a model whose config leaves `response_timeout_s` unset.
+    /// [default: 120]
+    #[arg(long, env = "CRESSET_DEFAULT_RESPONSE_TIMEOUT")]
+    pub default_response_timeout: Option<u64>,
     /// The folder holding model archives. [default: ./model_store]
     #[arg(long, env = "CRESSET_MODEL_STORE")]
     pub model_store: Option<PathBuf>,
@@ -156,6 +174,9 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     model_store: Option<PathBuf>,
+    default_workers_per_model: Option<u32>,
+    job_queue_size: Option<u32>,
+    default_response_timeout: Option<u64>,
     #[serde(default)]
     models: Vec<String>,
     inference_address: Option<String>,
@@ -236,8 +257,12 @@ pub struct ServerConfig {
     pub key_file: Option<PathBuf>,
     /// Whether the inference API needs its token (when there is a key file).
     pub inference_token_auth: bool,
-    /// Settings that are allowed but unwise, logged at start-up.
+    /// Settings that are allowed but unwise, or without effect, logged at start-up.
     pub warnings: Vec<String>,
+    /// Workers for models whose config leaves the counts unset (`None`: chosen per model).
+    pub default_workers_per_model: Option<u32>,
+    /// Defaults for what model configs leave unset.
+    pub model_defaults: crate::archive::ModelDefaults,
     /// The snapshot file, unless snapshots are off.
     pub snapshot_file: Option<PathBuf>,
     /// Log format.
@@ -257,16 +282,44 @@ fn parse_address(field: &str, value: &str) -> anyhow::Result<SocketAddr> {
 impl ServerConfig {
     /// Merge flags, variables and the file, and validate the result.
     pub fn resolve(args: ServeArgs) -> anyhow::Result<Self> {
-        let file: FileConfig = match &args.config {
-            Some(path) => {
+        let (file, file_warnings): (FileConfig, Vec<String>) = match (&args.config, &args.ts_config)
+        {
+            (Some(_), Some(_)) => bail!(
+                "give `config` (a cresset.toml) or `ts_config` (TorchServe's config.properties), not both"
+            ),
+            (Some(path), None) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read `config` {}", path.display()))?;
-                toml::from_str(&text).with_context(|| {
+                let file = toml::from_str(&text).with_context(|| {
                     format!("`config` {} is not a valid cresset.toml", path.display())
-                })?
+                })?;
+                (file, Vec::new())
             }
-            None => FileConfig::default(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read `ts_config` {}", path.display()))?;
+                properties::read(&text)
+                    .map_err(|m| anyhow::anyhow!("`ts_config` {}: {m}", path.display()))?
+            }
+            (None, None) => (FileConfig::default(), Vec::new()),
         };
+        let default_workers_per_model = args
+            .default_workers_per_model
+            .or(file.default_workers_per_model);
+        if let Some(n) = default_workers_per_model.filter(|n| *n > 1024) {
+            bail!("`default_workers_per_model` must be between 0 and 1024. Given: {n}");
+        }
+        let job_queue_size = args.job_queue_size.or(file.job_queue_size).unwrap_or(100);
+        if !(1..=1_000_000).contains(&job_queue_size) {
+            bail!("`job_queue_size` must be between 1 and 1000000. Given: {job_queue_size}");
+        }
+        let default_response_timeout = args
+            .default_response_timeout
+            .or(file.default_response_timeout)
+            .unwrap_or(120);
+        if !(1..=31_536_000).contains(&default_response_timeout) {
+            bail!("`default_response_timeout` must be between 1 and 31536000 seconds. Given: {default_response_timeout}");
+        }
         let model_store = args
             .model_store
             .or(file.model_store)
@@ -393,7 +446,7 @@ impl ServerConfig {
         }
         let worst_case = (max_concurrent_requests as u128 + max_bodies_in_transit as u128)
             * max_request_size as u128;
-        let mut warnings = Vec::new();
+        let mut warnings = file_warnings;
         if let Some(memory) = memory.filter(|&m| worst_case > u128::from(m)) {
             warnings.push(format!(
                 "request bodies at their caps ((`max_concurrent_requests` {max_concurrent_requests} + `max_bodies_in_transit` {max_bodies_in_transit}) x `max_request_size` {max_request_size} bytes) would take more than this machine's {memory} bytes of memory"
@@ -472,6 +525,11 @@ impl ServerConfig {
             key_file,
             inference_token_auth,
             warnings,
+            default_workers_per_model,
+            model_defaults: crate::archive::ModelDefaults {
+                job_queue_size,
+                response_timeout_s: default_response_timeout,
+            },
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log,
         })

@@ -212,6 +212,21 @@ fn announce_keys(config: &ServerConfig, path: &std::path::Path, management: &str
 }
 
 fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
+    if let Some(code) = &args.model_file {
+        anyhow::bail!(
+            "`--model-file` {}: Cresset does not run Python model code; export the model to \
+             TorchScript (torch.jit.save) or a safetensors checkpoint and pass it as \
+             --serialized-file",
+            code.display()
+        );
+    }
+    if let Some(requirements) = &args.requirements_file {
+        anyhow::bail!(
+            "`--requirements-file` {}: Cresset installs nothing at run time; put what the \
+             handler needs into the server's image",
+            requirements.display()
+        );
+    }
     let path = create_archive(&ArchiveOptions {
         model_name: args.model_name,
         version: args.version,
@@ -223,6 +238,7 @@ fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
         format: args.archive_format,
         export_path: args.export_path,
         force: args.force,
+        runtime: args.runtime,
     })?;
     println!("{}", path.display());
     Ok(())

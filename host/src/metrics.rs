@@ -1,5 +1,5 @@
-//! Prometheus metrics, `cresset_` prefixed (see ARCHITECTURE.md for the names); plugins' own
-//! under `cresset_plugin_`.
+//! Prometheus metrics, `cresset_` prefixed (see ARCHITECTURE.md for the names), plugins' own
+//! included: a plugin's name without the prefix gets it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,8 +13,16 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0,
 ];
 
-/// The prefix of every metric a plugin reports.
-pub const PLUGIN_PREFIX: &str = "cresset_plugin_";
+/// The server's prefix, which every metric a plugin reports is under.
+pub const PREFIX: &str = "cresset_";
+
+/// A plugin's metric name under the server's prefix (kept as it is when it already is).
+fn prefixed(name: &str) -> String {
+    match name.starts_with(PREFIX) {
+        true => name.to_owned(),
+        false => format!("{PREFIX}{name}"),
+    }
+}
 
 /// The server's metrics, and the metrics plugins report.
 pub struct Metrics {
@@ -148,10 +156,11 @@ impl Metrics {
         let mut values: Vec<&str> = vec![model, version];
         values.extend(labels.iter().map(|(_, v)| v.as_str()));
         let help = if help.is_empty() { name } else { help };
+        let full = prefixed(name);
+        let name = full.as_str();
         let mut map = self.plugin.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(name) {
-            // Under the server's prefix, apart from the host's own names.
-            let opts = Opts::new(format!("{PLUGIN_PREFIX}{name}"), help);
+            let opts = Opts::new(name, help);
             let metric = match kind {
                 MetricKind::COUNTER => CounterVec::new(opts, &keys).map(PluginMetric::Counter),
                 MetricKind::GAUGE => GaugeVec::new(opts, &keys).map(PluginMetric::Gauge),
@@ -206,7 +215,7 @@ impl Metrics {
                     "cresset_model_load_seconds" => self.model_load_seconds.remove(&labels),
                     "cresset_queue_depth" => self.queue_depth.remove(&labels),
                     "cresset_workers" => self.workers.remove(&labels),
-                    name => match name.strip_prefix(PLUGIN_PREFIX).and_then(|n| plugin.get(n)) {
+                    name => match plugin.get(name) {
                         Some(PluginMetric::Counter(m)) => m.remove(&labels),
                         Some(PluginMetric::Gauge(m)) => m.remove(&labels),
                         Some(PluginMetric::Histogram(m)) => m.remove(&labels),

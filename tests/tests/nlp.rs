@@ -401,8 +401,8 @@ fn the_default_store_serves_real_minilm_embeddings() {
         assert_eq!(h.join().expect("thread"), 200);
     }
     let metrics = server.metrics_text();
-    let passes = metric_value(&metrics, "cresset_plugin_nlp_forward_passes_total")
-        .expect("the plugin's counter");
+    let passes =
+        metric_value(&metrics, "cresset_nlp_forward_passes_total").expect("the plugin's counter");
     assert!(
         passes < 17.0,
         "17 requests took {passes} forward passes: they were not batched"

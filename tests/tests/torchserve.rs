@@ -232,3 +232,145 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
     assert_eq!(listed["models"], json!([]), "{listed}");
     assert_eq!(server.get("/ping").status, 200);
 }
+
+/// Each archive's `MAR-INF/MANIFEST.json`, file names and whether every entry is stored
+/// uncompressed, as Python's `zipfile` reads them.
+fn read_with_python_zipfile(paths: &[PathBuf]) -> Value {
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let script = "import json, sys, zipfile\n\
+        out = {}\n\
+        for path in sys.argv[1:]:\n\
+        \x20   z = zipfile.ZipFile(path)\n\
+        \x20   out[path] = {\n\
+        \x20       'manifest': json.loads(z.read('MAR-INF/MANIFEST.json')),\n\
+        \x20       'names': sorted(z.namelist()),\n\
+        \x20       'stored': all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist()),\n\
+        \x20   }\n\
+        print(json.dumps(out))\n";
+    let out = Command::new(Path::new(&venv).join("bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(paths)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn cresset_archive_writes_a_mar_in_torchserves_layout_that_both_servers_can_read() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    inputs(work.path());
+    // torch-model-archiver's .mar of the same inputs, for the layout to match.
+    archive_iris(work.path(), store.path(), "iris_ts", "default");
+    let file = |name: &str| work.path().join(name).to_str().expect("utf-8").to_owned();
+    for (format, name) in [("default", "iris_c"), ("zip-store", "iris_s")] {
+        let (ok, out, err) = cresset_e2e::run_archiver(&[
+            "--model-name",
+            name,
+            "-v",
+            "1.0",
+            "--serialized-file",
+            &file("iris.pt"),
+            "--handler",
+            "torchscript",
+            "--extra-files",
+            &file("index_to_name.json"),
+            "-c",
+            &file("model-config.yaml"),
+            "--archive-format",
+            format,
+            "--export-path",
+            store.path().to_str().expect("utf-8"),
+        ]);
+        assert!(ok, "cresset archive {format}: {out}{err}");
+        assert!(
+            err.contains("`startupTimeout`"),
+            "the warning is shown: {err}"
+        );
+    }
+    let paths: Vec<PathBuf> = ["iris_ts", "iris_c", "iris_s"]
+        .iter()
+        .map(|n| store.path().join(format!("{n}.mar")))
+        .collect();
+    let read = read_with_python_zipfile(&paths);
+    let entry = |i: usize| &read[paths[i].to_str().expect("utf-8")];
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let (theirs, ours, stored) = (entry(0), entry(1), entry(2));
+    // The same manifest fields as torch-model-archiver writes, for the same inputs.
+    assert_eq!(keys(&ours["manifest"]), keys(&theirs["manifest"]));
+    assert_eq!(
+        keys(&ours["manifest"]["model"]),
+        keys(&theirs["manifest"]["model"])
+    );
+    for field in [
+        "modelName",
+        "handler",
+        "serializedFile",
+        "configFile",
+        "modelVersion",
+    ] {
+        if field != "modelName" {
+            assert_eq!(
+                ours["manifest"]["model"][field], theirs["manifest"]["model"][field],
+                "{field}"
+            );
+        }
+    }
+    assert_eq!(ours["manifest"]["runtime"], "LSP");
+    assert_eq!(ours["manifest"]["model"]["handler"], "TorchScriptHandler");
+    // Every file torch-model-archiver puts at the root is there (ours adds MANIFEST.toml).
+    let names = |v: &Value| -> Vec<String> {
+        v["names"]
+            .as_array()
+            .expect("names")
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect()
+    };
+    for name in names(theirs) {
+        assert!(
+            names(ours).contains(&name),
+            "{name} is missing: {:?}",
+            names(ours)
+        );
+    }
+    assert_eq!(ours["stored"], false);
+    assert_eq!(stored["stored"], true, "zip-store stores");
+
+    let server = Server::start(&["--model-store", store.path().to_str().expect("utf-8")]);
+    server.wait_healthy();
+    for model in ["iris_ts", "iris_c", "iris_s"] {
+        server.register(&format!("url={model}.mar&synchronous=true"));
+    }
+    let want = predict(&server, "iris_ts");
+    assert_eq!(predict(&server, "iris_c"), want);
+    assert_eq!(predict(&server, "iris_s"), want);
+
+    // What a Cresset archive cannot hold is refused, naming the flag.
+    for (flag, says) in [
+        ("--model-file", "Python model code"),
+        ("-r", "installs nothing"),
+    ] {
+        let (ok, _, err) = cresset_e2e::run_archiver(&[
+            "--model-name",
+            "x",
+            "--handler",
+            "torchscript",
+            flag,
+            &file("iris.pt"),
+            "--export-path",
+            store.path().to_str().expect("utf-8"),
+        ]);
+        assert!(!ok && err.contains(says), "{flag}: {err}");
+    }
+}

@@ -11,7 +11,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{
-    validate_name, Manifest, ManifestModel, ModelConfig, MANIFEST_FILE, MODEL_CONFIG_FILE,
+    torchserve, validate_name, Manifest, ManifestModel, ModelConfig, MANIFEST_FILE,
+    MODEL_CONFIG_FILE,
 };
 
 /// How the archive is written.
@@ -23,6 +24,13 @@ pub enum ArchiveFormat {
     Zip,
     /// A plain directory, `<name>/`.
     NoArchive,
+    /// TorchServe's `.mar` (`torch-model-archiver`'s `default`): a deflated zip that also
+    /// carries `MAR-INF/MANIFEST.json` (and the model config as `model-config.yaml`).
+    #[value(name = "default")]
+    Mar,
+    /// TorchServe's `.mar` stored without compression (`zip-store`).
+    #[value(name = "zip-store")]
+    MarStore,
 }
 
 impl ArchiveFormat {
@@ -32,7 +40,13 @@ impl ArchiveFormat {
             Self::Tgz => ".tar.gz",
             Self::Zip => ".zip",
             Self::NoArchive => "",
+            Self::Mar | Self::MarStore => ".mar",
         }
+    }
+
+    /// Whether TorchServe can read it (a `.mar`).
+    fn torchserve(self) -> bool {
+        matches!(self, Self::Mar | Self::MarStore)
     }
 }
 
@@ -59,6 +73,10 @@ pub struct ArchiveOptions {
     pub export_path: PathBuf,
     /// Overwrite an existing archive.
     pub force: bool,
+    /// TorchServe's `runtime` for a `.mar`'s manifest (`python`, `python3` or `LSP`; by default
+    /// `LSP` for the `torchscript` plugin, which TorchServe's C++ `TorchScriptHandler` can
+    /// serve, else `python`).
+    pub runtime: Option<String>,
 }
 
 /// One file to store: where it is, and its path inside the archive.
@@ -135,21 +153,63 @@ pub fn create_archive(opts: &ArchiveOptions) -> anyhow::Result<PathBuf> {
         name: MANIFEST_FILE.into(),
     });
 
+    let mut config_yaml = None;
     if let Some(config) = &opts.config_file {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("cannot read `--config-file` {}", config.display()))?;
-        let parsed: ModelConfig = toml::from_str(&text).with_context(|| {
-            format!(
-                "`--config-file` {} is not a valid model-config.toml",
-                config.display()
-            )
-        })?;
+        let yaml = config
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        let parsed: ModelConfig = if yaml {
+            torchserve::model_config_from_yaml(&text)
+                .map_err(|m| anyhow::anyhow!("`--config-file` {}: {m}", config.display()))?
+        } else {
+            toml::from_str(&text).with_context(|| {
+                format!(
+                    "`--config-file` {} is not a valid model-config.toml",
+                    config.display()
+                )
+            })?
+        };
         parsed
             .validate()
             .map_err(|m| anyhow::anyhow!("`--config-file` {}: {m}", config.display()))?;
+        for warning in &parsed.warnings {
+            eprintln!("cresset archive: warning: {warning}");
+        }
+        if yaml {
+            config_yaml = Some(text.into_bytes());
+        } else {
+            // A .mar also carries the config in TorchServe's keys, for TorchServe to read.
+            if opts.format.torchserve() {
+                config_yaml = Some(torchserve::model_config_to_yaml(&parsed)?.into_bytes());
+            }
+            items.push(Item {
+                source: Source::Bytes(text.into_bytes()),
+                name: MODEL_CONFIG_FILE.into(),
+            });
+        }
+    }
+    if let Some(bytes) = config_yaml {
         items.push(Item {
-            source: Source::Bytes(text.into_bytes()),
-            name: MODEL_CONFIG_FILE.into(),
+            source: Source::Bytes(bytes),
+            name: torchserve::MODEL_CONFIG_YAML.into(),
+        });
+    }
+    if opts.format.torchserve() {
+        let runtime = match opts.runtime.as_deref() {
+            None if manifest.model.handler == "torchscript" => "LSP",
+            None => "python",
+            Some(r @ ("python" | "python3" | "LSP")) => r,
+            Some(other) => {
+                bail!("`--runtime` must be python, python3 or LSP. Given: {other:?}")
+            }
+        };
+        let json =
+            torchserve::mar_manifest_json(&manifest.model, runtime, opts.config_file.is_some());
+        items.push(Item {
+            source: Source::Bytes(json.into_bytes()),
+            name: torchserve::MAR_MANIFEST_FILE.into(),
         });
     }
     for path in opts.serialized_file.iter().chain(&opts.extra_files) {
@@ -227,12 +287,16 @@ pub fn create_archive(opts: &ArchiveOptions) -> anyhow::Result<PathBuf> {
             tar.into_inner()?.finish()?.sync_all()?;
             tmp.persist(&out)?;
         }
-        ArchiveFormat::Zip => {
+        ArchiveFormat::Zip | ArchiveFormat::Mar | ArchiveFormat::MarStore => {
+            let method = match opts.format {
+                ArchiveFormat::MarStore => zip::CompressionMethod::Stored,
+                _ => zip::CompressionMethod::Deflated,
+            };
             let tmp = tempfile::NamedTempFile::new_in(&opts.export_path)?;
             let mut zip = zip::ZipWriter::new(tmp.reopen()?);
             for item in &items {
                 let options = zip::write::SimpleFileOptions::default()
-                    .compression_method(zip::CompressionMethod::Deflated)
+                    .compression_method(method)
                     .last_modified_time(zip::DateTime::default())
                     .unix_permissions(0o644)
                     .large_file(item.len()? > u32::MAX as u64);

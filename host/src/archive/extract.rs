@@ -161,7 +161,9 @@ pub fn extract(
     };
     match format {
         ArchiveFormat::Tgz => extract_tgz(archive, dest, &mut budget),
-        ArchiveFormat::Zip => extract_zip(archive, dest, &mut budget),
+        ArchiveFormat::Zip | ArchiveFormat::Mar | ArchiveFormat::MarStore => {
+            extract_zip(archive, dest, &mut budget)
+        }
         ArchiveFormat::NoArchive => {
             Err(ExtractError::Corrupt("a directory is not extracted".into()))
         }

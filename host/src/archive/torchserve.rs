@@ -170,6 +170,72 @@ fn handler(runtime: &str, handler: &str, dir: &Path) -> Result<String, String> {
     Ok(base.to_owned())
 }
 
+/// `MAR-INF/MANIFEST.json` for a Cresset archive written as a `.mar`, in the fields
+/// `torch-model-archiver` 0.12 writes. The `torchscript` plugin is TorchServe's C++
+/// `TorchScriptHandler` under the `LSP` runtime.
+pub fn mar_manifest_json(model: &ManifestModel, runtime: &str, has_config: bool) -> String {
+    let handler = match (model.handler.as_str(), runtime) {
+        ("torchscript", "LSP") => "TorchScriptHandler".to_owned(),
+        (h, _) => Path::new(h)
+            .file_name()
+            .map_or_else(|| h.to_owned(), |f| f.to_string_lossy().into_owned()),
+    };
+    let mut entry = serde_json::Map::new();
+    entry.insert("modelName".into(), model.name.clone().into());
+    if let Some(file) = &model.serialized_file {
+        entry.insert("serializedFile".into(), file.clone().into());
+    }
+    entry.insert("handler".into(), handler.into());
+    entry.insert("modelVersion".into(), model.version.clone().into());
+    if has_config {
+        entry.insert("configFile".into(), MODEL_CONFIG_YAML.into());
+    }
+    let manifest = serde_json::json!({
+        // Fixed, so that the same inputs give the same bytes (archives are reproducible).
+        "createdOn": "01/01/1970 00:00:00",
+        "runtime": runtime,
+        "model": entry,
+        "archiverVersion": format!("cresset {}", env!("CARGO_PKG_VERSION")),
+    });
+    serde_json::to_string_pretty(&manifest).unwrap_or_default()
+}
+
+/// A model config as `model-config.yaml` in TorchServe's keys (written as JSON, which YAML
+/// reads), for a `.mar` that TorchServe may read too.
+pub fn model_config_to_yaml(config: &ModelConfig) -> anyhow::Result<String> {
+    let mut out = serde_json::Map::new();
+    if let Some(n) = config.min_workers {
+        out.insert("minWorkers".into(), n.into());
+    }
+    if let Some(n) = config.max_workers {
+        out.insert("maxWorkers".into(), n.into());
+    }
+    out.insert("batchSize".into(), config.batch_size.into());
+    out.insert("maxBatchDelay".into(), config.max_batch_delay_ms.into());
+    out.insert("responseTimeout".into(), config.response_timeout_s.into());
+    out.insert("jobQueueSize".into(), config.job_queue_size.into());
+    out.insert(
+        "deviceType".into(),
+        serde_json::to_value(config.device_type)?,
+    );
+    if !config.device_ids.is_empty() {
+        out.insert(
+            "deviceIds".into(),
+            serde_json::to_value(&config.device_ids)?,
+        );
+    }
+    if !config.parallel_type.is_empty() {
+        out.insert("parallelType".into(), config.parallel_type.clone().into());
+    }
+    if !config.handler.is_empty() {
+        out.insert("handler".into(), serde_json::to_value(&config.handler)?);
+    }
+    Ok(format!(
+        "# TorchServe's keys, written by cresset archive (JSON is YAML)\n{}\n",
+        serde_json::to_string_pretty(&Value::Object(out))?
+    ))
+}
+
 /// The frontend keys of TorchServe's `model-config.yaml` that Cresset does not implement, and
 /// backend sections its Python handlers read: accepted with a warning.
 const ACCEPTED_WITHOUT_EFFECT: [&str; 18] = [

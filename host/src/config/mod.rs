@@ -630,7 +630,7 @@ pub struct ArchiveArgs {
     #[arg(long)]
     pub model_name: String,
     /// The model version.
-    #[arg(long, default_value = "1.0")]
+    #[arg(short = 'v', long, default_value = "1.0")]
     pub version: String,
     /// A built-in plugin name (`echo`, `torchscript`, ...) or the path of a plugin library to
     /// bundle.
@@ -642,20 +642,30 @@ pub struct ArchiveArgs {
     /// More files or folders, comma-separated, stored at the root under their own names.
     #[arg(long, value_delimiter = ',')]
     pub extra_files: Vec<PathBuf>,
-    /// A `model-config.toml` to include.
-    #[arg(long)]
+    /// A `model-config.toml`, or a `model-config.yaml` in TorchServe's keys, to include.
+    #[arg(short = 'c', long)]
     pub config_file: Option<PathBuf>,
+    /// TorchServe's `--model-file` (Python model code): refused, as Cresset does not run it.
+    #[arg(long)]
+    pub model_file: Option<PathBuf>,
+    /// TorchServe's `--requirements-file`: refused, as Cresset installs nothing at run time.
+    #[arg(short = 'r', long)]
+    pub requirements_file: Option<PathBuf>,
+    /// TorchServe's runtime for a `.mar`'s manifest: python, python3 or LSP. [default: LSP for
+    /// the torchscript plugin, else python]
+    #[arg(long)]
+    pub runtime: Option<String>,
     /// One line describing the model.
     #[arg(long, default_value = "")]
     pub description: String,
-    /// Output format.
+    /// Output format: tgz, zip, no-archive, or TorchServe's default (a .mar) and zip-store.
     #[arg(long, value_enum, default_value = "tgz")]
     pub archive_format: ArchiveFormat,
     /// Folder to write the archive to.
     #[arg(long, default_value = ".")]
     pub export_path: PathBuf,
     /// Overwrite an existing archive.
-    #[arg(long)]
+    #[arg(short = 'f', long)]
     pub force: bool,
 }
 

@@ -335,6 +335,28 @@ fn bad_inputs_get_400_naming_the_problem_and_the_server_stays_healthy() {
         &json!({"data": "hi", "max_new_tokens": 2}),
     );
     assert_eq!(ok.status, 200, "{}", ok.text());
+    // A misspelled setting is refused at registration, naming it and what was meant.
+    let typo = archive(out.path(), "bert-seq", "typo", "tgz", "max_lenght = 32");
+    let file = typo
+        .split_once('=')
+        .map_or(typo.as_str(), |(_, f)| f)
+        .to_owned();
+    let bytes = std::fs::read(&file).expect("read the archive");
+    let reply = server.manage(
+        "POST",
+        "/models?synchronous=true",
+        "application/octet-stream",
+        &bytes,
+    );
+    let message = reply.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(
+        message.contains("`handler.max_lenght`") && message.contains("did you mean `max_length`?"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -10,6 +10,56 @@ fn bad(key: &str, wanted: &str, given: &Value) -> PluginError {
     PluginError::invalid_input(format!("`handler.{key}` must be {wanted}. Given: {given}"))
 }
 
+/// Refuse any key of the `[handler]` table that is not in `known`, naming it (and the known key
+/// it is closest to): a typo never passes silently. Call it first in `initialize` (or in
+/// `SharedModel::load`) with every key the plugin reads.
+pub fn only(config: &Value, known: &[&str]) -> Result<(), PluginError> {
+    let Some(table) = config.as_object() else {
+        return Err(PluginError::invalid_input(format!(
+            "`[handler]` must be a table of settings. Given: {config}"
+        )));
+    };
+    for key in table.keys() {
+        if known.contains(&key.as_str()) {
+            continue;
+        }
+        let nearest = known
+            .iter()
+            .map(|k| (edit_distance(k, key), *k))
+            .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+            .min();
+        let hint = match nearest {
+            Some((_, k)) => format!(" (did you mean `{k}`?)"),
+            None => String::new(),
+        };
+        let mut listed: Vec<&str> = known.to_vec();
+        listed.sort_unstable();
+        return Err(PluginError::invalid_input(format!(
+            "unknown setting `handler.{key}`{hint}; this handler reads: {}",
+            listed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Levenshtein distance, for suggestions (keys are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// A string, if present.
 pub fn string<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
     match config.get(key) {
@@ -89,4 +139,28 @@ pub fn path_inside(dir: &Path, key: &str, rel: &str) -> Result<PathBuf, PluginEr
         )));
     }
     Ok(dir.join(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_nearest_known_one() {
+        let known = ["max_length", "truncation", "mode"];
+        assert!(only(&json!({"mode": "x", "max_length": 3}), &known).is_ok());
+        let err = only(&json!({"max_lenght": 3}), &known).expect_err("typo");
+        assert!(
+            err.message.contains("`handler.max_lenght`")
+                && err.message.contains("did you mean `max_length`?"),
+            "{}",
+            err.message
+        );
+        let err = only(&json!({"colour": "red"}), &known).expect_err("unknown");
+        assert!(!err.message.contains("did you mean"), "{}", err.message);
+        assert!(err.message.contains("max_length, mode, truncation"));
+        assert!(only(&json!([1]), &known).is_err());
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
 }

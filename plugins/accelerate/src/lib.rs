@@ -34,6 +34,12 @@ use cresset_plugin_api::{Capabilities, PluginError, Request};
 use cresset_torch::decoder::Decoder;
 use serde_json::{Map, Value};
 
+/// The most bytes of `setup_config.json` read.
+const MAX_SETUP_BYTES: u64 = 1 << 20;
+
+/// The reference handler's own keys, besides the `gpt` handler's ([`cresset_llm::HANDLER_KEYS`]).
+const OWN_KEYS: [&str; 2] = ["revision", "torch_dtype"];
+
 /// The weight dtypes `torch_dtype` may name.
 const DTYPES: [&str; 3] = ["float16", "bfloat16", "float32"];
 
@@ -54,9 +60,23 @@ fn merged_settings(ctx: &InitContext) -> Result<Map<String, Value>, PluginError>
     let mut merged = Map::new();
     let setup = ctx.model_dir.join("setup_config.json");
     if setup.is_file() {
-        let text = std::fs::read_to_string(&setup).map_err(|e| {
-            PluginError::invalid_input(format!("cannot read setup_config.json: {e}"))
-        })?;
+        // A settings file is small; an archive's is read with a bound all the same.
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(
+                std::fs::File::open(&setup).map_err(|e| {
+                    PluginError::invalid_input(format!("cannot read setup_config.json: {e}"))
+                })?,
+                MAX_SETUP_BYTES + 1,
+            ),
+            &mut text,
+        )
+        .map_err(|e| PluginError::invalid_input(format!("cannot read setup_config.json: {e}")))?;
+        if text.len() as u64 > MAX_SETUP_BYTES {
+            return Err(PluginError::invalid_input(format!(
+                "setup_config.json is larger than {MAX_SETUP_BYTES} bytes"
+            )));
+        }
         match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(map)) => merged.extend(map),
             Ok(_) => {
@@ -87,6 +107,12 @@ fn merged_settings(ctx: &InitContext) -> Result<Map<String, Value>, PluginError>
 fn gpt_settings(ctx: &InitContext) -> Result<Value, PluginError> {
     let mut config = merged_settings(ctx)?;
     let view = Value::Object(config.clone());
+    let known: Vec<&str> = cresset_llm::HANDLER_KEYS
+        .iter()
+        .chain(&OWN_KEYS)
+        .copied()
+        .collect();
+    settings::only(&view, &known)?;
     if let Some(revision) = settings::string(&view, "revision")? {
         if revision != ctx.model_version && revision != "main" {
             return Err(PluginError::invalid_input(format!(
@@ -95,13 +121,30 @@ fn gpt_settings(ctx: &InitContext) -> Result<Value, PluginError> {
             )));
         }
     }
-    let dtype = settings::string(&view, "torch_dtype")?.unwrap_or("float32");
-    if !DTYPES.contains(&dtype) {
-        return Err(PluginError::invalid_input(format!(
-            "`torch_dtype` must be one of {DTYPES:?}; got {dtype:?}"
-        )));
+    // `torch_dtype` (the reference's key) becomes the `gpt` handler's `dtype`; a `dtype` of
+    // its own is taken as it is when `torch_dtype` is absent.
+    match (settings::string(&view, "torch_dtype")?, view.get("dtype")) {
+        (Some(_), Some(_)) => {
+            return Err(PluginError::invalid_input(
+                "give `torch_dtype` or `dtype`, not both",
+            ))
+        }
+        (Some(dtype), None) => {
+            if !DTYPES.contains(&dtype) {
+                return Err(PluginError::invalid_input(format!(
+                    "`torch_dtype` must be one of {DTYPES:?}; got {dtype:?}"
+                )));
+            }
+            config.insert("dtype".into(), Value::from(dtype));
+        }
+        (None, Some(_)) => {}
+        (None, None) => {
+            config.insert("dtype".into(), Value::from("float32"));
+        }
     }
-    config.insert("dtype".into(), Value::from(dtype));
+    for own in OWN_KEYS {
+        config.remove(own);
+    }
     settings::integer(&view, "max_length", 1, 1 << 22)?;
     // The planner and the loader take the rest of Accelerate's keys as they are. Layer-by-layer
     // loading is this handler's default (transformers turns it on whenever a device map is

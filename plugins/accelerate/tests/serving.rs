@@ -161,6 +161,15 @@ fn bad_settings_are_refused_naming_the_field() {
     let root = archive(&dir);
     for (settings, field) in [
         (json!({"revision": "2.0"}), "revision"),
+        // A typo is refused, naming the key it is closest to.
+        (
+            json!({"offload_state_dic": true}),
+            "did you mean `offload_state_dict`?",
+        ),
+        (
+            json!({"torch_dtype": "float32", "dtype": "bfloat16"}),
+            "not both",
+        ),
         (json!({"torch_dtype": "float64"}), "torch_dtype"),
         (json!({"max_length": 0}), "max_length"),
         (json!({"low_cpu_mem_usage": "yes"}), "low_cpu_mem_usage"),

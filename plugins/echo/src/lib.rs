@@ -20,7 +20,9 @@ impl Handler for Echo {
     type Input = (String, Vec<u8>);
     type Output = (String, Vec<u8>);
 
-    fn initialize(_ctx: &InitContext) -> Result<Self, PluginError> {
+    fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        // No settings: any `[handler]` key is a mistake worth hearing about.
+        cresset_plugin_api::sdk::settings::only(&ctx.handler_config, &[])?;
         tracing::debug!("echo instance ready");
         Ok(Echo)
     }

@@ -687,6 +687,7 @@ fn quantize_and_dtype_choose_how_the_weights_are_held_and_bad_values_are_refused
             "`handler.group_size`",
         ),
         (json!({"dtype": "float8"}), "`dtype`"),
+        (json!({"max_seq_length": 64}), "did you mean `max_seq_len`?"),
         (json!({"quantize": "int8", "tp_shards": 2}), "quantized"),
     ] {
         let err = load(&tied, config.clone()).err().expect("refused");

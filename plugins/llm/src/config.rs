@@ -105,10 +105,34 @@ pub(crate) struct DraftSettings {
     pub k: usize,
 }
 
+/// The `[handler]` keys the `gpt` handler reads (any other is refused, naming it).
+pub const HANDLER_KEYS: [&str; 18] = [
+    "model_path",
+    "model_file",
+    "dtype",
+    "quantize",
+    "group_size",
+    "tp_shards",
+    "chat_template",
+    "draft_model",
+    "speculate_k",
+    "max_new_tokens",
+    "prefill_tokens_per_step",
+    "max_seq_len",
+    // Accelerate's settings (the device map and layer-by-layer loading).
+    "max_length",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "low_cpu_mem_usage",
+    "offload_state_dict",
+];
+
 impl Settings {
     /// Read and check every setting that does not depend on the checkpoint.
     pub fn read(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
+        settings::only(config, &HANDLER_KEYS)?;
         let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
         let dtype = Dtype::parse(settings::string(config, "dtype")?.unwrap_or("auto"))
             .map_err(PluginError::from)?;

@@ -62,9 +62,27 @@ fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
     candidates.iter().find_map(|t| tokenizer.token_to_id(t))
 }
 
+/// The `[handler]` keys this plugin reads (any other is refused, naming it).
+pub const HANDLER_KEYS: [&str; 13] = [
+    "model_path",
+    "mode",
+    "dtype",
+    "max_length",
+    "truncation",
+    "max_batch_tokens",
+    "doc_stride",
+    "max_answer_len",
+    "handle_impossible_answer",
+    "max_new_tokens",
+    "n_steps",
+    "explain_batch",
+    "labels_file",
+];
+
 impl SharedModel for NlpModel {
     fn load(ctx: &LoadContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
+        settings::only(config, &HANDLER_KEYS)?;
         let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
         let hf = HfConfig::read(&dir).map_err(PluginError::from)?;
         let mode = match settings::string(config, "mode")? {

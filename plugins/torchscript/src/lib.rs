@@ -265,6 +265,7 @@ impl Handler for TorchScriptHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
+        settings::only(config, &["model_file", "labels_file", "topk", "softmax"])?;
         // The archive's main model file (`--serialized-file`, a `.mar`'s `serializedFile`) is
         // the default.
         let serialized = ctx
@@ -579,6 +580,17 @@ mod tests {
         .err()
         .expect("refused");
         assert_eq!(err.code, ErrorCode::NOT_FOUND);
+        let err = TorchScriptHandler::initialize(&testing::init_context(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../model_store/iris"),
+            json!({"top_k": 2}),
+        ))
+        .err()
+        .expect("refused");
+        assert!(
+            err.message.contains("`handler.top_k`") && err.message.contains("`topk`"),
+            "{}",
+            err.message
+        );
     }
 
     /// On a GPU machine: the same model on `cuda:0` answers as on the CPU (within 1e-5).

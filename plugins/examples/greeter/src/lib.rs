@@ -27,6 +27,8 @@ impl Handler for Greeter {
     type Output = Greeting;
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
+        // Every key this handler reads: a typo in `[handler]` is refused, naming it.
+        cresset_plugin_api::sdk::settings::only(&ctx.handler_config, &["greeting"])?;
         let greeting = match ctx.handler_config.get("greeting") {
             None => "Hello".to_owned(),
             Some(v) => v.as_str().map(str::to_owned).ok_or_else(|| {

@@ -235,6 +235,44 @@ fn models_register_from_a_json_body_and_describe_has_the_queue_status() {
     }
     let big = json!({"url": "x".repeat(70_000)});
     assert_eq!(register("", &big).status, 413);
+
+    // TorchServe's words for each management answer.
+    let said = |r: cresset_e2e::Reply| {
+        (
+            r.status,
+            r.json()["status"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    assert_eq!(
+        said(register("", &json!({"url": "echo", "model_name": "later"}))),
+        (202, "Processing worker updates...".to_owned())
+    );
+    assert_eq!(
+        said(register("", &json!({"url": "echo", "model_name": "idle", "initial_workers": 0}))),
+        (
+            200,
+            "Model \"idle\" Version: 1.0 registered with 0 initial workers. Use scale workers API to add workers for the model."
+                .to_owned()
+        )
+    );
+    assert_eq!(
+        said(server.manage("PUT", "/models/idle?min_worker=1&synchronous=true", "", b"")),
+        (
+            200,
+            "Workers scaled to 1 for model: idle, version: 1.0".to_owned()
+        )
+    );
+    assert_eq!(
+        said(server.manage("PUT", "/models/idle/1.0/set-default", "", b"")),
+        (
+            200,
+            "Default version successfully updated for model \"idle\" to \"1.0\"".to_owned()
+        )
+    );
+    assert_eq!(
+        said(server.manage("DELETE", "/models/idle", "", b"")),
+        (200, "Model \"idle\" unregistered".to_owned())
+    );
 }
 
 #[test]

@@ -249,18 +249,23 @@ async fn register(
             RegisterError::Registry(e) => refused(e.into()),
             other => ApiError::Internal(other.to_string()),
         })?;
-    if !params.synchronous.unwrap_or(false) {
-        // Unset, the count is chosen once the plugin is loaded.
-        let workers = match version.config.min_workers {
-            Some(n) => format!("{n} workers"),
-            None => "its workers".to_owned(),
-        };
-        return Ok(status(
-            actix_web::http::StatusCode::ACCEPTED,
+    // TorchServe's words: a registration with no workers to start is answered at once.
+    let no_workers = || {
+        status(
+            actix_web::http::StatusCode::OK,
             format!(
-                "Model \"{}\" Version: {} registered; starting {workers} in the background",
+                "Model \"{}\" Version: {} registered with 0 initial workers. Use scale workers API to add workers for the model.",
                 version.name, version.version
             ),
+        )
+    };
+    if !params.synchronous.unwrap_or(false) {
+        if version.config.min_workers == Some(0) {
+            return Ok(no_workers());
+        }
+        return Ok(status(
+            actix_web::http::StatusCode::ACCEPTED,
+            "Processing worker updates...".into(),
         ));
     }
     match version.settled().await {
@@ -277,6 +282,7 @@ async fn register(
             "model `{}` version `{}` was unregistered while it was loading",
             version.name, version.version
         ))),
+        _ if version.worker_bounds().0 == 0 => Ok(no_workers()),
         _ => Ok(status(
             actix_web::http::StatusCode::OK,
             format!(
@@ -565,12 +571,17 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
     let params: ScaleParams = query(&req)?;
     let model = req.match_info().get("model").unwrap_or_default();
     let version = state.registry.get(model, req.match_info().get("version"))?;
-    if version.state() != ModelState::Ready {
+    // A version still loading (registered without `synchronous`) is scaled once it is loaded.
+    let now = match version.state() {
+        ModelState::Loading => version.settled().await,
+        other => other,
+    };
+    if now != ModelState::Ready {
         return Err(ApiError::Conflict(format!(
             "model `{}` version `{}` is {}; only a Ready version can be scaled",
             version.name,
             version.version,
-            version.state().name()
+            now.name()
         )));
     }
     let (old_min, old_max) = version.worker_bounds();
@@ -651,6 +662,6 @@ async fn unregister(
     persisted.map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))?;
     Ok(status(
         actix_web::http::StatusCode::OK,
-        format!("Model \"{name}\" version {version} unregistered"),
+        format!("Model \"{name}\" unregistered"),
     ))
 }

@@ -141,3 +141,98 @@ fn every_listener_describes_itself_in_openapi() {
         serde_json::from_str(&options.body_mut().read_to_string().expect("body")).expect("json");
     assert_eq!(doc, inference);
 }
+
+#[test]
+fn kserve_bodies_are_checked_by_the_host_and_echo_answers_in_each_protocols_shape() {
+    let server = Server::start(&["--models", "echo"]);
+    server.wait_healthy();
+    let meta = server.get("/v2");
+    assert_eq!(meta.status, 200);
+    assert_eq!(meta.json()["name"], "cresset");
+    assert!(meta.json()["version"].is_string());
+
+    // echo, the reference for plugin authors: each protocol in its own shape.
+    let v1 = server.post_json(
+        "/v1/models/echo:predict",
+        &json!({"instances": [[1, 2], [3, 4]]}),
+    );
+    assert_eq!(v1.status, 200, "{}", v1.text());
+    assert_eq!(v1.json(), json!({"predictions": [[1, 2], [3, 4]]}));
+    let input = json!({"name": "t", "shape": [2, 2], "datatype": "INT32", "data": [1, 2, 3, 4]});
+    let v2 = server.post_json(
+        "/v2/models/echo/infer",
+        &json!({"id": "q1", "inputs": [input, {"name": "s", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}),
+    );
+    assert_eq!(v2.status, 200, "{}", v2.text());
+    let out = v2.json();
+    assert_eq!(out["id"], "q1");
+    assert_eq!(
+        (out["model_name"].as_str(), out["model_version"].as_str()),
+        (Some("echo"), Some("1.0"))
+    );
+    assert_eq!(out["outputs"][0], input);
+    assert_eq!(out["outputs"][1]["data"], json!(["hi"]));
+    // Addressed by version, the answer names it.
+    let versioned = server.post_json(
+        "/v2/models/echo/versions/1.0/infer",
+        &json!({"inputs": [{"name": "b", "shape": [], "datatype": "BOOL", "data": true}]}),
+    );
+    assert_eq!(versioned.json()["model_version"], "1.0");
+
+    // Bad bodies are 400s with OIP's {"error": ...} body, before the plugin sees them.
+    for (path, body, says) in [
+        (
+            "/v1/models/echo:predict",
+            json!({"inputs": [[1]]}).to_string(),
+            "needs `instances`",
+        ),
+        (
+            "/v2/models/echo/infer",
+            json!({"id": "x"}).to_string(),
+            "needs `inputs`",
+        ),
+        (
+            "/v2/models/echo/infer",
+            json!({"inputs": [{"name": "t", "shape": [3], "datatype": "FP32", "data": [1, 2]}]})
+                .to_string(),
+            "holds 3 elements but `data` has 2",
+        ),
+        (
+            "/v2/models/echo/infer",
+            json!({"inputs": [{"name": "t", "shape": [1], "datatype": "FLOAT", "data": [1]}]})
+                .to_string(),
+            "`datatype` must be one of",
+        ),
+        (
+            "/v2/models/echo/infer",
+            "{\"inputs\": [".to_owned(),
+            "not valid JSON",
+        ),
+    ] {
+        let reply = server.post(path, "application/json", body.as_bytes());
+        assert_eq!(reply.status, 400, "{path} {body}: {}", reply.text());
+        let error = reply.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(error.contains(says), "{body}: {error}");
+    }
+    // A missing model is a 404 in the same shape.
+    let missing = server.post_json("/v2/models/nope/infer", &json!({"inputs": []}));
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"].is_string());
+    // Binary tensors are not supported yet, and say so.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut binary = agent
+        .post(format!("{}/v2/models/echo/infer", server.inference))
+        .header("Inference-Header-Content-Length", "10")
+        .header("content-type", "application/octet-stream")
+        .send(&b"{\"inputs\":[]}\x00\x01"[..])
+        .expect("POST");
+    assert_eq!(binary.status().as_u16(), 400);
+    let text = binary.body_mut().read_to_string().expect("body");
+    assert!(text.contains("binary tensor extension"), "{text}");
+}

@@ -90,6 +90,7 @@ async fn infer(
         Protocol::TorchServe,
         req,
         payload,
+        ApiError::error_response,
     )
     .await
 }
@@ -145,6 +146,7 @@ pub(super) async fn run(
     protocol: Protocol,
     req: HttpRequest,
     payload: web::Payload,
+    render: fn(&ApiError) -> HttpResponse,
 ) -> Result<HttpResponse, ApiError> {
     // Answer 404 before reading a body for nobody, but hold no reference to the version while
     // the body arrives: a slow client must not keep a version from draining.
@@ -155,20 +157,19 @@ pub(super) async fn run(
     let id = request_id(&req);
     let started = Instant::now();
     let request = receive(&state, &id, protocol, &req, payload).await?;
+    // KServe bodies are the host's to check, before any plugin sees them.
+    match protocol {
+        Protocol::KServeV1 => super::oip::check_v1(&request.body).map_err(ApiError::BadRequest)?,
+        Protocol::KServeV2 => super::oip::check_v2(&request.body).map_err(ApiError::BadRequest)?,
+        _ => {}
+    }
     let target = state
         .registry
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
     let permit = acquire(&state, &target)?;
     let result = answer(&target, kind, request, &req, permit, Framing::Raw).await;
-    Ok(respond(
-        &state,
-        &target,
-        &id,
-        started,
-        result,
-        ApiError::error_response,
-    ))
+    Ok(respond(&state, &target, &id, started, result, render))
 }
 
 /// The global cap on requests in flight, taken once the body has arrived (a slow body must not

@@ -13,6 +13,7 @@ use crate::worker::JobKind;
 /// Register the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/v1/models/{model:[^/:]+}:predict").route(web::post().to(predict)))
+        .service(resource("/v2").route(web::get().to(server_metadata)))
         .service(resource("/v2/health/live").route(web::get().to(live)))
         .service(resource("/v2/health/ready").route(web::get().to(ready)));
     for path in [
@@ -52,16 +53,63 @@ async fn predict(
     } else {
         Protocol::KServeV2
     };
-    run(
+    if req
+        .headers()
+        .contains_key("inference-header-content-length")
+    {
+        return Ok(oip_error(&ApiError::BadRequest(
+            "the binary tensor extension (Inference-Header-Content-Length) is not supported; \
+             send the tensors as JSON (tritonclient: binary_data=False)"
+                .into(),
+        )));
+    }
+    let response = match run(
         state,
-        model,
+        model.clone(),
         version,
         JobKind::Predict,
         protocol,
         req,
         payload,
+        oip_error,
     )
     .await
+    {
+        Ok(response) => response,
+        Err(e) => return Ok(oip_error(&e)),
+    };
+    if protocol != Protocol::KServeV2 || response.status() != actix_web::http::StatusCode::OK {
+        return Ok(response);
+    }
+    // A v2 answer names the model that was addressed and the version that answered.
+    let served = response
+        .headers()
+        .get("x-model-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let (head, body) = response.into_parts();
+    let bytes = actix_web::body::to_bytes(body)
+        .await
+        .map_err(|_| ApiError::Internal("cannot read the plugin's answer".into()))?;
+    let named = super::oip::name_model(&bytes, &model, &served).unwrap_or_else(|| bytes.to_vec());
+    Ok(head.set_body(named).map_into_boxed_body())
+}
+
+/// KServe's and the Open Inference Protocol's error body: `{"error": "..."}`.
+fn oip_error(e: &ApiError) -> HttpResponse {
+    let full = e.to_string();
+    HttpResponse::build(actix_web::ResponseError::status_code(e))
+        .json(json!({ "error": super::error::redact(&full) }))
+}
+
+/// `GET /v2`: the server's metadata.
+async fn server_metadata() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "name": "cresset",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": [],
+    }))
 }
 
 async fn live() -> HttpResponse {

@@ -7,6 +7,7 @@ mod guard;
 mod inference;
 mod kserve;
 mod management;
+mod oip;
 mod openai;
 mod openapi;
 mod peer;

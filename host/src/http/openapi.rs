@@ -58,6 +58,7 @@ pub fn inference() -> Value {
             "/explanations/{model}": { "post": op("Explain with the default version", &model, PREDICT_ERRORS) },
             "/explanations/{model}/{version}": { "post": op("Explain with a version", &versioned, PREDICT_ERRORS) },
             "/v1/models/{model}:predict": { "post": op("KServe v1 predict", &model, PREDICT_ERRORS) },
+            "/v2": { "get": op("OIP v2 server metadata", &[], &[(200, "metadata")]) },
             "/v2/health/live": { "get": op("OIP v2 liveness", &[], &[(200, "live")]) },
             "/v2/health/ready": { "get": op("OIP v2 readiness", &[], &[(200, "ready"), (503, "not ready")]) },
             "/v2/models/{model}": { "get": op("OIP v2 model metadata", &model, &[(200, "metadata"), (404, "no such model")]) },

@@ -132,16 +132,7 @@ fn count_elements(data: &Value, datatype: &str, count: &mut u64) -> Result<(), S
     }
 }
 
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+use cresset_plugin_api::sdk::settings::json_type as kind;
 
 /// Name the addressed model and the version that answered in a v2 answer (a JSON object).
 pub fn name_model(body: &[u8], model: &str, version: &str) -> Option<Vec<u8>> {

@@ -60,6 +60,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// What a JSON value is, for error messages ("a string", "a list", ...).
+pub fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// A string, if present.
 pub fn string<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
     match config.get(key) {

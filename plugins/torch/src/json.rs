@@ -35,17 +35,7 @@ pub fn tensor_from_nested(field: &str, value: &Value) -> Result<Tensor, TorchErr
     Ok(Tensor::from_slice(&flat).reshape(&shape))
 }
 
-/// What a JSON value is, for error messages ("a string", "a list", ...).
-pub fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+pub use cresset_plugin_api::sdk::settings::json_type;
 
 fn flatten(
     field: &str,

@@ -694,3 +694,65 @@ fn quantize_and_dtype_choose_how_the_weights_are_held_and_bad_values_are_refused
         assert!(err.message.contains(key), "{config}: {}", err.message);
     }
 }
+
+#[test]
+fn gpt_fasts_setting_names_are_understood() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let dir = with_draft("llama-gqa-tied");
+    let start = |handler: Value| {
+        let mut ctx = init_context(dir.path(), in_f32(handler));
+        ctx.model_config = json!({ "batch_size": 1 });
+        step_instance::<GptHandler>(&ctx)
+    };
+    let greedy = greedy_text(&ids(&spec["greedy_ids"]));
+    let ask = |h: &mut GptHandler, request: Value| {
+        let out = run(h, &[json_request(request)]);
+        body(&out.finals[0])["generated_text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // `speculative` with `draft_model_path` (and `compile`, accepted without effect).
+    let mut h = start(json!({"speculative": true, "draft_model_path": "draft", "speculate_k": 4, "compile": true}))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert_eq!(
+        ask(
+            &mut h,
+            json!({"data": spec["prompt"], "max_new_tokens": 32})
+        ),
+        greedy
+    );
+    let (accepted, drafted) = h.speculation().expect("a draft");
+    assert!(drafted > 0 && accepted == drafted, "{accepted}/{drafted}");
+    // `speculative = false` leaves the draft out; `true` without a draft is refused.
+    let h = start(json!({"speculative": false, "draft_model_path": "draft"}))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert!(h.speculation().is_none());
+    let err = start(json!({"speculative": true})).err().expect("refused");
+    assert!(err.message.contains("draft_model_path"), "{}", err.message);
+    // Handler-level `temperature` and `top_k` are the defaults of requests that choose no
+    // sampling; a request's own choice wins.
+    let mut h = start(json!({"temperature": 0.8, "top_k": 200}))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    let sampled = ask(
+        &mut h,
+        json!({"data": spec["prompt"], "max_new_tokens": 32, "seed": 7}),
+    );
+    assert_ne!(sampled, greedy, "the defaults sample");
+    assert_eq!(
+        ask(
+            &mut h,
+            json!({"data": spec["prompt"], "max_new_tokens": 32, "seed": 7})
+        ),
+        sampled,
+        "a seed repeats"
+    );
+    assert_eq!(
+        ask(
+            &mut h,
+            json!({"data": spec["prompt"], "max_new_tokens": 32, "do_sample": false})
+        ),
+        greedy
+    );
+}

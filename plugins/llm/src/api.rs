@@ -43,6 +43,8 @@ pub struct GenRequest {
     pub stream: bool,
     /// OpenAI `stream_options.include_usage`.
     pub include_usage: bool,
+    /// Whether the request chose its sampling (else the handler's defaults apply).
+    pub sampling_given: bool,
 }
 
 /// A prompt: text, or chat messages.
@@ -275,6 +277,7 @@ fn parse_torchserve(request: &Request) -> Result<GenRequest, PluginError> {
         stop: stops(&map)?,
         stream: boolean(&map, "stream")?.unwrap_or(false),
         include_usage: false,
+        sampling_given: do_sample.is_some() || implied,
     })
 }
 
@@ -387,6 +390,8 @@ fn parse_openai(request: &Request, api: Api) -> Result<GenRequest, PluginError> 
         stop: stops(&map)?,
         stream: boolean(&map, "stream")?.unwrap_or(false),
         include_usage,
+        // OpenAI's defaults are the API's own.
+        sampling_given: true,
     })
 }
 

@@ -36,6 +36,9 @@ pub(crate) struct Settings {
     pub slots: usize,
     /// How the weights are quantized (`quantize`, `group_size`).
     pub quantize: Quantization,
+    /// Sampling for requests that ask for none (`temperature`, `top_k`, as GPT-fast's handler
+    /// takes them).
+    pub sampling: SamplingDefaults,
     /// The key that sets the positions per slot: `max_seq_len`, or Accelerate's `max_length`
     /// when only that is given.
     length_key: &'static str,
@@ -95,6 +98,15 @@ impl Quantization {
     }
 }
 
+/// The handler's sampling defaults, for requests that name no sampling parameter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SamplingDefaults {
+    /// `temperature` (0: greedy).
+    pub temperature: Option<f64>,
+    /// `top_k`.
+    pub top_k: Option<u64>,
+}
+
 /// Where the draft model is and how far it speculates.
 pub(crate) struct DraftSettings {
     /// Its checkpoint folder.
@@ -106,7 +118,7 @@ pub(crate) struct DraftSettings {
 }
 
 /// The `[handler]` keys the `gpt` handler reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 18] = [
+pub const HANDLER_KEYS: [&str; 23] = [
     "model_path",
     "model_file",
     "dtype",
@@ -126,6 +138,12 @@ pub const HANDLER_KEYS: [&str; 18] = [
     "offload_folder",
     "low_cpu_mem_usage",
     "offload_state_dict",
+    // GPT-fast's names: `speculative` with `draft_model_path`, sampling defaults, `compile`.
+    "speculative",
+    "draft_model_path",
+    "temperature",
+    "top_k",
+    "compile",
 ];
 
 impl Settings {
@@ -155,10 +173,63 @@ impl Settings {
         } else {
             None
         };
-        let draft = match settings::string(config, "draft_model")? {
+        // GPT-fast's `draft_model_path` is `draft_model`; its `speculative = false` turns the
+        // draft off.
+        let draft_rel = match (
+            settings::string(config, "draft_model")?,
+            settings::string(config, "draft_model_path")?,
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(PluginError::invalid_input(
+                    "give `handler.draft_model` or `handler.draft_model_path`, not both",
+                ))
+            }
+            (a, b) => a.or(b),
+        };
+        let draft_rel =
+            match (config.get("speculative").is_some(), draft_rel) {
+                (false, rel) => rel,
+                (true, rel) => match (settings::boolean(config, "speculative", false)?, rel) {
+                    (true, None) => return Err(PluginError::invalid_input(
+                        "`handler.speculative` is true but no `draft_model_path` names the draft",
+                    )),
+                    (true, rel) => rel,
+                    (false, _) => None,
+                },
+            };
+        if settings::boolean(config, "compile", false)? {
+            tracing::info!(
+                "`handler.compile` (GPT-fast's torch.compile) has no effect: the decoder runs on \
+                 libtorch's kernels as it is"
+            );
+        }
+        let sampling = SamplingDefaults {
+            temperature: match config.get("temperature") {
+                None => None,
+                Some(v) => Some(
+                    v.as_f64()
+                        .filter(|t| (0.0..=100.0).contains(t))
+                        .ok_or_else(|| {
+                            PluginError::invalid_input(format!(
+                                "`handler.temperature` must be a number from 0 to 100. Given: {v}"
+                            ))
+                        })?,
+                ),
+            },
+            top_k: config
+                .get("top_k")
+                .map(|_| settings::integer(config, "top_k", 1, 1 << 20).map(|k| k as u64))
+                .transpose()?,
+        };
+        let draft = match draft_rel {
             None => None,
             Some(rel) => {
                 let path = settings::path_inside(&ctx.model_dir, "draft_model", rel)?;
+                if !path.exists() {
+                    return Err(PluginError::not_found(format!(
+                        "the draft model `{rel}` is not in the archive"
+                    )));
+                }
                 let (dir, file) = if path.is_file() {
                     let name = path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
                     (
@@ -213,6 +284,7 @@ impl Settings {
                 .unwrap_or(1)
                 .clamp(1, 256) as usize,
             quantize,
+            sampling,
             length_key,
         })
     }

@@ -130,6 +130,7 @@ impl StepHandler for GptHandler {
             capacity: cache.capacity as usize,
             max_new_tokens: settings.max_new_tokens,
             vocab_size: model.config.vocab_size,
+            sampling: settings.sampling,
         };
         let chat = ChatTemplate {
             template: chat_template,

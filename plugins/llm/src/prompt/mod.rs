@@ -42,6 +42,8 @@ pub(crate) struct Limits {
     pub max_new_tokens: usize,
     /// The model's vocabulary: ids at or above it are refused.
     pub vocab_size: i64,
+    /// Sampling for requests that choose none.
+    pub sampling: crate::config::SamplingDefaults,
 }
 
 /// What turns prompts into tokens: the tokenizer, the chat template and the limits.
@@ -155,7 +157,19 @@ impl PromptEncoder {
 
     /// Parse `request`, tokenize its prompt and check it against the context.
     pub fn prepare(&self, request: &Request) -> Result<Prepared, PluginError> {
-        let gen = api::parse(request)?;
+        let mut gen = api::parse(request)?;
+        if !gen.sampling_given {
+            if let Some(t) = self.limits.sampling.temperature {
+                gen.temperature = t;
+            }
+            if let Some(k) = self.limits.sampling.top_k {
+                gen.top_k = k;
+                // A `top_k` alone samples, as a request's own would.
+                if self.limits.sampling.temperature.is_none() {
+                    gen.temperature = 1.0;
+                }
+            }
+        }
         let ids = self.prompt_ids(&gen)?;
         let capacity = self.limits.capacity;
         if ids.len() >= capacity {

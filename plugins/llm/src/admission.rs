@@ -264,6 +264,7 @@ mod tests {
             capacity: 256,
             max_new_tokens: 8,
             vocab_size: 512,
+            sampling: Default::default(),
         };
         Arc::new(PromptEncoder::new(tokenizer, chat, None, limits))
     }

@@ -407,6 +407,11 @@ impl ModelHandler for NlpHandler {
         requests
             .iter()
             .map(|request| {
+                if !self.model.settings.explanations {
+                    return Err(PluginError::unsupported(
+                        "explanations are off for this model (`handler.captum_explanation = false`)",
+                    ));
+                }
                 if self.model.mode != Mode::SequenceClassification {
                     return Err(PluginError::unsupported(
                         "explanations are available in sequence_classification mode",

@@ -29,6 +29,8 @@ pub(crate) struct Settings {
     pub n_steps: usize,
     pub explain_batch: usize,
     pub multi_label: bool,
+    /// Whether explanations are served (`captum_explanation`, the reference's switch).
+    pub explanations: bool,
 }
 
 /// The network of a model version on one device.
@@ -63,7 +65,7 @@ fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
 }
 
 /// The `[handler]` keys this plugin reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 13] = [
+pub const HANDLER_KEYS: [&str; 18] = [
     "model_path",
     "mode",
     "dtype",
@@ -77,6 +79,12 @@ pub const HANDLER_KEYS: [&str; 13] = [
     "n_steps",
     "explain_batch",
     "labels_file",
+    // The generalized NLP handler's names (its setup_config.json keys).
+    "model_name",
+    "do_lower_case",
+    "num_labels",
+    "captum_explanation",
+    "BetterTransformer",
 ];
 
 impl SharedModel for NlpModel {
@@ -113,6 +121,26 @@ impl SharedModel for NlpModel {
                 Some(c.pad_token_id),
             )
         };
+        // The reference handler's keys: `num_labels` must be the checkpoint's; `model_name` (the
+        // hub name it was made from) and `do_lower_case` (tokenizer.json's normalizer decides)
+        // are checked and kept; `BetterTransformer` asks for what is always on.
+        settings::string(config, "model_name")?;
+        settings::boolean(config, "do_lower_case", false)?;
+        if config.get("num_labels").is_some() {
+            let given = settings::integer(config, "num_labels", 1, 1 << 20)?;
+            let classifies = matches!(
+                mode,
+                Mode::SequenceClassification | Mode::TokenClassification
+            );
+            if classifies && given as i64 != num_labels {
+                return Err(PluginError::invalid_input(format!(
+                    "`handler.num_labels` is {given} but the checkpoint's config.json has {num_labels} labels"
+                )));
+            }
+        }
+        if settings::boolean(config, "BetterTransformer", false)? {
+            tracing::info!("`handler.BetterTransformer`: fused attention is always on");
+        }
         let max_length =
             settings::integer(config, "max_length", model_limit.min(512), model_limit)?;
         let truncation = settings::boolean(config, "truncation", false)?;
@@ -133,6 +161,7 @@ impl SharedModel for NlpModel {
             explain_batch: settings::integer(config, "explain_batch", 10, 1000)?,
             multi_label: hf.opt_str("problem_type").map_err(PluginError::from)?
                 == Some("multi_label_classification"),
+            explanations: settings::boolean(config, "captum_explanation", true)?,
         };
         let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(PluginError::from)?;
         // QA encodes each sequence with this one: no post-processor, no truncation (its

@@ -387,3 +387,64 @@ fn a_bad_request_fails_alone_and_its_neighbours_share_one_pass() {
     .expect("no context");
     assert!(err.message.contains("has no `context`"), "{}", err.message);
 }
+
+#[test]
+fn the_generalized_handlers_setting_names_are_understood() {
+    // Its setup_config.json keys load as they are.
+    let mut h = handler(
+        "bert-seq",
+        json!({"model_name": "bert-base-uncased", "mode": "sequence_classification",
+               "do_lower_case": true, "num_labels": 3, "max_length": 64,
+               "captum_explanation": true, "BetterTransformer": true}),
+    );
+    let out = ask(&mut h, json!({"text": "a fine day"}));
+    assert!(out["label"].is_string(), "{out}");
+    // `captum_explanation = false` turns explanations off.
+    let mut off = handler("bert-seq", json!({"captum_explanation": false}));
+    let requests = [request(
+        "application/json",
+        json!({"text": "a fine day"}).to_string(),
+    )];
+    let err = run_explain(&mut off, &requests)[0]
+        .clone()
+        .expect_err("explanations are off");
+    assert_eq!(err.code, ErrorCode::UNSUPPORTED);
+    assert!(
+        err.message.contains("captum_explanation"),
+        "{}",
+        err.message
+    );
+    // `num_labels` must be the checkpoint's.
+    let ctx = init_context(
+        fixtures().join("bert-seq"),
+        json!({"num_labels": 5, "dtype": "float32"}),
+    );
+    let err = instance::<NlpHandler>(&ctx).err().expect("refused");
+    assert!(
+        err.message.contains("`handler.num_labels` is 5"),
+        "{}",
+        err.message
+    );
+    // Token classification's `{"label_list": "[...]"}` form of index_to_name.json.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(fixtures().join("bert-tok")).expect("read") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let labels: Vec<String> = (0..5).map(|i| format!("TAG{i}")).collect();
+    std::fs::write(
+        dir.path().join("index_to_name.json"),
+        json!({"label_list": format!("[{}]", labels.join(", "))}).to_string(),
+    )
+    .expect("write labels");
+    let ctx = init_context(dir.path(), json!({"dtype": "float32"}));
+    let mut h = instance::<NlpHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let out = ask(&mut h, json!({"text": "Ada Lovelace lived in London"}));
+    let text = out.to_string();
+    assert!(
+        text.contains("TAG"),
+        "the label_list names are used: {text}"
+    );
+}

@@ -149,6 +149,14 @@ pub enum ModelError {
 /// Read `index_to_name.json`: `{"0": "cat"}` or TorchServe's ImageNet form
 /// `{"0": ["n01440764", "tench"]}` (the last string is the name).
 pub fn read_index_to_name(path: &std::path::Path) -> Result<Vec<String>, ModelError> {
+    // A label file from an archive is small; a huge one is refused before it is read.
+    const MAX_BYTES: u64 = 64 << 20;
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_BYTES) {
+        return Err(ModelError::Config(format!(
+            "{} is larger than {MAX_BYTES} bytes",
+            path.display()
+        )));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| ModelError::Checkpoint(format!("cannot read {}: {e}", path.display())))?;
     let map: serde_json::Map<String, serde_json::Value> =
@@ -158,6 +166,41 @@ pub fn read_index_to_name(path: &std::path::Path) -> Result<Vec<String>, ModelEr
                 path.display()
             ))
         })?;
+    // The generalized NLP handler's form for token classification:
+    // `{"label_list": "[O, B-MISC, I-MISC, ...]"}` (or a JSON list), the labels in index order.
+    if let (1, Some(list)) = (map.len(), map.get("label_list")) {
+        let labels: Vec<String> = match list {
+            serde_json::Value::String(text) => text
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .map(|l| l.trim().trim_matches(['"', '\'']).to_owned())
+                .filter(|l| !l.is_empty())
+                .collect(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect(),
+            other => {
+                return Err(ModelError::Config(format!(
+                    "{}: `label_list` must be a list or a \"[A, B, ...]\" string. Given: {other}",
+                    path.display()
+                )))
+            }
+        };
+        if labels.is_empty() {
+            return Err(ModelError::Config(format!(
+                "{}: `label_list` is empty",
+                path.display()
+            )));
+        }
+        return Ok(labels);
+    }
     let mut pairs = Vec::with_capacity(map.len());
     for (key, value) in map {
         let index: usize = key.parse().map_err(|_| {

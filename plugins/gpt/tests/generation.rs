@@ -756,3 +756,24 @@ fn gpt_fasts_setting_names_are_understood() {
         greedy
     );
 }
+
+#[test]
+fn response_format_torchserve_answers_plain_text() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let mut ctx = context(json!({"response_format": "torchserve"}), 1);
+    ctx.model_config = json!({ "batch_size": 1 });
+    let mut h = step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let out = run(
+        &mut h,
+        &[json_request(
+            json!({"data": spec["prompt"], "max_new_tokens": 32}),
+        )],
+    );
+    let response = out.finals[0].as_ref().expect("answer");
+    assert_eq!(response.content_type.as_str(), "text/plain; charset=utf-8");
+    assert_eq!(
+        String::from_utf8_lossy(&response.body),
+        greedy_text(&ids(&spec["greedy_ids"]))
+    );
+}

@@ -39,6 +39,9 @@ pub(crate) struct Settings {
     /// Sampling for requests that ask for none (`temperature`, `top_k`, as GPT-fast's handler
     /// takes them).
     pub sampling: SamplingDefaults,
+    /// `response_format = "torchserve"`: `/predictions` answers the generated text as plain
+    /// text rather than `{"generated_text"}`.
+    pub plain_text: bool,
     /// The key that sets the positions per slot: `max_seq_len`, or Accelerate's `max_length`
     /// when only that is given.
     length_key: &'static str,
@@ -118,7 +121,7 @@ pub(crate) struct DraftSettings {
 }
 
 /// The `[handler]` keys the `gpt` handler reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 23] = [
+pub const HANDLER_KEYS: [&str; 24] = [
     "model_path",
     "model_file",
     "dtype",
@@ -144,6 +147,8 @@ pub const HANDLER_KEYS: [&str; 23] = [
     "temperature",
     "top_k",
     "compile",
+    // `"torchserve"`: `/predictions` answers plain text, as the reference handlers do.
+    "response_format",
 ];
 
 impl Settings {
@@ -285,6 +290,15 @@ impl Settings {
                 .clamp(1, 256) as usize,
             quantize,
             sampling,
+            plain_text: match settings::string(config, "response_format")? {
+                None | Some("cresset") => false,
+                Some("torchserve") => true,
+                Some(other) => {
+                    return Err(PluginError::invalid_input(format!(
+                        "`handler.response_format` must be \"cresset\" or \"torchserve\". Given: {other:?}"
+                    )))
+                }
+            },
             length_key,
         })
     }

@@ -154,6 +154,7 @@ impl StepHandler for GptHandler {
             host: ctx.host.clone(),
             model_name: ctx.model_name.clone(),
             instance: ctx.assignment.index.to_string(),
+            plain_text: settings.plain_text,
         };
         let engine = Engine::new(
             model,

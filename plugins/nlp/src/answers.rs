@@ -32,6 +32,10 @@ impl NlpModel {
             .enumerate()
             .map(|(i, p)| (self.label(i), json!(p)))
             .collect();
+        if self.settings.torchserve_format {
+            // The reference handler answers the predicted label.
+            return json!(self.label(best));
+        }
         json!({"label": self.label(best), "score": probs[best], "scores": scores})
     }
 

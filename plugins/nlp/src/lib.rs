@@ -394,7 +394,14 @@ impl ModelHandler for NlpHandler {
             let value = values
                 .pop()
                 .ok_or_else(|| PluginError::internal("no answer"))?;
-            Response::json(&value)
+            match value {
+                // `response_format = "torchserve"`: a label alone is plain text, as TorchServe
+                // sends a handler's string.
+                Value::String(label) if self.model.settings.torchserve_format => {
+                    Ok(Response::ok("text/plain; charset=utf-8", label))
+                }
+                value => Response::json(&value),
+            }
         }
     }
 

@@ -31,6 +31,9 @@ pub(crate) struct Settings {
     pub multi_label: bool,
     /// Whether explanations are served (`captum_explanation`, the reference's switch).
     pub explanations: bool,
+    /// `response_format = "torchserve"`: answers shaped as the reference handler's (sequence
+    /// classification answers the label).
+    pub torchserve_format: bool,
 }
 
 /// The network of a model version on one device.
@@ -65,7 +68,7 @@ fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
 }
 
 /// The `[handler]` keys this plugin reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 18] = [
+pub const HANDLER_KEYS: [&str; 19] = [
     "model_path",
     "mode",
     "dtype",
@@ -85,7 +88,20 @@ pub const HANDLER_KEYS: [&str; 18] = [
     "num_labels",
     "captum_explanation",
     "BetterTransformer",
+    "response_format",
 ];
+
+/// `response_format`: `"cresset"` (the default) or `"torchserve"` (the reference handler's
+/// shapes).
+pub fn torchserve_format(config: &serde_json::Value) -> Result<bool, PluginError> {
+    match settings::string(config, "response_format")? {
+        None | Some("cresset") => Ok(false),
+        Some("torchserve") => Ok(true),
+        Some(other) => Err(PluginError::invalid_input(format!(
+            "`handler.response_format` must be \"cresset\" or \"torchserve\". Given: {other:?}"
+        ))),
+    }
+}
 
 impl SharedModel for NlpModel {
     fn load(ctx: &LoadContext) -> Result<Self, PluginError> {
@@ -162,6 +178,7 @@ impl SharedModel for NlpModel {
             multi_label: hf.opt_str("problem_type").map_err(PluginError::from)?
                 == Some("multi_label_classification"),
             explanations: settings::boolean(config, "captum_explanation", true)?,
+            torchserve_format: torchserve_format(config)?,
         };
         let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(PluginError::from)?;
         // QA encodes each sequence with this one: no post-processor, no truncation (its

@@ -448,3 +448,35 @@ fn the_generalized_handlers_setting_names_are_understood() {
         "the label_list names are used: {text}"
     );
 }
+
+#[test]
+fn response_format_torchserve_answers_the_label_as_the_reference_does() {
+    let mut h = handler("bert-seq", json!({"response_format": "torchserve"}));
+    let want = ask(
+        &mut handler("bert-seq", json!({})),
+        json!({"text": "a fine day"}),
+    )["label"]
+        .as_str()
+        .expect("label")
+        .to_owned();
+    let out = run(
+        &mut h,
+        &[request(
+            "application/json",
+            json!({"text": "a fine day"}).to_string(),
+        )],
+    );
+    let response = out.finals[0].as_ref().expect("answer");
+    assert_eq!(response.content_type.as_str(), "text/plain; charset=utf-8");
+    assert_eq!(String::from_utf8_lossy(&response.body), want);
+    let ctx = init_context(
+        fixtures().join("bert-seq"),
+        json!({"response_format": "xml", "dtype": "float32"}),
+    );
+    let err = instance::<NlpHandler>(&ctx).err().expect("refused");
+    assert!(
+        err.message.contains("`handler.response_format`"),
+        "{}",
+        err.message
+    );
+}

@@ -49,6 +49,8 @@ struct Responder {
     prompts: Arc<PromptEncoder>,
     /// The model name, for OpenAI's `model`.
     model_name: String,
+    /// `/predictions` answers plain text (`response_format = "torchserve"`).
+    plain_text: bool,
 }
 
 /// Who the engine reports as, in answers and metrics.
@@ -59,6 +61,8 @@ pub(crate) struct Identity {
     pub model_name: String,
     /// This worker's index, as a metric label.
     pub instance: String,
+    /// `/predictions` answers plain text (`response_format = "torchserve"`).
+    pub plain_text: bool,
 }
 
 impl Engine {
@@ -79,6 +83,7 @@ impl Engine {
                 eos_ids,
                 prompts,
                 model_name: identity.model_name,
+                plain_text: identity.plain_text,
             },
             host: identity.host,
             instance: identity.instance,
@@ -278,6 +283,12 @@ impl Responder {
                 Some(v) => Response::json(&v),
                 None => Ok(Response::ok("text/plain; charset=utf-8", Vec::new())),
             };
+        }
+        if self.plain_text && reply.request.api == api::Api::TorchServe {
+            return Ok(Response::ok(
+                "text/plain; charset=utf-8",
+                reply.text.text().to_owned(),
+            ));
         }
         Response::json(&api::whole(
             reply.request.api,

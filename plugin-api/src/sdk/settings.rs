@@ -60,6 +60,70 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// The most bytes of a settings file read from an archive.
+const MAX_SETTINGS_FILE: u64 = 1 << 20;
+
+/// `[handler]` over the JSON object in `dir/file` (TorchServe's `setup_config.json`), when the
+/// archive has one: a key in `[handler]` wins. Strings holding whole numbers (TorchServe's
+/// examples write `"max_length": "150"`) become numbers for the keys in `numeric`. The file is
+/// read with a 1 MiB bound.
+pub fn merged_with_file(
+    dir: &Path,
+    file: &str,
+    config: &Value,
+    numeric: &[&str],
+) -> Result<Value, PluginError> {
+    use std::io::Read;
+    let mut merged = serde_json::Map::new();
+    let path = dir.join(file);
+    if path.is_file() {
+        let mut text = String::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_SETTINGS_FILE + 1).read_to_string(&mut text))
+            .map_err(|e| PluginError::invalid_input(format!("cannot read {file}: {e}")))?;
+        if text.len() as u64 > MAX_SETTINGS_FILE {
+            return Err(PluginError::invalid_input(format!(
+                "{file} is larger than {MAX_SETTINGS_FILE} bytes"
+            )));
+        }
+        match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(map)) => {
+                for (key, value) in map {
+                    let value = match value {
+                        Value::String(s) if numeric.contains(&key.as_str()) => s
+                            .trim()
+                            .parse::<u64>()
+                            .map(Value::from)
+                            .unwrap_or(Value::String(s)),
+                        other => other,
+                    };
+                    merged.insert(key, value);
+                }
+            }
+            Ok(_) => {
+                return Err(PluginError::invalid_input(format!(
+                    "{file} must be a JSON object of settings"
+                )))
+            }
+            Err(e) => {
+                return Err(PluginError::invalid_input(format!(
+                    "{file} is not JSON: {e}"
+                )))
+            }
+        }
+    }
+    match config {
+        Value::Object(map) => merged.extend(map.clone()),
+        Value::Null => {}
+        _ => {
+            return Err(PluginError::invalid_input(
+                "`handler` must be a table of settings",
+            ))
+        }
+    }
+    Ok(Value::Object(merged))
+}
+
 /// What a JSON value is, for error messages ("a string", "a list", ...).
 pub fn json_type(value: &Value) -> &'static str {
     match value {

@@ -34,9 +34,6 @@ use cresset_plugin_api::{Capabilities, PluginError, Request};
 use cresset_torch::decoder::Decoder;
 use serde_json::{Map, Value};
 
-/// The most bytes of `setup_config.json` read.
-const MAX_SETUP_BYTES: u64 = 1 << 20;
-
 /// The reference handler's own keys, besides the `gpt` handler's ([`cresset_llm::HANDLER_KEYS`]).
 const OWN_KEYS: [&str; 2] = ["revision", "torch_dtype"];
 
@@ -57,50 +54,15 @@ impl AccelerateHandler {
 
 /// `[handler]` over `setup_config.json` (when the archive has one).
 fn merged_settings(ctx: &InitContext) -> Result<Map<String, Value>, PluginError> {
-    let mut merged = Map::new();
-    let setup = ctx.model_dir.join("setup_config.json");
-    if setup.is_file() {
-        // A settings file is small; an archive's is read with a bound all the same.
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(
-                std::fs::File::open(&setup).map_err(|e| {
-                    PluginError::invalid_input(format!("cannot read setup_config.json: {e}"))
-                })?,
-                MAX_SETUP_BYTES + 1,
-            ),
-            &mut text,
-        )
-        .map_err(|e| PluginError::invalid_input(format!("cannot read setup_config.json: {e}")))?;
-        if text.len() as u64 > MAX_SETUP_BYTES {
-            return Err(PluginError::invalid_input(format!(
-                "setup_config.json is larger than {MAX_SETUP_BYTES} bytes"
-            )));
-        }
-        match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(map)) => merged.extend(map),
-            Ok(_) => {
-                return Err(PluginError::invalid_input(
-                    "setup_config.json must be a JSON object of settings",
-                ))
-            }
-            Err(e) => {
-                return Err(PluginError::invalid_input(format!(
-                    "setup_config.json is not JSON: {e}"
-                )))
-            }
-        }
+    match settings::merged_with_file(
+        &ctx.model_dir,
+        "setup_config.json",
+        &ctx.handler_config,
+        &["max_length"],
+    )? {
+        Value::Object(map) => Ok(map),
+        _ => Ok(Map::new()),
     }
-    match &ctx.handler_config {
-        Value::Object(map) => merged.extend(map.clone()),
-        Value::Null => {}
-        _ => {
-            return Err(PluginError::invalid_input(
-                "`handler` must be a table of settings",
-            ))
-        }
-    }
-    Ok(merged)
 }
 
 /// The reference handler's settings mapped onto the `gpt` handler's.

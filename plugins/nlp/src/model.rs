@@ -68,7 +68,7 @@ fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
 }
 
 /// The `[handler]` keys this plugin reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 19] = [
+pub const HANDLER_KEYS: [&str; 23] = [
     "model_path",
     "mode",
     "dtype",
@@ -89,6 +89,12 @@ pub const HANDLER_KEYS: [&str; 19] = [
     "captum_explanation",
     "BetterTransformer",
     "response_format",
+    // In its setup_config.json too: how the checkpoint was saved, the embedding layer Captum
+    // used, and switches for other runtimes (accepted; logged when on).
+    "save_mode",
+    "embedding_name",
+    "FasterTransformer",
+    "model_parallel",
 ];
 
 /// `response_format`: `"cresset"` (the default) or `"torchserve"` (the reference handler's
@@ -105,8 +111,30 @@ pub fn torchserve_format(config: &serde_json::Value) -> Result<bool, PluginError
 
 impl SharedModel for NlpModel {
     fn load(ctx: &LoadContext) -> Result<Self, PluginError> {
-        let config = &ctx.handler_config;
+        // The generalized handler's archives carry their settings in setup_config.json.
+        let config = &settings::merged_with_file(
+            &ctx.model_dir,
+            "setup_config.json",
+            &ctx.handler_config,
+            &[
+                "max_length",
+                "num_labels",
+                "max_batch_tokens",
+                "doc_stride",
+                "max_answer_len",
+                "max_new_tokens",
+                "n_steps",
+                "explain_batch",
+            ],
+        )?;
         settings::only(config, &HANDLER_KEYS)?;
+        for key in ["FasterTransformer", "model_parallel"] {
+            if settings::boolean(config, key, false)? {
+                tracing::info!("`{key}` (the generalized handler's) has no effect here");
+            }
+        }
+        settings::string(config, "save_mode")?;
+        settings::string(config, "embedding_name")?;
         let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
         let hf = HfConfig::read(&dir).map_err(PluginError::from)?;
         let mode = match settings::string(config, "mode")? {

@@ -480,3 +480,65 @@ fn response_format_torchserve_answers_the_label_as_the_reference_does() {
         err.message
     );
 }
+
+#[test]
+fn the_generalized_handlers_setup_config_json_loads_as_it_is() {
+    // TorchServe's Huggingface_Transformers example writes numbers as strings; `[handler]`
+    // wins over the file. (max_length 150 is over this small checkpoint's 128 positions, so
+    // `[handler]` brings it down.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(fixtures().join("bert-seq")).expect("read") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::write(
+        dir.path().join("setup_config.json"),
+        r#"{
+ "model_name":"bert-base-uncased",
+ "mode":"sequence_classification",
+ "do_lower_case":true,
+ "num_labels":"3",
+ "save_mode":"pretrained",
+ "max_length":"150",
+ "captum_explanation":false,
+ "embedding_name": "bert",
+ "FasterTransformer":false,
+ "BetterTransformer":false,
+ "model_parallel":false
+}"#,
+    )
+    .expect("write setup_config.json");
+    let err = instance::<NlpHandler>(&init_context(dir.path(), json!({"dtype": "float32"})))
+        .err()
+        .expect("150 positions do not fit 128");
+    assert!(err.message.contains("max_length"), "{}", err.message);
+    let mut h = instance::<NlpHandler>(&init_context(
+        dir.path(),
+        json!({"dtype": "float32", "max_length": 64}),
+    ))
+    .unwrap_or_else(|e| panic!("{}", e.message));
+    let out = ask(&mut h, json!({"text": "a fine day"}));
+    assert!(out["label"].is_string(), "{out}");
+    // The file's `captum_explanation: false` holds.
+    let requests = [request(
+        "application/json",
+        json!({"text": "a fine day"}).to_string(),
+    )];
+    assert!(run_explain(&mut h, &requests)[0].is_err());
+    // A typo in the file is named too.
+    std::fs::write(
+        dir.path().join("setup_config.json"),
+        r#"{"mode": "sequence_classification", "max_lenght": "64"}"#,
+    )
+    .expect("write");
+    let err = instance::<NlpHandler>(&init_context(dir.path(), json!({"dtype": "float32"})))
+        .err()
+        .expect("refused");
+    assert!(
+        err.message.contains("did you mean `max_length`?"),
+        "{}",
+        err.message
+    );
+}

@@ -38,7 +38,7 @@ use serde_json::{Map, Value};
 const OWN_KEYS: [&str; 2] = ["revision", "torch_dtype"];
 
 /// The weight dtypes `torch_dtype` may name.
-const DTYPES: [&str; 3] = ["float16", "bfloat16", "float32"];
+const DTYPES: [&str; 4] = ["float16", "bfloat16", "float32", "float64"];
 
 /// The device-mapped handler.
 pub struct AccelerateHandler {

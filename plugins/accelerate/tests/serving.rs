@@ -103,6 +103,21 @@ fn every_family_gives_transformers_text_in_memory_half_on_disk_and_all_on_disk()
 }
 
 #[test]
+fn torch_dtype_float64_gives_the_same_greedy_text() {
+    // The reference handler's TORCH_DTYPES include float64; greedy text matches f32's.
+    for (name, dir, prompt, want, _) in families() {
+        let root = archive(&dir);
+        let mut h = start(
+            root.path(),
+            json!({"torch_dtype": "float64", "max_length": 64}),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(h.model().kind(), cresset_torch::tch::Kind::Double, "{name}");
+        assert_eq!(generate(&mut h, &prompt, 32), want, "{name}");
+    }
+}
+
+#[test]
 fn a_torchserve_style_bloom_archive_is_planned_by_max_memory() {
     let (_, dir, prompt, want, _) = families().remove(0);
     let root = archive(&dir);
@@ -170,7 +185,7 @@ fn bad_settings_are_refused_naming_the_field() {
             json!({"torch_dtype": "float32", "dtype": "bfloat16"}),
             "not both",
         ),
-        (json!({"torch_dtype": "float64"}), "torch_dtype"),
+        (json!({"torch_dtype": "float8"}), "torch_dtype"),
         (json!({"max_length": 0}), "max_length"),
         (json!({"low_cpu_mem_usage": "yes"}), "low_cpu_mem_usage"),
         (

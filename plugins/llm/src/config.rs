@@ -272,8 +272,14 @@ impl Settings {
                     .is_some()
             }
         };
+        let kind = dtype.resolve(device, quantized);
+        if kind == Kind::Double && quantized {
+            return Err(PluginError::invalid_input(
+                "`dtype` float64 cannot run the quantized kernels: set `handler.quantize = \"none\"`",
+            ));
+        }
         Ok(Self {
-            kind: dtype.resolve(device, quantized),
+            kind,
             dir,
             model_file,
             device,

@@ -210,7 +210,7 @@ impl Dtype {
             "auto" => Ok(Self::Auto),
             other => parse_dtype(other).map(Self::Fixed).map_err(|_| {
                 ModelError::Config(format!(
-                    "`dtype` {other:?} is not supported (auto, float32, float16 or bfloat16)"
+                    "`dtype` {other:?} is not supported (auto, float32, float16, bfloat16 or float64)"
                 ))
             }),
         }
@@ -241,9 +241,11 @@ pub fn parse_dtype(name: &str) -> Result<Kind, ModelError> {
         "float32" | "f32" | "fp32" | "float" => Kind::Float,
         "float16" | "f16" | "fp16" | "half" => Kind::Half,
         "bfloat16" | "bf16" => Kind::BFloat16,
+        // Accelerate's reference handler offers it; the dense decoder runs in it (slowly).
+        "float64" | "f64" | "double" => Kind::Double,
         other => {
             return Err(ModelError::Config(format!(
-                "dtype {other:?} is not supported (float32, float16 or bfloat16)"
+                "dtype {other:?} is not supported (float32, float16, bfloat16 or float64)"
             )))
         }
     })

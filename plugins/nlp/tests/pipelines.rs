@@ -542,3 +542,16 @@ fn the_generalized_handlers_setup_config_json_loads_as_it_is() {
         err.message
     );
 }
+
+#[test]
+fn float64_gives_the_float32_answer() {
+    let text = json!({"text": "a fine day"});
+    let f32_answer = ask(&mut handler("bert-seq", json!({})), text.clone());
+    let f64_answer = ask(&mut handler("bert-seq", json!({"dtype": "float64"})), text);
+    assert_eq!(f64_answer["label"], f32_answer["label"]);
+    let (a, b) = (
+        f64_answer["score"].as_f64().expect("score"),
+        f32_answer["score"].as_f64().expect("score"),
+    );
+    assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+}

@@ -7,8 +7,8 @@
 use cresset_e2e::{repo_root, run_archiver, Server};
 use serde_json::{json, Value};
 
-#[test]
-fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
+/// The BLOOM fixture: its checkpoint folder, prompt and transformers' 32 greedy tokens as text.
+fn bloom() -> (std::path::PathBuf, String, String) {
     let fixtures = repo_root().join("tests/fixtures/generated/llm");
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures.join("expected.json")).expect("run `make models`"),
@@ -16,7 +16,6 @@ fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
     .expect("JSON");
     let spec = &expected["bloom-tiny"];
     let checkpoint = fixtures.join(spec["dir"].as_str().expect("dir"));
-    // transformers' 32 greedy tokens, as text.
     let ids: Vec<u32> = spec["greedy_ids"]
         .as_array()
         .expect("ids")
@@ -27,16 +26,13 @@ fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
         .expect("tokenizer")
         .decode(&ids, true)
         .expect("decode");
+    let prompt = spec["prompt"].as_str().expect("prompt").to_owned();
+    (checkpoint, prompt, want)
+}
 
-    // The reference's layout: model/ and setup_config.json.
-    let work = tempfile::tempdir().expect("tempdir");
-    let model = work.path().join("model");
-    std::fs::create_dir_all(&model).expect("mkdir");
-    for entry in std::fs::read_dir(&checkpoint).expect("fixture") {
-        let path = entry.expect("entry").path();
-        std::fs::copy(&path, model.join(path.file_name().expect("name"))).expect("copy");
-    }
-    let setup = work.path().join("setup_config.json");
+/// The reference's `setup_config.json` in `dir`, with BLOOM's second layer on disk.
+fn setup_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let setup = dir.join("setup_config.json");
     std::fs::write(
         &setup,
         json!({
@@ -52,6 +48,21 @@ fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
         .to_string(),
     )
     .expect("write setup_config.json");
+    setup
+}
+
+#[test]
+fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
+    let (checkpoint, prompt, want) = bloom();
+    // The reference's layout: model/ and setup_config.json.
+    let work = tempfile::tempdir().expect("tempdir");
+    let model = work.path().join("model");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    for entry in std::fs::read_dir(&checkpoint).expect("fixture") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, model.join(path.file_name().expect("name"))).expect("copy");
+    }
+    let setup = setup_config(work.path());
     let out = work.path().join("store");
     std::fs::create_dir_all(&out).expect("mkdir");
     let (ok, path, err) = run_archiver(&[
@@ -71,7 +82,7 @@ fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
     server.wait_healthy();
 
     // TorchServe's call: the prompt as the raw body.
-    let prompt = spec["prompt"].as_str().expect("prompt");
+    let prompt = prompt.as_str();
     let reply = server.post("/predictions/bloom", "text/plain", prompt.as_bytes());
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["generated_text"], want.as_str());
@@ -91,4 +102,57 @@ fn a_torchserve_style_bloom_archive_serves_with_layers_on_disk() {
     assert!(reply.text().contains("max_new_tokens"), "{}", reply.text());
     let reply = server.post("/predictions/bloom", "text/plain", prompt.as_bytes());
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn a_model_zip_in_the_archive_is_unpacked_as_the_model_folder() {
+    let (checkpoint, prompt, want) = bloom();
+    let work = tempfile::tempdir().expect("tempdir");
+    // The reference ships the checkpoint as model.zip (files at its root), zipped here with
+    // Python's zipfile.
+    let zipped = work.path().join("model.zip");
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let status = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+        .arg("-c")
+        .arg(
+            "import os, sys, zipfile\n\
+             src, out = sys.argv[1], sys.argv[2]\n\
+             with zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED) as z:\n\
+             \x20   for name in sorted(os.listdir(src)):\n\
+             \x20       z.write(os.path.join(src, name), name)\n",
+        )
+        .arg(&checkpoint)
+        .arg(&zipped)
+        .status()
+        .expect("run python");
+    assert!(status.success());
+    let setup = setup_config(work.path());
+    let store = work.path().join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    let (ok, path, err) = run_archiver(&[
+        "--model-name",
+        "bloomzip",
+        "--handler",
+        "accelerate",
+        "--extra-files",
+        &format!("{},{}", zipped.display(), setup.display()),
+        "--archive-format",
+        "default",
+        "--export-path",
+        store.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{err}");
+    let server = Server::start(&["--model-store", store.to_str().expect("utf-8")]);
+    server.wait_healthy();
+    let bytes = std::fs::read(path.trim()).expect("read the .mar");
+    let reply = server.manage(
+        "POST",
+        "/models?synchronous=true",
+        "application/octet-stream",
+        &bytes,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = server.post("/predictions/bloomzip", "text/plain", prompt.as_bytes());
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["generated_text"], want.as_str());
 }

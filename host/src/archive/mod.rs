@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FILE: &str = "MANIFEST.toml";
 /// The model configuration's file name at the archive root.
 pub const MODEL_CONFIG_FILE: &str = "model-config.toml";
+/// A zipped checkpoint folder at the archive root, unpacked as `model/` (TorchServe's
+/// large-model examples).
+pub const MODEL_ZIP: &str = "model.zip";
 
 /// `MANIFEST.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -343,6 +346,20 @@ impl OpenedArchive {
             (tmp.path().to_owned(), Some(tmp))
         };
         let dir = model_root(&dir);
+        // TorchServe's large-model examples ship the checkpoint folder as `model.zip`, which
+        // their handler unzips as `model/`. Unpacked here, with the same caps, when this
+        // process owns the unpacked archive (a folder archive in the store is never written).
+        let zipped = dir.join(MODEL_ZIP);
+        if extracted.is_some() && zipped.is_file() && !dir.join("model").exists() {
+            std::fs::create_dir_all(dir.join("model")).map_err(io)?;
+            extract::extract(&zipped, ArchiveFormat::Zip, &dir.join("model"), limits).map_err(
+                |e| ArchiveError::Extract {
+                    path: source.to_owned(),
+                    source: e,
+                },
+            )?;
+            let _ = std::fs::remove_file(&zipped);
+        }
         let bad = |file, message: String| ArchiveError::BadFile {
             archive: source.to_owned(),
             file,

@@ -262,6 +262,21 @@ fn models_register_from_a_json_body_and_describe_has_the_queue_status() {
             "Workers scaled to 1 for model: idle, version: 1.0".to_owned()
         )
     );
+    // TorchServe clients send its defaults; other values are refused, saying why.
+    assert_eq!(
+        server
+            .manage(
+                "PUT",
+                "/models/idle?min_worker=1&timeout=-1&number_gpu=0&synchronous=true",
+                "",
+                b""
+            )
+            .status,
+        200
+    );
+    let refused = server.manage("PUT", "/models/idle?min_worker=1&timeout=5", "", b"");
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.text().contains("`timeout`"), "{}", refused.text());
     assert_eq!(
         said(server.manage("PUT", "/models/idle/1.0/set-default", "", b"")),
         (

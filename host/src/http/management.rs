@@ -565,10 +565,25 @@ struct ScaleParams {
     min_worker: Option<u32>,
     max_worker: Option<u32>,
     synchronous: Option<bool>,
+    /// TorchServe's: seconds a stopping worker may take over its pending requests (-1: as long
+    /// as they need, TorchServe's default and what Cresset's workers always do).
+    timeout: Option<i64>,
+    /// TorchServe's GPUs per worker (legacy): 0 is the only value with a meaning here.
+    number_gpu: Option<u32>,
 }
 
 async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let params: ScaleParams = query(&req)?;
+    if params.timeout.is_some_and(|t| t != -1) {
+        return Err(ApiError::BadRequest(
+            "`timeout`: Cresset's workers always finish the requests they hold before they stop (TorchServe's -1); other values are not supported".into(),
+        ));
+    }
+    if params.number_gpu.is_some_and(|n| n != 0) {
+        return Err(ApiError::BadRequest(
+            "`number_gpu`: a model's GPUs come from its config (`deviceType`, `deviceIds`); give 0 or leave it out".into(),
+        ));
+    }
     let model = req.match_info().get("model").unwrap_or_default();
     let version = state.registry.get(model, req.match_info().get("version"))?;
     // A version still loading (registered without `synchronous`) is scaled once it is loaded.

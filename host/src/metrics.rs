@@ -17,10 +17,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub const PREFIX: &str = "cresset_";
 
 /// A plugin's metric name under the server's prefix (kept as it is when it already is).
-fn prefixed(name: &str) -> String {
+fn prefixed(name: &str) -> std::borrow::Cow<'_, str> {
     match name.starts_with(PREFIX) {
-        true => name.to_owned(),
-        false => format!("{PREFIX}{name}"),
+        true => name.into(),
+        false => format!("{PREFIX}{name}").into(),
     }
 }
 
@@ -157,7 +157,7 @@ impl Metrics {
         values.extend(labels.iter().map(|(_, v)| v.as_str()));
         let help = if help.is_empty() { name } else { help };
         let full = prefixed(name);
-        let name = full.as_str();
+        let name = full.as_ref();
         let mut map = self.plugin.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(name) {
             let opts = Opts::new(name, help);

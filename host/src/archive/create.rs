@@ -160,20 +160,20 @@ pub fn create_archive(opts: &ArchiveOptions) -> anyhow::Result<PathBuf> {
         let yaml = config
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        let bad = |m: String| anyhow::anyhow!("`--config-file` {}: {m}", config.display());
+        // The YAML reader checks what it reads; a TOML config is checked here.
         let parsed: ModelConfig = if yaml {
-            torchserve::model_config_from_yaml(&text)
-                .map_err(|m| anyhow::anyhow!("`--config-file` {}: {m}", config.display()))?
+            torchserve::model_config_from_yaml(&text).map_err(bad)?
         } else {
-            toml::from_str(&text).with_context(|| {
+            let parsed: ModelConfig = toml::from_str(&text).with_context(|| {
                 format!(
                     "`--config-file` {} is not a valid model-config.toml",
                     config.display()
                 )
-            })?
+            })?;
+            parsed.validate().map_err(bad)?;
+            parsed
         };
-        parsed
-            .validate()
-            .map_err(|m| anyhow::anyhow!("`--config-file` {}: {m}", config.display()))?;
         for warning in &parsed.warnings {
             eprintln!("cresset archive: warning: {warning}");
         }

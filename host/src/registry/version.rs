@@ -280,8 +280,8 @@ impl ModelVersion {
     }
 
     /// Settle the worker bounds the config leaves unset, now that the plugin is known
-    /// ([`pool::auto_workers`]), and return the workers to start. Bounds the scale API set
-    /// while the version loaded are kept.
+    /// ([`pool::auto_workers`]), and return the workers to start. (The scale API waits for the
+    /// load to settle, so nothing else sets the bounds meanwhile.)
     fn choose_workers(&self, ctx: &LoadContext) -> u32 {
         let caps = self
             .plugin()
@@ -291,19 +291,8 @@ impl ModelVersion {
             .default_workers
             .unwrap_or_else(|| pool::auto_workers(&self.config, caps, ctx.intra_op_threads));
         let (min, max) = self.config.worker_bounds(auto);
-        let _ = self.worker_bounds.compare_exchange(
-            self.initial_bounds(),
-            pack(min, max),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        self.worker_bounds().0
-    }
-
-    /// The bounds a version starts with, before [`Self::choose_workers`].
-    fn initial_bounds(&self) -> u64 {
-        let (min, max) = self.config.worker_bounds(1);
-        pack(min, max)
+        self.worker_bounds.store(pack(min, max), Ordering::Relaxed);
+        min
     }
 
     /// Whether the config leaves a worker bound to the host (describe's `autoWorkers`).

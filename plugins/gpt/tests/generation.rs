@@ -439,22 +439,21 @@ fn with_draft(draft: &str) -> tempfile::TempDir {
 }
 
 fn speculative(draft_dir: &Path, batch: u64) -> GptHandler {
-    let mut ctx = init_context(
-        draft_dir,
-        in_f32(json!({"draft_model": "draft", "speculate_k": 4})),
-    );
+    speculative_with(draft_dir, "draft", batch)
+}
+
+/// The handler in `dir` speculating with the draft at `draft` (inside `dir`), 4 tokens a step.
+fn speculative_with(dir: &Path, draft: &str, batch: u64) -> GptHandler {
+    let mut ctx = init_context(dir, in_f32(json!({"draft_model": draft, "speculate_k": 4})));
     ctx.model_config = json!({ "batch_size": batch });
     step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message))
 }
 
-#[test]
-fn speculative_decoding_with_the_target_as_draft_accepts_everything() {
-    let expected = expected();
-    let spec = &expected["llama-gqa-tied"];
-    let dir = with_draft("llama-gqa-tied");
-    let mut h = speculative(dir.path(), 2);
+/// Run the fixture's two prompts as one batch of 32 new tokens each, and check that each gives
+/// transformers' greedy text.
+fn both_prompts_give_greedy_text(h: &mut GptHandler, spec: &Value) {
     let out = run(
-        &mut h,
+        h,
         &[
             json_request(json!({"data": spec["prompt"], "max_new_tokens": 32})),
             json_request(json!({"data": spec["batch"]["prompt"], "max_new_tokens": 32})),
@@ -468,6 +467,15 @@ fn speculative_decoding_with_the_target_as_draft_accepts_everything() {
         body(&out.finals[1])["generated_text"],
         greedy_text(&ids(&spec["batch"]["greedy_ids"])).as_str()
     );
+}
+
+#[test]
+fn speculative_decoding_with_the_target_as_draft_accepts_everything() {
+    let expected = expected();
+    let spec = &expected["llama-gqa-tied"];
+    let dir = with_draft("llama-gqa-tied");
+    let mut h = speculative(dir.path(), 2);
+    both_prompts_give_greedy_text(&mut h, spec);
     let (accepted, drafted) = h.speculation().expect("a draft is configured");
     assert!(drafted > 20, "speculation ran ({drafted} drafted)");
     assert_eq!(accepted, drafted, "the target accepts its own proposals");
@@ -526,33 +534,14 @@ fn speculative_decoding_with_the_same_model_in_int4_as_draft_keeps_greedy_output
     std::fs::copy(&gguf, dir.path().join("draft/draft.gguf")).expect("copy the draft");
     // `quantize = "auto"`: the safetensors target stays dense, the GGUF draft keeps its Q4_1
     // blocks as int4.
-    let mut ctx = init_context(
-        dir.path(),
-        in_f32(json!({"draft_model": "draft/draft.gguf", "speculate_k": 4})),
-    );
-    ctx.model_config = json!({ "batch_size": 2 });
-    let mut h = step_instance::<GptHandler>(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+    let mut h = speculative_with(dir.path(), "draft/draft.gguf", 2);
     assert!(!h.model().is_quantized());
     assert!(
         h.draft_model().is_some_and(|d| d.is_quantized()),
         "the draft holds int4 weights"
     );
-    let out = run(
-        &mut h,
-        &[
-            json_request(json!({"data": spec["prompt"], "max_new_tokens": 32})),
-            json_request(json!({"data": spec["batch"]["prompt"], "max_new_tokens": 32})),
-        ],
-    );
     // Whatever the draft proposes, the target's greedy tokens come out.
-    assert_eq!(
-        body(&out.finals[0])["generated_text"],
-        greedy_text(&ids(&spec["greedy_ids"])).as_str()
-    );
-    assert_eq!(
-        body(&out.finals[1])["generated_text"],
-        greedy_text(&ids(&spec["batch"]["greedy_ids"])).as_str()
-    );
+    both_prompts_give_greedy_text(&mut h, spec);
     let (accepted, drafted) = h.speculation().expect("a draft is configured");
     assert!(drafted > 20, "speculation ran ({drafted} drafted)");
     // The fixture's random weights give nearly flat logits, so int4 rounding flips many of its

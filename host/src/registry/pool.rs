@@ -181,7 +181,7 @@ impl WorkerPool {
 const MAX_AUTO_WORKERS: u32 = 4;
 
 /// The workers a model gets where its config leaves `min_workers`/`max_workers` unset: one per
-/// core (at most [`MAX_AUTO_WORKERS`]) for a CPU model whose plugin shares one copy of the
+/// core (at most `MAX_AUTO_WORKERS`) for a CPU model whose plugin shares one copy of the
 /// weights among its instances ([`Capabilities::SHARED_WEIGHTS`]) and batches request by
 /// request; one otherwise (a second copy of the weights, or a second continuous-batching
 /// engine, is not free). With the server dividing the cores (`intra_op_threads = 0`), a lone

@@ -22,7 +22,7 @@ pub mod store;
 pub mod version;
 
 pub use load::{LoadContext, LoadError};
-pub use registrar::{Registrar, StoreRegistration};
+pub use registrar::{Registrar, StoreRegistration, Unregistered};
 pub use state::{FailureKind, LoadFailure, ModelState};
 pub use version::{drain, ModelVersion, Origin, SubmitError};
 

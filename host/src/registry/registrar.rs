@@ -13,6 +13,17 @@ use super::version::{drain, ModelVersion, Origin};
 use super::{store, ModelRegistry, RegistryError};
 use crate::archive::{resolve_in_store, ConfigOverrides, ModelSource, OpenedArchive};
 
+/// What [`Registrar::unregister`] did.
+pub struct Unregistered {
+    /// The model's name and the version taken out.
+    pub which: (String, String),
+    /// Whether the registrations snapshot was written.
+    pub persisted: std::io::Result<()>,
+    /// Fires when the version has drained (its workers stopped, its model dropped); present
+    /// only when no request held the version as it was taken out, so that waiting is short.
+    pub drained: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
 /// A registration from the model store: at start-up from `--models`, or restored from a
 /// snapshot (with the overrides, URL, version and status it had).
 #[derive(Debug, Clone)]
@@ -233,16 +244,25 @@ impl Registrar {
         self: &Arc<Self>,
         name: &str,
         version: Option<&str>,
-    ) -> Result<((String, String), std::io::Result<()>), RegistryError> {
+    ) -> Result<Unregistered, RegistryError> {
         let removed = self.registry.remove(name, version)?;
         let persisted = self.persist();
         let which = (removed.name.clone(), removed.version.clone());
+        // Requests in flight hold the version; with none, the drain is only stopping its
+        // workers, and the caller may wait for it.
+        let idle = Arc::strong_count(&removed) == 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
         drain(removed, move |v| {
             this.ctx.metrics.forget(&v.name, &v.version);
             this.forget_archive_if_unused(&v.origin.archive_file, Some(v));
+            let _ = tx.send(());
         });
-        Ok((which, persisted))
+        Ok(Unregistered {
+            which,
+            persisted,
+            drained: idle.then_some(rx),
+        })
     }
 
     /// Remove an archive the server kept (an upload, a download) when no registered version

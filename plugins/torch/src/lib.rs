@@ -13,6 +13,7 @@ mod json;
 pub mod layers;
 pub mod quant;
 pub mod sampling;
+pub mod sentencepiece;
 pub mod threads;
 pub mod weights;
 

@@ -10,6 +10,8 @@ Writes (git-ignored, recreated from scratch) REPO_ROOT/tests/fixtures/generated/
   bpe.model       BPE trained here on the fixture corpus: byte fallback, a user-defined symbol
   unigram.model   Unigram trained here: nmt_nfkc normalization (a precompiled charsmap), no
                   byte fallback, so unknown characters are <unk>
+  mistral.gguf    mistral.model's vocabulary as llama.cpp's converter writes it into a GGUF file
+                  (tokenizer.ggml.model "llama": pieces, scores, types, special ids; no tensors)
   gpt-fast/target, gpt-fast/draft
                   LlamaForCausalLM checkpoints (config.json, model.safetensors,
                   generation_config.json; no tokenizer: bpe.model is the tokenizer) over
@@ -19,8 +21,8 @@ Writes (git-ignored, recreated from scratch) REPO_ROOT/tests/fixtures/generated/
   expected.json   written last:
     "tokenizers": {name: {file, model_type, vocab_size, bos_id, eos_id, unk_id,
                    cases: [{text, ids, decoded}]}}   ids without BOS/EOS, as sp.encode gives
-    "gpt-fast": {prompt, prompt_ids (BOS first), greedy_ids (NEW_TOKENS, target alone),
-                 greedy_text (sp.decode), draft_agreement (share of greedy steps where the
+    "gpt-fast": {prompt, prompt_ids (BOS first), greedy_ids (NEW_TOKENS, target alone; no
+                 special or byte piece), greedy_text (sp.decode), draft_agreement (share of greedy steps where the
                  draft's top token is the target's)}
 """
 
@@ -35,6 +37,7 @@ import shutil
 import sys
 
 import sentencepiece as spm
+from gguf import GGUFWriter
 import torch
 from fixture_common import CORPUS
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -108,6 +111,32 @@ def describe(name: str, path: pathlib.Path) -> dict:
     }
 
 
+def write_vocab_gguf(path: pathlib.Path, model_file: pathlib.Path) -> None:
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    n = sp.get_piece_size()
+
+    def piece_type(i: int) -> int:  # sentencepiece's (and llama.cpp's) numbering
+        for kind, test in ((2, sp.is_unknown), (3, sp.is_control), (5, sp.is_unused),
+                           (6, sp.is_byte)):
+            if test(i):
+                return kind
+        return 1
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types([piece_type(i) for i in range(n)])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_space_prefix(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def greedy(model, ids: list[int]) -> tuple[list[int], float]:
     with torch.no_grad():
         out = model.generate(
@@ -124,6 +153,8 @@ def gpt_fast(out: pathlib.Path, tokenizer: pathlib.Path) -> dict:
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     prompt_ids = [sp.bos_id()] + sp.encode(PROMPT)
     specials = {sp.bos_id(), sp.eos_id(), sp.unk_id()}
+    bytes_ids = [i for i in range(sp.get_piece_size()) if sp.is_byte(i)]
+    specials |= set(bytes_ids)
     for seed in range(MAX_SEEDS):
         torch.manual_seed(seed)
         config = LlamaConfig(
@@ -132,8 +163,10 @@ def gpt_fast(out: pathlib.Path, tokenizer: pathlib.Path) -> dict:
         )
         target = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
         # Layers after the first add little to the residual stream, so that the draft (the
-        # first layer alone) often, but not always, predicts what the target does.
+        # first layer alone) often, but not always, predicts what the target does. Byte pieces
+        # get no logit of their own, so that greedy text is whole characters.
         with torch.no_grad():
+            target.lm_head.weight[bytes_ids] = 0.0
             for layer in target.model.layers[1:]:
                 layer.self_attn.o_proj.weight.mul_(LATER_LAYERS_SCALE)
                 layer.mlp.down_proj.weight.mul_(LATER_LAYERS_SCALE)
@@ -172,6 +205,7 @@ def main(root: pathlib.Path, mistral: pathlib.Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     (out / "gpt-fast").mkdir(parents=True)
     shutil.copyfile(mistral, out / "mistral.model")
+    write_vocab_gguf(out / "mistral.gguf", out / "mistral.model")
     bpe = train(
         out, "bpe", model_type="bpe", vocab_size=400, byte_fallback=True,
         user_defined_symbols=["[SEP]"], character_coverage=1.0,

@@ -374,3 +374,126 @@ fn cresset_archive_writes_a_mar_in_torchserves_layout_that_both_servers_can_read
         assert!(!ok && err.contains(says), "{flag}: {err}");
     }
 }
+
+/// GPT-fast's speculative-decoding `model-config.yaml`, as its docs give it (only the
+/// `path/to/` placeholders point into the archive).
+const GPT_FAST_SEED: &str = r#"# model-config.yaml for speculative decoding
+minWorkers: 1
+maxWorkers: 1
+handler:
+    model_path: "checkpoints/gpt_fast_7b"
+    tokenizer_path: "checkpoints/tokenizer.model"
+    compile: true
+    speculative: true
+    draft_model_path: "checkpoints/gpt_fast_68m"
+    speculate_k: 5
+    max_new_tokens: 256
+    temperature: 0.8
+    top_k: 200
+"#;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn gpt_fasts_seed_config_loads_unchanged_with_its_sentencepiece_tokenizer_and_speculates() {
+    let spm = repo_root().join("tests/fixtures/generated/spm");
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(spm.join("expected.json")).expect("run `make models`"),
+    )
+    .expect("JSON");
+    let expected = &expected["gpt-fast"];
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    // GPT-fast's layout: a checkpoint folder per model and the SentencePiece model beside them.
+    let checkpoints = work.path().join("checkpoints");
+    copy_dir(
+        &spm.join("gpt-fast/target"),
+        &checkpoints.join("gpt_fast_7b"),
+    );
+    copy_dir(
+        &spm.join("gpt-fast/draft"),
+        &checkpoints.join("gpt_fast_68m"),
+    );
+    std::fs::copy(spm.join("bpe.model"), checkpoints.join("tokenizer.model")).expect("copy");
+    // The seed as it is, and the same with one line more that asks for float32, for an exact
+    // comparison with transformers (`dtype` "auto" may pick bfloat16 on this CPU).
+    let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    for (name, config) in [
+        ("gpt_fast", GPT_FAST_SEED.to_owned()),
+        (
+            "gpt_fast_f32",
+            format!("{GPT_FAST_SEED}    dtype: float32\n"),
+        ),
+    ] {
+        let file = work.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, config).expect("write");
+        let (ok, _, err) = cresset_e2e::run_archiver(&[
+            "--model-name",
+            name,
+            "--handler",
+            "gpt",
+            "--config-file",
+            &path(&file),
+            "--extra-files",
+            &path(&checkpoints),
+            "--archive-format",
+            "default",
+            "--export-path",
+            &path(store.path()),
+        ]);
+        assert!(ok, "{err}");
+    }
+
+    let server = Server::start(&["--model-store", &path(store.path())]);
+    server.wait_healthy();
+    server.register("url=gpt_fast.mar&synchronous=true");
+    server.register("url=gpt_fast_f32.mar&synchronous=true");
+    let prompt = expected["prompt"].as_str().expect("prompt");
+    let new = expected["greedy_ids"].as_array().expect("ids").len();
+    let generate = |model: &str, body: Value| -> String {
+        let reply = server.post_json(&format!("/predictions/{model}"), &body);
+        assert_eq!(reply.status, 200, "{model}: {}", reply.text());
+        reply.json()["generated_text"]
+            .as_str()
+            .expect("generated_text")
+            .to_owned()
+    };
+    // Greedy in float32: the target's own tokens, the prompt read through the SentencePiece
+    // model with BOS first, drafted five at a time and verified.
+    assert_eq!(
+        generate(
+            "gpt_fast_f32",
+            json!({"data": prompt, "max_new_tokens": new, "temperature": 0})
+        ),
+        expected["greedy_text"].as_str().expect("text"),
+        "transformers' greedy tokens, as sentencepiece decodes them"
+    );
+    // The seed itself: greedy, and with its own defaults (temperature 0.8, top_k 200) for a
+    // request that names none.
+    let greedy = generate(
+        "gpt_fast",
+        json!({"data": prompt, "max_new_tokens": new, "temperature": 0}),
+    );
+    assert!(!greedy.is_empty());
+    generate("gpt_fast", json!({"data": prompt, "max_new_tokens": 16}));
+    // Speculation ran in both: their acceptance gauges are there and moved off zero.
+    let metrics = server.metrics_text();
+    let ratios: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("cresset_speculative_acceptance_ratio"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(ratios.len(), 2, "{metrics}");
+    assert!(
+        ratios.iter().all(|&r| r > 0.0 && r <= 1.0),
+        "acceptance {ratios:?}"
+    );
+    // `compile` has no effect here, and the log says so once.
+    assert_eq!(server.log().matches("`handler.compile`").count(), 2);
+}

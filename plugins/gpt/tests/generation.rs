@@ -702,16 +702,12 @@ fn gpt_fasts_setting_names_are_understood() {
             .unwrap_or_default()
             .to_owned()
     };
+    let ask_prompt =
+        |h: &mut GptHandler| ask(h, json!({"data": spec["prompt"], "max_new_tokens": 32}));
     // `speculative` with `draft_model_path` (and `compile`, accepted without effect).
     let mut h = start(json!({"speculative": true, "draft_model_path": "draft", "speculate_k": 4, "compile": true}))
         .unwrap_or_else(|e| panic!("{}", e.message));
-    assert_eq!(
-        ask(
-            &mut h,
-            json!({"data": spec["prompt"], "max_new_tokens": 32})
-        ),
-        greedy
-    );
+    assert_eq!(ask_prompt(&mut h), greedy);
     let (accepted, drafted) = h.speculation().expect("a draft");
     assert!(drafted > 0 && accepted == drafted, "{accepted}/{drafted}");
     // `speculative = false` leaves the draft out; `true` without a draft is refused.
@@ -720,6 +716,32 @@ fn gpt_fasts_setting_names_are_understood() {
     assert!(h.speculation().is_none());
     let err = start(json!({"speculative": true})).err().expect("refused");
     assert!(err.message.contains("draft_model_path"), "{}", err.message);
+    // `model_path` may name the checkpoint's file and `tokenizer_path` a tokenizer apart from
+    // it (GPT-fast's SentencePiece model, or a tokenizer.json); GPT-fast's model.pth is
+    // refused, and so is a tokenizer that is missing or not one.
+    let mut h =
+        start(json!({"model_path": "model.safetensors", "tokenizer_path": "tokenizer.json"}))
+            .unwrap_or_else(|e| panic!("{}", e.message));
+    assert_eq!(ask_prompt(&mut h), greedy);
+    std::fs::write(dir.path().join("model.pth"), b"PK").expect("write");
+    for (handler, says) in [
+        (json!({"model_path": "model.pth"}), "PyTorch pickles"),
+        (
+            json!({"tokenizer_path": "tokenizer.model"}),
+            "`tokenizer.model` (`handler.tokenizer_path`) is not a file",
+        ),
+        (
+            json!({"tokenizer_path": "model.pth"}),
+            "not a valid SentencePiece model",
+        ),
+        (
+            json!({"tokenizer_path": "../tokenizer.model"}),
+            "inside the archive",
+        ),
+    ] {
+        let err = start(handler.clone()).err().expect("refused");
+        assert!(err.message.contains(says), "{handler}: {}", err.message);
+    }
     // Handler-level `temperature` and `top_k` are the defaults of requests that choose no
     // sampling; a request's own choice wins.
     let mut h = start(json!({"temperature": 0.8, "top_k": 200}))

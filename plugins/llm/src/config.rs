@@ -15,8 +15,11 @@ use serde_json::Value;
 pub(crate) struct Settings {
     /// The checkpoint folder (`model_path`).
     pub dir: PathBuf,
-    /// The `.gguf` to load (`model_file`), when named.
+    /// The `.gguf` to load (`model_file`, or `model_path` naming the file), when named.
     pub model_file: Option<String>,
+    /// A tokenizer that replaces the checkpoint's (`tokenizer_path`: GPT-fast's SentencePiece
+    /// `tokenizer.model`, or a `tokenizer.json`).
+    pub tokenizer: Option<PathBuf>,
     /// The weights' dtype (`dtype`).
     pub kind: Kind,
     /// The instance's device.
@@ -101,6 +104,29 @@ impl Quantization {
     }
 }
 
+/// `model_path`: the checkpoint folder (default: the archive's root), or a file in it. A `.gguf`
+/// file is loaded as `model_file`; a `model.safetensors` names its folder; GPT-fast's
+/// `model.pth` is refused, naming what to give instead.
+fn model_path(ctx: &InitContext) -> Result<(PathBuf, Option<String>), PluginError> {
+    let path = settings::folder_inside(&ctx.model_dir, &ctx.handler_config, "model_path")?;
+    if !path.is_file() {
+        return Ok((path, None));
+    }
+    let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    match path.extension().and_then(|x| x.to_str()) {
+        Some("gguf") => Ok((parent, Some(name.to_owned()))),
+        Some("safetensors") => Ok((parent, None)),
+        _ => Err(PluginError::invalid_input(format!(
+            "`handler.model_path` names {name:?}: PyTorch pickles (GPT-fast's model.pth) are not \
+             read. Give a folder with config.json and model.safetensors, or a .gguf file"
+        ))),
+    }
+}
+
 /// The handler's sampling defaults, for requests that name no sampling parameter.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SamplingDefaults {
@@ -121,7 +147,7 @@ pub(crate) struct DraftSettings {
 }
 
 /// The `[handler]` keys the `gpt` handler reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 24] = [
+pub const HANDLER_KEYS: [&str; 25] = [
     "model_path",
     "model_file",
     "dtype",
@@ -141,7 +167,9 @@ pub const HANDLER_KEYS: [&str; 24] = [
     "offload_folder",
     "low_cpu_mem_usage",
     "offload_state_dict",
-    // GPT-fast's names: `speculative` with `draft_model_path`, sampling defaults, `compile`.
+    // GPT-fast's names: its tokenizer, `speculative` with `draft_model_path`, sampling
+    // defaults, `compile`.
+    "tokenizer_path",
     "speculative",
     "draft_model_path",
     "temperature",
@@ -156,7 +184,7 @@ impl Settings {
     pub fn read(ctx: &InitContext) -> Result<Self, PluginError> {
         let config = &ctx.handler_config;
         settings::only(config, &HANDLER_KEYS)?;
-        let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
+        let (dir, named_file) = model_path(ctx)?;
         let dtype = Dtype::parse(settings::string(config, "dtype")?.unwrap_or("auto"))
             .map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
@@ -254,7 +282,26 @@ impl Settings {
             (None, Some(_)) => "max_length",
             _ => "max_seq_len",
         };
-        let model_file = settings::string(config, "model_file")?.map(str::to_owned);
+        let model_file = match (settings::string(config, "model_file")?, named_file) {
+            (Some(_), Some(_)) => {
+                return Err(PluginError::invalid_input(
+                    "`handler.model_path` names a file: give no `handler.model_file` with it",
+                ))
+            }
+            (a, b) => a.map(str::to_owned).or(b),
+        };
+        let tokenizer = match settings::string(config, "tokenizer_path")? {
+            None => None,
+            Some(rel) => {
+                let path = settings::path_inside(&ctx.model_dir, "tokenizer_path", rel)?;
+                if !path.is_file() {
+                    return Err(PluginError::not_found(format!(
+                        "the tokenizer `{rel}` (`handler.tokenizer_path`) is not a file in the archive"
+                    )));
+                }
+                Some(path)
+            }
+        };
         let quantize = Quantization::read(config)?;
         // Whether the layers will be quantized decides what `dtype = "auto"` means.
         let quantized = match quantize {
@@ -282,6 +329,7 @@ impl Settings {
             kind,
             dir,
             model_file,
+            tokenizer,
             device,
             shards,
             chat_template: settings::string(config, "chat_template")?.map(str::to_owned),

@@ -81,7 +81,13 @@ impl StepHandler for GptHandler {
             settings.quantize.apply(&mut opts, split);
             Ok(opts)
         };
-        let mut loaded = load(&settings.dir, settings.model_file.as_deref(), &place)?;
+        let tokenizer = settings.tokenizer.as_deref();
+        let mut loaded = load(
+            &settings.dir,
+            settings.model_file.as_deref(),
+            tokenizer,
+            &place,
+        )?;
         if let Some(devices) = &settings.shards {
             loaded.model = loaded.model.shard(devices)?;
             tracing::info!(model = %ctx.model_name, shards = devices.len(), "tensor parallel");
@@ -97,7 +103,7 @@ impl StepHandler for GptHandler {
                     settings.quantize.apply(&mut opts, false);
                     Ok(opts)
                 };
-                let draft = load(&d.dir, d.file.as_deref(), &everything_here)?;
+                let draft = load(&d.dir, d.file.as_deref(), tokenizer, &everything_here)?;
                 if draft.model.config.vocab_size != loaded.model.config.vocab_size {
                     return Err(PluginError::invalid_input(format!(
                         "`handler.draft_model` has a vocabulary of {} tokens; the model has {}: a draft must share the vocabulary",

@@ -8,6 +8,7 @@ use cresset_plugin_api::PluginError;
 use cresset_torch::decoder::{Decoder, DecoderConfig, LoadOptions};
 use cresset_torch::gguf::Gguf;
 use cresset_torch::layers::HfConfig;
+use cresset_torch::sentencepiece::SentencePiece;
 use cresset_torch::tokenizers::Tokenizer;
 use serde_json::Value;
 
@@ -34,13 +35,46 @@ pub struct Loaded {
 /// known and before any weight is read.
 pub type Placer<'a> = dyn Fn(&DecoderConfig) -> Result<LoadOptions, PluginError> + 'a;
 
+/// A tokenizer named apart from the checkpoint (`handler.tokenizer_path`, as GPT-fast names its
+/// SentencePiece `tokenizer.model`): it replaces the checkpoint's own.
+struct NamedTokenizer {
+    tokenizer: Tokenizer,
+    /// The SentencePiece model's BOS (put before text prompts, as GPT-fast does) and EOS ids.
+    bos: Option<i64>,
+    eos: Option<i64>,
+}
+
+impl NamedTokenizer {
+    /// A `tokenizer.json`, or else a SentencePiece model.
+    fn read(path: &Path) -> Result<Self, PluginError> {
+        if path.extension().is_some_and(|x| x == "json") {
+            let tokenizer = cresset_torch::load_tokenizer_file(path).map_err(PluginError::from)?;
+            return Ok(Self {
+                tokenizer,
+                bos: None,
+                eos: None,
+            });
+        }
+        let sp = SentencePiece::open(path)
+            .map_err(|e| PluginError::invalid_input(format!("`handler.tokenizer_path`: {e}")))?;
+        Ok(Self {
+            tokenizer: sp.tokenizer().map_err(PluginError::from)?,
+            bos: sp.bos_id.map(i64::from),
+            eos: sp.eos_id.map(i64::from),
+        })
+    }
+}
+
 /// Load a checkpoint folder: a `.gguf` (`model_file`, or the only one; Llama) or a HuggingFace
-/// safetensors checkpoint (Llama, GPT-2 or BLOOM), loaded as `place` decides.
+/// safetensors checkpoint (Llama, GPT-2 or BLOOM), loaded as `place` decides. A
+/// `tokenizer_file` replaces the checkpoint's tokenizer.
 pub fn load(
     dir: &Path,
     model_file: Option<&str>,
+    tokenizer_file: Option<&Path>,
     place: &Placer<'_>,
 ) -> Result<Loaded, PluginError> {
+    let named = tokenizer_file.map(NamedTokenizer::read).transpose()?;
     let gguf_path = settings::named_or_only_file(dir, "model_file", model_file, "gguf")?;
     let tokenizer_json = dir.join("tokenizer.json");
     let tokenizer_config: Option<Value> =
@@ -55,16 +89,18 @@ pub fn load(
     };
     let mut gguf_bos: Option<i64> = None;
     let mut add_bos_id: Option<i64> = None;
-    let (model, tokenizer, template, mut eos_ids) = match gguf_path {
+    let (model, checkpoint_tokenizer, template, mut eos_ids) = match gguf_path {
         Some(path) => {
             let gguf = Gguf::open(&path).map_err(PluginError::from)?;
             let config = DecoderConfig::from_gguf(&gguf).map_err(PluginError::from)?;
             let model =
                 Decoder::load_gguf_with(&gguf, &place(&config)?).map_err(PluginError::from)?;
-            let tokenizer = if tokenizer_json.is_file() {
-                cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?
+            let tokenizer = if named.is_some() {
+                None
+            } else if tokenizer_json.is_file() {
+                Some(cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?)
             } else {
-                gguf.tokenizer().map_err(PluginError::from)?
+                Some(gguf.tokenizer().map_err(PluginError::from)?)
             };
             let template = gguf
                 .get("tokenizer.chat_template")
@@ -94,12 +130,26 @@ pub fn load(
             let config = DecoderConfig::from_hf(&hf).map_err(PluginError::from)?;
             let model =
                 Decoder::load_with(dir, &hf, &place(&config)?).map_err(PluginError::from)?;
-            let tokenizer = cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?;
+            let tokenizer = match named {
+                Some(_) => None,
+                None => Some(cresset_torch::load_tokenizer(dir).map_err(PluginError::from)?),
+            };
             let template = token_text("chat_template");
             let eos =
                 cresset_torch::gpt2::generation_eos_ids(dir, &hf).map_err(PluginError::from)?;
             (model, tokenizer, template, eos)
         }
+    };
+    let tokenizer = match named {
+        Some(named) => {
+            gguf_bos = named.bos.or(gguf_bos);
+            // GPT-fast puts BOS before every prompt.
+            add_bos_id = named.bos;
+            eos_ids.extend(named.eos.filter(|e| !eos_ids.contains(e)));
+            named.tokenizer
+        }
+        None => checkpoint_tokenizer
+            .ok_or_else(|| PluginError::internal("the checkpoint's tokenizer was not read"))?,
     };
     let id_text = |id: i64| tokenizer.id_to_token(id as u32).unwrap_or_default();
     let eos_token = token_text("eos_token")

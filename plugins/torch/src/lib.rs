@@ -274,8 +274,12 @@ pub fn instance_device(ctx: &cresset_plugin_api::sdk::InitContext) -> tch::Devic
 /// removed: callers set their own (a batch is padded to its longest member, truncation follows
 /// the handler's `max_length`).
 pub fn load_tokenizer(dir: &std::path::Path) -> Result<tokenizers::Tokenizer, ModelError> {
-    let path = dir.join("tokenizer.json");
-    let mut tokenizer = tokenizers::Tokenizer::from_file(&path)
+    load_tokenizer_file(&dir.join("tokenizer.json"))
+}
+
+/// A `tokenizer.json` file, without padding or truncation.
+pub fn load_tokenizer_file(path: &std::path::Path) -> Result<tokenizers::Tokenizer, ModelError> {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
         .map_err(|e| ModelError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
     tokenizer.with_padding(None);
     tokenizer

@@ -92,3 +92,38 @@ fn a_file_that_is_not_a_sentencepiece_model_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_gguf_files_sentencepiece_vocabulary_gives_the_same_ids() {
+    // mistral.model's pieces, scores and types in a GGUF file, as llama.cpp's converter writes
+    // them. Control symbols spelled in the text are read as those symbols there (llama.cpp
+    // renders chat templates so); every other case must give sentencepiece's ids.
+    let dir = common::fixtures("spm");
+    let expected = &common::expected("spm")["tokenizers"]["mistral"];
+    let gguf = cresset_torch::gguf::Gguf::open(&dir.join("mistral.gguf")).expect("gguf");
+    let tokenizer = gguf.tokenizer().expect("tokenizer");
+    let mut checked = 0;
+    for case in expected["cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        if text.contains("<s>") || text.contains("</s>") {
+            assert_eq!(
+                tokenizer.encode(text, false).expect("encode").get_ids()[2],
+                1,
+                "<s> is read whole in {text:?}"
+            );
+            continue;
+        }
+        let want: Vec<u32> = common::ids(&case["ids"])
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let got = tokenizer.encode(text, false).expect("encode");
+        assert_eq!(got.get_ids(), want.as_slice(), "ids of {text:?}");
+        assert_eq!(
+            tokenizer.decode(&want, true).expect("decode"),
+            case["decoded"].as_str().expect("decoded")
+        );
+        checked += 1;
+    }
+    assert!(checked > 50, "{checked}");
+}

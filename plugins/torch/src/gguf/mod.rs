@@ -5,7 +5,8 @@
 //! The file is memory-mapped; the header is parsed as hostile input (every count, length and
 //! offset is checked against the file before use, and the metadata is capped). Metadata arrays
 //! stay in the mapping until they are read ([`Gguf::array`]), so a parse costs memory only for
-//! what a model uses. The tokenizers a file's vocabulary describes are built in `gguf/tokenizer.rs`.
+//! what a model uses. The tokenizers a file's vocabulary describes are built in
+//! `gguf/tokenizer.rs`.
 
 use std::collections::BTreeMap;
 use std::fs::File;

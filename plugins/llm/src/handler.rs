@@ -14,7 +14,7 @@ use crate::admission::Admissions;
 use crate::config::Settings;
 use crate::device_map::load_options;
 use crate::engine::{Draft, Engine, Identity};
-use crate::load::{load, Loaded};
+use crate::load::{load, Loaded, NamedTokenizer};
 use crate::prompt::{ChatTemplate, Limits, PromptEncoder, TokenizingHeld};
 
 /// The GPT handler.
@@ -81,7 +81,13 @@ impl StepHandler for GptHandler {
             settings.quantize.apply(&mut opts, split);
             Ok(opts)
         };
-        let tokenizer = settings.tokenizer.as_deref();
+        // Read once: the model and its draft share it.
+        let named = settings
+            .tokenizer
+            .as_deref()
+            .map(NamedTokenizer::read)
+            .transpose()?;
+        let tokenizer = named.as_ref();
         let mut loaded = load(
             &settings.dir,
             settings.model_file.as_deref(),

@@ -37,7 +37,7 @@ pub type Placer<'a> = dyn Fn(&DecoderConfig) -> Result<LoadOptions, PluginError>
 
 /// A tokenizer named apart from the checkpoint (`handler.tokenizer_path`, as GPT-fast names its
 /// SentencePiece `tokenizer.model`): it replaces the checkpoint's own.
-struct NamedTokenizer {
+pub struct NamedTokenizer {
     tokenizer: Tokenizer,
     /// The SentencePiece model's BOS (put before text prompts, as GPT-fast does) and EOS ids.
     bos: Option<i64>,
@@ -46,7 +46,7 @@ struct NamedTokenizer {
 
 impl NamedTokenizer {
     /// A `tokenizer.json`, or else a SentencePiece model.
-    fn read(path: &Path) -> Result<Self, PluginError> {
+    pub fn read(path: &Path) -> Result<Self, PluginError> {
         if path.extension().is_some_and(|x| x == "json") {
             let tokenizer = cresset_torch::load_tokenizer_file(path).map_err(PluginError::from)?;
             return Ok(Self {
@@ -67,14 +67,13 @@ impl NamedTokenizer {
 
 /// Load a checkpoint folder: a `.gguf` (`model_file`, or the only one; Llama) or a HuggingFace
 /// safetensors checkpoint (Llama, GPT-2 or BLOOM), loaded as `place` decides. A
-/// `tokenizer_file` replaces the checkpoint's tokenizer.
+/// `named` tokenizer replaces the checkpoint's, which is then not read.
 pub fn load(
     dir: &Path,
     model_file: Option<&str>,
-    tokenizer_file: Option<&Path>,
+    named: Option<&NamedTokenizer>,
     place: &Placer<'_>,
 ) -> Result<Loaded, PluginError> {
-    let named = tokenizer_file.map(NamedTokenizer::read).transpose()?;
     let gguf_path = settings::named_or_only_file(dir, "model_file", model_file, "gguf")?;
     let tokenizer_json = dir.join("tokenizer.json");
     let tokenizer_config: Option<Value> =
@@ -146,7 +145,7 @@ pub fn load(
             // GPT-fast puts BOS before every prompt.
             add_bos_id = named.bos;
             eos_ids.extend(named.eos.filter(|e| !eos_ids.contains(e)));
-            named.tokenizer
+            named.tokenizer.clone()
         }
         None => checkpoint_tokenizer
             .ok_or_else(|| PluginError::internal("the checkpoint's tokenizer was not read"))?,

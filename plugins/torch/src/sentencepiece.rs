@@ -425,6 +425,15 @@ impl SentencePiece {
         merges
     }
 
+    /// The pieces of one type, escaped for a regular expression.
+    fn escaped_pieces(&self, kind: PieceType) -> Vec<String> {
+        self.pieces
+            .iter()
+            .filter(|p| p.kind == kind)
+            .map(|p| escape_regex(&p.piece))
+            .collect()
+    }
+
     fn normalizer(&self) -> tokenizers::Result<NormalizerWrapper> {
         let mut steps: Vec<NormalizerWrapper> = Vec::new();
         if !self.precompiled_charsmap.is_empty() {
@@ -438,12 +447,7 @@ impl SentencePiece {
             // The dummy prefix goes before the whole text only. `tokenizers` also normalizes
             // the added tokens' own text with these steps, so a user-defined symbol on its own
             // must not get it, or it would only be matched after a space.
-            let whole: Vec<String> = self
-                .pieces
-                .iter()
-                .filter(|p| p.kind == PieceType::UserDefined)
-                .map(|p| escape_regex(&p.piece))
-                .collect();
+            let whole = self.escaped_pieces(PieceType::UserDefined);
             if whole.is_empty() {
                 steps.push(Prepend::new(" ".into()).into());
             } else {
@@ -460,12 +464,7 @@ impl SentencePiece {
     fn decoder(&self) -> tokenizers::Result<DecoderWrapper> {
         let mut steps: Vec<DecoderWrapper> = Vec::new();
         // Control pieces decode to nothing; `<unk>` to sentencepiece's " ⁇ ".
-        let controls: Vec<String> = self
-            .pieces
-            .iter()
-            .filter(|p| p.kind == PieceType::Control)
-            .map(|p| escape_regex(&p.piece))
-            .collect();
+        let controls = self.escaped_pieces(PieceType::Control);
         if !controls.is_empty() {
             let whole = format!("^(?:{})$", controls.join("|"));
             steps.push(Replace::new(ReplacePattern::Regex(whole), "")?.into());

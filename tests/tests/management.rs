@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cresset_e2e::{archive_model, echo_reverse_library, library, post_in_background, Server};
+use cresset_e2e::{
+    archive_model, echo_reverse_library, library, post_in_background, serve_file, Server,
+};
 use serde_json::Value;
 
 /// `cresset archive` into `store`; returns the archive's file name.
@@ -321,31 +323,14 @@ fn serve_raw(response: Vec<u8>) -> String {
     format!("http://{address}/models/redirect.tar.gz")
 }
 
-/// A one-file HTTP server on loopback, for URL registration. Serves `bytes` to every GET.
-fn serve_file(bytes: Vec<u8>) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(4) {
-            let Ok(mut stream) = stream else { continue };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                bytes.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&bytes);
-        }
-    });
-    format!("http://{address}/models/e.tar.gz")
-}
-
 #[test]
 fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
     let build = tempfile::tempdir().expect("tempdir");
     let file = archive(build.path(), "remote", "1.0", "echo", "tgz");
-    let url = serve_file(std::fs::read(build.path().join(file)).expect("read"));
+    let url = serve_file(
+        std::fs::read(build.path().join(file)).expect("read"),
+        "e.tar.gz",
+    );
     let store = tempfile::tempdir().expect("tempdir");
     let server = store_server(
         store.path(),
@@ -401,7 +386,7 @@ fn allowed_urls_are_matched_against_the_parsed_url_and_names_must_not_lead_insid
         )
     };
     // User-info: the host of `http://good.example@127.0.0.1:PORT/...` is 127.0.0.1.
-    let url = serve_file(bytes.clone());
+    let url = serve_file(bytes.clone(), "e.tar.gz");
     let sneaky = url.replacen("http://", "http://good.example@", 1);
     let server = store_server(store.path(), &["--allowed-urls", r"http://good\.example.*"]);
     let r = call(&server, &sneaky);
@@ -410,7 +395,7 @@ fn allowed_urls_are_matched_against_the_parsed_url_and_names_must_not_lead_insid
     drop(server);
 
     // Dot segments are resolved before the path is matched.
-    let url = serve_file(bytes.clone());
+    let url = serve_file(bytes.clone(), "e.tar.gz");
     let escaped = url.replace("/models/", "/ok/../models/");
     let server = store_server(
         store.path(),
@@ -421,7 +406,7 @@ fn allowed_urls_are_matched_against_the_parsed_url_and_names_must_not_lead_insid
     drop(server);
 
     // A host given by name that resolves to loopback is refused by default...
-    let url = serve_file(bytes.clone());
+    let url = serve_file(bytes.clone(), "e.tar.gz");
     let by_name = url.replace("127.0.0.1", "localhost");
     let server = store_server(
         store.path(),

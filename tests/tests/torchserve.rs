@@ -1,14 +1,14 @@
 //! TorchServe users' artifacts: archives written by the real `torch-model-archiver` 0.12.0 (in
 //! the test venv) in its `default` (`.mar`), `tgz` and `no-archive` formats, with a
-//! `model-config.yaml` in TorchServe's keys, register from the store and by upload and answer as
-//! the same model in a Cresset archive does (the default store's `iris`). What Cresset cannot
-//! run (a Python handler, TorchServe's vision handlers, packages to install) is a 400 that says
-//! so, naming the file.
+//! `model-config.yaml` in TorchServe's keys, register from the store, by URL and by upload and
+//! answer as the same model in a Cresset archive does (the default store's `iris`). What
+//! Cresset cannot run (a Python handler, TorchServe's vision handlers, packages to install) is a
+//! 400 that says so, naming the file.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cresset_e2e::{repo_root, Server};
+use cresset_e2e::{repo_root, serve_file, Server};
 use serde_json::{json, Value};
 
 /// `torch-model-archiver` from the test venv.
@@ -94,7 +94,7 @@ fn predict(server: &Server, model: &str) -> Value {
 }
 
 #[test]
-fn archives_from_torch_model_archiver_register_from_the_store_and_by_upload() {
+fn archives_from_torch_model_archiver_register_from_the_store_by_url_and_by_upload() {
     let work = tempfile::tempdir().expect("tempdir");
     let store = tempfile::tempdir().expect("tempdir");
     inputs(work.path());
@@ -126,6 +126,8 @@ fn archives_from_torch_model_archiver_register_from_the_store_and_by_upload() {
         store.path().to_str().expect("utf-8"),
         "--models",
         "iris,iris_mar",
+        "--allowed-urls",
+        r"http://127\.0\.0\.1:\d+/models/.*",
     ]);
     server.wait_healthy();
     server.register("url=iris_tgz.tar.gz&synchronous=true");
@@ -147,6 +149,11 @@ fn archives_from_torch_model_archiver_register_from_the_store_and_by_upload() {
         assert_eq!(reply.status, 200, "{file}: {}", reply.text());
         assert_eq!(predict(&server, name), want, "{name}");
     }
+    // By URL: the .mar downloaded from an allowed address into the store.
+    let bytes = std::fs::read(store.path().join("iris_mar.mar")).expect("read the .mar");
+    let url = serve_file(bytes, "iris.mar");
+    server.register(&format!("url={url}&model_name=url_mar&synchronous=true"));
+    assert_eq!(predict(&server, "url_mar"), want, "url_mar");
     // model-config.yaml's keys took effect, and what has no effect says so.
     let described = server.manage("GET", "/models/iris_mar", "", b"").json();
     let v = &described[0];

@@ -512,6 +512,18 @@ pub fn run_archiver(args: &[&str]) -> (bool, String, String) {
 /// A one-file HTTP server on loopback, for registration by URL: answers the first four
 /// requests with `bytes`. Returns the URL, `http://127.0.0.1:PORT/models/{name}`.
 pub fn serve_file(bytes: Vec<u8>, name: &str) -> String {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        bytes.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(&bytes);
+    serve_raw(response, name)
+}
+
+/// A loopback server that answers the first four requests with the raw bytes `response`.
+/// Returns the URL, `http://127.0.0.1:PORT/models/{name}`.
+pub fn serve_raw(response: Vec<u8>, name: &str) -> String {
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = listener.local_addr().expect("addr");
@@ -520,12 +532,7 @@ pub fn serve_file(bytes: Vec<u8>, name: &str) -> String {
             let Ok(mut stream) = stream else { continue };
             let mut request = [0u8; 4096];
             let _ = stream.read(&mut request);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                bytes.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&bytes);
+            let _ = stream.write_all(&response);
         }
     });
     format!("http://{address}/models/{name}")

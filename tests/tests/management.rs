@@ -1,14 +1,13 @@
 //! The management API: registration from the store, an upload or a URL; list, describe, scale,
 //! set-default, unregister; and a hot swap under load that fails no request.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cresset_e2e::{
-    archive_model, echo_reverse_library, library, post_in_background, serve_file, Server,
+    archive_model, echo_reverse_library, library, post_in_background, serve_file, serve_raw, Server,
 };
 use serde_json::Value;
 
@@ -308,21 +307,6 @@ fn uploads_over_the_cap_get_413_and_hostile_uploads_400() {
     server.wait_healthy();
 }
 
-/// A loopback server that answers every request with the raw bytes `response`.
-fn serve_raw(response: Vec<u8>) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(4) {
-            let Ok(mut stream) = stream else { continue };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let _ = stream.write_all(&response);
-        }
-    });
-    format!("http://{address}/models/redirect.tar.gz")
-}
-
 #[test]
 fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
     let build = tempfile::tempdir().expect("tempdir");
@@ -353,6 +337,7 @@ fn an_allowed_url_is_downloaded_into_the_store_and_registered() {
     // An allowed URL that redirects elsewhere is not followed.
     let redirect = serve_raw(
         b"HTTP/1.1 302 Found\r\nLocation: http://example.com/evil.tar.gz\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+        "redirect.tar.gz",
     );
     let r = server.manage(
         "POST",

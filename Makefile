@@ -28,7 +28,10 @@ models: setup
 serve: build models
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all --disable-inference-token-auth
 
+# The GPU tests cannot run here, but they must compile: checked first (seconds, no codegen).
 test: build models
+	@$(ENV) cargo check --release --tests -p cresset-torch -p cresset-plugin-torchscript \
+	  --features cresset-torch/gpu,cresset-plugin-torchscript/gpu
 	@$(ENV) cargo test --release --workspace --no-fail-fast
 
 # The serving benchmark; writes BENCHMARKS.md. Not part of `make test` (speed is never a test).

@@ -1,18 +1,120 @@
 //! Reading a handler's `[handler]` table ([`InitContext::handler_config`](super::InitContext))
-//! with errors that name the key, as `handler.<key>`.
+//! into the plugin's own settings struct, with errors that name the key, as `handler.<key>`.
+//!
+//! ```
+//! use cresset_plugin_api::sdk::settings;
+//! use serde::Deserialize;
+//!
+//! /// `[handler]` as this plugin reads it: every key optional, any other key refused.
+//! #[derive(Debug, Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct Keys {
+//!     greeting: Option<String>,
+//!     repeat: Option<u64>,
+//! }
+//!
+//! let keys: Keys = settings::parse(&serde_json::json!({"greeting": "Hi"})).unwrap();
+//! assert_eq!(keys.greeting.as_deref(), Some("Hi"));
+//! assert_eq!(settings::within("repeat", keys.repeat, 1, 10).unwrap(), 1);
+//!
+//! let typo = settings::parse::<Keys>(&serde_json::json!({"greetin": "Hi"})).unwrap_err();
+//! assert!(typo.message.contains("did you mean `greeting`?"));
+//! let wrong = settings::parse::<Keys>(&serde_json::json!({"repeat": "twice"})).unwrap_err();
+//! assert!(wrong.message.starts_with("`handler.repeat`"));
+//! ```
 use std::path::{Component, Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::PluginError;
+
+/// Read the `[handler]` table into `T`, the plugin's settings struct
+/// (`#[derive(Deserialize)]`, `#[serde(deny_unknown_fields)]`, every field optional): a key `T`
+/// has no field for is refused, naming it and the field it is closest to; a value of the wrong
+/// type is refused, naming its key. No table at all reads as an empty one.
+///
+/// `T` must be a plain struct (no `#[serde(flatten)]`): its field names are the keys it knows.
+pub fn parse<T: DeserializeOwned>(config: &Value) -> Result<T, PluginError> {
+    let empty = Value::Object(serde_json::Map::new());
+    let config = if config.is_null() { &empty } else { config };
+    only(config, known_keys::<T>())?;
+    serde_path_to_error::deserialize(config).map_err(|e| {
+        let message = e
+            .inner()
+            .to_string()
+            .replace("expected u64", "expected a whole number")
+            .replace("expected u32", "expected a whole number")
+            .replace("expected f64", "expected a number");
+        PluginError::invalid_input(format!("`handler.{}`: {message}", e.path()))
+    })
+}
+
+/// `response_format`: the shape of a handler's answers where the reference handler's shape
+/// differs from Cresset's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResponseFormat {
+    /// Cresset's shapes (the default).
+    #[default]
+    Cresset,
+    /// The TorchServe reference handler's shapes.
+    Torchserve,
+}
+
+/// `value` when it is from 1 to `max`, or `default` when absent; `key` names it in the error.
+pub fn within(
+    key: &str,
+    value: Option<u64>,
+    default: usize,
+    max: usize,
+) -> Result<usize, PluginError> {
+    match value {
+        None => Ok(default),
+        Some(n) if (1..=max as u64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(PluginError::invalid_input(format!(
+            "`handler.{key}` must be an integer from 1 to {max}. Given: {n}"
+        ))),
+    }
+}
+
+/// The keys the settings struct `T` knows: its field names as serde's derive hands them to
+/// `deserialize_struct` (renames applied); none when `T` is not a struct.
+pub fn known_keys<T: DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor};
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Fields<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
+}
 
 fn bad(key: &str, wanted: &str, given: &Value) -> PluginError {
     PluginError::invalid_input(format!("`handler.{key}` must be {wanted}. Given: {given}"))
 }
 
 /// Refuse any key of the `[handler]` table that is not in `known`, naming it (and the known key
-/// it is closest to): a typo never passes silently. Call it first in `initialize` (or in
-/// `SharedModel::load`) with every key the plugin reads.
+/// it is closest to): a typo never passes silently. [`parse`] calls it with the settings
+/// struct's [`known_keys`]; call it yourself only where a table is split between readers.
 pub fn only(config: &Value, known: &[&str]) -> Result<(), PluginError> {
     let Some(table) = config.as_object() else {
         return Err(PluginError::invalid_input(format!(
@@ -136,38 +238,13 @@ pub fn json_type(value: &Value) -> &'static str {
     }
 }
 
-/// A string, if present.
+/// A string, if present (for readers of a table that is not a plugin's own, such as
+/// `cresset plan`; a plugin reads its table with [`parse`]).
 pub fn string<'a>(config: &'a Value, key: &str) -> Result<Option<&'a str>, PluginError> {
     match config.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(v) => Err(bad(key, "a string", v)),
-    }
-}
-
-/// An integer from 1 to `max`, or `default` when absent.
-pub fn integer(
-    config: &Value,
-    key: &str,
-    default: usize,
-    max: usize,
-) -> Result<usize, PluginError> {
-    match config.get(key) {
-        None => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| (1..=max as u64).contains(n))
-            .map(|n| n as usize)
-            .ok_or_else(|| bad(key, &format!("an integer from 1 to {max}"), v)),
-    }
-}
-
-/// A boolean, or `default` when absent.
-pub fn boolean(config: &Value, key: &str, default: bool) -> Result<bool, PluginError> {
-    match config.get(key) {
-        None => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(bad(key, "true or false", v)),
     }
 }
 

@@ -34,11 +34,36 @@ use cresset_plugin_api::{Capabilities, PluginError, Request};
 use cresset_torch::decoder::Decoder;
 use serde_json::{Map, Value};
 
-/// The reference handler's own keys, besides the `gpt` handler's ([`cresset_llm::HANDLER_KEYS`]).
-const OWN_KEYS: [&str; 2] = ["revision", "torch_dtype"];
+/// The reference handler's own keys, besides the `gpt` handler's ([`cresset_llm::HandlerKeys`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnKeys {
+    /// Must be the archive's version, or `"main"`.
+    revision: Option<String>,
+    /// The weights' dtype, in transformers' words.
+    torch_dtype: Option<TorchDtype>,
+}
 
 /// The weight dtypes `torch_dtype` may name.
-const DTYPES: [&str; 4] = ["float16", "bfloat16", "float32", "float64"];
+#[derive(Clone, Copy, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TorchDtype {
+    Float16,
+    Bfloat16,
+    Float32,
+    Float64,
+}
+
+impl TorchDtype {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Float16 => "float16",
+            Self::Bfloat16 => "bfloat16",
+            Self::Float32 => "float32",
+            Self::Float64 => "float64",
+        }
+    }
+}
 
 /// The device-mapped handler.
 pub struct AccelerateHandler {
@@ -65,54 +90,48 @@ fn merged_settings(ctx: &InitContext) -> Result<Map<String, Value>, PluginError>
     }
 }
 
-/// The reference handler's settings mapped onto the `gpt` handler's.
+/// The reference handler's settings mapped onto the `gpt` handler's. Unknown keys are refused
+/// here, naming the closest known one; the `gpt` handler checks the values of its own keys.
 fn gpt_settings(ctx: &InitContext) -> Result<Value, PluginError> {
     let mut config = merged_settings(ctx)?;
-    let view = Value::Object(config.clone());
-    let known: Vec<&str> = cresset_llm::HANDLER_KEYS
+    let known = [
+        settings::known_keys::<cresset_llm::HandlerKeys>(),
+        settings::known_keys::<OwnKeys>(),
+    ]
+    .concat();
+    settings::only(&Value::Object(config.clone()), &known)?;
+    let own: Map<String, Value> = settings::known_keys::<OwnKeys>()
         .iter()
-        .chain(&OWN_KEYS)
-        .copied()
+        .filter_map(|k| config.remove_entry(*k))
         .collect();
-    settings::only(&view, &known)?;
-    if let Some(revision) = settings::string(&view, "revision")? {
-        if revision != ctx.model_version && revision != "main" {
+    let own: OwnKeys = settings::parse(&Value::Object(own))?;
+    if let Some(revision) = &own.revision {
+        if *revision != ctx.model_version && revision != "main" {
             return Err(PluginError::invalid_input(format!(
-                "`revision` is {revision:?} but the archive holds version {:?}",
+                "`handler.revision` is {revision:?} but the archive holds version {:?}",
                 ctx.model_version
             )));
         }
     }
     // `torch_dtype` (the reference's key) becomes the `gpt` handler's `dtype`; a `dtype` of
-    // its own is taken as it is when `torch_dtype` is absent.
-    match (settings::string(&view, "torch_dtype")?, view.get("dtype")) {
-        (Some(_), Some(_)) => {
+    // its own is taken as it is when `torch_dtype` is absent. The reference's default is
+    // float32.
+    match (own.torch_dtype, config.contains_key("dtype")) {
+        (Some(_), true) => {
             return Err(PluginError::invalid_input(
-                "give `torch_dtype` or `dtype`, not both",
+                "give `handler.torch_dtype` or `handler.dtype`, not both",
             ))
         }
-        (Some(dtype), None) => {
-            if !DTYPES.contains(&dtype) {
-                return Err(PluginError::invalid_input(format!(
-                    "`torch_dtype` must be one of {DTYPES:?}; got {dtype:?}"
-                )));
-            }
-            config.insert("dtype".into(), Value::from(dtype));
+        (Some(dtype), false) => {
+            config.insert("dtype".into(), Value::from(dtype.name()));
         }
-        (None, Some(_)) => {}
-        (None, None) => {
+        (None, true) => {}
+        (None, false) => {
             config.insert("dtype".into(), Value::from("float32"));
         }
     }
-    for own in OWN_KEYS {
-        config.remove(own);
-    }
-    settings::integer(&view, "max_length", 1, 1 << 22)?;
-    // The planner and the loader take the rest of Accelerate's keys as they are. Layer-by-layer
-    // loading is this handler's default (transformers turns it on whenever a device map is
-    // given, which is this handler's purpose).
-    settings::boolean(&view, "low_cpu_mem_usage", true)?;
-    settings::boolean(&view, "offload_state_dict", false)?;
+    // Layer-by-layer loading is this handler's default (transformers turns it on whenever a
+    // device map is given, which is this handler's purpose).
     if !config.contains_key("low_cpu_mem_usage") {
         config.insert("low_cpu_mem_usage".into(), Value::Bool(true));
     }

@@ -677,6 +677,19 @@ fn quantize_and_dtype_choose_how_the_weights_are_held_and_bad_values_are_refused
         ),
         (json!({"dtype": "float8"}), "`dtype`"),
         (json!({"max_seq_length": 64}), "did you mean `max_seq_len`?"),
+        // A value of the wrong type is refused, naming its key, where it was ignored before.
+        (
+            json!({"max_new_tokens": "many"}),
+            "`handler.max_new_tokens`: invalid type: string \"many\", expected a whole number",
+        ),
+        (
+            json!({"speculative": "yes"}),
+            "`handler.speculative`: invalid type",
+        ),
+        (
+            json!({"temperature": 500.0}),
+            "`handler.temperature` must be a number from 0 to 100",
+        ),
         (json!({"quantize": "int8", "tp_shards": 2}), "quantized"),
     ] {
         let err = load(&tied, config.clone()).err().expect("refused");

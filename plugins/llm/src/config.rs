@@ -45,9 +45,8 @@ pub(crate) struct Settings {
     /// `response_format = "torchserve"`: `/predictions` answers the generated text as plain
     /// text rather than `{"generated_text"}`.
     pub plain_text: bool,
-    /// The key that sets the positions per slot: `max_seq_len`, or Accelerate's `max_length`
-    /// when only that is given.
-    length_key: &'static str,
+    /// The keys as given (the device map's are read once the checkpoint's shape is known).
+    pub keys: HandlerKeys,
 }
 
 /// `quantize`: how the linear layers' weights are held.
@@ -64,23 +63,21 @@ pub(crate) enum Quantization {
 }
 
 impl Quantization {
-    fn read(config: &Value) -> Result<Self, PluginError> {
-        let group = settings::integer(config, "group_size", 32, 256)? as i64;
-        if config.get("group_size").is_some() && ![32, 64, 128, 256].contains(&group) {
-            return Err(PluginError::invalid_input(format!(
-                "`handler.group_size` must be 32, 64, 128 or 256. Given: {group}"
-            )));
-        }
-        Ok(match settings::string(config, "quantize")?.unwrap_or("auto") {
-            "auto" => Self::Auto,
-            "none" => Self::None,
-            "int8" => Self::AtLoad(Quantize::Int8),
-            "int4" => Self::AtLoad(Quantize::Int4 { group }),
-            other => {
+    fn read(keys: &HandlerKeys) -> Result<Self, PluginError> {
+        let group = match keys.group_size {
+            None => 32,
+            Some(g @ (32 | 64 | 128 | 256)) => g as i64,
+            Some(other) => {
                 return Err(PluginError::invalid_input(format!(
-                    "`handler.quantize` must be \"auto\", \"none\", \"int8\" or \"int4\". Given: {other:?}"
+                    "`handler.group_size` must be 32, 64, 128 or 256. Given: {other}"
                 )))
             }
+        };
+        Ok(match keys.quantize.unwrap_or(QuantizeKey::Auto) {
+            QuantizeKey::Auto => Self::Auto,
+            QuantizeKey::None => Self::None,
+            QuantizeKey::Int8 => Self::AtLoad(Quantize::Int8),
+            QuantizeKey::Int4 => Self::AtLoad(Quantize::Int4 { group }),
         })
     }
 
@@ -107,8 +104,15 @@ impl Quantization {
 /// `model_path`: the checkpoint folder (default: the archive's root), or a file in it. A `.gguf`
 /// file is loaded as `model_file`; a `model.safetensors` names its folder; GPT-fast's
 /// `model.pth` is refused, naming what to give instead.
-fn model_path(ctx: &InitContext) -> Result<(PathBuf, Option<String>), PluginError> {
-    let path = settings::folder_inside(&ctx.model_dir, &ctx.handler_config, "model_path")?;
+fn model_path(
+    ctx: &InitContext,
+    keys: &HandlerKeys,
+) -> Result<(PathBuf, Option<String>), PluginError> {
+    let path = settings::path_inside(
+        &ctx.model_dir,
+        "model_path",
+        keys.model_path.as_deref().unwrap_or("."),
+    )?;
     if !path.is_file() {
         return Ok((path, None));
     }
@@ -146,47 +150,62 @@ pub(crate) struct DraftSettings {
     pub k: usize,
 }
 
-/// The `[handler]` keys the `gpt` handler reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 25] = [
-    "model_path",
-    "model_file",
-    "dtype",
-    "quantize",
-    "group_size",
-    "tp_shards",
-    "chat_template",
-    "draft_model",
-    "speculate_k",
-    "max_new_tokens",
-    "prefill_tokens_per_step",
-    "max_seq_len",
+/// `[handler]` as the `gpt` handler reads it (any other key is refused, naming it). Every key is
+/// optional; [`Settings::read`] checks the values and fills in the defaults.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerKeys {
+    /// The checkpoint folder in the archive, or a `.gguf`/`model.safetensors` in it.
+    pub model_path: Option<String>,
+    /// The `.gguf` in `model_path` to load.
+    pub model_file: Option<String>,
+    /// The weights' dtype (default `auto`).
+    pub dtype: Option<String>,
+    pub quantize: Option<QuantizeKey>,
+    pub group_size: Option<u64>,
+    pub tp_shards: Option<u64>,
+    pub chat_template: Option<String>,
+    pub draft_model: Option<String>,
+    pub speculate_k: Option<u64>,
+    pub max_new_tokens: Option<u64>,
+    pub prefill_tokens_per_step: Option<u64>,
+    pub max_seq_len: Option<u64>,
     // Accelerate's settings (the device map and layer-by-layer loading).
-    "max_length",
-    "device_map",
-    "max_memory",
-    "offload_folder",
-    "low_cpu_mem_usage",
-    "offload_state_dict",
+    pub max_length: Option<u64>,
+    pub device_map: Option<Value>,
+    pub max_memory: Option<Value>,
+    pub offload_folder: Option<String>,
+    pub low_cpu_mem_usage: Option<bool>,
+    pub offload_state_dict: Option<bool>,
     // GPT-fast's names: its tokenizer, `speculative` with `draft_model_path`, sampling
     // defaults, `compile`.
-    "tokenizer_path",
-    "speculative",
-    "draft_model_path",
-    "temperature",
-    "top_k",
-    "compile",
-    // `"torchserve"`: `/predictions` answers plain text, as the reference handlers do.
-    "response_format",
-];
+    pub tokenizer_path: Option<String>,
+    pub speculative: Option<bool>,
+    pub draft_model_path: Option<String>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<u64>,
+    pub compile: Option<bool>,
+    /// `"torchserve"`: `/predictions` answers plain text, as the reference handlers do.
+    pub response_format: Option<settings::ResponseFormat>,
+}
+
+/// `quantize`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizeKey {
+    Auto,
+    None,
+    Int8,
+    Int4,
+}
 
 impl Settings {
     /// Read and check every setting that does not depend on the checkpoint.
     pub fn read(ctx: &InitContext) -> Result<Self, PluginError> {
-        let config = &ctx.handler_config;
-        settings::only(config, &HANDLER_KEYS)?;
-        let (dir, named_file) = model_path(ctx)?;
-        let dtype = Dtype::parse(settings::string(config, "dtype")?.unwrap_or("auto"))
-            .map_err(PluginError::from)?;
+        let keys: HandlerKeys = settings::parse(&ctx.handler_config)?;
+        let (dir, named_file) = model_path(ctx, &keys)?;
+        let dtype =
+            Dtype::parse(keys.dtype.as_deref().unwrap_or("auto")).map_err(PluginError::from)?;
         let device = cresset_torch::instance_device(ctx);
         let tensor_parallel = ctx
             .model_config
@@ -201,7 +220,7 @@ impl Settings {
                     .iter()
                     .filter_map(|&id| usize::try_from(id).ok().map(Device::Cuda))
                     .collect(),
-                _ => vec![Device::Cpu; settings::integer(config, "tp_shards", 2, 64)?],
+                _ => vec![Device::Cpu; settings::within("tp_shards", keys.tp_shards, 2, 64)?],
             })
         } else {
             None
@@ -209,8 +228,8 @@ impl Settings {
         // GPT-fast's `draft_model_path` is `draft_model`; its `speculative = false` turns the
         // draft off.
         let draft_rel = match (
-            settings::string(config, "draft_model")?,
-            settings::string(config, "draft_model_path")?,
+            keys.draft_model.as_deref(),
+            keys.draft_model_path.as_deref(),
         ) {
             (Some(_), Some(_)) => {
                 return Err(PluginError::invalid_input(
@@ -219,39 +238,34 @@ impl Settings {
             }
             (a, b) => a.or(b),
         };
-        let draft_rel =
-            match (config.get("speculative").is_some(), draft_rel) {
-                (false, rel) => rel,
-                (true, rel) => match (settings::boolean(config, "speculative", false)?, rel) {
-                    (true, None) => return Err(PluginError::invalid_input(
-                        "`handler.speculative` is true but no `draft_model_path` names the draft",
-                    )),
-                    (true, rel) => rel,
-                    (false, _) => None,
-                },
-            };
-        if settings::boolean(config, "compile", false)? {
+        let draft_rel = match (keys.speculative, draft_rel) {
+            (None, rel) => rel,
+            (Some(true), None) => {
+                return Err(PluginError::invalid_input(
+                    "`handler.speculative` is true but no `draft_model_path` names the draft",
+                ))
+            }
+            (Some(true), rel) => rel,
+            (Some(false), _) => None,
+        };
+        if keys.compile == Some(true) {
             tracing::info!(
                 "`handler.compile` (GPT-fast's torch.compile) has no effect: the decoder runs on \
                  libtorch's kernels as it is"
             );
         }
         let sampling = SamplingDefaults {
-            temperature: match config.get("temperature") {
-                None => None,
-                Some(v) => Some(
-                    v.as_f64()
-                        .filter(|t| (0.0..=100.0).contains(t))
-                        .ok_or_else(|| {
-                            PluginError::invalid_input(format!(
-                                "`handler.temperature` must be a number from 0 to 100. Given: {v}"
-                            ))
-                        })?,
-                ),
+            temperature: match keys.temperature {
+                Some(t) if !(0.0..=100.0).contains(&t) => {
+                    return Err(PluginError::invalid_input(format!(
+                        "`handler.temperature` must be a number from 0 to 100. Given: {t}"
+                    )))
+                }
+                t => t,
             },
-            top_k: config
-                .get("top_k")
-                .map(|_| settings::integer(config, "top_k", 1, 1 << 20).map(|k| k as u64))
+            top_k: keys
+                .top_k
+                .map(|k| settings::within("top_k", Some(k), 1, 1 << 20).map(|k| k as u64))
                 .transpose()?,
         };
         let draft = match draft_rel {
@@ -272,17 +286,11 @@ impl Settings {
                 } else {
                     (path, None)
                 };
-                let k = settings::integer(config, "speculate_k", 4, 16)?;
+                let k = settings::within("speculate_k", keys.speculate_k, 4, 16)?;
                 Some(DraftSettings { dir, file, k })
             }
         };
-        // Accelerate's `max_length` (prompt and generated tokens) is this handler's
-        // `max_seq_len`; an explicit `max_seq_len` wins.
-        let length_key = match (config.get("max_seq_len"), config.get("max_length")) {
-            (None, Some(_)) => "max_length",
-            _ => "max_seq_len",
-        };
-        let model_file = match (settings::string(config, "model_file")?, named_file) {
+        let model_file = match (keys.model_file.as_deref(), named_file) {
             (Some(_), Some(_)) => {
                 return Err(PluginError::invalid_input(
                     "`handler.model_path` names a file: give no `handler.model_file` with it",
@@ -290,7 +298,7 @@ impl Settings {
             }
             (a, b) => a.map(str::to_owned).or(b),
         };
-        let tokenizer = match settings::string(config, "tokenizer_path")? {
+        let tokenizer = match keys.tokenizer_path.as_deref() {
             None => None,
             Some(rel) => {
                 let path = settings::path_inside(&ctx.model_dir, "tokenizer_path", rel)?;
@@ -302,7 +310,7 @@ impl Settings {
                 Some(path)
             }
         };
-        let quantize = Quantization::read(config)?;
+        let quantize = Quantization::read(&keys)?;
         // Whether the layers will be quantized decides what `dtype = "auto"` means.
         let quantized = match quantize {
             Quantization::None => false,
@@ -332,10 +340,15 @@ impl Settings {
             tokenizer,
             device,
             shards,
-            chat_template: settings::string(config, "chat_template")?.map(str::to_owned),
+            chat_template: keys.chat_template.clone(),
             draft,
-            max_new_tokens: settings::integer(config, "max_new_tokens", 256, 1 << 20)?,
-            prefill_budget: settings::integer(config, "prefill_tokens_per_step", 512, 1 << 20)?,
+            max_new_tokens: settings::within("max_new_tokens", keys.max_new_tokens, 256, 1 << 20)?,
+            prefill_budget: settings::within(
+                "prefill_tokens_per_step",
+                keys.prefill_tokens_per_step,
+                512,
+                1 << 20,
+            )?,
             slots: ctx
                 .model_config
                 .get("batch_size")
@@ -344,27 +357,19 @@ impl Settings {
                 .clamp(1, 256) as usize,
             quantize,
             sampling,
-            plain_text: match settings::string(config, "response_format")? {
-                None | Some("cresset") => false,
-                Some("torchserve") => true,
-                Some(other) => {
-                    return Err(PluginError::invalid_input(format!(
-                        "`handler.response_format` must be \"cresset\" or \"torchserve\". Given: {other:?}"
-                    )))
-                }
-            },
-            length_key,
+            plain_text: keys.response_format == Some(settings::ResponseFormat::Torchserve),
+            keys,
         })
     }
 
     /// Positions per KV-cache slot, prompt and generated tokens together: at most `context`
     /// (what the model and its draft can hold), min(`context`, 2048) by default.
-    pub fn max_seq_len(&self, ctx: &InitContext, context: usize) -> Result<usize, PluginError> {
-        settings::integer(
-            &ctx.handler_config,
-            self.length_key,
-            context.min(2048),
-            context,
-        )
+    pub fn max_seq_len(&self, context: usize) -> Result<usize, PluginError> {
+        // Accelerate's `max_length` (prompt and generated tokens) is this handler's
+        // `max_seq_len`; an explicit `max_seq_len` wins.
+        match (self.keys.max_seq_len, self.keys.max_length) {
+            (None, Some(n)) => settings::within("max_length", Some(n), 0, context),
+            (n, _) => settings::within("max_seq_len", n, context.min(2048), context),
+        }
     }
 }

@@ -8,8 +8,7 @@ use cresset_torch::decoder::{DecoderConfig, LayerTarget, LoadOptions};
 use cresset_torch::tch::{Device, Kind};
 use serde_json::Value;
 
-/// The keys that ask for a device map.
-const DEVICE_MAP_KEYS: [&str; 3] = ["device_map", "max_memory", "offload_folder"];
+use crate::config::HandlerKeys;
 
 /// How to load, from the handler settings: everything on the instance's device, or, with
 /// Accelerate's keys (`device_map`, `max_memory`, `offload_folder`), each decoder layer where
@@ -20,31 +19,34 @@ const DEVICE_MAP_KEYS: [&str; 3] = ["device_map", "max_memory", "offload_folder"
 /// before the next is read.
 pub fn load_options(
     ctx: &InitContext,
+    keys: &HandlerKeys,
     cfg: &DecoderConfig,
     kind: Kind,
     device: Device,
 ) -> Result<LoadOptions, PluginError> {
     use cresset_plan::{Budgets, Headroom, Placement};
-    let config = &ctx.handler_config;
-    let mapped = DEVICE_MAP_KEYS.iter().any(|k| config.get(*k).is_some());
+    let mapped =
+        keys.device_map.is_some() || keys.max_memory.is_some() || keys.offload_folder.is_some();
     let mut opts = LoadOptions::new(kind, device);
-    opts.low_cpu_mem_usage = settings::boolean(config, "low_cpu_mem_usage", mapped)?
-        || settings::boolean(config, "offload_state_dict", false)?;
+    opts.low_cpu_mem_usage =
+        keys.low_cpu_mem_usage.unwrap_or(mapped) || keys.offload_state_dict.unwrap_or(false);
     if !mapped {
         return Ok(opts);
     }
     let plan_err = |e: cresset_plan::PlanError| PluginError::invalid_input(e.to_string());
-    let folder = settings::string(config, "offload_folder")?
+    let folder = keys
+        .offload_folder
+        .as_deref()
         .map(|rel| settings::path_inside(&ctx.model_dir, "offload_folder", rel))
         .transpose()?;
     let budgets = Budgets::from_max_memory(
-        config.get("max_memory").unwrap_or(&Value::Null),
+        keys.max_memory.as_ref().unwrap_or(&Value::Null),
         u64::MAX / 4,
         folder.is_some(),
     )
     .map_err(plan_err)?;
     let modules = cfg.modules(kind.elt_size_in_bytes());
-    let max_length = settings::integer(config, "max_length", 2048, 1 << 22)? as u64;
+    let max_length = settings::within("max_length", keys.max_length, 2048, 1 << 22)? as u64;
     let headroom = Headroom::for_sizes(
         (cfg.kv_heads * cfg.head_dim) as u64,
         cfg.hidden as u64,
@@ -53,7 +55,7 @@ pub fn load_options(
         kind.elt_size_in_bytes() as u64,
     );
     let plan =
-        cresset_plan::plan_from_setting(config.get("device_map"), &modules, &budgets, headroom)
+        cresset_plan::plan_from_setting(keys.device_map.as_ref(), &modules, &budgets, headroom)
             .map_err(plan_err)?;
     // A plan that names a GPU this process cannot use is refused here, by name, rather than
     // failing inside libtorch.

@@ -77,7 +77,7 @@ impl StepHandler for GptHandler {
         let (kind, device) = (settings.kind, settings.device);
         let split = settings.shards.is_some();
         let place = |cfg: &DecoderConfig| {
-            let mut opts = load_options(ctx, cfg, kind, device)?;
+            let mut opts = load_options(ctx, &settings.keys, cfg, kind, device)?;
             settings.quantize.apply(&mut opts, split);
             Ok(opts)
         };
@@ -125,7 +125,7 @@ impl StepHandler for GptHandler {
             .map(|(model, _)| model.config.max_positions)
             .unwrap_or(i64::MAX)
             .min(loaded.model.config.max_positions) as usize;
-        let max_seq_len = settings.max_seq_len(ctx, context)?;
+        let max_seq_len = settings.max_seq_len(context)?;
         let slots = settings.slots;
         let cache = loaded.model.new_cache(slots, max_seq_len as i64);
         let draft = draft_loaded.map(|(model, k)| Draft::new(model, slots, max_seq_len as i64, k));

@@ -45,7 +45,7 @@ mod text;
 
 pub use admission::INLINE_BODY_BYTES;
 pub use api::{parse, Api, Finish, GenRequest, Prompt, PromptField};
-pub use config::HANDLER_KEYS;
+pub use config::{HandlerKeys, QuantizeKey};
 pub use device_map::load_options;
 pub use handler::GptHandler;
 pub use load::{load, Loaded, Placer};

@@ -67,52 +67,53 @@ fn token_id(tokenizer: &Tokenizer, candidates: &[&str]) -> Option<u32> {
     candidates.iter().find_map(|t| tokenizer.token_to_id(t))
 }
 
-/// The `[handler]` keys this plugin reads (any other is refused, naming it).
-pub const HANDLER_KEYS: [&str; 23] = [
-    "model_path",
-    "mode",
-    "dtype",
-    "max_length",
-    "truncation",
-    "max_batch_tokens",
-    "doc_stride",
-    "max_answer_len",
-    "handle_impossible_answer",
-    "max_new_tokens",
-    "n_steps",
-    "explain_batch",
-    "labels_file",
+/// `[handler]` as this plugin reads it (any other key is refused, naming it), over the
+/// archive's `setup_config.json` (the generalized NLP handler's settings file).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerKeys {
+    /// The checkpoint folder in the archive (default: the archive's root).
+    pub model_path: Option<String>,
+    /// The task (default: from config.json's `architectures`).
+    pub mode: Option<String>,
+    /// The weights' dtype (default `auto`).
+    pub dtype: Option<String>,
+    pub max_length: Option<u64>,
+    pub truncation: Option<bool>,
+    pub max_batch_tokens: Option<u64>,
+    pub doc_stride: Option<u64>,
+    pub max_answer_len: Option<u64>,
+    pub handle_impossible_answer: Option<bool>,
+    pub max_new_tokens: Option<u64>,
+    pub n_steps: Option<u64>,
+    pub explain_batch: Option<u64>,
+    pub labels_file: Option<String>,
     // The generalized NLP handler's names (its setup_config.json keys).
-    "model_name",
-    "do_lower_case",
-    "num_labels",
-    "captum_explanation",
-    "BetterTransformer",
-    "response_format",
+    /// The hub name the checkpoint was made from (kept, not fetched).
+    pub model_name: Option<String>,
+    /// Checked, not applied: tokenizer.json's normalizer decides.
+    pub do_lower_case: Option<bool>,
+    /// Must be the checkpoint's label count.
+    pub num_labels: Option<u64>,
+    /// Whether explanations are served (default true).
+    pub captum_explanation: Option<bool>,
+    /// Accepted: fused attention is always on.
+    #[serde(rename = "BetterTransformer")]
+    pub better_transformer: Option<bool>,
+    pub response_format: Option<settings::ResponseFormat>,
     // In its setup_config.json too: how the checkpoint was saved, the embedding layer Captum
     // used, and switches for other runtimes (accepted; logged when on).
-    "save_mode",
-    "embedding_name",
-    "FasterTransformer",
-    "model_parallel",
-];
-
-/// `response_format`: `"cresset"` (the default) or `"torchserve"` (the reference handler's
-/// shapes).
-pub fn torchserve_format(config: &serde_json::Value) -> Result<bool, PluginError> {
-    match settings::string(config, "response_format")? {
-        None | Some("cresset") => Ok(false),
-        Some("torchserve") => Ok(true),
-        Some(other) => Err(PluginError::invalid_input(format!(
-            "`handler.response_format` must be \"cresset\" or \"torchserve\". Given: {other:?}"
-        ))),
-    }
+    pub save_mode: Option<String>,
+    pub embedding_name: Option<String>,
+    #[serde(rename = "FasterTransformer")]
+    pub faster_transformer: Option<bool>,
+    pub model_parallel: Option<bool>,
 }
 
 impl SharedModel for NlpModel {
     fn load(ctx: &LoadContext) -> Result<Self, PluginError> {
         // The generalized handler's archives carry their settings in setup_config.json.
-        let config = &settings::merged_with_file(
+        let merged = settings::merged_with_file(
             &ctx.model_dir,
             "setup_config.json",
             &ctx.handler_config,
@@ -127,17 +128,22 @@ impl SharedModel for NlpModel {
                 "explain_batch",
             ],
         )?;
-        settings::only(config, &HANDLER_KEYS)?;
-        for key in ["FasterTransformer", "model_parallel"] {
-            if settings::boolean(config, key, false)? {
+        let keys: HandlerKeys = settings::parse(&merged)?;
+        for (key, on) in [
+            ("FasterTransformer", keys.faster_transformer),
+            ("model_parallel", keys.model_parallel),
+        ] {
+            if on == Some(true) {
                 tracing::info!("`{key}` (the generalized handler's) has no effect here");
             }
         }
-        settings::string(config, "save_mode")?;
-        settings::string(config, "embedding_name")?;
-        let dir = settings::folder_inside(&ctx.model_dir, config, "model_path")?;
+        let dir = settings::path_inside(
+            &ctx.model_dir,
+            "model_path",
+            keys.model_path.as_deref().unwrap_or("."),
+        )?;
         let hf = HfConfig::read(&dir).map_err(PluginError::from)?;
-        let mode = match settings::string(config, "mode")? {
+        let mode = match keys.mode.as_deref() {
             Some(name) => Mode::parse(name)?,
             None => {
                 let arch = hf.architecture().unwrap_or("(none)");
@@ -150,8 +156,8 @@ impl SharedModel for NlpModel {
                 })?
             }
         };
-        let dtype = Dtype::parse(settings::string(config, "dtype")?.unwrap_or("auto"))
-            .map_err(PluginError::from)?;
+        let dtype =
+            Dtype::parse(keys.dtype.as_deref().unwrap_or("auto")).map_err(PluginError::from)?;
         // What the configuration says of the network, before any weight is read.
         let (model_limit, model_vocab, num_labels, model_pad) = if mode == Mode::TextGeneration {
             let c = DecoderConfig::from_hf(&hf).map_err(PluginError::from)?;
@@ -168,10 +174,8 @@ impl SharedModel for NlpModel {
         // The reference handler's keys: `num_labels` must be the checkpoint's; `model_name` (the
         // hub name it was made from) and `do_lower_case` (tokenizer.json's normalizer decides)
         // are checked and kept; `BetterTransformer` asks for what is always on.
-        settings::string(config, "model_name")?;
-        settings::boolean(config, "do_lower_case", false)?;
-        if config.get("num_labels").is_some() {
-            let given = settings::integer(config, "num_labels", 1, 1 << 20)?;
+        if keys.num_labels.is_some() {
+            let given = settings::within("num_labels", keys.num_labels, 1, 1 << 20)?;
             let classifies = matches!(
                 mode,
                 Mode::SequenceClassification | Mode::TokenClassification
@@ -182,31 +186,59 @@ impl SharedModel for NlpModel {
                 )));
             }
         }
-        if settings::boolean(config, "BetterTransformer", false)? {
+        if keys.model_name.is_some()
+            || keys.do_lower_case.is_some()
+            || keys.save_mode.is_some()
+            || keys.embedding_name.is_some()
+        {
+            tracing::info!(
+                model_name = ?keys.model_name,
+                do_lower_case = ?keys.do_lower_case,
+                save_mode = ?keys.save_mode,
+                embedding_name = ?keys.embedding_name,
+                "the generalized handler's descriptive settings are kept as given; the checkpoint \
+                 and its tokenizer.json decide"
+            );
+        }
+        if keys.better_transformer == Some(true) {
             tracing::info!("`handler.BetterTransformer`: fused attention is always on");
         }
-        let max_length =
-            settings::integer(config, "max_length", model_limit.min(512), model_limit)?;
-        let truncation = settings::boolean(config, "truncation", false)?;
-        let doc_stride = settings::integer(
-            config,
+        let max_length = settings::within(
+            "max_length",
+            keys.max_length,
+            model_limit.min(512),
+            model_limit,
+        )?;
+        let truncation = keys.truncation.unwrap_or(false);
+        let doc_stride = settings::within(
             "doc_stride",
+            keys.doc_stride,
             (max_length / 2).clamp(1, 128),
             max_length,
         )?;
         let settings = Settings {
             max_length,
-            max_batch_tokens: settings::integer(config, "max_batch_tokens", 16_384, 1 << 24)?,
+            max_batch_tokens: settings::within(
+                "max_batch_tokens",
+                keys.max_batch_tokens,
+                16_384,
+                1 << 24,
+            )?,
             doc_stride,
-            max_answer_len: settings::integer(config, "max_answer_len", 15, 512)?,
-            handle_impossible_answer: settings::boolean(config, "handle_impossible_answer", false)?,
-            max_new_tokens: settings::integer(config, "max_new_tokens", 32, model_limit)?,
-            n_steps: settings::integer(config, "n_steps", 50, 1000)?,
-            explain_batch: settings::integer(config, "explain_batch", 10, 1000)?,
+            max_answer_len: settings::within("max_answer_len", keys.max_answer_len, 15, 512)?,
+            handle_impossible_answer: keys.handle_impossible_answer.unwrap_or(false),
+            max_new_tokens: settings::within(
+                "max_new_tokens",
+                keys.max_new_tokens,
+                32,
+                model_limit,
+            )?,
+            n_steps: settings::within("n_steps", keys.n_steps, 50, 1000)?,
+            explain_batch: settings::within("explain_batch", keys.explain_batch, 10, 1000)?,
             multi_label: hf.opt_str("problem_type").map_err(PluginError::from)?
                 == Some("multi_label_classification"),
-            explanations: settings::boolean(config, "captum_explanation", true)?,
-            torchserve_format: torchserve_format(config)?,
+            explanations: keys.captum_explanation.unwrap_or(true),
+            torchserve_format: keys.response_format == Some(settings::ResponseFormat::Torchserve),
         };
         let mut tokenizer = cresset_torch::load_tokenizer(&dir).map_err(PluginError::from)?;
         // QA encodes each sequence with this one: no post-processor, no truncation (its
@@ -231,7 +263,7 @@ impl SharedModel for NlpModel {
         let labels_path = settings::path_inside(
             &ctx.model_dir,
             "labels_file",
-            settings::string(config, "labels_file")?.unwrap_or("index_to_name.json"),
+            keys.labels_file.as_deref().unwrap_or("index_to_name.json"),
         )?;
         let mut labels = if labels_path.is_file() {
             cresset_torch::read_index_to_name(&labels_path).map_err(PluginError::from)?

@@ -71,14 +71,18 @@ fn torch_err(e: TorchError) -> PluginError {
     }
 }
 
-fn config_str<'a>(config: &'a Value, key: &str, default: &'a str) -> Result<&'a str, PluginError> {
-    match config.get(key) {
-        None => Ok(default),
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(PluginError::invalid_input(format!(
-            "`handler.{key}` must be a string. Given: {other}"
-        ))),
-    }
+/// `[handler]` as this plugin reads it (any other key is refused, naming it).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    /// The TorchScript file in the archive (default: the archive's serialized file).
+    model_file: Option<String>,
+    /// The class names (default `index_to_name.json`).
+    labels_file: Option<String>,
+    /// Classes answered per row (default 5).
+    topk: Option<u64>,
+    /// Softmax over the outputs before the top k (default true).
+    softmax: Option<bool>,
 }
 
 /// Read `index_to_name.json` (see [`cresset_torch::read_index_to_name`]).
@@ -264,8 +268,7 @@ impl Handler for TorchScriptHandler {
     type Output = Produced;
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
-        let config = &ctx.handler_config;
-        settings::only(config, &["model_file", "labels_file", "topk", "softmax"])?;
+        let config: Settings = settings::parse(&ctx.handler_config)?;
         // The archive's main model file (`--serialized-file`, a `.mar`'s `serializedFile`) is
         // the default.
         let serialized = ctx
@@ -276,7 +279,7 @@ impl Handler for TorchScriptHandler {
         let model_file = settings::path_inside(
             &ctx.model_dir,
             "model_file",
-            config_str(config, "model_file", serialized)?,
+            config.model_file.as_deref().unwrap_or(serialized),
         )?;
         let device = cresset_torch::instance_device(ctx);
         if !model_file.is_file() {
@@ -292,30 +295,21 @@ impl Handler for TorchScriptHandler {
             ))
         })?;
         module.set_eval();
-        let labels_path =
-            ctx.model_dir
-                .join(config_str(config, "labels_file", "index_to_name.json")?);
+        let labels_path = settings::path_inside(
+            &ctx.model_dir,
+            "labels_file",
+            config
+                .labels_file
+                .as_deref()
+                .unwrap_or("index_to_name.json"),
+        )?;
         let labels = if labels_path.is_file() {
             Some(read_labels(&labels_path)?)
         } else {
             None
         };
-        let topk = match config.get("topk") {
-            None => 5,
-            Some(v) => v.as_i64().filter(|k| *k >= 1).ok_or_else(|| {
-                PluginError::invalid_input(format!(
-                    "`handler.topk` must be an integer >= 1. Given: {v}"
-                ))
-            })?,
-        };
-        let softmax = match config.get("softmax") {
-            None => true,
-            Some(v) => v.as_bool().ok_or_else(|| {
-                PluginError::invalid_input(format!(
-                    "`handler.softmax` must be true or false. Given: {v}"
-                ))
-            })?,
-        };
+        let topk = settings::within("topk", config.topk, 5, 1 << 20)? as i64;
+        let softmax = config.softmax.unwrap_or(true);
         tracing::info!(model = %ctx.model_name, device = ?device, labels = labels.as_ref().map(Vec::len), "TorchScript model loaded");
         Ok(Self {
             module,
@@ -569,7 +563,19 @@ mod tests {
                 .expect("refused");
         assert!(
             err.message
-                .contains("`handler.topk` must be an integer >= 1"),
+                .contains("`handler.topk` must be an integer from 1 to"),
+            "{}",
+            err.message
+        );
+        let err = TorchScriptHandler::initialize(&testing::init_context(
+            dir.clone(),
+            json!({"softmax": "yes"}),
+        ))
+        .err()
+        .expect("refused");
+        assert!(
+            err.message
+                .starts_with("`handler.softmax`: invalid type: string \"yes\", expected a boolean"),
             "{}",
             err.message
         );
@@ -607,7 +613,7 @@ mod tests {
             TorchScriptHandler::initialize(&testing::init_context(dir.clone(), config.clone()))
                 .expect("cpu");
         let mut ctx = testing::init_context(dir, config);
-        ctx.assignment.device_type = DeviceType::GPU;
+        ctx.assignment.device_type = cresset_plugin_api::DeviceType::GPU;
         ctx.assignment.device_ids = vec![0].into();
         let mut gpu = TorchScriptHandler::initialize(&ctx).expect("gpu");
         assert_eq!(gpu.device, Device::Cuda(0));

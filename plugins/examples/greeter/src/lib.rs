@@ -2,9 +2,17 @@
 //! It greets the name in each request: `{"name": "Ada"}` → `{"greeting": "Hello, Ada!"}`.
 //! The greeting comes from `[handler] greeting = "..."` in `model-config.toml`.
 
-use cresset_plugin_api::sdk::{BatchContext, Handler, InitContext};
+use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext};
 use cresset_plugin_api::{PluginError, Request, Response};
 use serde::{Deserialize, Serialize};
+
+/// `[handler]` as this plugin reads it. `deny_unknown_fields` and `settings::parse` refuse any
+/// other key, naming it: a typo never passes silently.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    greeting: Option<String>,
+}
 
 #[derive(Deserialize)]
 struct GreetRequest {
@@ -27,17 +35,10 @@ impl Handler for Greeter {
     type Output = Greeting;
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
-        // Every key this handler reads: a typo in `[handler]` is refused, naming it.
-        cresset_plugin_api::sdk::settings::only(&ctx.handler_config, &["greeting"])?;
-        let greeting = match ctx.handler_config.get("greeting") {
-            None => "Hello".to_owned(),
-            Some(v) => v.as_str().map(str::to_owned).ok_or_else(|| {
-                PluginError::invalid_input(format!(
-                    "`handler.greeting` must be a string. Given: {v}"
-                ))
-            })?,
-        };
-        Ok(Greeter { greeting })
+        let settings: Settings = settings::parse(&ctx.handler_config)?;
+        Ok(Greeter {
+            greeting: settings.greeting.unwrap_or_else(|| "Hello".to_owned()),
+        })
     }
 
     fn preprocess(&mut self, request: &Request) -> Result<String, PluginError> {

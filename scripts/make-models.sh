@@ -10,13 +10,15 @@
 #   - k-quant blocks and the gguf package's dequantization of them (scripts/make_kquant_fixtures.py);
 #   - SentencePiece models (the real Mistral one, two trained here), what the sentencepiece
 #     package gives for them, and a GPT-fast-style target/draft pair (scripts/make_spm_fixtures.py);
+#   - real photographs, random-weight torchvision models in TorchScript, and what torchvision
+#     gives for them (scripts/make_vision_fixtures.py);
 #   - the default store's `minilm` and `smollm2` models, from the real weights.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
 TRANSFORMERS_VERSION=5.23.0
 # What the fixture scripts, the OpenAI-client test and the TorchServe-archive test need, pinned.
-PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0 torch-model-archiver==0.12.0 sentencepiece==0.2.1"
+PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0 torch-model-archiver==0.12.0 sentencepiece==0.2.1 torchvision==0.26.0 pillow==13.0.0"
 
 "$root/scripts/fetch-assets.sh"
 minilm="$CRESSET_CACHE/assets/all-minilm-l6-v2"
@@ -54,6 +56,10 @@ if ! { [ -f "$spm_stamp" ] && [ "$spm_stamp" -nt "$root/scripts/make_spm_fixture
   && [ "$spm_stamp" -nt "$root/scripts/fixture_common.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_spm_fixtures.py" "$root" \
     "$CRESSET_CACHE/assets/mistral-tokenizers/tokenizer.model.v1"
+fi
+vision_stamp="$root/tests/fixtures/generated/vision/expected.json"
+if ! { [ -f "$vision_stamp" ] && [ "$vision_stamp" -nt "$root/scripts/make_vision_fixtures.py" ]; }; then
+  "$CRESSET_VENV/bin/python" "$root/scripts/make_vision_fixtures.py" "$root" "$CRESSET_CACHE/assets/photos"
 fi
 if ! cmp -s "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; then
   cp "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -537,3 +537,16 @@ pub fn serve_raw(response: Vec<u8>, name: &str) -> String {
     });
     format!("http://{address}/models/{name}")
 }
+
+/// The real `curl` with these arguments against `url`: (status, body).
+pub fn curl(args: &[&str], url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}

@@ -4,21 +4,8 @@
 
 use std::process::Command;
 
-use cresset_e2e::Server;
+use cresset_e2e::{curl, Server};
 use serde_json::{json, Value};
-
-/// `curl` with these arguments against `url`: (status, body).
-fn curl(args: &[&str], url: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
 
 fn error_body(body: &str, code: u16, kind: &str) {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));

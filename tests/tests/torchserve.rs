@@ -2,7 +2,7 @@
 //! the test venv) in its `default` (`.mar`), `tgz` and `no-archive` formats, with a
 //! `model-config.yaml` in TorchServe's keys, register from the store, by URL and by upload and
 //! answer as the same model in a Cresset archive does (the default store's `iris`). What
-//! Cresset cannot run (a Python handler, TorchServe's vision handlers, packages to install) is a
+//! Cresset cannot run (a Python handler, a TorchServe handler it lacks, packages to install) is a
 //! 400 that says so, naming the file.
 
 use std::path::{Path, PathBuf};
@@ -194,8 +194,8 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
         ),
         (
             "vision",
-            &["--handler", "image_classifier"],
-            "`image_classifier` has no Cresset counterpart",
+            &["--handler", "object_detector"],
+            "`object_detector` has no Cresset counterpart",
         ),
         (
             "reqs",

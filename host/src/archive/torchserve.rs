@@ -63,8 +63,8 @@ pub struct MarModel {
 
 /// TorchServe's built-in Python handlers, and the Cresset plugin each maps to once it exists.
 const TORCHSERVE_BUILT_INS: [(&str, Option<&str>); 8] = [
-    ("image_classifier", None),
-    ("image_segmenter", None),
+    ("image_classifier", Some("vision")),
+    ("image_segmenter", Some("vision")),
     ("object_detector", None),
     ("text_classifier", None),
     ("base_handler", None),
@@ -146,7 +146,7 @@ fn handler(runtime: &str, handler: &str, dir: &Path) -> Result<String, String> {
             Some(plugin) => Ok((*plugin).to_owned()),
             None => Err(format!(
                 "TorchServe's built-in handler `{base}` has no Cresset counterpart yet; the \
-                 built-in plugins are torchscript, nlp, gpt and accelerate (see README, \"Coming \
+                 built-in plugins are torchscript, vision, nlp, gpt and accelerate (see README, \"Coming \
                  from TorchServe\")"
             )),
         };
@@ -159,7 +159,7 @@ fn handler(runtime: &str, handler: &str, dir: &Path) -> Result<String, String> {
     if base.ends_with(".py") || dir.join(&python_file).is_file() {
         return Err(format!(
             "`{python_file}` is a Python handler: Python handlers are not supported yet. Serve \
-             the model with a built-in plugin (torchscript, nlp, gpt, accelerate: name it as \
+             the model with a built-in plugin (torchscript, vision, nlp, gpt, accelerate: name it as \
              the handler) or a Cresset plugin library"
         ));
     }
@@ -463,13 +463,15 @@ mod tests {
         assert_eq!(h("LSP", "TorchScriptHandler").as_deref(), Ok("torchscript"));
         assert_eq!(h("python", "torchscript").as_deref(), Ok("torchscript"));
         assert_eq!(h("python", "nlp").as_deref(), Ok("nlp"));
+        assert_eq!(h("python", "image_classifier").as_deref(), Ok("vision"));
+        assert_eq!(h("python", "image_segmenter").as_deref(), Ok("vision"));
         assert_eq!(h("LSP", "libmine").as_deref(), Ok("libmine.so"));
         assert_eq!(h("LSP", "libmine:Handler").as_deref(), Ok("libmine.so"));
         for (runtime, name, says) in [
             (
                 "python",
-                "image_classifier",
-                "`image_classifier` has no Cresset counterpart",
+                "object_detector",
+                "`object_detector` has no Cresset counterpart",
             ),
             (
                 "python",

@@ -15,6 +15,7 @@ pub mod quant;
 pub mod sampling;
 pub mod sentencepiece;
 pub mod threads;
+pub mod torchscript;
 pub mod weights;
 
 mod inference_mode {

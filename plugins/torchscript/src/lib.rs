@@ -16,15 +16,13 @@
 //! the first dimension and run in one forward pass, then split back. If that pass fails, each
 //! request of the group is run alone, so a malformed request fails by itself.
 
-use std::path::Path;
-
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext};
 use cresset_plugin_api::{PluginError, Request, Response};
 use cresset_torch::tch::{self, CModule, Device, IValue, Kind, Tensor};
 use cresset_torch::{
     tensor_from_nested, tensor_from_v2, tensor_to_nested, tensor_to_v2, TorchError, V2Input,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// How a request framed its tensors (and so how its answer is framed).
 #[derive(Debug, Clone)]
@@ -85,13 +83,7 @@ struct Settings {
     softmax: Option<bool>,
 }
 
-/// Read `index_to_name.json` (see [`cresset_torch::read_index_to_name`]).
-pub fn read_labels(path: &Path) -> Result<Vec<String>, PluginError> {
-    cresset_torch::read_index_to_name(path).map_err(|e| match e {
-        cresset_torch::ModelError::Checkpoint(m) => PluginError::internal(m),
-        other => PluginError::invalid_input(other.to_string()),
-    })
-}
+pub use cresset_torch::torchscript::read_labels;
 
 impl TorchScriptHandler {
     /// Parse one request's body.
@@ -234,29 +226,7 @@ impl TorchScriptHandler {
         } else {
             scores
         };
-        let k = self.topk.min(*probs.size().last().unwrap_or(&0));
-        let (values, indices) = probs.topk(k, -1, true, true);
-        let values =
-            Vec::<Vec<f32>>::try_from(&values).map_err(|e| PluginError::internal(e.to_string()))?;
-        let indices = Vec::<Vec<i64>>::try_from(&indices)
-            .map_err(|e| PluginError::internal(e.to_string()))?;
-        let rows = values
-            .into_iter()
-            .zip(indices)
-            .map(|(vals, idxs)| {
-                let mut row = Map::new();
-                for (v, i) in vals.into_iter().zip(idxs) {
-                    let name = labels
-                        .get(i as usize)
-                        .filter(|n| !n.is_empty())
-                        .cloned()
-                        .unwrap_or_else(|| i.to_string());
-                    row.insert(name, json!(v));
-                }
-                Value::Object(row)
-            })
-            .collect();
-        Ok(Value::Array(rows))
+        cresset_torch::torchscript::top_labels(&probs, self.topk, labels).map(Value::Array)
     }
 }
 
@@ -269,45 +239,10 @@ impl Handler for TorchScriptHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config: Settings = settings::parse(&ctx.handler_config)?;
-        // The archive's main model file (`--serialized-file`, a `.mar`'s `serializedFile`) is
-        // the default.
-        let serialized = ctx
-            .model_config
-            .get("serialized_file")
-            .and_then(Value::as_str)
-            .unwrap_or("model.pt");
-        let model_file = settings::path_inside(
-            &ctx.model_dir,
-            "model_file",
-            config.model_file.as_deref().unwrap_or(serialized),
-        )?;
-        let device = cresset_torch::instance_device(ctx);
-        if !model_file.is_file() {
-            return Err(PluginError::not_found(format!(
-                "the archive has no model file `{}`",
-                model_file.display()
-            )));
-        }
-        let mut module = CModule::load_on_device(&model_file, device).map_err(|e| {
-            PluginError::invalid_input(format!(
-                "cannot load {} as TorchScript: {e}",
-                model_file.display()
-            ))
-        })?;
-        module.set_eval();
-        let labels_path = settings::path_inside(
-            &ctx.model_dir,
-            "labels_file",
-            config
-                .labels_file
-                .as_deref()
-                .unwrap_or("index_to_name.json"),
-        )?;
-        let labels = if labels_path.is_file() {
-            Some(read_labels(&labels_path)?)
-        } else {
-            None
-        };
+        let (module, device) =
+            cresset_torch::torchscript::load_module(ctx, config.model_file.as_deref())?;
+        let labels =
+            cresset_torch::torchscript::archive_labels(ctx, config.labels_file.as_deref())?;
         let topk = settings::within("topk", config.topk, 5, 1 << 20)? as i64;
         let softmax = config.softmax.unwrap_or(true);
         tracing::info!(model = %ctx.model_name, device = ?device, labels = labels.as_ref().map(Vec::len), "TorchScript model loaded");
@@ -433,6 +368,7 @@ mod tests {
     use super::*;
     use cresset_plugin_api::sdk::testing;
     use cresset_plugin_api::ErrorCode;
+    use std::path::Path;
 
     /// The default store's iris model, made by `make models`.
     fn iris() -> TorchScriptHandler {

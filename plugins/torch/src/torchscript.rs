@@ -1,0 +1,100 @@
+//! What the handlers that serve a TorchScript file share: finding and loading the module, and
+//! the archive's class names.
+
+use std::path::Path;
+
+use cresset_plugin_api::sdk::{settings, InitContext};
+use cresset_plugin_api::PluginError;
+use tch::{CModule, Device};
+
+/// The archive's TorchScript module, on the instance's device in eval mode, with that device.
+/// `model_file` (the `[handler]` setting) names it; by default it is the archive's serialized
+/// file (`--serialized-file`, a `.mar`'s `serializedFile`), else `model.pt`.
+pub fn load_module(
+    ctx: &InitContext,
+    model_file: Option<&str>,
+) -> Result<(CModule, Device), PluginError> {
+    let serialized = ctx
+        .model_config
+        .get("serialized_file")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("model.pt");
+    let path = settings::path_inside(
+        &ctx.model_dir,
+        "model_file",
+        model_file.unwrap_or(serialized),
+    )?;
+    if !path.is_file() {
+        return Err(PluginError::not_found(format!(
+            "the archive has no model file `{}`",
+            path.display()
+        )));
+    }
+    let device = crate::instance_device(ctx);
+    let mut module = CModule::load_on_device(&path, device).map_err(|e| {
+        PluginError::invalid_input(format!(
+            "cannot load {} as TorchScript: {e}",
+            path.display()
+        ))
+    })?;
+    module.set_eval();
+    Ok((module, device))
+}
+
+/// The archive's class names, from `labels_file` (the `[handler]` setting, default
+/// `index_to_name.json`) when the archive has it.
+pub fn archive_labels(
+    ctx: &InitContext,
+    labels_file: Option<&str>,
+) -> Result<Option<Vec<String>>, PluginError> {
+    let path = settings::path_inside(
+        &ctx.model_dir,
+        "labels_file",
+        labels_file.unwrap_or("index_to_name.json"),
+    )?;
+    if path.is_file() {
+        read_labels(&path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Read an `index_to_name.json` (see [`crate::read_index_to_name`]).
+pub fn read_labels(path: &Path) -> Result<Vec<String>, PluginError> {
+    crate::read_index_to_name(path).map_err(|e| match e {
+        crate::ModelError::Checkpoint(m) => PluginError::internal(m),
+        other => PluginError::invalid_input(other.to_string()),
+    })
+}
+
+/// The top `k` of each row of `probs` (`[N, C]`), highest first, as `{label: probability}`
+/// per row: TorchServe's classifier answer. A class without a name in `labels` is named by its
+/// index.
+pub fn top_labels(
+    probs: &tch::Tensor,
+    k: i64,
+    labels: &[String],
+) -> Result<Vec<serde_json::Value>, PluginError> {
+    let internal = |e: tch::TchError| PluginError::internal(e.to_string());
+    let k = k.min(*probs.size().last().unwrap_or(&0));
+    let (values, indices) = probs.topk(k, -1, true, true);
+    let values = Vec::<Vec<f32>>::try_from(&values).map_err(internal)?;
+    let indices = Vec::<Vec<i64>>::try_from(&indices).map_err(internal)?;
+    Ok(values
+        .into_iter()
+        .zip(indices)
+        .map(|(vals, idxs)| {
+            let mut row = serde_json::Map::new();
+            for (v, i) in vals.into_iter().zip(idxs) {
+                let name = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| labels.get(i))
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| i.to_string());
+                row.insert(name, serde_json::json!(v));
+            }
+            serde_json::Value::Object(row)
+        })
+        .collect())
+}

@@ -1,0 +1,332 @@
+//! The vision handler against torchvision on real photographs (scripts/make_vision_fixtures.py,
+//! made by `make models`): the preprocessed tensors, the classifier's top-5 and the
+//! segmenter's class maps.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use cresset_plugin_api::sdk::{testing, Handler};
+use cresset_plugin_api::ErrorCode;
+use cresset_plugin_vision::VisionHandler;
+use cresset_torch::tch::Tensor;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/generated/vision");
+    assert!(
+        dir.join("expected.json").is_file(),
+        "run `make models` first"
+    );
+    dir
+}
+
+fn expected() -> Value {
+    serde_json::from_slice(&std::fs::read(fixtures().join("expected.json")).expect("read"))
+        .expect("json")
+}
+
+fn photos() -> Vec<(String, Vec<u8>)> {
+    let mut names: Vec<String> = expected()["photos"]
+        .as_object()
+        .expect("photos")
+        .keys()
+        .cloned()
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let bytes = std::fs::read(fixtures().join("photos").join(&n)).expect("photo");
+            (n, bytes)
+        })
+        .collect()
+}
+
+fn handler(model: &str, config: Value) -> VisionHandler {
+    VisionHandler::initialize(&testing::init_context(fixtures().join(model), config))
+        .unwrap_or_else(|e| panic!("{}", e.message))
+}
+
+/// Every format decodes to PIL's pixels (JPEG through libjpeg-turbo's decoder, as PIL's), and
+/// the resize is Pillow's to the byte, so the tensors are torchvision's.
+#[test]
+fn preprocessing_matches_torchvision_on_real_photographs() {
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixtures().join("preprocessed.safetensors"))
+            .expect("safetensors")
+            .into_iter()
+            .collect();
+    let h = handler("resnet18", json!({}));
+    let mut report = Vec::new();
+    for (name, bytes) in photos() {
+        let ours = h
+            .prepare(&bytes)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.message));
+        let theirs = &reference[&name];
+        assert_eq!(ours.size(), theirs.size(), "{name}");
+        let diff = (&ours - theirs).abs().max().double_value(&[]);
+        report.push(format!("{name}: {diff:.2e}"));
+        // Exact: PIL's pixels (JPEG through the same libjpeg-turbo code) and Pillow's resize.
+        assert!(diff <= 1e-6, "{name}: max abs diff {diff}");
+    }
+    eprintln!(
+        "preprocessed tensors vs torchvision, max abs diff: {}",
+        report.join(", ")
+    );
+}
+
+fn top5(answer: &Value) -> Vec<(String, f64)> {
+    let mut pairs: Vec<(String, f64)> = answer
+        .as_object()
+        .expect("object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().expect("prob")))
+        .collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    pairs
+}
+
+fn label(index: u64) -> String {
+    if index == 281 {
+        "tabby".into()
+    } else {
+        format!("class_{index}")
+    }
+}
+
+/// Every class's probability, from a handler answering all 1000, against the softmax of
+/// torchvision's logits.
+#[test]
+fn every_class_probability_matches_torchvision() {
+    let expected = expected();
+    let mut h = handler("resnet18", json!({"topk": 1000}));
+    for (name, bytes) in photos() {
+        let logits: Vec<f64> = expected["photos"][&name]["logits"]
+            .as_array()
+            .expect("logits")
+            .iter()
+            .map(|v| v.as_f64().expect("logit"))
+            .collect();
+        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+        let run = testing::run(&mut h, &[testing::request("", bytes)]);
+        let body: Value =
+            serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body).expect("json");
+        let answer = body.as_object().expect("object");
+        assert_eq!(answer.len(), 1000, "{name}");
+        let mut worst = 0f64;
+        for (i, l) in logits.iter().enumerate() {
+            let p = answer[&label(i as u64)].as_f64().expect("prob");
+            worst = worst.max((p - (l - top).exp() / total).abs());
+        }
+        assert!(worst <= 1e-6, "{name}: probabilities differ by {worst}");
+    }
+}
+
+#[test]
+fn the_classifier_answers_torchvisions_top5_per_photo_and_batches_them_in_one_pass() {
+    let expected = expected();
+    let mut h = handler("resnet18", json!({}));
+    let photos = photos();
+    let requests: Vec<_> = photos
+        .iter()
+        .map(|(_, bytes)| testing::request("", bytes.clone()))
+        .collect();
+    let run = testing::run(&mut h, &requests);
+    assert_eq!(h.forward_passes, 1, "one forward pass for the whole batch");
+    for ((name, _), result) in photos.iter().zip(&run.finals) {
+        let spec = &expected["photos"][name];
+        let body: Value =
+            serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
+        let ours = top5(&body);
+        let want: Vec<String> = spec["top5"]
+            .as_array()
+            .expect("top5")
+            .iter()
+            .map(|i| label(i.as_u64().expect("index")))
+            .collect();
+        let names: Vec<String> = ours.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(
+            names, want,
+            "{name}: top-5 (margin 5/6: {})",
+            spec["margin_5_6"]
+        );
+        for ((_, p), q) in ours
+            .iter()
+            .zip(spec["top5_probs"].as_array().expect("probs"))
+        {
+            let q = q.as_f64().expect("prob");
+            assert!((p - q).abs() <= 1e-6, "{name}: {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_image_fails_alone_and_its_neighbours_are_answered() {
+    let mut h = handler("resnet18", json!({"max_image_pixels": 200_000}));
+    let photos = photos();
+    let cat = &photos
+        .iter()
+        .find(|(n, _)| n == "chelsea.jpg")
+        .expect("cat")
+        .1;
+    let big = &photos
+        .iter()
+        .find(|(n, _)| n == "motorcycle_left.png")
+        .expect("motorcycle")
+        .1;
+    // A 50k × 50k PNG is a few hundred bytes of header and zeros: refused before decoding.
+    let mut bomb = Vec::new();
+    {
+        let mut encoder = png_header(50_000, 50_000);
+        bomb.append(&mut encoder);
+    }
+    let requests = [
+        testing::request("image/jpeg", cat.clone()),
+        testing::request("image/jpeg", cat[..cat.len() / 2].to_vec()),
+        testing::request("image/png", bomb),
+        testing::request("text/plain", "not an image"),
+        testing::request("image/png", big.clone()),
+        testing::request("image/jpeg", cat.clone()),
+    ];
+    let run = testing::run(&mut h, &requests);
+    let answer = |i: usize| -> Value {
+        serde_json::from_slice(&run.finals[i].as_ref().expect("answered").body).expect("json")
+    };
+    assert_eq!(answer(0), answer(5));
+    for (i, want) in [
+        (1, "truncated"),
+        (2, "decompression bomb"),
+        (3, "not an image"),
+        (4, "max_image_pixels"),
+    ] {
+        let err = run.finals[i].as_ref().expect_err("refused");
+        assert_eq!(err.code, ErrorCode::INVALID_INPUT, "{i}");
+        assert!(err.message.contains(want), "{i}: {}", err.message);
+    }
+}
+
+/// The start of a PNG of this size (8-bit RGB): its signature, IHDR, and a first IDAT chunk of
+/// zlib-compressed zeros, which is what a decompression bomb looks like to a decoder before it
+/// allocates.
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut typed = kind.to_vec();
+        typed.extend(data);
+        out.extend(&typed);
+        out.extend(crc32(&typed).to_be_bytes());
+    }
+    let mut out = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    let mut ihdr = width.to_be_bytes().to_vec();
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    chunk(&mut out, b"IHDR", &ihdr);
+    // A zlib stream header and a run of a stored-nothing deflate block: enough to start.
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9C, 0x63, 0x60, 0x18, 0x05, 0xA3, 0x60],
+    );
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn the_segmenter_answers_torchvisions_class_map() {
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixtures().join("preprocessed.safetensors"))
+            .expect("safetensors")
+            .into_iter()
+            .collect();
+    let mut h = handler("segmenter", json!({}));
+    let mut report = Vec::new();
+    for (name, bytes) in photos() {
+        let run = testing::run(&mut h, &[testing::request("", bytes.clone())]);
+        let body: Value =
+            serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body).expect("json");
+        // [224][224][class, prob], as TorchServe's image_segmenter answers.
+        let rows = body.as_array().expect("rows");
+        assert_eq!(rows.len(), 224, "{name}");
+        let classes =
+            Vec::<u8>::try_from(reference[&format!("segment_classes:{name}")].flatten(0, -1))
+                .expect("classes");
+        let probs =
+            Vec::<f32>::try_from(reference[&format!("segment_probs:{name}")].flatten(0, -1))
+                .expect("probs");
+        let (mut differ, mut worst) = (0usize, 0f64);
+        for (y, row) in rows.iter().enumerate() {
+            let row = row.as_array().expect("row");
+            assert_eq!(row.len(), 224, "{name}");
+            for (x, pixel) in row.iter().enumerate() {
+                let at = y * 224 + x;
+                if pixel[0].as_f64().expect("class") as u8 != classes[at] {
+                    differ += 1;
+                } else {
+                    worst = worst.max((pixel[1].as_f64().expect("prob") - probs[at] as f64).abs());
+                }
+            }
+        }
+        report.push(format!("{name}: {differ} pixels differ, {worst:.1e}"));
+        assert_eq!(differ, 0, "{name}");
+        assert!(worst <= 1e-4, "{name}: {worst}");
+    }
+    eprintln!("segmentation vs torchvision: {}", report.join(", "));
+    // The class map as a PNG: one gray level per class.
+    let mut png = handler("segmenter", json!({"segmentation_format": "png"}));
+    let (_, cat) = photos()
+        .into_iter()
+        .find(|(n, _)| n == "chelsea.png")
+        .expect("cat");
+    let run = testing::run(&mut png, &[testing::request("image/png", cat)]);
+    let response = run.finals[0].as_ref().expect("answered");
+    assert_eq!(response.content_type.as_str(), "image/png");
+    let map = image::load_from_memory(&response.body)
+        .expect("png")
+        .to_luma8();
+    assert_eq!((map.width(), map.height()), (224, 224));
+    let want = Vec::<u8>::try_from(reference["segment_classes:chelsea.png"].flatten(0, -1))
+        .expect("classes");
+    assert_eq!(map.into_raw(), want);
+}
+
+#[test]
+fn settings_are_typed_and_checked() {
+    let dir = fixtures().join("resnet18");
+    for (config, want) in [
+        (json!({"topk": 0}), "`handler.topk`"),
+        (json!({"crop": 100_000}), "`handler.crop`"),
+        (json!({"std": [0.2, 0.0, 0.2]}), "`handler.std`"),
+        (json!({"interpolation": "cubic"}), "`handler.interpolation`"),
+        (json!({"treshold": 0.5}), "unknown"),
+        (json!({"mean": [0.5, 0.5]}), "`handler.mean`"),
+    ] {
+        let err = VisionHandler::initialize(&testing::init_context(dir.clone(), config.clone()))
+            .err()
+            .expect("refused");
+        assert!(err.message.contains(want), "{config}: {}", err.message);
+    }
+    // A classifier told it segments says so, naming the setting.
+    let mut h = handler("resnet18", json!({"task": "segment"}));
+    let (_, cat) = photos()
+        .into_iter()
+        .find(|(n, _)| n == "chelsea.png")
+        .expect("cat");
+    let run = testing::run(&mut h, &[testing::request("image/png", cat)]);
+    let err = run.finals[0].as_ref().expect_err("refused");
+    assert!(err.message.contains("`handler.task`"), "{}", err.message);
+}

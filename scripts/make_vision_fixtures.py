@@ -1,0 +1,122 @@
+"""Vision fixtures: real photographs in several formats and orientations, random-weight
+torchvision models exported to TorchScript, and what torchvision gives for them.
+
+Writes tests/fixtures/generated/vision/:
+  photos/            the photographs: PNG and JPEG as shipped, a JPEG and a portrait PNG made
+                     from them, a grayscale PNG, WebP, BMP and GIF copies of the cat
+  resnet18/          model.pt (resnet18, weights=None, seed 0), index_to_name.json
+  segmenter/         model.pt (deeplabv3_mobilenet_v3_large, weights=None, 21 classes)
+  preprocessed.safetensors   per photo: torchvision's preprocessed tensor (Resize(256),
+                     CenterCrop(224), ToTensor, Normalize, as TorchServe's handlers compute it),
+                     and the segmenter's class and probability per pixel
+  expected.json      per photo: the tensor's name, resnet18's logits and top-5 classes, the
+                     margin between its 5th and 6th logits; the segmenter's class counts
+
+Usage: make_vision_fixtures.py REPO_ROOT PHOTO_DIR
+"""
+
+import json
+import pathlib
+import sys
+
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision import transforms
+
+root = pathlib.Path(sys.argv[1])
+photo_src = pathlib.Path(sys.argv[2])
+out = root / "tests/fixtures/generated/vision"
+photos = out / "photos"
+photos.mkdir(parents=True, exist_ok=True)
+torch.manual_seed(0)
+
+# The photographs: as shipped, and re-encoded so that every format and orientation is covered.
+shipped = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"]
+for name in shipped:
+    (photos / name).write_bytes((photo_src / name).read_bytes())
+cat = Image.open(photo_src / "chelsea.png").convert("RGB")
+cat.save(photos / "chelsea.jpg", quality=90)
+cat.save(photos / "chelsea.webp", lossless=True)
+cat.save(photos / "chelsea.bmp")
+cat.convert("P", palette=Image.Palette.ADAPTIVE).save(photos / "chelsea.gif")
+Image.open(photo_src / "coffee.png").convert("RGB").crop((100, 0, 380, 400)).save(
+    photos / "coffee_portrait.png"
+)
+Image.open(photo_src / "camera.png").save(photos / "camera_gray.png")
+names = sorted(p.name for p in photos.iterdir())
+
+preprocess = transforms.Compose(
+    [
+        transforms.Resize(256),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ]
+)
+tensors = {}
+for name in names:
+    image = Image.open(photos / name).convert("RGB")
+    tensors[name] = preprocess(image).contiguous()
+
+
+
+def calibrated(model):
+    """Random weights with batch-norm statistics measured on the photos: without this a
+    random network answers nearly the same for every image (the segmenter, one class for
+    every pixel), and a test could not tell images apart."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration passes
+    model.train()
+    with torch.no_grad():
+        model(torch.stack([tensors[n] for n in names]))
+    return model.eval()
+
+
+classifier = calibrated(torchvision.models.resnet18(weights=None))
+(out / "resnet18").mkdir(exist_ok=True)
+torch.jit.script(classifier).save(str(out / "resnet18/model.pt"))
+labels = {str(i): f"class_{i}" for i in range(1000)}
+labels["281"] = ["n02123045", "tabby"]  # TorchServe's two-item form
+(out / "resnet18/index_to_name.json").write_text(json.dumps(labels))
+
+segmenter = calibrated(
+    torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=False
+    )
+)
+(out / "segmenter").mkdir(exist_ok=True)
+torch.jit.script(segmenter).save(str(out / "segmenter/model.pt"))
+
+expected = {"photos": {}}
+with torch.inference_mode():
+    for name in names:
+        x = tensors[name].unsqueeze(0)
+        logits = classifier(x)[0]
+        probs = logits.softmax(-1)
+        order = logits.argsort(descending=True)
+        seg = segmenter(x)["out"][0]
+        seg_probs = seg.softmax(0)
+        values, classes = seg_probs.max(0)
+        tensors[f"segment_classes:{name}"] = classes.to(torch.uint8).contiguous()
+        tensors[f"segment_probs:{name}"] = values.contiguous()
+        expected["photos"][name] = {
+            "size": list(Image.open(photos / name).size),
+            "logits": logits.tolist(),
+            "top5": order[:5].tolist(),
+            "top5_probs": probs[order[:5]].tolist(),
+            "margin_5_6": float(logits[order[4]] - logits[order[5]]),
+            "segment_class_counts": torch.bincount(classes.flatten(), minlength=21).tolist(),
+            "segment_prob_mean": float(values.mean()),
+        }
+save_file(tensors, str(out / "preprocessed.safetensors"))
+expected["versions"] = {
+    "torch": torch.__version__,
+    "torchvision": torchvision.__version__,
+    "pillow": Image.__version__,
+}
+(out / "expected.json").write_text(json.dumps(expected, indent=1))
+print(f"make_vision_fixtures: wrote {out}")

@@ -1,0 +1,190 @@
+//! Images over HTTP: TorchServe users' `image_classifier` and `image_segmenter` archives, made
+//! by the real `torch-model-archiver` from torchvision models (scripts/make_vision_fixtures.py),
+//! register and answer real photographs sent as `curl -T`, as a multipart upload and as base64
+//! JSON, the same answer each way; a Cresset archive of the same model answers the same.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use cresset_e2e::{curl, dir_archive, repo_root, Server};
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    let dir = repo_root().join("tests/fixtures/generated/vision");
+    assert!(
+        dir.join("expected.json").is_file(),
+        "run `make models` first"
+    );
+    dir
+}
+
+/// `torch-model-archiver` (the test venv's) on a fixture model, as a `.mar` in `export`.
+fn mar(model: &str, name: &str, handler: &str, export: &Path) {
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let src = fixtures().join(model);
+    let mut command = Command::new(Path::new(&venv).join("bin/torch-model-archiver"));
+    command
+        .current_dir(&src)
+        .args(["--model-name", name, "--version", "1.0"])
+        .args(["--serialized-file", "model.pt", "--handler", handler])
+        .arg("--export-path")
+        .arg(export);
+    if src.join("index_to_name.json").is_file() {
+        command.args(["--extra-files", "index_to_name.json"]);
+    }
+    let out = command.output().expect("run torch-model-archiver");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn photo(name: &str) -> PathBuf {
+    fixtures().join("photos").join(name)
+}
+
+/// The same classes with the same probabilities, to 1e-6.
+fn close(a: &Value, b: &Value) {
+    let (a, b) = (
+        a.as_object().expect("object"),
+        b.as_object().expect("object"),
+    );
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (label, p) in a {
+        let q = b.get(label).and_then(Value::as_f64);
+        assert!(
+            q.is_some_and(|q| (p.as_f64().unwrap_or(f64::NAN) - q).abs() <= 1e-6),
+            "{label}: {p} vs {q:?}"
+        );
+    }
+}
+
+fn parse(code: u16, body: &str) -> Value {
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[test]
+fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
+    let store = tempfile::tempdir().expect("tempdir");
+    mar("resnet18", "resnet", "image_classifier", store.path());
+    mar("segmenter", "segmenter", "image_segmenter", store.path());
+    // A Cresset archive of the same classifier, named by the `vision` plugin, top 3.
+    let model = std::fs::read(fixtures().join("resnet18/model.pt")).expect("model");
+    let labels = std::fs::read(fixtures().join("resnet18/index_to_name.json")).expect("labels");
+    dir_archive(
+        store.path(),
+        "native",
+        "vision",
+        "[handler]\ntopk = 3\n",
+        &[("model.pt", &model), ("index_to_name.json", &labels)],
+    );
+    let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        "resnet=resnet.mar,segmenter=segmenter.mar,native",
+    ]);
+    server.wait_healthy();
+    let url = format!("{}/predictions/resnet", server.inference);
+    let expected: Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+
+    for name in [
+        "chelsea.png",
+        "chelsea.jpg",
+        "rocket.jpg",
+        "coffee_portrait.png",
+    ] {
+        let path = photo(name);
+        let path = path.to_str().expect("utf-8");
+        // `curl -T photo` (a PUT of the file), a multipart upload, and base64 JSON.
+        let (code, body) = curl(&["-T", path], &url);
+        let put = parse(code, &body);
+        let (code, body) = curl(&["-F", &format!("data=@{path}")], &url);
+        let form = parse(code, &body);
+        let b64 = base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(photo(name)).expect("read"));
+        let reply = server.post_json("/predictions/resnet", &json!({ "data": b64 }));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(put, form, "{name}");
+        assert_eq!(put, reply.json(), "{name}");
+        // torchvision's top-5, by name, most probable first.
+        let mut ours: Vec<(String, f64)> = put
+            .as_object()
+            .expect("object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().expect("prob")))
+            .collect();
+        ours.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let want: Vec<String> = expected["photos"][name]["top5"]
+            .as_array()
+            .expect("top5")
+            .iter()
+            .map(|i| match i.as_u64().expect("index") {
+                281 => "tabby".to_owned(),
+                i => format!("class_{i}"),
+            })
+            .collect();
+        let names: Vec<String> = ours.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, want, "{name}");
+    }
+
+    // KServe v1: several images in one request, one prediction each.
+    let b64 = |name: &str| {
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(photo(name)).expect("read"))
+    };
+    let reply = server.post_json(
+        "/v1/models/resnet:predict",
+        &json!({"instances": [{"data": b64("chelsea.png")}, {"data": b64("rocket.jpg")}]}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let (_, single) = curl(&["-T", photo("chelsea.png").to_str().expect("utf-8")], &url);
+    // Batched, the convolutions round differently in the last bits.
+    close(
+        &reply.json()["predictions"][0],
+        &serde_json::from_str::<Value>(&single).expect("json"),
+    );
+
+    // A bad image is a 400 that says why; the model goes on answering.
+    let (code, body) = curl(
+        &[
+            "--data-binary",
+            "not an image",
+            "-H",
+            "Content-Type: image/jpeg",
+        ],
+        &url,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("not an image"), "{body}");
+    let (code, _) = curl(&["-T", photo("chelsea.jpg").to_str().expect("utf-8")], &url);
+    assert_eq!(code, 200);
+
+    // The segmenter: per pixel [class, probability] over the 224 × 224 crop.
+    let (code, body) = curl(
+        &["-T", photo("chelsea.png").to_str().expect("utf-8")],
+        &format!("{}/predictions/segmenter", server.inference),
+    );
+    let map = parse(code, &body);
+    let rows = map.as_array().expect("rows");
+    assert_eq!(rows.len(), 224);
+    assert_eq!(rows[0].as_array().expect("row").len(), 224);
+    assert_eq!(rows[0][0].as_array().expect("pixel").len(), 2);
+
+    // The Cresset archive answers the .mar's top 3.
+    let (code, body) = curl(
+        &["-T", photo("chelsea.png").to_str().expect("utf-8")],
+        &format!("{}/predictions/native", server.inference),
+    );
+    let native = parse(code, &body);
+    let full = serde_json::from_str::<Value>(&single).expect("json");
+    assert_eq!(native.as_object().expect("object").len(), 3);
+    for (label, p) in native.as_object().expect("object") {
+        assert_eq!(full[label], *p, "{label}");
+    }
+}

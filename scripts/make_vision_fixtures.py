@@ -6,6 +6,9 @@ Writes tests/fixtures/generated/vision/:
                      from them, a grayscale PNG, WebP, BMP and GIF copies of the cat
   resnet18/          model.pt (resnet18, weights=None, seed 0), index_to_name.json
   segmenter/         model.pt (deeplabv3_mobilenet_v3_large, weights=None, 21 classes)
+  detector/          model.pt: a scripted detector in torchvision's detectors' shape (a list
+                     of images in, boxes/labels/scores out), index_to_name.json; its detections
+                     for three photos, batched, in preprocessed.safetensors
   preprocessed.safetensors   per photo: torchvision's preprocessed tensor (Resize(256),
                      CenterCrop(224), ToTensor, Normalize, as TorchServe's handlers compute it),
                      and the segmenter's class, probability and lead over the runner-up
@@ -19,6 +22,8 @@ Usage: make_vision_fixtures.py REPO_ROOT PHOTO_DIR
 import json
 import pathlib
 import sys
+
+from typing import Dict, List, Tuple
 
 import torch
 import torchvision
@@ -92,7 +97,49 @@ segmenter = calibrated(
 (out / "segmenter").mkdir(exist_ok=True)
 torch.jit.script(segmenter).save(str(out / "segmenter/model.pt"))
 
-expected = {"photos": {}}
+# A detector in the shape TorchServe's object_detector serves (a scripted module that takes a
+# list of images scaled to [0, 1] and answers (losses, [{"boxes", "labels", "scores"}]), as
+# scripted torchvision detectors do). torchvision's own detectors call torchvision's C++ ops
+# (nms, roi_align), which Cresset's process does not have, so this one is plain TorchScript:
+# two boxes per image from its size, scored by its channel means.
+class Detector(torch.nn.Module):
+    def forward(
+        self, images: List[torch.Tensor]
+    ) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
+        out: List[Dict[str, torch.Tensor]] = []
+        for image in images:
+            h, w = float(image.shape[1]), float(image.shape[2])
+            means = image.mean(dim=(1, 2))
+            boxes = torch.tensor(
+                [[0.0, 0.0, w, h], [0.25 * w, 0.25 * h, 0.75 * w, 0.75 * h]]
+            )
+            out.append(
+                {
+                    "boxes": boxes + means[0],
+                    "labels": torch.tensor([1, 2]),
+                    "scores": torch.stack([means.max(), means.min()]),
+                }
+            )
+        losses: Dict[str, torch.Tensor] = {}
+        return losses, out
+
+
+(out / "detector").mkdir(exist_ok=True)
+scripted_detector = torch.jit.script(Detector())
+scripted_detector.save(str(out / "detector/model.pt"))
+(out / "detector/index_to_name.json").write_text(json.dumps({"1": "cat", "2": "dog"}))
+detected = ["chelsea.jpg", "rocket.jpg", "coffee_portrait.png"]
+with torch.inference_mode():
+    images = [
+        transforms.functional.to_tensor(Image.open(photos / n).convert("RGB")) for n in detected
+    ]
+    _, results = scripted_detector(images)
+for n, r in zip(detected, results):
+    tensors[f"detect_boxes:{n}"] = r["boxes"].clone()
+    tensors[f"detect_labels:{n}"] = r["labels"].clone()
+    tensors[f"detect_scores:{n}"] = r["scores"].clone()
+
+expected = {"photos": {}, "detected": detected}
 with torch.inference_mode():
     for name in names:
         x = tensors[name].unsqueeze(0)

@@ -194,8 +194,8 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
         ),
         (
             "vision",
-            &["--handler", "object_detector"],
-            "`object_detector` has no Cresset counterpart",
+            &["--handler", "text_classifier"],
+            "`text_classifier` has no Cresset counterpart",
         ),
         (
             "reqs",

@@ -1,4 +1,5 @@
-//! Images over HTTP: TorchServe users' `image_classifier` and `image_segmenter` archives, made
+//! Images over HTTP: TorchServe users' `image_classifier`, `image_segmenter` and
+//! `object_detector` archives, made
 //! by the real `torch-model-archiver` from torchvision models (scripts/make_vision_fixtures.py),
 //! register and answer real photographs sent as `curl -T`, as a multipart upload and as base64
 //! JSON, the same answer each way; a Cresset archive of the same model answers the same.
@@ -71,6 +72,7 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     let store = tempfile::tempdir().expect("tempdir");
     mar("resnet18", "resnet", "image_classifier", store.path());
     mar("segmenter", "segmenter", "image_segmenter", store.path());
+    mar("detector", "detector", "object_detector", store.path());
     // A Cresset archive of the same classifier, named by the `vision` plugin, top 3.
     let model = std::fs::read(fixtures().join("resnet18/model.pt")).expect("model");
     let labels = std::fs::read(fixtures().join("resnet18/index_to_name.json")).expect("labels");
@@ -85,7 +87,7 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
         "--model-store",
         store.path().to_str().expect("utf-8"),
         "--models",
-        "resnet=resnet.mar,segmenter=segmenter.mar,native",
+        "resnet=resnet.mar,segmenter=segmenter.mar,detector=detector.mar,native",
     ]);
     server.wait_healthy();
     let url = format!("{}/predictions/resnet", server.inference);
@@ -175,6 +177,31 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     assert_eq!(rows.len(), 224);
     assert_eq!(rows[0].as_array().expect("row").len(), 224);
     assert_eq!(rows[0][0].as_array().expect("pixel").len(), 2);
+
+    // The detector: objects over the threshold (0.5), `{label: box, "score": s}`.
+    let (code, body) = curl(
+        &["-T", photo("chelsea.jpg").to_str().expect("utf-8")],
+        &format!("{}/predictions/detector", server.inference),
+    );
+    let objects = parse(code, &body);
+    let objects = objects.as_array().expect("a list");
+    assert!(!objects.is_empty(), "{body}");
+    for object in objects {
+        assert!(
+            object["score"].as_f64().is_some_and(|s| s >= 0.5),
+            "{object}"
+        );
+        let boxed = object
+            .as_object()
+            .expect("object")
+            .iter()
+            .find(|(k, _)| *k != "score")
+            .map(|(k, v)| (k.clone(), v.as_array().map(Vec::len)));
+        assert!(
+            matches!(&boxed, Some((label, Some(4))) if label == "cat" || label == "dog"),
+            "{object}"
+        );
+    }
 
     // The Cresset archive answers the .mar's top 3.
     let (code, body) = curl(

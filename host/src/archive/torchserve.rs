@@ -65,7 +65,7 @@ pub struct MarModel {
 const TORCHSERVE_BUILT_INS: [(&str, Option<&str>); 8] = [
     ("image_classifier", Some("vision")),
     ("image_segmenter", Some("vision")),
-    ("object_detector", None),
+    ("object_detector", Some("vision")),
     ("text_classifier", None),
     ("base_handler", None),
     ("dali_image_classifier", None),
@@ -465,13 +465,14 @@ mod tests {
         assert_eq!(h("python", "nlp").as_deref(), Ok("nlp"));
         assert_eq!(h("python", "image_classifier").as_deref(), Ok("vision"));
         assert_eq!(h("python", "image_segmenter").as_deref(), Ok("vision"));
+        assert_eq!(h("python", "object_detector").as_deref(), Ok("vision"));
         assert_eq!(h("LSP", "libmine").as_deref(), Ok("libmine.so"));
         assert_eq!(h("LSP", "libmine:Handler").as_deref(), Ok("libmine.so"));
         for (runtime, name, says) in [
             (
                 "python",
-                "object_detector",
-                "`object_detector` has no Cresset counterpart",
+                "text_classifier",
+                "`text_classifier` has no Cresset counterpart",
             ),
             (
                 "python",

@@ -68,6 +68,16 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, PluginError> {
     })
 }
 
+/// Class `index`'s name in `labels`, or the index itself when it has none.
+pub fn label_name(labels: &[String], index: i64) -> String {
+    usize::try_from(index)
+        .ok()
+        .and_then(|i| labels.get(i))
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .unwrap_or_else(|| index.to_string())
+}
+
 /// The top `k` of each row of `probs` (`[N, C]`), highest first, as `{label: probability}`
 /// per row: TorchServe's classifier answer. A class without a name in `labels` is named by its
 /// index.
@@ -87,13 +97,7 @@ pub fn top_labels(
         .map(|(vals, idxs)| {
             let mut row = serde_json::Map::new();
             for (v, i) in vals.into_iter().zip(idxs) {
-                let name = usize::try_from(i)
-                    .ok()
-                    .and_then(|i| labels.get(i))
-                    .filter(|n| !n.is_empty())
-                    .cloned()
-                    .unwrap_or_else(|| i.to_string());
-                row.insert(name, serde_json::json!(v));
+                row.insert(label_name(labels, i), serde_json::json!(v));
             }
             serde_json::Value::Object(row)
         })

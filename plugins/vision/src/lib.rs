@@ -1,5 +1,5 @@
-//! The vision plugin: TorchServe's `image_classifier` and `image_segmenter` handlers over a
-//! TorchScript model.
+//! The vision plugin: TorchServe's `image_classifier`, `image_segmenter` and `object_detector`
+//! handlers over a TorchScript model.
 //!
 //! A request carries one image (the raw body, `curl -T photo.jpg`; a multipart `data`/`body`
 //! field; or base64 in `{"data": ...}`) or several (KServe v1 `{"instances": [...]}`): JPEG,
@@ -13,29 +13,34 @@
 //!   `image_classifier`);
 //! - a segmentation `[N, C, H, W]` (or torchvision's `{"out": ...}`): per pixel the top class
 //!   and its probability, `[[[class, prob], ...], ...]` per image (TorchServe's
-//!   `image_segmenter`), or, with `segmentation_format = "png"`, the class map as an 8-bit PNG.
+//!   `image_segmenter`), or, with `segmentation_format = "png"`, the class map as an 8-bit PNG;
+//! - a detector (a module that takes a list of images, as scripted torchvision detectors do):
+//!   the objects scoring at least `threshold` (0.5), `[{"dog": [x1, y1, x2, y2], "score": s},
+//!   ...]` per image (TorchServe's `object_detector`). A detector's images are only scaled to
+//!   [0, 1] (`ToTensor`), as TorchServe's handler does; the model resizes and normalizes them.
 //!
 //! `[handler]` keys: `model_file` (default: the archive's serialized file, else `model.pt`),
 //! `labels_file` (default `index_to_name.json`, optional), `task` (`"auto"`, the default,
-//! `"classify"` or `"segment"`: check the model's output against it), `topk` (5), `resize`
+//! `"classify"`, `"segment"` or `"detect"`: check the model against it), `topk` (5), `resize`
 //! (256; 0: keep the size), `crop` (224; 0: no crop), `mean` and `std` (ImageNet's),
 //! `interpolation` (`bilinear`, `bicubic`, `lanczos`, `hamming` or `box`), `max_image_pixels`
 //! (89,478,485, Pillow's `MAX_IMAGE_PIXELS`; larger images are refused from their header),
 //! `segmentation_format` (`"torchserve"` or `"png"`), `optimize` (default: on the CPU; freeze
-//! the module and run libtorch's `optimize_for_inference`).
+//! the module and run libtorch's `optimize_for_inference`; not for detectors), `threshold`
+//! (0.5, detectors).
 //!
 //! A bad image (not an image, truncated, too large) fails its own request with 400; the other
 //! images of the batch are answered.
 
+mod answer;
 mod input;
+mod model;
 pub mod resample;
 pub mod transform;
 
-use std::io::Cursor;
-
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext};
 use cresset_plugin_api::{PluginError, Request, Response};
-use cresset_torch::tch::{CModule, Device, IValue, Kind, Tensor};
+use cresset_torch::tch::{Device, Tensor};
 use serde_json::{json, Value};
 
 pub use input::{decode, Framing};
@@ -52,6 +57,8 @@ pub enum Task {
     Classify,
     /// Class scores per pixel.
     Segment,
+    /// Objects: boxes, labels and scores per image.
+    Detect,
 }
 
 /// How a segmentation is answered.
@@ -81,6 +88,7 @@ struct Settings {
     max_image_pixels: Option<u64>,
     segmentation_format: Option<SegmentationFormat>,
     optimize: Option<bool>,
+    threshold: Option<f64>,
 }
 
 /// One request's preprocessed images.
@@ -91,18 +99,20 @@ pub struct Prepared {
 }
 
 /// One request's per-image outputs, or its own error.
-pub type Produced = Result<(Framing, Vec<Tensor>), PluginError>;
+pub type Produced = Result<(Framing, Vec<Row>), PluginError>;
+
+pub use model::Row;
 
 /// The vision handler.
 pub struct VisionHandler {
-    module: CModule,
-    device: Device,
+    model: model::Model,
     labels: Option<Vec<String>>,
     task: Task,
     topk: i64,
     transform: Transform,
     max_pixels: u64,
     segmentation_format: SegmentationFormat,
+    threshold: f64,
     threads: u32,
     /// Forward passes run so far (the batching tests count them).
     pub forward_passes: u64,
@@ -120,115 +130,44 @@ impl VisionHandler {
         Ok(self.transform.apply(&image))
     }
 
-    /// Run images of one shape in one pass; the output rows, one per image.
-    fn forward(&mut self, images: &[&Tensor]) -> Result<Vec<Tensor>, PluginError> {
+    /// Run images in one pass, counted.
+    fn forward(&mut self, images: &[&Tensor]) -> Result<Vec<Row>, PluginError> {
         self.forward_passes += 1;
-        let _inference = cresset_torch::InferenceMode::enter();
-        let batch = Tensor::stack(images, 0).to_device(self.device);
-        let output = self
-            .module
-            .forward_is(&[IValue::Tensor(batch)])
-            .map_err(|e| {
-                PluginError::invalid_input(format!("the model rejected the input: {e}"))
-            })?;
-        let scores = match output {
-            IValue::Tensor(t) => t,
-            // torchvision's segmentation models answer {"out": ..., "aux": ...}.
-            IValue::GenericDict(entries) => entries
-                .into_iter()
-                .find_map(|(k, v)| match (k, v) {
-                    (IValue::String(k), IValue::Tensor(t)) if k == "out" => Some(t),
-                    _ => None,
-                })
-                .ok_or_else(|| {
-                    PluginError::internal("the model returned a dict without an `out` tensor")
-                })?,
-            IValue::Tuple(mut items) if !items.is_empty() => match items.swap_remove(0) {
-                IValue::Tensor(t) => t,
-                _ => {
-                    return Err(PluginError::internal(
-                        "the model's first output is not a tensor",
-                    ))
-                }
-            },
-            _ => {
-                return Err(PluginError::internal(
-                    "the model must return a tensor, a tuple of tensors or {\"out\": tensor}",
-                ))
-            }
-        };
-        if scores.dim() == 0 || scores.size()[0] != images.len() as i64 {
-            return Err(PluginError::internal(format!(
-                "the model answered {:?} for {} images",
-                scores.size(),
-                images.len()
-            )));
-        }
-        let scores = scores.to_device(Device::Cpu).to_kind(Kind::Float);
-        Ok((0..images.len() as i64).map(|i| scores.get(i)).collect())
+        self.model.run(images)
     }
 
-    fn task_of(&self, output: &Tensor) -> Result<Task, PluginError> {
-        let found = match output.dim() {
-            1 => Task::Classify,
-            3 => Task::Segment,
-            _ => {
+    /// Whether the model is a detector (it takes a list of images).
+    pub fn is_detector(&self) -> bool {
+        self.model.detector
+    }
+
+    fn task_of(&self, row: &Row) -> Result<Task, PluginError> {
+        let found = match row {
+            Row::Detections { .. } => Task::Detect,
+            Row::Scores(t) if t.dim() == 1 => Task::Classify,
+            Row::Scores(t) if t.dim() == 3 => Task::Segment,
+            Row::Scores(t) => {
                 return Err(PluginError::internal(format!(
                     "the model's output per image has shape {:?}: neither class scores [C] \
                      nor a segmentation [C, H, W]",
-                    output.size()
+                    t.size()
                 )))
             }
         };
         if self.task != Task::Auto && self.task != found {
             return Err(PluginError::internal(format!(
-                "`handler.task` is {:?} but the model's output per image has shape {:?}",
-                self.task,
-                output.size()
+                "`handler.task` is {:?} but the model answers as a {found:?} model",
+                self.task
             )));
         }
         Ok(found)
     }
-
-    fn classes(&self, scores: &Tensor) -> Result<Value, PluginError> {
-        let probs = scores.softmax(-1, Kind::Float).unsqueeze(0);
-        let labels = self.labels.as_deref().unwrap_or_default();
-        let mut rows = cresset_torch::torchscript::top_labels(&probs, self.topk, labels)?;
-        Ok(rows.pop().unwrap_or(Value::Null))
-    }
-
-    /// Per pixel `[class, probability]` (TorchServe's `image_segmenter`).
-    fn segmentation(scores: &Tensor) -> Result<Value, PluginError> {
-        let probs = scores.softmax(0, Kind::Float);
-        let (values, indices) = probs.max_dim(0, false);
-        let pairs = Tensor::stack(&[indices.to_kind(Kind::Float), values], 2);
-        Vec::<Vec<Vec<f32>>>::try_from(&pairs)
-            .map(|rows| json!(rows))
-            .map_err(internal)
-    }
-
-    fn class_map_png(scores: &Tensor) -> Result<Vec<u8>, PluginError> {
-        let classes = scores.argmax(0, false).clamp(0, 255).to_kind(Kind::Uint8);
-        let (h, w) = (classes.size()[0] as u32, classes.size()[1] as u32);
-        let bytes = Vec::<u8>::try_from(classes.flatten(0, -1)).map_err(internal)?;
-        let image = image::GrayImage::from_raw(w, h, bytes)
-            .ok_or_else(|| PluginError::internal("class map size mismatch"))?;
-        let mut out = Cursor::new(Vec::new());
-        image
-            .write_to(&mut out, image::ImageFormat::Png)
-            .map_err(internal)?;
-        Ok(out.into_inner())
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> PluginError {
-    PluginError::internal(e.to_string())
 }
 
 impl Handler for VisionHandler {
     const NAME: &'static str = "vision";
     const SUMMARY: &'static str =
-        "image classification and segmentation on a TorchScript model (TorchServe's image_classifier and image_segmenter)";
+        "image classification, segmentation and object detection on a TorchScript model (TorchServe's image_classifier, image_segmenter and object_detector)";
     type Input = Prepared;
     type Output = Produced;
 
@@ -236,18 +175,33 @@ impl Handler for VisionHandler {
         let config: Settings = settings::parse(&ctx.handler_config)?;
         let (module, device) =
             cresset_torch::torchscript::load_module(ctx, config.model_file.as_deref())?;
-        // libtorch's optimize_for_inference: 1.4x (batch 1) to 1.6x (batch 8) on resnet18 on
-        // the CPU, logits within 1e-5. A model it cannot optimize runs as it is.
-        let module = if config.optimize.unwrap_or(device == Device::Cpu) {
-            match cresset_torch::torchscript::optimize_for_inference(&module) {
-                Ok(optimized) => optimized,
-                Err(e) => {
-                    tracing::warn!(model = %ctx.model_name, "optimize_for_inference failed, running the module as it is: {e}");
-                    module
-                }
+        let probed = model::Model::new(module, device);
+        let task = config.task.unwrap_or_default();
+        match (task, probed.detector) {
+            (Task::Detect, false) => {
+                return Err(PluginError::invalid_input(
+                    "`handler.task` is \"detect\" but the model does not take a list of images, \
+                     as detectors do",
+                ))
             }
-        } else {
-            module
+            (Task::Classify | Task::Segment, true) => {
+                return Err(PluginError::invalid_input(format!(
+                    "`handler.task` is {task:?} but the model is a detector (it takes a list of \
+                     images)"
+                )))
+            }
+            _ => {}
+        }
+        let detector = probed.detector;
+        // libtorch's optimize_for_inference: 1.4x (batch 1) to 1.6x (batch 8) on resnet18 on
+        // the CPU, logits within 1e-5. A model it cannot optimize runs as it is. Detectors (with
+        // their control flow) run as scripted.
+        let model = match probed.optimized(config.optimize.unwrap_or(device == Device::Cpu)) {
+            Ok(model) => model,
+            Err((model, e)) => {
+                tracing::warn!(model = %ctx.model_name, "optimize_for_inference failed, running the module as it is: {e}");
+                model
+            }
         };
         let labels =
             cresset_torch::torchscript::archive_labels(ctx, config.labels_file.as_deref())?;
@@ -261,18 +215,24 @@ impl Handler for VisionHandler {
                     ))),
                 }
             };
-        let imagenet = Transform::imagenet();
-        let std = config.std.unwrap_or(imagenet.std);
+        // Classifiers and segmenters: ImageNet's preprocessing; detectors: `ToTensor` alone.
+        let (resize, crop, mean, std) = if detector {
+            (0, 0, [0.0; 3], [1.0; 3])
+        } else {
+            let imagenet = Transform::imagenet();
+            (256, 224, imagenet.mean, imagenet.std)
+        };
+        let std = config.std.unwrap_or(std);
         if std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return Err(PluginError::invalid_input(format!(
                 "`handler.std` must be three positive numbers. Given: {std:?}"
             )));
         }
         let transform = Transform {
-            resize: side("resize", config.resize, 256)?,
-            crop: side("crop", config.crop, 224)?,
+            resize: side("resize", config.resize, resize)?,
+            crop: side("crop", config.crop, crop)?,
             filter: config.interpolation.unwrap_or(resample::Filter::Bilinear),
-            mean: config.mean.unwrap_or(imagenet.mean),
+            mean: config.mean.unwrap_or(mean),
             std,
         };
         let max_pixels = match config.max_image_pixels {
@@ -284,16 +244,25 @@ impl Handler for VisionHandler {
                 )))
             }
         };
-        tracing::info!(model = %ctx.model_name, ?device, labels = labels.as_ref().map(Vec::len), "vision model loaded");
+        let threshold = match config.threshold {
+            None => 0.5,
+            Some(t) if (0.0..=1.0).contains(&t) => t,
+            Some(t) => {
+                return Err(PluginError::invalid_input(format!(
+                    "`handler.threshold` must be a number from 0 to 1. Given: {t}"
+                )))
+            }
+        };
+        tracing::info!(model = %ctx.model_name, ?device, detector, labels = labels.as_ref().map(Vec::len), "vision model loaded");
         Ok(Self {
-            module,
-            device,
+            model,
             labels,
-            task: config.task.unwrap_or_default(),
+            task,
             topk: settings::within("topk", config.topk, 5, 1 << 20)? as i64,
             transform,
             max_pixels,
             segmentation_format: config.segmentation_format.unwrap_or_default(),
+            threshold,
             threads: ctx.assignment.intra_op_threads,
             forward_passes: 0,
         })
@@ -345,8 +314,8 @@ impl Handler for VisionHandler {
             .filter_map(|r| r.as_ref().ok())
             .flat_map(|(_, images)| images)
             .collect();
-        let same_shape = all.windows(2).all(|w| w[0].size() == w[1].size());
-        if same_shape && all.len() > 1 {
+        let batchable = self.model.detector || all.windows(2).all(|w| w[0].size() == w[1].size());
+        if batchable && all.len() > 1 {
             if let Ok(mut rows) = self.forward(&all) {
                 return Ok(requests
                     .into_iter()
@@ -363,7 +332,9 @@ impl Handler for VisionHandler {
             .map(|r| {
                 let (framing, images) = r?;
                 let images: Vec<&Tensor> = images.iter().collect();
-                let rows = if images.windows(2).all(|w| w[0].size() == w[1].size()) {
+                let rows = if self.model.detector
+                    || images.windows(2).all(|w| w[0].size() == w[1].size())
+                {
                     self.forward(&images)?
                 } else {
                     images
@@ -378,20 +349,31 @@ impl Handler for VisionHandler {
 
     fn postprocess(&mut self, output: Produced) -> Result<Response, PluginError> {
         let (framing, rows) = output?;
+        let labels = self.labels.as_deref().unwrap_or_default();
         let mut answers = Vec::with_capacity(rows.len());
         for row in &rows {
-            let answer = match self.task_of(row)? {
-                Task::Segment if self.segmentation_format == SegmentationFormat::Png => {
+            let answer = match (self.task_of(row)?, row) {
+                (Task::Segment, Row::Scores(scores))
+                    if self.segmentation_format == SegmentationFormat::Png =>
+                {
                     if framing == Framing::One {
-                        return Ok(Response::ok("image/png", Self::class_map_png(row)?));
+                        return Ok(Response::ok("image/png", answer::class_map_png(scores)?));
                     }
                     return Err(PluginError::invalid_input(
                         "`segmentation_format = \"png\"` answers one image per request; send \
                          the images one by one",
                     ));
                 }
-                Task::Segment => Self::segmentation(row)?,
-                _ => self.classes(row)?,
+                (Task::Segment, Row::Scores(scores)) => answer::segmentation(scores)?,
+                (_, Row::Scores(scores)) => answer::classes(scores, self.topk, labels)?,
+                (
+                    _,
+                    Row::Detections {
+                        boxes,
+                        labels: classes,
+                        scores,
+                    },
+                ) => answer::detections(boxes, classes, scores, self.threshold, labels)?,
             };
             answers.push(answer);
         }

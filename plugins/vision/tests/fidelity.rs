@@ -20,6 +20,14 @@ fn fixtures() -> PathBuf {
     dir
 }
 
+/// torchvision's tensors for the photographs (preprocessed inputs, segmentations, detections).
+fn reference() -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(fixtures().join("preprocessed.safetensors"))
+        .expect("safetensors")
+        .into_iter()
+        .collect()
+}
+
 fn expected() -> Value {
     serde_json::from_slice(&std::fs::read(fixtures().join("expected.json")).expect("read"))
         .expect("json")
@@ -51,11 +59,7 @@ fn handler(model: &str, config: Value) -> VisionHandler {
 /// the resize is Pillow's to the byte, so the tensors are torchvision's.
 #[test]
 fn preprocessing_matches_torchvision_on_real_photographs() {
-    let reference: HashMap<String, Tensor> =
-        Tensor::read_safetensors(fixtures().join("preprocessed.safetensors"))
-            .expect("safetensors")
-            .into_iter()
-            .collect();
+    let reference = reference();
     let h = handler("resnet18", json!({}));
     let mut report = Vec::new();
     for (name, bytes) in photos() {
@@ -252,11 +256,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 #[test]
 fn the_segmenter_answers_torchvisions_class_map() {
-    let reference: HashMap<String, Tensor> =
-        Tensor::read_safetensors(fixtures().join("preprocessed.safetensors"))
-            .expect("safetensors")
-            .into_iter()
-            .collect();
+    let reference = reference();
     let mut h = handler("segmenter", json!({}));
     let mut report = Vec::new();
     for (name, bytes) in photos() {
@@ -349,4 +349,78 @@ fn settings_are_typed_and_checked() {
     let run = testing::run(&mut h, &[testing::request("image/png", cat)]);
     let err = run.finals[0].as_ref().expect_err("refused");
     assert!(err.message.contains("`handler.task`"), "{}", err.message);
+}
+
+/// A scripted detector in torchvision's detectors' shape (a list of images of any sizes in,
+/// `(losses, [{"boxes", "labels", "scores"}])` out) on three photographs in one batch: its
+/// detections, in TorchServe's `object_detector` shape, named by `index_to_name.json`.
+#[test]
+fn a_detector_answers_its_detections_in_torchserves_shape() {
+    let reference = reference();
+    let names: Vec<String> = expected()["detected"]
+        .as_array()
+        .expect("detected")
+        .iter()
+        .map(|n| n.as_str().expect("name").to_owned())
+        .collect();
+    let photos = photos();
+    let requests: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let bytes = &photos.iter().find(|(p, _)| p == n).expect("photo").1;
+            testing::request("", bytes.clone())
+        })
+        .collect();
+    for threshold in [0.0, 0.45] {
+        let mut h = handler("detector", json!({ "threshold": threshold }));
+        assert!(h.is_detector());
+        let run = testing::run(&mut h, &requests);
+        assert_eq!(h.forward_passes, 1, "one pass for images of three sizes");
+        for (name, result) in names.iter().zip(&run.finals) {
+            let body: Value =
+                serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
+            let found = body.as_array().expect("a list of objects");
+            let boxes = Vec::<Vec<f32>>::try_from(&reference[&format!("detect_boxes:{name}")])
+                .expect("boxes");
+            let labels =
+                Vec::<i64>::try_from(&reference[&format!("detect_labels:{name}")]).expect("labels");
+            let scores =
+                Vec::<f32>::try_from(&reference[&format!("detect_scores:{name}")]).expect("scores");
+            // What torchvision's model gave, over the threshold, most confident first.
+            let mut want: Vec<usize> = (0..scores.len())
+                .filter(|&i| scores[i] as f64 >= threshold)
+                .collect();
+            want.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            assert_eq!(found.len(), want.len(), "{name} at {threshold}: {body}");
+            for (object, &i) in found.iter().zip(&want) {
+                let object = object.as_object().expect("object");
+                let score = object["score"].as_f64().expect("score");
+                assert!((score - scores[i] as f64).abs() <= 1e-6, "{name}: {score}");
+                let label = ["", "cat", "dog"][labels[i] as usize];
+                let bx: Vec<f64> = object[label]
+                    .as_array()
+                    .expect("box")
+                    .iter()
+                    .map(|v| v.as_f64().expect("coordinate"))
+                    .collect();
+                for (a, b) in bx.iter().zip(&boxes[i]) {
+                    assert!(
+                        (a - *b as f64).abs() <= 1e-4,
+                        "{name}: {bx:?} vs {:?}",
+                        boxes[i]
+                    );
+                }
+            }
+        }
+    }
+    // The task is checked against the model, both ways.
+    for (model, task) in [("detector", "classify"), ("resnet18", "detect")] {
+        let err = VisionHandler::initialize(&testing::init_context(
+            fixtures().join(model),
+            json!({ "task": task }),
+        ))
+        .err()
+        .expect("refused");
+        assert!(err.message.contains("`handler.task`"), "{}", err.message);
+    }
 }

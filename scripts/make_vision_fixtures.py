@@ -9,6 +9,8 @@ Writes tests/fixtures/generated/vision/:
   detector/          model.pt: a scripted detector in torchvision's detectors' shape (a list
                      of images in, boxes/labels/scores out), index_to_name.json; its detections
                      for three photos, batched, in preprocessed.safetensors
+  ssdlite/           model.pt: torchvision's SSDlite (MobileNetV3, weights=None), scripted; its
+                     detections for the same three photos, batched
   preprocessed.safetensors   per photo: torchvision's preprocessed tensor (Resize(256),
                      CenterCrop(224), ToTensor, Normalize, as TorchServe's handlers compute it),
                      and the segmenter's class, probability and lead over the runner-up
@@ -138,6 +140,33 @@ for n, r in zip(detected, results):
     tensors[f"detect_boxes:{n}"] = r["boxes"].clone()
     tensors[f"detect_labels:{n}"] = r["labels"].clone()
     tensors[f"detect_scores:{n}"] = r["scores"].clone()
+
+# A torchvision detector, SSDlite (MobileNetV3), scripted: it calls torchvision's `nms`, which
+# Cresset provides itself. Random weights, batch-norm statistics measured on the photographs, no
+# score floor (a random model's scores are about 1/91).
+ssd = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+    weights=None, weights_backbone=None, score_thresh=0.0, detections_per_img=50
+)
+for m in ssd.modules():
+    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        m.reset_running_stats()
+        m.momentum = None
+ssd.train()
+with torch.no_grad():
+    batch, _ = ssd.transform(
+        [transforms.functional.to_tensor(Image.open(photos / n).convert("RGB")) for n in names]
+    )
+    ssd.backbone(batch.tensors)
+ssd.eval()
+(out / "ssdlite").mkdir(exist_ok=True)
+scripted_ssd = torch.jit.script(ssd)
+scripted_ssd.save(str(out / "ssdlite/model.pt"))
+with torch.inference_mode():
+    _, results = scripted_ssd(images)
+for n, r in zip(detected, results):
+    tensors[f"ssd_boxes:{n}"] = r["boxes"].clone()
+    tensors[f"ssd_labels:{n}"] = r["labels"].clone()
+    tensors[f"ssd_scores:{n}"] = r["scores"].clone()
 
 expected = {"photos": {}, "detected": detected}
 with torch.inference_mode():

@@ -8,6 +8,19 @@ use cresset_plugin_api::sdk::{settings, InitContext};
 use cresset_plugin_api::PluginError;
 use tch::{CModule, Device};
 
+/// Make torchvision's `nms` operator available to TorchScript modules in this process (scripted
+/// torchvision detectors such as SSD and RetinaNet call it), unless something registered it
+/// already. Idempotent. `roi_align` (Faster and Mask R-CNN) is not provided.
+pub fn register_torchvision_ops() {
+    // SAFETY: takes no arguments; registers once per process behind a std::call_once.
+    let result = unsafe { cresset_register_torchvision_ops() };
+    if result < 0 {
+        tracing::warn!(
+            "torchvision::nms could not be registered: models that call it will not load"
+        );
+    }
+}
+
 /// The archive's TorchScript module, on the instance's device in eval mode, with that device.
 /// `model_file` (the `[handler]` setting) names it; by default it is the archive's serialized
 /// file (`--serialized-file`, a `.mar`'s `serializedFile`), else `model.pt`.
@@ -32,6 +45,7 @@ pub fn load_module(
         )));
     }
     let device = crate::instance_device(ctx);
+    register_torchvision_ops();
     let mut module = CModule::load_on_device(&path, device).map_err(|e| {
         PluginError::invalid_input(format!(
             "cannot load {} as TorchScript: {e}",
@@ -105,6 +119,7 @@ pub fn top_labels(
 }
 
 extern "C" {
+    fn cresset_register_torchvision_ops() -> i32;
     fn cresset_jit_optimize_for_inference(
         module: *mut c_void,
         error: *mut *mut c_char,

@@ -351,12 +351,8 @@ fn settings_are_typed_and_checked() {
     assert!(err.message.contains("`handler.task`"), "{}", err.message);
 }
 
-/// A scripted detector in torchvision's detectors' shape (a list of images of any sizes in,
-/// `(losses, [{"boxes", "labels", "scores"}])` out) on three photographs in one batch: its
-/// detections, in TorchServe's `object_detector` shape, named by `index_to_name.json`.
-#[test]
-fn a_detector_answers_its_detections_in_torchserves_shape() {
-    let reference = reference();
+/// The photographs the detectors were run on in Python, as requests.
+fn detection_requests() -> (Vec<String>, Vec<cresset_plugin_api::Request>) {
     let names: Vec<String> = expected()["detected"]
         .as_array()
         .expect("detected")
@@ -364,13 +360,23 @@ fn a_detector_answers_its_detections_in_torchserves_shape() {
         .map(|n| n.as_str().expect("name").to_owned())
         .collect();
     let photos = photos();
-    let requests: Vec<_> = names
+    let requests = names
         .iter()
         .map(|n| {
             let bytes = &photos.iter().find(|(p, _)| p == n).expect("photo").1;
             testing::request("", bytes.clone())
         })
         .collect();
+    (names, requests)
+}
+
+/// A scripted detector in torchvision's detectors' shape (a list of images of any sizes in,
+/// `(losses, [{"boxes", "labels", "scores"}])` out) on three photographs in one batch: its
+/// detections, in TorchServe's `object_detector` shape, named by `index_to_name.json`.
+#[test]
+fn a_detector_answers_its_detections_in_torchserves_shape() {
+    let reference = reference();
+    let (names, requests) = detection_requests();
     for threshold in [0.0, 0.45] {
         let mut h = handler("detector", json!({ "threshold": threshold }));
         assert!(h.is_detector());
@@ -422,5 +428,43 @@ fn a_detector_answers_its_detections_in_torchserves_shape() {
         .err()
         .expect("refused");
         assert!(err.message.contains("`handler.task`"), "{}", err.message);
+    }
+}
+
+/// torchvision's SSDlite, scripted (it calls `torchvision::nms`, which Cresset registers
+/// itself): on three photographs in one pass, the detections torchvision gives, in order.
+#[test]
+fn torchvisions_ssdlite_loads_and_answers_its_detections() {
+    let reference = reference();
+    let (names, requests) = detection_requests();
+    let mut h = handler("ssdlite", json!({"threshold": 0.0}));
+    assert!(h.is_detector());
+    let run = testing::run(&mut h, &requests);
+    assert_eq!(h.forward_passes, 1);
+    for (name, result) in names.iter().zip(&run.finals) {
+        let body: Value =
+            serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
+        let found = body.as_array().expect("a list of objects");
+        let boxes =
+            Vec::<Vec<f32>>::try_from(&reference[&format!("ssd_boxes:{name}")]).expect("boxes");
+        let labels =
+            Vec::<i64>::try_from(&reference[&format!("ssd_labels:{name}")]).expect("labels");
+        let scores =
+            Vec::<f32>::try_from(&reference[&format!("ssd_scores:{name}")]).expect("scores");
+        assert_eq!(found.len(), boxes.len(), "{name}");
+        for (i, object) in found.iter().enumerate() {
+            let object = object.as_object().expect("object");
+            let score = object["score"].as_f64().expect("score");
+            assert!(
+                (score - scores[i] as f64).abs() <= 1e-6,
+                "{name} #{i}: {score}"
+            );
+            let (label, bx) = object.iter().find(|(k, _)| *k != "score").expect("a label");
+            assert_eq!(*label, labels[i].to_string(), "{name} #{i}");
+            for (a, b) in bx.as_array().expect("box").iter().zip(&boxes[i]) {
+                let a = a.as_f64().expect("coordinate");
+                assert!((a - *b as f64).abs() <= 1e-3, "{name} #{i}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -6,6 +6,8 @@
 // nms: greedy non-maximum suppression, as torchvision computes it: boxes visited by score,
 // highest first (a stable sort, so ties keep their order), each one kept unless an earlier
 // kept box overlaps it by an IoU above the threshold; areas and overlaps in the boxes' dtype.
+// One kernel for every device (CompositeExplicitAutograd): a GPU detector's boxes are
+// suppressed on the CPU, not tested on a GPU yet.
 #include <algorithm>
 #include <mutex>
 
@@ -49,21 +51,25 @@ int64_t suppress(const at::Tensor& boxes, const at::Tensor& order, double iou_th
   return kept;
 }
 
-at::Tensor nms_cpu(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold) {
+// On any device: the suppression runs on the CPU (it is sequential), the kept indices go back
+// to the boxes' device.
+at::Tensor nms_any(const at::Tensor& dets_in, const at::Tensor& scores_in, double iou_threshold) {
+  const at::Tensor dets = dets_in.cpu();
+  const at::Tensor scores = scores_in.cpu();
   TORCH_CHECK(dets.dim() == 2 && dets.size(1) == 4,
               "nms: boxes must be [N, 4], got ", dets.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == dets.size(0),
               "nms: scores must be [N] with one score per box, got ", scores.sizes());
   TORCH_CHECK(dets.scalar_type() == scores.scalar_type(),
               "nms: boxes and scores must have the same dtype");
-  if (dets.numel() == 0) return at::empty({0}, dets.options().dtype(at::kLong));
+  if (dets.numel() == 0) return at::empty({0}, dets_in.options().dtype(at::kLong));
   auto order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
   at::Tensor keep = at::empty({dets.size(0)}, dets.options().dtype(at::kLong));
   int64_t kept = 0;
   AT_DISPATCH_FLOATING_TYPES(dets.scalar_type(), "nms", [&] {
     kept = suppress<scalar_t>(dets, order, iou_threshold, keep.data_ptr<int64_t>());
   });
-  return keep.narrow(0, 0, kept);
+  return keep.narrow(0, 0, kept).to(dets_in.device());
 }
 
 }  // namespace
@@ -86,8 +92,9 @@ int cresset_register_torchvision_ops() {
                                       __FILE__, __LINE__);
       defs->def("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor");
       auto* impls = new torch::Library(torch::Library::IMPL, "torchvision",
-                                       c10::DispatchKey::CPU, __FILE__, __LINE__);
-      impls->impl("nms", TORCH_FN(nms_cpu));
+                                       c10::DispatchKey::CompositeExplicitAutograd, __FILE__,
+                                       __LINE__);
+      impls->impl("nms", TORCH_FN(nms_any));
       result = 1;
     } catch (...) {
       result = -1;

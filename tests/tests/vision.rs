@@ -113,8 +113,10 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
             .encode(std::fs::read(photo(name)).expect("read"));
         let reply = server.post_json("/predictions/resnet", &json!({ "data": b64 }));
         assert_eq!(reply.status, 200, "{}", reply.text());
-        assert_eq!(put, form, "{name}");
-        assert_eq!(put, reply.json(), "{name}");
+        // The same answer each way (to float rounding: a batch may run on another number of
+        // threads).
+        close(&put, &form);
+        close(&put, &reply.json());
         // torchvision's top-5, by name, most probable first.
         let mut ours: Vec<(String, f64)> = put
             .as_object()
@@ -212,6 +214,10 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     let full = serde_json::from_str::<Value>(&single).expect("json");
     assert_eq!(native.as_object().expect("object").len(), 3);
     for (label, p) in native.as_object().expect("object") {
-        assert_eq!(full[label], *p, "{label}");
+        let (p, q) = (p.as_f64().unwrap_or(f64::NAN), full[label].as_f64());
+        assert!(
+            q.is_some_and(|q| (p - q).abs() <= 1e-6),
+            "{label}: {p} vs {q:?}"
+        );
     }
 }

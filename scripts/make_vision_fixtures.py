@@ -11,6 +11,8 @@ Writes tests/fixtures/generated/vision/:
                      for three photos, batched, in preprocessed.safetensors
   ssdlite/           model.pt: torchvision's SSDlite (MobileNetV3, weights=None), scripted; its
                      detections for the same three photos, batched
+  fasterrcnn/        model.pt: torchvision's Faster R-CNN (MobileNetV3 FPN 320, weights=None),
+                     scripted; likewise
   preprocessed.safetensors   per photo: torchvision's preprocessed tensor (Resize(256),
                      CenterCrop(224), ToTensor, Normalize, as TorchServe's handlers compute it),
                      and the segmenter's class, probability and lead over the runner-up
@@ -141,32 +143,49 @@ for n, r in zip(detected, results):
     tensors[f"detect_labels:{n}"] = r["labels"].clone()
     tensors[f"detect_scores:{n}"] = r["scores"].clone()
 
-# A torchvision detector, SSDlite (MobileNetV3), scripted: it calls torchvision's `nms`, which
-# Cresset provides itself. Random weights, batch-norm statistics measured on the photographs, no
-# score floor (a random model's scores are about 1/91).
-ssd = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-    weights=None, weights_backbone=None, score_thresh=0.0, detections_per_img=50
+def torchvision_detector(model, folder, prefix):
+    """A torchvision detector with random weights, its batch-norm statistics measured on the
+    photographs, scripted into `folder`; its detections for the `detected` photos, in one batch,
+    into the tensors as `{prefix}_boxes:NAME` and so on."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        batch, _ = model.transform(
+            [transforms.functional.to_tensor(Image.open(photos / n).convert("RGB")) for n in names]
+        )
+        model.backbone(batch.tensors)
+    model.eval()
+    (out / folder).mkdir(exist_ok=True)
+    scripted = torch.jit.script(model)
+    scripted.save(str(out / folder / "model.pt"))
+    with torch.inference_mode():
+        _, results = scripted(images)
+    for n, r in zip(detected, results):
+        tensors[f"{prefix}_boxes:{n}"] = r["boxes"].clone()
+        tensors[f"{prefix}_labels:{n}"] = r["labels"].clone()
+        tensors[f"{prefix}_scores:{n}"] = r["scores"].clone()
+
+
+# torchvision's own detectors call its C++ operators, which Cresset registers itself: SSDlite
+# (`nms`) and Faster R-CNN (`nms` and `roi_align`). No score floor (a random model's scores are
+# about 1/91).
+torchvision_detector(
+    torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, score_thresh=0.0, detections_per_img=50
+    ),
+    "ssdlite",
+    "ssd",
 )
-for m in ssd.modules():
-    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-        m.reset_running_stats()
-        m.momentum = None
-ssd.train()
-with torch.no_grad():
-    batch, _ = ssd.transform(
-        [transforms.functional.to_tensor(Image.open(photos / n).convert("RGB")) for n in names]
-    )
-    ssd.backbone(batch.tensors)
-ssd.eval()
-(out / "ssdlite").mkdir(exist_ok=True)
-scripted_ssd = torch.jit.script(ssd)
-scripted_ssd.save(str(out / "ssdlite/model.pt"))
-with torch.inference_mode():
-    _, results = scripted_ssd(images)
-for n, r in zip(detected, results):
-    tensors[f"ssd_boxes:{n}"] = r["boxes"].clone()
-    tensors[f"ssd_labels:{n}"] = r["labels"].clone()
-    tensors[f"ssd_scores:{n}"] = r["scores"].clone()
+torchvision_detector(
+    torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, box_detections_per_img=50
+    ),
+    "fasterrcnn",
+    "frcnn",
+)
 
 expected = {"photos": {}, "detected": detected}
 with torch.inference_mode():

@@ -2,7 +2,7 @@
 // build script sets the rpath for its own targets only, and without `--no-as-needed -ltorch`
 // the linker drops libtorch_cuda, so CUDA is never found on a GPU machine. See ARCHITECTURE.md,
 // "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode,
-// torch.jit.optimize_for_inference and torchvision's `nms` operator.
+// torch.jit.optimize_for_inference and torchvision's `nms` and `roi_align` operators.
 use std::path::Path;
 
 fn main() {

@@ -73,6 +73,8 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     mar("resnet18", "resnet", "image_classifier", store.path());
     mar("segmenter", "segmenter", "image_segmenter", store.path());
     mar("detector", "detector", "object_detector", store.path());
+    // torchvision's own Faster R-CNN, as TorchServe's object_detector example serves it.
+    mar("fasterrcnn", "fasterrcnn", "object_detector", store.path());
     // A Cresset archive of the same classifier, named by the `vision` plugin, top 3.
     let model = std::fs::read(fixtures().join("resnet18/model.pt")).expect("model");
     let labels = std::fs::read(fixtures().join("resnet18/index_to_name.json")).expect("labels");
@@ -87,7 +89,8 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
         "--model-store",
         store.path().to_str().expect("utf-8"),
         "--models",
-        "resnet=resnet.mar,segmenter=segmenter.mar,detector=detector.mar,native",
+        "resnet=resnet.mar,segmenter=segmenter.mar,detector=detector.mar,\
+         fasterrcnn=fasterrcnn.mar,native",
     ]);
     server.wait_healthy();
     let url = format!("{}/predictions/resnet", server.inference);
@@ -204,6 +207,14 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
             "{object}"
         );
     }
+
+    // Faster R-CNN loads (torchvision's nms and roi_align are in the process) and answers a
+    // list per image; its random weights score nothing near the 0.5 threshold.
+    let (code, body) = curl(
+        &["-T", photo("rocket.jpg").to_str().expect("utf-8")],
+        &format!("{}/predictions/fasterrcnn", server.inference),
+    );
+    assert_eq!(parse(code, &body), json!([]), "{body}");
 
     // The Cresset archive answers the .mar's top 3.
     let (code, body) = curl(

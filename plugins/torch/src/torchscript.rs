@@ -8,9 +8,9 @@ use cresset_plugin_api::sdk::{settings, InitContext};
 use cresset_plugin_api::PluginError;
 use tch::{CModule, Device};
 
-/// Make torchvision's `nms` operator available to TorchScript modules in this process (scripted
-/// torchvision detectors such as SSD and RetinaNet call it), unless something registered it
-/// already. Idempotent. `roi_align` (Faster and Mask R-CNN) is not provided.
+/// Make torchvision's `nms` and `roi_align` operators available to TorchScript modules in this
+/// process (scripted torchvision detectors call them: SSD and RetinaNet `nms`, the R-CNNs both),
+/// each unless something registered it already. Idempotent.
 pub fn register_torchvision_ops() {
     // SAFETY: takes no arguments; registers once per process behind a std::call_once.
     let result = unsafe { cresset_register_torchvision_ops() };

@@ -18,8 +18,8 @@
 //!   the objects scoring at least `threshold` (0.5), `[{"dog": [x1, y1, x2, y2], "score": s},
 //!   ...]` per image (TorchServe's `object_detector`). A detector's images are only scaled to
 //!   [0, 1] (`ToTensor`), as TorchServe's handler does; the model resizes and normalizes them.
-//!   torchvision's SSD and RetinaNet run on the `torchvision::nms` that `cresset-torch`
-//!   registers; Faster R-CNN needs `roi_align`, which is not provided.
+//!   torchvision's detectors run on the `torchvision::nms` and `torchvision::roi_align` that
+//!   `cresset-torch` registers.
 //!
 //! `[handler]` keys: `model_file` (default: the archive's serialized file, else `model.pt`),
 //! `labels_file` (default `index_to_name.json`, optional), `task` (`"auto"`, the default,

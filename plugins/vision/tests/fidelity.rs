@@ -431,13 +431,19 @@ fn a_detector_answers_its_detections_in_torchserves_shape() {
     }
 }
 
-/// torchvision's SSDlite, scripted (it calls `torchvision::nms`, which Cresset registers
-/// itself): on three photographs in one pass, the detections torchvision gives, in order.
+/// torchvision's SSDlite and Faster R-CNN, scripted (they call `torchvision::nms` and
+/// `torchvision::roi_align`, which Cresset registers itself): on three photographs in one pass,
+/// the detections torchvision gives.
 #[test]
-fn torchvisions_ssdlite_loads_and_answers_its_detections() {
+fn torchvisions_ssdlite_and_faster_rcnn_load_and_answer_their_detections() {
+    check_torchvision_detector("ssdlite", "ssd");
+    check_torchvision_detector("fasterrcnn", "frcnn");
+}
+
+fn check_torchvision_detector(model: &str, prefix: &str) {
     let reference = reference();
     let (names, requests) = detection_requests();
-    let mut h = handler("ssdlite", json!({"threshold": 0.0}));
+    let mut h = handler(model, json!({"threshold": 0.0}));
     assert!(h.is_detector());
     let run = testing::run(&mut h, &requests);
     assert_eq!(h.forward_passes, 1);
@@ -445,12 +451,12 @@ fn torchvisions_ssdlite_loads_and_answers_its_detections() {
         let body: Value =
             serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
         let found = body.as_array().expect("a list of objects");
-        let boxes =
-            Vec::<Vec<f32>>::try_from(&reference[&format!("ssd_boxes:{name}")]).expect("boxes");
+        let boxes = Vec::<Vec<f32>>::try_from(&reference[&format!("{prefix}_boxes:{name}")])
+            .expect("boxes");
         let labels =
-            Vec::<i64>::try_from(&reference[&format!("ssd_labels:{name}")]).expect("labels");
+            Vec::<i64>::try_from(&reference[&format!("{prefix}_labels:{name}")]).expect("labels");
         let scores =
-            Vec::<f32>::try_from(&reference[&format!("ssd_scores:{name}")]).expect("scores");
+            Vec::<f32>::try_from(&reference[&format!("{prefix}_scores:{name}")]).expect("scores");
         assert_eq!(found.len(), boxes.len(), "{name}");
         // Most confident first; each of torchvision's detections found once, with its label,
         // box and score. Scores a few 1e-7 apart may trade places: the model's convolutions
@@ -487,8 +493,9 @@ fn torchvisions_ssdlite_loads_and_answers_its_detections() {
                             .zip(&boxes[i])
                             .all(|(a, b)| (a - *b as f64).abs() <= 1e-3)
                 });
-            let at =
-                at.unwrap_or_else(|| panic!("{name}: torchvision's detection #{i} is missing"));
+            let at = at.unwrap_or_else(|| {
+                panic!("{model} on {name}: torchvision's detection #{i} is missing")
+            });
             used[at] = true;
         }
     }

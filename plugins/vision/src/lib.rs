@@ -116,6 +116,9 @@ pub struct VisionHandler {
     segmentation_format: SegmentationFormat,
     threshold: f64,
     threads: u32,
+    /// Threads decoding a batch's images: the instance's, at most the cores (found once: the
+    /// count reads the process's CPU affinity and cgroup quota).
+    decode_threads: usize,
     /// Forward passes run so far (the batching tests count them).
     pub forward_passes: u64,
 }
@@ -266,6 +269,9 @@ impl Handler for VisionHandler {
             segmentation_format: config.segmentation_format.unwrap_or_default(),
             threshold,
             threads: ctx.assignment.intra_op_threads,
+            decode_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(ctx.assignment.intra_op_threads.max(1) as usize),
             forward_passes: 0,
         })
     }
@@ -289,10 +295,7 @@ impl Handler for VisionHandler {
             .enumerate()
             .flat_map(|(r, p)| (0..p.encoded.len()).map(move |i| (r, i)))
             .collect();
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(self.threads.max(1) as usize);
-        let mut prepared = parallel_map(&jobs, threads, |&(r, i)| {
+        let mut prepared = parallel_map(&jobs, self.decode_threads, |&(r, i)| {
             self.prepare(&batch[r].encoded[i]).map_err(|mut e| {
                 if batch[r].framing == Framing::Instances {
                     e.message = format!("`instances[{i}]`: {}", e.message).into();

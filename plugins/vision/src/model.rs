@@ -59,15 +59,8 @@ impl Model {
         if self.detector {
             return self.detect(images);
         }
-        let _inference = cresset_torch::InferenceMode::enter();
         let batch = Tensor::stack(images, 0).to_device(self.device);
-        let output = self
-            .module
-            .forward_is(&[IValue::Tensor(batch)])
-            .map_err(|e| {
-                PluginError::invalid_input(format!("the model rejected the input: {e}"))
-            })?;
-        let scores = match output {
+        let scores = match self.call(IValue::Tensor(batch))? {
             IValue::Tensor(t) => t,
             // torchvision's segmentation models answer {"out": ..., "aux": ...}.
             IValue::GenericDict(entries) => entries
@@ -106,18 +99,20 @@ impl Model {
             .collect())
     }
 
+    /// The module's forward on one input, under libtorch's InferenceMode. Its outputs are
+    /// inference tensors: they are only read (copied, converted, split) afterwards.
+    fn call(&mut self, input: IValue) -> Result<IValue, PluginError> {
+        let _inference = cresset_torch::InferenceMode::enter();
+        self.module
+            .forward_is(&[input])
+            .map_err(|e| PluginError::invalid_input(format!("the model rejected the input: {e}")))
+    }
+
     /// A detector's pass: the images as a list; the answer, as scripted torchvision detectors
     /// give it, `(losses, [{"boxes", "labels", "scores"}, ...])` (or the list alone).
     fn detect(&mut self, images: &[&Tensor]) -> Result<Vec<Row>, PluginError> {
-        let _inference = cresset_torch::InferenceMode::enter();
         let list = images.iter().map(|t| t.to_device(self.device)).collect();
-        let output = self
-            .module
-            .forward_is(&[IValue::TensorList(list)])
-            .map_err(|e| {
-                PluginError::invalid_input(format!("the model rejected the input: {e}"))
-            })?;
-        let items = match output {
+        let items = match self.call(IValue::TensorList(list))? {
             IValue::Tuple(mut parts) if !parts.is_empty() => match parts.pop() {
                 Some(IValue::GenericList(items)) => items,
                 _ => return Err(not_detections()),

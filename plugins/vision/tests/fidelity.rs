@@ -351,6 +351,19 @@ fn settings_are_typed_and_checked() {
     assert!(err.message.contains("`handler.task`"), "{}", err.message);
 }
 
+/// What a detector gave in Python for one photograph: boxes, labels, scores (`{prefix}_boxes:NAME`
+/// and so on in the reference tensors).
+type Detections = (Vec<Vec<f32>>, Vec<i64>, Vec<f32>);
+
+fn detections_of(reference: &HashMap<String, Tensor>, prefix: &str, name: &str) -> Detections {
+    let get = |what: &str| &reference[&format!("{prefix}_{what}:{name}")];
+    (
+        Vec::<Vec<f32>>::try_from(get("boxes")).expect("boxes"),
+        Vec::<i64>::try_from(get("labels")).expect("labels"),
+        Vec::<f32>::try_from(get("scores")).expect("scores"),
+    )
+}
+
 /// The photographs the detectors were run on in Python, as requests.
 fn detection_requests() -> (Vec<String>, Vec<cresset_plugin_api::Request>) {
     let names: Vec<String> = expected()["detected"]
@@ -386,12 +399,7 @@ fn a_detector_answers_its_detections_in_torchserves_shape() {
             let body: Value =
                 serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
             let found = body.as_array().expect("a list of objects");
-            let boxes = Vec::<Vec<f32>>::try_from(&reference[&format!("detect_boxes:{name}")])
-                .expect("boxes");
-            let labels =
-                Vec::<i64>::try_from(&reference[&format!("detect_labels:{name}")]).expect("labels");
-            let scores =
-                Vec::<f32>::try_from(&reference[&format!("detect_scores:{name}")]).expect("scores");
+            let (boxes, labels, scores) = detections_of(&reference, "detect", name);
             // What torchvision's model gave, over the threshold, most confident first.
             let mut want: Vec<usize> = (0..scores.len())
                 .filter(|&i| scores[i] as f64 >= threshold)
@@ -451,12 +459,7 @@ fn check_torchvision_detector(model: &str, prefix: &str) {
         let body: Value =
             serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
         let found = body.as_array().expect("a list of objects");
-        let boxes = Vec::<Vec<f32>>::try_from(&reference[&format!("{prefix}_boxes:{name}")])
-            .expect("boxes");
-        let labels =
-            Vec::<i64>::try_from(&reference[&format!("{prefix}_labels:{name}")]).expect("labels");
-        let scores =
-            Vec::<f32>::try_from(&reference[&format!("{prefix}_scores:{name}")]).expect("scores");
+        let (boxes, labels, scores) = detections_of(&reference, prefix, name);
         assert_eq!(found.len(), boxes.len(), "{name}");
         // Most confident first; each of torchvision's detections found once, with its label,
         // box and score. Scores a few 1e-7 apart may trade places: the model's convolutions

@@ -9,6 +9,7 @@
 #                       (tokenizer.model.v1 is Mistral-7B v0.1's: BPE, 32000 pieces)
 #   photos/             the sample photographs scikit-image ships (chelsea the cat, coffee,
 #                       the astronaut, a rocket, ...: PNG and JPEG, landscape and portrait)
+#   onnxruntime/        ONNX Runtime 1.31.1's libonnxruntime.so, from the onnxruntime wheel
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
@@ -68,3 +69,10 @@ fetch_wheel mistral-tokenizers mistral-common 1.13.1 \
 WHEEL_PLATFORM="--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64" \
   fetch_wheel photos scikit-image 0.26.0 \
   74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af skimage/data
+
+# ONNX Runtime's shared library (onnxruntime/capi/libonnxruntime.so.1.31.1), which the ONNX
+# models of the vision handlers load at run time through $CRESSET_ONNXRUNTIME (see env.sh):
+# nothing is downloaded or linked when Cresset is built.
+WHEEL_PLATFORM="--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64" \
+  fetch_wheel onnxruntime onnxruntime 1.31.1 \
+  5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f onnxruntime/capi

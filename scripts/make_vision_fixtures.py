@@ -211,6 +211,35 @@ with torch.inference_mode():
             "segment_prob_mean": float(values.mean()),
         }
 save_file(tensors, str(out / "preprocessed.safetensors"))
+
+# The classifier and the segmenter in the other formats the vision handlers load: ONNX (the
+# TorchScript-based exporter, opset 17) and an AOTInductor package (torch.export with a dynamic
+# batch, compiled by inductor for this machine's CPU), each with a dynamic batch dimension.
+def export_formats(model, folder, output_names):
+    example = torch.stack([tensors[n] for n in names[:2]])
+    torch.onnx.export(
+        model,
+        (example,),
+        str(out / folder / "model.onnx"),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=output_names,
+        dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in output_names}},
+    )
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch._inductor.aoti_compile_and_package(
+        program,
+        package_path=str(out / folder / "model.pt2"),
+        inductor_configs={"cpp.dynamic_threads": True},
+    )
+
+
+export_formats(classifier, "resnet18", ["logits"])
+export_formats(segmenter, "segmenter", ["out"])
+
 expected["versions"] = {
     "torch": torch.__version__,
     "torchvision": torchvision.__version__,

@@ -2,13 +2,15 @@
 // build script sets the rpath for its own targets only, and without `--no-as-needed -ltorch`
 // the linker drops libtorch_cuda, so CUDA is never found on a GPU machine. See ARCHITECTURE.md,
 // "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode,
-// torch.jit.optimize_for_inference and torchvision's `nms` and `roi_align` operators.
+// torch.jit.optimize_for_inference, torchvision's `nms` and `roi_align` operators and
+// AOTInductor's package loader.
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-changed=src/inference_mode.cpp");
     println!("cargo:rerun-if-changed=src/jit_optimize.cpp");
     println!("cargo:rerun-if-changed=src/torchvision_ops.cpp");
+    println!("cargo:rerun-if-changed=src/aoti.cpp");
     let lib =
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -23,6 +25,7 @@ fn main() {
         .file("src/inference_mode.cpp")
         .file("src/jit_optimize.cpp")
         .file("src/torchvision_ops.cpp")
+        .file("src/aoti.cpp")
         .include(include.join("torch/csrc/api/include"))
         .include(&include)
         .flag("-std=c++17")

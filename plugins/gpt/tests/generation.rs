@@ -738,7 +738,7 @@ fn gpt_fasts_setting_names_are_understood() {
     assert_eq!(ask_prompt(&mut h), greedy);
     std::fs::write(dir.path().join("model.pth"), b"PK").expect("write");
     for (handler, says) in [
-        (json!({"model_path": "model.pth"}), "PyTorch pickles"),
+        (json!({"model_path": "model.pth"}), "GPT-fast's model.pth"),
         (
             json!({"tokenizer_path": "tokenizer.model"}),
             "`tokenizer.model` (`handler.tokenizer_path`) is not a file",

@@ -102,8 +102,9 @@ impl Quantization {
 }
 
 /// `model_path`: the checkpoint folder (default: the archive's root), or a file in it. A `.gguf`
-/// file is loaded as `model_file`; a `model.safetensors` names its folder; GPT-fast's
-/// `model.pth` is refused, naming what to give instead.
+/// file is loaded as `model_file`; a `model.safetensors` or `pytorch_model.bin` names its
+/// folder; GPT-fast's `model.pth` (its own tensor names) is refused, naming what to give
+/// instead.
 fn model_path(
     ctx: &InitContext,
     keys: &HandlerKeys,
@@ -124,9 +125,11 @@ fn model_path(
     match path.extension().and_then(|x| x.to_str()) {
         Some("gguf") => Ok((parent, Some(name.to_owned()))),
         Some("safetensors") => Ok((parent, None)),
+        Some("bin") if name.starts_with("pytorch_model") => Ok((parent, None)),
         _ => Err(PluginError::invalid_input(format!(
-            "`handler.model_path` names {name:?}: PyTorch pickles (GPT-fast's model.pth) are not \
-             read. Give a folder with config.json and model.safetensors, or a .gguf file"
+            "`handler.model_path` names {name:?}: GPT-fast's model.pth (its own tensor names) is \
+             not read. Give a HuggingFace folder with config.json and model.safetensors or \
+             pytorch_model.bin, or a .gguf file"
         ))),
     }
 }

@@ -8,6 +8,7 @@
 #[cfg(test)]
 mod counting_alloc;
 pub mod gguf;
+pub mod pickle;
 pub mod quantized;
 pub mod safetensors;
 
@@ -276,7 +277,7 @@ pub fn modules_from_checkpoint_as(
     let mut head = false;
     let mut word_embeddings: Option<gguf::TensorInfo> = None;
     for file in safetensors::checkpoint_files(dir)? {
-        let header = safetensors::read_header(&file)?;
+        let header = safetensors::read_any_header(&file)?;
         for (name, info) in header.tensors {
             let stored = info.data_offsets[1] - info.data_offsets[0];
             let floating = matches!(info.dtype.as_str(), "F64" | "F32" | "F16" | "BF16");

@@ -307,33 +307,56 @@ fn shards_of_index(index: &Path) -> Result<Vec<String>, CheckpointError> {
     Ok(shards.into_iter().map(|(_, shard)| shard).collect())
 }
 
-/// The safetensors files of a checkpoint directory: the shards named by
+/// The weight files of a checkpoint directory: the safetensors shards named by
 /// `model.safetensors.index.json` (in the order of their first tensor names), else
-/// `model.safetensors`.
+/// `model.safetensors`; failing both, the `torch.save` files of older checkpoints, found the
+/// same way (`pytorch_model.bin.index.json`, else `pytorch_model.bin`), whose headers
+/// [`read_any_header`] reads without running pickle code.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let mut files: Vec<PathBuf> = Vec::new();
-        for shard in shards_of_index(&index)? {
-            let name = Path::new(&shard);
-            if name.components().count() != 1 || name.is_absolute() {
-                return Err(invalid(
-                    &index,
-                    format!("shard name {shard:?} is not a file name"),
-                ));
+    for (index, single) in [
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ] {
+        let index = dir.join(index);
+        if index.is_file() {
+            let mut files: Vec<PathBuf> = Vec::new();
+            for shard in shards_of_index(&index)? {
+                let name = Path::new(&shard);
+                if name.components().count() != 1 || name.is_absolute() {
+                    return Err(invalid(
+                        &index,
+                        format!("shard name {shard:?} is not a file name"),
+                    ));
+                }
+                files.push(dir.join(name));
             }
-            files.push(dir.join(name));
+            return Ok(files);
         }
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
+        let single = dir.join(single);
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
     }
     Err(CheckpointError(format!(
-        "{} has neither model.safetensors nor model.safetensors.index.json",
+        "{} has no weights: neither model.safetensors (or its index) nor pytorch_model.bin (or \
+         its index)",
         dir.display()
     )))
+}
+
+/// The header of one file [`checkpoint_files`] lists: a safetensors header, or the tensors of
+/// a `torch.save` zip (recognized by its magic) as [`crate::pickle::read_header`] reads them.
+pub fn read_any_header(path: &Path) -> Result<Header, CheckpointError> {
+    match crate::pickle::magic(path) {
+        Some(crate::pickle::Magic::Zip) => crate::pickle::read_header(path),
+        Some(crate::pickle::Magic::LegacyPickle) => Err(invalid(
+            path,
+            "a torch.save file in the legacy format of torch before 1.6 (a bare pickle), \
+             which this reader does not take: save it again with a current torch \
+             (torch.save(torch.load(f), f)) or as safetensors",
+        )),
+        None => read_header(path),
+    }
 }
 
 #[cfg(test)]

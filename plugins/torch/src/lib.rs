@@ -3,6 +3,7 @@
 //! checkpoints (safetensors, `config.json`, `tokenizer.json`), the model architectures
 //! (BERT-family encoders, GPT-2) and token sampling.
 
+pub mod aoti;
 pub mod bloom;
 pub mod decoder;
 pub mod encoder;
@@ -11,6 +12,8 @@ pub mod gguf;
 pub mod gpt2;
 mod json;
 pub mod layers;
+pub mod model_file;
+pub mod onnx;
 pub mod quant;
 pub mod sampling;
 pub mod sentencepiece;

@@ -5,6 +5,8 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 
 use cresset_plugin_api::sdk::{settings, InitContext};
+
+use crate::model_file::{format_of, model_path, Format};
 use cresset_plugin_api::PluginError;
 use tch::{CModule, Device};
 
@@ -28,22 +30,7 @@ pub fn load_module(
     ctx: &InitContext,
     model_file: Option<&str>,
 ) -> Result<(CModule, Device), PluginError> {
-    let serialized = ctx
-        .model_config
-        .get("serialized_file")
-        .and_then(serde_json::Value::as_str)
-        .unwrap_or("model.pt");
-    let path = settings::path_inside(
-        &ctx.model_dir,
-        "model_file",
-        model_file.unwrap_or(serialized),
-    )?;
-    if !path.is_file() {
-        return Err(PluginError::not_found(format!(
-            "the archive has no model file `{}`",
-            path.display()
-        )));
-    }
+    let path = model_path(ctx, model_file)?;
     if let Some(other) = not_torchscript(&path) {
         return Err(PluginError::invalid_input(format!(
             "{} is {other}, not TorchScript: this handler serves TorchScript files \
@@ -51,9 +38,14 @@ pub fn load_module(
             path.display()
         )));
     }
+    load_path(ctx, &path)
+}
+
+/// The TorchScript module at `path` (a file of the archive), as [`load_module`] loads it.
+pub fn load_path(ctx: &InitContext, path: &Path) -> Result<(CModule, Device), PluginError> {
     let device = crate::instance_device(ctx);
     register_torchvision_ops();
-    let mut module = CModule::load_on_device(&path, device).map_err(|e| {
+    let mut module = CModule::load_on_device(path, device).map_err(|e| {
         PluginError::invalid_input(format!(
             "cannot load {} as TorchScript: {e}",
             path.display()
@@ -63,49 +55,14 @@ pub fn load_module(
     Ok((module, device))
 }
 
-/// What a model file is when it is a known format other than TorchScript, from its first bytes
-/// and, for a zip, its member names: an eager `torch.save` checkpoint, an AOTInductor package,
-/// ONNX, safetensors. `None` for TorchScript or anything unknown (libtorch then says what it
-/// can).
+/// What a model file is when it is not TorchScript (see [`format_of`]). `None` for
+/// TorchScript or anything unknown (libtorch then says what it can).
 pub fn not_torchscript(path: &Path) -> Option<&'static str> {
-    use std::io::Read;
-    let mut head = [0u8; 16];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .ok()?;
-    let head = &head[..n];
-    if head.starts_with(b"PK\x03\x04") {
-        let file = std::fs::File::open(path).ok()?;
-        let archive = zip::ZipArchive::new(file).ok()?;
-        let names: Vec<&str> = archive.file_names().collect();
-        let has = |suffix: &str| {
-            names
-                .iter()
-                .any(|n| n.ends_with(suffix) || n.contains(suffix))
-        };
-        if has("/code/") || has("constants.pkl") {
-            return None;
-        }
-        if has("aotinductor") || has(".wrapper.so") || has("archive_format") {
-            return Some("an AOTInductor package (not served yet)");
-        }
-        if has("data.pkl") {
-            return Some(
-                "an eager checkpoint saved with torch.save (a pickle; not served yet: save the \
-                 model with torch.jit.save, or its weights as safetensors)",
-            );
-        }
-        return None;
-    }
-    match path.extension().and_then(|x| x.to_str()) {
-        Some("onnx") => Some("an ONNX model (not served yet)"),
-        Some("safetensors") => Some("a safetensors checkpoint (weights without the model's code)"),
-        // A pickle before torch 1.6's zip format starts with the pickle protocol opcode.
-        Some("pt" | "pth" | "bin") if head.first() == Some(&0x80) => Some(
-            "an eager checkpoint in torch.save's legacy pickle format (not served: save the \
-             model with torch.jit.save)",
-        ),
-        _ => None,
+    match format_of(path) {
+        Ok(Format::TorchScript) => None,
+        Ok(Format::Aoti) => Some("an AOTInductor package (the vision handlers serve these)"),
+        Ok(Format::Onnx) => Some("an ONNX model (the vision handlers serve these)"),
+        Err(what) => Some(what),
     }
 }
 
@@ -211,59 +168,4 @@ pub fn optimize_for_inference(module: &CModule) -> Result<CModule, String> {
     // SAFETY: `optimized` is a `new torch::jit::Module`, which the returned `CModule` owns and
     // frees with `delete`, as it frees the modules tch loads.
     Ok(unsafe { std::mem::transmute::<*mut c_void, CModule>(optimized) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    fn zip_with(dir: &Path, name: &str, members: &[&str]) -> std::path::PathBuf {
-        let path = dir.join(name);
-        let mut writer = zip::ZipWriter::new(std::fs::File::create(&path).expect("create"));
-        for member in members {
-            writer
-                .start_file(*member, zip::write::SimpleFileOptions::default())
-                .expect("member");
-            writer.write_all(b"x").expect("write");
-        }
-        writer.finish().expect("finish");
-        path
-    }
-
-    #[test]
-    fn other_model_formats_are_named_before_libtorch_reads_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let scripted = zip_with(
-            dir.path(),
-            "scripted.pt",
-            &[
-                "model/data.pkl",
-                "model/code/__torch__.py",
-                "model/constants.pkl",
-            ],
-        );
-        assert_eq!(not_torchscript(&scripted), None);
-        let eager = zip_with(
-            dir.path(),
-            "pytorch_model.bin",
-            &["archive/data.pkl", "archive/data/0", "archive/version"],
-        );
-        assert!(not_torchscript(&eager).is_some_and(|m| m.contains("torch.save")));
-        let aoti = zip_with(
-            dir.path(),
-            "model.pt2",
-            &[
-                "model/archive_format",
-                "model/data/aotinductor/model/x.wrapper.so",
-            ],
-        );
-        assert!(not_torchscript(&aoti).is_some_and(|m| m.contains("AOTInductor")));
-        let onnx = dir.path().join("model.onnx");
-        std::fs::write(&onnx, [0x08, 0x07]).expect("write");
-        assert!(not_torchscript(&onnx).is_some_and(|m| m.contains("ONNX")));
-        let legacy = dir.path().join("old.pth");
-        std::fs::write(&legacy, [0x80, 0x02, 0x8a]).expect("write");
-        assert!(not_torchscript(&legacy).is_some_and(|m| m.contains("legacy")));
-    }
 }

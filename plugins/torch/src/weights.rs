@@ -1,5 +1,7 @@
 //! HuggingFace-layout checkpoints: `model.safetensors`, or shards listed by
-//! `model.safetensors.index.json`.
+//! `model.safetensors.index.json`; or, for older checkpoints, `pytorch_model.bin` (or its
+//! shards), a `torch.save` zip whose pickle is read by a reader that runs no pickle code
+//! ([`cresset_plan::pickle`]) and whose tensors are then read like safetensors' by byte range.
 //!
 //! [`Weights::load`] memory-maps the files and copies every tensor from the mapping into a
 //! libtorch tensor; [`Weights::open`] reads each tensor when it is taken. Tensors are then
@@ -11,7 +13,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub use cresset_plan::safetensors::{
-    checkpoint_files, parse_header, read_header, Header, TensorInfo,
+    checkpoint_files, parse_header, read_any_header, read_header, Header, TensorInfo,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -90,17 +92,20 @@ impl Weights {
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self, ModelError> {
         let mut tensors = HashMap::new();
         for path in checkpoint_files(dir)? {
+            let header = read_any_header(&path)?;
             let file = File::open(&path).map_err(|e| invalid(&path, e))?;
             // SAFETY: the mapping is read-only and private; the checkpoint files belong to the
             // model's staged copy, which nothing writes while it is loaded. Every byte is copied
             // out before the mapping is dropped at the end of this iteration.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| invalid(&path, e))?;
-            let header = parse_header(&path, &map, map.len() as u64)?;
             for (name, info) in &header.tensors {
                 let src = src_kind(&path, name, info)?;
                 let start = (header.data_start + info.data_offsets[0]) as usize;
                 let end = (header.data_start + info.data_offsets[1]) as usize;
-                let tensor = Tensor::f_from_data_size(&map[start..end], &info.shape, src)?;
+                let bytes = map.get(start..end).ok_or_else(|| {
+                    invalid(&path, format!("tensor `{name}` lies outside the file"))
+                })?;
+                let tensor = Tensor::f_from_data_size(bytes, &info.shape, src)?;
                 tensors.insert(name.clone(), convert(tensor, src, kind, device));
             }
         }
@@ -120,7 +125,7 @@ impl Weights {
         let mut lazy = HashMap::new();
         let mut files = Vec::new();
         for path in checkpoint_files(dir)? {
-            let header = read_header(&path)?;
+            let header = read_any_header(&path)?;
             let file = File::open(&path).map_err(|e| invalid(&path, e))?;
             for (name, info) in header.tensors {
                 src_kind(&path, &name, &info)?;

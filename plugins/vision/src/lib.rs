@@ -1,5 +1,6 @@
 //! The vision plugin: TorchServe's `image_classifier`, `image_segmenter` and `object_detector`
-//! handlers over a TorchScript model.
+//! handlers over a TorchScript model, an AOTInductor package (`.pt2`) or an ONNX model (the
+//! last two for classifiers and segmenters, on the CPU).
 //!
 //! A request carries one image (the raw body, `curl -T photo.jpg`; a multipart `data`/`body`
 //! field; or base64 in `{"data": ...}`) or several (KServe v1 `{"instances": [...]}`): JPEG,
@@ -22,6 +23,7 @@
 //!   `cresset-torch` registers.
 //!
 //! `[handler]` keys: `model_file` (default: the archive's serialized file, else `model.pt`),
+//! `format` (`"auto"`, the default: told by the file; `"torchscript"`, `"aoti"`, `"onnx"`),
 //! `labels_file` (default `index_to_name.json`, optional), `task` (`"auto"`, the default,
 //! `"classify"`, `"segment"` or `"detect"`: check the model against it), `topk` (5), `resize`
 //! (256; 0: keep the size), `crop` (224; 0: no crop), `mean` and `std` (ImageNet's),
@@ -42,6 +44,7 @@ pub mod transform;
 
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext};
 use cresset_plugin_api::{PluginError, Request, Response};
+use cresset_torch::model_file::{Format, FormatKey};
 use cresset_torch::tch::{Device, Tensor};
 use serde_json::{json, Value};
 
@@ -79,6 +82,7 @@ pub enum SegmentationFormat {
 #[serde(deny_unknown_fields)]
 struct Settings {
     model_file: Option<String>,
+    format: Option<FormatKey>,
     labels_file: Option<String>,
     task: Option<Task>,
     topk: Option<u64>,
@@ -172,15 +176,70 @@ impl VisionHandler {
 impl Handler for VisionHandler {
     const NAME: &'static str = "vision";
     const SUMMARY: &'static str =
-        "image classification, segmentation and object detection on a TorchScript model (TorchServe's image_classifier, image_segmenter and object_detector)";
+        "image classification, segmentation and object detection on a TorchScript, AOTInductor or ONNX model (TorchServe's image_classifier, image_segmenter and object_detector)";
     type Input = Prepared;
     type Output = Produced;
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config: Settings = settings::parse(&ctx.handler_config)?;
-        let (module, device) =
-            cresset_torch::torchscript::load_module(ctx, config.model_file.as_deref())?;
-        let probed = model::Model::new(module, device);
+        let path = cresset_torch::model_file::model_path(ctx, config.model_file.as_deref())?;
+        let format = config.format.unwrap_or_default().resolve(&path)?;
+        let (probed, device) = match format {
+            Format::TorchScript => {
+                let (module, device) = cresset_torch::torchscript::load_path(ctx, &path)?;
+                (model::Model::new(module, device), device)
+            }
+            Format::Aoti | Format::Onnx => {
+                let device = cresset_torch::instance_device(ctx);
+                if device != Device::Cpu {
+                    return Err(PluginError::invalid_input(format!(
+                        "{} is {format:?}, which this build runs on the CPU only: set \
+                         `device_type = \"cpu\"` or give TorchScript",
+                        path.display()
+                    )));
+                }
+                let fail = |e: String| {
+                    PluginError::invalid_input(format!(
+                        "cannot load {} as {format:?}: {e}",
+                        path.display()
+                    ))
+                };
+                // The preprocessed image's shape.
+                let side = i64::from(config.crop.filter(|&c| c > 0).unwrap_or(224));
+                let backend = if format == Format::Aoti {
+                    if let Some(spec) = cresset_torch::aoti::input_spec(&path) {
+                        let ours = [0, 3, side, side];
+                        let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
+                        if spec.dtype != "float32" || differs || spec.dims.len() < 3 {
+                            return Err(fail(format!(
+                                "the package takes {} input of static sizes {:?} (dimension, \
+                                 size); the preprocessing makes float32 [N, 3, {side}, {side}] \
+                                 (`handler.crop`)",
+                                spec.dtype, spec.dims
+                            )));
+                        }
+                    }
+                    model::Backend::Aoti(
+                        cresset_torch::aoti::Package::load(&path, 1).map_err(fail)?,
+                    )
+                } else {
+                    let threads = ctx.assignment.intra_op_threads.max(1) as usize;
+                    model::Backend::Onnx(
+                        cresset_torch::onnx::OnnxModel::load(&path, threads).map_err(fail)?,
+                    )
+                };
+                let batch = ctx
+                    .model_config
+                    .get("batch_size")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(1) as usize;
+                let _threads =
+                    cresset_torch::threads::Batch::enter(ctx.assignment.intra_op_threads);
+                let model =
+                    model::Model::compiled(backend, &[3, side, side], batch).map_err(fail)?;
+                (model, device)
+            }
+        };
         let task = config.task.unwrap_or_default();
         match (task, probed.detector) {
             (Task::Detect, false) => {

@@ -1,10 +1,26 @@
-//! Running the TorchScript module: a batch of preprocessed images in, one output per image.
-//! Classifiers and segmenters take the images stacked (`[N, 3, H, W]`); detectors
-//! (torchvision's Faster R-CNN, RetinaNet, SSD families, scripted) take a list of images of
-//! any sizes and answer boxes, labels and scores per image.
+//! Running the model: a batch of preprocessed images in, one output per image. Classifiers
+//! and segmenters take the images stacked (`[N, 3, H, W]`); detectors (torchvision's Faster
+//! R-CNN, RetinaNet, SSD families, scripted) take a list of images of any sizes and answer
+//! boxes, labels and scores per image.
+//!
+//! The model is TorchScript, an AOTInductor package or ONNX ([`Backend`]). The last two are
+//! classifiers and segmenters only; their batch dimension is checked at load (a pass of one
+//! image against a pass of `batch` images), because an AOTInductor package trusts its input
+//! and answers garbage outside the batch range it was exported for.
 
 use cresset_plugin_api::PluginError;
+use cresset_torch::aoti::Package;
+use cresset_torch::onnx::OnnxModel;
 use cresset_torch::tch::{CModule, Device, IValue, Kind, Tensor};
+
+/// What runs the model.
+pub enum Backend {
+    TorchScript(CModule),
+    /// A `.pt2` from `torch._inductor.aoti_compile_and_package`.
+    Aoti(Package),
+    /// An ONNX model in ONNX Runtime.
+    Onnx(OnnxModel),
+}
 
 /// One image's output.
 pub enum Row {
@@ -19,12 +35,14 @@ pub enum Row {
     },
 }
 
-/// The module and how it takes its input.
+/// The model and how it takes its input.
 pub struct Model {
-    module: CModule,
+    backend: Backend,
     device: Device,
     /// Takes a list of images and answers detections.
     pub detector: bool,
+    /// The most images one pass takes (AOTInductor and ONNX: the batch checked at load).
+    pass_limit: usize,
 }
 
 impl Model {
@@ -32,34 +50,139 @@ impl Model {
     /// small image: a classifier refuses the list by its signature, at once).
     pub fn new(module: CModule, device: Device) -> Self {
         let mut model = Self {
-            module,
+            backend: Backend::TorchScript(module),
             device,
             detector: true,
+            pass_limit: usize::MAX,
         };
         let probe = Tensor::zeros([3, 64, 64], (Kind::Float, device));
         model.detector = model.detect(&[&probe]).is_ok();
         model
     }
 
+    /// An AOTInductor or ONNX model (CPU), checked on `image_shape` (`[3, H, W]`, what the
+    /// preprocessing makes): one image alone and `batch` images in one pass must answer alike.
+    pub fn compiled(backend: Backend, image_shape: &[i64], batch: usize) -> Result<Self, String> {
+        let mut model = Self {
+            backend,
+            device: Device::Cpu,
+            detector: false,
+            pass_limit: batch.max(1),
+        };
+        if let Backend::Onnx(onnx) = &model.backend {
+            let input = onnx.inputs.first().ok_or("the ONNX model has no input")?;
+            if onnx.inputs.len() != 1 || input.kind != Some(Kind::Float) || input.shape.len() != 4 {
+                return Err(format!(
+                    "the ONNX model must take one float tensor [N, 3, H, W] (detectors are served \
+                     from TorchScript); it takes {:?}",
+                    onnx.inputs
+                ));
+            }
+            match input.shape[0] {
+                1 => model.pass_limit = 1,
+                n if n > 1 => {
+                    return Err(format!(
+                        "the ONNX model's batch is fixed at {n}: export it with a dynamic batch \
+                         axis (dynamic_axes={{\"input\": {{0: \"batch\"}}}})"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let numel: i64 = image_shape.iter().product();
+        let image = |seed: i64| {
+            (Tensor::arange(numel, (Kind::Float, Device::Cpu)) * 0.37 + seed as f64)
+                .sin()
+                .view(image_shape)
+        };
+        let images: Vec<Tensor> = (0..model.pass_limit as i64).map(image).collect();
+        let refs: Vec<&Tensor> = images.iter().collect();
+        let one = model.pass(&refs[..1]).map_err(|e| e.message.to_string())?;
+        if refs.len() > 1 {
+            let all = model
+                .pass(&refs)
+                .map_err(|e| format!("a pass of {} images fails: {}", refs.len(), e.message))?;
+            let (a, b) = (&one[0], &all[0]);
+            let diff = (a - b).abs().max().double_value(&[]);
+            let scale = a.abs().max().double_value(&[]).max(1.0);
+            if !(diff <= 1e-3 * scale) {
+                return Err(format!(
+                    "the model answers one image differently alone and in a batch of {} (max \
+                     difference {diff:e}): export it with a dynamic batch dimension that covers \
+                     the model's batch_size",
+                    refs.len()
+                ));
+            }
+        }
+        Ok(model)
+    }
+
     /// This model with its module frozen and optimized by libtorch's `optimize_for_inference`
     /// when `wanted` (and the model is not a detector); the model as it was, and why, when
     /// libtorch cannot.
     pub fn optimized(self, wanted: bool) -> Result<Self, (Self, String)> {
+        let Backend::TorchScript(module) = &self.backend else {
+            return Ok(self);
+        };
         if !wanted || self.detector {
             return Ok(self);
         }
-        match cresset_torch::torchscript::optimize_for_inference(&self.module) {
-            Ok(module) => Ok(Self { module, ..self }),
+        match cresset_torch::torchscript::optimize_for_inference(module) {
+            Ok(module) => Ok(Self {
+                backend: Backend::TorchScript(module),
+                ..self
+            }),
             Err(e) => Err((self, e)),
         }
     }
 
-    /// Run images in one pass: the output per image.
+    /// Run images, in passes of at most the model's pass limit: the output per image.
     pub fn run(&mut self, images: &[&Tensor]) -> Result<Vec<Row>, PluginError> {
         if self.detector {
             return self.detect(images);
         }
+        let mut rows = Vec::with_capacity(images.len());
+        for chunk in images.chunks(self.pass_limit) {
+            rows.extend(self.pass(chunk)?.into_iter().map(Row::Scores));
+        }
+        Ok(rows)
+    }
+
+    /// One pass of a classifier or segmenter: the scores per image.
+    fn pass(&mut self, images: &[&Tensor]) -> Result<Vec<Tensor>, PluginError> {
         let batch = Tensor::stack(images, 0).to_device(self.device);
+        let scores = match &mut self.backend {
+            Backend::TorchScript(_) => return self.scripted(batch, images.len()),
+            Backend::Aoti(package) => {
+                let mut outputs = package.run(&[&batch]).map_err(|e| {
+                    PluginError::invalid_input(format!("the model rejected the input: {e}"))
+                })?;
+                if outputs.is_empty() {
+                    return Err(PluginError::internal("the model answered no output"));
+                }
+                outputs.swap_remove(0)
+            }
+            Backend::Onnx(onnx) => {
+                // torchvision's segmenters name their output `out`; classifiers have one.
+                let index = onnx
+                    .outputs
+                    .iter()
+                    .position(|o| o.name == "out")
+                    .unwrap_or(0);
+                let mut outputs = onnx.run(&[&batch]).map_err(|e| {
+                    PluginError::invalid_input(format!("the model rejected the input: {e}"))
+                })?;
+                if index >= outputs.len() {
+                    return Err(PluginError::internal("the model answered no output"));
+                }
+                outputs.swap_remove(index)
+            }
+        };
+        split_scores(scores, images.len())
+    }
+
+    /// A TorchScript classifier's or segmenter's scores per image for a batch of `n`.
+    fn scripted(&mut self, batch: Tensor, n: usize) -> Result<Vec<Tensor>, PluginError> {
         let scores = match self.call(IValue::Tensor(batch))? {
             IValue::Tensor(t) => t,
             // torchvision's segmentation models answer {"out": ..., "aux": ...}.
@@ -86,24 +209,17 @@ impl Model {
                 ))
             }
         };
-        if scores.dim() == 0 || scores.size()[0] != images.len() as i64 {
-            return Err(PluginError::internal(format!(
-                "the model answered {:?} for {} images",
-                scores.size(),
-                images.len()
-            )));
-        }
-        let scores = scores.to_device(Device::Cpu).to_kind(Kind::Float);
-        Ok((0..images.len() as i64)
-            .map(|i| Row::Scores(scores.get(i)))
-            .collect())
+        split_scores(scores, n)
     }
 
     /// The module's forward on one input, under libtorch's InferenceMode. Its outputs are
     /// inference tensors: they are only read (copied, converted, split) afterwards.
     fn call(&mut self, input: IValue) -> Result<IValue, PluginError> {
+        let Backend::TorchScript(module) = &mut self.backend else {
+            return Err(PluginError::internal("not a TorchScript model"));
+        };
         let _inference = cresset_torch::InferenceMode::enter();
-        self.module
+        module
             .forward_is(&[input])
             .map_err(|e| PluginError::invalid_input(format!("the model rejected the input: {e}")))
     }
@@ -152,6 +268,18 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// A batch's scores `[n, ...]`, one tensor per image, on the CPU in f32.
+fn split_scores(scores: Tensor, n: usize) -> Result<Vec<Tensor>, PluginError> {
+    if scores.dim() == 0 || scores.size()[0] != n as i64 {
+        return Err(PluginError::internal(format!(
+            "the model answered {:?} for {n} images",
+            scores.size()
+        )));
+    }
+    let scores = scores.to_device(Device::Cpu).to_kind(Kind::Float);
+    Ok((0..n as i64).map(|i| scores.get(i)).collect())
 }
 
 fn not_detections() -> PluginError {

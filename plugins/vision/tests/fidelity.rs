@@ -102,10 +102,18 @@ fn label(index: u64) -> String {
 /// torchvision's logits.
 #[test]
 fn every_class_probability_matches_torchvision() {
-    let expected = expected();
     // Optimized (libtorch's optimize_for_inference, the default on the CPU) and as scripted.
     for optimize in [true, false] {
         let mut h = handler("resnet18", json!({"topk": 1000, "optimize": optimize}));
+        every_probability_vs_torchvision(&mut h, &format!("optimize = {optimize}"));
+    }
+}
+
+/// A classifier's answers for every photo (one request each) against the softmax of
+/// torchvision's logits: all 1000 probabilities within 1e-6.
+fn every_probability_vs_torchvision(h: &mut VisionHandler, what: &str) {
+    let expected = expected();
+    {
         for (name, bytes) in photos() {
             let logits: Vec<f64> = expected["photos"][&name]["logits"]
                 .as_array()
@@ -115,18 +123,21 @@ fn every_class_probability_matches_torchvision() {
                 .collect();
             let top = logits.iter().cloned().fold(f64::MIN, f64::max);
             let total: f64 = logits.iter().map(|l| (l - top).exp()).sum();
-            let run = testing::run(&mut h, &[testing::request("", bytes)]);
+            let run = testing::run(h, &[testing::request("", bytes)]);
             let body: Value =
                 serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body)
                     .expect("json");
             let answer = body.as_object().expect("object");
-            assert_eq!(answer.len(), 1000, "{name}");
+            assert_eq!(answer.len(), 1000, "{what}: {name}");
             let mut worst = 0f64;
             for (i, l) in logits.iter().enumerate() {
                 let p = answer[&label(i as u64)].as_f64().expect("prob");
                 worst = worst.max((p - (l - top).exp() / total).abs());
             }
-            assert!(worst <= 1e-6, "{name}: probabilities differ by {worst}");
+            assert!(
+                worst <= 1e-6,
+                "{what}: {name}: probabilities differ by {worst}"
+            );
         }
     }
 }
@@ -254,47 +265,58 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// The segmenter's answer for one photo against torchvision's class map: how many pixels
+/// differ (each only where torchvision's top two classes nearly tie) and the largest
+/// probability difference elsewhere.
+fn segmentation_vs_torchvision(
+    h: &mut VisionHandler,
+    reference: &HashMap<String, Tensor>,
+    name: &str,
+    bytes: &[u8],
+) -> (usize, f64) {
+    let run = testing::run(h, &[testing::request("", bytes.to_vec())]);
+    let body: Value =
+        serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body).expect("json");
+    // [224][224][class, prob], as TorchServe's image_segmenter answers.
+    let rows = body.as_array().expect("rows");
+    assert_eq!(rows.len(), 224, "{name}");
+    let classes = Vec::<u8>::try_from(reference[&format!("segment_classes:{name}")].flatten(0, -1))
+        .expect("classes");
+    let probs = Vec::<f32>::try_from(reference[&format!("segment_probs:{name}")].flatten(0, -1))
+        .expect("probs");
+    let margins =
+        Vec::<f32>::try_from(reference[&format!("segment_margins:{name}")].flatten(0, -1))
+            .expect("margins");
+    let (mut differ, mut worst) = (0usize, 0f64);
+    for (y, row) in rows.iter().enumerate() {
+        let row = row.as_array().expect("row");
+        assert_eq!(row.len(), 224, "{name}");
+        for (x, pixel) in row.iter().enumerate() {
+            let at = y * 224 + x;
+            if pixel[0].as_f64().expect("class") as u8 != classes[at] {
+                // Only a near tie may go the other way: the optimized module's rounding
+                // (about 1e-6) differs from eager PyTorch's.
+                assert!(
+                    margins[at] < 1e-4,
+                    "{name}: pixel {x},{y} (lead {})",
+                    margins[at]
+                );
+                differ += 1;
+            } else {
+                worst = worst.max((pixel[1].as_f64().expect("prob") - probs[at] as f64).abs());
+            }
+        }
+    }
+    (differ, worst)
+}
+
 #[test]
 fn the_segmenter_answers_torchvisions_class_map() {
     let reference = reference();
     let mut h = handler("segmenter", json!({}));
     let mut report = Vec::new();
     for (name, bytes) in photos() {
-        let run = testing::run(&mut h, &[testing::request("", bytes.clone())]);
-        let body: Value =
-            serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body).expect("json");
-        // [224][224][class, prob], as TorchServe's image_segmenter answers.
-        let rows = body.as_array().expect("rows");
-        assert_eq!(rows.len(), 224, "{name}");
-        let classes =
-            Vec::<u8>::try_from(reference[&format!("segment_classes:{name}")].flatten(0, -1))
-                .expect("classes");
-        let probs =
-            Vec::<f32>::try_from(reference[&format!("segment_probs:{name}")].flatten(0, -1))
-                .expect("probs");
-        let margins =
-            Vec::<f32>::try_from(reference[&format!("segment_margins:{name}")].flatten(0, -1))
-                .expect("margins");
-        let (mut differ, mut worst) = (0usize, 0f64);
-        for (y, row) in rows.iter().enumerate() {
-            let row = row.as_array().expect("row");
-            assert_eq!(row.len(), 224, "{name}");
-            for (x, pixel) in row.iter().enumerate() {
-                let at = y * 224 + x;
-                if pixel[0].as_f64().expect("class") as u8 != classes[at] {
-                    // Only a near tie may go the other way: the optimized module's rounding
-                    // (about 1e-6) differs from eager PyTorch's.
-                    assert!(
-                        margins[at] < 1e-4,
-                        "{name}: pixel {x},{y} (lead {})",
-                        margins[at]
-                    );
-                    differ += 1;
-                } else {
-                    worst = worst.max((pixel[1].as_f64().expect("prob") - probs[at] as f64).abs());
-                }
-            }
-        }
+        let (differ, worst) = segmentation_vs_torchvision(&mut h, &reference, &name, &bytes);
         report.push(format!("{name}: {differ} pixels differ, {worst:.1e}"));
         assert!(differ <= 5, "{name}: {differ} pixels differ");
         assert!(worst <= 1e-4, "{name}: {worst}");
@@ -322,6 +344,97 @@ fn the_segmenter_answers_torchvisions_class_map() {
         .filter(|(a, b)| a != b)
         .count();
     assert!(differ <= 5, "{differ} pixels differ");
+}
+
+/// The classifier and the segmenter exported by the fixture script as an AOTInductor package
+/// (`model.pt2`) and as ONNX (`model.onnx`): every class probability within 1e-6 of
+/// torchvision's, and the class maps as torchvision's. With `batch_size = 4` the eleven photos
+/// of one batch run in passes of at most four images (the batch the model was checked with at
+/// load); the answers are the same.
+#[test]
+fn aoti_and_onnx_models_answer_as_torchvision() {
+    let reference = reference();
+    for file in ["model.pt2", "model.onnx"] {
+        let mut h = handler("resnet18", json!({"model_file": file, "topk": 1000}));
+        every_probability_vs_torchvision(&mut h, file);
+        let mut ctx = testing::init_context(
+            fixtures().join("resnet18"),
+            json!({"model_file": file, "topk": 1000}),
+        );
+        ctx.model_config["batch_size"] = json!(4);
+        let mut batched =
+            VisionHandler::initialize(&ctx).unwrap_or_else(|e| panic!("{}", e.message));
+        let photos = photos();
+        let requests: Vec<_> = photos
+            .iter()
+            .map(|(_, bytes)| testing::request("", bytes.clone()))
+            .collect();
+        let together = testing::run(&mut batched, &requests);
+        for ((name, bytes), result) in photos.iter().zip(&together.finals) {
+            let alone = testing::run(&mut h, &[testing::request("", bytes.clone())]);
+            let a: Value =
+                serde_json::from_slice(&result.as_ref().expect("answered").body).expect("json");
+            let b: Value =
+                serde_json::from_slice(&alone.finals[0].as_ref().expect("answered").body)
+                    .expect("json");
+            let worst = a
+                .as_object()
+                .expect("object")
+                .iter()
+                .map(|(k, p)| (p.as_f64().expect("p") - b[k].as_f64().expect("q")).abs())
+                .fold(0f64, f64::max);
+            assert!(
+                worst <= 1e-6,
+                "{file}: {name}: batched and alone differ by {worst}"
+            );
+        }
+        let mut seg = handler("segmenter", json!({"model_file": file}));
+        for (name, bytes) in photos {
+            let (differ, worst) = segmentation_vs_torchvision(&mut seg, &reference, &name, &bytes);
+            assert!(differ <= 5, "{file}: {name}: {differ} pixels differ");
+            assert!(worst <= 1e-4, "{file}: {name}: {worst}");
+        }
+    }
+}
+
+/// The format is told by the file, or named; a file that is not what `format` names, or a
+/// package whose input the preprocessing does not make, is refused at load with the reason.
+#[test]
+fn model_formats_are_found_or_named_and_checked_at_load() {
+    let dir = fixtures().join("resnet18");
+    for (config, want) in [
+        (
+            json!({"model_file": "model.pt2", "format": "onnx"}),
+            "cannot load",
+        ),
+        (
+            json!({"model_file": "model.onnx", "format": "aoti"}),
+            "cannot load",
+        ),
+        (
+            json!({"model_file": "model.pt2", "crop": 200}),
+            "static sizes",
+        ),
+        (
+            json!({"model_file": "model.onnx", "crop": 200}),
+            "cannot load",
+        ),
+        (
+            json!({"model_file": "model.pt2", "format": "tflite"}),
+            "format",
+        ),
+    ] {
+        let err = VisionHandler::initialize(&testing::init_context(&dir, config.clone()))
+            .err()
+            .unwrap_or_else(|| panic!("{config}: loaded"));
+        assert_eq!(
+            err.code,
+            ErrorCode::INVALID_INPUT,
+            "{config}: {}",
+            err.message
+        );
+        assert!(err.message.contains(want), "{config}: {}", err.message);
+    }
 }
 
 #[test]

@@ -1,0 +1,84 @@
+// libtorch's AOTInductor package loader (torch::inductor::AOTIModelPackageLoader), which the
+// tch crate does not expose: a `.pt2` written by torch._inductor.aoti_compile_and_package holds
+// a compiled shared library of the model (weights included). The loader extracts it to a
+// directory of its own under /tmp, dlopens it, and removes the directory when it is deleted.
+// No compiler runs at load time for packages that carry their library (the default).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+using torch::inductor::AOTIModelPackageLoader;
+
+namespace {
+void set_error(char** error, const char* what) {
+  if (error) *error = strdup(what);
+}
+
+// `body()`, or `failed` with `*error` set when it throws (libtorch's c10::Error without its
+// backtrace; the package's run throws a std::runtime_error).
+template <typename R, typename F>
+R guarded(char** error, R failed, F&& body) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    set_error(error, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    set_error(error, e.what());
+  } catch (...) {
+    set_error(error, "unknown C++ exception");
+  }
+  return failed;
+}
+}  // namespace
+
+extern "C" {
+
+// A loader for the package at `path` (owned by the caller, freed with cresset_aoti_free), or
+// null with `*error` set to a malloc'd message.
+void* cresset_aoti_load(const char* path, int64_t num_runners, char** error) {
+  return guarded<void*>(error, nullptr, [&]() -> void* {
+    return new AOTIModelPackageLoader(path, "model", false,
+                                      static_cast<size_t>(num_runners < 1 ? 1 : num_runners),
+                                      -1);
+  });
+}
+
+// Run the model on `n_inputs` tensors (tch's tensor pointers). Fills `outputs` with up to
+// `max_outputs` new tensors (the caller owns them) and returns their count, or -1 with
+// `*error` set. Inputs are made contiguous: the compiled code assumes dense layouts.
+int64_t cresset_aoti_run(void* loader, at::Tensor** inputs, int64_t n_inputs,
+                         at::Tensor** outputs, int64_t max_outputs, char** error) {
+  // run() throws a std::runtime_error; the compiled library prints the cause to stderr.
+  return guarded<int64_t>(error, -1, [&]() -> int64_t {
+    std::vector<at::Tensor> in;
+    in.reserve(n_inputs);
+    for (int64_t i = 0; i < n_inputs; i++) in.push_back(inputs[i]->contiguous());
+    std::vector<at::Tensor> out = static_cast<AOTIModelPackageLoader*>(loader)->run(in);
+    const int64_t n = static_cast<int64_t>(out.size());
+    if (n > max_outputs) {
+      set_error(error, "the model answered more outputs than expected");
+      return -1;
+    }
+    for (int64_t i = 0; i < n; i++) outputs[i] = new at::Tensor(std::move(out[i]));
+    return n;
+  });
+}
+
+// The metadata of the package at `path` (read from the zip, before anything is loaded) as
+// malloc'd "key=value\n" lines, or null with `*error` set.
+char* cresset_aoti_package_metadata(const char* path, char** error) {
+  return guarded<char*>(error, nullptr, [&]() -> char* {
+    auto metadata = AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+    std::string lines;
+    for (const auto& [key, value] : metadata) lines += key + "=" + value + "\n";
+    return strdup(lines.c_str());
+  });
+}
+
+void cresset_aoti_free(void* loader) { delete static_cast<AOTIModelPackageLoader*>(loader); }
+}

@@ -22,13 +22,18 @@ fn fixtures() -> PathBuf {
 
 /// `torch-model-archiver` (the test venv's) on a fixture model, as a `.mar` in `export`.
 fn mar(model: &str, name: &str, handler: &str, export: &Path) {
+    mar_of(model, "model.pt", name, handler, export);
+}
+
+/// [`mar`] of the fixture model's `file` (`model.pt`, `model.pt2`, `model.onnx`).
+fn mar_of(model: &str, file: &str, name: &str, handler: &str, export: &Path) {
     let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
     let src = fixtures().join(model);
     let mut command = Command::new(Path::new(&venv).join("bin/torch-model-archiver"));
     command
         .current_dir(&src)
         .args(["--model-name", name, "--version", "1.0"])
-        .args(["--serialized-file", "model.pt", "--handler", handler])
+        .args(["--serialized-file", file, "--handler", handler])
         .arg("--export-path")
         .arg(export);
     if src.join("index_to_name.json").is_file() {
@@ -75,6 +80,9 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     mar("detector", "detector", "object_detector", store.path());
     // torchvision's own Faster R-CNN, as TorchServe's object_detector example serves it.
     mar("fasterrcnn", "fasterrcnn", "object_detector", store.path());
+    // The same classifier as an AOTInductor package and as ONNX, archived the same way.
+    mar_of("resnet18", "model.pt2", "resnet_aoti", "image_classifier", store.path());
+    mar_of("resnet18", "model.onnx", "resnet_onnx", "image_classifier", store.path());
     // A Cresset archive of the same classifier, named by the `vision` plugin, top 3.
     let model = std::fs::read(fixtures().join("resnet18/model.pt")).expect("model");
     let labels = std::fs::read(fixtures().join("resnet18/index_to_name.json")).expect("labels");
@@ -90,7 +98,7 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
         store.path().to_str().expect("utf-8"),
         "--models",
         "resnet=resnet.mar,segmenter=segmenter.mar,detector=detector.mar,\
-         fasterrcnn=fasterrcnn.mar,native",
+         fasterrcnn=fasterrcnn.mar,resnet_aoti=resnet_aoti.mar,resnet_onnx=resnet_onnx.mar,native",
     ]);
     server.wait_healthy();
     let url = format!("{}/predictions/resnet", server.inference);
@@ -139,6 +147,14 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
             .collect();
         let names: Vec<String> = ours.into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, want, "{name}");
+        // The AOTInductor and ONNX archives answer as the TorchScript one.
+        for other in ["resnet_aoti", "resnet_onnx"] {
+            let (code, body) = curl(
+                &["-T", path],
+                &format!("{}/predictions/{other}", server.inference),
+            );
+            close(&put, &parse(code, &body));
+        }
     }
 
     // KServe v1: several images in one request, one prediction each.

@@ -41,6 +41,7 @@ bench: build models
 	@$(ENV) llama="$$(scripts/setup-llama-cpp.sh)" && CRESSET_LLAMA_CPP_PYTHON="$$llama" "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-offload" $(BENCH_ARGS)
 	@$(ENV) ts="$$(scripts/setup-torchserve.sh)" && CRESSET_TORCHSERVE_VENV="$$ts" "$$CARGO_TARGET_DIR/release/cresset-bench-vision" $(BENCH_ARGS)
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-vision-formats" $(BENCH_ARGS)
 
 clean-cache:
 	@$(ENV) rm -rf "$$CARGO_TARGET_DIR"

@@ -81,8 +81,20 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     // torchvision's own Faster R-CNN, as TorchServe's object_detector example serves it.
     mar("fasterrcnn", "fasterrcnn", "object_detector", store.path());
     // The same classifier as an AOTInductor package and as ONNX, archived the same way.
-    mar_of("resnet18", "model.pt2", "resnet_aoti", "image_classifier", store.path());
-    mar_of("resnet18", "model.onnx", "resnet_onnx", "image_classifier", store.path());
+    mar_of(
+        "resnet18",
+        "model.pt2",
+        "resnet_aoti",
+        "image_classifier",
+        store.path(),
+    );
+    mar_of(
+        "resnet18",
+        "model.onnx",
+        "resnet_onnx",
+        "image_classifier",
+        store.path(),
+    );
     // A Cresset archive of the same classifier, named by the `vision` plugin, top 3.
     let model = std::fs::read(fixtures().join("resnet18/model.pt")).expect("model");
     let labels = std::fs::read(fixtures().join("resnet18/index_to_name.json")).expect("labels");

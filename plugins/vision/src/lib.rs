@@ -139,8 +139,9 @@ impl VisionHandler {
         Ok(self.transform.apply(&image))
     }
 
-    /// Run images in one pass, counted.
-    fn forward(&mut self, images: &[&Tensor]) -> Result<Vec<Row>, PluginError> {
+    /// Run preprocessed images (from [`Self::prepare`]) through the model, counted: one pass,
+    /// or passes of the batch an AOTInductor or ONNX model was checked with.
+    pub fn forward(&mut self, images: &[&Tensor]) -> Result<Vec<Row>, PluginError> {
         self.forward_passes += 1;
         self.model.run(images)
     }

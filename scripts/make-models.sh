@@ -10,8 +10,10 @@
 #   - k-quant blocks and the gguf package's dequantization of them (scripts/make_kquant_fixtures.py);
 #   - SentencePiece models (the real Mistral one, two trained here), what the sentencepiece
 #     package gives for them, and a GPT-fast-style target/draft pair (scripts/make_spm_fixtures.py);
-#   - real photographs, random-weight torchvision models in TorchScript, and what torchvision
-#     gives for them (scripts/make_vision_fixtures.py);
+#   - real photographs, random-weight torchvision models in TorchScript, AOTInductor and ONNX,
+#     and what torchvision gives for them (scripts/make_vision_fixtures.py);
+#   - TorchServe's text classification example model (TorchScript, AOTInductor, ONNX) and what
+#     TorchServe's own text_classifier handler makes of test texts (scripts/make_text_fixtures.py);
 #   - the default store's `minilm` and `smollm2` models, from the real weights.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -60,6 +62,13 @@ fi
 vision_stamp="$root/tests/fixtures/generated/vision/expected.json"
 if ! { [ -f "$vision_stamp" ] && [ "$vision_stamp" -nt "$root/scripts/make_vision_fixtures.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_vision_fixtures.py" "$root" "$CRESSET_CACHE/assets/photos"
+fi
+# The text fixtures' reference is TorchServe's own text_classifier handler, run in the
+# TorchServe venv (scripts/setup-torchserve.sh, also the vision benchmark's baseline).
+text_stamp="$root/tests/fixtures/generated/text/expected.json"
+if ! { [ -f "$text_stamp" ] && [ "$text_stamp" -nt "$root/scripts/make_text_fixtures.py" ]; }; then
+  ts_venv="$("$root/scripts/setup-torchserve.sh")"
+  "$ts_venv/bin/python" "$root/scripts/make_text_fixtures.py" "$root"
 fi
 if ! cmp -s "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"; then
   cp "$smollm2" "$root/model_store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

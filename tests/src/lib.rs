@@ -550,3 +550,37 @@ pub fn curl(args: &[&str], url: &str) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
+
+/// `torch-model-archiver` (the test venv's), run in `dir` with `args`, writing into `export`.
+pub fn torch_model_archiver(dir: &Path, args: &[&str], export: &Path) {
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let out = std::process::Command::new(Path::new(&venv).join("bin/torch-model-archiver"))
+        .current_dir(dir)
+        .args(args)
+        .arg("--export-path")
+        .arg(export)
+        .output()
+        .expect("run torch-model-archiver");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two classifier answers (`{"class": probability, ...}`) name the same classes with the same
+/// probabilities, to 1e-6.
+pub fn assert_same_classes(a: &serde_json::Value, b: &serde_json::Value) {
+    let (a, b) = (
+        a.as_object().expect("object"),
+        b.as_object().expect("object"),
+    );
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (label, p) in a {
+        let q = b.get(label).and_then(serde_json::Value::as_f64);
+        assert!(
+            q.is_some_and(|q| (p.as_f64().unwrap_or(f64::NAN) - q).abs() <= 1e-6),
+            "{label}: {p} vs {q:?}"
+        );
+    }
+}

@@ -193,9 +193,9 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
             "Python handlers are not supported yet",
         ),
         (
-            "vision",
-            &["--handler", "text_classifier"],
-            "`text_classifier` has no Cresset counterpart",
+            "base",
+            &["--handler", "base_handler"],
+            "`base_handler` has no Cresset counterpart",
         ),
         (
             "reqs",

@@ -5,10 +5,11 @@
 //! JSON, the same answer each way; a Cresset archive of the same model answers the same.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use base64::Engine as _;
-use cresset_e2e::{curl, dir_archive, repo_root, Server};
+use cresset_e2e::{
+    assert_same_classes, curl, dir_archive, repo_root, torch_model_archiver, Server,
+};
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
@@ -27,44 +28,17 @@ fn mar(model: &str, name: &str, handler: &str, export: &Path) {
 
 /// [`mar`] of the fixture model's `file` (`model.pt`, `model.pt2`, `model.onnx`).
 fn mar_of(model: &str, file: &str, name: &str, handler: &str, export: &Path) {
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
     let src = fixtures().join(model);
-    let mut command = Command::new(Path::new(&venv).join("bin/torch-model-archiver"));
-    command
-        .current_dir(&src)
-        .args(["--model-name", name, "--version", "1.0"])
-        .args(["--serialized-file", file, "--handler", handler])
-        .arg("--export-path")
-        .arg(export);
+    let mut args = vec!["--model-name", name, "--version", "1.0"];
+    args.extend(["--serialized-file", file, "--handler", handler]);
     if src.join("index_to_name.json").is_file() {
-        command.args(["--extra-files", "index_to_name.json"]);
+        args.extend(["--extra-files", "index_to_name.json"]);
     }
-    let out = command.output().expect("run torch-model-archiver");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    torch_model_archiver(&src, &args, export);
 }
 
 fn photo(name: &str) -> PathBuf {
     fixtures().join("photos").join(name)
-}
-
-/// The same classes with the same probabilities, to 1e-6.
-fn close(a: &Value, b: &Value) {
-    let (a, b) = (
-        a.as_object().expect("object"),
-        b.as_object().expect("object"),
-    );
-    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-    for (label, p) in a {
-        let q = b.get(label).and_then(Value::as_f64);
-        assert!(
-            q.is_some_and(|q| (p.as_f64().unwrap_or(f64::NAN) - q).abs() <= 1e-6),
-            "{label}: {p} vs {q:?}"
-        );
-    }
 }
 
 fn parse(code: u16, body: &str) -> Value {
@@ -138,8 +112,8 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
         assert_eq!(reply.status, 200, "{}", reply.text());
         // The same answer each way (to float rounding: a batch may run on another number of
         // threads).
-        close(&put, &form);
-        close(&put, &reply.json());
+        assert_same_classes(&put, &form);
+        assert_same_classes(&put, &reply.json());
         // torchvision's top-5, by name, most probable first.
         let mut ours: Vec<(String, f64)> = put
             .as_object()
@@ -165,7 +139,7 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
                 &["-T", path],
                 &format!("{}/predictions/{other}", server.inference),
             );
-            close(&put, &parse(code, &body));
+            assert_same_classes(&put, &parse(code, &body));
         }
     }
 
@@ -180,7 +154,7 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let (_, single) = curl(&["-T", photo("chelsea.png").to_str().expect("utf-8")], &url);
     // Batched, the convolutions round differently in the last bits.
-    close(
+    assert_same_classes(
         &reply.json()["predictions"][0],
         &serde_json::from_str::<Value>(&single).expect("json"),
     );

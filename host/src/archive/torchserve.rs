@@ -66,7 +66,7 @@ const TORCHSERVE_BUILT_INS: [(&str, Option<&str>); 8] = [
     ("image_classifier", Some("vision")),
     ("image_segmenter", Some("vision")),
     ("object_detector", Some("vision")),
-    ("text_classifier", None),
+    ("text_classifier", Some("text")),
     ("base_handler", None),
     ("dali_image_classifier", None),
     ("vllm_handler", None),
@@ -146,7 +146,7 @@ fn handler(runtime: &str, handler: &str, dir: &Path) -> Result<String, String> {
             Some(plugin) => Ok((*plugin).to_owned()),
             None => Err(format!(
                 "TorchServe's built-in handler `{base}` has no Cresset counterpart yet; the \
-                 built-in plugins are torchscript, vision, nlp, gpt and accelerate (see README, \"Coming \
+                 built-in plugins are torchscript, vision, text, nlp, gpt and accelerate (see README, \"Coming \
                  from TorchServe\")"
             )),
         };
@@ -159,8 +159,8 @@ fn handler(runtime: &str, handler: &str, dir: &Path) -> Result<String, String> {
     if base.ends_with(".py") || dir.join(&python_file).is_file() {
         return Err(format!(
             "`{python_file}` is a Python handler: Python handlers are not supported yet. Serve \
-             the model with a built-in plugin (torchscript, vision, nlp, gpt, accelerate: name it as \
-             the handler) or a Cresset plugin library"
+             the model with a built-in plugin (torchscript, vision, text, nlp, gpt, accelerate: name \
+             it as the handler) or a Cresset plugin library"
         ));
     }
     if base.is_empty() || base.contains('/') {
@@ -466,13 +466,14 @@ mod tests {
         assert_eq!(h("python", "image_classifier").as_deref(), Ok("vision"));
         assert_eq!(h("python", "image_segmenter").as_deref(), Ok("vision"));
         assert_eq!(h("python", "object_detector").as_deref(), Ok("vision"));
+        assert_eq!(h("python", "text_classifier").as_deref(), Ok("text"));
         assert_eq!(h("LSP", "libmine").as_deref(), Ok("libmine.so"));
         assert_eq!(h("LSP", "libmine:Handler").as_deref(), Ok("libmine.so"));
         for (runtime, name, says) in [
             (
                 "python",
-                "text_classifier",
-                "`text_classifier` has no Cresset counterpart",
+                "base_handler",
+                "`base_handler` has no Cresset counterpart",
             ),
             (
                 "python",

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 
 use cresset_plugin_api::sdk::{settings, InitContext};
 use cresset_plugin_api::PluginError;
+use tch::{CModule, Device, IValue, Tensor};
+
+use crate::aoti::Package;
+use crate::onnx::OnnxModel;
 
 /// A model file format a handler can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +50,103 @@ impl FormatKey {
             }),
         }
     }
+}
+
+/// A loaded model file of any format: tensors in, tensors out.
+pub enum Runner {
+    /// A TorchScript module (on the instance's device, in eval mode).
+    TorchScript(CModule),
+    /// An AOTInductor package (CPU).
+    Aoti(Package),
+    /// An ONNX model in ONNX Runtime (CPU).
+    Onnx(OnnxModel),
+}
+
+impl Runner {
+    /// Load the model file at `path` in `format` for the instance `ctx` describes: its device
+    /// (AOTInductor and ONNX run on the CPU here) and threads.
+    pub fn load(
+        ctx: &InitContext,
+        path: &Path,
+        format: Format,
+    ) -> Result<(Self, Device), PluginError> {
+        if format == Format::TorchScript {
+            let (module, device) = crate::torchscript::load_path(ctx, path)?;
+            return Ok((Self::TorchScript(module), device));
+        }
+        let device = crate::instance_device(ctx);
+        if device != Device::Cpu {
+            return Err(PluginError::invalid_input(format!(
+                "{} is {format:?}, which this build runs on the CPU only: set \
+                 `device_type = \"cpu\"` or give TorchScript",
+                path.display()
+            )));
+        }
+        let fail = |e: String| {
+            PluginError::invalid_input(format!("cannot load {} as {format:?}: {e}", path.display()))
+        };
+        let runner = if format == Format::Aoti {
+            Self::Aoti(Package::load(path, 1).map_err(fail)?)
+        } else {
+            let threads = ctx.assignment.intra_op_threads.max(1) as usize;
+            Self::Onnx(OnnxModel::load(path, threads).map_err(fail)?)
+        };
+        Ok((runner, device))
+    }
+
+    /// The model on `inputs`: its output tensors in order (a TorchScript module's tensor, or
+    /// the tensors of its tuple or list), on the CPU. TorchScript runs under InferenceMode.
+    pub fn run(&mut self, inputs: &[&Tensor], device: Device) -> Result<Vec<Tensor>, PluginError> {
+        let rejected =
+            |e: String| PluginError::invalid_input(format!("the model rejected the input: {e}"));
+        let outputs = match self {
+            Self::TorchScript(module) => {
+                let _inference = crate::InferenceMode::enter();
+                let args: Vec<IValue> = inputs
+                    .iter()
+                    .map(|t| IValue::Tensor(t.to_device(device)))
+                    .collect();
+                match module
+                    .forward_is(&args)
+                    .map_err(|e| rejected(e.to_string()))?
+                {
+                    IValue::Tensor(t) => vec![t],
+                    IValue::Tuple(items) | IValue::GenericList(items) => items
+                        .into_iter()
+                        .map(|v| match v {
+                            IValue::Tensor(t) => Ok(t),
+                            _ => Err(PluginError::internal(
+                                "the model answered an item that is not a tensor",
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    IValue::TensorList(ts) => ts,
+                    _ => {
+                        return Err(PluginError::internal(
+                            "the model must answer a tensor or a tuple of tensors",
+                        ))
+                    }
+                }
+            }
+            Self::Aoti(package) => package.run(inputs).map_err(rejected)?,
+            Self::Onnx(onnx) => onnx.run(inputs).map_err(rejected)?,
+        };
+        Ok(outputs
+            .into_iter()
+            .map(|t| t.to_device(Device::Cpu))
+            .collect())
+    }
+}
+
+/// The archive's model file ([`model_path`]) and its format (`format`, or told by the file).
+pub fn resolve(
+    ctx: &InitContext,
+    model_file: Option<&str>,
+    format: Option<FormatKey>,
+) -> Result<(PathBuf, Format), PluginError> {
+    let path = model_path(ctx, model_file)?;
+    let format = format.unwrap_or_default().resolve(&path)?;
+    Ok((path, format))
 }
 
 /// The archive's model file: `model_file` (the `[handler]` setting) names it; by default it is

@@ -44,7 +44,7 @@ pub mod transform;
 
 use cresset_plugin_api::sdk::{settings, BatchContext, Handler, InitContext};
 use cresset_plugin_api::{PluginError, Request, Response};
-use cresset_torch::model_file::{Format, FormatKey};
+use cresset_torch::model_file::{Format, FormatKey, Runner};
 use cresset_torch::tch::{Device, Tensor};
 use serde_json::{json, Value};
 
@@ -183,22 +183,14 @@ impl Handler for VisionHandler {
 
     fn initialize(ctx: &InitContext) -> Result<Self, PluginError> {
         let config: Settings = settings::parse(&ctx.handler_config)?;
-        let path = cresset_torch::model_file::model_path(ctx, config.model_file.as_deref())?;
-        let format = config.format.unwrap_or_default().resolve(&path)?;
+        let (path, format) =
+            cresset_torch::model_file::resolve(ctx, config.model_file.as_deref(), config.format)?;
         let (probed, device) = match format {
             Format::TorchScript => {
                 let (module, device) = cresset_torch::torchscript::load_path(ctx, &path)?;
                 (model::Model::new(module, device), device)
             }
             Format::Aoti | Format::Onnx => {
-                let device = cresset_torch::instance_device(ctx);
-                if device != Device::Cpu {
-                    return Err(PluginError::invalid_input(format!(
-                        "{} is {format:?}, which this build runs on the CPU only: set \
-                         `device_type = \"cpu\"` or give TorchScript",
-                        path.display()
-                    )));
-                }
                 let fail = |e: String| {
                     PluginError::invalid_input(format!(
                         "cannot load {} as {format:?}: {e}",
@@ -207,28 +199,22 @@ impl Handler for VisionHandler {
                 };
                 // The preprocessed image's shape.
                 let side = i64::from(config.crop.filter(|&c| c > 0).unwrap_or(224));
-                let backend = if format == Format::Aoti {
-                    if let Some(spec) = cresset_torch::aoti::input_spec(&path) {
-                        let ours = [0, 3, side, side];
-                        let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
-                        if spec.dtype != "float32" || differs || spec.dims.len() < 3 {
-                            return Err(fail(format!(
-                                "the package takes {} input of static sizes {:?} (dimension, \
-                                 size); the preprocessing makes float32 [N, 3, {side}, {side}] \
-                                 (`handler.crop`)",
-                                spec.dtype, spec.dims
-                            )));
-                        }
+                if let Some(spec) = (format == Format::Aoti)
+                    .then(|| cresset_torch::aoti::input_spec(&path))
+                    .flatten()
+                {
+                    let ours = [0, 3, side, side];
+                    let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
+                    if spec.dtype != "float32" || differs || spec.dims.len() < 3 {
+                        return Err(fail(format!(
+                            "the package takes {} input of static sizes {:?} (dimension, \
+                             size); the preprocessing makes float32 [N, 3, {side}, {side}] \
+                             (`handler.crop`)",
+                            spec.dtype, spec.dims
+                        )));
                     }
-                    model::Backend::Aoti(
-                        cresset_torch::aoti::Package::load(&path, 1).map_err(fail)?,
-                    )
-                } else {
-                    let threads = ctx.assignment.intra_op_threads.max(1) as usize;
-                    model::Backend::Onnx(
-                        cresset_torch::onnx::OnnxModel::load(&path, threads).map_err(fail)?,
-                    )
-                };
+                }
+                let (runner, device) = Runner::load(ctx, &path, format)?;
                 let batch = ctx
                     .model_config
                     .get("batch_size")
@@ -237,7 +223,7 @@ impl Handler for VisionHandler {
                 let _threads =
                     cresset_torch::threads::Batch::enter(ctx.assignment.intra_op_threads);
                 let model =
-                    model::Model::compiled(backend, &[3, side, side], batch).map_err(fail)?;
+                    model::Model::compiled(runner, &[3, side, side], batch).map_err(fail)?;
                 (model, device)
             }
         };
@@ -261,13 +247,10 @@ impl Handler for VisionHandler {
         // libtorch's optimize_for_inference: 1.4x (batch 1) to 1.6x (batch 8) on resnet18 on
         // the CPU, logits within 1e-5. A model it cannot optimize runs as it is. Detectors (with
         // their control flow) run as scripted.
-        let model = match probed.optimized(config.optimize.unwrap_or(device == Device::Cpu)) {
-            Ok(model) => model,
-            Err((model, e)) => {
-                tracing::warn!(model = %ctx.model_name, "optimize_for_inference failed, running the module as it is: {e}");
-                model
-            }
-        };
+        let (model, failed) = probed.optimized(config.optimize.unwrap_or(device == Device::Cpu));
+        if let Some(e) = failed {
+            tracing::warn!(model = %ctx.model_name, "optimize_for_inference failed, running the module as it is: {e}");
+        }
         let labels =
             cresset_torch::torchscript::archive_labels(ctx, config.labels_file.as_deref())?;
         let side =

@@ -3,24 +3,14 @@
 //! R-CNN, RetinaNet, SSD families, scripted) take a list of images of any sizes and answer
 //! boxes, labels and scores per image.
 //!
-//! The model is TorchScript, an AOTInductor package or ONNX ([`Backend`]). The last two are
+//! The model is TorchScript, an AOTInductor package or ONNX ([`Runner`]). The last two are
 //! classifiers and segmenters only; their batch dimension is checked at load (a pass of one
 //! image against a pass of `batch` images), because an AOTInductor package trusts its input
 //! and answers garbage outside the batch range it was exported for.
 
 use cresset_plugin_api::PluginError;
-use cresset_torch::aoti::Package;
-use cresset_torch::onnx::OnnxModel;
+use cresset_torch::model_file::Runner;
 use cresset_torch::tch::{CModule, Device, IValue, Kind, Tensor};
-
-/// What runs the model.
-pub enum Backend {
-    TorchScript(CModule),
-    /// A `.pt2` from `torch._inductor.aoti_compile_and_package`.
-    Aoti(Package),
-    /// An ONNX model in ONNX Runtime.
-    Onnx(OnnxModel),
-}
 
 /// One image's output.
 pub enum Row {
@@ -37,7 +27,7 @@ pub enum Row {
 
 /// The model and how it takes its input.
 pub struct Model {
-    backend: Backend,
+    runner: Runner,
     device: Device,
     /// Takes a list of images and answers detections.
     pub detector: bool,
@@ -50,7 +40,7 @@ impl Model {
     /// small image: a classifier refuses the list by its signature, at once).
     pub fn new(module: CModule, device: Device) -> Self {
         let mut model = Self {
-            backend: Backend::TorchScript(module),
+            runner: Runner::TorchScript(module),
             device,
             detector: true,
             pass_limit: usize::MAX,
@@ -62,14 +52,14 @@ impl Model {
 
     /// An AOTInductor or ONNX model (CPU), checked on `image_shape` (`[3, H, W]`, what the
     /// preprocessing makes): one image alone and `batch` images in one pass must answer alike.
-    pub fn compiled(backend: Backend, image_shape: &[i64], batch: usize) -> Result<Self, String> {
+    pub fn compiled(runner: Runner, image_shape: &[i64], batch: usize) -> Result<Self, String> {
         let mut model = Self {
-            backend,
+            runner,
             device: Device::Cpu,
             detector: false,
             pass_limit: batch.max(1),
         };
-        if let Backend::Onnx(onnx) = &model.backend {
+        if let Runner::Onnx(onnx) = &model.runner {
             let input = onnx.inputs.first().ok_or("the ONNX model has no input")?;
             if onnx.inputs.len() != 1 || input.kind != Some(Kind::Float) || input.shape.len() != 4 {
                 return Err(format!(
@@ -105,7 +95,7 @@ impl Model {
             let (a, b) = (&one[0], &all[0]);
             let diff = (a - b).abs().max().double_value(&[]);
             let scale = a.abs().max().double_value(&[]).max(1.0);
-            if !(diff <= 1e-3 * scale) {
+            if diff.is_nan() || diff > 1e-3 * scale {
                 return Err(format!(
                     "the model answers one image differently alone and in a batch of {} (max \
                      difference {diff:e}): export it with a dynamic batch dimension that covers \
@@ -117,22 +107,25 @@ impl Model {
         Ok(model)
     }
 
-    /// This model with its module frozen and optimized by libtorch's `optimize_for_inference`
-    /// when `wanted` (and the model is not a detector); the model as it was, and why, when
-    /// libtorch cannot.
-    pub fn optimized(self, wanted: bool) -> Result<Self, (Self, String)> {
-        let Backend::TorchScript(module) = &self.backend else {
-            return Ok(self);
+    /// This model with its TorchScript module frozen and optimized by libtorch's
+    /// `optimize_for_inference` when `wanted` (and the model is not a detector); the model as
+    /// it was, with why, when libtorch cannot.
+    pub fn optimized(self, wanted: bool) -> (Self, Option<String>) {
+        let Runner::TorchScript(module) = &self.runner else {
+            return (self, None);
         };
         if !wanted || self.detector {
-            return Ok(self);
+            return (self, None);
         }
         match cresset_torch::torchscript::optimize_for_inference(module) {
-            Ok(module) => Ok(Self {
-                backend: Backend::TorchScript(module),
-                ..self
-            }),
-            Err(e) => Err((self, e)),
+            Ok(module) => (
+                Self {
+                    runner: Runner::TorchScript(module),
+                    ..self
+                },
+                None,
+            ),
+            Err(e) => (self, Some(e)),
         }
     }
 
@@ -151,33 +144,18 @@ impl Model {
     /// One pass of a classifier or segmenter: the scores per image.
     fn pass(&mut self, images: &[&Tensor]) -> Result<Vec<Tensor>, PluginError> {
         let batch = Tensor::stack(images, 0).to_device(self.device);
-        let scores = match &mut self.backend {
-            Backend::TorchScript(_) => return self.scripted(batch, images.len()),
-            Backend::Aoti(package) => {
-                let mut outputs = package.run(&[&batch]).map_err(|e| {
-                    PluginError::invalid_input(format!("the model rejected the input: {e}"))
-                })?;
-                if outputs.is_empty() {
-                    return Err(PluginError::internal("the model answered no output"));
-                }
-                outputs.swap_remove(0)
-            }
-            Backend::Onnx(onnx) => {
-                // torchvision's segmenters name their output `out`; classifiers have one.
-                let index = onnx
-                    .outputs
-                    .iter()
-                    .position(|o| o.name == "out")
-                    .unwrap_or(0);
-                let mut outputs = onnx.run(&[&batch]).map_err(|e| {
-                    PluginError::invalid_input(format!("the model rejected the input: {e}"))
-                })?;
-                if index >= outputs.len() {
-                    return Err(PluginError::internal("the model answered no output"));
-                }
-                outputs.swap_remove(index)
-            }
+        // torchvision's segmenters name their ONNX output `out`; classifiers have one.
+        let index = match &self.runner {
+            Runner::TorchScript(_) => return self.scripted(batch, images.len()),
+            Runner::Onnx(onnx) => onnx.outputs.iter().position(|o| o.name == "out"),
+            Runner::Aoti(_) => None,
         };
+        let scores = self
+            .runner
+            .run(&[&batch], self.device)?
+            .into_iter()
+            .nth(index.unwrap_or(0))
+            .ok_or_else(|| PluginError::internal("the model answered no output"))?;
         split_scores(scores, images.len())
     }
 
@@ -215,7 +193,7 @@ impl Model {
     /// The module's forward on one input, under libtorch's InferenceMode. Its outputs are
     /// inference tensors: they are only read (copied, converted, split) afterwards.
     fn call(&mut self, input: IValue) -> Result<IValue, PluginError> {
-        let Backend::TorchScript(module) = &mut self.backend else {
+        let Runner::TorchScript(module) = &mut self.runner else {
             return Err(PluginError::internal("not a TorchScript model"));
         };
         let _inference = cresset_torch::InferenceMode::enter();

@@ -1,0 +1,138 @@
+//! The vocabulary: token → index, from the archive.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use cresset_plugin_api::sdk::{settings, InitContext};
+use cresset_plugin_api::PluginError;
+
+/// The largest vocabulary file read. A vocabulary of unigrams and bigrams of a large corpus
+/// has a few million entries of about 15 bytes.
+const MAX_VOCAB_FILE: u64 = 256 << 20;
+
+/// Token → index, and the index of unknown tokens.
+pub struct Vocab {
+    index: HashMap<String, i64>,
+    unknown: Option<i64>,
+    unk_token: String,
+}
+
+impl Vocab {
+    /// The archive's vocabulary: `vocab_file`, else `vocab.json`, else `vocab.txt`.
+    pub fn from_archive(
+        ctx: &InitContext,
+        vocab_file: Option<&str>,
+        unk_token: &str,
+    ) -> Result<Self, PluginError> {
+        let path = match vocab_file {
+            Some(file) => settings::path_inside(&ctx.model_dir, "vocab_file", file)?,
+            None => ["vocab.json", "vocab.txt"]
+                .iter()
+                .map(|f| ctx.model_dir.join(f))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    if ctx.model_dir.join("source_vocab.pt").is_file() {
+                        PluginError::invalid_input(
+                            "the archive's vocabulary is TorchServe's source_vocab.pt, a pickled \
+                             torchtext object, which is not read (loading a pickle runs code). \
+                             Write it as JSON and archive that instead: python -c \"import \
+                             json, torch; json.dump(torch.load('source_vocab.pt', \
+                             weights_only=False).get_itos(), open('vocab.json', 'w'))\"",
+                        )
+                    } else {
+                        PluginError::invalid_input(
+                            "the archive has no vocabulary: add vocab.json (a list of tokens, or \
+                             an object of token to index) or vocab.txt (one token per line), or \
+                             name it with `handler.vocab_file`",
+                        )
+                    }
+                })?,
+        };
+        Self::read(&path, unk_token)
+    }
+
+    /// Read a vocabulary file: a JSON list or object, or one token per line.
+    pub fn read(path: &Path, unk_token: &str) -> Result<Self, PluginError> {
+        let bad = |m: String| PluginError::invalid_input(format!("{}: {m}", path.display()));
+        let len = std::fs::metadata(path)
+            .map_err(|e| bad(e.to_string()))?
+            .len();
+        if len > MAX_VOCAB_FILE {
+            return Err(bad(format!(
+                "{len} bytes, more than the {MAX_VOCAB_FILE} this handler reads"
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let index: HashMap<String, i64> = if path.extension().is_some_and(|x| x == "json") {
+            match serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| bad(format!("not JSON: {e}")))?
+            {
+                serde_json::Value::Array(items) => items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| match t {
+                        serde_json::Value::String(t) => Ok((t, i as i64)),
+                        other => Err(bad(format!("entry {i} is {other}, not a token"))),
+                    })
+                    .collect::<Result<_, _>>()?,
+                serde_json::Value::Object(map) => map
+                    .into_iter()
+                    .map(|(t, i)| match i.as_i64() {
+                        Some(i) if i >= 0 => Ok((t, i)),
+                        _ => Err(bad(format!("the index of {t:?} is {i}, not an index"))),
+                    })
+                    .collect::<Result<_, _>>()?,
+                _ => {
+                    return Err(bad(
+                        "a JSON vocabulary is a list of tokens or an object of token to index"
+                            .into(),
+                    ))
+                }
+            }
+        } else {
+            let text = std::str::from_utf8(&bytes).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+            text.lines()
+                .enumerate()
+                .map(|(i, t)| (t.to_owned(), i as i64))
+                .collect()
+        };
+        if index.is_empty() {
+            return Err(bad("the vocabulary is empty".into()));
+        }
+        Ok(Self {
+            unknown: index.get(unk_token).copied(),
+            index,
+            unk_token: unk_token.to_owned(),
+        })
+    }
+
+    /// The index of `token`: its own, or the unknown token's.
+    pub fn index(&self, token: &str) -> Result<i64, PluginError> {
+        self.index
+            .get(token)
+            .copied()
+            .or(self.unknown)
+            .ok_or_else(|| {
+                PluginError::invalid_input(format!(
+                    "the token {token:?} is not in the vocabulary, which has no {:?} for \
+                     unknown tokens (`handler.unk_token`)",
+                    self.unk_token
+                ))
+            })
+    }
+
+    /// The smallest index (a token every model of this vocabulary takes).
+    pub fn first_index(&self) -> i64 {
+        self.index.values().copied().min().unwrap_or(0)
+    }
+
+    /// The number of tokens.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether there are none (never, once read).
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}

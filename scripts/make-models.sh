@@ -12,6 +12,9 @@
 #     package gives for them, and a GPT-fast-style target/draft pair (scripts/make_spm_fixtures.py);
 #   - real photographs, random-weight torchvision models in TorchScript, AOTInductor and ONNX,
 #     and what torchvision gives for them (scripts/make_vision_fixtures.py);
+#   - a real ImageNet classifier (EfficientNet-Lite0's weights from the package index) in
+#     TorchScript and ONNX, and what PyTorch gives for the photographs
+#     (scripts/make_real_classifier_fixtures.py);
 #   - TorchServe's text classification example model (TorchScript, AOTInductor, ONNX) and what
 #     TorchServe's own text_classifier handler makes of test texts (scripts/make_text_fixtures.py);
 #   - the default store's `minilm` and `smollm2` models, from the real weights.
@@ -20,7 +23,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
 TRANSFORMERS_VERSION=5.23.0
 # What the fixture scripts, the OpenAI-client test and the TorchServe-archive test need, pinned.
-PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0 torch-model-archiver==0.12.0 sentencepiece==0.2.1 torchvision==0.26.0 pillow==13.0.0 onnx==1.23.2"
+PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0 torch-model-archiver==0.12.0 sentencepiece==0.2.1 torchvision==0.26.0 pillow==13.0.0 onnx==1.23.2 efficientnet-lite-pytorch==0.1.0"
 
 "$root/scripts/fetch-assets.sh"
 minilm="$CRESSET_CACHE/assets/all-minilm-l6-v2"
@@ -62,6 +65,12 @@ fi
 vision_stamp="$root/tests/fixtures/generated/vision/expected.json"
 if ! { [ -f "$vision_stamp" ] && [ "$vision_stamp" -nt "$root/scripts/make_vision_fixtures.py" ]; }; then
   "$CRESSET_VENV/bin/python" "$root/scripts/make_vision_fixtures.py" "$root" "$CRESSET_CACHE/assets/photos"
+fi
+real_stamp="$root/tests/fixtures/generated/effnet-lite0/expected.json"
+if ! { [ -f "$real_stamp" ] && [ "$real_stamp" -nt "$root/scripts/make_real_classifier_fixtures.py" ] \
+  && [ "$real_stamp" -nt "$vision_stamp" ]; }; then
+  "$CRESSET_VENV/bin/python" "$root/scripts/make_real_classifier_fixtures.py" "$root" \
+    "$CRESSET_CACHE/assets/effnet-lite0/efficientnet-lite0-57934424.pth"
 fi
 # The text fixtures' reference is TorchServe's own text_classifier handler, run in the
 # TorchServe venv (scripts/setup-torchserve.sh, also the vision benchmark's baseline).

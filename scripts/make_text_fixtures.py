@@ -114,6 +114,7 @@ texts = [
     "Naïve investors &#x27;rally&#x27; as Oil prices soar; NASA's telescope finds water.",
     "Ünïcödé\u00a0spaces\tand\nnew\x1clines, y'all can't've",
     "completely unknown words only",
+    "𝐁𝐞𝐚𝐫𝐬 ℌold the ᴬ Stocks, ﬁnally",
     "It's the striker's cup: scored twice on Saturday, 3-1!",
 ]
 cases = []

@@ -14,19 +14,25 @@
 //! entries, so loading and planning read a pickled checkpoint as they read safetensors.
 //!
 //! Memory is bounded by the size of `data.pkl` (every opcode adds at most one value, and
-//! values are shared by index, never copied), and `data.pkl` is capped at [`MAX_PICKLE`].
+//! values are shared by index, never copied: about 40 bytes a value), and `data.pkl` is capped
+//! at [`MAX_PICKLE`]; strings at [`MAX_STRING`], a dict's entries at [`MAX_TENSORS`], a call's
+//! arguments at 8, so that no opcode's work grows with what the memo holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use crate::safetensors::{dtype_size, CheckpointError, Header, TensorInfo, MAX_DIMS};
+use crate::safetensors::{dtype_size, CheckpointError, Header, TensorInfo, MAX_DIMS, MAX_TENSORS};
 
 /// The largest `data.pkl` accepted. A state dict's pickle takes about 150 bytes a tensor:
-/// GPT-2's is 26 KB, a 70B Llama's (723 tensors) about 110 KB. 64 MiB is several hundred times
-/// any real one.
-pub const MAX_PICKLE: u64 = 64 << 20;
+/// GPT-2's is 26 KB, a 70B Llama's (723 tensors) about 110 KB; even DeepSeek-V3's 92,000
+/// tensors would take about 14 MB. 16 MiB bounds the reader's memory at about 700 MB for a
+/// pickle of one-byte opcodes.
+pub const MAX_PICKLE: u64 = 16 << 20;
+
+/// The longest string read: tensor names and storage keys are well under 1 KiB.
+pub const MAX_STRING: usize = 4 << 10;
 
 /// The deepest nesting of containers walked when looking for tensors.
 const MAX_DEPTH: usize = 32;
@@ -118,7 +124,7 @@ enum Value {
     Dict(Vec<(usize, usize)>),
     Global(Global),
     Storage(Storage),
-    Tensor(TensorInfo),
+    Tensor(Box<TensorInfo>),
 }
 
 /// The pickle machine's state.
@@ -254,13 +260,12 @@ impl Machine<'_> {
         };
         let key = self
             .str_of(key)
-            .ok_or_else(|| self.err("a storage key is not a string"))?
-            .to_owned();
+            .ok_or_else(|| self.err("a storage key is not a string"))?;
         let numel = u64::try_from(self.int(numel, "a storage's size")?)
             .map_err(|_| self.err(format!("storage {key} has a negative size")))?;
         let &(start, len) = self
             .storages
-            .get(&key)
+            .get(key)
             .ok_or_else(|| self.err(format!("storage {key} has no data/{key} entry")))?;
         let size = dtype_size(dtype).unwrap_or(1) as u64;
         if numel.checked_mul(size) != Some(len) {
@@ -323,11 +328,11 @@ impl Machine<'_> {
         let size = dtype_size(storage.dtype).unwrap_or(1) as u64;
         let first = storage.start + offset * size;
         debug_assert!(offset * size + numel * size <= storage.len);
-        Ok(Value::Tensor(TensorInfo {
+        Ok(Value::Tensor(Box::new(TensorInfo {
             dtype: storage.dtype.to_owned(),
             shape,
             data_offsets: [first, first + numel * size],
-        }))
+        })))
     }
 
     fn reduce(&mut self) -> Result<(), CheckpointError> {
@@ -336,6 +341,11 @@ impl Machine<'_> {
         let Value::Tuple(args) = &self.arena[args] else {
             return Err(self.err("REDUCE's arguments are not a tuple"));
         };
+        // Rebuilding takes at most 7 arguments; copying more would let one memoized tuple make
+        // every call as costly as its length.
+        if args.len() > 8 {
+            return Err(self.err(format!("a call with {} arguments", args.len())));
+        }
         let args = args.clone();
         let Value::Global(g) = self.arena[callable] else {
             return Err(self.err("REDUCE calls a value that is not a known global"));
@@ -429,7 +439,12 @@ impl Machine<'_> {
                     let b = c.take(n).ok_or_else(|| short(self))?;
                     let s =
                         std::str::from_utf8(b).map_err(|_| self.err("a string is not UTF-8"))?;
-                    self.push(Value::Str(s.to_owned()));
+                    // Longer than any name: kept as an opaque value.
+                    if s.len() > MAX_STRING {
+                        self.push(Value::Bytes);
+                    } else {
+                        self.push(Value::Str(s.to_owned()));
+                    }
                 }
                 b'U' | b'T' | b'C' | b'B' => {
                     // SHORT_BINSTRING, BINSTRING, SHORT_BINBYTES, BINBYTES
@@ -440,7 +455,9 @@ impl Machine<'_> {
                     };
                     let b = c.take(n).ok_or_else(|| short(self))?;
                     match (op, std::str::from_utf8(b)) {
-                        (b'U' | b'T', Ok(s)) => self.push(Value::Str(s.to_owned())),
+                        (b'U' | b'T', Ok(s)) if s.len() <= MAX_STRING => {
+                            self.push(Value::Str(s.to_owned()))
+                        }
                         _ => self.push(Value::Bytes),
                     }
                 }
@@ -582,10 +599,16 @@ impl Machine<'_> {
         let Value::Dict(items) = &self.arena[root] else {
             return Err(self.err("the checkpoint is not a dict of tensors"));
         };
+        if items.len() > MAX_TENSORS {
+            return Err(self.err(format!(
+                "a dict of {} entries, more than the {MAX_TENSORS} tensors this reader accepts",
+                items.len()
+            )));
+        }
         let mut out = BTreeMap::new();
         for &(k, v) in items {
             if let (Some(name), Value::Tensor(info)) = (self.str_of(k), &self.arena[v]) {
-                out.insert(name.to_owned(), info.clone());
+                out.insert(name.to_owned(), TensorInfo::clone(info));
             }
         }
         if out.is_empty() {
@@ -868,5 +891,27 @@ mod tests {
         let file = zip_with(&p, &[], zip::CompressionMethod::Stored);
         let header = read_header(file.path()).expect("read");
         assert!(header.tensors.is_empty());
+        let storages = HashMap::new();
+        let mut machine = Machine {
+            path: file.path(),
+            arena: Vec::new(),
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            storages: &storages,
+        };
+        machine.run(&p).expect("run");
+        assert_eq!(
+            machine.arena.len(),
+            2,
+            "one list and one dict, nothing copied"
+        );
+        // A call with a long memoized argument tuple is refused, not copied call after call.
+        let mut q = b"\x80\x02ccollections\nOrderedDict\n(".to_vec();
+        q.extend(std::iter::repeat_n(b'N', 100));
+        q.extend_from_slice(b"tR.");
+        let file = zip_with(&q, &[], zip::CompressionMethod::Stored);
+        let err = read_header(file.path()).expect_err("refused");
+        assert!(err.to_string().contains("100 arguments"), "{err}");
     }
 }

@@ -97,6 +97,14 @@ impl TextHandler {
             offsets.push(start);
             start += t.len() as i64;
         }
+        // Texts without tokens are refused in `preprocess` for a compiled package; a pass of
+        // none is never run on one.
+        if flat.is_empty() && matches!(self.runner, Runner::Aoti(_)) {
+            return Err(PluginError::invalid_input(
+                "the text has no tokens after preprocessing, and an AOTInductor model takes at \
+                 least one",
+            ));
+        }
         let ids = Tensor::from_slice(&flat);
         let offsets = Tensor::from_slice(&offsets);
         let outputs = self.runner.run(&[&ids, &offsets], self.device)?;
@@ -234,12 +242,24 @@ impl Handler for TextHandler {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                self.ids(t).map_err(|mut e| {
-                    if framing == Framing::Instances {
-                        e.message = format!("`instances[{i}]`: {}", e.message).into();
-                    }
-                    e
-                })
+                self.ids(t)
+                    .and_then(|ids| {
+                        // A compiled package trusts its inputs, and one exported with
+                        // `torch.export` takes at least one token.
+                        if ids.is_empty() && matches!(self.runner, Runner::Aoti(_)) {
+                            return Err(PluginError::invalid_input(
+                                "the text has no tokens after preprocessing, and an \
+                                 AOTInductor model takes at least one",
+                            ));
+                        }
+                        Ok(ids)
+                    })
+                    .map_err(|mut e| {
+                        if framing == Framing::Instances {
+                            e.message = format!("`instances[{i}]`: {}", e.message).into();
+                        }
+                        e
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Prepared { framing, ids })

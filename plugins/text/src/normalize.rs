@@ -23,7 +23,13 @@ pub fn tokens(text: &str, ngrams: usize) -> Vec<String> {
     let text = remove_html(text);
     let text = text.to_lowercase();
     let text = expand_contractions(&text);
-    let text: String = text.nfkd().filter(char::is_ascii).collect();
+    // basic_english lowercases again: NFKD turns compatibility capitals (mathematical
+    // letters, ℌ, ᴬ), which `str.lower` leaves alone, into ASCII capitals.
+    let text: String = text
+        .nfkd()
+        .filter(char::is_ascii)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
     let text: String = text.chars().filter(|c| !c.is_ascii_punctuation()).collect();
     let words: Vec<&str> = text
         .split(is_python_space)
@@ -180,6 +186,7 @@ mod tests {
             ["here", "we", "are", "here we", "we are"]
         );
         assert_eq!(tokens("Café\u{a0}naïve", 1), ["cafe", "naive"]);
+        assert_eq!(tokens("𝐁𝐞𝐚𝐫𝐬 ℌello ᴬ", 1), ["bears", "hello", "a"]);
         assert!(tokens("!!! ...", 2).is_empty());
     }
 }

@@ -148,6 +148,19 @@ fn texts_without_tokens_are_answered_and_bad_bodies_fail_alone() {
         assert!(err.message.contains(says), "{}", err.message);
     }
     assert_eq!(body(&run, 3).as_object().expect("object").len(), 2);
+    // An AOTInductor package was exported for at least one token: a text without any is
+    // refused by itself, its neighbour answered.
+    let mut aoti = handler(json!({"model_file": "model.pt2"}));
+    let run = testing::run(
+        &mut aoti,
+        &[
+            testing::request("text/plain", b"<p></p> !!!".to_vec()),
+            testing::request("text/plain", b"Stocks rally".to_vec()),
+        ],
+    );
+    let err = run.finals[0].as_ref().expect_err("refused");
+    assert!(err.message.contains("no tokens"), "{}", err.message);
+    assert_eq!(body(&run, 1).as_object().expect("object").len(), 4);
 }
 
 #[test]

@@ -199,27 +199,34 @@ impl Handler for VisionHandler {
                 };
                 // The preprocessed image's shape.
                 let side = i64::from(config.crop.filter(|&c| c > 0).unwrap_or(224));
+                // A package exported with a static batch of 1 runs one image a pass.
+                let mut static_batch = None;
                 if let Some(spec) = (format == Format::Aoti)
                     .then(|| cresset_torch::aoti::input_spec(&path))
                     .flatten()
                 {
-                    let ours = [0, 3, side, side];
+                    let ours = [1, 3, side, side];
+                    static_batch = spec.dims.iter().find(|(i, _)| *i == 0).map(|&(_, n)| n);
                     let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
-                    if spec.dtype != "float32" || differs || spec.dims.len() < 3 {
+                    if spec.dtype != "float32" || differs {
                         return Err(fail(format!(
                             "the package takes {} input of static sizes {:?} (dimension, \
                              size); the preprocessing makes float32 [N, 3, {side}, {side}] \
-                             (`handler.crop`)",
+                             (`handler.crop`; a static batch must be 1, else export it with a \
+                             dynamic batch)",
                             spec.dtype, spec.dims
                         )));
                     }
                 }
                 let (runner, device) = Runner::load(ctx, &path, format)?;
-                let batch = ctx
-                    .model_config
-                    .get("batch_size")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(1) as usize;
+                let batch = match static_batch {
+                    Some(_) => 1,
+                    None => ctx
+                        .model_config
+                        .get("batch_size")
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(1) as usize,
+                };
                 let _threads =
                     cresset_torch::threads::Batch::enter(ctx.assignment.intra_op_threads);
                 let model =

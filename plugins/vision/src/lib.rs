@@ -208,6 +208,15 @@ impl Handler for VisionHandler {
                     let ours = [1, 3, side, side];
                     static_batch = spec.dims.iter().find(|(i, _)| *i == 0).map(|&(_, n)| n);
                     let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
+                    // Without a crop the images keep their own sizes, which a package with
+                    // static heights and widths would read out of its bounds.
+                    if config.crop == Some(0) && spec.dims.iter().any(|&(i, _)| i >= 2) {
+                        return Err(fail(
+                            "the package takes images of one static size: keep a crop \
+                             (`handler.crop`)"
+                                .into(),
+                        ));
+                    }
                     if spec.dtype != "float32" || differs {
                         return Err(fail(format!(
                             "the package takes {} input of static sizes {:?} (dimension, \

@@ -473,6 +473,7 @@ fn model_formats_are_found_or_named_and_checked_at_load() {
             json!({"model_file": "model.pt2", "crop": 200}),
             "static sizes",
         ),
+        (json!({"model_file": "model.pt2", "crop": 0}), "keep a crop"),
         (
             json!({"model_file": "model.onnx", "crop": 200}),
             "cannot load",

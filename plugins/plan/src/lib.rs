@@ -29,16 +29,22 @@ pub fn cpu_has_native_bf16() -> bool {
         if let Ok(v) = std::env::var("CRESSET_CPU_BF16") {
             return v == "1";
         }
-        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
-            info.lines()
-                .filter(|l| l.starts_with("flags"))
-                .take(1)
-                .any(|l| {
-                    l.split_whitespace()
-                        .any(|f| f == "avx512_bf16" || f == "amx_bf16")
-                })
-        })
+        cpu_flags()
+            .iter()
+            .any(|f| f == "avx512_bf16" || f == "amx_bf16")
     })
+}
+
+/// This CPU's feature flags, as `/proc/cpuinfo` lists them (empty where it cannot be read).
+pub fn cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        })
+        .unwrap_or_default()
 }
 
 /// Where a module's weights live.

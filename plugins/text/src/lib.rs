@@ -124,12 +124,9 @@ impl TextHandler {
     }
 
     fn answer(&self, scores: &Tensor) -> Result<Value, PluginError> {
-        let probs = scores.softmax(-1, Kind::Float).unsqueeze(0);
-        let classes = *scores.size().last().unwrap_or(&0);
-        let k = self.topk.unwrap_or(classes);
+        let k = self.topk.unwrap_or(*scores.size().last().unwrap_or(&0));
         let labels = self.labels.as_deref().unwrap_or_default();
-        let mut rows = cresset_torch::torchscript::top_labels(&probs, k, labels)?;
-        Ok(rows.pop().unwrap_or(Value::Null))
+        cresset_torch::torchscript::top_classes(scores, k, labels)
     }
 }
 
@@ -215,11 +212,6 @@ impl Handler for TextHandler {
             threads: ctx.assignment.intra_op_threads,
             forward_passes: 0,
         };
-        if handler.ngrams == 0 {
-            return Err(PluginError::invalid_input(
-                "`handler.ngrams` must be from 1 to 6. Given: 0",
-            ));
-        }
         // One pass on a known token and one on two texts: the model takes (ids, offsets) and
         // answers [texts, classes].
         let _threads = cresset_torch::threads::Batch::enter(handler.threads);

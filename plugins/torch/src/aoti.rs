@@ -148,24 +148,12 @@ pub fn incompatibility(metadata: &[(String, String)], cpu_flags: &[&str]) -> Opt
     })
 }
 
-/// This CPU's flags, as `/proc/cpuinfo` lists them.
-fn cpu_flags() -> Vec<String> {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("flags"))
-                .map(|l| l.split_whitespace().map(str::to_owned).collect())
-        })
-        .unwrap_or_default()
-}
-
 impl Package {
     /// Load the package at `path` with `runners` runners (calls that may run at once), after
     /// checking that it was compiled for a machine like this one.
     pub fn load(path: &Path, runners: usize) -> Result<Self, String> {
         let metadata = package_metadata(path)?;
-        let flags = cpu_flags();
+        let flags = cresset_plan::cpu_flags();
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         if let Some(why) = incompatibility(&metadata, &flags) {
             return Err(why);

@@ -102,6 +102,18 @@ pub fn label_name(labels: &[String], index: i64) -> String {
         .unwrap_or_else(|| index.to_string())
 }
 
+/// The top `k` classes of one row of class scores (`[C]`) with their softmax probabilities,
+/// highest first: `{"tabby": 0.41, ...}`, TorchServe's classifier answer for one input.
+pub fn top_classes(
+    scores: &tch::Tensor,
+    k: i64,
+    labels: &[String],
+) -> Result<serde_json::Value, PluginError> {
+    let probs = scores.softmax(-1, tch::Kind::Float).unsqueeze(0);
+    let mut rows = top_labels(&probs, k, labels)?;
+    Ok(rows.pop().unwrap_or(serde_json::Value::Null))
+}
+
 /// The top `k` of each row of `probs` (`[N, C]`), highest first, as `{label: probability}`
 /// per row: TorchServe's classifier answer. A class without a name in `labels` is named by its
 /// index.

@@ -7,14 +7,6 @@ use cresset_plugin_api::PluginError;
 use cresset_torch::tch::{Kind, Tensor};
 use serde_json::{json, Map, Value};
 
-/// The top `k` classes with softmax probabilities, highest first: `{"tabby": 0.41, ...}`
-/// (TorchServe's `image_classifier`).
-pub fn classes(scores: &Tensor, k: i64, labels: &[String]) -> Result<Value, PluginError> {
-    let probs = scores.softmax(-1, Kind::Float).unsqueeze(0);
-    let mut rows = cresset_torch::torchscript::top_labels(&probs, k, labels)?;
-    Ok(rows.pop().unwrap_or(Value::Null))
-}
-
 /// Per pixel `[class, probability]` (TorchServe's `image_segmenter`).
 pub fn segmentation(scores: &Tensor) -> Result<Value, PluginError> {
     let probs = scores.softmax(0, Kind::Float);

@@ -429,7 +429,9 @@ impl Handler for VisionHandler {
                     ));
                 }
                 (Task::Segment, Row::Scores(scores)) => answer::segmentation(scores)?,
-                (_, Row::Scores(scores)) => answer::classes(scores, self.topk, labels)?,
+                (_, Row::Scores(scores)) => {
+                    cresset_torch::torchscript::top_classes(scores, self.topk, labels)?
+                }
                 (
                     _,
                     Row::Detections {

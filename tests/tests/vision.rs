@@ -79,13 +79,19 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
         "[handler]\ntopk = 3\n",
         &[("model.pt", &model), ("index_to_name.json", &labels)],
     );
-    let server = Server::start(&[
-        "--model-store",
-        store.path().to_str().expect("utf-8"),
-        "--models",
-        "resnet=resnet.mar,segmenter=segmenter.mar,detector=detector.mar,\
-         fasterrcnn=fasterrcnn.mar,resnet_aoti=resnet_aoti.mar,resnet_onnx=resnet_onnx.mar,native",
-    ]);
+    // In f32 on every CPU (`dtype = "auto"` would be bf16 where the CPU has it), to compare
+    // with torchvision's f32 answers; the bf16 path is checked in the plugin's tests.
+    let server = Server::start_with_env(
+        &[
+            "--model-store",
+            store.path().to_str().expect("utf-8"),
+            "--models",
+            "resnet=resnet.mar,segmenter=segmenter.mar,detector=detector.mar,\
+             fasterrcnn=fasterrcnn.mar,resnet_aoti=resnet_aoti.mar,resnet_onnx=resnet_onnx.mar,\
+             native",
+        ],
+        &[("CRESSET_CPU_BF16", "0")],
+    );
     server.wait_healthy();
     let url = format!("{}/predictions/resnet", server.inference);
     let expected: Value = serde_json::from_slice(

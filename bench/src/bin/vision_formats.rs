@@ -1,6 +1,7 @@
 //! `cresset-bench-vision-formats`: one model in the three formats the `vision` handlers load,
 //! side by side in one run: TorchScript (frozen and run through libtorch's
-//! `optimize_for_inference`, the handler's default on the CPU), an AOTInductor package
+//! `optimize_for_inference`, the handler's default on the CPU; in f32, and in bf16 as `dtype =
+//! "auto"` runs it on a CPU with native bf16), an AOTInductor package
 //! (`torch._inductor.aoti_compile_and_package`, compiled for this machine by `make models`)
 //! and ONNX (ONNX Runtime 1.31.1, from the pinned `onnxruntime` wheel). The models are the
 //! vision fixtures' resnet18 and deeplabv3-mobilenet segmenter, all exported from the same
@@ -21,10 +22,12 @@ use cresset_plugin_vision::VisionHandler;
 use cresset_torch::tch::Tensor;
 use serde_json::json;
 
-const FORMATS: [(&str, &str); 3] = [
-    ("TorchScript (optimized)", "model.pt"),
-    ("AOTInductor", "model.pt2"),
-    ("ONNX Runtime", "model.onnx"),
+/// (label, file, `handler.dtype`): the first is the baseline.
+const FORMATS: [(&str, &str, &str); 4] = [
+    ("TorchScript (optimized), f32", "model.pt", "float32"),
+    ("TorchScript (optimized), bf16", "model.pt", "bfloat16"),
+    ("AOTInductor", "model.pt2", "auto"),
+    ("ONNX Runtime", "model.onnx", "auto"),
 ];
 
 /// Rounds per case; the formats take turns within each.
@@ -48,9 +51,11 @@ fn main() {
     for model in ["resnet18", "segmenter"] {
         let mut handlers: Vec<VisionHandler> = FORMATS
             .iter()
-            .map(|(label, file)| {
-                let mut ctx =
-                    testing::init_context(fixtures.join(model), json!({ "model_file": file }));
+            .map(|(label, file, dtype)| {
+                let mut ctx = testing::init_context(
+                    fixtures.join(model),
+                    json!({ "model_file": file, "dtype": dtype }),
+                );
                 ctx.assignment.intra_op_threads = cores as u32;
                 ctx.model_config["batch_size"] = json!(8);
                 VisionHandler::initialize(&ctx)
@@ -97,7 +102,7 @@ fn main() {
             percentile(&v, 50.0)
         };
         let base = [p50(&times[0][0]), p50(&times[0][1])];
-        for (f, (label, _)) in FORMATS.iter().enumerate() {
+        for (f, (label, ..)) in FORMATS.iter().enumerate() {
             let (one, eight) = (p50(&times[f][0]), p50(&times[f][1]));
             table.push_str(&format!(
                 "| {model} | {label} | {one:.1} | {eight:.1} | {:.1} | {:.2}× / {:.2}× |\n",
@@ -116,9 +121,16 @@ fn main() {
          `scripts/make_vision_fixtures.py`: TorchScript (`torch.jit.script`, frozen and \
          `optimize_for_inference` at load), AOTInductor (`torch.export` with a dynamic batch, \
          `aoti_compile_and_package` with `cpp.dynamic_threads`, torch 2.11.0) and ONNX (opset \
-         17, ONNX Runtime 1.31.1, all graph optimizations). \"vs TorchScript\" above 1 is \
-         faster than TorchScript.\n\n{table}",
-        machine()
+         17, ONNX Runtime 1.31.1, all graph optimizations). The bf16 row is the same \
+         TorchScript file with `dtype = \"bfloat16\"` (weights and inputs in bf16, inputs \
+         channels-last; what `auto` picks on a CPU with native bf16: this one {}). \
+         \"vs TorchScript\" is against the f32 TorchScript row; above 1 is faster.\n\n{table}",
+        machine(),
+        if cresset_torch::layers::cpu_has_native_bf16() {
+            "has it"
+        } else {
+            "has not"
+        }
     );
     println!("{section}");
     write_section(&out, "vision-formats", &section).expect("write BENCHMARKS.md");

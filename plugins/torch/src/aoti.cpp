@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -64,7 +65,12 @@ int64_t cresset_aoti_run(void* loader, at::Tensor** inputs, int64_t n_inputs,
       set_error(error, "the model answered more outputs than expected");
       return -1;
     }
-    for (int64_t i = 0; i < n; i++) outputs[i] = new at::Tensor(std::move(out[i]));
+    // All or none: if an allocation throws part way, the tensors made so far are freed and
+    // the caller sees -1 (it frees outputs only when the count says so).
+    std::vector<std::unique_ptr<at::Tensor>> made;
+    made.reserve(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; i++) made.push_back(std::make_unique<at::Tensor>(std::move(out[i])));
+    for (int64_t i = 0; i < n; i++) outputs[i] = made[i].release();
     return n;
   });
 }

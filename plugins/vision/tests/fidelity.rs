@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use cresset_plugin_api::sdk::{testing, Handler};
 use cresset_plugin_api::ErrorCode;
 use cresset_plugin_vision::VisionHandler;
-use cresset_torch::tch::Tensor;
+use cresset_torch::tch::{Kind, Tensor};
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
@@ -50,7 +50,12 @@ fn photos() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn handler(model: &str, config: Value) -> VisionHandler {
+/// The handler for a fixture model, in f32 unless `config` names a dtype (the default, `auto`,
+/// is bf16 on a CPU with native bf16: the comparisons with torchvision's f32 are in f32).
+fn handler(model: &str, mut config: Value) -> VisionHandler {
+    if config.get("dtype").is_none() {
+        config["dtype"] = json!("float32");
+    }
     VisionHandler::initialize(&testing::init_context(fixtures().join(model), config))
         .unwrap_or_else(|e| panic!("{}", e.message))
 }
@@ -413,6 +418,7 @@ fn a_real_imagenet_classifier_names_the_photographs_as_pytorch_does() {
             "model_file": file,
             "mean": expected["mean"],
             "std": expected["std"],
+            "dtype": "float32",
         });
         let mut h = VisionHandler::initialize(&testing::init_context(&dir, config))
             .unwrap_or_else(|e| panic!("{file}: {}", e.message));
@@ -454,6 +460,104 @@ fn a_real_imagenet_classifier_names_the_photographs_as_pytorch_does() {
         eprintln!("EfficientNet-Lite0 ({file}), top 1: {}", report.join(", "));
     }
 }
+
+/// bf16 (`dtype = "auto"` on a CPU with native bf16; named here so that every CPU runs it):
+/// the real EfficientNet-Lite0 names each photograph's top class as PyTorch does in f32 where
+/// f32's first two classes are not within 2 × BF16_PROB_TOLERANCE of each other, and its
+/// top-5 probabilities stay within BF16_PROB_TOLERANCE of f32's. `auto` is bf16 exactly for
+/// TorchScript classifiers and segmenters on such a CPU.
+#[test]
+fn bf16_keeps_the_real_classifiers_answers_and_auto_picks_it_where_the_cpu_has_it() {
+    let dir = fixtures().join("../effnet-lite0");
+    let expected: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).expect("read"))
+            .expect("json");
+    let config = json!({
+        "model_file": "model.pt",
+        "mean": expected["mean"],
+        "std": expected["std"],
+        "dtype": "bfloat16",
+    });
+    let mut h = VisionHandler::initialize(&testing::init_context(&dir, config))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    assert_eq!(h.dtype(), Kind::BFloat16);
+    let mut worst: f64 = 0.0;
+    let mut agree = 0;
+    let photos = photos();
+    for (name, bytes) in &photos {
+        let spec = &expected["photos"][name];
+        let run = testing::run(&mut h, &[testing::request("", bytes.clone())]);
+        let body: Value =
+            serde_json::from_slice(&run.finals[0].as_ref().expect("answered").body).expect("json");
+        let ours = top5(&body);
+        // bf16 rounds the logits themselves (8 bits of mantissa: 0.0625 apart near 10), so
+        // classes within a few thousandths of each other may trade places; a clear winner
+        // stays the winner.
+        let margin = spec["top5_probs"][0].as_f64().expect("prob")
+            - spec["top5_probs"][1].as_f64().expect("prob");
+        let same = ours[0].0 == spec["top5"][0].as_str().expect("name");
+        assert!(
+            same || margin < 2.0 * BF16_PROB_TOLERANCE,
+            "{name}: {ours:?}"
+        );
+        agree += usize::from(same);
+        // Each of PyTorch's top 5, by name, against what bf16 gives it (0 if it fell out).
+        for (k, want) in spec["top5"].as_array().expect("top5").iter().enumerate() {
+            let want = want.as_str().expect("name");
+            let q = spec["top5_probs"][k].as_f64().expect("prob");
+            let p = body[want].as_f64().unwrap_or(0.0);
+            worst = worst.max((p - q).abs());
+        }
+    }
+    eprintln!(
+        "EfficientNet-Lite0 in bf16 on {} photographs: top 1 as f32 on {agree}, largest top-5 \
+         probability difference {worst:.4}",
+        photos.len()
+    );
+    assert!(worst <= BF16_PROB_TOLERANCE, "{worst}");
+    // The same images in one batch answer as they do one by one.
+    let requests: Vec<_> = photos
+        .iter()
+        .map(|(_, bytes)| testing::request("", bytes.clone()))
+        .collect();
+    let batched = testing::run(&mut h, &requests);
+    for ((name, bytes), result) in photos.iter().zip(&batched.finals) {
+        let alone = testing::run(&mut h, &[testing::request("", bytes.clone())]);
+        let parse = |r: &Result<cresset_plugin_api::Response, _>| -> Value {
+            serde_json::from_slice(&r.as_ref().expect("answered").body).expect("json")
+        };
+        assert_eq!(
+            top5(&parse(result))[0].0,
+            top5(&parse(&alone.finals[0]))[0].0,
+            "{name}"
+        );
+    }
+
+    // `auto`: bf16 for a TorchScript classifier where the CPU has it; compiled models and
+    // detectors in f32 everywhere.
+    let native = cresset_torch::layers::cpu_has_native_bf16();
+    for (model, file, want) in [
+        (
+            "resnet18",
+            "model.pt",
+            if native { Kind::BFloat16 } else { Kind::Float },
+        ),
+        ("resnet18", "model.onnx", Kind::Float),
+        ("resnet18", "model.pt2", Kind::Float),
+        ("detector", "model.pt", Kind::Float),
+    ] {
+        let h = handler(model, json!({"model_file": file, "dtype": "auto"}));
+        assert_eq!(h.dtype(), want, "{model}/{file}");
+    }
+}
+
+/// How far bf16 may move a top-5 probability of the real classifier. bf16 keeps 8 bits of
+/// mantissa: each value rounds by up to 2^-9 relative, and the logits themselves (about 10 in
+/// size) land on a grid 0.0625 apart. A probability p moves by about p·Δlogit, so logits off by
+/// one to two grid steps move p ≈ 0.4 by 0.025 to 0.05. Measured on the 11 photographs: 0.044
+/// at most (the rocket's 0.364 became 0.409); top 1 as f32 on 7, the other four f32 near-ties
+/// (the cat in three formats, 0.379 vs 0.375; the astronaut, 0.131 vs 0.124).
+const BF16_PROB_TOLERANCE: f64 = 0.05;
 
 /// The format is told by the file, or named; a file that is not what `format` names, or a
 /// package whose input the preprocessing does not make, is refused at load with the reason.
@@ -506,6 +610,11 @@ fn settings_are_typed_and_checked() {
         (json!({"interpolation": "cubic"}), "`handler.interpolation`"),
         (json!({"treshold": 0.5}), "unknown"),
         (json!({"mean": [0.5, 0.5]}), "`handler.mean`"),
+        (json!({"dtype": "int3"}), "`handler.dtype`"),
+        (
+            json!({"model_file": "model.onnx", "dtype": "bfloat16"}),
+            "runs in float32",
+        ),
     ] {
         let err = VisionHandler::initialize(&testing::init_context(dir.clone(), config.clone()))
             .err()

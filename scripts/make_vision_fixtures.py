@@ -13,6 +13,9 @@ Writes tests/fixtures/generated/vision/:
                      detections for the same three photos, batched
   fasterrcnn/        model.pt: torchvision's Faster R-CNN (MobileNetV3 FPN 320, weights=None),
                      scripted; likewise
+  ssdlite_export/    model.onnx, model.pt2: SSDlite with three classes (weights=None) exported
+                     per image ([3, H, W] in; boxes, labels, scores out) to ONNX and as an
+                     AOTInductor package; its detections for the three photos, one by one
   preprocessed.safetensors   per photo: torchvision's preprocessed tensor (Resize(256),
                      CenterCrop(224), ToTensor, Normalize, as TorchServe's handlers compute it),
                      and the segmenter's class, probability and lead over the runner-up
@@ -143,10 +146,9 @@ for n, r in zip(detected, results):
     tensors[f"detect_labels:{n}"] = r["labels"].clone()
     tensors[f"detect_scores:{n}"] = r["scores"].clone()
 
-def torchvision_detector(model, folder, prefix):
-    """A torchvision detector with random weights, its batch-norm statistics measured on the
-    photographs, scripted into `folder`; its detections for the `detected` photos, in one batch,
-    into the tensors as `{prefix}_boxes:NAME` and so on."""
+def calibrated_detector(model):
+    """A torchvision detector with its batch-norm statistics measured on the photographs (so
+    that its random-weight answers depend on the image), in eval mode."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -157,7 +159,14 @@ def torchvision_detector(model, folder, prefix):
             [transforms.functional.to_tensor(Image.open(photos / n).convert("RGB")) for n in names]
         )
         model.backbone(batch.tensors)
-    model.eval()
+    return model.eval()
+
+
+def torchvision_detector(model, folder, prefix):
+    """A torchvision detector with random weights, calibrated, scripted into `folder`; its
+    detections for the `detected` photos, in one batch, into the tensors as
+    `{prefix}_boxes:NAME` and so on."""
+    model = calibrated_detector(model)
     (out / folder).mkdir(exist_ok=True)
     scripted = torch.jit.script(model)
     scripted.save(str(out / folder / "model.pt"))
@@ -186,6 +195,77 @@ torchvision_detector(
     "fasterrcnn",
     "frcnn",
 )
+
+
+# SSDlite exported per image, as ONNX and as an AOTInductor package: one image [3, H, W] in
+# (any size from 32 to 4096), (boxes, labels, scores) out. Three classes (background, cat, dog)
+# keep inductor's compile short: its code unrolls the per-class score filtering (91 classes
+# take six minutes to compile on two cores, three take one). Its detections for the `detected`
+# photos, one by one in eager PyTorch, go into the tensors as `ssdx_boxes:NAME` and so on.
+class PerImage(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        result = self.model([image])[0]
+        return result["boxes"], result["labels"], result["scores"]
+
+
+def export_nms(boxes, scores, idxs, threshold):
+    """torchvision's batched_nms without its size-dependent branches (`numel() == 0`,
+    `numel() > 4000`), which torch.export cannot trace: the coordinate trick, on the
+    torchvision::nms operator that Cresset registers."""
+    top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (top + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, threshold)
+
+
+ssdx = PerImage(
+    calibrated_detector(
+        torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=3, score_thresh=0.0,
+            detections_per_img=20,
+        )
+    )
+).eval()
+(out / "ssdlite_export").mkdir(exist_ok=True)
+(out / "ssdlite_export/index_to_name.json").write_text(json.dumps({"1": "cat", "2": "dog"}))
+example = images[0]
+torch.onnx.export(
+    ssdx,
+    (example,),
+    str(out / "ssdlite_export/model.onnx"),
+    dynamo=False,
+    opset_version=17,
+    input_names=["images"],
+    output_names=["boxes", "labels", "scores"],
+    dynamic_axes={
+        "images": {1: "height", 2: "width"},
+        **{o: {0: "detections"} for o in ["boxes", "labels", "scores"]},
+    },
+)
+import torchvision.ops.boxes as box_ops
+
+traced_nms = box_ops.batched_nms
+box_ops.batched_nms = export_nms
+try:
+    side = [torch.export.Dim(d, min=32, max=4096) for d in ("height", "width")]
+    with torch.no_grad():
+        program = torch.export.export(ssdx, (example,), dynamic_shapes=({1: side[0], 2: side[1]},))
+    torch._inductor.aoti_compile_and_package(
+        program,
+        package_path=str(out / "ssdlite_export/model.pt2"),
+        inductor_configs={"cpp.dynamic_threads": True},
+    )
+finally:
+    box_ops.batched_nms = traced_nms
+with torch.inference_mode():
+    for n, image in zip(detected, images):
+        boxes, labels, scores = ssdx(image)
+        tensors[f"ssdx_boxes:{n}"] = boxes.clone()
+        tensors[f"ssdx_labels:{n}"] = labels.clone()
+        tensors[f"ssdx_scores:{n}"] = scores.clone()
 
 expected = {"photos": {}, "detected": detected}
 with torch.inference_mode():

@@ -240,3 +240,73 @@ fn image_classifier_and_segmenter_archives_answer_photos_sent_every_way() {
         );
     }
 }
+
+/// SSDlite exported per image to ONNX and as an AOTInductor package, each archived by
+/// `torch-model-archiver` with `--handler object_detector` (and a `model-config.yaml` that sets
+/// the handler's `threshold` to 0, so that the random weights' detections show): both answer a
+/// photograph sent with `curl -T` with the same objects.
+#[test]
+fn exported_detector_archives_answer_alike() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let config = store.path().join("model-config.yaml");
+    std::fs::write(&config, "handler:\n  threshold: 0.0\n").expect("write");
+    let src = fixtures().join("ssdlite_export");
+    for (file, name) in [("model.onnx", "ssd_onnx"), ("model.pt2", "ssd_aoti")] {
+        let args = [
+            "--model-name",
+            name,
+            "--version",
+            "1.0",
+            "--serialized-file",
+            file,
+            "--handler",
+            "object_detector",
+            "--extra-files",
+            "index_to_name.json",
+            "--config-file",
+            config.to_str().expect("utf-8"),
+        ];
+        torch_model_archiver(&src, &args, store.path());
+    }
+    let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        "ssd_onnx=ssd_onnx.mar,ssd_aoti=ssd_aoti.mar",
+    ]);
+    server.wait_healthy();
+    let answer = |model: &str| -> Vec<(String, Vec<f64>, f64)> {
+        let (code, body) = curl(
+            &["-T", photo("chelsea.jpg").to_str().expect("utf-8")],
+            &format!("{}/predictions/{model}", server.inference),
+        );
+        parse(code, &body)
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|object| {
+                let object = object.as_object().expect("object");
+                let (label, bx) = object.iter().find(|(k, _)| *k != "score").expect("label");
+                let bx = bx
+                    .as_array()
+                    .expect("box")
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .collect();
+                (label.clone(), bx, object["score"].as_f64().expect("score"))
+            })
+            .collect()
+    };
+    let (onnx, aoti) = (answer("ssd_onnx"), answer("ssd_aoti"));
+    assert_eq!(onnx.len(), 20, "{onnx:?}");
+    assert_eq!(onnx.len(), aoti.len());
+    for (label, bx, score) in &onnx {
+        assert!(label == "cat" || label == "dog", "{label}");
+        assert!(
+            aoti.iter().any(|(l, b, s)| l == label
+                && (s - score).abs() <= 1e-4
+                && b.iter().zip(bx).all(|(p, q)| (p - q).abs() <= 1e-2)),
+            "{label} {bx:?} {score}: not in {aoti:?}"
+        );
+    }
+}

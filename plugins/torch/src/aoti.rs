@@ -6,8 +6,9 @@
 //! The library inside is native code built for the machine that compiled it (its CPU's vector
 //! instructions, its platform). Before loading, the package's metadata is checked against this
 //! machine, so a package built for another CPU is refused with a message instead of dying of
-//! an illegal instruction. The compiled code trusts its inputs' dtypes and ranks: callers check
-//! them (the loader makes them contiguous).
+//! an illegal instruction. The compiled code trusts its inputs' dtypes and sizes: [`Package::run`]
+//! checks them against the input checks in the package's source first (and the loader makes
+//! them contiguous).
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
@@ -51,6 +52,8 @@ pub struct Package {
     loader: *mut c_void,
     /// The package's metadata (`AOTI_DEVICE_KEY`, `AOTI_CPU_ISA`, ...).
     pub metadata: Vec<(String, String)>,
+    /// What its inputs must be (from its source; `None` for a package without one).
+    pub inputs: Option<Vec<InputSpec>>,
 }
 
 // SAFETY: the loader's `run` is thread-safe (its runners are guarded by the model container's
@@ -158,6 +161,9 @@ impl Package {
         if let Some(why) = incompatibility(&metadata, &flags) {
             return Err(why);
         }
+        // Packages of torchvision's detectors call its `nms` through the dispatcher, whose
+        // schema must exist when the package is loaded.
+        crate::torchscript::register_torchvision_ops();
         let c = c_path(path)?;
         let mut error: *mut c_char = std::ptr::null_mut();
         // SAFETY: `c` is a NUL-terminated path; the shim returns a new loader or sets `error`.
@@ -165,11 +171,31 @@ impl Package {
         if loader.is_null() {
             return Err(take_message(error, "the package cannot be loaded"));
         }
-        Ok(Self { loader, metadata })
+        Ok(Self {
+            loader,
+            metadata,
+            inputs: input_specs(path),
+        })
     }
 
-    /// Run the model: its outputs, flattened as the package's call spec lists them.
+    /// Run the model: its outputs, flattened as the package's call spec lists them. Inputs
+    /// that are not what the package's input checks state are refused before the compiled
+    /// code sees them.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        if let Some(specs) = &self.inputs {
+            if specs.len() != inputs.len() {
+                return Err(format!(
+                    "the package takes {} inputs, not {}",
+                    specs.len(),
+                    inputs.len()
+                ));
+            }
+            for (i, (spec, t)) in specs.iter().zip(inputs).enumerate() {
+                if let Some(why) = spec.refusal(t) {
+                    return Err(format!("input {i} ({:?}): {why}", t.size()));
+                }
+            }
+        }
         let ptrs: Vec<*mut torch_sys::C_tensor> =
             inputs.iter().map(|t| t.as_ptr().cast_mut()).collect();
         let mut outputs: Vec<*mut torch_sys::C_tensor> = vec![std::ptr::null_mut(); MAX_OUTPUTS];
@@ -198,22 +224,102 @@ impl Package {
     }
 }
 
-/// What a package's first input must be, as its generated input check states it: the dtype
-/// (`float32`, ...) and the static dimensions (index, size). Dynamic dimensions are absent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What one input of a package must be, as its generated input check states it: the dtype
+/// (`float32`, `int64`, ...), the static sizes (dimension, size) and the bounds of the dynamic
+/// ones (dimension, bound). The rank is at least one more than the highest dimension named.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InputSpec {
     pub dtype: String,
     pub dims: Vec<(usize, i64)>,
+    pub min: Vec<(usize, i64)>,
+    pub max: Vec<(usize, i64)>,
 }
 
-/// The largest wrapper source read for the input check.
+impl InputSpec {
+    /// The fewest dimensions an input may have: one more than the highest the check names.
+    pub fn min_rank(&self) -> usize {
+        self.dims
+            .iter()
+            .chain(&self.min)
+            .chain(&self.max)
+            .map(|&(i, _)| i + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Why `tensor` is not an input this spec takes, if it is not. Lower bounds of 2 are
+    /// taken as 1: `torch.export` raises a dynamic dimension declared from 1 to 2 (its 0/1
+    /// specialization) while the compiled code runs a size of 1 alike (callers that depend on
+    /// it check it at load, as the vision plugin does its batch).
+    pub fn refusal(&self, tensor: &Tensor) -> Option<String> {
+        let dtype = dtype_name(tensor.kind());
+        if dtype != self.dtype {
+            return Some(format!("it is {dtype}; the package takes {}", self.dtype));
+        }
+        let size = tensor.size();
+        if size.len() < self.min_rank() {
+            return Some(format!(
+                "it has {} dimensions; the package takes {}",
+                size.len(),
+                self.min_rank()
+            ));
+        }
+        for &(i, n) in &self.dims {
+            if size[i] != n {
+                return Some(format!(
+                    "dimension {i} is {}; the package takes {n}",
+                    size[i]
+                ));
+            }
+        }
+        for &(i, n) in &self.min {
+            let floor = if n == 2 { 1 } else { n };
+            if size[i] < floor {
+                return Some(format!(
+                    "dimension {i} is {}; the package takes at least {floor}",
+                    size[i]
+                ));
+            }
+        }
+        for &(i, n) in &self.max {
+            if size[i] > n {
+                return Some(format!(
+                    "dimension {i} is {}; the package takes at most {n}",
+                    size[i]
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// The name AOTInductor's checks give a dtype (`aoti_torch_dtype_<name>`).
+fn dtype_name(kind: tch::Kind) -> &'static str {
+    use tch::Kind::*;
+    match kind {
+        Float => "float32",
+        Double => "float64",
+        Half => "float16",
+        BFloat16 => "bfloat16",
+        Int64 => "int64",
+        Int => "int32",
+        Int16 => "int16",
+        Int8 => "int8",
+        Uint8 => "uint8",
+        Bool => "bool",
+        _ => "another dtype",
+    }
+}
+
+/// The largest wrapper source read for the input checks.
 const MAX_WRAPPER_SOURCE: u64 = 64 << 20;
 
-/// The first input's spec, read from the C++ source that packages carry beside their library
-/// (`*.wrapper.cpp`): its `check_input_0` names the dtype and every static size. The compiled
-/// library checks these only when `AOTI_RUNTIME_CHECK_INPUTS` is set, and otherwise runs on
-/// whatever it is given, so the caller checks them. `None` when the package has no source.
-pub fn input_spec(path: &Path) -> Option<InputSpec> {
+/// The inputs' specs, read from the C++ source that packages carry beside their library
+/// (`*.wrapper.cpp`): its `check_input_N` functions name each input's dtype and its sizes.
+/// The compiled library checks these only when `AOTI_RUNTIME_CHECK_INPUTS` is set, and
+/// otherwise runs on whatever it is given (reading out of bounds where a size is wrong), so
+/// [`Package::run`] checks them. `None` when the package has no source.
+pub fn input_specs(path: &Path) -> Option<Vec<InputSpec>> {
     use std::io::Read;
     let mut archive = zip::ZipArchive::new(std::fs::File::open(path).ok()?).ok()?;
     let name = archive
@@ -226,40 +332,64 @@ pub fn input_spec(path: &Path) -> Option<InputSpec> {
         .take(MAX_WRAPPER_SOURCE)
         .read_to_string(&mut source)
         .ok()?;
-    parse_input_check(&source)
+    parse_input_checks(&source)
 }
 
-fn parse_input_check(source: &str) -> Option<InputSpec> {
-    let start = source.find("static void check_input_0(")?;
+/// The first input's spec ([`input_specs`]).
+pub fn input_spec(path: &Path) -> Option<InputSpec> {
+    input_specs(path)?.into_iter().next()
+}
+
+fn parse_input_checks(source: &str) -> Option<Vec<InputSpec>> {
+    let mut specs = Vec::new();
+    while let Some(spec) = parse_input_check(source, specs.len()) {
+        specs.push(spec);
+    }
+    (!specs.is_empty()).then_some(specs)
+}
+
+fn parse_input_check(source: &str, n: usize) -> Option<InputSpec> {
+    let start = source.find(&format!("static void check_input_{n}("))?;
     let body = &source[start..];
-    let body = &body[..body.find("\nstatic void ").unwrap_or(body.len())];
+    // The function ends where the next top-level definition starts.
+    let body = &body[..body[1..].find("\nstatic ").map_or(body.len(), |e| e + 1)];
     let dtype = body
         .split("_expected_dtype = aoti_torch_dtype_")
         .nth(1)?
         .split('(')
         .next()?
         .to_owned();
-    // `if (224 != arg122_1_size[2]) {`
-    let mut dims = Vec::new();
+    let mut spec = InputSpec {
+        dtype,
+        ..InputSpec::default()
+    };
+    // `if (224 != arg122_1_size[2]) {`, `if (arg1_size[1] < 32) {`, `if (arg1_size[1] > 4096) {`
+    let index = |text: &str| -> Option<usize> {
+        text.split_once("_size[")?.1.split(']').next()?.parse().ok()
+    };
     for line in body.lines() {
-        let Some(rest) = line.trim().strip_prefix("if (") else {
+        let Some(cond) = line
+            .trim()
+            .strip_prefix("if (")
+            .and_then(|r| r.strip_suffix(") {"))
+        else {
             continue;
         };
-        let Some((value, rest)) = rest.split_once(" != ") else {
-            continue;
-        };
-        let Some((_, index)) = rest.split_once("_size[") else {
-            continue;
-        };
-        let (Ok(value), Some(Ok(index))) = (
-            value.parse::<i64>(),
-            index.split(']').next().map(str::parse::<usize>),
-        ) else {
-            continue;
-        };
-        dims.push((index, value));
+        if let Some((value, dim)) = cond.split_once(" != ") {
+            if let (Ok(value), Some(i)) = (value.parse::<i64>(), index(dim)) {
+                spec.dims.push((i, value));
+            }
+        } else if let Some((dim, value)) = cond.split_once(" < ") {
+            if let (Some(i), Ok(value)) = (index(dim), value.parse::<i64>()) {
+                spec.min.push((i, value));
+            }
+        } else if let Some((dim, value)) = cond.split_once(" > ") {
+            if let (Some(i), Ok(value)) = (index(dim), value.parse::<i64>()) {
+                spec.max.push((i, value));
+            }
+        }
     }
-    Some(InputSpec { dtype, dims })
+    Some(spec)
 }
 
 #[cfg(test)]
@@ -267,13 +397,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_input_check_of_a_package_is_read_from_its_source() {
+    fn the_input_checks_of_a_package_are_read_from_its_source() {
         let source = r#"
 static void check_input_0(
     AtenTensorHandle* input_handles
 ) {
     int32_t arg122_1_expected_dtype = aoti_torch_dtype_float32();
     if (arg122_1_size[0] < 2) {
+    }
+    if (arg122_1_size[0] > 15) {
     }
     if (3 != arg122_1_size[1]) {
     }
@@ -285,16 +417,62 @@ static void check_input_0(
     }
 }
 static void check_input_1(
-    if (7 != arg1_size[0]) {
+    AtenTensorHandle* input_handles
+) {
+    int32_t arg1_expected_dtype = aoti_torch_dtype_int64();
+    if (arg1_size[0] > 4096) {
+    }
+}
+static bool _check_aoti_runtime_check_inputs_env() {
 "#;
+        let specs = parse_input_checks(source).expect("specs");
         assert_eq!(
-            parse_input_check(source),
-            Some(InputSpec {
-                dtype: "float32".into(),
-                dims: vec![(1, 3), (2, 224), (3, 224)],
-            })
+            specs,
+            vec![
+                InputSpec {
+                    dtype: "float32".into(),
+                    dims: vec![(1, 3), (2, 224), (3, 224)],
+                    min: vec![(0, 2)],
+                    max: vec![(0, 15)],
+                },
+                InputSpec {
+                    dtype: "int64".into(),
+                    max: vec![(0, 4096)],
+                    ..InputSpec::default()
+                },
+            ]
         );
-        assert_eq!(parse_input_check("no check here"), None);
+        assert_eq!(parse_input_checks("no check here"), None);
+        // What each refuses, and why.
+        let image = &specs[0];
+        assert_eq!(image.min_rank(), 4);
+        let ok = Tensor::zeros([1, 3, 224, 224], (tch::Kind::Float, tch::Device::Cpu));
+        assert_eq!(image.refusal(&ok), None, "a batch of 1 passes a floor of 2");
+        for (t, says) in [
+            (
+                Tensor::zeros([1, 3, 224, 224], (tch::Kind::Double, tch::Device::Cpu)),
+                "it is float64",
+            ),
+            (
+                Tensor::zeros([3, 224, 224], (tch::Kind::Float, tch::Device::Cpu)),
+                "3 dimensions",
+            ),
+            (
+                Tensor::zeros([1, 3, 200, 224], (tch::Kind::Float, tch::Device::Cpu)),
+                "dimension 2 is 200; the package takes 224",
+            ),
+            (
+                Tensor::zeros([16, 3, 224, 224], (tch::Kind::Float, tch::Device::Cpu)),
+                "at most 15",
+            ),
+            (
+                Tensor::zeros([0, 3, 224, 224], (tch::Kind::Float, tch::Device::Cpu)),
+                "at least 1",
+            ),
+        ] {
+            let why = image.refusal(&t).expect(says);
+            assert!(why.contains(says), "{why}");
+        }
     }
 
     fn meta(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

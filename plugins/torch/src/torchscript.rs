@@ -10,9 +10,9 @@ use crate::model_file::{format_of, model_path, Format};
 use cresset_plugin_api::PluginError;
 use tch::{CModule, Device};
 
-/// Make torchvision's `nms` and `roi_align` operators available to TorchScript modules in this
-/// process (scripted torchvision detectors call them: SSD and RetinaNet `nms`, the R-CNNs both),
-/// each unless something registered it already. Idempotent.
+/// Make torchvision's `nms` and `roi_align` operators available to TorchScript modules and
+/// AOTInductor packages in this process (torchvision's detectors call them: SSD and RetinaNet
+/// `nms`, the R-CNNs both), each unless something registered it already. Idempotent.
 pub fn register_torchvision_ops() {
     // SAFETY: takes no arguments; registers once per process behind a std::call_once.
     let result = unsafe { cresset_register_torchvision_ops() };

@@ -1,6 +1,6 @@
 //! The vision plugin: TorchServe's `image_classifier`, `image_segmenter` and `object_detector`
 //! handlers over a TorchScript model, an AOTInductor package (`.pt2`) or an ONNX model (the
-//! last two for classifiers and segmenters, on the CPU).
+//! last two on the CPU).
 //!
 //! A request carries one image (the raw body, `curl -T photo.jpg`; a multipart `data`/`body`
 //! field; or base64 in `{"data": ...}`) or several (KServe v1 `{"instances": [...]}`): JPEG,
@@ -15,8 +15,10 @@
 //! - a segmentation `[N, C, H, W]` (or torchvision's `{"out": ...}`): per pixel the top class
 //!   and its probability, `[[[class, prob], ...], ...]` per image (TorchServe's
 //!   `image_segmenter`), or, with `segmentation_format = "png"`, the class map as an 8-bit PNG;
-//! - a detector (a module that takes a list of images, as scripted torchvision detectors do):
-//!   the objects scoring at least `threshold` (0.5), `[{"dog": [x1, y1, x2, y2], "score": s},
+//! - a detector (a module that takes a list of images, as scripted torchvision detectors do;
+//!   or an AOTInductor or ONNX model that takes one image `[3, H, W]` and answers boxes, labels
+//!   and scores, as torchvision's detectors exported per image do): the objects scoring at
+//!   least `threshold` (0.5), `[{"dog": [x1, y1, x2, y2], "score": s},
 //!   ...]` per image (TorchServe's `object_detector`). A detector's images are only scaled to
 //!   [0, 1] (`ToTensor`), as TorchServe's handler does; the model resizes and normalizes them.
 //!   torchvision's detectors run on the `torchvision::nms` and `torchvision::roi_align` that
@@ -206,50 +208,64 @@ impl Handler for VisionHandler {
                         path.display()
                     ))
                 };
-                // The preprocessed image's shape.
-                let side = i64::from(config.crop.filter(|&c| c > 0).unwrap_or(224));
-                // A package exported with a static batch of 1 runs one image a pass.
-                let mut static_batch = None;
-                if let Some(spec) = (format == Format::Aoti)
-                    .then(|| cresset_torch::aoti::input_spec(&path))
-                    .flatten()
-                {
-                    let ours = [1, 3, side, side];
-                    static_batch = spec.dims.iter().find(|(i, _)| *i == 0).map(|&(_, n)| n);
-                    let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
-                    // Without a crop the images keep their own sizes, which a package with
-                    // static heights and widths would read out of its bounds.
-                    if config.crop == Some(0) && spec.dims.iter().any(|&(i, _)| i >= 2) {
-                        return Err(fail(
-                            "the package takes images of one static size: keep a crop \
-                             (`handler.crop`)"
-                                .into(),
-                        ));
-                    }
-                    if spec.dtype != "float32" || differs {
-                        return Err(fail(format!(
-                            "the package takes {} input of static sizes {:?} (dimension, \
-                             size); the preprocessing makes float32 [N, 3, {side}, {side}] \
-                             (`handler.crop`; a static batch must be 1, else export it with a \
-                             dynamic batch)",
-                            spec.dtype, spec.dims
-                        )));
-                    }
-                }
                 let (runner, device) = Runner::load(ctx, &path, format)?;
-                let batch = match static_batch {
-                    Some(_) => 1,
-                    None => ctx
-                        .model_config
-                        .get("batch_size")
-                        .and_then(serde_json::Value::as_u64)
-                        .unwrap_or(1) as usize,
-                };
                 let _threads =
                     cresset_torch::threads::Batch::enter(ctx.assignment.intra_op_threads);
-                let model =
-                    model::Model::compiled(runner, &[3, side, side], batch).map_err(fail)?;
-                (model, device)
+                // A model that takes one image `[3, H, W]` is a detector (torchvision's,
+                // exported per image); one that takes `[N, 3, H, W]` classifies or segments.
+                let first = match &runner {
+                    Runner::Aoti(package) => package.inputs.as_ref().and_then(|s| s.first()),
+                    _ => None,
+                };
+                let detector = match &runner {
+                    Runner::Onnx(onnx) => onnx.inputs.first().is_some_and(|i| i.shape.len() == 3),
+                    _ => first.is_some_and(|spec| spec.min_rank() == 3),
+                };
+                if detector {
+                    (
+                        model::Model::compiled_detector(runner).map_err(fail)?,
+                        device,
+                    )
+                } else {
+                    // The preprocessed image's shape.
+                    let side = i64::from(config.crop.filter(|&c| c > 0).unwrap_or(224));
+                    // A package exported with a static batch of 1 runs one image a pass.
+                    let mut static_batch = None;
+                    if let Some(spec) = first {
+                        let ours = [1, 3, side, side];
+                        static_batch = spec.dims.iter().find(|(i, _)| *i == 0).map(|&(_, n)| n);
+                        let differs = spec.dims.iter().any(|&(i, n)| ours.get(i) != Some(&n));
+                        // Without a crop the images keep their own sizes, which a package with
+                        // static heights and widths would not take.
+                        if config.crop == Some(0) && spec.dims.iter().any(|&(i, _)| i >= 2) {
+                            return Err(fail(
+                                "the package takes images of one static size: keep a crop \
+                                 (`handler.crop`)"
+                                    .into(),
+                            ));
+                        }
+                        if spec.dtype != "float32" || differs || spec.min_rank() != 4 {
+                            return Err(fail(format!(
+                                "the package takes {} input of static sizes {:?} (dimension, \
+                                 size); the preprocessing makes float32 [N, 3, {side}, {side}] \
+                                 (`handler.crop`; a static batch must be 1, else export it with \
+                                 a dynamic batch)",
+                                spec.dtype, spec.dims
+                            )));
+                        }
+                    }
+                    let batch = match static_batch {
+                        Some(_) => 1,
+                        None => ctx
+                            .model_config
+                            .get("batch_size")
+                            .and_then(serde_json::Value::as_u64)
+                            .unwrap_or(1) as usize,
+                    };
+                    let model =
+                        model::Model::compiled(runner, &[3, side, side], batch).map_err(fail)?;
+                    (model, device)
+                }
             }
         };
         let task = config.task.unwrap_or_default();

@@ -3,10 +3,10 @@
 //! R-CNN, RetinaNet, SSD families, scripted) take a list of images of any sizes and answer
 //! boxes, labels and scores per image.
 //!
-//! The model is TorchScript, an AOTInductor package or ONNX ([`Runner`]). The last two are
-//! classifiers and segmenters only; their batch dimension is checked at load (a pass of one
-//! image against a pass of `batch` images), because an AOTInductor package trusts its input
-//! and answers garbage outside the batch range it was exported for.
+//! The model is TorchScript, an AOTInductor package or ONNX ([`Runner`]). A compiled classifier's
+//! or segmenter's batch dimension is checked at load (a pass of one image against a pass of
+//! `batch` images), because an AOTInductor package answers garbage outside the batch range it
+//! was exported for; a compiled detector takes one image `[3, H, W]` a call.
 
 use cresset_plugin_api::PluginError;
 use cresset_torch::model_file::Runner;
@@ -67,8 +67,8 @@ impl Model {
             let input = onnx.inputs.first().ok_or("the ONNX model has no input")?;
             if onnx.inputs.len() != 1 || input.kind != Some(Kind::Float) || input.shape.len() != 4 {
                 return Err(format!(
-                    "the ONNX model must take one float tensor [N, 3, H, W] (detectors are served \
-                     from TorchScript); it takes {:?}",
+                    "the ONNX model must take one float tensor, [N, 3, H, W] (a classifier or \
+                     segmenter) or [3, H, W] (a detector); it takes {:?}",
                     onnx.inputs
                 ));
             }
@@ -108,6 +108,27 @@ impl Model {
                 ));
             }
         }
+        Ok(model)
+    }
+
+    /// An AOTInductor or ONNX detector (CPU) that takes one image `[3, H, W]` and answers
+    /// boxes, labels and scores (ONNX: the outputs so named, else the first three), checked
+    /// on a small image.
+    pub fn compiled_detector(runner: Runner) -> Result<Self, String> {
+        let mut model = Self {
+            runner,
+            device: Device::Cpu,
+            detector: true,
+            pass_limit: 1,
+            kind: Kind::Float,
+        };
+        let probe = Tensor::zeros([3, 64, 64], (Kind::Float, Device::Cpu));
+        model.detect(&[&probe]).map_err(|e| {
+            format!(
+                "a detector must take one image [3, H, W] and answer boxes, labels and scores: {}",
+                e.message
+            )
+        })?;
         Ok(model)
     }
 
@@ -235,9 +256,13 @@ impl Model {
             .map_err(|e| PluginError::invalid_input(format!("the model rejected the input: {e}")))
     }
 
-    /// A detector's pass: the images as a list; the answer, as scripted torchvision detectors
-    /// give it, `(losses, [{"boxes", "labels", "scores"}, ...])` (or the list alone).
+    /// A detector's pass: a TorchScript detector takes the images as a list and answers, as
+    /// scripted torchvision detectors do, `(losses, [{"boxes", "labels", "scores"}, ...])` (or
+    /// the list alone); a compiled one takes them one by one.
     fn detect(&mut self, images: &[&Tensor]) -> Result<Vec<Row>, PluginError> {
+        if !matches!(self.runner, Runner::TorchScript(_)) {
+            return images.iter().map(|image| self.detect_one(image)).collect();
+        }
         let list = images.iter().map(|t| t.to_device(self.device)).collect();
         let items = match self.call(IValue::TensorList(list))? {
             IValue::Tuple(mut parts) if !parts.is_empty() => match parts.pop() {
@@ -271,14 +296,55 @@ impl Model {
                         })
                         .ok_or_else(not_detections)
                 };
-                Ok(Row::Detections {
-                    boxes: get("boxes")?.to_kind(Kind::Float),
-                    labels: get("labels")?.to_kind(Kind::Int64),
-                    scores: get("scores")?.to_kind(Kind::Float),
-                })
+                detections(get("boxes")?, get("labels")?, get("scores")?)
             })
             .collect()
     }
+
+    /// A compiled detector on one image.
+    fn detect_one(&mut self, image: &Tensor) -> Result<Row, PluginError> {
+        let names: Option<Vec<usize>> = match &self.runner {
+            Runner::Onnx(onnx) => ["boxes", "labels", "scores"]
+                .iter()
+                .map(|n| onnx.outputs.iter().position(|o| o.name == *n))
+                .collect(),
+            _ => None,
+        };
+        let mut outputs: Vec<Option<Tensor>> = self
+            .runner
+            .run(&[image], Device::Cpu)?
+            .into_iter()
+            .map(Some)
+            .collect();
+        let order = names.unwrap_or_else(|| vec![0, 1, 2]);
+        let mut take = |i: usize| {
+            outputs
+                .get_mut(order[i])
+                .and_then(Option::take)
+                .ok_or_else(not_detections)
+        };
+        let (boxes, labels, scores) = (take(0)?, take(1)?, take(2)?);
+        detections(boxes, labels, scores)
+    }
+}
+
+/// One image's detections, checked: `boxes` `[K, 4]`, `labels` and `scores` `[K]`.
+fn detections(boxes: Tensor, labels: Tensor, scores: Tensor) -> Result<Row, PluginError> {
+    let k = scores.size().first().copied().unwrap_or(-1);
+    if boxes.size() != [k, 4] || labels.size() != [k] || scores.size() != [k] {
+        return Err(PluginError::internal(format!(
+            "the detector answered boxes {:?}, labels {:?} and scores {:?}: they must be \
+             [K, 4], [K] and [K]",
+            boxes.size(),
+            labels.size(),
+            scores.size()
+        )));
+    }
+    Ok(Row::Detections {
+        boxes: boxes.to_kind(Kind::Float),
+        labels: labels.to_kind(Kind::Int64),
+        scores: scores.to_kind(Kind::Float),
+    })
 }
 
 /// A batch's scores `[n, ...]`, one tensor per image, on the CPU in f32.

@@ -729,10 +729,54 @@ fn torchvisions_ssdlite_and_faster_rcnn_load_and_answer_their_detections() {
     check_torchvision_detector("fasterrcnn", "frcnn");
 }
 
+/// SSDlite exported per image to ONNX and as an AOTInductor package (`[3, H, W]` in; boxes,
+/// labels, scores out): loaded as detectors, they give eager PyTorch's detections for the
+/// three photographs (of three sizes), one request each or all in one batch; an image the
+/// package was not compiled for (over 4096 pixels high) fails alone, with the package's bound.
+#[test]
+fn exported_detectors_answer_as_pytorch() {
+    for file in ["model.onnx", "model.pt2"] {
+        check_detector("ssdlite_export", file, "ssdx");
+    }
+    let mut h = handler(
+        "ssdlite_export",
+        json!({"model_file": "model.pt2", "threshold": 0.0}),
+    );
+    let tall = {
+        let mut png = Vec::new();
+        image::DynamicImage::new_rgb8(64, 4100)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("png");
+        png
+    };
+    let (_, mut requests) = detection_requests();
+    requests.insert(1, testing::request("image/png", tall));
+    let run = testing::run(&mut h, &requests);
+    let err = run.finals[1].as_ref().expect_err("refused");
+    assert!(err.message.contains("at most 4096"), "{}", err.message);
+    for (i, answer) in run.finals.iter().enumerate() {
+        assert!(i == 1 || answer.is_ok(), "{i}");
+    }
+}
+
 fn check_torchvision_detector(model: &str, prefix: &str) {
+    check_detector(model, "model.pt", prefix);
+}
+
+fn check_detector(model: &str, file: &str, prefix: &str) {
     let reference = reference();
     let (names, requests) = detection_requests();
-    let mut h = handler(model, json!({"threshold": 0.0}));
+    let mut h = handler(model, json!({"threshold": 0.0, "model_file": file}));
+    // Labels are named by the model's index_to_name.json where it has one.
+    let names_file = fixtures().join(model).join("index_to_name.json");
+    let label_names: Value = std::fs::read(&names_file)
+        .map(|b| serde_json::from_slice(&b).expect("labels"))
+        .unwrap_or(json!({}));
+    let label_of = |i: i64| {
+        label_names[i.to_string()]
+            .as_str()
+            .map_or_else(|| i.to_string(), str::to_owned)
+    };
     assert!(h.is_detector());
     let run = testing::run(&mut h, &requests);
     assert_eq!(h.forward_passes, 1);
@@ -770,7 +814,7 @@ fn check_torchvision_detector(model: &str, prefix: &str) {
                 .enumerate()
                 .position(|(j, (label, bx, score))| {
                     !used[j]
-                        && *label == labels[i].to_string()
+                        && *label == label_of(labels[i])
                         && (score - scores[i] as f64).abs() <= 1e-5
                         && bx
                             .iter()
@@ -778,7 +822,7 @@ fn check_torchvision_detector(model: &str, prefix: &str) {
                             .all(|(a, b)| (a - *b as f64).abs() <= 1e-3)
                 });
             let at = at.unwrap_or_else(|| {
-                panic!("{model} on {name}: torchvision's detection #{i} is missing")
+                panic!("{model}/{file} on {name}: torchvision's detection #{i} is missing")
             });
             used[at] = true;
         }

@@ -437,10 +437,19 @@ impl Server {
 
     /// Ask the server to stop cleanly (SIGTERM).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Interrupt the server, as Ctrl-C does (SIGINT).
+    pub fn interrupt(&self) {
+        self.signal("INT");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
-            .expect("kill -TERM");
+            .expect("kill");
         assert!(status.success());
     }
 

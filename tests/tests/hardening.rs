@@ -1031,3 +1031,143 @@ fn unregistered_versions_leave_no_metric_series_behind() {
         }
     }
 }
+
+/// A store with the panicky fixture as model `slow`.
+fn panicky_store(dir: &Path) -> std::path::PathBuf {
+    let store = dir.join("store");
+    std::fs::create_dir_all(&store).expect("mkdir");
+    let panicky = std::fs::read(library("fixture_panicky")).expect("fixture");
+    tgz(
+        &store.join("slow.tar.gz"),
+        "slow",
+        "handler/libcresset_fixture_panicky.so",
+        &[("handler/libcresset_fixture_panicky.so", &panicky)],
+    );
+    store
+}
+
+/// `curl -N` streaming `body` to `url` in the background: its output, line by line.
+fn stream_lines(
+    url: &str,
+    body: &str,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("curl")
+        .args([
+            "-sN",
+            "--data-binary",
+            body,
+            "-H",
+            "Content-Type: text/plain",
+            url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    let stdout = child.stdout.take().expect("stdout");
+    (child, std::io::BufReader::new(stdout).lines())
+}
+
+/// SIGTERM with a stream in flight: readiness turns not ready at once and new requests get
+/// 503, while the stream runs to its end; then the server exits 0, well within the grace.
+#[test]
+fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = panicky_store(dir.path());
+    let mut server = Server::start(&[
+        "--model-store",
+        store.to_str().expect("utf-8"),
+        "--models",
+        "slow=slow.tar.gz",
+        "--shutdown-grace",
+        "20",
+    ]);
+    server.wait_healthy();
+    let url = format!("{}/predictions/slow", server.inference);
+    // Six chunks, 300 ms apart: about two seconds.
+    let (mut curl, mut lines) = stream_lines(&url, "stream:6:300");
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("chunk-0")
+    );
+    let signalled = Instant::now();
+    server.terminate();
+    // Not ready at once (ping and the v2 readiness), and new requests are refused.
+    let ping = server.get("/ping");
+    assert_eq!(ping.status, 500, "{}", ping.text());
+    assert_eq!(ping.json()["draining"], true, "{}", ping.text());
+    assert_eq!(server.get("/v2/health/ready").status, 503);
+    let refused = server.post("/predictions/slow", "text/plain", b"x");
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused.text().contains("shutting down"),
+        "{}",
+        refused.text()
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(1));
+    // The stream runs to its end.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(
+        rest,
+        ["chunk-1", "chunk-2", "chunk-3", "chunk-4", "chunk-5", "done"],
+        "{}",
+        server.log()
+    );
+    assert!(curl.wait().expect("curl").success());
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .expect("the server exits after the stream");
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        signalled.elapsed()
+    );
+}
+
+/// SIGINT stops the server the same way; a stream longer than the grace period is cut when it
+/// ends, and the server still exits 0.
+#[test]
+fn sigint_stops_cleanly_and_the_grace_period_bounds_the_wait() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = panicky_store(dir.path());
+    let mut server = Server::start(&[
+        "--model-store",
+        store.to_str().expect("utf-8"),
+        "--models",
+        "slow=slow.tar.gz",
+        "--shutdown-grace",
+        "1",
+    ]);
+    server.wait_healthy();
+    let url = format!("{}/predictions/slow", server.inference);
+    // Forty chunks, 300 ms apart: twelve seconds, far past the grace.
+    let (mut curl, mut lines) = stream_lines(&url, "stream:40:300");
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("chunk-0")
+    );
+    let signalled = Instant::now();
+    server.interrupt();
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("the server exits when the grace is over");
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    let waited = signalled.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert!(
+        server.log().contains("grace period is over"),
+        "{}",
+        server.log()
+    );
+    // The cut stream never ends with `done`.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(!rest.iter().any(|l| l == "done"), "{rest:?}");
+    let _ = curl.wait();
+}

@@ -83,6 +83,14 @@ pub struct ServeArgs {
     /// Metrics API address (`/metrics`). [default: 127.0.0.1:8082]
     #[arg(long, env = "CRESSET_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+    /// Open Inference Protocol gRPC address (`inference.GRPCInferenceService`). [default: off]
+    #[arg(long, env = "CRESSET_GRPC_ADDRESS")]
+    pub grpc_address: Option<String>,
+    /// Seconds that in-flight requests (streams included) get to finish after SIGTERM or
+    /// SIGINT, while new ones are refused and readiness says not ready; then the server exits.
+    /// [default: 30]
+    #[arg(long, env = "CRESSET_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<u64>,
     /// The http(s) URLs models may be registered from, comma-separated, each
     /// `scheme://host[:port][/path]` with every part a regular expression matched against that
     /// part of the parsed, normalised URL (see README "Security"). [default: none: only
@@ -182,6 +190,8 @@ struct FileConfig {
     inference_address: Option<String>,
     management_address: Option<String>,
     metrics_address: Option<String>,
+    grpc_address: Option<String>,
+    shutdown_grace: Option<u64>,
     #[serde(default)]
     allowed_urls: Vec<String>,
     #[serde(default)]
@@ -222,6 +232,10 @@ pub struct ServerConfig {
     pub models: Vec<ModelSource>,
     /// Inference API address.
     pub inference_address: SocketAddr,
+    /// The Open Inference Protocol's gRPC address, if it is served.
+    pub grpc_address: Option<SocketAddr>,
+    /// How long in-flight requests get to finish after SIGTERM or SIGINT.
+    pub shutdown_grace: std::time::Duration,
     /// Management API address.
     pub management_address: SocketAddr,
     /// Metrics API address.
@@ -344,6 +358,15 @@ impl ServerConfig {
                 .or(file.inference_address)
                 .unwrap_or_else(|| "127.0.0.1:8080".into()),
         )?;
+        let grpc_address = args
+            .grpc_address
+            .or(file.grpc_address)
+            .map(|a| parse_address("grpc_address", &a))
+            .transpose()?;
+        let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30);
+        if shutdown_grace > 86_400 {
+            bail!("`shutdown_grace` must be between 0 and 86400 seconds. Given: {shutdown_grace}");
+        }
         let management_address = parse_address(
             "management_address",
             &args
@@ -506,6 +529,8 @@ impl ServerConfig {
             model_store,
             models,
             inference_address,
+            grpc_address,
+            shutdown_grace: std::time::Duration::from_secs(shutdown_grace),
             management_address,
             metrics_address,
             allowed_urls,

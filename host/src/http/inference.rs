@@ -48,10 +48,10 @@ pub(super) async fn ping(state: web::Data<AppState>) -> HttpResponse {
 /// Whether the server is ready, and what health routes (which need no token) may say about the
 /// models: their names and states when the inference API is open, counts only when it needs a
 /// token.
-pub(super) fn readiness(state: &AppState) -> (bool, serde_json::Value) {
+pub(crate) fn readiness(state: &AppState) -> (bool, serde_json::Value) {
     let readiness = state.registry.readiness();
     let named = state.keys.is_none() || !state.config.inference_token_auth;
-    let details = if named {
+    let mut details = if named {
         serde_json::json!({ "models": readiness.not_ready, "failed": readiness.failed })
     } else {
         serde_json::json!({
@@ -59,6 +59,11 @@ pub(super) fn readiness(state: &AppState) -> (bool, serde_json::Value) {
             "failed": readiness.failed.len(),
         })
     };
+    // Shutting down: not ready, whatever the models are.
+    if state.is_draining() {
+        details["draining"] = true.into();
+        return (false, details);
+    }
     (readiness.ready(), details)
 }
 
@@ -156,7 +161,7 @@ pub(super) async fn run(
         .map_err(ApiError::from)?;
     let id = request_id(&req);
     let started = Instant::now();
-    let request = receive(&state, &id, protocol, &req, payload).await?;
+    let (request, arriving) = receive(&state, &id, protocol, &req, payload).await?;
     // KServe bodies are the host's to check, before any plugin sees them.
     match protocol {
         Protocol::KServeV1 => super::oip::check_v1(&request.body).map_err(ApiError::BadRequest)?,
@@ -168,6 +173,7 @@ pub(super) async fn run(
         .get(&model, version.as_deref())
         .map_err(ApiError::from)?;
     let permit = acquire(&state, &target)?;
+    drop(arriving);
     let result = answer(&target, kind, request, &req, permit, Framing::Raw).await;
     Ok(respond(&state, &target, &id, started, result, render))
 }
@@ -190,15 +196,18 @@ pub(super) fn acquire(
 }
 
 /// Receive the request: a body-in-transit slot while it arrives (429 when all are taken), each
-/// chunk within `body_idle_timeout` (408 when it stalls).
+/// chunk within `body_idle_timeout` (408 when it stalls). The slot comes back with the request:
+/// the caller keeps it until it holds an in-flight permit ([`acquire`]), so that a request is
+/// always counted while a shutdown waits for the requests in progress. Refused with 503 once
+/// the server is shutting down.
 pub(super) async fn receive(
     state: &AppState,
     id: &str,
     protocol: Protocol,
     req: &HttpRequest,
     payload: web::Payload,
-) -> Result<Request, ApiError> {
-    let _arriving = state.in_transit.clone().try_acquire_owned().map_err(|_| {
+) -> Result<(Request, tokio::sync::OwnedSemaphorePermit), ApiError> {
+    let arriving = state.in_transit.clone().try_acquire_owned().map_err(|_| {
         state
             .metrics
             .requests_total
@@ -206,7 +215,16 @@ pub(super) async fn receive(
             .inc();
         ApiError::TooManyBodies(state.config.max_bodies_in_transit)
     })?;
-    read_request(state, id, protocol, req, payload).await
+    // Checked with the slot held: a shutdown that starts after this waits for this request.
+    if state.is_draining() {
+        return Err(ApiError::Unavailable(
+            "the server is shutting down: it finishes the requests it has and takes no new \
+             ones"
+                .into(),
+        ));
+    }
+    let request = read_request(state, id, protocol, req, payload).await?;
+    Ok((request, arriving))
 }
 
 /// Count the answer in the metrics, render an error with `render`, and add the version and

@@ -42,6 +42,9 @@ pub struct AppState {
     pub in_transit: Arc<tokio::sync::Semaphore>,
     /// The API keys (`None` with `--disable-token-auth`).
     pub keys: Option<ApiKeys>,
+    /// Set on SIGTERM or SIGINT: readiness says not ready and new inference requests are
+    /// refused while the ones in flight finish.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -59,8 +62,65 @@ impl AppState {
             config,
             registrar,
             keys,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
+
+    /// Whether the server is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Inference requests in flight or arriving (their bodies in transit).
+    pub fn requests_in_progress(&self) -> usize {
+        (self.config.max_concurrent_requests - self.in_flight.available_permits())
+            + (self.config.max_bodies_in_transit - self.in_transit.available_permits())
+    }
+}
+
+/// Wait for SIGTERM or SIGINT, then shut down gracefully: readiness turns not ready and new
+/// inference requests get 503 at once; the requests in flight (streams included) get up to
+/// `shutdown_grace` to finish; then `stop` runs. The listeners stay open meanwhile, so that
+/// probes read "not ready" rather than a refused connection.
+pub async fn drain_on_signal(state: Arc<AppState>, stop: impl std::future::Future<Output = ()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM and SIGINT: the server stops only when killed");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let grace = state.config.shutdown_grace;
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(
+        signal = name,
+        in_progress = state.requests_in_progress(),
+        grace_s = grace.as_secs(),
+        "shutting down: not ready, refusing new requests, finishing those in flight"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let left = state.requests_in_progress();
+        if left == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                in_progress = left,
+                "the shutdown grace period is over; stopping with requests unfinished"
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.await;
 }
 
 /// Bind the listeners and return the running server and the addresses it bound (port 0 picks a
@@ -72,6 +132,7 @@ pub fn bind(
     Vec<(&'static str, std::net::SocketAddr)>,
 )> {
     let config = state.config.clone();
+    let shutdown_state = state.clone();
     let data = web::Data::from(state);
     let inference_token = web::Data::new(auth::RequiredToken(
         data.keys
@@ -103,6 +164,8 @@ pub fn bind(
     })
     .on_connect(peer::remember_socket)
     .workers(config.http_workers)
+    .disable_signals()
+    .shutdown_timeout(1)
     .bind(config.inference_address)?;
     let mut addresses: Vec<(&'static str, std::net::SocketAddr)> = inference
         .addrs()
@@ -140,6 +203,8 @@ pub fn bind(
             .default_service(web::to(route_not_found))
     })
     .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
     .listen(management_listener)?;
     addresses.extend(management.addrs().into_iter().map(|a| ("management", a)));
 
@@ -159,6 +224,8 @@ pub fn bind(
             .default_service(web::to(route_not_found))
     })
     .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
     .listen(metrics_listener)?;
     addresses.extend(metrics.addrs().into_iter().map(|a| ("metrics", a)));
 
@@ -176,12 +243,11 @@ pub fn bind(
         let _ = management.await;
     });
     let stopper = combined.handle();
-    actix_web::rt::spawn(async move {
-        let _ = actix_web::rt::signal::ctrl_c().await;
+    actix_web::rt::spawn(drain_on_signal(shutdown_state, async move {
         metrics_handle.stop(true).await;
         management_handle.stop(true).await;
         stopper.stop(true).await;
-    });
+    }));
     Ok((combined, addresses))
 }
 

@@ -76,7 +76,7 @@ async fn generate(
 ) -> HttpResponse {
     let id = request_id(&req);
     let started = Instant::now();
-    let request = match receive(&state, &id, protocol, &req, payload).await {
+    let (request, arriving) = match receive(&state, &id, protocol, &req, payload).await {
         Ok(r) => r,
         Err(e) => return render(&e),
     };
@@ -118,6 +118,7 @@ async fn generate(
         Ok(p) => p,
         Err(e) => return render(&e),
     };
+    drop(arriving);
     let framing = if stream { Framing::Sse } else { Framing::Raw };
     let result = answer(&target, JobKind::Predict, request, &req, permit, framing).await;
     respond(&state, &target, &id, started, result, render)

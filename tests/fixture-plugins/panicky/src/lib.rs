@@ -1,7 +1,7 @@
 //! Test fixture: a plugin that misbehaves on request, to test the host's defences.
 //!
 //! Bodies: `panic` panics in `inference`; `sleep:MS` sleeps MS milliseconds; `stream:N` sends
-//! N chunks then a final `done`; `wait-cancel` waits (up to 20 s) for its client to go away,
+//! N chunks then a final `done` (`stream:N:MS`: each chunk MS milliseconds after the last); `wait-cancel` waits (up to 20 s) for its client to go away,
 //! then counts it in the metric `cresset_fixture_cancelled_total`. Anything else is answered
 //! with `ok`. `[handler] panic_in = "initialize"` panics while a worker initialises;
 //! `[handler] crash_in = "initialize"` kills the process there instead, with `crash = "abort"`
@@ -65,8 +65,10 @@ impl Handler for Panicky {
             } else if let Some(ms) = command.strip_prefix("sleep:") {
                 std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
                 out.push("ok".to_owned());
-            } else if let Some(n) = command.strip_prefix("stream:") {
+            } else if let Some(spec) = command.strip_prefix("stream:") {
+                let (n, ms) = spec.split_once(':').unwrap_or((spec, "0"));
                 for k in 0..n.parse().unwrap_or(0) {
+                    std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
                     ctx.send_chunk(i, Response::ok("text/plain", format!("chunk-{k}\n")));
                 }
                 out.push("done".to_owned());

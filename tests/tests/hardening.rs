@@ -1032,9 +1032,15 @@ fn unregistered_versions_leave_no_metric_series_behind() {
     }
 }
 
-/// A store with the panicky fixture as model `slow`.
-fn panicky_store(dir: &Path) -> std::path::PathBuf {
-    let store = dir.join("store");
+type Lines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// A server with the panicky fixture as model `slow` and this shutdown grace, streaming
+/// `body` (`stream:N:MS`) to `curl -N` in the background once the first chunk has arrived:
+/// the server, its store's folder, curl, and the rest of curl's output line by line.
+fn streaming(grace: &str, body: &str) -> (Server, tempfile::TempDir, std::process::Child, Lines) {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
     std::fs::create_dir_all(&store).expect("mkdir");
     let panicky = std::fs::read(library("fixture_panicky")).expect("fixture");
     tgz(
@@ -1043,56 +1049,43 @@ fn panicky_store(dir: &Path) -> std::path::PathBuf {
         "handler/libcresset_fixture_panicky.so",
         &[("handler/libcresset_fixture_panicky.so", &panicky)],
     );
-    store
-}
-
-/// `curl -N` streaming `body` to `url` in the background: its output, line by line.
-fn stream_lines(
-    url: &str,
-    body: &str,
-) -> (
-    std::process::Child,
-    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new("curl")
+    let server = Server::start(&[
+        "--model-store",
+        store.to_str().expect("utf-8"),
+        "--models",
+        "slow=slow.tar.gz",
+        "--shutdown-grace",
+        grace,
+    ]);
+    server.wait_healthy();
+    let url = format!("{}/predictions/slow", server.inference);
+    let mut curl = std::process::Command::new("curl")
         .args([
             "-sN",
             "--data-binary",
             body,
             "-H",
             "Content-Type: text/plain",
-            url,
+            &url,
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("curl");
-    let stdout = child.stdout.take().expect("stdout");
-    (child, std::io::BufReader::new(stdout).lines())
+    let stdout = curl.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("chunk-0")
+    );
+    (server, dir, curl, lines)
 }
 
 /// SIGTERM with a stream in flight: readiness turns not ready at once and new requests get
 /// 503, while the stream runs to its end; then the server exits 0, well within the grace.
 #[test]
 fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = panicky_store(dir.path());
-    let mut server = Server::start(&[
-        "--model-store",
-        store.to_str().expect("utf-8"),
-        "--models",
-        "slow=slow.tar.gz",
-        "--shutdown-grace",
-        "20",
-    ]);
-    server.wait_healthy();
-    let url = format!("{}/predictions/slow", server.inference);
     // Six chunks, 300 ms apart: about two seconds.
-    let (mut curl, mut lines) = stream_lines(&url, "stream:6:300");
-    assert_eq!(
-        lines.next().and_then(Result::ok).as_deref(),
-        Some("chunk-0")
-    );
+    let (mut server, _dir, mut curl, lines) = streaming("20", "stream:6:300");
     let signalled = Instant::now();
     server.terminate();
     // Not ready at once (ping and the v2 readiness), and new requests are refused.
@@ -1132,24 +1125,8 @@ fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests() {
 /// ends, and the server still exits 0.
 #[test]
 fn sigint_stops_cleanly_and_the_grace_period_bounds_the_wait() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = panicky_store(dir.path());
-    let mut server = Server::start(&[
-        "--model-store",
-        store.to_str().expect("utf-8"),
-        "--models",
-        "slow=slow.tar.gz",
-        "--shutdown-grace",
-        "1",
-    ]);
-    server.wait_healthy();
-    let url = format!("{}/predictions/slow", server.inference);
     // Forty chunks, 300 ms apart: twelve seconds, far past the grace.
-    let (mut curl, mut lines) = stream_lines(&url, "stream:40:300");
-    assert_eq!(
-        lines.next().and_then(Result::ok).as_deref(),
-        Some("chunk-0")
-    );
+    let (mut server, _dir, mut curl, lines) = streaming("1", "stream:40:300");
     let signalled = Instant::now();
     server.interrupt();
     let status = server

@@ -13,4 +13,5 @@ pub mod plan;
 pub mod registry;
 pub mod remote;
 pub mod services;
+pub mod tensor_wire;
 pub mod worker;

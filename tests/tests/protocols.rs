@@ -221,18 +221,47 @@ fn kserve_bodies_are_checked_by_the_host_and_echo_answers_in_each_protocols_shap
     let missing = server.post_json("/v2/models/nope/infer", &json!({"inputs": []}));
     assert_eq!(missing.status, 404);
     assert!(missing.json()["error"].is_string());
-    // Binary tensors are not supported yet, and say so.
+    // The binary tensor extension: a JSON header, then the tensor's bytes; the outputs come
+    // back the same way when asked for.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
+    let header = serde_json::to_vec(&json!({
+        "inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                    "parameters": {"binary_data_size": 8}}],
+        "parameters": {"binary_data_output": true}
+    }))
+    .expect("json");
+    let mut body = header.clone();
+    body.extend(1.5f32.to_le_bytes());
+    body.extend((-2.0f32).to_le_bytes());
     let mut binary = agent
         .post(format!("{}/v2/models/echo/infer", server.inference))
-        .header("Inference-Header-Content-Length", "10")
+        .header("Inference-Header-Content-Length", header.len().to_string())
         .header("content-type", "application/octet-stream")
-        .send(&b"{\"inputs\":[]}\x00\x01"[..])
+        .send(&body[..])
         .expect("POST");
-    assert_eq!(binary.status().as_u16(), 400);
-    let text = binary.body_mut().read_to_string().expect("body");
-    assert!(text.contains("binary tensor extension"), "{text}");
+    assert_eq!(binary.status().as_u16(), 200);
+    let length: usize = binary
+        .headers()
+        .get("inference-header-content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Inference-Header-Content-Length");
+    let answer = binary.body_mut().read_to_vec().expect("body");
+    let head: Value = serde_json::from_slice(&answer[..length]).expect("json header");
+    assert_eq!(head["model_name"], "echo");
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
+    assert_eq!(&answer[length..], &body[header.len()..]);
+    // A header length past the body is refused, naming it.
+    let mut bad = agent
+        .post(format!("{}/v2/models/echo/infer", server.inference))
+        .header("Inference-Header-Content-Length", "100000")
+        .header("content-type", "application/octet-stream")
+        .send(&body[..])
+        .expect("POST");
+    assert_eq!(bad.status().as_u16(), 400);
+    let text = bad.body_mut().read_to_string().expect("body");
+    assert!(text.contains("Inference-Header-Content-Length"), "{text}");
 }

@@ -326,14 +326,26 @@ fn sse_event(body: &[u8]) -> Bytes {
 
 const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
 
-pub(super) async fn answer(
+/// What a model answered: a whole response, or the first chunk of a stream with the rest to
+/// come (and the in-flight permit, which the stream keeps until it ends).
+pub(crate) enum Answered {
+    Whole(Response),
+    Stream(
+        Response,
+        mpsc::Receiver<Reply>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+}
+
+/// Submit `request` to `target` and wait for its first reply, within the model's response
+/// timeout; while waiting, a client whose connection `peer` has closed cancels it.
+pub(crate) async fn await_answer(
     target: &ModelVersion,
     kind: JobKind,
     request: Request,
-    req: &HttpRequest,
+    peer: Option<&PeerSocket>,
     permit: tokio::sync::OwnedSemaphorePermit,
-    framing: Framing,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<Answered, ApiError> {
     let id = request.id.to_string();
     let (tx, mut rx) = mpsc::channel(REPLY_BUFFER);
     target
@@ -347,7 +359,6 @@ pub(super) async fn answer(
         })?;
     let timeout = Duration::from_secs(target.config.response_timeout_s);
     let deadline = tokio::time::Instant::now() + timeout;
-    let peer = req.conn_data::<PeerSocket>();
     let first = loop {
         let tick = (tokio::time::Instant::now() + CLIENT_CHECK_INTERVAL).min(deadline);
         tokio::select! {
@@ -372,7 +383,23 @@ pub(super) async fn answer(
             "the worker of model `{}` stopped without answering",
             target.name
         ))),
-        Ok(Some(Reply::Final(Ok(response)))) if framing == Framing::Sse => {
+        Ok(Some(Reply::Final(Ok(response)))) => Ok(Answered::Whole(response)),
+        Ok(Some(Reply::Final(Err(e)))) => Err(ApiError::Plugin(e)),
+        Ok(Some(Reply::Chunk(first))) => Ok(Answered::Stream(first, rx, permit)),
+    }
+}
+
+pub(super) async fn answer(
+    target: &ModelVersion,
+    kind: JobKind,
+    request: Request,
+    req: &HttpRequest,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    framing: Framing,
+) -> Result<HttpResponse, ApiError> {
+    let peer = req.conn_data::<PeerSocket>();
+    match await_answer(target, kind, request, peer, permit).await? {
+        Answered::Whole(response) if framing == Framing::Sse => {
             let mut body = Vec::new();
             if !response.body.is_empty() {
                 body.extend_from_slice(&sse_event(&response.body));
@@ -382,12 +409,11 @@ pub(super) async fn answer(
                 .content_type("text/event-stream")
                 .body(body))
         }
-        Ok(Some(Reply::Final(Ok(response)))) => Ok(whole(response)),
-        Ok(Some(Reply::Final(Err(e)))) => Err(ApiError::Plugin(e)),
-        Ok(Some(Reply::Chunk(first))) => Ok(streamed(
+        Answered::Whole(response) => Ok(whole(response)),
+        Answered::Stream(first, rx, permit) => Ok(streamed(
             first,
             rx,
-            timeout,
+            Duration::from_secs(target.config.response_timeout_s),
             target.name.clone(),
             permit,
             framing,
@@ -406,7 +432,7 @@ fn with_plugin_headers(builder: &mut actix_web::HttpResponseBuilder, headers: &[
     }
 }
 
-fn whole(response: Response) -> HttpResponse {
+pub(super) fn whole(response: Response) -> HttpResponse {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK);
     let mut builder = HttpResponse::build(status);
     if !response.content_type.is_empty() {

@@ -1,13 +1,22 @@
 //! KServe v1 (`:predict`) and the Open Inference Protocol v2 (health, model metadata and
-//! readiness, `infer`), on the inference listener. Bodies go to the plugin unchanged, with the
-//! `cresset-protocol` parameter telling it which shape to answer in.
+//! readiness, `infer`), on the inference listener. Bodies go to the plugin as JSON (the binary
+//! tensor extension decoded first), with the `cresset-protocol` parameter telling it which
+//! shape to answer in.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
+use cresset_plugin_api::{Request, Response};
+use serde_json::{json, Value};
+use tokio::sync::OwnedSemaphorePermit;
 
-use super::inference::{run, Protocol};
+use super::inference::{
+    acquire, await_answer, receive, request_id, respond, run, Answered, Protocol,
+};
+use super::peer::PeerSocket;
 use super::{resource, ApiError, AppState};
-use crate::registry::ModelState;
+use crate::registry::{ModelState, ModelVersion};
 use crate::worker::JobKind;
 
 /// Register the routes.
@@ -32,7 +41,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         "/v2/models/{model}/infer",
         "/v2/models/{model}/versions/{version}/infer",
     ] {
-        cfg.service(resource(path).route(web::post().to(predict)));
+        cfg.service(resource(path).route(web::post().to(infer)));
     }
 }
 
@@ -41,59 +50,142 @@ fn target(req: &HttpRequest) -> (String, Option<String>) {
     (model, req.match_info().get("version").map(str::to_owned))
 }
 
-/// `:predict` (KServe v1) and `/infer` (OIP v2): the protocol follows from the path.
+/// `:predict` (KServe v1).
 async fn predict(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (model, version) = target(&req);
-    let protocol = if req.path().starts_with("/v1/") {
-        Protocol::KServeV1
-    } else {
-        Protocol::KServeV2
-    };
-    if req
-        .headers()
-        .contains_key("inference-header-content-length")
-    {
-        return Ok(oip_error(&ApiError::BadRequest(
-            "the binary tensor extension (Inference-Header-Content-Length) is not supported; \
-             send the tensors as JSON (tritonclient: binary_data=False)"
-                .into(),
-        )));
-    }
-    let response = match run(
+    Ok(run(
         state,
-        model.clone(),
+        model,
         version,
         JobKind::Predict,
-        protocol,
+        Protocol::KServeV1,
         req,
         payload,
         oip_error,
     )
     .await
-    {
-        Ok(response) => response,
-        Err(e) => return Ok(oip_error(&e)),
+    .unwrap_or_else(|e| oip_error(&e)))
+}
+
+/// `/infer` (Open Inference Protocol v2): tensors as JSON, or in the binary tensor extension
+/// (a JSON header of `Inference-Header-Content-Length` bytes, then the binary inputs); the
+/// outputs come back in binary when the request asks for them so.
+async fn infer(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> HttpResponse {
+    let (model, version) = target(&req);
+    let id = request_id(&req);
+    let started = Instant::now();
+    let (target, result) = match receive_v2(&state, &req, payload, &model, version, &id).await {
+        Ok((target, request, binary, permit)) => {
+            let peer = req.conn_data::<PeerSocket>();
+            let answered = run_v2(&target, &model, request, peer, permit)
+                .await
+                .and_then(|answer| v2_http(answer, binary));
+            (target, answered)
+        }
+        Err(e) => return oip_error(&e),
     };
-    if protocol != Protocol::KServeV2 || response.status() != actix_web::http::StatusCode::OK {
-        return Ok(response);
+    respond(&state, &target, &id, started, result, oip_error)
+}
+
+/// Receive a v2 request over REST as plain JSON (the binary extension decoded), checked: the
+/// version to run, the request, whether outputs go back in binary, and an in-flight permit.
+async fn receive_v2(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    model: &str,
+    version: Option<String>,
+    id: &str,
+) -> Result<(Arc<ModelVersion>, Request, bool, OwnedSemaphorePermit), ApiError> {
+    // 404 before reading a body for nobody.
+    state.registry.get(model, version.as_deref())?;
+    let header_len = match req.headers().get("inference-header-content-length") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Inference-Header-Content-Length must be a number of bytes".into(),
+                    )
+                })?,
+        ),
+    };
+    let (mut request, arriving) = receive(state, id, Protocol::KServeV2, req, payload).await?;
+    let binary = match header_len {
+        Some(len) => {
+            let (json, binary) = crate::tensor_wire::request_from_binary(&request.body, len)
+                .map_err(ApiError::BadRequest)?;
+            request.body = json.into();
+            request.content_type = "application/json".into();
+            binary
+        }
+        None => match serde_json::from_slice::<Value>(&request.body) {
+            Ok(mut value) => {
+                let binary = crate::tensor_wire::wants_binary_output(&mut value);
+                if binary {
+                    request.body = serde_json::to_vec(&value)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?
+                        .into();
+                }
+                binary
+            }
+            // Not JSON: the check below says so.
+            Err(_) => false,
+        },
+    };
+    super::oip::check_v2(&request.body).map_err(ApiError::BadRequest)?;
+    let target = state.registry.get(model, version.as_deref())?;
+    let permit = acquire(state, &target)?;
+    drop(arriving);
+    Ok((target, request, binary, permit))
+}
+
+/// Run a checked v2 request (JSON) on `target`: the plugin's answer, with the model that was
+/// addressed and the version that answered named in it. Shared by REST and gRPC.
+pub(crate) async fn run_v2(
+    target: &ModelVersion,
+    model: &str,
+    request: Request,
+    peer: Option<&PeerSocket>,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response, ApiError> {
+    match await_answer(target, JobKind::Predict, request, peer, permit).await? {
+        Answered::Whole(mut response) => {
+            if response.status == 200 {
+                if let Some(named) = super::oip::name_model(&response.body, model, &target.version)
+                {
+                    response.body = named.into();
+                }
+            }
+            Ok(response)
+        }
+        Answered::Stream(..) => Err(ApiError::Internal(format!(
+            "model `{model}` streams its answer, which the Open Inference Protocol cannot carry"
+        ))),
     }
-    // A v2 answer names the model that was addressed and the version that answered.
-    let served = response
-        .headers()
-        .get("x-model-version")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let (head, body) = response.into_parts();
-    let bytes = actix_web::body::to_bytes(body)
-        .await
-        .map_err(|_| ApiError::Internal("cannot read the plugin's answer".into()))?;
-    let named = super::oip::name_model(&bytes, &model, &served).unwrap_or_else(|| bytes.to_vec());
-    Ok(head.set_body(named).map_into_boxed_body())
+}
+
+/// A v2 answer over REST: as the plugin gave it, or with its outputs in binary.
+fn v2_http(response: Response, binary: bool) -> Result<HttpResponse, ApiError> {
+    if !binary || response.status != 200 {
+        return Ok(super::inference::whole(response));
+    }
+    let (body, header_len) =
+        crate::tensor_wire::answer_to_binary(&response.body).map_err(ApiError::Internal)?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .insert_header(("inference-header-content-length", header_len.to_string()))
+        .body(body))
 }
 
 /// KServe's and the Open Inference Protocol's error body: `{"error": "..."}`.

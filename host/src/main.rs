@@ -162,7 +162,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let state = Arc::new(AppState::new(config.clone(), registrar.clone(), keys));
     actix_web::rt::System::new().block_on(async move {
-        let (server, addresses) = http::bind(state).context("cannot bind the HTTP listeners")?;
+        let grpc_state = state.clone();
+        let (server, mut addresses) =
+            http::bind(state).context("cannot bind the HTTP listeners")?;
+        if let Some(address) = config.grpc_address {
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("cannot bind the gRPC listener on {address}"))?;
+            addresses.push(("grpc", listener.local_addr()?));
+            let stopped = grpc_state.stopped();
+            actix_web::rt::spawn(async move {
+                if let Err(e) = cresset::grpc::serve(grpc_state, listener, stopped).await {
+                    tracing::error!("the gRPC server failed: {e:#}");
+                }
+            });
+        }
         for (api, address) in &addresses {
             tracing::info!(%api, %address, "listening");
         }

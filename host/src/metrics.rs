@@ -138,6 +138,16 @@ impl Metrics {
         }
     }
 
+    /// Count an answered inference request (its status code) and its latency.
+    pub fn record_request(&self, model: &str, version: &str, status: u16, seconds: f64) {
+        self.requests_total
+            .with_label_values(&[model, version, &status.to_string()])
+            .inc();
+        self.request_latency
+            .with_label_values(&[model, version])
+            .observe(seconds);
+    }
+
     /// Record a metric reported by a plugin. Returns an error message for an invalid name or
     /// a label set that differs from the first use of the name.
     pub fn plugin_metric(

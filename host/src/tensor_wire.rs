@@ -53,7 +53,7 @@ pub fn decode(datatype: &str, bytes: &[u8]) -> Result<Vec<Value>, String> {
         return Ok(out);
     }
     let size = element_size(datatype).ok_or_else(|| format!("unknown datatype {datatype}"))?;
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(format!(
             "{} bytes are not a whole number of {datatype} elements ({size} bytes each)",
             bytes.len()

@@ -152,6 +152,8 @@ pub struct Server {
     pub metrics: String,
     /// `http://127.0.0.1:PORT` of the management API.
     pub management: String,
+    /// `127.0.0.1:PORT` of the gRPC listener, when the test asked for one (`--grpc-address`).
+    pub grpc: Option<String>,
     log: Arc<Mutex<String>>,
     _work: tempfile::TempDir,
 }
@@ -249,8 +251,13 @@ impl Server {
         });
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (mut inference, mut metrics, mut management) = (None, None, None);
-        while inference.is_none() || metrics.is_none() || management.is_none() {
+        let (mut inference, mut metrics, mut management, mut grpc) = (None, None, None, None);
+        let want_grpc = args.contains(&"--grpc-address");
+        while inference.is_none()
+            || metrics.is_none()
+            || management.is_none()
+            || (want_grpc && grpc.is_none())
+        {
             let line = match lines.next() {
                 Some(Ok(line)) => line,
                 _ => {
@@ -267,6 +274,7 @@ impl Server {
                 Some("inference") => inference = Some(address),
                 Some("metrics") => metrics = Some(address),
                 Some("management") => management = Some(address),
+                Some("grpc") => grpc = event["address"].as_str().map(str::to_owned),
                 _ => {}
             }
         }
@@ -276,6 +284,7 @@ impl Server {
             inference: inference.expect("inference address"),
             metrics: metrics.expect("metrics address"),
             management: management.expect("management address"),
+            grpc,
             log,
             _work: work,
         }
@@ -592,4 +601,26 @@ pub fn assert_same_classes(a: &serde_json::Value, b: &serde_json::Value) {
             "{label}: {p} vs {q:?}"
         );
     }
+}
+
+/// The default store's iris `model.pt` archived as `iris_raw` without labels (so the raw
+/// logits come back), batch size 8: its `--models` argument.
+pub fn raw_iris_archive(dir: &std::path::Path) -> String {
+    let model = repo_root().join("model_store/iris/model.pt");
+    let config = dir.join("model-config.toml");
+    std::fs::write(&config, "batch_size = 8\nmax_workers = 1\n").expect("write config");
+    let (ok, path, err) = run_archiver(&[
+        "--model-name",
+        "iris_raw",
+        "--handler",
+        "torchscript",
+        "--serialized-file",
+        model.to_str().expect("utf-8"),
+        "--config-file",
+        config.to_str().expect("utf-8"),
+        "--export-path",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{err}");
+    format!("iris_raw={path}")
 }

@@ -265,3 +265,72 @@ fn kserve_bodies_are_checked_by_the_host_and_echo_answers_in_each_protocols_shap
     let text = bad.body_mut().read_to_string().expect("body");
     assert!(text.contains("Inference-Header-Content-Length"), "{text}");
 }
+
+/// NVIDIA's `tritonclient` (the package index's, in the test venv) drives the Open Inference
+/// Protocol over HTTP and gRPC: liveness, readiness, server and model metadata, and the iris
+/// TorchScript model on FP32 tensors sent four ways (HTTP JSON, HTTP binary, gRPC raw and
+/// gRPC typed contents), each answering what REST's JSON answers; bad requests get gRPC errors
+/// with reasons.
+#[test]
+fn tritonclient_drives_the_open_inference_protocol_over_http_and_grpc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&[
+        "--models",
+        &cresset_e2e::raw_iris_archive(dir.path()),
+        "--grpc-address",
+        "127.0.0.1:0",
+    ]);
+    server.wait_healthy();
+    let inputs = json!([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]);
+    let rest = server.post_json(
+        "/v2/models/iris_raw/infer",
+        &json!({"inputs": [{"name": "input0", "shape": [2, 4], "datatype": "FP32",
+                            "data": inputs}]}),
+    );
+    assert_eq!(rest.status, 200, "{}", rest.text());
+    let rest_out: Vec<f64> = rest.json()["outputs"][0]["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert_eq!(rest_out.len(), 6);
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let out = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+        .arg(cresset_e2e::repo_root().join("tests/triton_client.py"))
+        .arg(server.inference.trim_start_matches("http://"))
+        .arg(server.grpc.as_deref().expect("grpc address"))
+        .arg("iris_raw")
+        .arg(inputs.to_string())
+        .output()
+        .expect("run tritonclient");
+    assert!(
+        out.status.success(),
+        "tritonclient failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    let answers: Value = serde_json::from_slice(&out.stdout).expect("json");
+    for way in ["http_json", "http_binary", "grpc_raw", "grpc_typed"] {
+        let got: Vec<f64> = answers[way]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .flat_map(|row| {
+                row.as_array()
+                    .expect("row")
+                    .iter()
+                    .filter_map(Value::as_f64)
+            })
+            .collect();
+        assert_eq!(got.len(), rest_out.len(), "{way}: {}", answers[way]);
+        // FP32 on the wire: the same float32 values REST's JSON carried.
+        for (a, b) in got.iter().zip(&rest_out) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{way}: {a} vs {b}"
+            );
+        }
+    }
+}

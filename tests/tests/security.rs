@@ -110,3 +110,52 @@ fn tokens_guard_every_api_but_health_and_each_key_opens_only_its_own_api() {
         200
     );
 }
+
+/// The gRPC listener takes the inference key as `authorization: Bearer` metadata, as REST takes
+/// the header: without it (or with the management key) every call is UNAUTHENTICATED.
+#[test]
+fn grpc_calls_need_the_inference_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("keys.json");
+    let server = Server::start(&[
+        "--models",
+        "echo",
+        "--key-file",
+        key_file.to_str().expect("utf-8"),
+        "--grpc-address",
+        "127.0.0.1:0",
+    ]);
+    server.wait_healthy();
+    let keys: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&key_file).expect("read")).expect("json");
+    let script = r#"
+import sys
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+url, inference, management = sys.argv[1:4]
+c = g.InferenceServerClient(url=url)
+for headers in (None, {"authorization": "Bearer " + management}):
+    try:
+        c.is_model_ready("echo", headers=headers)
+        raise SystemExit(f"answered with {headers}")
+    except InferenceServerException as e:
+        assert "UNAUTHENTICATED" in str(e.status()), e
+assert c.is_model_ready("echo", headers={"authorization": "Bearer " + inference})
+assert c.is_server_live(headers={"authorization": "bearer " + inference})
+print("ok")
+"#;
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let out = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+        .args(["-c", script])
+        .arg(server.grpc.as_deref().expect("grpc address"))
+        .arg(keys["inference"].as_str().expect("key"))
+        .arg(keys["management"].as_str().expect("key"))
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

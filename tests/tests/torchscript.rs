@@ -19,32 +19,11 @@ fn max_abs_diff(a: &Value, b: &Value) -> f64 {
     }
 }
 
-/// The iris model.pt archived without labels, so the raw logits come back.
-fn raw_iris_archive(dir: &std::path::Path) -> String {
-    let model = repo_root().join("model_store/iris/model.pt");
-    let config = dir.join("model-config.toml");
-    std::fs::write(&config, "batch_size = 8\nmax_workers = 1\n").expect("write config");
-    let (ok, path, err) = run_archiver(&[
-        "--model-name",
-        "iris_raw",
-        "--handler",
-        "torchscript",
-        "--serialized-file",
-        model.to_str().expect("utf-8"),
-        "--config-file",
-        config.to_str().expect("utf-8"),
-        "--export-path",
-        dir.to_str().expect("utf-8"),
-    ]);
-    assert!(ok, "{err}");
-    format!("iris_raw={path}")
-}
-
 #[test]
 fn logits_match_python_torch_within_1e_5() {
     let expected = expected_json();
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&["--models", &raw_iris_archive(dir.path())]);
+    let server = Server::start(&["--models", &cresset_e2e::raw_iris_archive(dir.path())]);
     server.wait_healthy();
     let reply = server.post_json(
         "/predictions/iris_raw",
@@ -153,7 +132,7 @@ fn kserve_v2_inputs_with_two_tensors_and_tuple_outputs() {
 fn a_malformed_request_in_a_batch_fails_alone() {
     let expected = expected_json();
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&["--models", &raw_iris_archive(dir.path())]);
+    let server = Server::start(&["--models", &cresset_e2e::raw_iris_archive(dir.path())]);
     server.wait_healthy();
     let inputs = expected["iris"]["inputs"].clone();
     // Many concurrent requests, one of them with the wrong feature count: with batch_size 8

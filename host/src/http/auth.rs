@@ -105,6 +105,20 @@ fn bearer_token(value: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Check an `Authorization` value (HTTP header or gRPC metadata) against `key`: why it is
+/// refused, if it is.
+pub(crate) fn check_bearer(given: Option<&str>, key: &str) -> Result<(), &'static str> {
+    match given.and_then(bearer_token) {
+        None => {
+            Err("this API needs a token: send `Authorization: Bearer <key>` (see the key file)")
+        }
+        Some(token) if !same(token.as_bytes(), key.as_bytes()) => {
+            Err("the token is not valid for this API")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
 /// Middleware: check `Authorization: Bearer <token>` against the listener's required token.
 pub async fn require_token<B: MessageBody + 'static>(
     req: ServiceRequest,
@@ -118,18 +132,8 @@ pub async fn require_token<B: MessageBody + 'static>(
             let given = req
                 .headers()
                 .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer_token);
-            let problem = match given {
-                None => Some(
-                    "this API needs a token: send `Authorization: Bearer <key>` (see the key file)",
-                ),
-                Some(token) if !same(token.as_bytes(), key.as_bytes()) => {
-                    Some("the token is not valid for this API")
-                }
-                Some(_) => None,
-            };
-            if let Some(problem) = problem {
+                .and_then(|v| v.to_str().ok());
+            if let Err(problem) = check_bearer(given, &key) {
                 let mut response = ApiError::Unauthorized(problem.into()).error_response();
                 response.headers_mut().insert(
                     actix_web::http::header::WWW_AUTHENTICATE,

@@ -181,7 +181,7 @@ pub(super) async fn run(
 /// The global cap on requests in flight, taken once the body has arrived (a slow body must not
 /// hold it): answer 429 at once rather than queue without bound. The permit lives as long as
 /// the request, streams included.
-pub(super) fn acquire(
+pub(crate) fn acquire(
     state: &AppState,
     target: &ModelVersion,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
@@ -241,18 +241,13 @@ pub(super) fn respond(
         Ok(r) => r.status(),
         Err(e) => e.status_code(),
     };
-    let labels = [target.name.as_str(), target.version.as_str()];
-    state
-        .metrics
-        .requests_total
-        .with_label_values(&[labels[0], labels[1], status.as_str()])
-        .inc();
     // For a stream, this is the time to its first chunk.
-    state
-        .metrics
-        .request_latency
-        .with_label_values(&labels)
-        .observe(started.elapsed().as_secs_f64());
+    state.metrics.record_request(
+        &target.name,
+        &target.version,
+        status.as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     // Errors carry the version and request id too.
     let mut response = result.unwrap_or_else(|e| render(&e));
     let headers = response.headers_mut();

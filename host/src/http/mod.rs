@@ -12,8 +12,12 @@ mod openai;
 mod openapi;
 mod peer;
 
+pub(crate) use auth::check_bearer;
 pub use auth::ApiKeys;
 pub use error::ApiError;
+pub(crate) use inference::{acquire, readiness};
+pub(crate) use kserve::run_v2;
+pub(crate) use oip::check_v2;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +49,9 @@ pub struct AppState {
     /// Set on SIGTERM or SIGINT: readiness says not ready and new inference requests are
     /// refused while the ones in flight finish.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Turns true when the listeners are to close (after the drain); listeners besides the
+    /// HTTP ones (gRPC) watch it.
+    pub stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -63,6 +70,15 @@ impl AppState {
             registrar,
             keys,
             draining: std::sync::atomic::AtomicBool::new(false),
+            stop: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Resolves when the listeners are to close.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.subscribe();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
         }
     }
 
@@ -120,6 +136,7 @@ pub async fn drain_on_signal(state: Arc<AppState>, stop: impl std::future::Futur
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    state.stop.send_replace(true);
     stop.await;
 }
 

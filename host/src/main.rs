@@ -131,17 +131,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 })
                 .collect()
         }
-        None => config
-            .models
-            .iter()
-            .map(|source| StoreRegistration {
-                source: source.clone(),
-                overrides: ConfigOverrides::default(),
-                url: None,
-                version: None,
-                status: RegistrationStatus::Queued,
-            })
-            .collect(),
+        None => {
+            let sources = match &config.direct_model {
+                Some((path, name)) => vec![cresset::archive::direct::prepare(
+                    path,
+                    name.as_deref(),
+                    scratch.path(),
+                )?],
+                None => config.models.clone(),
+            };
+            sources
+                .into_iter()
+                .map(|source| StoreRegistration {
+                    source,
+                    overrides: ConfigOverrides::default(),
+                    url: None,
+                    version: None,
+                    status: RegistrationStatus::Queued,
+                })
+                .collect()
+        }
     };
     let registrar = Arc::new(Registrar {
         registry: Arc::new(ModelRegistry::default()),

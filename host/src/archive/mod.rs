@@ -2,6 +2,7 @@
 //! `.zip` or a plain directory.
 
 mod create;
+pub mod direct;
 mod extract;
 mod model_config;
 pub mod tar;

@@ -74,6 +74,14 @@ pub struct ServeArgs {
     /// path), or `all` for every archive in the store.
     #[arg(long, env = "CRESSET_MODELS", value_delimiter = ',', num_args = 1..)]
     pub models: Vec<String>,
+    /// Serve this one model as it lies on disk: a HuggingFace checkpoint folder, a `.gguf`, a
+    /// TorchScript, ONNX or AOTInductor file, or an archive; the handler is picked from what is
+    /// there. No snapshot is read or written.
+    #[arg(long, env = "CRESSET_MODEL", conflicts_with = "models")]
+    pub model: Option<PathBuf>,
+    /// The name to serve `--model` under. [default: its file stem or folder name]
+    #[arg(long, env = "CRESSET_MODEL_NAME", requires = "model")]
+    pub model_name: Option<String>,
     /// Inference API address. [default: 127.0.0.1:8080]
     #[arg(long, env = "CRESSET_INFERENCE_ADDRESS")]
     pub inference_address: Option<String>,
@@ -232,6 +240,8 @@ pub struct ServerConfig {
     pub models: Vec<ModelSource>,
     /// Inference API address.
     pub inference_address: SocketAddr,
+    /// `--model` and `--model-name`: one model served from where it lies.
+    pub direct_model: Option<(PathBuf, Option<String>)>,
     /// The Open Inference Protocol's gRPC address, if it is served.
     pub grpc_address: Option<SocketAddr>,
     /// How long in-flight requests get to finish after SIGTERM or SIGINT.
@@ -334,11 +344,16 @@ impl ServerConfig {
         if !(1..=31_536_000).contains(&default_response_timeout) {
             bail!("`default_response_timeout` must be between 1 and 31536000 seconds. Given: {default_response_timeout}");
         }
-        let model_store = args
+        let direct_model = args.model.clone().map(|p| (p, args.model_name.clone()));
+        let store_given = args.model_store.is_some() || file.model_store.is_some();
+        let mut model_store = args
             .model_store
             .or(file.model_store)
             .unwrap_or_else(|| PathBuf::from("model_store"));
-        if !model_store.is_dir() {
+        // `--model` needs no store: without one, the server keeps a private one (keys) in its
+        // work folder, below.
+        let store_later = direct_model.is_some() && !store_given && !model_store.is_dir();
+        if !model_store.is_dir() && !store_later {
             bail!(
                 "`model_store` must be an existing folder. Given: {}",
                 model_store.display()
@@ -349,7 +364,14 @@ impl ServerConfig {
         } else {
             args.models
         };
-        let models = expand_models(&model_store, &models_raw)?;
+        if direct_model.is_some() && !models_raw.is_empty() {
+            bail!("`models` and `--model` cannot be combined: `--model` serves one model");
+        }
+        let models = if store_later {
+            Vec::new()
+        } else {
+            expand_models(&model_store, &models_raw)?
+        };
 
         let inference_address = parse_address(
             "inference_address",
@@ -436,6 +458,12 @@ impl ServerConfig {
             .or(file.work_dir)
             .unwrap_or_else(|| std::env::temp_dir().join(format!("cresset-{}", effective_uid())));
         private_dir(&work_dir)?;
+        if store_later {
+            model_store = work_dir.join("model-store");
+            std::fs::create_dir_all(&model_store).with_context(|| {
+                format!("cannot create the model store {}", model_store.display())
+            })?;
+        }
 
         let max_request_size = args
             .max_request_size
@@ -516,19 +544,22 @@ impl ServerConfig {
                     .unwrap_or_else(|| model_store.join(".cresset-keys.json")),
             )
         };
-        let snapshot_file = if args.no_config_snapshot || file.no_config_snapshot {
-            None
-        } else {
-            Some(
-                args.snapshot_file
-                    .or(file.snapshot_file)
-                    .unwrap_or_else(|| model_store.join(".cresset-snapshot.json")),
-            )
-        };
+        // `--model` is the whole registration: nothing to save or restore.
+        let snapshot_file =
+            if args.no_config_snapshot || file.no_config_snapshot || direct_model.is_some() {
+                None
+            } else {
+                Some(
+                    args.snapshot_file
+                        .or(file.snapshot_file)
+                        .unwrap_or_else(|| model_store.join(".cresset-snapshot.json")),
+                )
+            };
         Ok(Self {
             model_store,
             models,
             inference_address,
+            direct_model,
             grpc_address,
             shutdown_grace: std::time::Duration::from_secs(shutdown_grace),
             management_address,

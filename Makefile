@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build models serve test bench clean-cache
+.PHONY: setup build models serve test dist bench clean-cache
 
 setup:
 	@scripts/setup-venv.sh
@@ -28,11 +28,18 @@ models: setup
 serve: build models
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset" serve --model-store model_store --models all --disable-inference-token-auth
 
+# The self-contained CPU distribution (scripts/make-dist.sh): prints the tarball's path.
+dist: build
+	@$(ENV) scripts/make-dist.sh
+
 # The GPU tests cannot run here, but they must compile: checked first (seconds, no codegen).
+# The distribution test (tests/tests/dist.rs) unpacks `make dist` into a minimal Debian root.
 test: build models
 	@$(ENV) cargo check --release --tests -p cresset-torch -p cresset-plugin-torchscript \
 	  --features cresset-torch/gpu,cresset-plugin-torchscript/gpu
-	@$(ENV) cargo test --release --workspace --no-fail-fast
+	@$(ENV) export CRESSET_DIST="$$(scripts/make-dist.sh)" \
+	  && export CRESSET_DEBIAN_ROOT="$$(scripts/setup-debian-root.sh)" \
+	  && cargo test --release --workspace --no-fail-fast
 
 # The serving benchmark; writes BENCHMARKS.md. Not part of `make test` (speed is never a test).
 bench: build models

@@ -44,7 +44,35 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
+/// The libraries of a distribution's `lib/` folder (`make dist`: `bin/cresset` beside
+/// `lib/`) that plugins need, loaded before any plugin. Plugins are opened from staged copies in
+/// the work folder, where their `$ORIGIN/../lib` run path leads nowhere; a library already
+/// loaded satisfies their dependency on it by name. Outside a distribution, nothing happens.
+fn preload_distribution_libraries() {
+    let Some(lib) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("lib")))
+    else {
+        return;
+    };
+    for name in ["libtorch_cpu.so", "libonnxruntime.so.1"] {
+        let path = lib.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated path; the handle is kept for the process's life.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            eprintln!("cresset: cannot load {}", path.display());
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    preload_distribution_libraries();
     let config = Arc::new(ServerConfig::resolve(args)?);
     cresset::archive::set_model_defaults(config.model_defaults);
     // The server divides the cores: a batch runs with the cores the busy workers leave it

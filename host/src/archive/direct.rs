@@ -74,8 +74,9 @@ fn file_choice(path: &Path) -> Option<Choice> {
     }
 }
 
-/// The handler for a model folder, from its `config.json` or the one model file it holds.
-fn folder_choice(dir: &Path) -> anyhow::Result<Choice> {
+/// The handler for a model folder, from its `config.json` or the one model file it holds (and
+/// that file, which the handler is told to load).
+fn folder_choice(dir: &Path) -> anyhow::Result<(Choice, Option<PathBuf>)> {
     let config = dir.join("config.json");
     if config.is_file() {
         let text =
@@ -91,7 +92,7 @@ fn folder_choice(dir: &Path) -> anyhow::Result<Choice> {
             .and_then(serde_json::Value::as_str)
             .unwrap_or_default();
         let causal = architecture.ends_with("ForCausalLM") || architecture == "GPT2LMHeadModel";
-        return Ok(if causal { GPT } else { NLP });
+        return Ok((if causal { GPT } else { NLP }, None));
     }
     let mut found: Vec<(PathBuf, &'static str)> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -104,10 +105,11 @@ fn folder_choice(dir: &Path) -> anyhow::Result<Choice> {
         }
     }
     let handlers: std::collections::BTreeSet<&str> = found.iter().map(|(_, h)| *h).collect();
+    let only = || found.first().map(|(p, _)| p.clone());
     match (handlers.len(), handlers.first()) {
-        (1, Some(&"gpt")) => Ok(GPT),
-        (1, Some(&"vision")) if found.len() == 1 => Ok(VISION),
-        (1, Some(&"torchscript")) if found.len() == 1 => Ok(TORCHSCRIPT),
+        (1, Some(&"gpt")) => Ok((GPT, None)),
+        (1, Some(&"vision")) if found.len() == 1 => Ok((VISION, only())),
+        (1, Some(&"torchscript")) if found.len() == 1 => Ok((TORCHSCRIPT, only())),
         (0, _) => bail!(
             "{} holds no model Cresset can serve directly: a config.json (a HuggingFace \
              checkpoint), a .gguf, a TorchScript .pt, an .onnx or a .pt2, or an archive's \
@@ -184,16 +186,17 @@ pub fn prepare(path: &Path, name: Option<&str>, scratch: &Path) -> anyhow::Resul
             archive: path.to_string_lossy().into_owned(),
         });
     }
-    let choice = if meta.is_dir() {
+    let (choice, model_file) = if meta.is_dir() {
         folder_choice(&path)?
     } else {
-        file_choice(&path).with_context(|| {
+        let choice = file_choice(&path).with_context(|| {
             format!(
                 "`--model` {}: not a model file Cresset serves directly (.gguf, a TorchScript \
                  .pt, .onnx, .pt2) nor an archive (.tar.gz, .zip, .mar)",
                 path.display()
             )
-        })?
+        })?;
+        (choice, Some(path.clone()))
     };
     let dir = scratch.join("direct").join(&name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -214,7 +217,7 @@ pub fn prepare(path: &Path, name: Option<&str>, scratch: &Path) -> anyhow::Resul
     } else {
         link(&path)?;
     }
-    let manifest = format!(
+    let mut manifest = format!(
         "manifest_version = 1\ncreated_by = \"cresset {} (--model)\"\n\n[model]\nname = {}\n\
          version = \"1.0\"\nhandler = \"{}\"\ndescription = {}\n",
         env!("CARGO_PKG_VERSION"),
@@ -222,6 +225,13 @@ pub fn prepare(path: &Path, name: Option<&str>, scratch: &Path) -> anyhow::Resul
         choice.handler,
         toml_string(&format!("served directly from {}", path.display())),
     );
+    // The model file the handler loads (its default is `model.pt`).
+    if let Some(file) = model_file.as_deref().and_then(Path::file_name) {
+        manifest += &format!(
+            "serialized_file = {}\n",
+            toml_string(&file.to_string_lossy())
+        );
+    }
     std::fs::write(dir.join(MANIFEST_FILE), manifest)?;
     std::fs::write(dir.join(super::MODEL_CONFIG_FILE), choice.config)?;
     tracing::info!(model = %name, handler = choice.handler, path = %path.display(), "serving a model directly");
@@ -264,9 +274,20 @@ mod tests {
         let gguf = make("g", &[("m.Q4_1.gguf", "")]);
         let two = make("two", &[("a.onnx", ""), ("b.onnx", "")]);
         let empty = make("empty", &[("README", "")]);
-        assert_eq!(folder_choice(&llama).expect("llama").handler, "gpt");
-        assert_eq!(folder_choice(&bert).expect("bert").handler, "nlp");
-        assert_eq!(folder_choice(&gguf).expect("gguf").handler, "gpt");
+        assert_eq!(folder_choice(&llama).expect("llama").0.handler, "gpt");
+        assert_eq!(folder_choice(&bert).expect("bert").0.handler, "nlp");
+        assert_eq!(folder_choice(&gguf).expect("gguf").0.handler, "gpt");
+        let one = make("one", &[("resnet.onnx", "")]);
+        let (choice, file) = folder_choice(&one).expect("one");
+        assert_eq!(choice.handler, "vision");
+        assert_eq!(file.as_deref(), Some(one.join("resnet.onnx").as_path()));
+        let source = prepare(&one, None, &dir.path().join("s1")).expect("prepared");
+        let manifest = std::fs::read_to_string(Path::new(&source.archive).join(MANIFEST_FILE))
+            .expect("manifest");
+        assert!(
+            manifest.contains("serialized_file = \"resnet.onnx\""),
+            "{manifest}"
+        );
         let err = folder_choice(&two).err().expect("two").to_string();
         assert!(err.contains("several model files"), "{err}");
         let err = folder_choice(&empty).err().expect("none").to_string();

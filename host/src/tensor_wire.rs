@@ -190,7 +190,8 @@ pub fn request_from_binary(body: &[u8], header_len: usize) -> Result<(Vec<u8>, b
                 return Err(format!(
                     "`inputs[{i}]` has {size} bytes of binary data, not the {} bytes its \
                      `shape` {shape:?} of {datatype} holds",
-                    want.map_or("uncountable".into(), |n| (n * each as u64).to_string()),
+                    want.and_then(|n| n.checked_mul(each as u64))
+                        .map_or("uncountable".into(), |b| b.to_string()),
                     shape = Value::Array(shape.clone()),
                 ));
             }

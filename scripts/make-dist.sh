@@ -50,6 +50,8 @@ echo "make-dist: staging $name" >&2
 rm -rf "$stage" "$tarball"
 mkdir -p "$stage/bin" "$stage/lib" "$stage/LICENSES"
 cp "$release/cresset" "$stage/bin/"
+# The marker the server looks for before it loads lib/'s libraries (host/src/main.rs).
+echo "cresset $version, CPU, libtorch $CRESSET_TORCH_VERSION" > "$stage/CRESSET-DIST"
 for p in "${plugins[@]}"; do
   cp "$release/libcresset_plugin_$p.so" "$stage/bin/"
 done

@@ -53,7 +53,11 @@ pub async fn serve(
     listener.set_nonblocking(true)?;
     let incoming =
         tonic::transport::server::TcpIncoming::from(tokio::net::TcpListener::from_std(listener)?);
+    // Messages are read whole before a call runs: bound how many one connection may have in
+    // flight (the calls themselves are bounded by the server's body slots).
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(16))
+        .concurrency_limit_per_connection(16)
         .add_service(service(state))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
@@ -64,7 +68,12 @@ pub async fn serve(
 /// as REST's body says it.
 fn status(e: &ApiError) -> Status {
     let http = actix_web::ResponseError::status_code(e).as_u16();
-    let code = match http {
+    Status::new(code_for(http), crate::http::error::redact(&e.to_string()))
+}
+
+/// The gRPC code for an HTTP status.
+fn code_for(http: u16) -> Code {
+    match http {
         400 | 413 | 431 => Code::InvalidArgument,
         401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
@@ -74,8 +83,7 @@ fn status(e: &ApiError) -> Status {
         499 => Code::Cancelled,
         503 => Code::Unavailable,
         _ => Code::Internal,
-    };
-    Status::new(code, crate::http::error::redact(&e.to_string()))
+    }
 }
 
 impl Service {
@@ -111,19 +119,18 @@ impl Service {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for Service {
+    // Health needs no token, as REST's `/v2/health/*` does not.
     async fn server_live(
         &self,
-        request: tonic::Request<ServerLiveRequest>,
+        _request: tonic::Request<ServerLiveRequest>,
     ) -> Result<tonic::Response<ServerLiveResponse>, Status> {
-        self.authorize(&request)?;
         Ok(tonic::Response::new(ServerLiveResponse { live: true }))
     }
 
     async fn server_ready(
         &self,
-        request: tonic::Request<ServerReadyRequest>,
+        _request: tonic::Request<ServerReadyRequest>,
     ) -> Result<tonic::Response<ServerReadyResponse>, Status> {
-        self.authorize(&request)?;
         let (ready, _) = crate::http::readiness(&self.state);
         Ok(tonic::Response::new(ServerReadyResponse { ready }))
     }
@@ -189,8 +196,21 @@ impl GrpcInferenceService for Service {
         request: tonic::Request<ModelInferRequest>,
     ) -> Result<tonic::Response<ModelInferResponse>, Status> {
         self.authorize(&request)?;
-        let asked = request.into_inner();
         let state = &self.state;
+        // A body slot, as a REST body takes while it arrives, held until the answer is made:
+        // it bounds the calls being converted at once, and a shutdown counts this call from
+        // here to its answer.
+        let _slot =
+            state.in_transit.clone().try_acquire_owned().map_err(|_| {
+                status(&ApiError::TooManyBodies(state.config.max_bodies_in_transit))
+            })?;
+        if state.is_draining() {
+            return Err(Status::unavailable(
+                "the server is shutting down: it finishes the requests it has and takes no new \
+                 ones",
+            ));
+        }
+        let asked = request.into_inner();
         let target = self.version(&asked.model_name, &asked.model_version)?;
         let started = std::time::Instant::now();
         let id = if asked.id.is_empty() || asked.id.len() > 128 {
@@ -199,18 +219,11 @@ impl GrpcInferenceService for Service {
             asked.id.clone()
         };
         let result = async {
-            let body = request_json(&asked).map_err(ApiError::BadRequest)?;
+            let body = request_json(&asked, state.config.max_request_size)
+                .map_err(ApiError::BadRequest)?;
             let body = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
             crate::http::check_v2(&body).map_err(ApiError::BadRequest)?;
             let permit = crate::http::acquire(state, &target)?;
-            // Checked with the permit held: a shutdown that starts after this waits for it.
-            if state.is_draining() {
-                return Err(ApiError::Unavailable(
-                    "the server is shutting down: it finishes the requests it has and takes \
-                     no new ones"
-                        .into(),
-                ));
-            }
             let plugin_request = Request {
                 id: id.as_str().into(),
                 content_type: "application/json".into(),
@@ -221,27 +234,35 @@ impl GrpcInferenceService for Service {
             let response =
                 crate::http::run_v2(&target, &asked.model_name, plugin_request, None, permit)
                     .await?;
-            if response.status != 200 {
-                return Err(ApiError::Internal(format!(
-                    "the model answered status {}: {}",
-                    response.status,
-                    String::from_utf8_lossy(&response.body)
-                )));
-            }
-            response_message(&response.body, &id).map_err(ApiError::Internal)
+            Ok(response)
         }
         .await;
-        let code = match &result {
-            Ok(_) => 200,
-            Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
+        // An error is (HTTP status, gRPC status); a plugin's own error status keeps its meaning
+        // (400 stays INVALID_ARGUMENT).
+        let result: Result<ModelInferResponse, (u16, Status)> = match result {
+            Err(e) => Err((
+                actix_web::ResponseError::status_code(&e).as_u16(),
+                status(&e),
+            )),
+            Ok(response) if response.status != 200 => Err((
+                response.status,
+                Status::new(
+                    code_for(response.status),
+                    String::from_utf8_lossy(&response.body).into_owned(),
+                ),
+            )),
+            Ok(response) => {
+                response_message(&response.body, &id).map_err(|e| (500, Status::internal(e)))
+            }
         };
+        let code = result.as_ref().map_or_else(|(code, _)| *code, |_| 200);
         state.metrics.record_request(
             &target.name,
             &target.version,
             code,
             started.elapsed().as_secs_f64(),
         );
-        result.map(tonic::Response::new).map_err(|e| status(&e))
+        result.map(tonic::Response::new).map_err(|(_, s)| s)
     }
 }
 
@@ -273,8 +294,10 @@ fn parameters(map: &HashMap<String, InferParameter>) -> Option<Value> {
     (!object.is_empty()).then_some(Value::Object(object))
 }
 
-/// A gRPC infer request as the v2 JSON body REST takes.
-pub fn request_json(request: &ModelInferRequest) -> Result<Value, String> {
+/// A gRPC infer request as the v2 JSON body REST takes. Raw contents may hold at most as many
+/// elements as a JSON body of `max_request_size` bytes could (half as many as its bytes), so
+/// that a binary request costs no more memory than a JSON one.
+pub fn request_json(request: &ModelInferRequest, max_request_size: usize) -> Result<Value, String> {
     let raw = &request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
         return Err(format!(
@@ -284,6 +307,7 @@ pub fn request_json(request: &ModelInferRequest) -> Result<Value, String> {
         ));
     }
     let mut inputs = Vec::with_capacity(request.inputs.len());
+    let mut elements = 0usize;
     for (i, input) in request.inputs.iter().enumerate() {
         let field = |m: String| format!("`inputs[{i}]` ({}): {m}", input.name);
         let data = match raw.get(i) {
@@ -307,7 +331,10 @@ pub fn request_json(request: &ModelInferRequest) -> Result<Value, String> {
                         )));
                     }
                 }
-                tensor_wire::decode(&input.datatype, bytes).map_err(field)?
+                let data = tensor_wire::decode(&input.datatype, bytes).map_err(field)?;
+                elements += data.len();
+                tensor_wire::check_elements(elements, max_request_size)?;
+                data
             }
             None => contents(&input.datatype, input.contents.as_ref()).map_err(field)?,
         };
@@ -459,7 +486,7 @@ mod tests {
             inputs: vec![typed],
             ..Default::default()
         };
-        let body = request_json(&request).expect("json");
+        let body = request_json(&request, 1 << 20).expect("json");
         assert_eq!(
             body,
             json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32",
@@ -474,7 +501,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            request_json(&request).expect("json")["inputs"][0]["data"],
+            request_json(&request, 1 << 20).expect("json")["inputs"][0]["data"],
             json!([0.5, 1.5])
         );
         // Raw bytes that disagree with the shape, or a count of raw entries that disagrees
@@ -497,7 +524,7 @@ mod tests {
                 raw_input_contents: raws,
                 ..Default::default()
             };
-            let err = request_json(&request).expect_err(says);
+            let err = request_json(&request, 1 << 20).expect_err(says);
             assert!(err.contains(says), "{says}: {err}");
         }
     }

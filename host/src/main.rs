@@ -44,17 +44,22 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
-/// The libraries of a distribution's `lib/` folder (`make dist`: `bin/cresset` beside
-/// `lib/`) that plugins need, loaded before any plugin. Plugins are opened from staged copies in
-/// the work folder, where their `$ORIGIN/../lib` run path leads nowhere; a library already
-/// loaded satisfies their dependency on it by name. Outside a distribution, nothing happens.
+/// The libraries of a distribution's `lib/` folder (`make dist`: `bin/cresset` beside `lib/`,
+/// under a folder marked by a `CRESSET-DIST` file) that plugins need, loaded before any plugin.
+/// Plugins are opened from staged copies in the work folder, where their `$ORIGIN/../lib` run
+/// path leads nowhere; a library already loaded satisfies their dependency on it by name.
+/// Without the marker (a build tree, an install beside other libraries), nothing is loaded.
 fn preload_distribution_libraries() {
-    let Some(lib) = std::env::current_exe()
+    let Some(home) = std::env::current_exe()
         .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("lib")))
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_owned()))
     else {
         return;
     };
+    if !home.join("CRESSET-DIST").is_file() {
+        return;
+    }
+    let lib = home.join("lib");
     for name in ["libtorch_cpu.so", "libonnxruntime.so.1"] {
         let path = lib.join(name);
         if !path.is_file() {
@@ -202,16 +207,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let grpc_state = state.clone();
         let (server, mut addresses) =
             http::bind(state).context("cannot bind the HTTP listeners")?;
+        let mut grpc = None;
         if let Some(address) = config.grpc_address {
             let listener = std::net::TcpListener::bind(address)
                 .with_context(|| format!("cannot bind the gRPC listener on {address}"))?;
             addresses.push(("grpc", listener.local_addr()?));
             let stopped = grpc_state.stopped();
-            actix_web::rt::spawn(async move {
+            grpc = Some(actix_web::rt::spawn(async move {
                 if let Err(e) = cresset::grpc::serve(grpc_state, listener, stopped).await {
                     tracing::error!("the gRPC server failed: {e:#}");
                 }
-            });
+            }));
         }
         for (api, address) in &addresses {
             tracing::info!(%api, %address, "listening");
@@ -231,7 +237,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // ask for port 0.
             println!("{}", serde_json::json!({ "event": "listening", "api": api, "address": address.to_string() }));
         }
-        server.await.context("the HTTP server failed")
+        let served = server.await.context("the HTTP server failed");
+        // The gRPC server stops with the HTTP ones: let it finish writing its last answers.
+        if let Some(grpc) = grpc {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await;
+        }
+        served
     })?;
     // A clean stop: loads still under way were not the cause, and are loaded again next time.
     registrar.persist_on_exit();

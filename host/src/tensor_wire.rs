@@ -136,6 +136,20 @@ fn encode_into(datatype: &str, data: &Value, out: &mut Vec<u8>) -> Result<(), St
     Ok(())
 }
 
+/// Refuse binary tensors with more elements in all than a JSON body of `max_request_size`
+/// bytes could hold (each element takes at least two bytes there, `0,`): decoded, an element
+/// costs tens of bytes whatever its size on the wire.
+pub fn check_elements(elements: usize, max_request_size: usize) -> Result<(), String> {
+    let most = max_request_size / 2;
+    if elements > most {
+        return Err(format!(
+            "the binary tensors hold {elements} elements; at most {most} fit a request \
+             (`max_request_size` {max_request_size} bytes, 2 per element as JSON)"
+        ));
+    }
+    Ok(())
+}
+
 /// The elements the shape holds, if it can be counted.
 pub fn element_count(shape: &[i64]) -> Option<u64> {
     shape.iter().try_fold(1u64, |n, &d| {
@@ -146,7 +160,11 @@ pub fn element_count(shape: &[i64]) -> Option<u64> {
 /// A REST request in the binary tensor extension (`header_len` bytes of JSON, then the binary
 /// inputs' bytes in the order of the inputs that carry `parameters.binary_data_size`) as the
 /// plain JSON request, with whether the client wants its outputs in binary.
-pub fn request_from_binary(body: &[u8], header_len: usize) -> Result<(Vec<u8>, bool), String> {
+pub fn request_from_binary(
+    body: &[u8],
+    header_len: usize,
+    max_request_size: usize,
+) -> Result<(Vec<u8>, bool), String> {
     if header_len > body.len() {
         return Err(format!(
             "Inference-Header-Content-Length is {header_len} but the body has {} bytes",
@@ -160,6 +178,7 @@ pub fn request_from_binary(body: &[u8], header_len: usize) -> Result<(Vec<u8>, b
         .get_mut("inputs")
         .and_then(Value::as_array_mut)
         .ok_or("an inference request needs `inputs`")?;
+    let mut elements = 0usize;
     for (i, input) in inputs.iter_mut().enumerate() {
         let Some(size) = take_parameter(input, "binary_data_size") else {
             continue;
@@ -197,6 +216,8 @@ pub fn request_from_binary(body: &[u8], header_len: usize) -> Result<(Vec<u8>, b
             }
         }
         let data = decode(datatype, bytes).map_err(|e| format!("`inputs[{i}]`: {e}"))?;
+        elements += data.len();
+        check_elements(elements, max_request_size)?;
         input["data"] = Value::Array(data);
     }
     if !rest.is_empty() {
@@ -350,7 +371,7 @@ mod tests {
         let len = body.len();
         body.extend(0.5f32.to_le_bytes());
         body.extend(2.0f32.to_le_bytes());
-        let (json, binary) = request_from_binary(&body, len).expect("decoded");
+        let (json, binary) = request_from_binary(&body, len, 1 << 20).expect("decoded");
         assert!(binary);
         let v: Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(v["inputs"][0]["data"], json!([0.5, 2.0]));
@@ -364,7 +385,7 @@ mod tests {
             } else {
                 short.push(0);
             }
-            let err = request_from_binary(&short, len).expect_err(says);
+            let err = request_from_binary(&short, len, 1 << 20).expect_err(says);
             assert!(err.contains(says), "{err}");
         }
         let wrong = serde_json::to_vec(&json!({"inputs": [{"name": "x", "shape": [3],
@@ -372,9 +393,12 @@ mod tests {
         .expect("json");
         let mut wrong_body = wrong.clone();
         wrong_body.extend([0u8; 8]);
-        let err = request_from_binary(&wrong_body, wrong.len()).expect_err("shape");
+        let err = request_from_binary(&wrong_body, wrong.len(), 1 << 20).expect_err("shape");
         assert!(err.contains("not the 12 bytes"), "{err}");
-        assert!(request_from_binary(b"{}", 10).is_err());
+        assert!(request_from_binary(b"{}", 10, 1 << 20).is_err());
+        // More elements than a JSON body of the same cap could hold.
+        let err = request_from_binary(&body, len, 3).expect_err("too many");
+        assert!(err.contains("at most 1 fit"), "{err}");
 
         let answer = json!({"model_name": "m", "outputs": [
             {"name": "y", "shape": [2], "datatype": "INT32", "data": [1, -1]}]});

@@ -107,7 +107,7 @@ fn folder_choice(dir: &Path) -> anyhow::Result<(Choice, Option<PathBuf>)> {
     let handlers: std::collections::BTreeSet<&str> = found.iter().map(|(_, h)| *h).collect();
     let only = || found.first().map(|(p, _)| p.clone());
     match (handlers.len(), handlers.first()) {
-        (1, Some(&"gpt")) => Ok((GPT, None)),
+        (1, Some(&"gpt")) if found.len() == 1 => Ok((GPT, None)),
         (1, Some(&"vision")) if found.len() == 1 => Ok((VISION, only())),
         (1, Some(&"torchscript")) if found.len() == 1 => Ok((TORCHSCRIPT, only())),
         (0, _) => bail!(

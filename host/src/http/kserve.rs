@@ -123,8 +123,12 @@ async fn receive_v2(
     let (mut request, arriving) = receive(state, id, Protocol::KServeV2, req, payload).await?;
     let binary = match header_len {
         Some(len) => {
-            let (json, binary) = crate::tensor_wire::request_from_binary(&request.body, len)
-                .map_err(ApiError::BadRequest)?;
+            let (json, binary) = crate::tensor_wire::request_from_binary(
+                &request.body,
+                len,
+                state.config.max_request_size,
+            )
+            .map_err(ApiError::BadRequest)?;
             request.body = json.into();
             request.content_type = "application/json".into();
             binary
@@ -252,7 +256,7 @@ async fn model_ready(
 ) -> Result<HttpResponse, ApiError> {
     let (model, version) = target(&req);
     let v = state.registry.get(&model, version.as_deref())?;
-    let ready = v.state() == ModelState::Ready && v.live_workers() > 0;
+    let ready = !state.is_draining() && v.state() == ModelState::Ready && v.live_workers() > 0;
     let body = json!({ "name": model, "version": v.version, "ready": ready });
     Ok(if ready {
         HttpResponse::Ok().json(body)

@@ -84,7 +84,7 @@ impl AppState {
 
     /// Whether the server is shutting down.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::Acquire)
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Inference requests in flight or arriving (their bodies in transit).
@@ -114,7 +114,7 @@ pub async fn drain_on_signal(state: Arc<AppState>, stop: impl std::future::Futur
     let grace = state.config.shutdown_grace;
     state
         .draining
-        .store(true, std::sync::atomic::Ordering::Release);
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(
         signal = name,
         in_progress = state.requests_in_progress(),
@@ -134,7 +134,12 @@ pub async fn drain_on_signal(state: Arc<AppState>, stop: impl std::future::Futur
             );
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // A second signal stops at once (a second Ctrl-C).
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            _ = term.recv() => { tracing::warn!(in_progress = left, "a second signal: stopping now"); break; }
+            _ = int.recv() => { tracing::warn!(in_progress = left, "a second signal: stopping now"); break; }
+        }
     }
     state.stop.send_replace(true);
     stop.await;

@@ -1056,6 +1056,8 @@ fn streaming(grace: &str, body: &str) -> (Server, tempfile::TempDir, std::proces
         "slow=slow.tar.gz",
         "--shutdown-grace",
         grace,
+        "--grpc-address",
+        "127.0.0.1:0",
     ]);
     server.wait_healthy();
     let url = format!("{}/predictions/slow", server.inference);
@@ -1081,11 +1083,12 @@ fn streaming(grace: &str, body: &str) -> (Server, tempfile::TempDir, std::proces
 }
 
 /// SIGTERM with a stream in flight: readiness turns not ready at once and new requests get
-/// 503, while the stream runs to its end; then the server exits 0, well within the grace.
+/// 503 (over gRPC too: not ready, UNAVAILABLE), while the stream runs to its end; then the
+/// server exits 0, well within the grace.
 #[test]
 fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests() {
     // Six chunks, 300 ms apart: about two seconds.
-    let (mut server, _dir, mut curl, lines) = streaming("20", "stream:6:300");
+    let (mut server, _dir, mut curl, lines) = streaming("20", "stream:12:300");
     let signalled = Instant::now();
     server.terminate();
     // Not ready at once (ping and the v2 readiness), and new requests are refused.
@@ -1101,11 +1104,43 @@ fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests() {
         refused.text()
     );
     assert!(signalled.elapsed() < Duration::from_secs(1));
+    // The gRPC listener says the same: not ready, and inference UNAVAILABLE.
+    let script = r#"
+import sys
+import numpy as np
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+c = g.InferenceServerClient(url=sys.argv[1])
+assert c.is_server_live() and not c.is_server_ready()
+x = g.InferInput("x", [1], "BYTES")
+x.set_data_from_numpy(np.array([b"x"], dtype=object))
+try:
+    c.infer("slow", [x])
+    raise SystemExit("inference was taken while draining")
+except InferenceServerException as e:
+    assert "UNAVAILABLE" in str(e.status()), e
+print("ok")
+"#;
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    let out = std::process::Command::new(Path::new(&venv).join("bin/python"))
+        .args(["-c", script])
+        .arg(server.grpc.as_deref().expect("grpc address"))
+        .output()
+        .expect("python");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The stream runs to its end.
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert_eq!(
         rest,
-        ["chunk-1", "chunk-2", "chunk-3", "chunk-4", "chunk-5", "done"],
+        (1..12)
+            .map(|k| format!("chunk-{k}"))
+            .chain(["done".to_owned()])
+            .collect::<Vec<_>>(),
         "{}",
         server.log()
     );

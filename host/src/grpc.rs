@@ -218,11 +218,19 @@ impl GrpcInferenceService for Service {
         } else {
             asked.id.clone()
         };
+        let model_name = asked.model_name.clone();
+        let max = state.config.max_request_size;
         let result = async {
-            let body = request_json(&asked, state.config.max_request_size)
-                .map_err(ApiError::BadRequest)?;
-            let body = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
-            crate::http::check_v2(&body).map_err(ApiError::BadRequest)?;
+            // The tensors' conversion to the JSON body runs off the server's async thread.
+            let body = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+                let body = request_json(&asked, max).map_err(ApiError::BadRequest)?;
+                let body =
+                    serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+                crate::http::check_v2(&body).map_err(ApiError::BadRequest)?;
+                Ok(body)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("converting the request failed: {e}")))??;
             let permit = crate::http::acquire(state, &target)?;
             let plugin_request = Request {
                 id: id.as_str().into(),
@@ -232,8 +240,7 @@ impl GrpcInferenceService for Service {
                 params: vec![KeyValue::new("cresset-protocol", "kserve-v2")].into(),
             };
             let response =
-                crate::http::run_v2(&target, &asked.model_name, plugin_request, None, permit)
-                    .await?;
+                crate::http::run_v2(&target, &model_name, plugin_request, None, permit).await?;
             Ok(response)
         }
         .await;
@@ -252,7 +259,13 @@ impl GrpcInferenceService for Service {
                 ),
             )),
             Ok(response) => {
-                response_message(&response.body, &id).map_err(|e| (500, Status::internal(e)))
+                // The answer's conversion to raw outputs, off the async thread too.
+                let id = id.clone();
+                tokio::task::spawn_blocking(move || response_message(&response.body, &id))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .map_err(|e| (500, Status::internal(e)))
             }
         };
         let code = result.as_ref().map_or_else(|(code, _)| *code, |_| 200);

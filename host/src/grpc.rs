@@ -18,7 +18,6 @@ use serde_json::{json, Map, Value};
 use tonic::{Code, Status};
 
 use crate::http::{ApiError, AppState};
-use crate::registry::ModelState;
 use crate::tensor_wire;
 
 /// The messages and the service trait generated from the `.proto`.
@@ -142,8 +141,7 @@ impl GrpcInferenceService for Service {
         self.authorize(&request)?;
         let asked = request.get_ref();
         let v = self.version(&asked.name, &asked.version)?;
-        let ready =
-            !self.state.is_draining() && v.state() == ModelState::Ready && v.live_workers() > 0;
+        let ready = crate::http::model_is_ready(&self.state, &v);
         Ok(tonic::Response::new(ModelReadyResponse { ready }))
     }
 
@@ -165,23 +163,9 @@ impl GrpcInferenceService for Service {
     ) -> Result<tonic::Response<ModelMetadataResponse>, Status> {
         self.authorize(&request)?;
         let asked = request.get_ref();
-        let chosen = self.version(&asked.name, &asked.version)?;
-        let versions = if asked.version.is_empty() {
-            self.state
-                .registry
-                .versions(&asked.name)
-                .map_err(|e| status(&ApiError::from(e)))?
-                .0
-                .iter()
-                .map(|v| v.version.clone())
-                .collect()
-        } else {
-            vec![asked.version.clone()]
-        };
-        let platform = chosen
-            .plugin()
-            .map(|p| format!("cresset/{}", p.description.name))
-            .unwrap_or_else(|| "cresset".into());
+        let version = (!asked.version.is_empty()).then_some(asked.version.as_str());
+        let (versions, platform) = crate::http::model_metadata(&self.state, &asked.name, version)
+            .map_err(|e| status(&e))?;
         Ok(tonic::Response::new(ModelMetadataResponse {
             name: asked.name.clone(),
             versions,
@@ -205,10 +189,7 @@ impl GrpcInferenceService for Service {
                 status(&ApiError::TooManyBodies(state.config.max_bodies_in_transit))
             })?;
         if state.is_draining() {
-            return Err(Status::unavailable(
-                "the server is shutting down: it finishes the requests it has and takes no new \
-                 ones",
-            ));
+            return Err(status(&ApiError::shutting_down()));
         }
         let asked = request.into_inner();
         let target = self.version(&asked.model_name, &asked.model_version)?;
@@ -330,20 +311,8 @@ pub fn request_json(request: &ModelInferRequest, max_request_size: usize) -> Res
                         "has both `contents` and raw_input_contents: send one".into(),
                     ));
                 }
-                if let Some(each) = tensor_wire::element_size(&input.datatype) {
-                    let want = tensor_wire::element_count(&input.shape)
-                        .and_then(|n| n.checked_mul(each as u64));
-                    if want != Some(bytes.len() as u64) {
-                        return Err(field(format!(
-                            "its raw contents are {} bytes, not the {} its shape {:?} of {} \
-                             holds",
-                            bytes.len(),
-                            want.map_or("uncountable".into(), |n| n.to_string()),
-                            input.shape,
-                            input.datatype
-                        )));
-                    }
-                }
+                tensor_wire::check_size(&input.datatype, Some(&input.shape), bytes.len())
+                    .map_err(|e| field(format!("its raw contents are {e}")))?;
                 let data = tensor_wire::decode(&input.datatype, bytes).map_err(field)?;
                 elements += data.len();
                 tensor_wire::check_elements(elements, max_request_size)?;
@@ -398,12 +367,12 @@ fn contents(datatype: &str, contents: Option<&InferTensorContents>) -> Result<Ve
         "FP32" => c
             .fp32_contents
             .iter()
-            .map(|&v| finite(f64::from(v)))
+            .map(|&v| tensor_wire::number(f64::from(v)))
             .collect::<Result<_, _>>()?,
         "FP64" => c
             .fp64_contents
             .iter()
-            .map(|&v| finite(v))
+            .map(|&v| tensor_wire::number(v))
             .collect::<Result<_, _>>()?,
         "BYTES" => c
             .bytes_contents
@@ -421,12 +390,6 @@ fn contents(datatype: &str, contents: Option<&InferTensorContents>) -> Result<Ve
         }
         other => return Err(format!("unknown datatype {other}")),
     })
-}
-
-fn finite(x: f64) -> Result<Value, String> {
-    serde_json::Number::from_f64(x)
-        .map(Value::Number)
-        .ok_or_else(|| format!("holds {x}, which the model's JSON cannot carry"))
 }
 
 /// The model's v2 JSON answer as a gRPC response: each output's data as raw bytes.

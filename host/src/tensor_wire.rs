@@ -22,7 +22,8 @@ pub fn element_size(datatype: &str) -> Option<usize> {
     })
 }
 
-fn number(x: f64) -> Result<Value, String> {
+/// A float as a JSON number (NaN and the infinities have none).
+pub fn number(x: f64) -> Result<Value, String> {
     Number::from_f64(x)
         .map(Value::Number)
         .ok_or_else(|| format!("holds {x}, which JSON cannot carry"))
@@ -150,6 +151,26 @@ pub fn check_elements(elements: usize, max_request_size: usize) -> Result<(), St
     Ok(())
 }
 
+/// Check that `len` bytes are exactly what `shape` (if it is one) of a fixed-size `datatype`
+/// holds; BYTES elements have their own lengths and pass. The refusal reads "N bytes, not
+/// the M bytes its shape ... holds".
+pub fn check_size(datatype: &str, shape: Option<&[i64]>, len: usize) -> Result<(), String> {
+    let Some(each) = element_size(datatype) else {
+        return Ok(());
+    };
+    let want = shape
+        .and_then(element_count)
+        .and_then(|n| n.checked_mul(each as u64));
+    if want == Some(len as u64) {
+        return Ok(());
+    }
+    Err(format!(
+        "{len} bytes, not the {} bytes its shape {} of {datatype} holds",
+        want.map_or("uncountable".into(), |b| b.to_string()),
+        shape.map_or("(not a list of sizes)".into(), |s| format!("{s:?}")),
+    ))
+}
+
 /// The elements the shape holds, if it can be counted.
 pub fn element_count(shape: &[i64]) -> Option<u64> {
     shape.iter().try_fold(1u64, |n, &d| {
@@ -199,22 +220,12 @@ pub fn request_from_binary(
             .get("datatype")
             .and_then(Value::as_str)
             .ok_or_else(|| format!("`inputs[{i}].datatype` is missing"))?;
-        if let (Some(each), Some(shape)) = (
-            element_size(datatype),
-            input.get("shape").and_then(Value::as_array),
-        ) {
-            let dims: Option<Vec<i64>> = shape.iter().map(Value::as_i64).collect();
-            let want = dims.as_deref().and_then(element_count);
-            if want.and_then(|n| n.checked_mul(each as u64)) != Some(size as u64) {
-                return Err(format!(
-                    "`inputs[{i}]` has {size} bytes of binary data, not the {} bytes its \
-                     `shape` {shape:?} of {datatype} holds",
-                    want.and_then(|n| n.checked_mul(each as u64))
-                        .map_or("uncountable".into(), |b| b.to_string()),
-                    shape = Value::Array(shape.clone()),
-                ));
-            }
-        }
+        let dims: Option<Vec<i64>> = input
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|shape| shape.iter().map(Value::as_i64).collect());
+        check_size(datatype, dims.as_deref(), size)
+            .map_err(|e| format!("`inputs[{i}]` has {e} (binary data)"))?;
         let data = decode(datatype, bytes).map_err(|e| format!("`inputs[{i}]`: {e}"))?;
         elements += data.len();
         check_elements(elements, max_request_size)?;

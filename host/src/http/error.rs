@@ -170,6 +170,15 @@ fn load_status(kind: FailureKind) -> StatusCode {
 }
 
 impl ApiError {
+    /// A request that arrives once the server is shutting down (REST's 503, gRPC's
+    /// UNAVAILABLE).
+    pub fn shutting_down() -> Self {
+        Self::Unavailable(
+            "the server is shutting down: it finishes the requests it has and takes no new ones"
+                .into(),
+        )
+    }
+
     fn type_name(&self) -> &'static str {
         match self {
             Self::ModelNotFound(_) => "ModelNotFoundException",

@@ -217,11 +217,7 @@ pub(super) async fn receive(
     })?;
     // Checked with the slot held: a shutdown that starts after this waits for this request.
     if state.is_draining() {
-        return Err(ApiError::Unavailable(
-            "the server is shutting down: it finishes the requests it has and takes no new \
-             ones"
-                .into(),
-        ));
+        return Err(ApiError::shutting_down());
     }
     let request = read_request(state, id, protocol, req, payload).await?;
     Ok((request, arriving))

@@ -226,21 +226,7 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 
 async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let (model, version) = target(&req);
-    let chosen = state.registry.get(&model, version.as_deref())?;
-    let versions: Vec<String> = match version {
-        Some(v) => vec![v],
-        None => state
-            .registry
-            .versions(&model)?
-            .0
-            .iter()
-            .map(|v| v.version.clone())
-            .collect(),
-    };
-    let platform = chosen
-        .plugin()
-        .map(|p| format!("cresset/{}", p.description.name))
-        .unwrap_or_else(|| "cresset".into());
+    let (versions, platform) = model_metadata(&state, &model, version.as_deref())?;
     Ok(HttpResponse::Ok().json(json!({
         "name": model,
         "versions": versions,
@@ -250,13 +236,44 @@ async fn metadata(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
     })))
 }
 
+/// A model's v2 metadata (REST and gRPC): the versions (the one asked for, else all) and the
+/// platform, `cresset/<plugin>`.
+pub(crate) fn model_metadata(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<(Vec<String>, String), ApiError> {
+    let chosen = state.registry.get(model, version)?;
+    let versions: Vec<String> = match version {
+        Some(v) => vec![v.to_owned()],
+        None => state
+            .registry
+            .versions(model)?
+            .0
+            .iter()
+            .map(|v| v.version.clone())
+            .collect(),
+    };
+    let platform = chosen
+        .plugin()
+        .map(|p| format!("cresset/{}", p.description.name))
+        .unwrap_or_else(|| "cresset".into());
+    Ok((versions, platform))
+}
+
+/// Whether a model version takes requests (REST and gRPC `ModelReady`): loaded, with a live
+/// worker, and the server not shutting down.
+pub(crate) fn model_is_ready(state: &AppState, v: &ModelVersion) -> bool {
+    !state.is_draining() && v.state() == ModelState::Ready && v.live_workers() > 0
+}
+
 async fn model_ready(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let (model, version) = target(&req);
     let v = state.registry.get(&model, version.as_deref())?;
-    let ready = !state.is_draining() && v.state() == ModelState::Ready && v.live_workers() > 0;
+    let ready = model_is_ready(&state, &v);
     let body = json!({ "name": model, "version": v.version, "ready": ready });
     Ok(if ready {
         HttpResponse::Ok().json(body)

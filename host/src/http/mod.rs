@@ -16,7 +16,7 @@ pub(crate) use auth::check_bearer;
 pub use auth::ApiKeys;
 pub use error::ApiError;
 pub(crate) use inference::{acquire, readiness};
-pub(crate) use kserve::run_v2;
+pub(crate) use kserve::{model_is_ready, model_metadata, run_v2};
 pub(crate) use oip::check_v2;
 
 use std::sync::Arc;

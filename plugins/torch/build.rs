@@ -3,7 +3,7 @@
 // the linker drops libtorch_cuda, so CUDA is never found on a GPU machine. See ARCHITECTURE.md,
 // "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode,
 // torch.jit.optimize_for_inference, torchvision's `nms` and `roi_align` operators and
-// AOTInductor's package loader.
+// AOTInductor's package loader, and the block-quantized matmul (`qblock.cpp`).
 use std::path::Path;
 
 fn main() {
@@ -11,11 +11,16 @@ fn main() {
     println!("cargo:rerun-if-changed=src/jit_optimize.cpp");
     println!("cargo:rerun-if-changed=src/torchvision_ops.cpp");
     println!("cargo:rerun-if-changed=src/aoti.cpp");
+    println!("cargo:rerun-if-changed=src/qblock.cpp");
     let lib =
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
+    // The OpenMP runtime of the shim's `at::parallel_for` is libtorch's own (the copy next to
+    // libtorch_cpu, which needs it anyway): one thread pool, not two.
+    println!("cargo:rustc-link-search=native={lib}");
+    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
     let include = Path::new(&lib)
         .parent()
         .expect("libtorch's lib dir has a parent")
@@ -26,9 +31,13 @@ fn main() {
         .file("src/jit_optimize.cpp")
         .file("src/torchvision_ops.cpp")
         .file("src/aoti.cpp")
+        .file("src/qblock.cpp")
         .include(include.join("torch/csrc/api/include"))
         .include(&include)
         .flag("-std=c++17")
+        .flag("-O3")
+        // `at::parallel_for` is inline OpenMP: without this it runs on one thread.
+        .flag("-fopenmp")
         // torch 2.x wheels use the new libstdc++ ABI.
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .warnings(false)

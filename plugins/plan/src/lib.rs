@@ -35,6 +35,25 @@ pub fn cpu_has_native_bf16() -> bool {
     })
 }
 
+/// Whether this CPU runs `cresset-torch`'s block kernel vectorized (x86 AVX2 with FMA and
+/// F16C): where it does, a GGUF's Q4_0/Q4_1/Q4_K/Q5_K/Q8_0 tensors stay in their blocks of 32
+/// (see [`Quantization::GgufKept`]). `CRESSET_BLOCK_KERNEL=0` says no (libtorch's kernels).
+pub fn cpu_runs_block_kernel() -> bool {
+    if std::env::var("CRESSET_BLOCK_KERNEL").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// This CPU's feature flags, as `/proc/cpuinfo` lists them (empty where it cannot be read).
 pub fn cpu_flags() -> Vec<String> {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -340,7 +359,8 @@ pub fn modules_from_gguf(path: &Path, dtype_bytes: u64) -> Result<(Vec<Module>, 
 
 /// [`modules_from_gguf`] with the linear layers held as `q` says (and, for
 /// [`Quantization::GgufKept`], quantized word embeddings as stored); other tensors at
-/// `dtype_bytes` per element. A tied head that is quantized is a copy of its own.
+/// `dtype_bytes` per element. A tied head that is quantized is a copy of its own, unless it
+/// keeps the file's blocks of 32 (then it serves as the embeddings too).
 pub fn modules_from_gguf_as(
     path: &Path,
     dtype_bytes: u64,
@@ -357,7 +377,7 @@ pub fn modules_from_gguf_as(
     let kept = |name: &str| {
         quantized::fused_layer(name)
             .and_then(|l| fused.get(&l))
-            .and_then(|pieces| quantized::kept_as_int4(pieces))
+            .and_then(|pieces| quantized::kept_as(pieces))
     };
     let tied = !header.tensors.contains_key("output.weight");
     let mut tensors = Vec::new();
@@ -373,9 +393,9 @@ pub fn modules_from_gguf_as(
         let bytes = if quantized::fused_layer(name).is_some() {
             quantized::linear_bytes(info, q, kept(name), dtype_bytes)
         } else if name == "output.weight" {
-            quantized::linear_bytes(info, q, quantized::kept_as_int4(&[info]), dtype_bytes)
+            quantized::linear_bytes(info, q, quantized::kept_as(&[info]), dtype_bytes)
         } else if name == "token_embd.weight" {
-            quantized::embedding_bytes(info, q, dtype_bytes)
+            quantized::embedding_bytes(info, q, tied, dtype_bytes)
         } else {
             numel * dtype_bytes
         };
@@ -385,9 +405,11 @@ pub fn modules_from_gguf_as(
         // Tied: the head is the embedding matrix, or a quantized copy of it.
         let head = match header.tensors.get("token_embd.weight") {
             Some(embed) => {
-                let kept = quantized::kept_as_int4(&[embed]);
+                let kept = quantized::kept_as(&[embed]);
                 match (q, kept) {
-                    (Quantization::None, _) | (Quantization::GgufKept, None) => 0,
+                    // Dense, or blocks that serve as the embeddings too (counted there).
+                    (Quantization::None, _)
+                    | (Quantization::GgufKept, None | Some(quantized::Kept::Blocks { .. })) => 0,
                     _ => quantized::linear_bytes(embed, q, kept, dtype_bytes),
                 }
             }

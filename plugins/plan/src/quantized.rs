@@ -1,6 +1,8 @@
-//! What quantized weights cost, as `cresset-torch`'s loader holds them: int8 with one bf16 scale
-//! per output channel, int4 packed two to a byte with a bf16 scale and zero per group, and a
-//! GGUF file's quantized word embeddings kept as the file stores them.
+//! What quantized weights cost, as `cresset-torch`'s loader holds them: a GGUF's blocks of 32
+//! kept at 4 or 8 bits with an f16 scale and zero each (where the CPU runs the block kernel),
+//! int8 with one bf16 scale per output channel, int4 packed two to a byte with a bf16 scale and
+//! zero per group, and a GGUF file's quantized word embeddings kept as the file stores them (or
+//! as the tied head's blocks, which serve both).
 
 use crate::gguf::{GgmlType, TensorInfo};
 
@@ -16,10 +18,29 @@ pub enum Quantization {
         /// Inputs per group.
         group: u64,
     },
-    /// A GGUF file's quantized tensors as they are: layers whose pieces are all Q4_0, Q4_1 or
-    /// Q4_K (in whole 64-row blocks) as int4 group 32, other block types as int8, float
-    /// tensors dense; quantized word embeddings as stored.
+    /// A GGUF file's quantized tensors as they are (see [`kept_as`]); quantized word
+    /// embeddings as stored, or shared with a tied head kept in blocks.
     GgufKept,
+}
+
+/// How a fused layer of a GGUF file loads when its quantization is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// Blocks of 32 at `bits` (4 or 8) with an f16 scale and zero each.
+    Blocks {
+        /// 4 or 8.
+        bits: u64,
+    },
+    /// libtorch's int4, group 32.
+    Int4,
+    /// int8 per channel.
+    Int8,
+}
+
+/// Bytes of a `[out, in]` weight in blocks of 32 at `bits`: the values and an f16 scale and
+/// zero per block.
+pub fn block_bytes(out: u64, inp: u64, bits: u64) -> u64 {
+    out * inp * bits / 8 + 4 * out * (inp / 32)
 }
 
 /// Bytes of an int8 `[out, in]` weight: the values and a bf16 scale per row.
@@ -35,6 +56,11 @@ pub fn int4_bytes(out: u64, inp: u64, group: u64) -> u64 {
 
 fn is_q4(kind: GgmlType) -> bool {
     matches!(kind, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K)
+}
+
+/// Types the block kernel holds as they are (Q5_K and Q8_0 at 8 bits).
+fn loads_as_blocks(kind: GgmlType) -> bool {
+    is_q4(kind) || matches!(kind, GgmlType::Q5_K | GgmlType::Q8_0)
 }
 
 fn is_float(kind: GgmlType) -> bool {
@@ -61,43 +87,57 @@ pub(crate) fn fused_layer(name: &str) -> Option<String> {
     Some(format!("blk.{n}.{group}"))
 }
 
-/// How a fused layer whose pieces are `pieces` loads when the file's quantization is kept:
-/// `Some(true)` int4, `Some(false)` int8, `None` dense.
-pub(crate) fn kept_as_int4(pieces: &[&TensorInfo]) -> Option<bool> {
+/// How a fused layer whose pieces are `pieces` loads when the file's quantization is kept
+/// (`None`: dense), as `cresset-torch`'s loader decides: where the CPU runs the block kernel
+/// ([`crate::cpu_runs_block_kernel`]) and every piece is Q4_0, Q4_1, Q4_K, Q5_K or Q8_0, in
+/// blocks (4 bits when all are Q4, else 8); else all-Q4 pieces in whole 64-row blocks as int4;
+/// else int8.
+pub fn kept_as(pieces: &[&TensorInfo]) -> Option<Kept> {
     if pieces.iter().any(|p| is_float(p.ggml_type)) {
         return None;
     }
-    Some(
-        pieces
-            .iter()
-            .all(|p| is_q4(p.ggml_type) && dims(p).0 % 64 == 0),
-    )
+    let all_q4 = pieces.iter().all(|p| is_q4(p.ggml_type));
+    if crate::cpu_runs_block_kernel() && pieces.iter().all(|p| loads_as_blocks(p.ggml_type)) {
+        return Some(Kept::Blocks {
+            bits: if all_q4 { 4 } else { 8 },
+        });
+    }
+    Some(if all_q4 && pieces.iter().all(|p| dims(p).0 % 64 == 0) {
+        Kept::Int4
+    } else {
+        Kept::Int8
+    })
 }
 
-/// Bytes of a linear weight `[out, in]` held as `q` (`kept`: what [`kept_as_int4`] said of its
+/// Bytes of a linear weight `[out, in]` held as `q` (`kept`: what [`kept_as`] said of its
 /// fused layer), with `dense` bytes per element otherwise.
 pub(crate) fn linear_bytes(
     info: &TensorInfo,
     q: Quantization,
-    kept: Option<bool>,
+    kept: Option<Kept>,
     dense: u64,
 ) -> u64 {
     let (out, inp) = dims(info);
     match (q, kept) {
-        (Quantization::Int8, _) | (Quantization::GgufKept, Some(false)) => int8_bytes(out, inp),
+        (Quantization::Int8, _) | (Quantization::GgufKept, Some(Kept::Int8)) => {
+            int8_bytes(out, inp)
+        }
         (Quantization::Int4 { group }, _) => int4_bytes(out, inp, group),
-        (Quantization::GgufKept, Some(true)) => int4_bytes(out, inp, 32),
+        (Quantization::GgufKept, Some(Kept::Int4)) => int4_bytes(out, inp, 32),
+        (Quantization::GgufKept, Some(Kept::Blocks { bits })) => block_bytes(out, inp, bits),
         (Quantization::None, _) | (Quantization::GgufKept, None) => out * inp * dense,
     }
 }
 
-/// Bytes of the word embeddings: as stored when a GGUF file's quantized table is kept, else
-/// dense.
-pub(crate) fn embedding_bytes(info: &TensorInfo, q: Quantization, dense: u64) -> u64 {
+/// Bytes of the word embeddings: as stored when a GGUF file's quantized table is kept (or as
+/// the tied head's blocks, which serve both), else dense.
+pub(crate) fn embedding_bytes(info: &TensorInfo, q: Quantization, tied: bool, dense: u64) -> u64 {
     let (rows, cols) = dims(info);
-    if q == Quantization::GgufKept && !is_float(info.ggml_type) {
-        info.size
-    } else {
-        rows * cols * dense
+    if q != Quantization::GgufKept || is_float(info.ggml_type) {
+        return rows * cols * dense;
+    }
+    match kept_as(&[info]) {
+        Some(Kept::Blocks { bits }) if tied => block_bytes(rows, cols, bits),
+        _ => info.size,
     }
 }

@@ -1,8 +1,9 @@
 //! Probe: SmolLM2 from its GGUF, dense and quantized, f32 and bf16: resident bytes, greedy
 //! decode speed of one sequence, and top-1 agreement with the dense f32 model under teacher
 //! forcing. `cargo run --release -p cresset-torch --example quant_probe -- FILE.gguf [THREADS]
-//! [LABEL-PREFIX [TOKENS]]`: only the variants whose label starts with the prefix, decoding
-//! TOKENS tokens (64; more for a profile, as `perf record` takes it: see BENCHMARKS.md).
+//! [LABEL-PREFIX [TOKENS [ROWS]]]`: only the variants whose label starts with the prefix,
+//! decoding TOKENS tokens (64; more for a profile, as `perf record` takes it: see
+//! BENCHMARKS.md) for ROWS sequences at once (1; the decode rate is then their aggregate).
 
 use std::time::Instant;
 
@@ -22,6 +23,7 @@ fn main() {
         .next()
         .map(|t| t.parse().expect("tokens"))
         .unwrap_or(64);
+    let rows: usize = args.next().map(|t| t.parse().expect("rows")).unwrap_or(1);
     tch::set_num_threads(threads);
     let gguf = Gguf::open(std::path::Path::new(&path)).expect("open");
     let tokenizer = gguf.tokenizer().expect("tokenizer");
@@ -68,21 +70,30 @@ fn main() {
                 .mean(Kind::Float)
                 .double_value(&[]),
         };
-        // Greedy decode of `tokens` tokens after a short prompt.
-        let mut cache = model.new_cache(1, 512);
-        let prompt = ids[..10].to_vec();
+        // Greedy decode of `tokens` tokens after a short prompt, for `rows` sequences at once.
+        let mut cache = model.new_cache(rows, 512);
+        let slots: Vec<usize> = (0..rows).collect();
+        let prompts: Vec<Vec<i64>> = (0..rows).map(|r| ids[r..r + 10].to_vec()).collect();
         let logits = model
-            .forward(&[0], &[prompt], &mut cache, true)
+            .forward(&slots, &prompts, &mut cache, true)
             .expect("prefill");
-        let mut next = logits.view([-1]).argmax(0, false).int64_value(&[]);
+        let argmax = |logits: &Tensor| -> Vec<Vec<i64>> {
+            let top = logits.reshape([rows as i64, -1]).argmax(1, false);
+            Vec::<i64>::try_from(&top)
+                .expect("ids")
+                .into_iter()
+                .map(|t| vec![t])
+                .collect()
+        };
+        let mut next = argmax(&logits);
         let started = Instant::now();
         for _ in 0..tokens {
             let logits = model
-                .forward(&[0], &[vec![next]], &mut cache, true)
+                .forward(&slots, &next, &mut cache, true)
                 .expect("decode");
-            next = logits.view([-1]).argmax(0, false).int64_value(&[]);
+            next = argmax(&logits);
         }
-        let tps = tokens as f64 / started.elapsed().as_secs_f64();
+        let tps = (tokens * rows) as f64 / started.elapsed().as_secs_f64();
         println!(
             "{label:30} load {load_s:5.2} s, weights {:6.1} MiB, top-1 agreement {:6.2}%, decode {tps:6.1} tokens/s",
             model.resident_bytes() as f64 / (1 << 20) as f64,

@@ -95,8 +95,9 @@ fn smollm2_kept_in_int4_agrees_with_the_dequantized_model_and_knows_paris() {
         let int4 = load(&gguf, kind, true);
         assert!(int4.is_quantized());
         // About what the file holds: int4 layers cost what Q4_1 blocks do (half a byte per
-        // weight and 4 bytes per 32), the word embeddings stay in their blocks (Q8_0 in this
-        // file), and the tied head is an int8 copy of them (the one thing held twice).
+        // weight and 4 bytes per 32), and the word embeddings stay in their blocks (Q8_0 in
+        // this file): where the CPU runs the block kernel they are the tied head too, else the
+        // head is an int8 copy of them (the one thing held twice).
         let file = std::fs::metadata(smollm2_path()).expect("the GGUF").len();
         assert!(
             int4.resident_bytes() as f64 <= 1.3 * file as f64,
@@ -193,14 +194,16 @@ fn a_quantized_model_refuses_what_would_move_split_or_offload_its_weights() {
 #[test]
 fn the_planner_sizes_quantized_models_as_they_are_loaded() {
     use cresset_plan::{modules_from_gguf_as, Quantization};
-    // SmolLM2 with its Q4_1 blocks kept: int4 layers, the embeddings as stored, an int4 copy of
-    // the tied head.
+    // SmolLM2 with its Q4_1 blocks kept: 4-bit block layers and the Q8_0 table as 8-bit blocks
+    // that serve as the tied head too (where the CPU runs the block kernel; elsewhere int4
+    // layers, the table as stored and an int8 copy of it as the head).
     let kept = load(&smollm2(), Kind::Float, true);
     let (planned, _) =
         modules_from_gguf_as(&smollm2_path(), 4, Quantization::GgufKept).expect("plan");
     assert_eq!(planned, kept.resident_modules(), "SmolLM2 kept");
-    // The tiny fixture: its k projection (32 rows) is not whole 64-row int4 blocks, so kept
-    // Q4_1 attention loads as int8; and both files quantized at load.
+    // The tiny fixture: its k projection (32 rows) is not whole 64-row int4 blocks, so without
+    // the block kernel kept Q4_1 attention loads as int8 (with it, as 4-bit blocks); and both
+    // files quantized at load.
     for file in ["llama-gqa-tied.Q8_0.gguf", "llama-gqa-tied.Q4_1.gguf"] {
         let path = common::fixtures("llm").join(file);
         let gguf = Gguf::open(&path).expect("open");

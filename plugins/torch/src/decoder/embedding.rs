@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::linear::{tensor_bytes, Linear};
 use super::norm::Norm;
 use crate::gguf::{dequantize, GgmlType};
+use crate::quant::BlockWeight;
 
 /// The word embedding matrix `[vocab, hidden]`.
 pub(super) enum TokenTable {
@@ -29,6 +30,15 @@ pub(super) enum TokenTable {
         /// The dtype the rows are handed on in (the model's).
         out: Kind,
     },
+    /// A tied head's blocks of 32 ([`crate::quant::blocks`]), which hold the file's table
+    /// exactly (Q4_0, Q4_1, Q8_0; the k-quants' scales rounded to f16): one copy serves the
+    /// lookups and the head.
+    Shared {
+        /// The head's weight.
+        weight: BlockWeight,
+        /// The dtype the rows are handed on in (the model's).
+        out: Kind,
+    },
 }
 
 impl TokenTable {
@@ -36,14 +46,22 @@ impl TokenTable {
     pub fn dense(&self) -> Option<&Tensor> {
         match self {
             Self::Dense(t) => Some(t),
-            Self::Blocks { .. } => None,
+            Self::Blocks { .. } | Self::Shared { .. } => None,
+        }
+    }
+
+    /// The table's dtype, once looked up (the model's).
+    pub fn out_kind(&self) -> Option<Kind> {
+        match self {
+            Self::Dense(_) => None,
+            Self::Blocks { out, .. } | Self::Shared { out, .. } => Some(*out),
         }
     }
 
     fn device(&self) -> Device {
         match self {
             Self::Dense(t) => t.device(),
-            Self::Blocks { .. } => Device::Cpu,
+            Self::Blocks { .. } | Self::Shared { .. } => Device::Cpu,
         }
     }
 
@@ -80,6 +98,16 @@ impl TokenTable {
                 shape.push(*hidden);
                 Tensor::from_slice(&rows).reshape(shape).to_kind(*out)
             }
+            Self::Shared { weight, out } => {
+                let mut shape = ids.size();
+                let flat = ids
+                    .reshape([-1])
+                    .to_kind(Kind::Int64)
+                    .to_device(Device::Cpu);
+                let ids = Vec::<i64>::try_from(&flat).expect("int64 ids on the CPU convert");
+                shape.push(weight.shape()[1]);
+                weight.rows(&ids).reshape(shape).to_kind(*out)
+            }
         }
     }
 
@@ -87,6 +115,7 @@ impl TokenTable {
         match self {
             Self::Dense(t) => tensor_bytes(t),
             Self::Blocks { bytes, .. } => bytes.len() as u64,
+            Self::Shared { weight, .. } => weight.bytes(),
         }
     }
 

@@ -86,6 +86,14 @@ impl Linear {
         Ok(Self::quantized(weight, self.bias))
     }
 
+    /// The weight, if it is held in GGUF blocks of 32 ([`crate::quant::blocks`]).
+    pub fn block_weight(&self) -> Option<&crate::quant::BlockWeight> {
+        match &self.weight {
+            Weight::Quantized(QuantizedWeight::Blocks(b)) => Some(b),
+            _ => None,
+        }
+    }
+
     /// Whether the weight is quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, Weight::Quantized(_))

@@ -11,7 +11,7 @@ use super::attention::{alibi_slopes, Attention};
 use super::block::Block;
 use super::checkpoint::{check_shape, Checkpoint, Naming, Raw};
 use super::config::{DecoderConfig, Positions};
-use super::embedding::{Embeddings, Head};
+use super::embedding::{Embeddings, Head, TokenTable};
 use super::linear::Quantize;
 use super::mlp::Mlp;
 use super::offload::{create_folder, offload_path};
@@ -212,7 +212,7 @@ impl Decoder {
         let head_device = opts.head.unwrap_or(device);
         let norm = ckpt.norm("norm")?.to_device(head_device);
         let embed_device = opts.embeddings.unwrap_or(device);
-        let embeddings = Embeddings {
+        let mut embeddings = Embeddings {
             tokens: tokens.into_device(embed_device),
             positions: positions.map(|p| p.to_device(embed_device)),
             norm: embed_norm.map(|n| n.to_device(embed_device)),
@@ -220,8 +220,20 @@ impl Decoder {
         let lm_head = ckpt.head(&embeddings.tokens)?;
         // A quantized head is a layer of its own, even when tied to the embeddings (a GGUF's
         // quantized table stays in its blocks for lookups: an int8 head serving as the table
-        // too was measured to cost 1.6 points of top-1 agreement on SmolLM2's Q8_0 table).
-        let tied = cfg.tie_embeddings && !lm_head.is_quantized();
+        // too was measured to cost 1.6 points of top-1 agreement on SmolLM2's Q8_0 table),
+        // unless it holds the file's blocks as they are: then one copy serves both.
+        let mut tied = cfg.tie_embeddings && !lm_head.is_quantized();
+        if let (true, Some(weight), Some(out)) = (
+            cfg.tie_embeddings,
+            lm_head.block_weight(),
+            embeddings.tokens.out_kind(),
+        ) {
+            embeddings.tokens = TokenTable::Shared {
+                weight: weight.shallow_clone(),
+                out,
+            };
+            tied = true;
+        }
         let head = Head {
             norm,
             lm_head: lm_head.to_device(head_device),

@@ -1,11 +1,12 @@
-//! Loading linear layers quantized: GGUF blocks straight into int4 or int8 layers (no dense
-//! copy of the weight at any point), and which combinations of loading options a quantized
-//! model allows.
+//! Loading linear layers quantized: GGUF blocks straight into quantized layers (no dense copy of
+//! the weight at any point), and which combinations of loading options a quantized model allows.
 //!
-//! A GGUF layer whose pieces (q, k, v; gate, up) are all Q4_0, Q4_1 or Q4_K loads as int4 group
-//! 32, exactly up to the bf16 rounding of each group's scale and zero; pieces of any other
-//! block type (Q8_0, Q5_K, Q6_K, or a mix, as Q4_K_M files have) load as int8 per channel,
-//! requantized row by row. Float pieces (F32, F16, BF16) stay dense.
+//! Where the CPU runs Cresset's block kernel ([`crate::quant::blocks`]), a GGUF layer whose
+//! pieces (q, k, v; gate, up) are Q4_0, Q4_1, Q4_K, Q5_K or Q8_0 keeps the file's blocks of 32
+//! as they are (4-bit, or 8-bit where a piece needs it); elsewhere all-Q4 layers load as
+//! libtorch's int4 group 32, exactly up to the bf16 rounding of each group's scale and zero.
+//! Pieces of any other block type (Q6_K, or Q8_0 and Q5_K without the block kernel) load as
+//! int8 per channel, requantized row by row. Float pieces (F32, F16, BF16) stay dense.
 
 use tch::{Device, Kind};
 
@@ -14,6 +15,7 @@ use super::embedding::TokenTable;
 use super::linear::Linear;
 use super::load::{LayerTarget, LoadOptions};
 use crate::gguf::{GgmlType, Gguf};
+use crate::quant::blocks::{self, BlockWeight};
 use crate::quant::{row_bytes, unpermuted_rows, QuantizedWeight};
 use crate::ModelError;
 
@@ -83,7 +85,13 @@ pub(super) fn gguf_linear(
     if kinds.iter().any(|&k| is_float(k)) {
         return Ok(None);
     }
-    let load = |int4: bool| -> Result<Vec<QuantizedWeight>, ModelError> {
+    #[derive(Clone, Copy)]
+    enum As {
+        Blocks(u8),
+        Int4,
+        Int8,
+    }
+    let load = |target: As| -> Result<Vec<QuantizedWeight>, ModelError> {
         pieces
             .iter()
             .map(|p| {
@@ -95,23 +103,37 @@ pub(super) fn gguf_linear(
                         )));
                     };
                     let order = p.permuted_heads.map(|h| unpermuted_rows(*rows, h));
-                    if int4 {
-                        QuantizedWeight::int4_from_gguf(kind, bytes, *rows, *cols, order.as_deref())
-                    } else {
-                        QuantizedWeight::int8_from_gguf(kind, bytes, *rows, *cols, order.as_deref())
+                    let order = order.as_deref();
+                    match target {
+                        As::Blocks(bits) => {
+                            BlockWeight::from_gguf(kind, bytes, *rows, *cols, order, bits)
+                                .map(QuantizedWeight::Blocks)
+                        }
+                        As::Int4 => {
+                            QuantizedWeight::int4_from_gguf(kind, bytes, *rows, *cols, order)
+                        }
+                        As::Int8 => {
+                            QuantizedWeight::int8_from_gguf(kind, bytes, *rows, *cols, order)
+                        }
                     }
                 })?
             })
             .collect()
     };
     let all_q4 = kinds.iter().all(|&k| is_q4(k));
+    if blocks::vectorized() && kinds.iter().all(|&k| blocks::loads_as_blocks(k)) {
+        let bits = if all_q4 { 4 } else { 8 };
+        if let Some(w) = QuantizedWeight::cat(&load(As::Blocks(bits))?) {
+            return Ok(Some(Linear::quantized(w, None)));
+        }
+    }
     if all_q4 {
-        if let Some(w) = QuantizedWeight::cat(&load(true)?) {
+        if let Some(w) = QuantizedWeight::cat(&load(As::Int4)?) {
             return Ok(Some(Linear::quantized(w, None)));
         }
     }
     // Mixed types, or int4 parts that cannot stack: int8 for the whole layer.
-    let w = QuantizedWeight::cat(&load(false)?).ok_or_else(|| {
+    let w = QuantizedWeight::cat(&load(As::Int8)?).ok_or_else(|| {
         ModelError::Checkpoint(format!("the pieces of layer `{prefix}` do not stack"))
     })?;
     Ok(Some(Linear::quantized(w, None)))

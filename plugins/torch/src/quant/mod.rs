@@ -1,6 +1,10 @@
-//! Weight-only quantized linear layers on libtorch's CPU kernels: int8 with one scale per output
-//! channel (`_weight_int8pack_mm`), and int4 in groups along the input dimension with a scale
-//! and a zero per group (`_weight_int4pack_mm_for_cpu`, `w = (q − 8)·scale + zero`).
+//! Weight-only quantized linear layers: a GGUF's blocks of 32 as the file holds them, on
+//! Cresset's own block kernel ([`blocks`], where the CPU has AVX2, FMA and F16C: the default for
+//! GGUF files there); and, on libtorch's CPU kernels, int8 with one scale per output channel
+//! (`_weight_int8pack_mm`) and int4 in groups along the input dimension with a scale and a zero
+//! per group (`_weight_int4pack_mm_for_cpu`, `w = (q − 8)·scale + zero`). What follows is about
+//! libtorch's kernels, which quantizing at load uses everywhere and GGUF files use on CPUs
+//! without the block kernel's instructions.
 //!
 //! - GGUF Q4_0 (`w = d·(q − 8)`) and Q4_1 (`w = d·q + m`) blocks of 32 map exactly onto int4
 //!   with group 32: Q4_0 is scale `d`, zero 0; Q4_1 is scale `d`, zero `m + 8d`. They are read
@@ -19,7 +23,11 @@
 //! loop, 10-20 times slower: measured in BENCHMARKS.md), so a quantized layer computes in bf16
 //! and hands back its input's dtype.
 
+pub mod blocks;
+
 use tch::{Device, Kind, Tensor};
+
+pub use blocks::BlockWeight;
 
 use crate::gguf::GgmlType;
 use crate::ModelError;
@@ -50,6 +58,8 @@ pub enum QuantizedWeight {
         /// `in`.
         in_features: i64,
     },
+    /// GGUF blocks of 32 as the file holds them, on Cresset's block kernel ([`blocks`]).
+    Blocks(BlockWeight),
 }
 
 /// The dtype the quantized kernels compute in (see the module docs).
@@ -113,6 +123,7 @@ impl QuantizedWeight {
                 out_features: *out_features,
                 in_features: *in_features,
             },
+            Self::Blocks(b) => Self::Blocks(b.shallow_clone()),
         }
     }
 
@@ -126,6 +137,16 @@ impl QuantizedWeight {
             return None;
         }
         match first {
+            Self::Blocks(_) => {
+                let mut blocks = Vec::new();
+                for p in parts {
+                    let Self::Blocks(b) = p else {
+                        return None;
+                    };
+                    blocks.push(b);
+                }
+                BlockWeight::cat(&blocks).map(Self::Blocks)
+            }
             Self::Int8 { .. } => {
                 let mut weights = Vec::new();
                 let mut scales = Vec::new();
@@ -186,6 +207,7 @@ impl QuantizedWeight {
                 in_features,
                 ..
             } => [*out_features, *in_features],
+            Self::Blocks(b) => b.shape(),
         }
     }
 
@@ -199,11 +221,16 @@ impl QuantizedWeight {
                 scale_zeros,
                 ..
             } => size(packed) + size(scale_zeros),
+            Self::Blocks(b) => b.bytes(),
         }
     }
 
-    /// `x · Wᵀ` for `x` of shape `[..., in]`, in `x`'s dtype (computed in [`COMPUTE_KIND`]).
+    /// `x · Wᵀ` for `x` of shape `[..., in]`, in `x`'s dtype (computed in [`COMPUTE_KIND`],
+    /// or in f32 for block weights).
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if let Self::Blocks(b) = self {
+            return b.forward(x);
+        }
         let kind = x.kind();
         let size = x.size();
         let inner = *size.last().unwrap_or(&0);
@@ -216,6 +243,7 @@ impl QuantizedWeight {
                 scale_zeros,
                 ..
             } => flat.internal_weight_int4pack_mm_for_cpu(packed, *group, scale_zeros),
+            Self::Blocks(_) => unreachable!("block weights return above"),
         };
         let mut out_shape = size;
         if let Some(last) = out_shape.last_mut() {
@@ -228,6 +256,7 @@ impl QuantizedWeight {
     /// (the stored scales and zeros, in f32).
     pub fn dequantize(&self) -> Tensor {
         match self {
+            Self::Blocks(b) => b.dequantize(),
             Self::Int8 { weight, scales } => {
                 weight.to_kind(Kind::Float) * scales.to_kind(Kind::Float).unsqueeze(1)
             }

@@ -1,0 +1,235 @@
+// Cresset's matmul over GGUF-style weight blocks: `out[m, n] = Σ_k x[m, k] · w[n, k]` where each
+// row of `w` is stored as blocks of 32 quantized values with a scale and a zero per block
+// (`w = q·scale + zero`, both f16):
+//   - 4-bit blocks: 16 bytes, byte j holding element j (low nibble) and element j + 16 (high
+//     nibble), q in 0..15 (GGUF's Q4_0/Q4_1/Q4_K order);
+//   - 8-bit blocks: 32 signed bytes (GGUF's Q8_0 order), q in -128..127.
+// libtorch's int4 kernel tiles rows by four and decodes the weights again for every tile; this
+// one decodes each block once and multiplies it with up to eight rows of `x`, which is what
+// continuous batching needs (a decode step is a handful of rows). Sums are in f32.
+//
+// Paths: AVX2 + FMA + F16C where the CPU has them (chosen at run time), a scalar loop elsewhere
+// (or when asked for, to test it). Work is split over output rows with ATen's parallel_for (the
+// same thread pool as every other op).
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;
+constexpr int MAX_ROWS = 8;
+
+inline float half_to_float(uint16_t bits) {
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// One output element range [n0, n1) for rows [0, rows) of x (rows <= MAX_ROWS), scalar.
+void scalar_rows(const float* x, int64_t ldx, int64_t rows, int64_t kb_count,
+                 const uint8_t* q, int64_t row_bytes, const uint16_t* sz, int bits,
+                 float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  float w[BLOCK];
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc[MAX_ROWS] = {0};
+    const uint8_t* qrow = q + n * row_bytes;
+    const uint16_t* szrow = sz + n * kb_count * 2;
+    for (int64_t b = 0; b < kb_count; ++b) {
+      const float s = half_to_float(szrow[2 * b]);
+      const float z = half_to_float(szrow[2 * b + 1]);
+      if (bits == 4) {
+        const uint8_t* qb = qrow + b * 16;
+        for (int j = 0; j < 16; ++j) {
+          w[j] = static_cast<float>(qb[j] & 0x0F) * s + z;
+          w[j + 16] = static_cast<float>(qb[j] >> 4) * s + z;
+        }
+      } else {
+        const int8_t* qb = reinterpret_cast<const int8_t*>(qrow + b * 32);
+        for (int j = 0; j < 32; ++j) {
+          w[j] = static_cast<float>(qb[j]) * s + z;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xb = x + r * ldx + b * BLOCK;
+        float sum = 0.0f;
+        for (int j = 0; j < BLOCK; ++j) {
+          sum += xb[j] * w[j];
+        }
+        acc[r] += sum;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      out[r * ldo + n] = acc[r];
+    }
+  }
+}
+
+#if defined(__x86_64__)
+
+__attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 shuf = _mm_movehdup_ps(lo);
+  __m128 sums = _mm_add_ps(lo, shuf);
+  shuf = _mm_movehl_ps(shuf, sums);
+  sums = _mm_add_ss(sums, shuf);
+  return _mm_cvtss_f32(sums);
+}
+
+// One block `b` of an output row: its 32 weights decoded (w = q·scale + zero) once and
+// multiplied with each of ROWS rows of x into their partial sums.
+template <int ROWS, int BITS, int SPLIT>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void avx2_block(
+    __m256 (&acc)[ROWS][SPLIT], const float* x, int64_t ldx, const uint8_t* qrow, int64_t b,
+    __m256 vs, __m256 vz) {
+  __m256 w[4];
+  if constexpr (BITS == 4) {
+    const __m128i low_mask = _mm_set1_epi8(0x0F);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b * 16));
+    const __m128i lo = _mm_and_si128(raw, low_mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    const uint8_t* qb = qrow + b * 32;
+    for (int i = 0; i < 4; ++i) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * i));
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    w[i] = _mm256_fmadd_ps(w[i], vs, vz);
+  }
+  // Rows inner: consecutive multiply-adds go to different sums, so none waits on the last.
+  const float* xb = x + b * BLOCK;
+  for (int i = 0; i < 4; ++i) {
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 xv = _mm256_loadu_ps(xb + r * ldx + 8 * i);
+      acc[r][i % SPLIT] = _mm256_fmadd_ps(w[i], xv, acc[r][i % SPLIT]);
+    }
+  }
+}
+
+// ROWS rows of x against output rows [n0, n1). With one or two rows, each row keeps several
+// partial sums so that consecutive multiply-adds do not wait on each other.
+template <int ROWS, int BITS>
+__attribute__((target("avx2,fma,f16c"))) void avx2_rows(
+    const float* x, int64_t ldx, int64_t kb_count, const uint8_t* q, int64_t row_bytes,
+    const uint16_t* sz, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  constexpr int SPLIT = ROWS == 1 ? 4 : (ROWS == 2 ? 2 : 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[ROWS][SPLIT];
+    for (int r = 0; r < ROWS; ++r) {
+      for (int p = 0; p < SPLIT; ++p) {
+        acc[r][p] = _mm256_setzero_ps();
+      }
+    }
+    const uint8_t* qrow = q + n * row_bytes;
+    const uint16_t* szrow = sz + n * kb_count * 2;
+    // Scales and zeros four blocks at a time: eight f16 values converted at once, each
+    // block's pair broadcast from them.
+    int64_t b = 0;
+    for (; b + 4 <= kb_count; b += 4) {
+      const __m256 pairs = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(szrow + 2 * b)));
+      for (int j = 0; j < 4; ++j) {
+        const __m256 vs = _mm256_permutevar8x32_ps(pairs, _mm256_set1_epi32(2 * j));
+        const __m256 vz = _mm256_permutevar8x32_ps(pairs, _mm256_set1_epi32(2 * j + 1));
+        avx2_block<ROWS, BITS, SPLIT>(acc, x, ldx, qrow, b + j, vs, vz);
+      }
+    }
+    for (; b < kb_count; ++b) {
+      const __m256 vs = _mm256_set1_ps(_cvtsh_ss(szrow[2 * b]));
+      const __m256 vz = _mm256_set1_ps(_cvtsh_ss(szrow[2 * b + 1]));
+      avx2_block<ROWS, BITS, SPLIT>(acc, x, ldx, qrow, b, vs, vz);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 total = acc[r][0];
+      for (int p = 1; p < SPLIT; ++p) {
+        total = _mm256_add_ps(total, acc[r][p]);
+      }
+      out[r * ldo + n] = hsum(total);
+    }
+  }
+}
+
+template <int BITS>
+void avx2_dispatch(int64_t rows, const float* x, int64_t ldx, int64_t kb_count,
+                   const uint8_t* q, int64_t row_bytes, const uint16_t* sz, float* out,
+                   int64_t ldo, int64_t n0, int64_t n1) {
+  switch (rows) {
+    case 1: avx2_rows<1, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 2: avx2_rows<2, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 3: avx2_rows<3, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 4: avx2_rows<4, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 5: avx2_rows<5, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 6: avx2_rows<6, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 7: avx2_rows<7, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    default: avx2_rows<8, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+  }
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+#else
+
+bool cpu_has_avx2() { return false; }
+
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// Whether the vectorized path runs on this CPU.
+int cresset_qblock_vectorized() { return cpu_has_avx2() ? 1 : 0; }
+
+// out[m, n] (f32, row stride n) = x[m, k] (f32, contiguous) · wᵀ, for w given as `n` rows of
+// k / 32 blocks of `bits` (4 or 8) bits each, with scale and zero pairs `sz` (f16, n × k/32 × 2).
+// The caller checks the shapes: k a multiple of 32, q of n × (k/32 × bits × 4) bytes.
+// Returns 0, or 1 if an exception stopped it.
+int cresset_qblock_matmul(const float* x, int64_t m, int64_t k, const uint8_t* q,
+                          const uint16_t* sz, int64_t n, int bits, float* out,
+                          int scalar_only) {
+  try {
+    const int64_t kb_count = k / BLOCK;
+    const int64_t row_bytes = kb_count * (bits == 4 ? 16 : 32);
+    const bool vectorized = !scalar_only && cpu_has_avx2();
+    // Enough output rows per task that each thread streams long runs of weights.
+    const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(kb_count, 1));
+    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
+        const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
+        const float* xr = x + r0 * k;
+        float* outr = out + r0 * n;
+#if defined(__x86_64__)
+        if (vectorized) {
+          if (bits == 4) {
+            avx2_dispatch<4>(rows, xr, k, kb_count, q, row_bytes, sz, outr, n, n0, n1);
+          } else {
+            avx2_dispatch<8>(rows, xr, k, kb_count, q, row_bytes, sz, outr, n, n0, n1);
+          }
+          continue;
+        }
+#endif
+        scalar_rows(xr, k, rows, kb_count, q, row_bytes, sz, bits, outr, n, n0, n1);
+      }
+    });
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+}  // extern "C"

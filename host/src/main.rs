@@ -124,12 +124,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config.work_dir.display()
         )
     })?;
+    let archive_cache = match config.archive_cache_size {
+        0 => None,
+        size => {
+            let root = config.work_dir.join("archive-cache");
+            match cresset::archive::cache::ArchiveCache::open(&root, size) {
+                Ok(cache) => Some(Arc::new(cache)),
+                Err(e) => {
+                    tracing::warn!(folder = %root.display(), "cannot open the archive cache ({e}); archives are unpacked on every registration");
+                    None
+                }
+            }
+        }
+    };
     let ctx = Arc::new(LoadContext {
         loader: PluginLoader::new(staged_plugins),
         metrics: Arc::new(Metrics::new()),
         plugin_dir: config.plugin_dir.clone(),
         extract_dir: scratch.path().join("models"),
         limits: config.extract_limits,
+        archive_cache,
         intra_op_threads: config.intra_op_threads,
         default_workers: config.default_workers_per_model,
     });

@@ -62,7 +62,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let work = tempfile::tempdir().context("cannot make a temporary folder")?;
     let is_archive = args.path.is_file() || args.path.join("MANIFEST.toml").is_file();
     let (opened, handler) = if is_archive {
-        let archive = OpenedArchive::open(&args.path, work.path(), &ExtractLimits::default())?;
+        let archive =
+            OpenedArchive::open(&args.path, work.path(), &ExtractLimits::default(), None)?;
         let handler = serde_json::to_value(&archive.config.handler)?;
         (Some(archive), handler)
     } else {

@@ -258,3 +258,106 @@ fn the_archiver_checks_its_inputs_and_writes_plain_directories() {
     assert_eq!((reply.status, reply.text()), (200, "dir".to_owned()));
     assert_eq!(reply.header("x-model-version"), Some("3"));
 }
+
+/// How many archives a server's log says it unpacked into the cache.
+fn unpacked_into_cache(server: &Server) -> usize {
+    server
+        .log()
+        .matches("unpacked an archive into the cache")
+        .count()
+}
+
+#[test]
+fn an_archive_is_unpacked_once_into_the_cache_and_reused_across_restarts() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let work = tempfile::tempdir().expect("tempdir");
+    let store_arg = store.path().to_str().expect("utf-8");
+    let work_arg = work.path().to_str().expect("utf-8");
+    let data = store.path().join("data.bin");
+    std::fs::write(&data, vec![42u8; 100_000]).expect("write");
+    let (ok, _, err) = run_archiver(&[
+        "--model-name",
+        "m",
+        "--handler",
+        "echo",
+        "--extra-files",
+        data.to_str().expect("utf-8"),
+        "--export-path",
+        store_arg,
+    ]);
+    assert!(ok, "{err}");
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "--model-store",
+            store_arg,
+            "--work-dir",
+            work_arg,
+            "--no-config-snapshot",
+            "--models",
+            "m=m.tar.gz",
+        ];
+        args.extend_from_slice(extra);
+        let server = Server::start(&args);
+        server.wait_healthy();
+        assert_eq!(
+            server.post("/predictions/m", "text/plain", b"hi").text(),
+            "hi"
+        );
+        server
+    };
+    let stop = |mut server: Server| {
+        server.terminate();
+        assert!(server
+            .wait_exit(std::time::Duration::from_secs(30))
+            .is_some());
+    };
+    // First start: unpacked once; a second registration of the same bytes reuses it.
+    let server = start(&[]);
+    assert_eq!(unpacked_into_cache(&server), 1, "{}", server.log());
+    server.register("url=m.tar.gz&model_name=again&synchronous=true");
+    assert_eq!(
+        server
+            .post("/predictions/again", "text/plain", b"yo")
+            .text(),
+        "yo"
+    );
+    assert_eq!(unpacked_into_cache(&server), 1, "{}", server.log());
+    let cache = work.path().join("archive-cache");
+    let entries = || {
+        std::fs::read_dir(&cache)
+            .expect("the cache folder")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().len() == 64)
+            .count()
+    };
+    assert_eq!(entries(), 1);
+    stop(server);
+    // A restart finds it.
+    let server = start(&[]);
+    assert_eq!(unpacked_into_cache(&server), 0, "{}", server.log());
+    stop(server);
+    // Damaged on disk (a file of the wrong size): unpacked again, and served right.
+    let entry = std::fs::read_dir(&cache)
+        .expect("read")
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().len() == 64)
+        .expect("an entry")
+        .path();
+    let file = entry.join("files/data.bin");
+    std::fs::remove_file(&file).expect("rm");
+    std::fs::write(&file, b"short").expect("write");
+    let server = start(&[]);
+    assert_eq!(unpacked_into_cache(&server), 1, "{}", server.log());
+    assert!(
+        server.log().contains("do not match their listing"),
+        "{}",
+        server.log()
+    );
+    stop(server);
+    assert_eq!(std::fs::read(&file).expect("read").len(), 100_000);
+    // With the cache off, nothing is unpacked into it.
+    let server = start(&["--archive-cache-size", "0"]);
+    assert_eq!(unpacked_into_cache(&server), 0, "{}", server.log());
+    stop(server);
+    assert_eq!(entries(), 1);
+}

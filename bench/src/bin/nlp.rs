@@ -9,7 +9,10 @@
 //! The baseline (`bench/transformers_baseline.py`) runs first, alone, then the server. Results
 //! go to the `nlp` section of `BENCHMARKS.md`. Run it with `make bench`.
 
-use std::path::Path;
+#[path = "nlp/cold_start.rs"]
+mod cold_start;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -273,7 +276,8 @@ fn review_texts() -> Vec<String> {
 
 /// Issue 13, items 4 and 5: BERT-base in f32 and `dtype = "auto"` with two workers, and what a
 /// second worker costs in memory.
-fn bert_base_section(minilm: &Path, seconds: f64, quick: bool) -> String {
+/// The BERT-base-shaped classifier's folder (made once, cached).
+fn bert_base_dir(minilm: &Path) -> PathBuf {
     let dir = cached("bench/bert-base-random");
     let made = Command::new(venv_python())
         .arg(repo_root().join("bench/make_bert_base.py"))
@@ -282,6 +286,11 @@ fn bert_base_section(minilm: &Path, seconds: f64, quick: bool) -> String {
         .status()
         .expect("run make_bert_base.py");
     assert!(made.success(), "make_bert_base.py failed");
+    dir
+}
+
+fn bert_base_section(minilm: &Path, seconds: f64, quick: bool) -> String {
+    let dir = bert_base_dir(minilm);
     let files = [
         "config.json",
         "model.safetensors",
@@ -440,7 +449,7 @@ fn minilm_section(minilm: &Path, seconds: f64, quick: bool) -> String {
 }
 
 /// The sections this run measures: `CRESSET_BENCH_SECTIONS` (a comma-separated subset of
-/// `nlp`, `nlp-threads` and `nlp-bert-base`), or all of them.
+/// `nlp`, `nlp-threads`, `nlp-bert-base` and `nlp-cold-start`), or all of them.
 fn wanted(section: &str) -> bool {
     std::env::var("CRESSET_BENCH_SECTIONS")
         .map(|list| list.split(',').any(|s| s.trim() == section))
@@ -454,7 +463,7 @@ fn main() {
         minilm.join("model.safetensors").is_file(),
         "run `make models` first"
     );
-    let sections: [(&str, &dyn Fn() -> String); 3] = [
+    let sections: [(&str, &dyn Fn() -> String); 4] = [
         ("nlp", &|| {
             minilm_section(&minilm, if quick { 2.0 } else { 10.0 }, quick)
         }),
@@ -463,6 +472,9 @@ fn main() {
         }),
         ("nlp-bert-base", &|| {
             bert_base_section(&minilm, if quick { 3.0 } else { 8.0 }, quick)
+        }),
+        ("nlp-cold-start", &|| {
+            cold_start::section(&bert_base_dir(&minilm), quick)
         }),
     ];
     for (name, run) in sections {

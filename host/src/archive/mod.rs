@@ -1,6 +1,7 @@
 //! Model archives: `MANIFEST.toml` + `model-config.toml` + model files, as a `.tar.gz`, a
 //! `.zip` or a plain directory.
 
+pub mod cache;
 mod create;
 pub mod direct;
 mod extract;
@@ -127,16 +128,38 @@ pub struct OpenedArchive {
     pub manifest: Manifest,
     /// The model configuration (defaults when the file is absent).
     pub config: ModelConfig,
-    /// Owns the extraction folder (None for a directory archive used in place).
-    _extracted: Option<tempfile::TempDir>,
+    /// Owns the unpacked files (None for a directory archive used in place).
+    unpacked: Option<cache::Unpacked>,
 }
 
 impl OpenedArchive {
-    /// Open `source`, extracting it under `work_dir` when it is a file.
+    /// Open `source`, unpacking it when it is a file: into `cache` when there is one (and
+    /// its config does not write into the archive's folder), else into a folder under
+    /// `work_dir` of this value alone.
     pub fn open(
         source: &Path,
         work_dir: &Path,
         limits: &ExtractLimits,
+        cache: Option<&cache::ArchiveCache>,
+    ) -> Result<Self, ArchiveError> {
+        let opened = Self::open_with(source, work_dir, limits, cache)?;
+        // Disk offload writes its files into the archive's folder, which a cache entry shares.
+        if opened.writes_into_folder() && opened.unpacked.as_ref().is_some_and(|u| u.is_cached()) {
+            return Self::open_with(source, work_dir, limits, None);
+        }
+        Ok(opened)
+    }
+
+    /// Whether the model writes files into its folder (`offload_folder`).
+    fn writes_into_folder(&self) -> bool {
+        self.config.handler.contains_key("offload_folder")
+    }
+
+    fn open_with(
+        source: &Path,
+        work_dir: &Path,
+        limits: &ExtractLimits,
+        cache: Option<&cache::ArchiveCache>,
     ) -> Result<Self, ArchiveError> {
         let io = |source: std::io::Error| ArchiveError::Io {
             path: work_dir.to_owned(),
@@ -144,39 +167,36 @@ impl OpenedArchive {
         };
         let meta =
             std::fs::metadata(source).map_err(|_| ArchiveError::NotFound(source.to_owned()))?;
-        let (dir, extracted) = if meta.is_dir() {
+        let (dir, unpacked) = if meta.is_dir() {
             (source.to_owned(), None)
         } else {
             let format = ArchiveFormat::of_file(source)
                 .ok_or_else(|| ArchiveError::UnknownFormat(source.to_owned()))?;
-            std::fs::create_dir_all(work_dir).map_err(io)?;
-            let tmp = tempfile::Builder::new()
-                .prefix("model-")
-                .tempdir_in(work_dir)
-                .map_err(io)?;
-            extract::extract(source, format, tmp.path(), limits).map_err(|e| {
-                ArchiveError::Extract {
-                    path: source.to_owned(),
-                    source: e,
+            let prepare = |files: &Path| unpack_model_zip(source, &model_root(files), limits);
+            let unpacked = match cache {
+                Some(cache) => cache.unpack(source, format, limits, prepare)?,
+                None => {
+                    std::fs::create_dir_all(work_dir).map_err(io)?;
+                    let tmp = tempfile::Builder::new()
+                        .prefix("model-")
+                        .tempdir_in(work_dir)
+                        .map_err(io)?;
+                    extract::extract(source, format, tmp.path(), limits).map_err(|e| {
+                        ArchiveError::Extract {
+                            path: source.to_owned(),
+                            source: e,
+                        }
+                    })?;
+                    prepare(tmp.path())?;
+                    cache::Unpacked::Private {
+                        dir: tmp.path().to_owned(),
+                        _tmp: tmp,
+                    }
                 }
-            })?;
-            (tmp.path().to_owned(), Some(tmp))
+            };
+            (unpacked.dir().to_owned(), Some(unpacked))
         };
         let dir = model_root(&dir);
-        // TorchServe's large-model examples ship the checkpoint folder as `model.zip`, which
-        // their handler unzips as `model/`. Unpacked here, with the same caps, when this
-        // process owns the unpacked archive (a folder archive in the store is never written).
-        let zipped = dir.join(MODEL_ZIP);
-        if extracted.is_some() && zipped.is_file() && !dir.join("model").exists() {
-            std::fs::create_dir_all(dir.join("model")).map_err(io)?;
-            extract::extract(&zipped, ArchiveFormat::Zip, &dir.join("model"), limits).map_err(
-                |e| ArchiveError::Extract {
-                    path: source.to_owned(),
-                    source: e,
-                },
-            )?;
-            let _ = std::fs::remove_file(&zipped);
-        }
         let bad = |file, message: String| ArchiveError::BadFile {
             archive: source.to_owned(),
             file,
@@ -219,7 +239,7 @@ impl OpenedArchive {
             dir,
             manifest,
             config,
-            _extracted: extracted,
+            unpacked,
         })
     }
 
@@ -239,6 +259,33 @@ impl OpenedArchive {
         }
         Ok(HandlerRef::Bundled(self.dir.join(rel)))
     }
+}
+
+/// TorchServe's large-model examples ship the checkpoint folder as `model.zip`, which their
+/// handler unzips as `model/`: unpacked here, with the same caps, in a freshly unpacked archive
+/// (a folder archive in the store is never written).
+fn unpack_model_zip(
+    archive: &Path,
+    dir: &Path,
+    limits: &ExtractLimits,
+) -> Result<(), ArchiveError> {
+    let zipped = dir.join(MODEL_ZIP);
+    if !zipped.is_file() || dir.join("model").exists() {
+        return Ok(());
+    }
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).map_err(|source| ArchiveError::Io {
+        path: model.clone(),
+        source,
+    })?;
+    extract::extract(&zipped, ArchiveFormat::Zip, &model, limits).map_err(|e| {
+        ArchiveError::Extract {
+            path: archive.to_owned(),
+            source: e,
+        }
+    })?;
+    let _ = std::fs::remove_file(&zipped);
+    Ok(())
 }
 
 /// Where the model files are in an unpacked archive: its root, or the one folder it holds when
@@ -572,7 +619,7 @@ mod tests {
                 std::fs::write(path, bytes).expect("write");
             }
             let work = tempfile::tempdir().expect("tempdir");
-            OpenedArchive::open(dir.path(), work.path(), &ExtractLimits::default())
+            OpenedArchive::open(dir.path(), work.path(), &ExtractLimits::default(), None)
                 .map(|a| (a.manifest, a.config))
                 .map_err(|e| e.to_string())
         };

@@ -124,6 +124,11 @@ pub struct ServeArgs {
     /// Scratch space: staged plugin libraries and extracted archives. [default: <tmp>/cresset-<uid>]
     #[arg(long, env = "CRESSET_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
+    /// Most bytes of unpacked archives kept in `<work_dir>/archive-cache` across restarts
+    /// (least recently used first out; never one in use); 0 turns the cache off and every
+    /// registration unpacks its archive again. [default: 17179869184]
+    #[arg(long, env = "CRESSET_ARCHIVE_CACHE_SIZE")]
+    pub archive_cache_size: Option<u64>,
     /// Largest request body, in bytes; larger ones get 413. [default: 6553500]
     #[arg(long, env = "CRESSET_MAX_REQUEST_SIZE")]
     pub max_request_size: Option<usize>,
@@ -209,6 +214,7 @@ struct FileConfig {
     max_upload_size: Option<u64>,
     plugin_dir: Option<PathBuf>,
     work_dir: Option<PathBuf>,
+    archive_cache_size: Option<u64>,
     max_request_size: Option<usize>,
     max_header_size: Option<usize>,
     max_concurrent_requests: Option<usize>,
@@ -261,6 +267,8 @@ pub struct ServerConfig {
     pub plugin_dir: PathBuf,
     /// Scratch space.
     pub work_dir: PathBuf,
+    /// The cap of the unpacked-archive cache in `work_dir` (0: no cache).
+    pub archive_cache_size: u64,
     /// Largest request body.
     pub max_request_size: usize,
     /// Largest request header.
@@ -568,6 +576,10 @@ impl ServerConfig {
             allowed_hosts,
             max_upload_size,
             plugin_dir,
+            archive_cache_size: args
+                .archive_cache_size
+                .or(file.archive_cache_size)
+                .unwrap_or(16 << 30),
             work_dir,
             max_request_size,
             max_header_size,

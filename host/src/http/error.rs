@@ -51,10 +51,15 @@ pub fn redact(message: &str) -> String {
             }
         }
     }
-    // An archive extracted in this process's scratch folder is just `<archive>`.
+    // An archive extracted in this process's scratch folder, or in the archive cache (an
+    // entry, or one being unpacked), is just `<archive>`.
     static EXTRACTED: OnceLock<Option<regex::Regex>> = OnceLock::new();
     if let Some(re) = EXTRACTED.get_or_init(|| {
-        regex::Regex::new(r"<work_dir>/run-[^/\s]+/models/model-[^/\s`'\x22]+").ok()
+        regex::Regex::new(concat!(
+            r"<work_dir>/(?:run-[^/\s]+/models/model-[^/\s`'\x22]+",
+            r"|archive-cache/(?:[0-9a-f]{64}|\.unpacking-[^/\s`'\x22]+)/files)"
+        ))
+        .ok()
     }) {
         out = re.replace_all(&out, "<archive>").into_owned();
     }

@@ -28,6 +28,9 @@ pub struct LoadContext {
     pub extract_dir: PathBuf,
     /// Caps for extraction.
     pub limits: ExtractLimits,
+    /// Where unpacked archives are kept across restarts (`None`: each registration unpacks
+    /// into `extract_dir`).
+    pub archive_cache: Option<Arc<crate::archive::cache::ArchiveCache>>,
     /// Intra-op threads per instance; 0 = cores / instances.
     pub intra_op_threads: u32,
     /// Workers for a model whose config leaves the counts unset (`None`: chosen per plugin).

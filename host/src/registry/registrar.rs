@@ -154,7 +154,14 @@ impl Registrar {
             ));
         }
         let opened = resolve_in_store(&self.store, &source.archive)
-            .and_then(|path| OpenedArchive::open(&path, &self.ctx.extract_dir, &self.ctx.limits))
+            .and_then(|path| {
+                OpenedArchive::open(
+                    &path,
+                    &self.ctx.extract_dir,
+                    &self.ctx.limits,
+                    self.ctx.archive_cache.as_deref(),
+                )
+            })
             .map_err(LoadError::from)
             .and_then(|archive| {
                 let config = archive

@@ -256,6 +256,7 @@ mod tests {
             &archive_dir,
             &dir.join("work"),
             &crate::archive::ExtractLimits::default(),
+            None,
         )
         .expect("open");
         let config = archive.config.clone();

@@ -170,10 +170,17 @@ pub(super) async fn register(
     };
 
     let ctx = state.registrar.ctx.clone();
-    let archive = web::block(move || OpenedArchive::open(&path, &ctx.extract_dir, &ctx.limits))
-        .await
-        .map_err(|e| ApiError::Internal(format!("the archive reader stopped: {e}")))?
-        .map_err(|e| refused(ApiError::from(LoadError::from(e))))?;
+    let archive = web::block(move || {
+        OpenedArchive::open(
+            &path,
+            &ctx.extract_dir,
+            &ctx.limits,
+            ctx.archive_cache.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("the archive reader stopped: {e}")))?
+    .map_err(|e| refused(ApiError::from(LoadError::from(e))))?;
     if let Some(name) = &params.model_name {
         crate::archive::validate_name("model_name", name)
             .map_err(|e| refused(ApiError::BadRequest(e)))?;

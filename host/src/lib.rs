@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod config;
+pub mod file_identity;
 pub mod grpc;
 pub mod http;
 pub mod loader;

@@ -17,6 +17,8 @@ use abi_stable::library::{lib_header_from_path, LibraryError, RootModuleError};
 use cresset_plugin_api::{PluginDescription, PluginModRef, ABI_VERSION};
 use sha2::{Digest, Sha256};
 
+use crate::file_identity::{identity, HashMemo};
+
 /// Why a plugin library could not be loaded. Every message names the file and, once it is
 /// known, both ABI versions.
 #[derive(Debug, thiserror::Error)]
@@ -186,13 +188,24 @@ impl PluginLoader {
     /// Copy `path` into the runtime folder, hash the copy (not the source, which could change
     /// between hashing and copying), and move it to its content-addressed name. A file already
     /// there has the same bytes by construction (the folder is private to this user), so it is
-    /// reused and never written over.
+    /// reused and never written over. The hash is remembered against the source's identity
+    /// ([`crate::file_identity`]): a library staged before and unchanged since is neither
+    /// copied nor read again (a plugin built with debug info is a hundred megabytes).
     fn stage(&self, path: &Path) -> std::io::Result<(String, PathBuf)> {
         std::fs::create_dir_all(&self.runtime_dir)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin.so".into());
+        let memo = HashMemo::new(self.runtime_dir.join("hashes"));
+        let canonical = std::fs::canonicalize(path)?;
+        let id = identity(&std::fs::metadata(&canonical)?);
+        if let Some(sha256) = memo.recall(&canonical, &id) {
+            let target = self.runtime_dir.join(format!("{}-{name}", &sha256[..32]));
+            if target.is_file() {
+                return Ok((sha256, target));
+            }
+        }
         // Locked while it is written: a crash leaves it for the next start-up's sweep.
         let tmp =
             crate::locked_file::locked_temp(&self.runtime_dir, crate::locked_file::STAGING_PREFIX)?;
@@ -208,6 +221,8 @@ impl PluginLoader {
                 Err(e) => return Err(e.error),
             }
         }
+        // Remembered only if the source did not change since `id` (so not while it was copied).
+        memo.remember(&canonical, &id, &sha256)?;
         Ok((sha256, target))
     }
 }
@@ -223,11 +238,7 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::file_identity::hex(&hasher.finalize()))
 }
 
 /// Open the staged copy and initialise its root module, mapping every failure to a

@@ -12,6 +12,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/torchvision_ops.cpp");
     println!("cargo:rerun-if-changed=src/aoti.cpp");
     println!("cargo:rerun-if-changed=src/qblock.cpp");
+    println!("cargo:rerun-if-changed=src/mapped_tensor.cpp");
     let lib =
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -32,6 +33,7 @@ fn main() {
         .file("src/torchvision_ops.cpp")
         .file("src/aoti.cpp")
         .file("src/qblock.cpp")
+        .file("src/mapped_tensor.cpp")
         .include(include.join("torch/csrc/api/include"))
         .include(&include)
         .flag("-std=c++17")

@@ -17,7 +17,7 @@
 //! - Temporary folders left by processes that died are removed when the cache opens.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::extract::{extract, ExtractLimits};
 use super::{ArchiveError, ArchiveFormat};
+use crate::file_identity::{hex, identity, HashMemo};
 use crate::locked_file::try_lock;
 
 /// Where an entry's files are, inside its folder.
@@ -111,29 +112,11 @@ fn flock(file: &File, operation: i32) -> io::Result<()> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn is_entry_name(name: &str) -> bool {
     name.len() == 64
         && name
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
-/// A file's identity: what changes when it is replaced or written to.
-fn identity(meta: &std::fs::Metadata) -> String {
-    format!(
-        "{} {} {} {}.{} {}.{}",
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-        meta.ctime(),
-        meta.ctime_nsec()
-    )
 }
 
 /// Every file under `dir`, relative, with its size; folders made traversable and files
@@ -226,16 +209,10 @@ impl ArchiveCache {
     /// The SHA-256 of `source`'s bytes, remembered against the file's identity.
     pub fn content_hash(&self, source: &Path) -> io::Result<String> {
         let canonical = std::fs::canonicalize(source)?;
-        let memo = self.root.join(HASHES).join(hex(&Sha256::digest(
-            canonical.as_os_str().as_encoded_bytes(),
-        )));
-        let before = identity(&std::fs::metadata(&canonical)?);
-        if let Ok(text) = std::fs::read_to_string(&memo) {
-            if let Some((id, hash)) = text.trim_end().split_once('\n') {
-                if id == before && is_entry_name(hash) {
-                    return Ok(hash.to_owned());
-                }
-            }
+        let memo = HashMemo::new(self.root.join(HASHES));
+        let id = identity(&std::fs::metadata(&canonical)?);
+        if let Some(hash) = memo.recall(&canonical, &id) {
+            return Ok(hash);
         }
         let mut file = File::open(&canonical)?;
         let mut hasher = Sha256::new();
@@ -248,12 +225,7 @@ impl ArchiveCache {
             hasher.update(&buffer[..n]);
         }
         let hash = hex(&hasher.finalize());
-        // Remembered only if the file did not change while it was read.
-        if identity(&file.metadata()?) == before {
-            let mut tmp = tempfile::NamedTempFile::new_in(self.root.join(HASHES))?;
-            writeln!(tmp, "{before}\n{hash}")?;
-            tmp.persist(&memo).map_err(|e| e.error)?;
-        }
+        memo.remember(&canonical, &id, &hash)?;
         Ok(hash)
     }
 

@@ -3,14 +3,22 @@
 //! shards), a `torch.save` zip whose pickle is read by a reader that runs no pickle code
 //! ([`cresset_plan::pickle`]) and whose tensors are then read like safetensors' by byte range.
 //!
-//! [`Weights::load`] memory-maps the files and copies every tensor from the mapping into a
-//! libtorch tensor; [`Weights::open`] reads each tensor when it is taken. Tensors are then
+//! [`Weights::load`] memory-maps the files. A tensor that needs no conversion, from a file
+//! nobody may write (no write permission bits: the archive cache's files are so), is used in
+//! place: a CPU tensor over the mapping (private, so a write would touch a copy of the page,
+//! never the file), which keeps the mapping alive while any such tensor lives. Every other
+//! tensor is copied out of the mapping (a writable file could be truncated under a mapping,
+//! and a truncated mapping faults when read). [`Weights::open`] reads each tensor when it is
+//! taken. Tensors are then
 //! converted to the target dtype and moved to the device when those differ. The header is validated as hostile input: offsets must lie inside
 //! the file and agree with the shape.
 
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use cresset_plan::safetensors::{
     checkpoint_files, parse_header, read_any_header, read_header, Header, TensorInfo,
@@ -18,6 +26,84 @@ pub use cresset_plan::safetensors::{
 use tch::{Device, Kind, Tensor};
 
 use crate::ModelError;
+
+extern "C" {
+    fn cresset_tensor_over(
+        data: *mut c_void,
+        sizes: *const i64,
+        ndim: i64,
+        scalar_type: i32,
+        owner: *mut c_void,
+        release: extern "C" fn(*mut c_void),
+    ) -> *mut torch_sys::C_tensor;
+}
+
+/// A checkpoint file mapped privately, shared by the tensors over it.
+struct Mapping {
+    map: memmap2::MmapMut,
+}
+
+// SAFETY: the mapping is only read through tensors after it is made (a write lands in a
+// private copy of a page); it is freed once, when the last owner goes.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+extern "C" fn release_mapping(owner: *mut c_void) {
+    // SAFETY: `owner` came from `Arc::into_raw` in `tensor_over`, once per tensor storage.
+    unsafe { drop(Arc::from_raw(owner as *const Mapping)) }
+}
+
+/// libtorch's number for the floating kinds used in place.
+fn scalar_type(kind: Kind) -> Option<i32> {
+    Some(match kind {
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::Double => 7,
+        Kind::BFloat16 => 15,
+        _ => return None,
+    })
+}
+
+/// A CPU tensor of `shape` and `kind` over `mapping`'s bytes `start..end` (checked by the
+/// caller against the file), or `None` where it cannot be one (a kind not used in place, a
+/// misaligned offset).
+fn tensor_over(
+    mapping: &Arc<Mapping>,
+    start: usize,
+    end: usize,
+    shape: &[i64],
+    kind: Kind,
+) -> Option<Tensor> {
+    let code = scalar_type(kind)?;
+    let elt = kind.elt_size_in_bytes();
+    let numel: i64 = shape.iter().product();
+    let base = mapping.map.as_ptr();
+    // SAFETY: `start..end` lies inside the mapping (checked by the caller).
+    let data = unsafe { base.add(start) };
+    if data as usize % elt != 0 || (end - start) as i64 != numel * elt as i64 {
+        return None;
+    }
+    let owner = Arc::into_raw(mapping.clone()) as *mut c_void;
+    // SAFETY: `data` points at `numel` elements of `kind` inside a private mapping that
+    // `owner` keeps alive until the storage releases it.
+    let ptr = unsafe {
+        cresset_tensor_over(
+            data as *mut c_void,
+            shape.as_ptr(),
+            shape.len() as i64,
+            code,
+            owner,
+            release_mapping,
+        )
+    };
+    if ptr.is_null() {
+        // The storage was never made: the reference is still ours.
+        release_mapping(owner);
+        return None;
+    }
+    // SAFETY: a new at::Tensor the shim allocated for us.
+    Some(unsafe { Tensor::from_ptr(ptr) })
+}
 
 impl From<cresset_plan::safetensors::CheckpointError> for ModelError {
     fn from(e: cresset_plan::safetensors::CheckpointError) -> Self {
@@ -94,19 +180,36 @@ impl Weights {
         for path in checkpoint_files(dir)? {
             let header = read_any_header(&path)?;
             let file = File::open(&path).map_err(|e| invalid(&path, e))?;
-            // SAFETY: the mapping is read-only and private; the checkpoint files belong to the
-            // model's staged copy, which nothing writes while it is loaded. Every byte is copied
-            // out before the mapping is dropped at the end of this iteration.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| invalid(&path, e))?;
+            let read_only = file
+                .metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o222 == 0);
+            // SAFETY: a private mapping: writes through it (none are made) would go to copies
+            // of pages, never the file. Tensors over it are made only for files nobody may
+            // write (see the module docs); everything else is copied out while this iteration
+            // holds the mapping.
+            let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+                .map_err(|e| invalid(&path, e))?;
+            let mapping = Arc::new(Mapping { map });
             for (name, info) in &header.tensors {
                 let src = src_kind(&path, name, info)?;
                 let start = (header.data_start + info.data_offsets[0]) as usize;
                 let end = (header.data_start + info.data_offsets[1]) as usize;
-                let bytes = map.get(start..end).ok_or_else(|| {
+                let bytes = mapping.map.get(start..end).ok_or_else(|| {
                     invalid(&path, format!("tensor `{name}` lies outside the file"))
                 })?;
-                let tensor = Tensor::f_from_data_size(bytes, &info.shape, src)?;
-                tensors.insert(name.clone(), convert(tensor, src, kind, device));
+                let in_place = (read_only && src == kind && device == Device::Cpu)
+                    .then(|| tensor_over(&mapping, start, end, &info.shape, src))
+                    .flatten();
+                let tensor = match in_place {
+                    Some(t) => t,
+                    None => convert(
+                        Tensor::f_from_data_size(bytes, &info.shape, src)?,
+                        src,
+                        kind,
+                        device,
+                    ),
+                };
+                tensors.insert(name.clone(), tensor);
             }
         }
         Ok(Self {
@@ -233,6 +336,58 @@ mod tests {
         );
         let missing = weights.take("w", &[2, 2]).err().expect("taken once");
         assert!(missing.to_string().contains("no tensor `w`"), "{missing}");
+    }
+
+    /// Whether `ptr` lies in a mapping of the file at `path` (from `/proc/self/maps`).
+    fn in_mapping_of(ptr: usize, path: &Path) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        let path = std::fs::canonicalize(path).expect("path");
+        let path = path.to_string_lossy();
+        maps.lines()
+            .filter(|l| l.ends_with(path.as_ref()))
+            .any(|l| {
+                let range = l.split_whitespace().next().unwrap_or("");
+                let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+                let (a, b) = (
+                    usize::from_str_radix(a, 16).unwrap_or(0),
+                    usize::from_str_radix(b, 16).unwrap_or(0),
+                );
+                (a..b).contains(&ptr)
+            })
+    }
+
+    #[test]
+    fn read_only_checkpoints_are_used_in_place_and_writable_ones_copied() {
+        let values: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+        let data: Vec<u8> = values.iter().flat_map(|f| f.to_le_bytes()).collect();
+        // The header is padded so that the data starts 8-byte aligned, as safetensors writes.
+        let header = r#"{"w":{"dtype":"F32","shape":[64,64],"data_offsets":[0,16384]}}"#;
+        let header = format!("{header:<64}");
+        for read_only in [true, false] {
+            let (dir, path) = file_with(&header, &data);
+            if read_only {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444))
+                    .expect("chmod");
+            }
+            let mut weights = Weights::load(dir.path(), Kind::Float, Device::Cpu).expect("load");
+            let w = weights.take("w", &[64, 64]).expect("w");
+            drop(weights);
+            // The tensor outlives the Weights that mapped the file.
+            assert_eq!(Vec::<f32>::try_from(w.flatten(0, -1)).expect("vec"), values);
+            assert_eq!(in_mapping_of(w.data_ptr() as usize, &path), read_only);
+            if read_only {
+                // A write lands in a private copy of the page, never in the file.
+                let mut view = w.shallow_clone();
+                let _ = view.fill_(7.0);
+                assert_eq!(w.double_value(&[0, 0]), 7.0);
+                let on_disk = std::fs::read(&path).expect("read");
+                assert_eq!(&on_disk[on_disk.len() - data.len()..], data.as_slice());
+            }
+            // A conversion copies, whatever the file.
+            let mut weights = Weights::load(dir.path(), Kind::Half, Device::Cpu).expect("load");
+            let h = weights.take("w", &[64, 64]).expect("w");
+            assert!(!in_mapping_of(h.data_ptr() as usize, &path));
+        }
     }
 
     #[test]

@@ -102,13 +102,28 @@ fn stop(mut server: Server) {
     let _ = server.wait_exit(Duration::from_secs(60));
 }
 
-/// Seconds a synchronous registration of `archive` (under `name`) takes.
-fn register(server: &Server, archive: &str, name: &str) -> f64 {
+/// Seconds a synchronous registration of `archive` (under `name`) takes, and the seconds of it
+/// the server logged as the model's load (plugin, model and worker: `model ready … seconds=`).
+fn register(server: &Server, archive: &str, name: &str) -> (f64, f64) {
     let started = Instant::now();
     server.register(&format!(
         "url={archive}&model_name={name}&initial_workers=1&synchronous=true"
     ));
-    started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    let log = server.log();
+    let load = log
+        .lines()
+        .filter(|l| l.contains("model ready") && l.contains(&format!("model={name} ")))
+        .find_map(|l| {
+            l.split("seconds=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no load time logged for {name}:\n{log}"));
+    (seconds, load)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -144,15 +159,20 @@ pub fn section(bert: &Path, quick: bool) -> String {
     ]);
     server.wait_healthy();
     let mut cached = Vec::new();
+    let mut cached_load = Vec::new();
+    let mut overheads = Vec::new();
     let mut folder = Vec::new();
     for i in 0..runs.max(3) {
-        cached.push(register(&server, "bert.tar.gz", &format!("cached{i}")));
-        folder.push(register(&server, "bert-folder", &format!("folder{i}")));
+        let (seconds, load) = register(&server, "bert.tar.gz", &format!("cached{i}"));
+        cached.push(seconds);
+        cached_load.push(load);
+        overheads.push(seconds - load);
+        folder.push(register(&server, "bert-folder", &format!("folder{i}")).0);
     }
     stop(server);
     let (off, cold, warm) = (median(off), median(cold), median(warm));
-    let (cached, folder) = (median(cached), median(folder));
-    let overhead = cached - folder;
+    let (cached, cached_load, folder) = (median(cached), median(cached_load), median(folder));
+    let overhead = median(overheads);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     format!(
         "## Cold start: BERT-base from a `.tar.gz` (issue 17, item 6)\n\n\
@@ -165,8 +185,10 @@ pub fn section(bert: &Path, quick: bool) -> String {
          | archive cache empty (unpacked into the cache) | {cold:.2} s |\n\
          | archive cache holding the archive (a restart) | {warm:.2} s |\n\n\
          Registration in a running server (`synchronous=true`, one worker), median of {}: the\n\
-         archive already in the cache {cached:.3} s, the same files as a folder archive {folder:.3} s;\n\
-         the difference ({overhead:.3} s) is what the archive costs beyond loading the model.\n\n\
+         archive already in the cache {cached:.3} s in all, of which the model's load (plugin, weights,\n\
+         worker, as the server logs it) {cached_load:.3} s and the rest ({overhead:.3} s) the archive and the\n\
+         registration; the same files as a folder archive in the store {folder:.3} s (a writable\n\
+         folder's weights are copied into memory; the cache's read-only files are used in place).\n\n\
          Targets (issue 17): first answer from a warm cache ≤ 1 s: {warm:.2} s ({}); a registration of an\n\
          already-extracted archive ≤ 0.3 s plus its load: {overhead:.3} s ({}).\n",
         if quick { " with `--quick`" } else { "" },

@@ -3,9 +3,14 @@
 use cresset_e2e::{cresset_bin, repo_root};
 
 fn plan(args: &[&str]) -> (bool, String, String) {
+    plan_with_env(args, &[])
+}
+
+fn plan_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = std::process::Command::new(cresset_bin())
         .arg("plan")
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run cresset plan");
     (
@@ -108,11 +113,26 @@ fn plan_reads_a_gguf_file_at_the_dtype_it_loads_in() {
 fn plan_sizes_a_quantized_model_as_the_gpt_handler_holds_it() {
     let store = repo_root().join("model_store/smollm2");
     let store = store.to_str().expect("utf-8");
-    // By default (`quantize = "auto"`, all on the CPU) the GGUF's blocks are kept: int4 layers,
-    // the Q8_0 embeddings as stored and an int8 copy of them as the tied head, f32 norms
-    // (`dtype = "auto"` keeps f32 activations around quantized layers). The sizes equal the
-    // loaded model's (plugins/torch/tests/quantized.rs).
+    // By default (`quantize = "auto"`, all on the CPU) the GGUF's blocks are kept. Where the
+    // CPU runs the block kernel (AVX2, FMA, F16C): 4-bit block layers and the Q8_0 table as
+    // 8-bit blocks that are the tied head too, the file's size; with libtorch's kernels
+    // (`CRESSET_BLOCK_KERNEL=0`, or another CPU): int4 layers, the Q8_0 embeddings as stored and
+    // an int8 copy of them as the tied head. f32 norms (`dtype = "auto"` keeps f32 activations
+    // around quantized layers). The sizes equal the loaded model's
+    // (plugins/torch/tests/quantized.rs).
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    let blocks = has("avx2") && has("fma") && has("f16c");
     let (ok, out, err) = plan(&[store]);
+    assert!(ok, "{err}");
+    let want = if blocks { "93.8" } else { "119.2" };
+    assert!(
+        out.starts_with(&format!(
+            "33 modules, {want} MiB of weights in the GGUF's quantized blocks (int4/int8) and float32"
+        )),
+        "{out}"
+    );
+    let (ok, out, err) = plan_with_env(&[store], &[("CRESSET_BLOCK_KERNEL", "0")]);
     assert!(ok, "{err}");
     assert!(
         out.starts_with(

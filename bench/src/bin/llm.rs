@@ -85,7 +85,7 @@ struct Variant {
 fn variants() -> Vec<Variant> {
     vec![
         Variant {
-            label: "Cresset int4: the GGUF's Q4_1 blocks as they are (the default: `quantize` and `dtype` \"auto\")",
+            label: "Cresset int4: the GGUF's Q4_1 blocks as they are, on the block kernel (the default: `quantize` and `dtype` \"auto\")",
             handler: "",
             load: || {
                 let mut o = LoadOptions::new(Kind::Float, Device::Cpu);
@@ -308,6 +308,22 @@ fn main() {
         spin.decode / llama_decode,
         spin.aggregate,
         spin.aggregate / llama_decode
+    ));
+    // The same file on libtorch's int4 (layers) and int8 (head) kernels instead of the block
+    // kernel, in the same run.
+    eprintln!("bench-llm: int4 with CRESSET_BLOCK_KERNEL=0");
+    std::env::set_var("CRESSET_BLOCK_KERNEL", "0");
+    let (torch_rss, torch_counted) = weights_rss(&gguf, 0);
+    let torch_kernels = measure(&gguf, "", runs);
+    std::env::remove_var("CRESSET_BLOCK_KERNEL");
+    table.push_str(&format!(
+        "| Cresset int4 on libtorch's int4 and int8 kernels (`CRESSET_BLOCK_KERNEL=0`: the default before the block kernel) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {torch_rss:.0} MiB ({torch_counted:.0}) | {:.2}× |\n",
+        torch_kernels.ttft_ms,
+        torch_kernels.decode,
+        torch_kernels.decode / llama_decode,
+        torch_kernels.aggregate,
+        torch_kernels.aggregate / llama_decode,
+        torch_rss / gguf_mib,
     ));
     table.push_str(&format!(
         "| transformers {} `generate()`, f32 dequantized (batch of 8 for the aggregate) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | | |\n",

@@ -180,12 +180,12 @@ pub fn element_count(shape: &[i64]) -> Option<u64> {
 
 /// A REST request in the binary tensor extension (`header_len` bytes of JSON, then the binary
 /// inputs' bytes in the order of the inputs that carry `parameters.binary_data_size`) as the
-/// plain JSON request, with whether the client wants its outputs in binary.
+/// plain JSON request, with which outputs the client wants in binary.
 pub fn request_from_binary(
     body: &[u8],
     header_len: usize,
     max_request_size: usize,
-) -> Result<(Vec<u8>, bool), String> {
+) -> Result<(Vec<u8>, BinaryOutputs), String> {
     if header_len > body.len() {
         return Err(format!(
             "Inference-Header-Content-Length is {header_len} but the body has {} bytes",
@@ -242,21 +242,45 @@ pub fn request_from_binary(
     Ok((json, binary_out))
 }
 
-/// Whether a JSON request asks for binary outputs (`parameters.binary_data_output`, or any
+/// Which outputs of an answer go in binary: every output as `parameters.binary_data_output`
+/// says (default no), and a named output as its `outputs[].parameters.binary_data` says (which
+/// wins), as the binary tensor extension defines them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BinaryOutputs {
+    all: bool,
+    named: std::collections::HashMap<String, bool>,
+}
+
+impl BinaryOutputs {
+    /// Whether any output may go in binary.
+    pub fn any(&self) -> bool {
+        self.all || self.named.values().any(|&b| b)
+    }
+
+    /// Whether the output `name` goes in binary.
+    pub fn wants(&self, name: &str) -> bool {
+        self.named.get(name).copied().unwrap_or(self.all)
+    }
+}
+
+/// Which outputs a JSON request asks for in binary (`parameters.binary_data_output`,
 /// `outputs[].parameters.binary_data`), with those parameters removed (they are the wire's,
 /// not the model's).
-pub fn wants_binary_output(request: &mut Value) -> bool {
-    let mut binary = take_parameter(request, "binary_data_output")
+pub fn wants_binary_output(request: &mut Value) -> BinaryOutputs {
+    let all = take_parameter(request, "binary_data_output")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
+    let mut named = std::collections::HashMap::new();
     if let Some(outputs) = request.get_mut("outputs").and_then(Value::as_array_mut) {
         for output in outputs {
-            if let Some(Value::Bool(true)) = take_parameter(output, "binary_data") {
-                binary = true;
+            let choice = take_parameter(output, "binary_data").and_then(|v| v.as_bool());
+            if let (Some(choice), Some(name)) = (choice, output.get("name").and_then(Value::as_str))
+            {
+                named.insert(name.to_owned(), choice);
             }
         }
     }
-    binary
+    BinaryOutputs { all, named }
 }
 
 /// Remove `parameters.<key>` from an object (and `parameters` if it is left empty).
@@ -271,17 +295,27 @@ fn take_parameter(object: &mut Value, key: &str) -> Option<Value> {
     value
 }
 
-/// A JSON v2 answer with each output's `data` moved after the JSON as bytes (the binary
-/// tensor extension): the body and the JSON header's length.
-pub fn answer_to_binary(answer: &[u8]) -> Result<(Vec<u8>, usize), String> {
+/// A JSON v2 answer with the `data` of each output that `binary` wants moved after the JSON as
+/// bytes (the binary tensor extension): the body and the JSON header's length, or `None` when
+/// no output went in binary (the answer then stays plain JSON).
+pub fn answer_to_binary(
+    answer: &[u8],
+    binary: &BinaryOutputs,
+) -> Result<Option<(Vec<u8>, usize)>, String> {
     let mut value: Value = serde_json::from_slice(answer)
         .map_err(|e| format!("the model's v2 answer is not JSON: {e}"))?;
     let mut tail = Vec::new();
+    let mut moved = false;
     if let Some(outputs) = value.get_mut("outputs").and_then(Value::as_array_mut) {
         for (i, output) in outputs.iter_mut().enumerate() {
             let Some(map) = output.as_object_mut() else {
                 continue;
             };
+            let name = map.get("name").and_then(Value::as_str).unwrap_or_default();
+            if !binary.wants(name) {
+                continue;
+            }
+            moved = true;
             let (Some(data), Some(datatype)) = (
                 map.remove("data"),
                 map.get("datatype")
@@ -300,10 +334,13 @@ pub fn answer_to_binary(answer: &[u8]) -> Result<(Vec<u8>, usize), String> {
             tail.extend(bytes);
         }
     }
+    if !moved {
+        return Ok(None);
+    }
     let mut body = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
     let header_len = body.len();
     body.extend(tail);
-    Ok((body, header_len))
+    Ok(Some((body, header_len)))
 }
 
 #[cfg(test)]
@@ -383,7 +420,7 @@ mod tests {
         body.extend(0.5f32.to_le_bytes());
         body.extend(2.0f32.to_le_bytes());
         let (json, binary) = request_from_binary(&body, len, 1 << 20).expect("decoded");
-        assert!(binary);
+        assert!(binary.any() && binary.wants("y") && !binary.wants("z"));
         let v: Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(v["inputs"][0]["data"], json!([0.5, 2.0]));
         assert!(v["inputs"][0].get("parameters").is_none());
@@ -414,10 +451,49 @@ mod tests {
         let answer = json!({"model_name": "m", "outputs": [
             {"name": "y", "shape": [2], "datatype": "INT32", "data": [1, -1]}]});
         let (out, header_len) =
-            answer_to_binary(&serde_json::to_vec(&answer).expect("json")).expect("binary");
+            answer_to_binary(&serde_json::to_vec(&answer).expect("json"), &binary)
+                .expect("binary")
+                .expect("an output in binary");
         let head: Value = serde_json::from_slice(&out[..header_len]).expect("json");
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert!(head["outputs"][0].get("data").is_none());
         assert_eq!(&out[header_len..], [1, 0, 0, 0, 255, 255, 255, 255]);
+    }
+
+    #[test]
+    fn each_output_goes_in_binary_or_json_as_the_request_says() {
+        // Every output in binary but `b`, which asks for JSON; `c` is not named.
+        let mut request = json!({"inputs": [], "parameters": {"binary_data_output": true},
+            "outputs": [{"name": "a"}, {"name": "b", "parameters": {"binary_data": false}}]});
+        let binary = wants_binary_output(&mut request);
+        assert!(request.get("parameters").is_none());
+        assert!(request["outputs"][1].get("parameters").is_none());
+        let answer = json!({"model_name": "m", "outputs": [
+            {"name": "a", "shape": [1], "datatype": "INT8", "data": [3]},
+            {"name": "b", "shape": [1], "datatype": "INT8", "data": [4]},
+            {"name": "c", "shape": [1], "datatype": "INT8", "data": [5]}]});
+        let answer = serde_json::to_vec(&answer).expect("json");
+        let (out, header_len) = answer_to_binary(&answer, &binary)
+            .expect("binary")
+            .expect("some outputs in binary");
+        let head: Value = serde_json::from_slice(&out[..header_len]).expect("json");
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 1);
+        assert_eq!(head["outputs"][1]["data"], json!([4]));
+        assert_eq!(head["outputs"][2]["parameters"]["binary_data_size"], 1);
+        assert_eq!(&out[header_len..], [3, 5]);
+        // Only one output asked for in binary: the rest stay JSON.
+        let mut request = json!({"inputs": [],
+            "outputs": [{"name": "c", "parameters": {"binary_data": true}}]});
+        let binary = wants_binary_output(&mut request);
+        let (out, header_len) = answer_to_binary(&answer, &binary)
+            .expect("binary")
+            .expect("c in binary");
+        let head: Value = serde_json::from_slice(&out[..header_len]).expect("json");
+        assert_eq!(head["outputs"][0]["data"], json!([3]));
+        assert_eq!(&out[header_len..], [5]);
+        // None asked for: no binary form at all.
+        let none = wants_binary_output(&mut json!({"inputs": []}));
+        assert!(!none.any());
+        assert!(answer_to_binary(&answer, &none).expect("ok").is_none());
     }
 }

@@ -73,7 +73,8 @@ async fn predict(
 
 /// `/infer` (Open Inference Protocol v2): tensors as JSON, or in the binary tensor extension
 /// (a JSON header of `Inference-Header-Content-Length` bytes, then the binary inputs); the
-/// outputs come back in binary when the request asks for them so.
+/// outputs the request asks for in binary come back so (all of them with
+/// `parameters.binary_data_output`, each named one as its `parameters.binary_data` says).
 async fn infer(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -87,7 +88,7 @@ async fn infer(
             let peer = req.conn_data::<PeerSocket>();
             let answered = run_v2(&target, &model, request, peer, permit)
                 .await
-                .and_then(|answer| v2_http(answer, binary));
+                .and_then(|answer| v2_http(answer, &binary));
             (target, answered)
         }
         Err(e) => return oip_error(&e),
@@ -96,7 +97,7 @@ async fn infer(
 }
 
 /// Receive a v2 request over REST as plain JSON (the binary extension decoded), checked: the
-/// version to run, the request, whether outputs go back in binary, and an in-flight permit.
+/// version to run, the request, which outputs go back in binary, and an in-flight permit.
 async fn receive_v2(
     state: &AppState,
     req: &HttpRequest,
@@ -104,7 +105,15 @@ async fn receive_v2(
     model: &str,
     version: Option<String>,
     id: &str,
-) -> Result<(Arc<ModelVersion>, Request, bool, OwnedSemaphorePermit), ApiError> {
+) -> Result<
+    (
+        Arc<ModelVersion>,
+        Request,
+        crate::tensor_wire::BinaryOutputs,
+        OwnedSemaphorePermit,
+    ),
+    ApiError,
+> {
     // 404 before reading a body for nobody.
     state.registry.get(model, version.as_deref())?;
     let header_len = match req.headers().get("inference-header-content-length") {
@@ -136,7 +145,7 @@ async fn receive_v2(
         None => match serde_json::from_slice::<Value>(&request.body) {
             Ok(mut value) => {
                 let binary = crate::tensor_wire::wants_binary_output(&mut value);
-                if binary {
+                if binary.any() {
                     request.body = serde_json::to_vec(&value)
                         .map_err(|e| ApiError::Internal(e.to_string()))?
                         .into();
@@ -144,7 +153,7 @@ async fn receive_v2(
                 binary
             }
             // Not JSON: the check below says so.
-            Err(_) => false,
+            Err(_) => Default::default(),
         },
     };
     super::oip::check_v2(&request.body).map_err(ApiError::BadRequest)?;
@@ -179,13 +188,20 @@ pub(crate) async fn run_v2(
     }
 }
 
-/// A v2 answer over REST: as the plugin gave it, or with its outputs in binary.
-fn v2_http(response: Response, binary: bool) -> Result<HttpResponse, ApiError> {
-    if !binary || response.status != 200 {
+/// A v2 answer over REST: as the plugin gave it, or with the outputs the client asked for in
+/// binary.
+fn v2_http(
+    response: Response,
+    binary: &crate::tensor_wire::BinaryOutputs,
+) -> Result<HttpResponse, ApiError> {
+    if !binary.any() || response.status != 200 {
         return Ok(super::inference::whole(response));
     }
-    let (body, header_len) =
-        crate::tensor_wire::answer_to_binary(&response.body).map_err(ApiError::Internal)?;
+    let Some((body, header_len)) =
+        crate::tensor_wire::answer_to_binary(&response.body, binary).map_err(ApiError::Internal)?
+    else {
+        return Ok(super::inference::whole(response));
+    };
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")
         .insert_header(("inference-header-content-length", header_len.to_string()))

@@ -209,7 +209,7 @@ impl PluginLoader {
         // Locked while it is written: a crash leaves it for the next start-up's sweep.
         let tmp =
             crate::locked_file::locked_temp(&self.runtime_dir, crate::locked_file::STAGING_PREFIX)?;
-        std::fs::copy(path, tmp.path())?;
+        std::fs::copy(&canonical, tmp.path())?;
         let sha256 = sha256_file(tmp.path())?;
         let target = self.runtime_dir.join(format!("{}-{name}", &sha256[..32]));
         if !target.is_file() {

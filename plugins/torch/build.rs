@@ -19,9 +19,17 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
     // The OpenMP runtime of the shim's `at::parallel_for` is libtorch's own (the copy next to
-    // libtorch_cpu, which needs it anyway): one thread pool, not two.
+    // libtorch_cpu, which needs it anyway: `libgomp.so.1` in the wheels, `libgomp-<hash>.so.1`
+    // in some libtorch builds): one thread pool, not two.
+    let gomp = std::fs::read_dir(&lib)
+        .expect("libtorch's lib dir is readable")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("libgomp") && n.contains(".so"))
+        .min_by_key(|n| n.len())
+        .expect("libtorch ships its OpenMP runtime (libgomp) next to libtorch_cpu");
     println!("cargo:rustc-link-search=native={lib}");
-    println!("cargo:rustc-link-lib=dylib:+verbatim=libgomp.so.1");
+    println!("cargo:rustc-link-lib=dylib:+verbatim={gomp}");
     let include = Path::new(&lib)
         .parent()
         .expect("libtorch's lib dir has a parent")

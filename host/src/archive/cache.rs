@@ -85,6 +85,9 @@ pub enum Unpacked {
         dir: PathBuf,
         /// Owns the folder.
         _tmp: tempfile::TempDir,
+        /// Held while the folder is in use, when it is in the cache's folder (so that a sweep
+        /// by another process leaves it alone).
+        _lock: Option<File>,
     },
 }
 
@@ -153,6 +156,24 @@ fn list_and_seal(dir: &Path) -> io::Result<Vec<(String, u64)>> {
     Ok(files)
 }
 
+/// Flush every file and folder under `dir` (and `dir`) to disk.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                File::open(entry.path())?.sync_all()?;
+            }
+        }
+        File::open(&folder)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Remove a folder whose files may be read-only.
 fn remove_folder(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
@@ -187,17 +208,20 @@ impl ArchiveCache {
             if name.starts_with(EVICTING_PREFIX) {
                 remove_folder(&path);
             } else if name.starts_with(UNPACKING_PREFIX) {
-                // Dead when its lock can be taken; a folder without a lock is dead once it is
-                // a minute old (its maker creates the lock right after the folder).
-                let dead = match File::open(path.join(UNPACKING_LOCK)) {
-                    Ok(lock) => matches!(try_lock(&lock), Ok(true)),
-                    Err(_) => entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age.as_secs() > 60),
-                };
+                // Dead when it is over a minute old and its lock can be taken (or it has none):
+                // its maker creates and locks the lock right after the folder, and holds it
+                // until the folder is renamed into place or removed.
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 60);
+                let dead = old
+                    && match File::open(path.join(UNPACKING_LOCK)) {
+                        Ok(lock) => matches!(try_lock(&lock), Ok(true)),
+                        Err(_) => true,
+                    };
                 if dead {
                     tracing::info!(folder = %path.display(), "removed an archive a process that died was unpacking");
                     remove_folder(&path);
@@ -209,12 +233,17 @@ impl ArchiveCache {
     /// The SHA-256 of `source`'s bytes, remembered against the file's identity.
     pub fn content_hash(&self, source: &Path) -> io::Result<String> {
         let canonical = std::fs::canonicalize(source)?;
-        let memo = HashMemo::new(self.root.join(HASHES));
         let id = identity(&std::fs::metadata(&canonical)?);
-        if let Some(hash) = memo.recall(&canonical, &id) {
+        self.hash_of(&canonical, &id)
+    }
+
+    /// The SHA-256 of the file at `canonical`, whose identity was `id` before it is read.
+    fn hash_of(&self, canonical: &Path, id: &str) -> io::Result<String> {
+        let memo = HashMemo::new(self.root.join(HASHES));
+        if let Some(hash) = memo.recall(canonical, id) {
             return Ok(hash);
         }
-        let mut file = File::open(&canonical)?;
+        let mut file = File::open(canonical)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 20];
         loop {
@@ -225,7 +254,7 @@ impl ArchiveCache {
             hasher.update(&buffer[..n]);
         }
         let hash = hex(&hasher.finalize());
-        memo.remember(&canonical, &id, &hash)?;
+        memo.remember(canonical, id, &hash)?;
         Ok(hash)
     }
 
@@ -247,16 +276,21 @@ impl ArchiveCache {
             _ => return Ok(None),
         }
         let mut text = String::new();
-        (&file).take(MAX_LISTING_BYTES).read_to_string(&mut text)?;
+        // A listing that cannot be read as text is damaged, as one that does not parse.
+        let readable = (&file)
+            .take(MAX_LISTING_BYTES)
+            .read_to_string(&mut text)
+            .is_ok();
         let files = entry.join(FILES);
-        let whole = serde_json::from_str::<Listing>(&text).is_ok_and(|listing| {
-            listing.version == 1
-                && listing.files.iter().all(|(rel, size)| {
-                    super::is_plain_relative(Path::new(rel))
-                        && std::fs::symlink_metadata(files.join(rel))
-                            .is_ok_and(|m| m.is_file() && m.len() == *size)
-                })
-        });
+        let whole = readable
+            && serde_json::from_str::<Listing>(&text).is_ok_and(|listing| {
+                listing.version == 1
+                    && listing.files.iter().all(|(rel, size)| {
+                        super::is_plain_relative(Path::new(rel))
+                            && std::fs::symlink_metadata(files.join(rel))
+                                .is_ok_and(|m| m.is_file() && m.len() == *size)
+                    })
+            });
         if !whole {
             tracing::warn!(entry = %entry.display(), "a cached archive's files do not match their listing; unpacking it again");
             drop(file);
@@ -311,10 +345,16 @@ impl ArchiveCache {
             path: self.root.clone(),
             source,
         };
-        let hash = self.content_hash(source).map_err(|e| ArchiveError::Io {
+        let at_source = |e: io::Error| ArchiveError::Io {
             path: source.to_owned(),
             source: e,
-        })?;
+        };
+        // One path for hashing and unpacking, and the file's identity before either: an
+        // archive that changes in between (rewritten, replaced, a link retargeted) is noticed
+        // after unpacking and never cached under the other content's hash.
+        let canonical = std::fs::canonicalize(source).map_err(at_source)?;
+        let id = identity(&std::fs::metadata(&canonical).map_err(at_source)?);
+        let hash = self.hash_of(&canonical, &id).map_err(at_source)?;
         if let Some(found) = self.reuse(&hash).map_err(io)? {
             return Ok(found);
         }
@@ -326,10 +366,15 @@ impl ArchiveCache {
         flock(&lock, libc::LOCK_EX).map_err(io)?;
         let files = tmp.path().join(FILES);
         std::fs::create_dir(&files).map_err(io)?;
-        extract(source, format, &files, limits).map_err(|e| ArchiveError::Extract {
+        extract(&canonical, format, &files, limits).map_err(|e| ArchiveError::Extract {
             path: source.to_owned(),
             source: e,
         })?;
+        if identity(&std::fs::metadata(&canonical).map_err(at_source)?) != id {
+            return Err(at_source(io::Error::other(
+                "the archive changed while it was unpacked; register it again",
+            )));
+        }
         prepare(&files)?;
         let listing = Listing {
             version: 1,
@@ -338,7 +383,9 @@ impl ArchiveCache {
         let bytes = listing.bytes();
         let text = serde_json::to_vec(&listing).map_err(|e| io(io::Error::other(e)))?;
         std::fs::write(tmp.path().join(LISTING), text).map_err(io)?;
-        std::fs::remove_file(tmp.path().join(UNPACKING_LOCK)).map_err(io)?;
+        // On disk before the entry is published: after a power loss an entry is whole or
+        // absent (reuse checks sizes only).
+        sync_tree(tmp.path()).map_err(io)?;
         let entry = self.root.join(&hash);
         if entry.exists() {
             // A damaged entry that another process holds, or one that another process made
@@ -347,15 +394,21 @@ impl ArchiveCache {
                 return Ok(found);
             }
             tracing::warn!(archive = %source.display(), "the cache entry of this archive is in use and damaged; its files are unpacked for this model alone");
-            drop(lock);
+            // The folder keeps its lock while the model uses it: a sweep leaves it alone.
             return Ok(Unpacked::Private {
                 dir: files,
                 _tmp: tmp,
+                _lock: Some(lock),
             });
         }
+        // Renamed with its lock held (a sweep never sees it unlocked), which then goes.
         let tmp_path = tmp.keep();
+        let renamed = std::fs::rename(&tmp_path, &entry);
+        if renamed.is_ok() {
+            let _ = std::fs::remove_file(entry.join(UNPACKING_LOCK));
+        }
         drop(lock);
-        if let Err(e) = std::fs::rename(&tmp_path, &entry) {
+        if let Err(e) = renamed {
             remove_folder(&tmp_path);
             // Another process made the entry meanwhile.
             return match self.reuse(&hash).map_err(io)? {
@@ -603,12 +656,24 @@ mod tests {
         std::fs::create_dir_all(root.join(".unpacking-live/files")).expect("mkdir");
         let live = File::create(root.join(".unpacking-live").join(UNPACKING_LOCK)).expect("lock");
         flock(&live, libc::LOCK_EX).expect("lock");
+        std::fs::create_dir_all(root.join(".unpacking-young/files")).expect("mkdir");
         std::fs::create_dir_all(root.join(".evicting-x/abc")).expect("mkdir");
+        // Two minutes old but for the young one (its maker may not have locked it yet).
+        let then = std::time::SystemTime::now() - Duration::from_secs(120);
+        for name in [".unpacking-dead", ".unpacking-live"] {
+            File::open(root.join(name))
+                .and_then(|d| d.set_modified(then))
+                .expect("age");
+        }
         let _cache = ArchiveCache::open(&root, 1 << 30).expect("cache");
         assert!(!root.join(".unpacking-dead").exists());
         assert!(
             root.join(".unpacking-live").exists(),
             "a folder still being unpacked stays"
+        );
+        assert!(
+            root.join(".unpacking-young").exists(),
+            "a folder just made stays"
         );
         assert!(!root.join(".evicting-x").exists());
     }

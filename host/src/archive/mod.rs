@@ -191,6 +191,7 @@ impl OpenedArchive {
                     cache::Unpacked::Private {
                         dir: tmp.path().to_owned(),
                         _tmp: tmp,
+                        _lock: None,
                     }
                 }
             };

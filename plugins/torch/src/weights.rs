@@ -4,11 +4,12 @@
 //! ([`cresset_plan::pickle`]) and whose tensors are then read like safetensors' by byte range.
 //!
 //! [`Weights::load`] memory-maps the files. A tensor that needs no conversion, from a file
-//! nobody may write (no write permission bits: the archive cache's files are so), is used in
-//! place: a CPU tensor over the mapping (private, so a write would touch a copy of the page,
-//! never the file), which keeps the mapping alive while any such tensor lives. Every other
-//! tensor is copied out of the mapping (a writable file could be truncated under a mapping,
-//! and a truncated mapping faults when read). [`Weights::open`] reads each tensor when it is
+//! without write permission bits (the archive cache makes its files so), is used in place: a
+//! CPU tensor over the mapping (private, so a write would touch a copy of the page, never the
+//! file), which keeps the mapping alive while any such tensor lives. Every other tensor is
+//! copied out of the mapping: a file that may be written could be truncated under a mapping,
+//! and a truncated mapping faults when read. (Its owner, or root, can still make a read-only
+//! file writable and truncate it: read-only model files must be left alone while served.) [`Weights::open`] reads each tensor when it is
 //! taken. Tensors are then
 //! converted to the target dtype and moved to the device when those differ. The header is validated as hostile input: offsets must lie inside
 //! the file and agree with the shape.
@@ -183,23 +184,35 @@ impl Weights {
             let read_only = file
                 .metadata()
                 .is_ok_and(|m| m.permissions().mode() & 0o222 == 0);
-            // SAFETY: a private mapping: writes through it (none are made) would go to copies
-            // of pages, never the file. Tensors over it are made only for files nobody may
-            // write (see the module docs); everything else is copied out while this iteration
-            // holds the mapping.
-            let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
-                .map_err(|e| invalid(&path, e))?;
-            let mapping = Arc::new(Mapping { map });
+            // SAFETY: for a file without write permission, a private writable mapping that
+            // tensors are made over (a write through one lands in a copy of the page, never
+            // the file); for any other file a read-only mapping that everything is copied out
+            // of while this iteration holds it (so only the in-place case is charged as
+            // private memory).
+            let (mapping, shared) = if read_only {
+                let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
+                    .map_err(|e| invalid(&path, e))?;
+                (Some(Arc::new(Mapping { map })), None)
+            } else {
+                let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| invalid(&path, e))?;
+                (None, Some(map))
+            };
             for (name, info) in &header.tensors {
                 let src = src_kind(&path, name, info)?;
                 let start = (header.data_start + info.data_offsets[0]) as usize;
                 let end = (header.data_start + info.data_offsets[1]) as usize;
-                let bytes = mapping.map.get(start..end).ok_or_else(|| {
+                let whole: &[u8] = match (&mapping, &shared) {
+                    (Some(m), _) => &m.map[..],
+                    (None, Some(m)) => &m[..],
+                    (None, None) => &[],
+                };
+                let bytes = whole.get(start..end).ok_or_else(|| {
                     invalid(&path, format!("tensor `{name}` lies outside the file"))
                 })?;
-                let in_place = (read_only && src == kind && device == Device::Cpu)
-                    .then(|| tensor_over(&mapping, start, end, &info.shape, src))
-                    .flatten();
+                let in_place = mapping
+                    .as_ref()
+                    .filter(|_| src == kind && device == Device::Cpu)
+                    .and_then(|m| tensor_over(m, start, end, &info.shape, src));
                 let tensor = match in_place {
                     Some(t) => t,
                     None => convert(

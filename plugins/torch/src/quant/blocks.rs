@@ -8,7 +8,9 @@
 //!   `d·sc`, zero `−dmin·m`); a 4-bit block widens to 8 bits exactly (the same values a byte
 //!   each), which is how a layer that mixes the two stacks.
 //! - Q4_0, Q4_1 and Q8_0 are exact: their scales and minimums are f16 in the file. For the
-//!   k-quants the products `d·sc` and `dmin·m` are rounded to f16 (a relative 2⁻¹¹).
+//!   k-quants the products `d·sc` and `dmin·m` are rounded to f16 (a relative 2⁻¹¹ in f16's
+//!   normal range; below 2⁻¹⁴ the step is absolute, 2⁻²⁴). Scales or zeros that are not finite
+//!   f16 numbers are refused at load.
 //!
 //! The kernel decodes each block once for up to eight rows of activations and sums in f32:
 //! a decode step of continuous batching is a few rows, where libtorch's int4 kernel (rows in
@@ -174,6 +176,13 @@ impl BlockWeight {
                 builder.block(kind, block);
             }
         }
+        // A hostile file's scales can be out of f16's range (Q4_0's zero is −8·d): refused,
+        // rather than answered with NaN.
+        if let Some(bad) = builder.sz.iter().find(|v| !v.is_finite()) {
+            return Err(ModelError::Checkpoint(format!(
+                "a {kind:?} tensor has a block scale or zero that is not a finite f16 number ({bad})"
+            )));
+        }
         let per_row = inp / BLOCK * i64::from(bits) * 4;
         Ok(Self {
             q: Tensor::from_slice(&builder.q).reshape([out, per_row]),
@@ -311,6 +320,11 @@ impl BlockWeight {
         let kind = x.kind();
         let mut shape = x.size();
         let [out, inp] = self.shape();
+        assert_eq!(
+            shape.last().copied(),
+            Some(inp),
+            "a block weight of {inp} inputs was given {shape:?}"
+        );
         let flat = x
             .reshape([-1, inp])
             .to_device(Device::Cpu)
@@ -433,6 +447,14 @@ mod tests {
         assert!(BlockWeight::from_gguf(GgmlType::Q4_0, &raw, 4, 48, None, 4).is_err());
         assert!(BlockWeight::from_gguf(GgmlType::Q4_0, &raw[1..], 4, 64, None, 4).is_err());
         assert!(BlockWeight::from_gguf(GgmlType::Q6_K, &raw, 4, 64, None, 8).is_err());
+        // Scales out of f16's range (Q4_0's zero −8·d overflows for d > 8188) or NaN.
+        let mut big = raw.clone();
+        big[0..2].copy_from_slice(&half::f16::from_f32(10_000.0).to_le_bytes());
+        let err = BlockWeight::from_gguf(GgmlType::Q4_0, &big, 4, 64, None, 4).expect_err("inf");
+        assert!(err.to_string().contains("not a finite"), "{err}");
+        let mut nan = gguf_blocks(GgmlType::Q8_0, 4, 64, 1);
+        nan[0..2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+        assert!(BlockWeight::from_gguf(GgmlType::Q8_0, &nan, 4, 64, None, 8).is_err());
     }
 
     /// The kernel's result against the dequantized weight in f64, within what f32 summation
@@ -456,9 +478,17 @@ mod tests {
 
     #[test]
     fn the_kernel_equals_a_dense_matmul_on_every_path_and_row_count() {
-        let (out, inp) = (80i64, 512i64);
         let _guard = tch::no_grad_guard();
-        for kind in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
+        // 512 inputs are whole groups of four blocks; 544 (17 blocks) and 96 leave a tail that
+        // the vectorized path reads block by block.
+        for (kind, inp) in [
+            (GgmlType::Q4_1, 512i64),
+            (GgmlType::Q8_0, 512),
+            (GgmlType::Q4_K, 512),
+            (GgmlType::Q4_0, 544),
+            (GgmlType::Q8_0, 96),
+        ] {
+            let out = 80i64;
             let raw = gguf_blocks(kind, out as usize, inp as usize, 3);
             let w = BlockWeight::from_gguf(
                 kind,

@@ -9,15 +9,13 @@
 //! * Libraries are never unloaded (as in Triton): a swap leaks one mapping.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModuleError};
 use cresset_plugin_api::{PluginDescription, PluginModRef, ABI_VERSION};
-use sha2::{Digest, Sha256};
 
-use crate::file_identity::{identity, HashMemo};
+use crate::file_identity::{identity, sha256_file, HashMemo};
 
 /// Why a plugin library could not be loaded. Every message names the file and, once it is
 /// known, both ABI versions.
@@ -225,20 +223,6 @@ impl PluginLoader {
         memo.remember(&canonical, &id, &sha256)?;
         Ok((sha256, target))
     }
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(crate::file_identity::hex(&hasher.finalize()))
 }
 
 /// Open the staged copy and initialise its root module, mapping every failure to a

@@ -23,11 +23,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::extract::{extract, ExtractLimits};
 use super::{ArchiveError, ArchiveFormat};
-use crate::file_identity::{hex, identity, HashMemo};
+use crate::file_identity::{identity, sha256_file, HashMemo};
 use crate::locked_file::try_lock;
 
 /// Where an entry's files are, inside its folder.
@@ -243,17 +242,7 @@ impl ArchiveCache {
         if let Some(hash) = memo.recall(canonical, id) {
             return Ok(hash);
         }
-        let mut file = File::open(canonical)?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buffer)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-        let hash = hex(&hasher.finalize());
+        let hash = sha256_file(canonical)?;
         memo.remember(canonical, id, &hash)?;
         Ok(hash)
     }

@@ -10,7 +10,8 @@
 //
 // Paths: AVX2 + FMA + F16C where the CPU has them (chosen at run time), a scalar loop elsewhere
 // (or when asked for, to test it). Work is split over output rows with ATen's parallel_for (the
-// same thread pool as every other op).
+// same thread pool as every other op). The vectorized path first regroups x so that a block of
+// all the rows of a pass lies in one place (see `pack`).
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -19,11 +20,29 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 namespace {
 
 constexpr int64_t BLOCK = 32;
 constexpr int MAX_ROWS = 8;
+
+// x [m, k] regrouped for the vectorized path: for each group of up to MAX_ROWS rows (starting at
+// row r0, `rows` of them), block b of every row side by side: xp[r0·k + (b·rows + r)·32 + j] =
+// x[r0 + r, b·32 + j]. The kernel then reads a block of all its rows from one address at
+// constant offsets (eight row pointers do not fit the registers), in one forward stream.
+void pack(const float* x, int64_t m, int64_t k, float* xp) {
+  const int64_t kb_count = k / BLOCK;
+  for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
+    const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
+    for (int64_t b = 0; b < kb_count; ++b) {
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(xp + r0 * k + (b * rows + r) * BLOCK, x + (r0 + r) * k + b * BLOCK,
+                    BLOCK * sizeof(float));
+      }
+    }
+  }
+}
 
 inline float half_to_float(uint16_t bits) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
@@ -85,8 +104,8 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
 // multiplied with each of ROWS rows of x into their partial sums.
 template <int ROWS, int BITS, int SPLIT>
 __attribute__((target("avx2,fma,f16c"), always_inline)) inline void avx2_block(
-    __m256 (&acc)[ROWS][SPLIT], const float* x, int64_t ldx, const uint8_t* qrow, int64_t b,
-    __m256 vs, __m256 vz) {
+    __m256 (&acc)[ROWS][SPLIT], const float* xp, const uint8_t* qrow, int64_t b, __m256 vs,
+    __m256 vz) {
   __m256 w[4];
   if constexpr (BITS == 4) {
     const __m128i low_mask = _mm_set1_epi8(0x0F);
@@ -108,21 +127,22 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void avx2_block(
     w[i] = _mm256_fmadd_ps(w[i], vs, vz);
   }
   // Rows inner: consecutive multiply-adds go to different sums, so none waits on the last.
-  const float* xb = x + b * BLOCK;
+  // The rows' 32 values of this block lie together (see `pack`): one address, constant offsets.
+  const float* xb = xp + b * ROWS * BLOCK;
   for (int i = 0; i < 4; ++i) {
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 xv = _mm256_loadu_ps(xb + r * ldx + 8 * i);
+      const __m256 xv = _mm256_loadu_ps(xb + r * BLOCK + 8 * i);
       acc[r][i % SPLIT] = _mm256_fmadd_ps(w[i], xv, acc[r][i % SPLIT]);
     }
   }
 }
 
-// ROWS rows of x against output rows [n0, n1). With one or two rows, each row keeps several
-// partial sums so that consecutive multiply-adds do not wait on each other.
+// ROWS rows of x, packed (see `pack`), against output rows [n0, n1). With one or two rows, each
+// row keeps several partial sums so that consecutive multiply-adds do not wait on each other.
 template <int ROWS, int BITS>
 __attribute__((target("avx2,fma,f16c"))) void avx2_rows(
-    const float* x, int64_t ldx, int64_t kb_count, const uint8_t* q, int64_t row_bytes,
-    const uint16_t* sz, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+    const float* xp, int64_t kb_count, const uint8_t* q, int64_t row_bytes, const uint16_t* sz,
+    float* out, int64_t ldo, int64_t n0, int64_t n1) {
   constexpr int SPLIT = ROWS == 1 ? 4 : (ROWS == 2 ? 2 : 1);
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[ROWS][SPLIT];
@@ -142,13 +162,13 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_rows(
       for (int j = 0; j < 4; ++j) {
         const __m256 vs = _mm256_permutevar8x32_ps(pairs, _mm256_set1_epi32(2 * j));
         const __m256 vz = _mm256_permutevar8x32_ps(pairs, _mm256_set1_epi32(2 * j + 1));
-        avx2_block<ROWS, BITS, SPLIT>(acc, x, ldx, qrow, b + j, vs, vz);
+        avx2_block<ROWS, BITS, SPLIT>(acc, xp, qrow, b + j, vs, vz);
       }
     }
     for (; b < kb_count; ++b) {
       const __m256 vs = _mm256_set1_ps(_cvtsh_ss(szrow[2 * b]));
       const __m256 vz = _mm256_set1_ps(_cvtsh_ss(szrow[2 * b + 1]));
-      avx2_block<ROWS, BITS, SPLIT>(acc, x, ldx, qrow, b, vs, vz);
+      avx2_block<ROWS, BITS, SPLIT>(acc, xp, qrow, b, vs, vz);
     }
     for (int r = 0; r < ROWS; ++r) {
       __m256 total = acc[r][0];
@@ -161,18 +181,18 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_rows(
 }
 
 template <int BITS>
-void avx2_dispatch(int64_t rows, const float* x, int64_t ldx, int64_t kb_count,
-                   const uint8_t* q, int64_t row_bytes, const uint16_t* sz, float* out,
-                   int64_t ldo, int64_t n0, int64_t n1) {
+void avx2_dispatch(int64_t rows, const float* xp, int64_t kb_count, const uint8_t* q,
+                   int64_t row_bytes, const uint16_t* sz, float* out, int64_t ldo, int64_t n0,
+                   int64_t n1) {
   switch (rows) {
-    case 1: avx2_rows<1, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 2: avx2_rows<2, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 3: avx2_rows<3, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 4: avx2_rows<4, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 5: avx2_rows<5, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 6: avx2_rows<6, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 7: avx2_rows<7, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    default: avx2_rows<8, BITS>(x, ldx, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 1: avx2_rows<1, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 2: avx2_rows<2, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 3: avx2_rows<3, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 4: avx2_rows<4, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 5: avx2_rows<5, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 6: avx2_rows<6, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    case 7: avx2_rows<7, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
+    default: avx2_rows<8, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
   }
 }
 
@@ -206,26 +226,36 @@ int cresset_qblock_matmul(const float* x, int64_t m, int64_t k, const uint8_t* q
     const int64_t kb_count = k / BLOCK;
     const int64_t row_bytes = kb_count * (bits == 4 ? 16 : 32);
     const bool vectorized = !scalar_only && cpu_has_avx2();
-    // Enough output rows per task that each thread streams long runs of weights.
-    const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(kb_count, 1));
-    at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    // One row needs no regrouping.
+    std::unique_ptr<float[]> packed;
+    const float* xp = x;
+    if (vectorized && m > 1) {
+      packed.reset(new float[static_cast<size_t>(m * k)]);
+      pack(x, m, k, packed.get());
+      xp = packed.get();
+    }
+    auto run = [&](int64_t n0, int64_t n1) {
       for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS) {
         const int64_t rows = std::min<int64_t>(MAX_ROWS, m - r0);
         const float* xr = x + r0 * k;
         float* outr = out + r0 * n;
 #if defined(__x86_64__)
         if (vectorized) {
+          const float* xg = xp + r0 * k;
           if (bits == 4) {
-            avx2_dispatch<4>(rows, xr, k, kb_count, q, row_bytes, sz, outr, n, n0, n1);
+            avx2_dispatch<4>(rows, xg, kb_count, q, row_bytes, sz, outr, n, n0, n1);
           } else {
-            avx2_dispatch<8>(rows, xr, k, kb_count, q, row_bytes, sz, outr, n, n0, n1);
+            avx2_dispatch<8>(rows, xg, kb_count, q, row_bytes, sz, outr, n, n0, n1);
           }
           continue;
         }
 #endif
         scalar_rows(xr, k, rows, kb_count, q, row_bytes, sz, bits, outr, n, n0, n1);
       }
-    });
+    };
+    // Enough output rows per task that each thread streams long runs of weights.
+    const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(kb_count, 1));
+    at::parallel_for(0, n, grain, run);
     return 0;
   } catch (...) {
     return 1;

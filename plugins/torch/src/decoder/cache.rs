@@ -113,6 +113,22 @@ impl SlotCache {
         })
     }
 
+    /// Copy positions `start..end` of slot `from` into slot `to`, in every layer, and count
+    /// them filled in `to` (`lens[to] = end`): a prompt that begins as another sequence's does
+    /// takes that sequence's keys and values for the common part instead of computing them.
+    /// The caller keeps `start <= lens[to]` and `end <= lens[from]`.
+    pub fn copy_positions(&mut self, from: usize, to: usize, start: i64, end: i64) {
+        if end > start && from != to {
+            for part in self.layers.iter().flatten() {
+                for t in [&part.keys, &part.values] {
+                    let mut dst = t.get(to as i64).narrow(1, start, end - start);
+                    dst.copy_(&t.get(from as i64).narrow(1, start, end - start));
+                }
+            }
+        }
+        self.lens[to] = end;
+    }
+
     /// Layer `l`'s parts.
     pub(super) fn layer(&self, l: usize) -> &[KvPart] {
         &self.layers[l]

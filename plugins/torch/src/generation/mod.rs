@@ -125,6 +125,11 @@ pub struct Scheduler<T> {
     waiting: VecDeque<Sequence<T>>,
 }
 
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[i64], b: &[i64]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// The logits of a forward pass's rows, on the CPU in f32: `[rows, vocab]` from
 /// `[rows, 1, vocab]`.
 fn rows_of(logits: tch::Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -245,35 +250,120 @@ impl<T> Scheduler<T> {
 
     /// Prefill at most `prefill_budget` prompt tokens (a long prompt takes several steps);
     /// a sequence whose prompt is all in gets its first token from the last position.
+    /// Sequences prefill together, one forward pass for all of them, as many tokens each as
+    /// the shortest rest among them (a pass takes rows of one length), until the budget is
+    /// spent: prompts of equal length take one pass, where one pass per prompt decoded the
+    /// weights once per prompt.
     fn prefill(
         &mut self,
         model: &Decoder,
         on_token: &mut impl FnMut(&mut Sequence<T>, i64),
     ) -> Result<(), ModelError> {
         let mut budget = self.prefill_budget;
-        for seq in &mut self.running {
-            let Some(slot) = seq.slot else { continue };
-            if seq.finish.is_some() || seq.prefilled == seq.prompt.len() || budget == 0 {
-                continue;
+        loop {
+            self.share_prefixes();
+            // By slot, so that a run of slots from 0 reads its cache as a view.
+            let mut group: Vec<usize> = (0..self.running.len())
+                .filter(|&k| {
+                    let seq = &self.running[k];
+                    seq.slot.is_some() && seq.finish.is_none() && seq.prefilled < seq.prompt.len()
+                })
+                .collect();
+            group.sort_by_key(|&k| self.running[k].slot);
+            // A prompt that begins as an earlier one in the group waits for that one to be
+            // computed, then takes its keys and values (`share_prefixes`).
+            let mut leaders: Vec<usize> = Vec::new();
+            for &k in &group {
+                let seq = &self.running[k];
+                let follows = leaders.iter().any(|&l| {
+                    common_prefix(&seq.prompt, &self.running[l].prompt).min(seq.prompt.len() - 1)
+                        > seq.prefilled
+                });
+                if !follows {
+                    leaders.push(k);
+                }
             }
-            let take = (seq.prompt.len() - seq.prefilled).min(budget);
-            budget -= take;
-            let chunk = seq.prompt[seq.prefilled..seq.prefilled + take].to_vec();
-            let logits =
-                model.forward(&[slot], std::slice::from_ref(&chunk), &mut self.cache, true)?;
+            let mut group = leaders;
+            if group.is_empty() || budget == 0 {
+                return Ok(());
+            }
+            group.truncate(budget);
+            let rest = |seq: &Sequence<T>| seq.prompt.len() - seq.prefilled;
+            let shortest = group
+                .iter()
+                .map(|&k| rest(&self.running[k]))
+                .min()
+                .unwrap_or(0);
+            let take = shortest.min(budget / group.len());
+            budget -= take * group.len();
+            let slots: Vec<usize> = group.iter().map(|&k| self.slot_of(k)).collect();
+            let chunks: Vec<Vec<i64>> = group
+                .iter()
+                .map(|&k| {
+                    let seq = &self.running[k];
+                    seq.prompt[seq.prefilled..seq.prefilled + take].to_vec()
+                })
+                .collect();
+            let logits = model.forward(&slots, &chunks, &mut self.cache, true)?;
             if let Some(draft) = self.draft.as_mut() {
                 let _logits = draft
                     .model
-                    .forward(&[slot], &[chunk], &mut draft.cache, true)?;
+                    .forward(&slots, &chunks, &mut draft.cache, true)?;
             }
-            seq.prefilled += take;
-            if seq.prefilled == seq.prompt.len() {
-                let logits = rows_of(logits)?.pop().unwrap_or_default();
-                let token = seq.sample(logits);
-                on_token(seq, token);
+            let mut rows = rows_of(logits)?.into_iter();
+            for &k in &group {
+                let seq = &mut self.running[k];
+                let logits = rows.next().unwrap_or_default();
+                seq.prefilled += take;
+                if seq.prefilled == seq.prompt.len() {
+                    let token = seq.sample(logits);
+                    on_token(seq, token);
+                }
             }
         }
-        Ok(())
+    }
+
+    /// Prompts that begin as another running sequence's tokens do (a shared system prompt, the
+    /// same question asked twice) take the keys and values of the common part from that
+    /// sequence's slot rather than computing them again; the last prompt token is always
+    /// computed, for its logits.
+    fn share_prefixes(&mut self) {
+        for k in 0..self.running.len() {
+            let seq = &self.running[k];
+            let Some(slot) = seq.slot else { continue };
+            if seq.finish.is_some() || seq.prefilled >= seq.prompt.len() {
+                continue;
+            }
+            let wanted = &seq.prompt[..seq.prompt.len() - 1];
+            let mut best: Option<(usize, usize)> = None;
+            for other in &self.running {
+                let Some(from) = other.slot.filter(|&s| s != slot) else {
+                    continue;
+                };
+                let held = self.shareable(from).min(other.history.len());
+                let common = common_prefix(wanted, &other.history[..held]);
+                if common > best.map_or(seq.prefilled, |b| b.1) {
+                    best = Some((from, common));
+                }
+            }
+            let Some((from, common)) = best else { continue };
+            let start = seq.prefilled as i64;
+            self.cache.copy_positions(from, slot, start, common as i64);
+            if let Some(draft) = self.draft.as_mut() {
+                draft.cache.copy_positions(from, slot, start, common as i64);
+            }
+            self.running[k].prefilled = common;
+        }
+    }
+
+    /// Positions of `slot` whose keys and values are computed in every cache (the draft's too).
+    fn shareable(&self, slot: usize) -> usize {
+        let held = self.cache.lens[slot];
+        let held = match &self.draft {
+            Some(draft) => held.min(draft.cache.lens[slot]),
+            None => held,
+        };
+        held.max(0) as usize
     }
 
     /// One forward pass for `rows` (indices into `running`, by slot), one token each.
@@ -297,11 +387,11 @@ impl<T> Scheduler<T> {
         Ok(())
     }
 
-    /// The slot of running sequence `k`, which is decoding.
+    /// The slot of running sequence `k`, which is in a forward pass.
     fn slot_of(&self, k: usize) -> usize {
         self.running[k]
             .slot
-            .expect("a decoding sequence holds a slot: this is a bug")
+            .expect("a sequence in a forward pass holds a slot: this is a bug")
     }
 
     /// Take out the ended sequences; their slots go back.
@@ -397,6 +487,40 @@ mod tests {
         assert!(steps[0].is_empty() && steps[1].is_empty(), "{steps:?}");
         assert_eq!(steps[2], [0, 0]);
         assert_eq!(outputs[0], expected[0]);
+    }
+
+    #[test]
+    fn prompts_that_begin_alike_share_the_computed_part_and_give_their_own_tokens() {
+        let model = Decoder::made_up();
+        let same = [3, 1, 4, 1, 5, 9, 2, 6];
+        let prompts: [&[i64]; 4] = [&same, &same, &[3, 1, 4, 1, 7, 7], &same];
+        let alone: Vec<Vec<i64>> = prompts
+            .iter()
+            .map(|p| {
+                let mut s = Scheduler::new(model.new_cache(1, 24), usize::MAX, None);
+                s.enqueue(greedy(0, p));
+                run(&model, &mut s, 5).0.swap_remove(0)
+            })
+            .collect();
+        // 8 + 1 + (6 - 4) + 1 = 12 prompt tokens computed: all four begin in the first step,
+        // where computing every prompt whole would take 30.
+        let mut shared = Scheduler::new(model.new_cache(4, 24), 12, None);
+        for (i, p) in prompts.iter().enumerate() {
+            shared.enqueue(greedy(i, p));
+        }
+        let (outputs, steps) = run(&model, &mut shared, 5);
+        for i in 0..4 {
+            assert!(steps[0].contains(&i), "{i} begins at once: {steps:?}");
+            assert_eq!(outputs[i], alone[i], "prompt {i}");
+        }
+        // One token fewer and the prompt that shares least finishes in the next step.
+        let mut tight = Scheduler::new(model.new_cache(4, 24), 11, None);
+        for (i, p) in prompts.iter().enumerate() {
+            tight.enqueue(greedy(i, p));
+        }
+        let (outputs, steps) = run(&model, &mut tight, 5);
+        assert!(!steps[0].contains(&2) && steps[1].contains(&2), "{steps:?}");
+        assert_eq!(&outputs[..4], &alone[..]);
     }
 
     #[test]

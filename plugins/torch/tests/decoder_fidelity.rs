@@ -10,17 +10,31 @@ use std::path::PathBuf;
 
 use common::{expected, fixtures, floats, ids, max_abs_diff, prompt_logits, tensor_floats, Case};
 
-use cresset_torch::decoder::{Decoder, LayerTarget, LoadOptions};
+use cresset_torch::decoder::{Decoder, KvReads, LayerTarget, LoadOptions};
 use cresset_torch::gguf::{unpermute_qk, Gguf};
 use cresset_torch::layers::HfConfig;
 use cresset_torch::tch::{self, Device, Kind};
 use cresset_torch::weights::Weights;
 
 /// Greedy decoding of several prompts at once, each in its own cache slot: prefill each, then
-/// decode all rows in one forward pass per step.
+/// decode all rows in one forward pass per step. Run twice, with the cache read exactly and
+/// bucketed (as on a GPU: the masked stale positions must change nothing), which must agree.
 fn greedy(model: &Decoder, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
+    let exact = greedy_reading(model, prompts, steps, KvReads::Exact);
+    let bucketed = greedy_reading(model, prompts, steps, KvReads::Bucketed);
+    assert_eq!(exact, bucketed, "bucketed cache reads change the tokens");
+    exact
+}
+
+fn greedy_reading(
+    model: &Decoder,
+    prompts: &[Vec<i64>],
+    steps: usize,
+    reads: KvReads,
+) -> Vec<Vec<i64>> {
     let _guard = tch::no_grad_guard();
     let mut cache = model.new_cache(prompts.len(), 256);
+    cache.reads = reads;
     let mut last: Vec<i64> = prompts
         .iter()
         .enumerate()

@@ -33,10 +33,10 @@ pub(super) struct Step {
     pub rows: Rows,
     /// Rotary tables at the rows' positions.
     rotary: Option<RotaryAt>,
-    /// Keys visible to each query, `[rows, 1, s, end]`: positions ≤ the query's own, within
+    /// Keys visible to each query, `[rows, 1, s, read]`: positions ≤ the query's own, within
     /// the row's sequence.
     causal: Tensor,
-    /// ALiBi: the key positions (`[1, 1, 1, end]`, f32) and the keys hidden from each query.
+    /// ALiBi: the key positions (`[1, 1, 1, read]`, f32) and the keys hidden from each query.
     alibi: Option<(Tensor, Tensor)>,
 }
 
@@ -46,7 +46,9 @@ impl Step {
     pub fn new(rows: Rows, positions: &Tensor, rope: Option<&Rope>, alibi: bool) -> Self {
         let device = positions.device();
         let rotary = rope.map(|r| r.at(positions));
-        let key_pos = Tensor::arange(rows.end, (Kind::Int64, device)).view([1, 1, rows.end]);
+        // Keys past a row's own positions (stale ones of an earlier sequence, or never
+        // written, when the read is bucketed) are hidden like its future ones.
+        let key_pos = Tensor::arange(rows.read, (Kind::Int64, device)).view([1, 1, rows.read]);
         let causal = key_pos.le_tensor(&positions.unsqueeze(-1)).unsqueeze(1);
         // ALiBi adds slope × key position to the scores (per head; the rest of the relative
         // distance is constant along a row, which softmax ignores).

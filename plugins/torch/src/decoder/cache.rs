@@ -1,6 +1,12 @@
 //! The slot KV cache: allocated once with one slot per running sequence. A step writes each
-//! sequence's new keys and values at its own position, in place, and reads the rows back as a
-//! view when the running slots are `0..n` (a gather otherwise).
+//! sequence's new keys and values at its own positions, in place, with one indexed write per
+//! layer whose indices are tensors on the device (no per-row host arithmetic), and reads the
+//! rows back as a view when the running slots are `0..n` (a gather otherwise).
+//!
+//! How far a step reads is its [`KvReads`]: exactly the longest row (the CPU's default: least
+//! work), or a length rounded up to a power of two (the GPU's default): then the shapes of a
+//! decode step repeat from one step to the next (the keys a row must not see are masked), so
+//! kernels chosen and plans built for a shape are reused, and a captured CUDA graph can replay.
 
 use tch::{Device, Kind, Tensor};
 
@@ -16,6 +22,38 @@ pub struct SlotCache {
     pub lens: Vec<i64>,
     /// Positions per slot.
     pub capacity: i64,
+    /// How far a step reads.
+    pub reads: KvReads,
+}
+
+/// How many positions of the cache a step's attention reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvReads {
+    /// Up to the longest row's end.
+    Exact,
+    /// Up to the longest row's end rounded up to a power of two (at least 16, at most the
+    /// capacity).
+    Bucketed,
+}
+
+impl KvReads {
+    /// The default on `device`: bucketed on a GPU, exact on the CPU.
+    pub fn for_device(device: Device) -> Self {
+        match device {
+            Device::Cpu => Self::Exact,
+            _ => Self::Bucketed,
+        }
+    }
+
+    /// Positions read by a step whose rows reach `end`, in a cache of `capacity`.
+    pub fn read(self, end: i64, capacity: i64) -> i64 {
+        match self {
+            Self::Exact => end,
+            Self::Bucketed => (end.max(16) as u64)
+                .next_power_of_two()
+                .min(capacity.max(end) as u64) as i64,
+        }
+    }
 }
 
 /// The keys and values of one tensor-parallel part of one layer.
@@ -32,12 +70,15 @@ pub(super) struct Rows {
     pub starts: Vec<i64>,
     /// New positions per row (the same for every row).
     pub len: i64,
-    /// One past the last position any row reaches: keys `0..end` are read.
-    pub end: i64,
+    /// Keys `0..read` are read: one past the last position any row reaches, or more (see
+    /// [`KvReads`]).
+    pub read: i64,
     /// Whether the slots are `0..rows`, so that their cache reads as a view.
     contiguous: bool,
-    /// The slots as a tensor, for the gather when they are not.
+    /// The slots as a tensor (`[rows]`, on the model's device).
     index: Tensor,
+    /// The new positions of each row (`[rows, len]`, on the model's device).
+    pub positions: Tensor,
 }
 
 impl SlotCache {
@@ -65,10 +106,12 @@ impl SlotCache {
                     .collect()
             })
             .collect();
+        let device = parts.iter().flatten().next().map_or(Device::Cpu, |p| p.1);
         Self {
             layers,
             lens: vec![0; slots],
             capacity,
+            reads: KvReads::for_device(device),
         }
     }
 
@@ -103,13 +146,18 @@ impl SlotCache {
             )));
         }
         let index: Vec<i64> = slots.iter().map(|&x| x as i64).collect();
+        let positions: Vec<i64> = starts.iter().flat_map(|&p| p..p + len).collect();
+        let positions = Tensor::from_slice(&positions)
+            .view([slots.len() as i64, len])
+            .to_device(device);
         Ok(Rows {
             slots: slots.to_vec(),
+            read: self.reads.read(end, self.capacity),
             starts,
             len,
-            end,
             contiguous: slots.iter().enumerate().all(|(i, &s)| i == s),
             index: Tensor::from_slice(&index).to_device(device),
+            positions,
         })
     }
 
@@ -144,35 +192,33 @@ impl SlotCache {
 
 impl KvPart {
     /// Write each row's new keys and values (`[rows, kv_heads, len, head_dim]`) into its
-    /// slot, in place.
+    /// slot at its positions, in place: one indexed write per tensor.
     pub fn store(&self, rows: &Rows, k: &Tensor, v: &Tensor) {
-        for (row, (&slot, &start)) in rows.slots.iter().zip(&rows.starts).enumerate() {
-            let row = row as i64;
-            self.keys
-                .get(slot as i64)
-                .narrow(1, start, rows.len)
-                .copy_(&k.get(row));
-            self.values
-                .get(slot as i64)
-                .narrow(1, start, rows.len)
-                .copy_(&v.get(row));
+        let device = self.keys.device();
+        let slots = rows.index.to_device(device).unsqueeze(1);
+        let positions = rows.positions.to_device(device);
+        let at = [Some(slots), None, Some(positions), None];
+        for (cache, new) in [(&self.keys, k), (&self.values, v)] {
+            // Advanced indices around a slice: the indexed shape is [rows, len, kv_heads, dim].
+            let mut cache = cache.shallow_clone();
+            let _ = cache.index_put_(&at, &new.transpose(1, 2).to_kind(cache.kind()), false);
         }
     }
 
-    /// The keys and values of positions `0..rows.end` of each row, `[rows, kv_heads, end,
+    /// The keys and values of positions `0..rows.read` of each row, `[rows, kv_heads, read,
     /// head_dim]`: a view when the slots are `0..rows`, else a gather.
     pub fn visible(&self, rows: &Rows) -> (Tensor, Tensor) {
         if rows.contiguous {
             let n = rows.slots.len() as i64;
             (
-                self.keys.narrow(0, 0, n).narrow(2, 0, rows.end),
-                self.values.narrow(0, 0, n).narrow(2, 0, rows.end),
+                self.keys.narrow(0, 0, n).narrow(2, 0, rows.read),
+                self.values.narrow(0, 0, n).narrow(2, 0, rows.read),
             )
         } else {
             let index = rows.index.to_device(self.keys.device());
             (
-                self.keys.narrow(2, 0, rows.end).index_select(0, &index),
-                self.values.narrow(2, 0, rows.end).index_select(0, &index),
+                self.keys.narrow(2, 0, rows.read).index_select(0, &index),
+                self.values.narrow(2, 0, rows.read).index_select(0, &index),
             )
         }
     }

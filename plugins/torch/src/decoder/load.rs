@@ -258,7 +258,9 @@ impl Decoder {
     /// A small Llama with made-up weights (deterministic: sines of the element index), on the
     /// CPU in f32, for unit tests of what runs decoders.
     pub(crate) fn made_up() -> Self {
-        let cfg = super::config::tiny(super::config::Family::Llama);
+        let mut cfg = super::config::tiny(super::config::Family::Llama);
+        // Long enough for the scheduler's tests to read more than one bucket of the cache.
+        cfg.max_positions = 64;
         let mut raw = |_: &str, shape: &[i64]| {
             let n: i64 = shape.iter().product();
             Ok((Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37)

@@ -41,7 +41,7 @@ mod rope;
 use tch::{Device, Kind, Tensor};
 
 pub use crate::generation::GenerationRequest;
-pub use cache::SlotCache;
+pub use cache::{KvReads, SlotCache};
 pub use config::{DecoderConfig, Family, Positions, RopeScaling};
 pub use linear::{Linear, Quantize};
 pub use load::{LayerTarget, LoadOptions};
@@ -219,10 +219,7 @@ impl Decoder {
             .view([rows, s])
             .to_device(self.embeddings.device());
         // Absolute positions of the new tokens, per row: [rows, s].
-        let positions: Vec<i64> = places.starts.iter().flat_map(|&p| p..p + s).collect();
-        let positions = Tensor::from_slice(&positions)
-            .view([rows, s])
-            .to_device(self.device);
+        let positions = places.positions.shallow_clone();
         let alibi = self.config.positions() == Positions::Alibi;
         let step = Step::new(places, &positions, self.rope.as_ref(), alibi);
         // On the embeddings' device, then the residual stream moves to the model's.

@@ -16,8 +16,10 @@ use std::collections::VecDeque;
 
 use tch::{Device, Kind};
 
+#[cfg(test)]
+use crate::decoder::KvReads;
 use crate::decoder::{Decoder, SlotCache};
-use crate::sampling::{sample, Rng, SamplingParams};
+use crate::sampling::{sample_rows, Rng, RowSampling, SamplingParams};
 use crate::ModelError;
 
 pub use batch::{generate, GenerationRequest};
@@ -105,13 +107,47 @@ impl<T> Sequence<T> {
     fn decoding(&self) -> bool {
         self.finish.is_none() && self.prefilled == self.prompt.len()
     }
+}
 
-    /// Pick its next token from `logits` (of its last position) and record it.
-    fn sample(&mut self, mut logits: Vec<f32>) -> i64 {
-        let token = sample(&mut logits, &self.sampling, &self.history, &mut self.rng);
-        self.history.push(token);
-        token
+/// Pick the next token of each of `rows` (indices into `running`, distinct) from `logits`
+/// (`[rows.len(), 1, vocab]`, the rows' last positions) where the logits are, and record it in
+/// the sequence's history: only the ids cross to the host.
+fn choose<T>(
+    running: &mut [Sequence<T>],
+    rows: &[usize],
+    logits: &tch::Tensor,
+) -> Result<Vec<i64>, ModelError> {
+    let mut by_index: Vec<Option<&mut Sequence<T>>> = running.iter_mut().map(Some).collect();
+    let mut seqs: Vec<&mut Sequence<T>> = rows
+        .iter()
+        .map(|&k| {
+            by_index[k]
+                .take()
+                .expect("the rows of a pass are distinct sequences: this is a bug")
+        })
+        .collect();
+    let mut picks: Vec<RowSampling> = seqs
+        .iter_mut()
+        .map(|seq| {
+            let Sequence {
+                sampling,
+                history,
+                rng,
+                ..
+            } = &mut **seq;
+            RowSampling {
+                params: sampling,
+                history,
+                rng,
+            }
+        })
+        .collect();
+    let tokens = sample_rows(&logits.squeeze_dim(1), &mut picks)?;
+    drop(picks);
+    for (seq, &token) in seqs.iter_mut().zip(&tokens) {
+        seq.history.push(token);
     }
+    Ok(tokens)
 }
 
 /// The sequences of a batch, their slots in one KV cache, and the loop that runs them.
@@ -310,14 +346,22 @@ impl<T> Scheduler<T> {
                     .model
                     .forward(&slots, &chunks, &mut draft.cache, true)?;
             }
-            let mut rows = rows_of(logits)?.into_iter();
-            for &k in &group {
+            // The prompts that are all in take their first token from their last position.
+            let mut done = Vec::new();
+            let mut done_rows = Vec::new();
+            for (row, &k) in group.iter().enumerate() {
                 let seq = &mut self.running[k];
-                let logits = rows.next().unwrap_or_default();
                 seq.prefilled += take;
                 if seq.prefilled == seq.prompt.len() {
-                    let token = seq.sample(logits);
-                    on_token(seq, token);
+                    done.push(k);
+                    done_rows.push(row as i64);
+                }
+            }
+            if !done.is_empty() {
+                let index = tch::Tensor::from_slice(&done_rows).to_device(logits.device());
+                let tokens = choose(&mut self.running, &done, &logits.index_select(0, &index))?;
+                for (&k, token) in done.iter().zip(tokens) {
+                    on_token(&mut self.running[k], token);
                 }
             }
         }
@@ -378,11 +422,10 @@ impl<T> Scheduler<T> {
             .iter()
             .map(|&k| vec![self.running[k].history.last().copied().unwrap_or(0)])
             .collect();
-        let logits = rows_of(model.forward(&slots, &tokens, &mut self.cache, true)?)?;
-        for (&k, logits) in rows.iter().zip(logits) {
-            let seq = &mut self.running[k];
-            let token = seq.sample(logits);
-            on_token(seq, token);
+        let logits = model.forward(&slots, &tokens, &mut self.cache, true)?;
+        let tokens = choose(&mut self.running, rows, &logits)?;
+        for (&k, token) in rows.iter().zip(tokens) {
+            on_token(&mut self.running[k], token);
         }
         Ok(())
     }
@@ -487,6 +530,32 @@ mod tests {
         assert!(steps[0].is_empty() && steps[1].is_empty(), "{steps:?}");
         assert_eq!(steps[2], [0, 0]);
         assert_eq!(outputs[0], expected[0]);
+    }
+
+    #[test]
+    fn bucketed_cache_reads_give_the_tokens_of_exact_reads_in_reused_slots() {
+        let model = Decoder::made_up();
+        let prompts: [&[i64]; 5] = [
+            &[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4],
+            &[2, 7],
+            &[1, 8, 2, 8, 1, 8, 2, 8, 4, 5],
+            &[6, 6],
+            &[9, 9, 9, 1],
+        ];
+        let outputs = |reads: KvReads| {
+            // Two slots for five prompts: later ones reuse slots whose stale keys lie inside
+            // a bucketed read; a budget of 5 prefills over several steps.
+            let mut cache = model.new_cache(2, 64);
+            cache.reads = reads;
+            let mut scheduler = Scheduler::new(cache, 5, None);
+            for (i, p) in prompts.iter().enumerate() {
+                scheduler.enqueue(greedy(i, p));
+            }
+            run(&model, &mut scheduler, 24).0
+        };
+        let exact = outputs(KvReads::Exact);
+        assert!(exact[..5].iter().all(|o| o.len() == 24), "{exact:?}");
+        assert_eq!(outputs(KvReads::Bucketed), exact);
     }
 
     #[test]

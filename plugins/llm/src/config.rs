@@ -45,8 +45,27 @@ pub(crate) struct Settings {
     /// `response_format = "torchserve"`: `/predictions` answers the generated text as plain
     /// text rather than `{"generated_text"}`.
     pub plain_text: bool,
+    /// On a GPU: decode steps replay CUDA graphs (`cuda_graphs`, default on; GPT-fast's
+    /// `compile` sets it too).
+    pub cuda_graphs: bool,
+    /// On a GPU: the attention kernels libtorch may choose (`attention_backend`).
+    pub attention: AttentionBackend,
     /// The keys as given (the device map's are read once the checkpoint's shape is known).
     pub keys: HandlerKeys,
+}
+
+/// `attention_backend`: which scaled-dot-product attention kernels run on a GPU. Decode steps
+/// read the cache with a mask (its length bucketed), which FlashAttention does not take, so the
+/// choice is among the kernels that do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionBackend {
+    /// libtorch's own choice (the default).
+    Auto,
+    /// Memory-efficient attention only (with the math kernel where it cannot run).
+    Efficient,
+    /// The reference composition of matmuls and softmax only.
+    Math,
 }
 
 /// `quantize`: how the linear layers' weights are held.
@@ -188,6 +207,10 @@ pub struct HandlerKeys {
     pub temperature: Option<f64>,
     pub top_k: Option<u64>,
     pub compile: Option<bool>,
+    /// On a GPU: replay decode steps as CUDA graphs (default true).
+    pub cuda_graphs: Option<bool>,
+    /// On a GPU: `auto`, `efficient` or `math`.
+    pub attention_backend: Option<AttentionBackend>,
     /// `"torchserve"`: `/predictions` answers plain text, as the reference handlers do.
     pub response_format: Option<settings::ResponseFormat>,
 }
@@ -251,10 +274,13 @@ impl Settings {
             (Some(true), rel) => rel,
             (Some(false), _) => None,
         };
-        if keys.compile == Some(true) {
+        // GPT-fast's `compile` (torch.compile, whose "reduce-overhead" mode is CUDA graphs)
+        // means graphs here; `cuda_graphs` wins where both are given.
+        let cuda_graphs = keys.cuda_graphs.or(keys.compile).unwrap_or(true);
+        if keys.compile.is_some() && device == Device::Cpu {
             tracing::info!(
-                "`handler.compile` (GPT-fast's torch.compile) has no effect: the decoder runs on \
-                 libtorch's kernels as it is"
+                "`handler.compile` (GPT-fast's torch.compile) has no effect on the CPU: the \
+                 decoder runs on libtorch's kernels as it is; on a GPU it sets `cuda_graphs`"
             );
         }
         let sampling = SamplingDefaults {
@@ -330,7 +356,17 @@ impl Settings {
                     .is_some()
             }
         };
-        let kind = dtype.resolve(device, quantized);
+        let kind = match (dtype, device) {
+            // bf16 on a GPU that has it (compute capability 8.0 and later: A100, H100, L4...):
+            // half the weight traffic of f32, and what the reference decodes in.
+            (Dtype::Auto, Device::Cuda(index)) if !quantized => {
+                match cresset_torch::cuda_graph::capability(index) {
+                    Ok(c) if c >= 80 => Kind::BFloat16,
+                    _ => Kind::Float,
+                }
+            }
+            _ => dtype.resolve(device, quantized),
+        };
         if kind == Kind::Double && quantized {
             return Err(PluginError::invalid_input(
                 "`dtype` float64 cannot run the quantized kernels: set `handler.quantize = \"none\"`",
@@ -361,6 +397,8 @@ impl Settings {
             quantize,
             sampling,
             plain_text: keys.response_format == Some(settings::ResponseFormat::Torchserve),
+            cuda_graphs,
+            attention: keys.attention_backend.unwrap_or(AttentionBackend::Auto),
             keys,
         })
     }

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use cresset_plugin_api::sdk::{InitContext, StepContext, StepHandler};
 use cresset_plugin_api::{Capabilities, PluginError, Request};
 use cresset_torch::decoder::{Decoder, DecoderConfig, LoadOptions};
+use cresset_torch::tch::Device;
 use cresset_torch::InferenceMode;
 
 use crate::admission::Admissions;
-use crate::config::Settings;
+use crate::config::{AttentionBackend, Settings};
 use crate::device_map::load_options;
 use crate::engine::{Draft, Engine, Identity};
 use crate::load::{load, Loaded, NamedTokenizer};
@@ -168,7 +169,7 @@ impl StepHandler for GptHandler {
             instance: ctx.assignment.index.to_string(),
             plain_text: settings.plain_text,
         };
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             model,
             eos_ids,
             Arc::clone(&prompts),
@@ -177,6 +178,9 @@ impl StepHandler for GptHandler {
             draft,
             identity,
         );
+        if matches!(device, Device::Cuda(_)) {
+            gpu_settings(&mut engine, &settings, &ctx.model_name)?;
+        }
         Ok(Self {
             prompts,
             admissions,
@@ -214,4 +218,44 @@ impl StepHandler for GptHandler {
         }
         result
     }
+}
+
+/// A GPU model's attention kernels (`attention_backend`) and its decode path: steps in
+/// repeating shapes, replayed as CUDA graphs captured now (`cuda_graphs`), where the model is
+/// on one GPU without a draft; eager dynamic steps otherwise.
+fn gpu_settings(
+    engine: &mut Engine,
+    settings: &Settings,
+    model_name: &str,
+) -> Result<(), PluginError> {
+    use cresset_torch::cuda_graph::{set_sdp_backends, SdpBackends};
+    let backends = match settings.attention {
+        AttentionBackend::Auto => None,
+        AttentionBackend::Efficient => Some(SdpBackends {
+            flash: false,
+            efficient: true,
+            math: true,
+            cudnn: false,
+        }),
+        AttentionBackend::Math => Some(SdpBackends {
+            flash: false,
+            efficient: false,
+            math: true,
+            cudnn: false,
+        }),
+    };
+    if let Some(backends) = backends {
+        set_sdp_backends(backends)
+            .map_err(|why| PluginError::internal(format!("`handler.attention_backend`: {why}")))?;
+    }
+    let graphs = engine
+        .use_cuda_graphs(settings.cuda_graphs)
+        .map_err(PluginError::from)?;
+    tracing::info!(
+        model = %model_name,
+        cuda_graphs = graphs,
+        "decode steps in repeating shapes{}",
+        if graphs { ", replayed as CUDA graphs" } else { "" }
+    );
+    Ok(())
 }

@@ -13,29 +13,12 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include "shim_error.h"
+
 using torch::inductor::AOTIModelPackageLoader;
 
-namespace {
-void set_error(char** error, const char* what) {
-  if (error) *error = strdup(what);
-}
-
-// `body()`, or `failed` with `*error` set when it throws (libtorch's c10::Error without its
-// backtrace; the package's run throws a std::runtime_error).
-template <typename R, typename F>
-R guarded(char** error, R failed, F&& body) {
-  try {
-    return body();
-  } catch (const c10::Error& e) {
-    set_error(error, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_error(error, e.what());
-  } catch (...) {
-    set_error(error, "unknown C++ exception");
-  }
-  return failed;
-}
-}  // namespace
+using cresset::guarded;
+using cresset::set_error;
 
 extern "C" {
 

@@ -5,6 +5,7 @@
 
 pub mod aoti;
 pub mod bloom;
+pub mod cuda_graph;
 pub mod decoder;
 pub mod encoder;
 pub mod generation;
@@ -271,7 +272,23 @@ pub fn instance_device(ctx: &cresset_plugin_api::sdk::InitContext) -> tch::Devic
     if let Some(w) = configure_threads(ctx.assignment.intra_op_threads) {
         tracing::info!(model = %ctx.model_name, "{w}");
     }
+    if let tch::Device::Cuda(index) = device {
+        allow_tf32_on(index);
+    }
     device
+}
+
+/// TF32 for f32 matmuls and convolutions on GPUs of compute capability 8.0 and later (Ampere
+/// on), as TorchServe's BaseHandler sets it: process-wide, like torch.backends' switches.
+fn allow_tf32_on(index: usize) {
+    match cuda_graph::capability(index) {
+        Ok(c) if c >= 80 => match cuda_graph::allow_tf32(true) {
+            Ok(()) => tracing::info!("TF32 on for f32 matmuls (compute capability {c})"),
+            Err(why) => tracing::warn!("TF32 not set: {why}"),
+        },
+        Ok(_) => {}
+        Err(why) => tracing::warn!("cuda:{index}: no compute capability: {why}"),
+    }
 }
 
 /// Load `tokenizer.json` from a checkpoint directory with its baked-in padding and truncation

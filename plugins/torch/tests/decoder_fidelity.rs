@@ -496,3 +496,28 @@ fn the_planner_sizes_a_gguf_as_the_loaded_model_does() {
         assert_eq!(config["num_key_value_heads"], model.config.kv_heads);
     }
 }
+
+/// The GPU's ways of decoding, run on the CPU through the scheduler, give the CPU's tokens
+/// (and transformers'): reads of the cache bucketed to a power of two, whose masked part holds
+/// stale keys of earlier sequences in reused slots; and decode steps in repeating shapes (the
+/// CUDA-graph path, eager here), where slots that do not decode ride along as idle rows and
+/// every key of the cache is read.
+#[test]
+fn bucketed_reads_and_static_decode_steps_give_the_exact_tokens_and_transformers_ones() {
+    let case = Case::new("llm", "llama-gqa-untied");
+    let model = case.load(Device::Cpu);
+    let want = ids(&case.spec["greedy_ids"]);
+    let exact = case.scheduled(&model, KvReads::Exact, None);
+    assert_eq!(exact[1], want, "transformers' greedy tokens");
+    assert_eq!(exact[4], want, "the same prompt in a reused slot");
+    assert_eq!(
+        case.scheduled(&model, KvReads::Bucketed, None),
+        exact,
+        "bucketed reads change the tokens"
+    );
+    assert_eq!(
+        case.scheduled(&model, KvReads::Exact, Some(false)),
+        exact,
+        "static decode steps change the tokens"
+    );
+}

@@ -1,13 +1,15 @@
 //! CUDA checks, behind the `gpu` feature (`cargo test --release -p cresset-torch --features gpu
 //! --test gpu` on a machine with a GPU): the Llama fixture on `cuda:0` against the CPU,
 //! tensor parallelism with 2 shards on `cuda:0` against the unsharded CPU model, and device maps
-//! split between `cuda:0`, the CPU and disk, for every decoder family.
+//! split between `cuda:0`, the CPU and disk, for every decoder family; decoding on `cuda:0`
+//! with bucketed cache reads, sampling on the device and decode steps replayed as CUDA graphs
+//! against transformers' tokens.
 #![cfg(feature = "gpu")]
 
 mod common;
 
-use common::{max_abs_diff, prompt_logits, Case};
-use cresset_torch::decoder::{Decoder, LayerTarget, LoadOptions};
+use common::{ids, max_abs_diff, prompt_logits, Case};
+use cresset_torch::decoder::{Decoder, KvReads, LayerTarget, LoadOptions};
 use cresset_torch::tch::{self, Device, Kind};
 
 #[test]
@@ -64,4 +66,21 @@ fn device_maps_split_between_cuda_cpu_and_disk_match_the_cpu() {
         let diff = max_abs_diff(&prompt_logits(&split, &prompt), &cpu);
         assert!(diff <= 1e-3, "{name}: split map vs cpu: {diff:e}");
     }
+}
+
+#[test]
+fn decoding_on_cuda_with_bucketed_reads_and_cuda_graphs_gives_transformers_tokens() {
+    assert!(
+        tch::Cuda::is_available(),
+        "the gpu feature needs a CUDA device"
+    );
+    let case = Case::new("llm", "llama-gqa-untied");
+    let model = case.load(Device::Cuda(0));
+    let want = ids(&case.spec["greedy_ids"]);
+    let dynamic = case.scheduled(&model, KvReads::Bucketed, None);
+    assert_eq!(dynamic[1], want, "bucketed reads on cuda:0");
+    assert_eq!(dynamic[4], want, "the same prompt in a reused slot");
+    // Captured at warm-up, one graph per bucket (1, 2 and 3 rows), replayed each step.
+    let graphed = case.scheduled(&model, KvReads::Bucketed, Some(true));
+    assert_eq!(graphed, dynamic, "CUDA graphs change the tokens");
 }

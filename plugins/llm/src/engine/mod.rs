@@ -19,6 +19,7 @@ use cresset_plugin_api::sdk::{Host, StepContext};
 use cresset_plugin_api::{PluginError, Response};
 use cresset_torch::decoder::{Decoder, SlotCache};
 use cresset_torch::generation::{Finish, Scheduler};
+use cresset_torch::ModelError;
 
 use crate::api;
 use crate::prompt::{Prepared, PromptEncoder};
@@ -93,6 +94,15 @@ impl Engine {
     /// The model.
     pub fn model(&self) -> &Decoder {
         &self.model
+    }
+
+    /// Decode in repeating shapes with CUDA graphs (if `graphs`), every shape prepared now,
+    /// where the model can be captured; returns whether graphs replay.
+    pub fn use_cuda_graphs(&mut self, graphs: bool) -> Result<bool, ModelError> {
+        let _mode = cresset_torch::InferenceMode::enter();
+        self.scheduler
+            .use_static_decode(&self.model, graphs, true)?;
+        Ok(self.scheduler.cuda_graphs())
     }
 
     /// Request `index` (id `id`, arrived at `started`), tokenized: it waits for a slot, behind

@@ -161,6 +161,23 @@ impl SlotCache {
         })
     }
 
+    /// The rows of a decode step over slots `0..rows` that reads every position of the cache
+    /// (the shape of a captured graph's step), the rows' new positions in `positions`
+    /// (`[rows, 1]`, on the model's device). Their starts are not known on the host: the
+    /// caller advances `lens`.
+    pub(super) fn rows_static(&self, positions: &Tensor) -> Rows {
+        let rows = positions.size()[0];
+        Rows {
+            slots: (0..rows as usize).collect(),
+            starts: vec![0; rows as usize],
+            len: 1,
+            read: self.capacity,
+            contiguous: true,
+            index: Tensor::arange(rows, (Kind::Int64, positions.device())),
+            positions: positions.shallow_clone(),
+        }
+    }
+
     /// Copy positions `start..end` of slot `from` into slot `to`, in every layer, and count
     /// them filled in `to` (`lens[to] = end`): a prompt that begins as another sequence's does
     /// takes that sequence's keys and values for the common part instead of computing them.

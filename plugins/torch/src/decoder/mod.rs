@@ -215,11 +215,40 @@ impl Decoder {
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        let ids = Tensor::from_slice(&ids)
-            .view([rows, s])
-            .to_device(self.embeddings.device());
-        // Absolute positions of the new tokens, per row: [rows, s].
-        let positions = places.positions.shallow_clone();
+        let ids = Tensor::from_slice(&ids).view([rows, s]);
+        let (x, places) = self.run(&ids, places, cache)?;
+        cache.advance(&places);
+        let x = if last_only { x.narrow(1, s - 1, 1) } else { x };
+        Ok(self.head.forward(&x))
+    }
+
+    /// One decode step over slots `0..ids.size()[0]` in shapes that repeat: `ids` and
+    /// `positions` (`[rows, 1]`, on the model's device) are read where they are (a captured CUDA
+    /// graph replays this on the same tensors), every key of the cache is read (the positions
+    /// past a row's own masked), and each row's key and value are written at its position. The
+    /// caller checks the ids and positions, and advances `cache.lens` itself. Returns the
+    /// logits, `[rows, 1, vocab]`.
+    pub fn forward_static(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &SlotCache,
+    ) -> Result<Tensor, ModelError> {
+        let places = cache.rows_static(positions);
+        let (x, _) = self.run(ids, places, cache)?;
+        Ok(self.head.forward(&x))
+    }
+
+    /// The layers over `ids` (`[rows, s]`) at the places `places` gives, writing the new keys
+    /// and values into `cache`: the residual stream after the last layer, and the places.
+    fn run(
+        &self,
+        ids: &Tensor,
+        places: cache::Rows,
+        cache: &SlotCache,
+    ) -> Result<(Tensor, cache::Rows), ModelError> {
+        let ids = ids.to_device(self.embeddings.device());
+        let positions = places.positions.to_device(self.device);
         let alibi = self.config.positions() == Positions::Alibi;
         let step = Step::new(places, &positions, self.rope.as_ref(), alibi);
         // On the embeddings' device, then the residual stream moves to the model's.
@@ -232,9 +261,22 @@ impl Decoder {
             let loaded = disk.take(l)?;
             x = block.forward(x, &loaded, &step, cache.layer(l));
         }
-        cache.advance(&step.rows);
-        let x = if last_only { x.narrow(1, s - 1, 1) } else { x };
-        Ok(self.head.forward(&x))
+        Ok((x, step.rows))
+    }
+
+    /// The CUDA device whose graphs can hold a decode step of this model: every weight on that
+    /// one device, nothing offloaded to disk. `None` otherwise (the CPU included).
+    pub fn graph_device(&self) -> Option<usize> {
+        let Device::Cuda(index) = self.device else {
+            return None;
+        };
+        let one_device = self.embeddings.device() == self.device
+            && self.blocks.iter().all(|b| {
+                b.shards
+                    .iter()
+                    .all(|s| s.device == self.device && s.offloaded.is_none())
+            });
+        one_device.then_some(index)
     }
 
     /// Generate for several prompts together (see [`crate::generation::generate`]).

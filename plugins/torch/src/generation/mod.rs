@@ -11,19 +11,19 @@
 
 mod batch;
 mod speculative;
+mod static_decode;
 
 use std::collections::VecDeque;
 
 use tch::{Device, Kind};
 
-#[cfg(test)]
-use crate::decoder::KvReads;
 use crate::decoder::{Decoder, SlotCache};
 use crate::sampling::{sample_rows, Rng, RowSampling, SamplingParams};
 use crate::ModelError;
 
 pub use batch::{generate, GenerationRequest};
 pub use speculative::Draft;
+pub use static_decode::StaticDecode;
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +159,8 @@ pub struct Scheduler<T> {
     free_slots: Vec<usize>,
     running: Vec<Sequence<T>>,
     waiting: VecDeque<Sequence<T>>,
+    /// Decode steps in repeating shapes (CUDA graphs on a GPU), when chosen.
+    static_decode: Option<StaticDecode>,
 }
 
 /// How many leading tokens `a` and `b` share.
@@ -185,7 +187,37 @@ impl<T> Scheduler<T> {
             prefill_budget,
             running: Vec::new(),
             waiting: VecDeque::new(),
+            static_decode: None,
         }
+    }
+
+    /// Decode in repeating shapes ([`StaticDecode`]), replaying CUDA graphs if `graphs` and
+    /// `model` can be captured, and prepare every shape now (`warm_up`: no request pays for
+    /// a capture). Not with a draft model (speculative steps verify several tokens at once):
+    /// returns whether the static path is on.
+    pub fn use_static_decode(
+        &mut self,
+        model: &Decoder,
+        graphs: bool,
+        warm_up: bool,
+    ) -> Result<bool, ModelError> {
+        if self.draft.is_some() {
+            return Ok(false);
+        }
+        let mut path = StaticDecode::new(model, graphs);
+        if warm_up {
+            let _guard = tch::no_grad_guard();
+            path.warm_up(model, &self.cache)?;
+        }
+        self.static_decode = Some(path);
+        Ok(true)
+    }
+
+    /// Whether decode steps replay CUDA graphs.
+    pub fn cuda_graphs(&self) -> bool {
+        self.static_decode
+            .as_ref()
+            .is_some_and(StaticDecode::graphs)
     }
 
     /// Let `seq` wait for a slot, behind the waiting sequences with lower indices.
@@ -422,7 +454,13 @@ impl<T> Scheduler<T> {
             .iter()
             .map(|&k| vec![self.running[k].history.last().copied().unwrap_or(0)])
             .collect();
-        let logits = model.forward(&slots, &tokens, &mut self.cache, true)?;
+        let logits = match self.static_decode.as_mut() {
+            Some(path) => {
+                let last: Vec<i64> = tokens.iter().map(|t| t[0]).collect();
+                path.step(model, &mut self.cache, &slots, &last)?
+            }
+            None => model.forward(&slots, &tokens, &mut self.cache, true)?,
+        };
         let tokens = choose(&mut self.running, rows, &logits)?;
         for (&k, token) in rows.iter().zip(tokens) {
             on_token(&mut self.running[k], token);
@@ -533,29 +571,11 @@ mod tests {
     }
 
     #[test]
-    fn bucketed_cache_reads_give_the_tokens_of_exact_reads_in_reused_slots() {
-        let model = Decoder::made_up();
-        let prompts: [&[i64]; 5] = [
-            &[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4],
-            &[2, 7],
-            &[1, 8, 2, 8, 1, 8, 2, 8, 4, 5],
-            &[6, 6],
-            &[9, 9, 9, 1],
-        ];
-        let outputs = |reads: KvReads| {
-            // Two slots for five prompts: later ones reuse slots whose stale keys lie inside
-            // a bucketed read; a budget of 5 prefills over several steps.
-            let mut cache = model.new_cache(2, 64);
-            cache.reads = reads;
-            let mut scheduler = Scheduler::new(cache, 5, None);
-            for (i, p) in prompts.iter().enumerate() {
-                scheduler.enqueue(greedy(i, p));
-            }
-            run(&model, &mut scheduler, 24).0
-        };
-        let exact = outputs(KvReads::Exact);
-        assert!(exact[..5].iter().all(|o| o.len() == 24), "{exact:?}");
-        assert_eq!(outputs(KvReads::Bucketed), exact);
+    fn static_decode_buckets_are_powers_of_two_up_to_the_slot_count() {
+        // (The tokens of static steps are checked on a real checkpoint, in decoder_fidelity.)
+        assert_eq!(StaticDecode::buckets(3), [1, 2, 3]);
+        assert_eq!(StaticDecode::buckets(8), [1, 2, 4, 8]);
+        assert_eq!(StaticDecode::buckets(1), [1]);
     }
 
     #[test]

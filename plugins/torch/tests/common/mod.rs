@@ -4,8 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use cresset_torch::decoder::Decoder;
+use cresset_torch::decoder::{Decoder, KvReads};
+use cresset_torch::generation::{Finish, Scheduler, Sequence};
 use cresset_torch::layers::HfConfig;
+use cresset_torch::sampling::{Rng, SamplingParams};
 use cresset_torch::tch::{self, Device, Kind, Tensor};
 use serde_json::Value;
 
@@ -95,5 +97,58 @@ impl Case {
     /// The model in f32 on `device`, everything there.
     pub fn load(&self, device: Device) -> Decoder {
         Decoder::load(&self.dir, &self.config, Kind::Float, device).expect("load")
+    }
+
+    /// Greedy generation through the scheduler, three slots for five prompts (the case's
+    /// prompt twice, its batch prompt, both changed) that end at different steps, prefilling at
+    /// most 4 tokens per step: rows decode in every subset of the slots beside slots that are
+    /// still prefilling, and slots are reused. `static_decode`: decode steps in repeating
+    /// shapes, with CUDA graphs if `Some(true)`. The tokens of each prompt, in order (the case's
+    /// prompt is the second and the fifth, with 32 tokens each).
+    pub fn scheduled(
+        &self,
+        model: &Decoder,
+        reads: KvReads,
+        static_decode: Option<bool>,
+    ) -> Vec<Vec<i64>> {
+        let short = ids(&self.spec["batch"]["prompt_ids"]);
+        let mut longer = self.prompt.clone();
+        longer.extend([5, 6, 7, 8]);
+        let prompts = [
+            short.clone(),
+            self.prompt.clone(),
+            longer,
+            short[..short.len() - 1].to_vec(),
+            self.prompt.clone(),
+        ];
+        let lengths = [7usize, 32, 20, 11, 32];
+        let _guard = tch::no_grad_guard();
+        let mut cache = model.new_cache(3, 128);
+        cache.reads = reads;
+        let mut scheduler: Scheduler<()> = Scheduler::new(cache, 4, None);
+        if let Some(graphs) = static_decode {
+            assert!(scheduler
+                .use_static_decode(model, graphs, true)
+                .expect("warm-up"));
+            assert_eq!(scheduler.cuda_graphs(), graphs, "graphs as asked");
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            let sampling = SamplingParams::default();
+            scheduler.enqueue(Sequence::new(i, p.clone(), sampling, Rng::seeded(0), ()));
+        }
+        let mut outputs = vec![Vec::new(); prompts.len()];
+        while !scheduler.is_idle() {
+            let ended = scheduler
+                .step(model, |seq, _| {
+                    if seq.generated().len() >= lengths[seq.index] {
+                        seq.finish = Some(Finish::Length);
+                    }
+                })
+                .expect("step");
+            for seq in ended {
+                outputs[seq.index] = seq.generated().to_vec();
+            }
+        }
+        outputs
     }
 }

@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 
-.PHONY: setup build models serve test dist bench clean-cache
+.PHONY: setup build models serve test dist bench bench-gpu clean-cache
 
 setup:
 	@scripts/setup-venv.sh
@@ -40,6 +40,17 @@ test: build models
 	@$(ENV) export CRESSET_DIST="$$(scripts/make-dist.sh)" \
 	  && export CRESSET_DEBIAN_ROOT="$$(scripts/setup-debian-root.sh)" \
 	  && cargo test --release --workspace --no-fail-fast
+
+# LLM decoding on a CUDA GPU against transformers (issue 16); writes the gpu-llm section of
+# BENCHMARKS.md. Needs a GPU and a Python with torch and transformers ($(BENCH_PYTHON)): the
+# machine's own, with the same torch version as the build; no network. Builds first unless
+# CRESSET_PREBUILT=1 (binaries carried from a build machine, in $$CARGO_TARGET_DIR/release).
+BENCH_PYTHON ?= python3
+bench-gpu:
+	@$(ENV) if [ "$${CRESSET_PREBUILT:-0}" != 1 ]; then \
+	  cargo build --release -p cresset -p cresset-plugin-gpt \
+	  && cargo build --release -p cresset-bench --bin cresset-bench-llm-gpu; fi
+	@$(ENV) CRESSET_BENCH_PYTHON="$(BENCH_PYTHON)" "$$CARGO_TARGET_DIR/release/cresset-bench-llm-gpu" $(BENCH_ARGS)
 
 # The serving benchmark; writes BENCHMARKS.md. Not part of `make test` (speed is never a test).
 bench: build models

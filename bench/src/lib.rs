@@ -1,7 +1,55 @@
 //! What the benchmark programs share: machine description, percentiles, an HTTP agent, peak
-//! RSS, and writing one section of `BENCHMARKS.md` without touching the others.
+//! RSS, a streamed completion, and writing one section of `BENCHMARKS.md` without touching the
+//! others.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What a streamed OpenAI completion gave: when its first and last non-empty text arrived
+/// (from sending the request), and the completion tokens its usage counts.
+pub struct Streamed {
+    pub first: Duration,
+    pub last: Duration,
+    pub tokens: u64,
+}
+
+/// POST `body` (a completion request with `"stream": true` and usage asked for) to `url` and
+/// read its server-sent events to the end.
+pub fn stream_completion(url: &str, body: &serde_json::Value) -> Streamed {
+    let started = Instant::now();
+    let response = agent()
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("stream");
+    let (mut first, mut last, mut tokens) = (None, started.elapsed(), 0u64);
+    for line in std::io::BufReader::new(response.into_body().into_reader()).lines() {
+        let Ok(line) = line else { break };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let event: serde_json::Value = serde_json::from_str(data).expect("event");
+        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
+            tokens = n;
+        }
+        if event["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            first.get_or_insert(started.elapsed());
+            last = started.elapsed();
+        }
+    }
+    Streamed {
+        first: first.unwrap_or(last),
+        last,
+        tokens,
+    }
+}
 
 /// The programs' flags: `--quick` (short runs) and `--out FILE` (default `BENCHMARKS.md` at
 /// the repository root).

@@ -9,13 +9,13 @@
 //!
 //! Results go to the `llm` section of `BENCHMARKS.md`.
 
-use std::io::BufRead;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cresset_bench::{
-    agent, cli, machine, proc_status_mib, smollm2_gguf, threads, venv_python, write_section,
+    cli, machine, proc_status_mib, smollm2_gguf, stream_completion, threads, venv_python,
+    write_section,
 };
 use cresset_e2e::{dir_archive, repo_root, Server};
 use cresset_torch::decoder::{Decoder, LoadOptions, Quantize};
@@ -38,40 +38,13 @@ fn counting_from(i: usize) -> String {
 
 /// One streamed completion of `prompt`: (time to first token, decode tokens/s, tokens).
 fn stream(url: &str, prompt: &str) -> (Duration, f64, u64) {
-    let started = Instant::now();
-    let response = agent()
-        .post(url)
-        .header("content-type", "application/json")
-        .send(
-            json!({"model": "smollm2", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
-                   "stream": true, "stream_options": {"include_usage": true}})
-            .to_string(),
-        )
-        .expect("stream");
-    let (mut first, mut last, mut tokens) = (None, started.elapsed(), 0u64);
-    for line in std::io::BufReader::new(response.into_body().into_reader()).lines() {
-        let Ok(line) = line else { break };
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let event: Value = serde_json::from_str(data).expect("event");
-        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
-            tokens = n;
-        }
-        if event["choices"][0]["text"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
-        {
-            first.get_or_insert(started.elapsed());
-            last = started.elapsed();
-        }
-    }
-    let first = first.unwrap_or(last);
-    let rate = tokens.saturating_sub(1) as f64 / (last - first).as_secs_f64().max(1e-9);
-    (first, rate, tokens)
+    let s = stream_completion(
+        url,
+        &json!({"model": "smollm2", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+                "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let rate = s.tokens.saturating_sub(1) as f64 / (s.last - s.first).as_secs_f64().max(1e-9);
+    (s.first, rate, s.tokens)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

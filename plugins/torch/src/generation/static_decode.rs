@@ -21,6 +21,8 @@ use crate::ModelError;
 
 /// One bucket's input buffers, its output, and its graph.
 struct Bucket {
+    /// `[2, b, 1]`: the ids, then the positions (one copy from the host fills both).
+    inputs: Tensor,
     ids: Tensor,
     positions: Tensor,
     logits: Tensor,
@@ -80,9 +82,15 @@ impl StaticDecode {
     ) -> Result<&mut Bucket, ModelError> {
         if !self.buckets.contains_key(&b) {
             let device = model.device();
-            let ids = Tensor::zeros([b, 1], (Kind::Int64, device));
             let idle = Self::idle_position(model, cache);
-            let positions = Tensor::full([b, 1], idle, (Kind::Int64, device));
+            let inputs = Tensor::stack(
+                &[
+                    Tensor::zeros([b, 1], (Kind::Int64, device)),
+                    Tensor::full([b, 1], idle, (Kind::Int64, device)),
+                ],
+                0,
+            );
+            let (ids, positions) = (inputs.get(0), inputs.get(1));
             // One eager pass first (as PyTorch's capture recipe does: libraries initialise,
             // the allocator warms), which also gives the eager path its logits tensor.
             let logits = model.forward_static(&ids, &positions, cache)?;
@@ -111,6 +119,7 @@ impl StaticDecode {
             self.buckets.insert(
                 b,
                 Bucket {
+                    inputs,
                     ids,
                     positions,
                     logits,
@@ -175,9 +184,17 @@ impl StaticDecode {
         }
         let device = model.device();
         let bucket = self.bucket(model, &*cache, b)?;
-        let host = |values: &[i64]| Tensor::from_slice(values).view([b, 1]);
-        bucket.ids.copy_(&host(&ids_in));
-        bucket.positions.copy_(&host(&positions_in));
+        ids_in.extend_from_slice(&positions_in);
+        let host = Tensor::from_slice(&ids_in).view([2, b, 1]);
+        if device.is_cuda() {
+            // From pinned memory without waiting: the step's one synchronisation is the copy of
+            // the chosen ids back.
+            let _ = host
+                .pin_memory(device)
+                .internal_copy_from(&bucket.inputs, true);
+        } else {
+            bucket.inputs.copy_(&host);
+        }
         match bucket.graph.as_mut() {
             Some(graph) => graph
                 .replay()

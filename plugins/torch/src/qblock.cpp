@@ -48,6 +48,25 @@ inline float half_to_float(uint16_t bits) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
+// Block b of a weight row (its bytes `qrow`, its scale and zero pairs `szrow`) as 32 floats.
+inline void decode_block(const uint8_t* qrow, const uint16_t* szrow, int64_t b, int bits,
+                         float* w) {
+  const float s = half_to_float(szrow[2 * b]);
+  const float z = half_to_float(szrow[2 * b + 1]);
+  if (bits == 4) {
+    const uint8_t* qb = qrow + b * 16;
+    for (int j = 0; j < 16; ++j) {
+      w[j] = static_cast<float>(qb[j] & 0x0F) * s + z;
+      w[j + 16] = static_cast<float>(qb[j] >> 4) * s + z;
+    }
+  } else {
+    const int8_t* qb = reinterpret_cast<const int8_t*>(qrow + b * 32);
+    for (int j = 0; j < 32; ++j) {
+      w[j] = static_cast<float>(qb[j]) * s + z;
+    }
+  }
+}
+
 // One output element range [n0, n1) for rows [0, rows) of x (rows <= MAX_ROWS), scalar.
 void scalar_rows(const float* x, int64_t ldx, int64_t rows, int64_t kb_count,
                  const uint8_t* q, int64_t row_bytes, const uint16_t* sz, int bits,
@@ -58,20 +77,7 @@ void scalar_rows(const float* x, int64_t ldx, int64_t rows, int64_t kb_count,
     const uint8_t* qrow = q + n * row_bytes;
     const uint16_t* szrow = sz + n * kb_count * 2;
     for (int64_t b = 0; b < kb_count; ++b) {
-      const float s = half_to_float(szrow[2 * b]);
-      const float z = half_to_float(szrow[2 * b + 1]);
-      if (bits == 4) {
-        const uint8_t* qb = qrow + b * 16;
-        for (int j = 0; j < 16; ++j) {
-          w[j] = static_cast<float>(qb[j] & 0x0F) * s + z;
-          w[j + 16] = static_cast<float>(qb[j] >> 4) * s + z;
-        }
-      } else {
-        const int8_t* qb = reinterpret_cast<const int8_t*>(qrow + b * 32);
-        for (int j = 0; j < 32; ++j) {
-          w[j] = static_cast<float>(qb[j]) * s + z;
-        }
-      }
+      decode_block(qrow, szrow, b, bits, w);
       for (int64_t r = 0; r < rows; ++r) {
         const float* xb = x + r * ldx + b * BLOCK;
         float sum = 0.0f;
@@ -256,6 +262,32 @@ int cresset_qblock_matmul(const float* x, int64_t m, int64_t k, const uint8_t* q
     // Enough output rows per task that each thread streams long runs of weights.
     const int64_t grain = std::max<int64_t>(16, 4096 / std::max<int64_t>(kb_count, 1));
     at::parallel_for(0, n, grain, run);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// w (f32, n × k, contiguous) = the weight the blocks hold, decoded as the scalar path decodes
+// it (for the word-embedding rows a tied head's blocks give, and for tests). Same layout and
+// checks as cresset_qblock_matmul. Returns 0, or 1 on an exception. (A dense matmul on the
+// decoded weight for prompts being prefilled was measured no faster than the kernel at 128 to
+// 240 rows on SmolLM2's layers: decoding into fresh memory costs what the matmul saves.)
+int cresset_qblock_dequantize(const uint8_t* q, const uint16_t* sz, int64_t n, int64_t k,
+                              int bits, float* w) {
+  try {
+    const int64_t kb_count = k / BLOCK;
+    const int64_t row_bytes = kb_count * (bits == 4 ? 16 : 32);
+    at::parallel_for(0, n, 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t r = n0; r < n1; ++r) {
+        const uint8_t* qrow = q + r * row_bytes;
+        const uint16_t* szrow = sz + r * kb_count * 2;
+        float* wrow = w + r * k;
+        for (int64_t b = 0; b < kb_count; ++b) {
+          decode_block(qrow, szrow, b, bits, wrow + b * BLOCK);
+        }
+      }
+    });
     return 0;
   } catch (...) {
     return 1;

@@ -37,6 +37,14 @@ extern "C" {
         out: *mut f32,
         scalar_only: i32,
     ) -> i32;
+    fn cresset_qblock_dequantize(
+        q: *const u8,
+        sz: *const u16,
+        n: i64,
+        k: i64,
+        bits: i32,
+        w: *mut f32,
+    ) -> i32;
 }
 
 /// Values per block.
@@ -279,9 +287,24 @@ impl BlockWeight {
     /// The weight as a dense f32 `[out, in]` tensor: exactly what the kernel computes with.
     pub fn dequantize(&self) -> Tensor {
         let [out, inp] = self.shape();
-        let sz = self.scale_zeros.to_kind(Kind::Float);
-        (self.values().to_kind(Kind::Float) * sz.narrow(2, 0, 1) + sz.narrow(2, 1, 1))
-            .reshape([out, inp])
+        let w = Tensor::empty([out, inp], (Kind::Float, Device::Cpu));
+        // SAFETY: `q` and `scale_zeros` are contiguous (made so at load) with `out` rows of
+        // `inp / 32` blocks of `bits`; `w` is a fresh contiguous [out, inp] f32.
+        let status = unsafe {
+            cresset_qblock_dequantize(
+                self.q.data_ptr() as *const u8,
+                self.scale_zeros.data_ptr() as *const u16,
+                out,
+                inp,
+                i32::from(self.bits),
+                w.data_ptr() as *mut f32,
+            )
+        };
+        assert_eq!(
+            status, 0,
+            "decoding the blocks failed (an exception in its thread pool)"
+        );
+        w
     }
 
     /// Rows `ids` (int64, `[n]`, each checked against the row count) as a dense f32 `[n, in]`

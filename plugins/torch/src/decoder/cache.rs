@@ -26,6 +26,21 @@ pub struct SlotCache {
     pub reads: KvReads,
 }
 
+/// `values` on `device` as one int64 tensor. On a GPU, one copy from pinned host memory that
+/// does not wait for the device (the step's one synchronisation is the copy of the chosen ids
+/// back); on the CPU, the values as they are.
+pub fn upload(values: &[i64], device: Device) -> Tensor {
+    let host = Tensor::from_slice(values);
+    match device {
+        Device::Cuda(_) => {
+            let on_device = Tensor::empty([values.len() as i64], (Kind::Int64, device));
+            let _ = host.pin_memory(device).internal_copy_from(&on_device, true);
+            on_device
+        }
+        _ => host.to_device(device),
+    }
+}
+
 /// How many positions of the cache a step's attention reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvReads {
@@ -128,7 +143,8 @@ impl SlotCache {
         len: i64,
         max_positions: i64,
         device: Device,
-    ) -> Result<Rows, ModelError> {
+        ids: &[i64],
+    ) -> Result<(Rows, Tensor), ModelError> {
         let starts: Vec<i64> = slots
             .iter()
             .map(|&slot| {
@@ -145,20 +161,25 @@ impl SlotCache {
                 self.capacity, max_positions
             )));
         }
-        let index: Vec<i64> = slots.iter().map(|&x| x as i64).collect();
-        let positions: Vec<i64> = starts.iter().flat_map(|&p| p..p + len).collect();
-        let positions = Tensor::from_slice(&positions)
-            .view([slots.len() as i64, len])
-            .to_device(device);
-        Ok(Rows {
+        let rows = slots.len() as i64;
+        // The ids, positions and slots go to the device in one copy.
+        let mut host: Vec<i64> = ids.to_vec();
+        host.extend(starts.iter().flat_map(|&p| p..p + len));
+        host.extend(slots.iter().map(|&x| x as i64));
+        let uploaded = upload(&host, device);
+        let ids = uploaded.narrow(0, 0, rows * len).view([rows, len]);
+        let positions = uploaded.narrow(0, rows * len, rows * len).view([rows, len]);
+        let index = uploaded.narrow(0, 2 * rows * len, rows);
+        let places = Rows {
             slots: slots.to_vec(),
             read: self.reads.read(end, self.capacity),
             starts,
             len,
             contiguous: slots.iter().enumerate().all(|(i, &s)| i == s),
-            index: Tensor::from_slice(&index).to_device(device),
+            index,
             positions,
-        })
+        };
+        Ok((places, ids))
     }
 
     /// The rows of a decode step over slots `0..rows` that reads every position of the cache

@@ -41,7 +41,7 @@ mod rope;
 use tch::{Device, Kind, Tensor};
 
 pub use crate::generation::GenerationRequest;
-pub use cache::{KvReads, SlotCache};
+pub use cache::{upload, KvReads, SlotCache};
 pub use config::{DecoderConfig, Family, Positions, RopeScaling};
 pub use linear::{Linear, Quantize};
 pub use load::{LayerTarget, LoadOptions};
@@ -208,14 +208,13 @@ impl Decoder {
                 "a step needs rows of equal, non-zero length".into(),
             ));
         }
-        let places = cache.rows(slots, s, self.config.max_positions, self.device)?;
         let ids: Vec<i64> = tokens.iter().flatten().copied().collect();
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= self.config.vocab_size) {
             return Err(ModelError::Invalid(format!(
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        let ids = Tensor::from_slice(&ids).view([rows, s]);
+        let (places, ids) = cache.rows(slots, s, self.config.max_positions, self.device, &ids)?;
         let (x, places) = self.run(&ids, places, cache)?;
         cache.advance(&places);
         let x = if last_only { x.narrow(1, s - 1, 1) } else { x };

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use crate::cuda_graph::CudaGraph;
-use crate::decoder::{Decoder, SlotCache};
+use crate::decoder::{upload, Decoder, SlotCache};
 use crate::ModelError;
 
 /// One bucket's input buffers, its output, and its graph.
@@ -185,16 +185,10 @@ impl StaticDecode {
         let device = model.device();
         let bucket = self.bucket(model, &*cache, b)?;
         ids_in.extend_from_slice(&positions_in);
-        let host = Tensor::from_slice(&ids_in).view([2, b, 1]);
-        if device.is_cuda() {
-            // From pinned memory without waiting: the step's one synchronisation is the copy of
-            // the chosen ids back.
-            let _ = host
-                .pin_memory(device)
-                .internal_copy_from(&bucket.inputs, true);
-        } else {
-            bucket.inputs.copy_(&host);
-        }
+        // One copy from the host (without waiting for the device, on a GPU).
+        bucket
+            .inputs
+            .copy_(&upload(&ids_in, device).view([2, b, 1]));
         match bucket.graph.as_mut() {
             Some(graph) => graph
                 .replay()

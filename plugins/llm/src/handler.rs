@@ -221,8 +221,8 @@ impl StepHandler for GptHandler {
 }
 
 /// A GPU model's attention kernels (`attention_backend`) and its decode path: steps in
-/// repeating shapes, replayed as CUDA graphs captured now (`cuda_graphs`), where the model is
-/// on one GPU without a draft; eager dynamic steps otherwise.
+/// repeating shapes replayed as CUDA graphs captured now (`cuda_graphs`), where the model is
+/// wholly on one GPU without a draft; eager steps otherwise.
 fn gpu_settings(
     engine: &mut Engine,
     settings: &Settings,
@@ -248,14 +248,16 @@ fn gpu_settings(
         set_sdp_backends(backends)
             .map_err(|why| PluginError::internal(format!("`handler.attention_backend`: {why}")))?;
     }
-    let graphs = engine
-        .use_cuda_graphs(settings.cuda_graphs)
-        .map_err(PluginError::from)?;
+    let graphs = settings.cuda_graphs && engine.use_cuda_graphs().map_err(PluginError::from)?;
     tracing::info!(
         model = %model_name,
         cuda_graphs = graphs,
-        "decode steps in repeating shapes{}",
-        if graphs { ", replayed as CUDA graphs" } else { "" }
+        "decode steps {}",
+        match (settings.cuda_graphs, graphs) {
+            (_, true) => "replay CUDA graphs",
+            (true, false) => "run eagerly: the model cannot be captured (see the log above)",
+            (false, false) => "run eagerly (`cuda_graphs = false`)",
+        }
     );
     Ok(())
 }

@@ -96,13 +96,11 @@ impl Engine {
         &self.model
     }
 
-    /// Decode in repeating shapes with CUDA graphs (if `graphs`), every shape prepared now,
-    /// where the model can be captured; returns whether graphs replay.
-    pub fn use_cuda_graphs(&mut self, graphs: bool) -> Result<bool, ModelError> {
+    /// Decode steps replayed as CUDA graphs, every bucket captured now, where the model can be
+    /// captured; returns whether graphs replay (else the steps stay eager and dynamic).
+    pub fn use_cuda_graphs(&mut self) -> Result<bool, ModelError> {
         let _mode = cresset_torch::InferenceMode::enter();
-        self.scheduler
-            .use_static_decode(&self.model, graphs, true)?;
-        Ok(self.scheduler.cuda_graphs())
+        self.scheduler.use_static_decode(&self.model, true, true)
     }
 
     /// Request `index` (id `id`, arrived at `started`), tokenized: it waits for a slot, behind

@@ -191,10 +191,13 @@ impl<T> Scheduler<T> {
         }
     }
 
-    /// Decode in repeating shapes ([`StaticDecode`]), replaying CUDA graphs if `graphs` and
-    /// `model` can be captured, and prepare every shape now (`warm_up`: no request pays for
-    /// a capture). Not with a draft model (speculative steps verify several tokens at once):
-    /// returns whether the static path is on.
+    /// Decode in repeating shapes ([`StaticDecode`]): replaying CUDA graphs if `graphs`, or
+    /// eagerly (how the CPU tests check the shapes' arithmetic). Every shape is prepared now
+    /// (`warm_up`: no request pays for a capture). Returns whether the path is on: not with a
+    /// draft model (speculative steps verify several tokens at once), and not when graphs were
+    /// asked for but cannot be captured (the model is not wholly on one GPU, or a capture
+    /// failed): eager steps in the static shapes would read the whole cache every step, so the
+    /// dynamic steps stay.
     pub fn use_static_decode(
         &mut self,
         model: &Decoder,
@@ -205,9 +208,15 @@ impl<T> Scheduler<T> {
             return Ok(false);
         }
         let mut path = StaticDecode::new(model, graphs);
+        if graphs && !path.graphs() {
+            return Ok(false);
+        }
         if warm_up {
             let _guard = tch::no_grad_guard();
             path.warm_up(model, &self.cache)?;
+            if graphs && !path.graphs() {
+                return Ok(false);
+            }
         }
         self.static_decode = Some(path);
         Ok(true)

@@ -70,6 +70,23 @@ fn top1(model: &Decoder, ids: &[i64]) -> Tensor {
         .argmax(-1, false)
 }
 
+/// [`top1`] with the text fed one token per forward pass, as one sequence decodes: every
+/// quantized layer sees one row (the block kernel's int8-activation path).
+fn top1_one_at_a_time(model: &Decoder, ids: &[i64]) -> Tensor {
+    let mut cache = model.new_cache(1, 1024);
+    let picks: Vec<i64> = ids
+        .iter()
+        .map(|&id| {
+            tch::no_grad(|| model.forward(&[0], &[vec![id]], &mut cache, true))
+                .expect("step")
+                .view([-1])
+                .argmax(0, false)
+                .int64_value(&[])
+        })
+        .collect();
+    Tensor::from_slice(&picks)
+}
+
 fn greedy(model: &Decoder, prompt: &[i64], n: usize) -> Vec<i64> {
     let mut cache = model.new_cache(1, 512);
     let mut out = Vec::new();
@@ -118,6 +135,21 @@ fn smollm2_kept_in_int4_agrees_with_the_dequantized_model_and_knows_paris() {
         // stream to 8 significant bits too, and agrees a little less.
         let bar = if kind == Kind::Float { 0.98 } else { 0.95 };
         assert!(agreement >= bar, "{kind:?}: {agreement} < {bar}");
+        // One token per pass, as a single stream decodes (the 4-bit layers then quantize
+        // their one row of activations to int8 per block of 32, as llama.cpp does).
+        let stepwise = top1_one_at_a_time(&int4, &ids)
+            .eq_tensor(&reference)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        eprintln!(
+            "int4 with {kind:?} activations, one token per pass: top-1 agreement {:.2}%",
+            stepwise * 100.0
+        );
+        assert!(
+            stepwise >= bar,
+            "{kind:?}, one token per pass: {stepwise} < {bar}"
+        );
         // The reference's first answer token ("The") leads "L" by 0.08 logits at about 25,
         // under bf16's resolution there (0.125): which of them a bf16 model picks is rounding,
         // and the machines differ (AVX-512 one day, AMX the next). The answer is checked from

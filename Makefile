@@ -50,7 +50,8 @@ bench-gpu:
 	@$(ENV) if [ "$${CRESSET_PREBUILT:-0}" != 1 ]; then \
 	  cargo build --release -p cresset -p cresset-plugin-gpt \
 	  && cargo build --release -p cresset-bench --bin cresset-bench-llm-gpu; fi
-	@$(ENV) CRESSET_BENCH_PYTHON="$(BENCH_PYTHON)" "$$CARGO_TARGET_DIR/release/cresset-bench-llm-gpu" $(BENCH_ARGS)
+	@$(ENV) CRESSET_BENCH_PYTHON="$(BENCH_PYTHON)" CRESSET_REPO_ROOT="$(CURDIR)" \
+	  "$$CARGO_TARGET_DIR/release/cresset-bench-llm-gpu" $(BENCH_ARGS)
 
 # The serving benchmark; writes BENCHMARKS.md. Not part of `make test` (speed is never a test).
 bench: build models

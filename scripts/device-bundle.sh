@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Stripped copies of what `make bench-gpu` runs, in `target-device/release/` inside the clone
 # (ignored by git), small enough to carry to a GPU machine that has no Rust toolchain: the
-# server, the gpt plugin, the CUDA graph library and the bench program (about 40 MB; the
-# debug-info builds are over 100 MB each). There, with that machine's torch (the same version
-# as the build's) on the library path:
+# server, the gpt plugin, the CUDA graph library and the bench program (25 MB; the debug-info
+# builds are over 100 MB each). There, in the clone, with that machine's torch (the same
+# version as the build's) on the library path:
 #   LD_LIBRARY_PATH="$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib" \
 #   CARGO_TARGET_DIR="$PWD/target-device" CRESSET_PREBUILT=1 \
 #   CRESSET_CUDA_GRAPH_LIB="$PWD/target-device/release/libcresset_cuda_graph.so" make bench-gpu
+# (make bench-gpu tells the bench where the clone is: CRESSET_REPO_ROOT.)
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -8,8 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The repository root.
+/// The repository root: where this crate was built, or `CRESSET_REPO_ROOT` when set.
 pub fn repo_root() -> PathBuf {
+    // A build carried to another machine (scripts/device-bundle.sh) runs in a clone there.
+    if let Some(root) = std::env::var_os("CRESSET_REPO_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent")

@@ -30,7 +30,8 @@ namespace {
 struct Graph {
   at::cuda::CUDAGraph graph;
   c10::DeviceIndex device;
-  // The stream that was current before the capture, restored after it.
+  // The device and stream that were current before the capture, restored after it.
+  c10::DeviceIndex previous_device = 0;
   std::optional<c10::cuda::CUDAStream> previous;
   bool captured = false;
 };
@@ -74,6 +75,10 @@ void* cresset_cuda_graph_begin(int device, char** error) {
     auto index = static_cast<c10::DeviceIndex>(device);
     auto graph = std::make_unique<Graph>();
     graph->device = index;
+    // The capture takes the current device's current stream: make them the model's device
+    // and a side stream, until cresset_cuda_graph_end.
+    graph->previous_device = c10::cuda::current_device();
+    c10::cuda::set_device(index);
     // What the thread queued before the capture must be done before the side stream starts.
     c10::cuda::device_synchronize();
     graph->previous = c10::cuda::getCurrentCUDAStream(index);
@@ -83,6 +88,7 @@ void* cresset_cuda_graph_begin(int device, char** error) {
       graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     } catch (...) {
       c10::cuda::setCurrentCUDAStream(*graph->previous);
+      c10::cuda::set_device(graph->previous_device);
       throw;
     }
     return graph.release();
@@ -100,6 +106,7 @@ int cresset_cuda_graph_end(void* handle, char** error) {
     return 0;
   });
   if (graph->previous) c10::cuda::setCurrentCUDAStream(*graph->previous);
+  c10::cuda::set_device(graph->previous_device);
   return status;
 }
 

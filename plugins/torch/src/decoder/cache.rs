@@ -135,16 +135,15 @@ impl SlotCache {
         self.lens.len()
     }
 
-    /// The rows of a step that adds `len` positions to each of `slots`, checked against the
-    /// cache's capacity and the model's `max_positions`.
-    pub(super) fn rows(
+    /// Where each of `slots` is filled to (its first new position), and one past the last
+    /// position any of them reaches after adding `len`, checked against the cache's capacity
+    /// and the model's `max_positions`.
+    pub fn starts(
         &self,
         slots: &[usize],
         len: i64,
         max_positions: i64,
-        device: Device,
-        ids: &[i64],
-    ) -> Result<(Rows, Tensor), ModelError> {
+    ) -> Result<(Vec<i64>, i64), ModelError> {
         let starts: Vec<i64> = slots
             .iter()
             .map(|&slot| {
@@ -161,6 +160,19 @@ impl SlotCache {
                 self.capacity, max_positions
             )));
         }
+        Ok((starts, end))
+    }
+
+    /// The rows of a step that adds `len` positions to each of `slots` (see [`Self::starts`]).
+    pub(super) fn rows(
+        &self,
+        slots: &[usize],
+        len: i64,
+        max_positions: i64,
+        device: Device,
+        ids: &[i64],
+    ) -> Result<(Rows, Tensor), ModelError> {
+        let (starts, end) = self.starts(slots, len, max_positions)?;
         let rows = slots.len() as i64;
         // The ids, positions and slots go to the device in one copy.
         let mut host: Vec<i64> = ids.to_vec();

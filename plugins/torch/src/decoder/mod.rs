@@ -209,16 +209,22 @@ impl Decoder {
             ));
         }
         let ids: Vec<i64> = tokens.iter().flatten().copied().collect();
-        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= self.config.vocab_size) {
-            return Err(ModelError::Invalid(format!(
-                "token id {bad} is outside the vocabulary"
-            )));
-        }
+        self.check_ids(&ids)?;
         let (places, ids) = cache.rows(slots, s, self.config.max_positions, self.device, &ids)?;
         let (x, places) = self.run(&ids, places, cache)?;
         cache.advance(&places);
         let x = if last_only { x.narrow(1, s - 1, 1) } else { x };
         Ok(self.head.forward(&x))
+    }
+
+    /// An error naming the first of `ids` outside the vocabulary, if any.
+    pub fn check_ids(&self, ids: &[i64]) -> Result<(), ModelError> {
+        match ids.iter().find(|&&t| t < 0 || t >= self.config.vocab_size) {
+            Some(bad) => Err(ModelError::Invalid(format!(
+                "token id {bad} is outside the vocabulary"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// One decode step over slots `0..ids.size()[0]` in shapes that repeat: `ids` and

@@ -23,10 +23,15 @@ use crate::ModelError;
 struct Bucket {
     /// `[2, b, 1]`: the ids, then the positions (one copy from the host fills both).
     inputs: Tensor,
-    ids: Tensor,
-    positions: Tensor,
     logits: Tensor,
     graph: Option<CudaGraph>,
+}
+
+impl Bucket {
+    /// The ids and the positions, `[b, 1]` each: views of `inputs`.
+    fn ids_and_positions(&self) -> (Tensor, Tensor) {
+        (self.inputs.get(0), self.inputs.get(1))
+    }
 }
 
 /// The static decode path of one scheduler (its cache).
@@ -120,8 +125,6 @@ impl StaticDecode {
                 b,
                 Bucket {
                     inputs,
-                    ids,
-                    positions,
                     logits,
                     graph,
                 },
@@ -149,29 +152,8 @@ impl StaticDecode {
         let highest = slots.iter().copied().max().ok_or_else(|| {
             ModelError::Invalid("a decode step needs at least one sequence".into())
         })?;
-        let limit = cache.capacity.min(model.config.max_positions);
-        let mut positions = Vec::with_capacity(slots.len());
-        for (&slot, &token) in slots.iter().zip(tokens) {
-            let at = cache
-                .lens
-                .get(slot)
-                .copied()
-                .ok_or_else(|| ModelError::Invalid(format!("no slot {slot}")))?;
-            if at + 1 > limit {
-                return Err(ModelError::Invalid(format!(
-                    "the sequence needs {} positions; the cache holds {} and the model {}",
-                    at + 1,
-                    cache.capacity,
-                    model.config.max_positions
-                )));
-            }
-            if token < 0 || token >= model.config.vocab_size {
-                return Err(ModelError::Invalid(format!(
-                    "token id {token} is outside the vocabulary"
-                )));
-            }
-            positions.push(at);
-        }
+        model.check_ids(tokens)?;
+        let (positions, _) = cache.starts(slots, 1, model.config.max_positions)?;
         let b = Self::buckets(cache.slots())
             .into_iter()
             .find(|&b| b > highest as i64)
@@ -184,30 +166,29 @@ impl StaticDecode {
         }
         let device = model.device();
         let bucket = self.bucket(model, &*cache, b)?;
+        // One copy from the host (without waiting for the device, on a GPU): the bucket's ids
+        // and positions, then the slots whose logits are taken.
         ids_in.extend_from_slice(&positions_in);
-        // One copy from the host (without waiting for the device, on a GPU).
+        ids_in.extend(slots.iter().map(|&s| s as i64));
+        let uploaded = upload(&ids_in, device);
         bucket
             .inputs
-            .copy_(&upload(&ids_in, device).view([2, b, 1]));
+            .copy_(&uploaded.narrow(0, 0, 2 * b).view([2, b, 1]));
         match bucket.graph.as_mut() {
             Some(graph) => graph
                 .replay()
                 .map_err(|why| ModelError::Torch(tch::TchError::Torch(why)))?,
-            None => bucket.logits = model.forward_static(&bucket.ids, &bucket.positions, cache)?,
+            None => {
+                let (ids, positions) = bucket.ids_and_positions();
+                bucket.logits = model.forward_static(&ids, &positions, cache)?
+            }
         }
-        let rows: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
-        let rows = Tensor::from_slice(&rows).to_device(device);
         // A copy: the next replay overwrites the graph's logits.
+        let rows = uploaded.narrow(0, 2 * b, slots.len() as i64);
         let logits = bucket.logits.index_select(0, &rows);
         for (&slot, &at) in slots.iter().zip(&positions) {
             cache.lens[slot] = at + 1;
         }
         Ok(logits)
-    }
-
-    /// Forget the captured graphs and buffers (they point into the cache they were captured
-    /// with).
-    pub fn clear(&mut self) {
-        self.buckets.clear();
     }
 }

@@ -7,7 +7,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Rng, SamplingParams};
+use super::{seen_tokens, Rng, SamplingParams};
 
 /// How one row of a step is picked.
 pub struct RowSampling<'a> {
@@ -49,7 +49,7 @@ pub fn sample_rows(logits: &Tensor, rows: &mut [RowSampling]) -> Result<Vec<i64>
         .iter()
         .map(|r| {
             let p = r.params;
-            (!p.is_greedy() && vocab >= 2).then_some(p.top_k > 0 || p.top_p < 1.0)
+            (!p.is_greedy() && vocab >= 2).then_some(p.ranks_candidates())
         })
         .collect();
     for mode in [false, true] {
@@ -100,14 +100,7 @@ fn penalize(row: &Tensor, sampling: &RowSampling, vocab: i64, device: Device) {
     if penalty == 1.0 {
         return;
     }
-    let mut seen: Vec<i64> = sampling
-        .history
-        .iter()
-        .copied()
-        .filter(|t| (0..vocab).contains(t))
-        .collect();
-    seen.sort_unstable();
-    seen.dedup();
+    let seen = seen_tokens(sampling.history, vocab as usize);
     if seen.is_empty() {
         return;
     }

@@ -2,7 +2,7 @@
 //! needs whole distributions), and the reference the device path ([`super::device`]) is
 //! tested against.
 
-use super::{Rng, SamplingParams};
+use super::{seen_tokens, Rng, SamplingParams};
 
 /// The index of the largest value (the first on ties, as torch.argmax).
 pub fn argmax(values: &[f32]) -> usize {
@@ -25,13 +25,9 @@ pub fn candidates(
 ) -> (Vec<usize>, Vec<f64>) {
     if params.repetition_penalty != 1.0 {
         let penalty = params.repetition_penalty;
-        let mut seen = history.to_vec();
-        seen.sort_unstable();
-        seen.dedup();
-        for token in seen {
-            if let Some(l) = usize::try_from(token).ok().and_then(|t| logits.get_mut(t)) {
-                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
-            }
+        for token in seen_tokens(history, logits.len()) {
+            let l = &mut logits[token as usize];
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
         }
     }
     if params.is_greedy() || logits.len() < 2 {
@@ -46,7 +42,7 @@ pub fn candidates(
         order.select_nth_unstable_by(params.top_k - 1, by_logit);
         order.truncate(params.top_k);
     }
-    if params.top_p < 1.0 || params.top_k > 0 {
+    if params.ranks_candidates() {
         order.sort_unstable_by(by_logit);
     }
     let max = order

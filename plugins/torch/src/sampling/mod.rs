@@ -35,6 +35,25 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Whether the candidates are taken most likely first (top-k or top-p); otherwise a sample
+    /// is drawn over the vocabulary in index order.
+    pub fn ranks_candidates(&self) -> bool {
+        self.top_p < 1.0 || self.top_k > 0
+    }
+}
+
+/// The distinct tokens of `history` inside a vocabulary of `vocab`, in increasing order: those
+/// the repetition penalty applies to.
+pub fn seen_tokens(history: &[i64], vocab: usize) -> Vec<i64> {
+    let mut seen: Vec<i64> = history
+        .iter()
+        .copied()
+        .filter(|&t| usize::try_from(t).is_ok_and(|t| t < vocab))
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen
 }
 
 /// A small, fast, seedable generator (SplitMix64). Not for cryptography.

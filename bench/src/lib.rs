@@ -6,6 +6,30 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// `f(0)`, ..., `f(n - 1)` on `n` threads at once (clients of a server): their results, and the
+/// wall time from the start to the last one's end.
+pub fn concurrently<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> (Vec<T>, Duration) {
+    let started = Instant::now();
+    let results = std::thread::scope(|scope| {
+        let f = &f;
+        let clients: Vec<_> = (0..n).map(|i| scope.spawn(move || f(i))).collect();
+        clients
+            .into_iter()
+            .map(|c| c.join().expect("client"))
+            .collect()
+    });
+    (results, started.elapsed())
+}
+
+/// Put `src` at `dst` (an archive being made): a hard link where the file system allows one,
+/// else a copy.
+pub fn link_or_copy(src: &Path, dst: &Path) {
+    if std::fs::hard_link(src, dst).is_err() {
+        std::fs::copy(src, dst)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+    }
+}
+
 /// What a streamed OpenAI completion gave: when its first and last non-empty text arrived
 /// (from sending the request), and the completion tokens its usage counts.
 pub struct Streamed {

@@ -59,10 +59,7 @@ fn make_store(root: &Path, w: &Workload) {
         let config = format!("min_workers = 1\nbatch_size = {batch}\njob_queue_size = 1000\nresponse_timeout_s = 60\n");
         let dir = dir_archive(root, name, w.handler, &config, &[]);
         if let Some(model) = &w.model_file {
-            let target = dir.join("model.pt");
-            if std::fs::hard_link(model, &target).is_err() {
-                std::fs::copy(model, &target).expect("copy model.pt");
-            }
+            cresset_bench::link_or_copy(model, &dir.join("model.pt"));
         }
     }
 }

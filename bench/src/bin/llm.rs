@@ -11,11 +11,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cresset_bench::{
-    cli, machine, proc_status_mib, smollm2_gguf, stream_completion, threads, venv_python,
-    write_section,
+    cli, concurrently, machine, proc_status_mib, smollm2_gguf, stream_completion, threads,
+    venv_python, write_section,
 };
 use cresset_e2e::{dir_archive, repo_root, Server};
 use cresset_torch::decoder::{Decoder, LoadOptions, Quantize};
@@ -115,10 +115,7 @@ fn measure(gguf: &Path, handler: &str, runs: usize) -> Served {
         ),
         &[],
     );
-    let target = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if std::fs::hard_link(gguf, &target).is_err() {
-        std::fs::copy(gguf, &target).expect("copy the GGUF");
-    }
+    cresset_bench::link_or_copy(gguf, &dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     let server = Server::start(&[
         "--model-store",
         store.path().to_str().expect("utf-8"),
@@ -134,20 +131,15 @@ fn measure(gguf: &Path, handler: &str, runs: usize) -> Served {
     // Eight clients at once: tokens over the wall time from the first request to the last
     // answer, prefill included.
     let aggregate = |distinct: bool| {
-        let started = Instant::now();
-        let clients: Vec<_> = (0..8)
-            .map(|i| {
-                let url = url.clone();
-                let prompt = if distinct {
-                    counting_from(i)
-                } else {
-                    PROMPT.to_owned()
-                };
-                std::thread::spawn(move || stream(&url, &prompt).2)
-            })
-            .collect();
-        let total: u64 = clients.into_iter().map(|c| c.join().expect("client")).sum();
-        total as f64 / started.elapsed().as_secs_f64()
+        let (tokens, wall) = concurrently(8, |i| {
+            let prompt = if distinct {
+                counting_from(i)
+            } else {
+                PROMPT.to_owned()
+            };
+            stream(&url, &prompt).2
+        });
+        tokens.iter().sum::<u64>() as f64 / wall.as_secs_f64()
     };
     Served {
         ttft_ms,

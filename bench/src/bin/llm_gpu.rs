@@ -13,9 +13,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cresset_bench::{cli, stream_completion, write_section};
+use cresset_bench::{cli, concurrently, stream_completion, write_section};
 use cresset_e2e::{dir_archive, repo_root, Server};
 use cresset_torch::tch;
 use serde_json::{json, Value};
@@ -35,25 +35,12 @@ fn stream(url: &str, prompt: &str) -> (Duration, u64) {
 
 /// `n` clients at once, client `i` sending `prompt(i)`: aggregate tokens/s over the wall time
 /// from the first request to the last answer, and the median time to first token.
-fn round(url: &str, n: usize, prompt: impl Fn(usize) -> String) -> (f64, Duration) {
-    let started = Instant::now();
-    let clients: Vec<_> = (0..n)
-        .map(|i| {
-            let (url, prompt) = (url.to_owned(), prompt(i));
-            std::thread::spawn(move || stream(&url, &prompt))
-        })
-        .collect();
-    let results: Vec<(Duration, u64)> = clients
-        .into_iter()
-        .map(|c| c.join().expect("client"))
-        .collect();
+fn round(url: &str, n: usize, prompt: impl Fn(usize) -> String + Sync) -> (f64, Duration) {
+    let (results, wall) = concurrently(n, |i| stream(url, &prompt(i)));
     let tokens: u64 = results.iter().map(|r| r.1).sum();
     let mut firsts: Vec<Duration> = results.iter().map(|r| r.0).collect();
     firsts.sort();
-    (
-        tokens as f64 / started.elapsed().as_secs_f64(),
-        firsts[firsts.len() / 2],
-    )
+    (tokens as f64 / wall.as_secs_f64(), firsts[firsts.len() / 2])
 }
 
 fn python() -> String {
@@ -106,10 +93,7 @@ fn cresset(dir: &Path) -> (Vec<(f64, f64)>, Duration, Duration) {
         if name.to_string_lossy().starts_with('.') {
             continue;
         }
-        let target = archive.join(&name);
-        if std::fs::hard_link(entry.path(), &target).is_err() {
-            std::fs::copy(entry.path(), &target).expect("copy the checkpoint");
-        }
+        cresset_bench::link_or_copy(&entry.path(), &archive.join(&name));
     }
     let server = Server::start(&[
         "--model-store",

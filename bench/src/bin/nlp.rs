@@ -96,9 +96,7 @@ fn serve(
     let store = tempfile::tempdir().expect("tempdir");
     let dir = dir_archive(store.path(), name, "nlp", config, &[]);
     for f in files {
-        if std::fs::hard_link(src.join(f), dir.join(f)).is_err() {
-            std::fs::copy(src.join(f), dir.join(f)).expect("copy model files");
-        }
+        cresset_bench::link_or_copy(&src.join(f), &dir.join(f));
     }
     let server = Server::start_with_env(
         &[

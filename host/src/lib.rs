@@ -8,6 +8,7 @@ pub mod config;
 pub mod file_identity;
 pub mod grpc;
 pub mod http;
+pub mod isolation;
 pub mod loader;
 pub mod locked_file;
 pub mod metrics;

@@ -225,6 +225,12 @@ impl PluginLoader {
     }
 }
 
+/// Open a library the host already staged and checked (a worker process opens the host's
+/// staged copy: no second copy, no second hash).
+pub fn open_staged(runtime_path: &Path) -> Result<PluginModRef, LoadError> {
+    open(runtime_path, runtime_path)
+}
+
 /// Open the staged copy and initialise its root module, mapping every failure to a
 /// [`LoadError`] that names the user's path.
 fn open(source: &Path, runtime_path: &Path) -> Result<PluginModRef, LoadError> {

@@ -44,6 +44,12 @@ pub struct Metrics {
     pub queue_depth: prometheus::IntGaugeVec,
     /// `cresset_workers{model,version,state}` (set at scrape time).
     pub workers: prometheus::IntGaugeVec,
+    /// `cresset_worker_restarts_total{model,version}`: worker processes that died and were
+    /// restarted (process isolation).
+    pub worker_restarts: IntCounterVec,
+    /// `cresset_worker_memory_bytes{model,version,worker}`: a worker process's resident memory
+    /// (process isolation; set at scrape time).
+    pub worker_memory: prometheus::IntGaugeVec,
     plugin: Mutex<HashMap<String, PluginMetric>>,
 }
 
@@ -99,9 +105,27 @@ impl Metrics {
             "Workers of a version by state",
             &["model", "version", "state"],
         );
+        let worker_memory = gauge(
+            "cresset_worker_memory_bytes",
+            "Resident memory of a version's worker process",
+            &["model", "version", "worker"],
+        );
+        let worker_restarts = IntCounterVec::new(
+            Opts::new(
+                "cresset_worker_restarts_total",
+                "Worker processes that died and were restarted",
+            ),
+            &["model", "version"],
+        )
+        .expect("static counter options are valid: this is a bug");
+        registry
+            .register(Box::new(worker_restarts.clone()))
+            .expect("metric names are unique: this is a bug");
         Self {
             queue_depth,
             workers,
+            worker_restarts,
+            worker_memory,
             inference_latency: histogram(
                 &registry,
                 "cresset_inference_latency_seconds",
@@ -225,6 +249,8 @@ impl Metrics {
                     "cresset_model_load_seconds" => self.model_load_seconds.remove(&labels),
                     "cresset_queue_depth" => self.queue_depth.remove(&labels),
                     "cresset_workers" => self.workers.remove(&labels),
+                    "cresset_worker_restarts_total" => self.worker_restarts.remove(&labels),
+                    "cresset_worker_memory_bytes" => self.worker_memory.remove(&labels),
                     name => match plugin.get(name) {
                         Some(PluginMetric::Counter(m)) => m.remove(&labels),
                         Some(PluginMetric::Gauge(m)) => m.remove(&labels),

@@ -628,3 +628,13 @@ pub fn raw_iris_archive(dir: &std::path::Path) -> String {
     assert!(ok, "{err}");
     format!("iris_raw={path}")
 }
+
+/// The value of the first series in a Prometheus text page whose line starts with `prefix`
+/// (a name, or a name with its labels).
+pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

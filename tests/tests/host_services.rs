@@ -133,11 +133,7 @@ fn wait_for(server: &Server, what: &str, ready: impl Fn(&serde_json::Value) -> b
 }
 
 fn metric_value(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    cresset_e2e::metric_value(metrics, prefix)
         .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
 }
 

@@ -12,7 +12,7 @@ pub mod torchserve;
 pub use create::{create_archive, ArchiveFormat, ArchiveOptions};
 pub use extract::{extract, ExtractError, ExtractLimits, EXTENSION_LIMIT};
 pub use model_config::{
-    set_model_defaults, ConfigOverrides, DeviceKind, ModelConfig, ModelDefaults,
+    set_model_defaults, ConfigOverrides, DeviceKind, Isolation, ModelConfig, ModelDefaults,
 };
 
 use std::collections::BTreeMap;

@@ -35,6 +35,18 @@ pub struct ModelConfig {
     /// Requests the queue holds before answering 503.
     #[serde(default = "default_queue_size")]
     pub job_queue_size: u32,
+    /// Where instances run: `thread` (default: threads of the server) or `process` (each in a
+    /// worker process of its own, so that a crash in native code costs only that worker's
+    /// requests; see `crate::isolation`).
+    #[serde(default, skip_serializing_if = "Isolation::is_thread")]
+    pub isolation: Isolation,
+    /// Process isolation: this many worker-process deaths within `crash_window_s` turn the
+    /// version `Failed` (and a first load gives up after this many tries).
+    #[serde(default = "default_max_crashes")]
+    pub max_crashes: u32,
+    /// Process isolation: the window, in seconds, over which `max_crashes` is counted.
+    #[serde(default = "default_crash_window")]
+    pub crash_window_s: u64,
     /// Free-form configuration passed to the plugin as JSON.
     #[serde(default)]
     pub handler: toml::Table,
@@ -52,6 +64,12 @@ fn default_batch_delay() -> u64 {
 }
 fn default_response_timeout() -> u64 {
     MODEL_DEFAULTS.get().map_or(120, |d| d.response_timeout_s)
+}
+fn default_max_crashes() -> u32 {
+    5
+}
+fn default_crash_window() -> u64 {
+    60
 }
 fn default_queue_size() -> u32 {
     MODEL_DEFAULTS.get().map_or(100, |d| d.job_queue_size)
@@ -140,6 +158,31 @@ impl ModelConfig {
     }
 }
 
+/// Where a model's instances run (`isolation` in `model-config.toml`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// Threads of the server process (the fastest; a crash in native code ends the server).
+    #[default]
+    Thread,
+    /// One worker process per instance: a crash ends that process only.
+    Process,
+}
+
+impl Isolation {
+    fn is_thread(&self) -> bool {
+        *self == Self::Thread
+    }
+
+    /// The name in `model-config.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Thread => "thread",
+            Self::Process => "process",
+        }
+    }
+}
+
 /// The device kind of `model-config.toml`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -175,6 +218,8 @@ impl ModelConfig {
         bounded("max_batch_delay_ms", self.max_batch_delay_ms, 0, 3_600_000)?;
         bounded("response_timeout_s", self.response_timeout_s, 1, 31_536_000)?;
         bounded("job_queue_size", self.job_queue_size.into(), 1, 1_000_000)?;
+        bounded("max_crashes", self.max_crashes.into(), 1, 1000)?;
+        bounded("crash_window_s", self.crash_window_s, 1, 86_400)?;
         if let (Some(min), Some(max)) = (self.min_workers, self.max_workers) {
             if max < min {
                 return Err(format!(

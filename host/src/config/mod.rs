@@ -31,6 +31,10 @@ pub enum Command {
     /// Show where a large model's modules would go (GPUs, CPU, disk) under a device map, as a
     /// dry run: per-device map, bytes per device, and whether it fits.
     Plan(crate::plan::PlanArgs),
+    /// A worker process of process isolation: started by the server, never by hand (it serves
+    /// one plugin instance over the socket it inherits).
+    #[command(hide = true)]
+    Worker,
 }
 
 /// Log output format.

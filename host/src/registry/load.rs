@@ -138,6 +138,30 @@ pub fn plugin_path(ctx: &LoadContext, archive: &OpenedArchive) -> Result<PathBuf
     })
 }
 
+/// What `load_model` is given: the model's identity and folder, its `[handler]` table, and its
+/// whole config with the manifest's main model file.
+pub fn model_spec(
+    name: &str,
+    version: &str,
+    model_dir: &Path,
+    config: &ModelConfig,
+    serialized_file: Option<&str>,
+) -> ModelSpec {
+    let mut model_config = serde_json::to_value(config).unwrap_or_default();
+    if let (Some(file), Some(object)) = (serialized_file, model_config.as_object_mut()) {
+        object.insert("serialized_file".into(), file.into());
+    }
+    ModelSpec {
+        name: name.into(),
+        version: version.into(),
+        model_dir: model_dir.to_string_lossy().into_owned().into(),
+        handler_config_json: serde_json::to_string(&config.handler)
+            .unwrap_or_else(|_| "{}".into())
+            .into(),
+        model_config_json: model_config.to_string().into(),
+    }
+}
+
 /// Load the plugin library at `path` and, through it, the model in `model_dir`.
 pub fn load_model(
     ctx: &LoadContext,
@@ -149,20 +173,7 @@ pub fn load_model(
     serialized_file: Option<&str>,
 ) -> Result<(Arc<PluginLibrary>, ModelBox), LoadError> {
     let library = ctx.loader.load(path)?;
-    // The plugin's model config: the archive's, and the manifest's main model file.
-    let mut model_config = serde_json::to_value(config).unwrap_or_default();
-    if let (Some(file), Some(object)) = (serialized_file, model_config.as_object_mut()) {
-        object.insert("serialized_file".into(), file.into());
-    }
-    let spec = ModelSpec {
-        name: name.into(),
-        version: version.into(),
-        model_dir: model_dir.to_string_lossy().into_owned().into(),
-        handler_config_json: serde_json::to_string(&config.handler)
-            .unwrap_or_else(|_| "{}".into())
-            .into(),
-        model_config_json: model_config.to_string().into(),
-    };
+    let spec = model_spec(name, version, model_dir, config, serialized_file);
     let host = PluginServices::handle(name, version, ctx.metrics.clone());
     match (library.module.load_model())(&spec, host) {
         RResult::ROk(model) => Ok((library, model)),

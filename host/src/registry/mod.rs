@@ -298,12 +298,24 @@ impl ModelRegistry {
     pub fn publish_gauges(&self, metrics: &Metrics) {
         metrics.queue_depth.reset();
         metrics.workers.reset();
+        metrics.worker_memory.reset();
         for v in self.all_versions() {
             let labels = [v.name.as_str(), v.version.as_str()];
             metrics
                 .queue_depth
                 .with_label_values(&labels)
                 .set(v.queue_depth() as i64);
+            for (id, process) in v.worker_processes().unwrap_or_default() {
+                let bytes = process
+                    .pid
+                    .and_then(|pid| crate::isolation::resident_bytes(Some(pid)));
+                if let Some(bytes) = bytes {
+                    metrics
+                        .worker_memory
+                        .with_label_values(&[labels[0], labels[1], &id.to_string()])
+                        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                }
+            }
             let workers = v.workers();
             for status in WorkerStatus::ALL {
                 let count = workers.iter().filter(|w| w.status == status).count();

@@ -124,6 +124,18 @@ impl StateCell {
         })
     }
 
+    /// A ready version whose worker processes keep dying: `Ready` → `Failed`. Returns false
+    /// (and changes nothing) from any other state.
+    pub fn fail(&self, failure: LoadFailure) -> bool {
+        self.0.send_if_modified(|current| {
+            let ready = *current == ModelState::Ready;
+            if ready {
+                *current = ModelState::Failed(failure.clone());
+            }
+            ready
+        })
+    }
+
     /// Unregistered: from any state to `Draining`.
     pub fn start_draining(&self) {
         self.0.send_replace(ModelState::Draining);

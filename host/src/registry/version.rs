@@ -5,13 +5,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use cresset_plugin_api::ModelBox;
+use abi_stable::sabi_trait::TD_Opaque;
+use cresset_plugin_api::{Capabilities, ModelBox};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::load::{self, LoadContext, LoadError};
 use super::pool::{self, PoolSpec, WorkerInfo, WorkerPool};
-use super::state::{LoadFailure, ModelState, StateCell};
-use crate::archive::{ConfigOverrides, ModelConfig, OpenedArchive};
+use super::state::{FailureKind, LoadFailure, ModelState, StateCell};
+use crate::archive::{ConfigOverrides, Isolation, ModelConfig, OpenedArchive};
+use crate::isolation::proxy::{ProcessModel, ProcessSettings, ProcessShared, WorkerProcess};
 use crate::loader::PluginLibrary;
 use crate::worker::Job;
 
@@ -45,7 +47,7 @@ pub struct ModelVersion {
     /// Where it came from.
     pub origin: Origin,
     loaded_once: AtomicBool,
-    state: StateCell,
+    state: Arc<StateCell>,
     /// `min_workers` and `max_workers` as last set (the config's, or the scale API's), packed.
     worker_bounds: AtomicU64,
     /// Whether the scale API set the bounds (then a snapshot keeps them as they are).
@@ -58,6 +60,8 @@ pub struct ModelVersion {
     pub scale_lock: tokio::sync::Mutex<()>,
     plugin: Mutex<Option<Arc<PluginLibrary>>>,
     model: Mutex<Option<Arc<ModelBox>>>,
+    /// Process isolation: what the worker processes share (their pids, restarts).
+    processes: Mutex<Option<Arc<ProcessShared>>>,
     archive: Option<OpenedArchive>,
 }
 
@@ -128,13 +132,14 @@ impl ModelVersion {
             origin,
             worker_bounds,
             scaled: AtomicBool::new(false),
-            state: StateCell::new(state),
+            state: Arc::new(StateCell::new(state)),
             queue_tx: RwLock::new(Some(queue_tx)),
             queue_rx,
             pool: WorkerPool::default(),
             scale_lock: tokio::sync::Mutex::new(()),
             plugin: Mutex::new(None),
             model: Mutex::new(None),
+            processes: Mutex::new(None),
             archive,
         }
     }
@@ -193,6 +198,17 @@ impl ModelVersion {
     /// The workers.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.pool.workers()
+    }
+
+    /// Process isolation: each worker's process (pid, restarts), by worker id; `None` in
+    /// thread isolation.
+    pub fn worker_processes(&self) -> Option<std::collections::BTreeMap<u32, WorkerProcess>> {
+        let shared = self
+            .processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        shared.map(|s| s.processes())
     }
 
     /// Live workers (not stopped).
@@ -287,6 +303,11 @@ impl ModelVersion {
             .plugin()
             .map(|l| l.description.capabilities)
             .unwrap_or_default();
+        // Worker processes share nothing: each holds its own copy of the weights.
+        let caps = match self.config.isolation {
+            Isolation::Thread => caps,
+            Isolation::Process => Capabilities(caps.0 & !Capabilities::SHARED_WEIGHTS.0),
+        };
         let auto = ctx
             .default_workers
             .unwrap_or_else(|| pool::auto_workers(&self.config, caps, ctx.intra_op_threads));
@@ -306,15 +327,59 @@ impl ModelVersion {
             .as_ref()
             .ok_or_else(|| LoadError::Host("the archive is not open: this is a bug".into()))?;
         let path = load::plugin_path(ctx, archive)?;
-        let (library, model) = load::load_model(
-            ctx,
-            &path,
-            &self.name,
-            &self.version,
-            &archive.dir,
-            &self.config,
-            archive.manifest.model.serialized_file.as_deref(),
-        )?;
+        let serialized_file = archive.manifest.model.serialized_file.as_deref();
+        let (library, model) = match self.config.isolation {
+            Isolation::Thread => load::load_model(
+                ctx,
+                &path,
+                &self.name,
+                &self.version,
+                &archive.dir,
+                &self.config,
+                serialized_file,
+            )?,
+            Isolation::Process => {
+                // The host opens the library for its description and ABI check; the model and
+                // its instances are loaded by the worker processes.
+                let library = ctx.loader.load(&path)?;
+                let exe = std::env::current_exe().map_err(|e| {
+                    LoadError::Host(format!("cannot find the server's binary for workers: {e}"))
+                })?;
+                let settings = ProcessSettings {
+                    exe,
+                    library: library.runtime_path.clone(),
+                    spec: load::model_spec(
+                        &self.name,
+                        &self.version,
+                        &archive.dir,
+                        &self.config,
+                        serialized_file,
+                    ),
+                    continuous: library
+                        .description
+                        .capabilities
+                        .contains(Capabilities::CONTINUOUS_BATCHING),
+                    max_crashes: self.config.max_crashes,
+                    crash_window: Duration::from_secs(self.config.crash_window_s),
+                    metrics: ctx.metrics.clone(),
+                    services: crate::services::PluginServices::handle(
+                        &self.name,
+                        &self.version,
+                        ctx.metrics.clone(),
+                    ),
+                };
+                let state = self.state.clone();
+                let (name, version) = (self.name.clone(), self.version.clone());
+                let on_fail = Box::new(move |reason: String| {
+                    tracing::error!(model = %name, version = %version, "the version failed: {reason}");
+                    state.fail(LoadFailure::new(FailureKind::PluginFault, reason));
+                });
+                let shared = ProcessShared::new(settings, on_fail);
+                *self.processes.lock().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
+                let model = ModelBox::from_value(ProcessModel(shared), TD_Opaque);
+                (library, model)
+            }
+        };
         *self.plugin.lock().unwrap_or_else(|p| p.into_inner()) = Some(library);
         *self.model.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(model));
         Ok(())
@@ -336,7 +401,7 @@ impl ModelVersion {
         let continuous = self.plugin().is_some_and(|l| {
             l.description
                 .capabilities
-                .contains(cresset_plugin_api::Capabilities::CONTINUOUS_BATCHING)
+                .contains(Capabilities::CONTINUOUS_BATCHING)
         });
         let spec = PoolSpec {
             model: self.name.clone(),

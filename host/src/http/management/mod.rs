@@ -91,27 +91,36 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// This process's resident memory in bytes (instances are threads, so they share it).
-fn process_rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
+use crate::isolation::resident_bytes;
 
 fn describe_version(v: &ModelVersion, default: &str) -> Value {
     let state = v.state();
     let (min_workers, max_workers) = v.worker_bounds();
+    let processes = v.worker_processes();
     let workers: Vec<Value> = v
         .workers()
         .into_iter()
         .map(|w| {
-            json!({
+            let mut worker = json!({
                 "id": w.id.to_string(),
                 "startTime": rfc3339(w.started),
                 "status": w.status.name(),
                 "gpu": v.config.device_type == crate::archive::DeviceKind::Gpu,
                 "intraOpThreads": w.threads,
-            })
+            });
+            match &processes {
+                // Threads of the server: its process.
+                None => worker["pid"] = json!(std::process::id()),
+                Some(table) => {
+                    let process = table.get(&w.id).cloned().unwrap_or_default();
+                    worker["pid"] = json!(process.pid);
+                    worker["memoryUsage"] =
+                        json!(process.pid.and_then(|p| resident_bytes(Some(p))));
+                    worker["restarts"] = json!(process.restarts);
+                    worker["lastExit"] = json!(process.last_exit);
+                }
+            }
+            worker
         })
         .collect();
     let plugin = v.plugin().map(|p| {
@@ -144,7 +153,8 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
             "remainingCapacity": (v.config.job_queue_size as usize).saturating_sub(v.queue_depth()),
             "pendingRequests": v.queue_depth(),
         },
-        "processMemoryUsage": process_rss(),
+        "isolation": v.config.isolation.name(),
+        "processMemoryUsage": resident_bytes(None),
         "workers": workers,
         "openmpWait": crate::config::openmp_wait(),
         "plugin": plugin,

@@ -1,6 +1,7 @@
 //! Test fixture: a plugin that misbehaves on request, to test the host's defences.
 //!
-//! Bodies: `panic` panics in `inference`; `sleep:MS` sleeps MS milliseconds; `stream:N` sends
+//! Bodies: `panic` panics in `inference`; `abort` and `segfault` kill the process that runs
+//! it (as a broken native library would); `pid` answers that process's id; `sleep:MS` sleeps MS milliseconds; `stream:N` sends
 //! N chunks then a final `done` (`stream:N:MS`: each chunk MS milliseconds after the last); `wait-cancel` waits (up to 20 s) for its client to go away,
 //! then counts it in the metric `cresset_fixture_cancelled_total`. Anything else is answered
 //! with `ok`. `[handler] panic_in = "initialize"` panics while a worker initialises;
@@ -62,6 +63,12 @@ impl Handler for Panicky {
         for (i, command) in batch.iter().enumerate() {
             if command == "panic" {
                 panic!("panicky fixture: asked to panic in inference");
+            } else if command == "abort" {
+                std::process::abort();
+            } else if command == "segfault" {
+                segfault();
+            } else if command == "pid" {
+                out.push(std::process::id().to_string());
             } else if let Some(ms) = command.strip_prefix("sleep:") {
                 std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
                 out.push("ok".to_owned());
@@ -99,11 +106,13 @@ impl Handler for Panicky {
     }
 }
 
-/// Die of SIGSEGV, as a bad pointer in native code would.
+/// Die of SIGSEGV, as a bad pointer in native code does: a write to an unmapped address. (A
+/// raised SIGSEGV is caught by Rust's stack-overflow handler, which returns; the faulting write
+/// runs again under the default action and ends the process.)
 fn segfault() -> ! {
-    // SAFETY: raise has no preconditions; SIGSEGV's default action ends the process.
+    // SAFETY: none; this is the point. Page 1 is never mapped in a Linux process.
     unsafe {
-        libc::raise(libc::SIGSEGV);
+        std::ptr::write_volatile(std::ptr::without_provenance_mut::<u8>(4096), 1);
     }
     std::process::abort()
 }

@@ -1,0 +1,259 @@
+//! Process isolation over real HTTP: instances in worker processes, which crash (abort,
+//! segfault, SIGKILL from outside) without taking the server or any other model with them.
+
+use std::time::{Duration, Instant};
+
+use cresset_e2e::{bundled_archive, library, metric_value as metric, post_in_background, Server};
+
+const PROCESS: &str = "isolation = \"process\"\nmin_workers = 1\nmax_workers = 4\n";
+
+fn panicky(root: &std::path::Path, name: &str, config: &str) -> String {
+    bundled_archive(root, name, &library("fixture_panicky"), config)
+}
+
+fn describe(server: &Server, model: &str) -> serde_json::Value {
+    server
+        .manage("GET", &format!("/models/{model}"), "", b"")
+        .json()[0]
+        .clone()
+}
+
+/// The pid the model's worker answers `pid` with.
+fn worker_pid(server: &Server, model: &str) -> u32 {
+    let reply = server.post(&format!("/predictions/{model}"), "text/plain", b"pid");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.text().parse().expect("a pid")
+}
+
+fn kill(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_crashing_worker_process_costs_its_own_request_only() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let crashy = panicky(root.path(), "crashy", PROCESS);
+    let steady = panicky(root.path(), "steady", "");
+    let server = Server::start(&["--models", &format!("{crashy},{steady}")]);
+    server.wait_healthy();
+
+    let first = worker_pid(&server, "crashy");
+    assert_ne!(
+        first,
+        server.pid(),
+        "the instance runs in a process of its own"
+    );
+    assert_eq!(worker_pid(&server, "steady"), server.pid());
+    let d = describe(&server, "crashy");
+    assert_eq!(d["isolation"], "process");
+    assert_eq!(d["workers"][0]["pid"], first, "{d}");
+    assert!(
+        d["workers"][0]["memoryUsage"].as_u64().unwrap_or(0) > 1 << 20,
+        "{d}"
+    );
+
+    // Streams, logs and metrics cross the process boundary as they do in process.
+    let reply = server.post("/predictions/crashy", "text/plain", b"stream:3");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "chunk-0\nchunk-1\nchunk-2\ndone");
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("panicky fixture instance initialised")
+                && l.contains("cresset::plugin")
+                && l.contains("crashy")),
+        "{log}"
+    );
+
+    // Each way to die: the affected request fails with the cause, the server and the other
+    // model go on, and the next request is answered by a new process.
+    let mut pid = first;
+    for (body, cause) in [("segfault", "SIGSEGV"), ("abort", "SIGABRT")] {
+        let reply = server.post("/predictions/crashy", "text/plain", body.as_bytes());
+        assert_eq!(reply.status, 500, "{body}: {}", reply.text());
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(cause), "{body}: {message}");
+        assert!(message.contains(&format!("pid {pid}")), "{message}");
+        assert_eq!(
+            server
+                .post("/predictions/steady", "text/plain", b"x")
+                .text(),
+            "ok"
+        );
+        let next = worker_pid(&server, "crashy");
+        assert_ne!(next, pid);
+        assert!(!alive(pid), "the dead process was reaped");
+        pid = next;
+    }
+    // Killed from outside in the middle of a request.
+    let url = format!("{}/predictions/crashy", server.inference);
+    let busy = post_in_background(url, b"sleep:5000");
+    std::thread::sleep(Duration::from_millis(500));
+    kill(pid);
+    assert_eq!(busy.join().expect("client"), 500);
+    pid = worker_pid(&server, "crashy");
+    // Killed while idle: no request is lost, the next one waits for the new process.
+    kill(pid);
+    std::thread::sleep(Duration::from_millis(100));
+    let reply = server.post("/predictions/crashy", "text/plain", b"x");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(server.get("/ping").status, 200);
+
+    let d = describe(&server, "crashy");
+    assert_eq!(d["state"], "Ready", "{d}");
+    assert_eq!(d["workers"][0]["restarts"], 4, "{d}");
+    assert!(
+        d["workers"][0]["lastExit"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("SIGKILL"),
+        "{d}"
+    );
+    let metrics = server.metrics_text();
+    assert_eq!(
+        metric(
+            &metrics,
+            "cresset_worker_restarts_total{model=\"crashy\",version=\"1.0\"}"
+        ),
+        Some(4.0),
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "cresset_worker_memory_bytes{model=\"crashy\",version=\"1.0\",worker=\"0\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_request_inside_the_worker_process() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &panicky(root.path(), "crashy", PROCESS)]);
+    server.wait_healthy();
+    // curl gives up after half a second; the plugin, polling `is_cancelled` in its own
+    // process, sees it and counts it in a metric that crosses back to the host.
+    let url = format!("{}/predictions/crashy", server.inference);
+    let _ = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "0.5",
+            "--data-binary",
+            "wait-cancel",
+            &url,
+        ])
+        .status()
+        .expect("curl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = server.metrics_text();
+        if metric(&metrics, "cresset_fixture_cancelled_total") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never cancelled: {metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn workers_scale_in_processes_of_their_own_and_unregistering_ends_them() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&["--models", &panicky(root.path(), "crashy", PROCESS)]);
+    server.wait_healthy();
+    let reply = server.manage(
+        "PUT",
+        "/models/crashy?min_worker=3&synchronous=true",
+        "",
+        b"",
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let d = describe(&server, "crashy");
+    let pids: Vec<u32> = d["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    assert_eq!(pids.len(), 3, "{d}");
+    let distinct: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), 3, "{d}");
+    assert!(pids.iter().all(|p| alive(*p) && *p != server.pid()));
+    let reply = server.manage("DELETE", "/models/crashy", "", b"");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "worker processes outlived their version"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_version_whose_workers_keep_dying_turns_failed_and_the_server_lives() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // One that dies in every initialize (a segfault), one that dies on request twice.
+    let deadly = panicky(
+        root.path(),
+        "deadly",
+        &format!("{PROCESS}max_crashes = 3\n[handler]\ncrash_in = \"initialize\"\ncrash = \"segfault\"\n"),
+    );
+    let fragile = panicky(
+        root.path(),
+        "fragile",
+        &format!("{PROCESS}max_crashes = 2\n"),
+    );
+    let steady = panicky(root.path(), "steady", "");
+    let server = Server::start(&["--models", &format!("{deadly},{fragile},{steady}")]);
+    server.wait_settled();
+
+    let d = describe(&server, "deadly");
+    assert_eq!(d["state"], "Failed", "{d}");
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(error.contains("died 3 times"), "{error}");
+    assert!(
+        error.contains("SIGSEGV") && error.contains("while loading"),
+        "{error}"
+    );
+
+    let reply = server.post("/predictions/fragile", "text/plain", b"abort");
+    assert_eq!(reply.status, 500, "{}", reply.text());
+    worker_pid(&server, "fragile");
+    let reply = server.post("/predictions/fragile", "text/plain", b"abort");
+    assert_eq!(reply.status, 500, "{}", reply.text());
+    let d = describe(&server, "fragile");
+    assert_eq!(d["state"], "Failed", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("died 2 times"),
+        "{d}"
+    );
+    let reply = server.post("/predictions/fragile", "text/plain", b"x");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+
+    assert_eq!(
+        server
+            .post("/predictions/steady", "text/plain", b"x")
+            .text(),
+        "ok"
+    );
+}

@@ -57,6 +57,7 @@ bench-gpu:
 bench: build models
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-nlp" $(BENCH_ARGS)
+	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-isolation" $(BENCH_ARGS)
 	@$(ENV) llama="$$(scripts/setup-llama-cpp.sh)" && CRESSET_LLAMA_CPP_PYTHON="$$llama" "$$CARGO_TARGET_DIR/release/cresset-bench-llm" $(BENCH_ARGS)
 	@$(ENV) "$$CARGO_TARGET_DIR/release/cresset-bench-offload" $(BENCH_ARGS)
 	@$(ENV) ts="$$(scripts/setup-torchserve.sh)" && CRESSET_TORCHSERVE_VENV="$$ts" "$$CARGO_TARGET_DIR/release/cresset-bench-vision" $(BENCH_ARGS)

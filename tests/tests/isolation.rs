@@ -257,3 +257,86 @@ fn a_version_whose_workers_keep_dying_turns_failed_and_the_server_lives() {
         "ok"
     );
 }
+
+#[test]
+fn a_hot_swap_between_process_isolated_versions_fails_no_request() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let lib = std::fs::read(library("fixture_panicky")).expect("fixture");
+    let handler = "handler/libcresset_fixture_panicky.so";
+    for (dir, version) in [("swap-v1", "1.0"), ("swap-v2", "2.0")] {
+        let path =
+            cresset_e2e::dir_archive(store.path(), dir, handler, PROCESS, &[(handler, &lib)]);
+        let manifest = format!(
+            "[model]\nname = \"swap\"\nversion = \"{version}\"\nhandler = \"{handler}\"\nabi_version = \"1.0.0\"\n"
+        );
+        std::fs::write(path.join("MANIFEST.toml"), manifest).expect("manifest");
+    }
+    let server = Server::start(&["--model-store", store.path().to_str().expect("utf-8")]);
+    server.register("url=swap-v1&synchronous=true&initial_workers=2");
+    let old_pids: Vec<u64> = describe(&server, "swap")["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .collect();
+    assert_eq!(old_pids.len(), 2);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let url = format!("{}/predictions/swap", server.inference);
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .into();
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut r = agent
+                        .post(&url)
+                        .header("content-type", "text/plain")
+                        .send(&b"x"[..])
+                        .expect("POST");
+                    let version = r
+                        .headers()
+                        .get("x-model-version")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let body = r.body_mut().read_to_string().unwrap_or_default();
+                    answers.push((r.status().as_u16(), version, body));
+                }
+                answers
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    server.register("url=swap-v2&synchronous=true&initial_workers=2");
+    let r = server.manage("PUT", "/models/swap/2.0/set-default", "", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.manage("DELETE", "/models/swap/1.0", "", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut versions = std::collections::BTreeSet::new();
+    for client in clients {
+        for (status, version, body) in client.join().expect("client") {
+            assert_eq!(
+                status, 200,
+                "a request failed during the swap: {version} {body}"
+            );
+            versions.insert(version);
+        }
+    }
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), ["1.0", "2.0"]);
+    // The old version's worker processes end once it has drained.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while old_pids.iter().any(|p| alive(*p as u32)) {
+        assert!(
+            Instant::now() < deadline,
+            "v1's worker processes outlived it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -3,8 +3,9 @@
 //! [`ProcessModel`] and [`ProcessInstance`] implement the plugin contract, so the registry,
 //! the worker threads, batching, hot swap and drain drive them exactly as they drive an
 //! in-process plugin. Each instance owns one worker process (`cresset worker`) and speaks to it
-//! over a Unix socket ([`super::wire`]); a reader thread per process records the plugin's logs
-//! and metrics as they come and hands everything else to the instance.
+//! over a Unix socket ([`super::wire`]), reading the worker's messages itself (a call costs one
+//! wake-up each way), and records the plugin's logs and metrics as they come. Cancellations go
+//! on a second socket, which the worker reads while the plugin runs.
 //!
 //! A worker process that dies costs the requests of the call it was running (a 500 naming the
 //! signal or exit status). A new one starts at once after a first death, then after a back-off
@@ -27,10 +28,10 @@ use cresset_plugin_api::{
     ErrorCode, HostHandle, InstanceAssignment, InstanceBox, LogLevel, MetricKind, ModelSpec,
     PluginError, PluginInstance, PluginModel, Request, SinkRef,
 };
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::io::Write;
 
-use super::wire::{self, read_frame, write_frame, Init, ToHost, ToWorker};
-use super::worker_process::SOCKET_FD;
+use super::wire::{self, FrameReader, Init, ToHost, ToWorker, WireError};
+use super::worker_process::{CANCEL_FD, SOCKET_FD};
 use crate::metrics::Metrics;
 
 /// How often a call checks whether the clients of its open requests went away.
@@ -193,9 +194,11 @@ impl PluginModel for ProcessModel {
     }
 }
 
-/// What the reader thread hands the instance.
+/// What a read from a worker process gives.
 enum Event {
     Message(ToHost),
+    /// Nothing within [`CANCEL_POLL`].
+    Quiet,
     /// The socket closed, or carried something that is not a message (the reason).
     Closed(Option<String>),
 }
@@ -204,7 +207,11 @@ enum Event {
 struct Child {
     process: std::process::Child,
     socket: UnixStream,
-    events: Receiver<Event>,
+    /// The same socket, read with a timeout of [`CANCEL_POLL`].
+    reader: UnixStream,
+    frames: FrameReader,
+    /// Where cancellations go.
+    cancels: UnixStream,
     ready: bool,
     /// The host's index of the worker's request 0 (continuous batching: the worker numbers
     /// its requests from 0, the host's worker thread across every process it has had).
@@ -212,8 +219,54 @@ struct Child {
 }
 
 impl Child {
-    fn send(&mut self, message: &[u8]) -> std::io::Result<()> {
-        write_frame(&mut self.socket, message)
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.socket.write_all(frame)
+    }
+
+    fn cancel(&mut self, index: u64) {
+        // A worker that is gone shows on the calls socket.
+        let _ = self.cancels.write_all(&ToWorker::Cancel(index).encode());
+    }
+
+    /// The next message, recording logs and metrics on the way.
+    fn next(&mut self, services: &HostHandle) -> Event {
+        loop {
+            let message = match self.frames.next(&mut self.reader) {
+                Ok(Some(frame)) => ToHost::decode(&frame),
+                Ok(None) => return Event::Quiet,
+                Err(WireError::Closed) => return Event::Closed(None),
+                Err(e) => return Event::Closed(Some(e.to_string())),
+            };
+            match message {
+                Ok(ToHost::Log {
+                    level,
+                    target,
+                    message,
+                    fields,
+                }) => services.log(
+                    LogLevel(level),
+                    RStr::from(target.as_str()),
+                    RStr::from(message.as_str()),
+                    RSlice::from_slice(&fields),
+                ),
+                Ok(ToHost::Metric {
+                    kind,
+                    name,
+                    help,
+                    labels,
+                    value,
+                }) => services.metric(
+                    MetricKind(kind),
+                    RStr::from(name.as_str()),
+                    RStr::from(help.as_str()),
+                    RSlice::from_slice(&labels),
+                    value,
+                ),
+                Ok(other) => return Event::Message(other),
+                // A worker that writes garbage is treated as dead; its instance kills it.
+                Err(e) => return Event::Closed(Some(e.to_string())),
+            }
+        }
     }
 
     /// Wait (a bounded time) for the process to end after its socket closed; kill it if it
@@ -345,41 +398,42 @@ impl ProcessInstance {
             PluginError::internal(format!("cannot start a worker process: {e}"))
         };
         let (host_end, worker_end) = UnixStream::pair().map_err(failed)?;
-        let fd = worker_end.as_raw_fd();
+        let (cancels, worker_cancels) = UnixStream::pair().map_err(failed)?;
+        let fds = [worker_end.as_raw_fd(), worker_cancels.as_raw_fd()];
         let mut command = Command::new(&settings.exe);
         command.arg("worker").stdin(Stdio::null());
-        // SAFETY: between fork and exec, only async-signal-safe calls (fcntl, dup2) on a
-        // descriptor this process owns.
+        // SAFETY: between fork and exec, only async-signal-safe calls (fcntl, dup2) on
+        // descriptors this process owns.
         unsafe {
             command.pre_exec(move || {
-                if fd == SOCKET_FD {
-                    // Already in place: only keep it open across exec.
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                // Out of the way first (either could sit on the other's target), then into
+                // place: dup2's copies stay open across exec, the others close.
+                let mut high = [0; 2];
+                for (i, fd) in fds.iter().enumerate() {
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if high[i] < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                } else if libc::dup2(fd, SOCKET_FD) < 0 {
-                    // dup2 leaves the copy open across exec.
-                    return Err(std::io::Error::last_os_error());
+                }
+                for (fd, target) in high.iter().zip([SOCKET_FD, CANCEL_FD]) {
+                    if libc::dup2(*fd, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
         }
         let process = command.spawn().map_err(failed)?;
-        drop(worker_end);
+        drop((worker_end, worker_cancels));
         let pid = process.id();
         let reader = host_end.try_clone().map_err(failed)?;
-        let (events_tx, events) = crossbeam_channel::unbounded();
-        let services = settings.services.clone();
-        let name = format!("cresset-w{}-pid{pid}", self.assignment.index);
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || read_events(reader, &services, &events_tx))
-            .map_err(failed)?;
+        reader.set_read_timeout(Some(CANCEL_POLL)).map_err(failed)?;
         let mut child = Child {
             process,
             socket: host_end,
-            events,
+            reader,
+            frames: FrameReader::default(),
+            cancels,
             ready: false,
             base: self.next_index,
         };
@@ -399,8 +453,8 @@ impl ProcessInstance {
 
     fn wait_ready(&self, child: &mut Child) -> Result<(), NotReady> {
         loop {
-            match child.events.recv() {
-                Ok(Event::Message(ToHost::Ready(metadata))) => {
+            match child.next(&self.shared.settings.services) {
+                Event::Message(ToHost::Ready(metadata)) => {
                     *self
                         .shared
                         .metadata
@@ -409,16 +463,17 @@ impl ProcessInstance {
                     child.ready = true;
                     return Ok(());
                 }
-                Ok(Event::Message(ToHost::InitFailed(e))) => return Err(NotReady::Refused(e)),
-                Ok(Event::Message(other)) => {
+                Event::Message(ToHost::InitFailed(e)) => return Err(NotReady::Refused(e)),
+                Event::Message(other) => {
                     let _ = child.process.kill();
                     return Err(NotReady::Died(format!(
                         "it sent {} before it was ready",
                         message_name(&other)
                     )));
                 }
-                Ok(Event::Closed(why)) => return Err(NotReady::Died(why.unwrap_or_default())),
-                Err(_) => return Err(NotReady::Died(String::new())),
+                Event::Closed(why) => return Err(NotReady::Died(why.unwrap_or_default())),
+                // Loading can take minutes: only the process's end stops the wait.
+                Event::Quiet => {}
             }
         }
     }
@@ -542,16 +597,16 @@ impl ProcessInstance {
         }
         let mut last_poll = Instant::now();
         while closed.is_none() && outcome.is_none() {
-            match child.events.recv_timeout(CANCEL_POLL) {
-                Ok(Event::Message(ToHost::Chunk(index, chunk))) => {
+            match child.next(&self.shared.settings.services) {
+                Event::Message(ToHost::Chunk(index, chunk)) => {
                     let Some(host_index) = to_host(index) else {
                         continue;
                     };
                     if !sink.send_chunk(host_index, chunk) && self.told.insert(host_index) {
-                        let _ = child.send(&ToWorker::Cancel(index).encode());
+                        child.cancel(index);
                     }
                 }
-                Ok(Event::Message(ToHost::Final(index, result))) => {
+                Event::Message(ToHost::Final(index, result)) => {
                     let Some(host_index) = to_host(index) else {
                         continue;
                     };
@@ -560,17 +615,16 @@ impl ProcessInstance {
                     self.open.remove(&host_index);
                     self.told.remove(&host_index);
                 }
-                Ok(Event::Message(ToHost::Done(result))) => outcome = Some(result),
-                Ok(Event::Message(other)) => {
+                Event::Message(ToHost::Done(result)) => outcome = Some(result),
+                Event::Message(other) => {
                     let _ = child.process.kill();
                     closed = Some(Some(format!(
                         "it sent {} in the middle of a call",
                         message_name(&other)
                     )));
                 }
-                Ok(Event::Closed(why)) => closed = Some(why),
-                Err(RecvTimeoutError::Disconnected) => closed = Some(None),
-                Err(RecvTimeoutError::Timeout) => {}
+                Event::Closed(why) => closed = Some(why),
+                Event::Quiet => {}
             }
             if last_poll.elapsed() >= CANCEL_POLL {
                 last_poll = Instant::now();
@@ -583,7 +637,7 @@ impl ProcessInstance {
                 for index in gone {
                     self.told.insert(index);
                     if let Some(worker_index) = index.checked_sub(base) {
-                        let _ = child.send(&ToWorker::Cancel(worker_index as u64).encode());
+                        child.cancel(worker_index as u64);
                     }
                 }
             }
@@ -657,64 +711,6 @@ fn message_name(message: &ToHost) -> &'static str {
         ToHost::Done(_) => "a call's end",
         ToHost::Log { .. } => "a log record",
         ToHost::Metric { .. } => "a metric",
-    }
-}
-
-/// The reader thread of one worker process: logs and metrics are recorded here, everything
-/// else goes to the instance, until the socket closes.
-fn read_events(
-    mut socket: UnixStream,
-    services: &HostHandle,
-    events: &crossbeam_channel::Sender<Event>,
-) {
-    loop {
-        let message = match read_frame(&mut socket) {
-            Ok(Some(frame)) => ToHost::decode(&frame),
-            Ok(None) => {
-                let _ = events.send(Event::Closed(None));
-                return;
-            }
-            Err(e) => {
-                let _ = events.send(Event::Closed(Some(e.to_string())));
-                return;
-            }
-        };
-        match message {
-            Ok(ToHost::Log {
-                level,
-                target,
-                message,
-                fields,
-            }) => services.log(
-                LogLevel(level),
-                RStr::from(target.as_str()),
-                RStr::from(message.as_str()),
-                RSlice::from_slice(&fields),
-            ),
-            Ok(ToHost::Metric {
-                kind,
-                name,
-                help,
-                labels,
-                value,
-            }) => services.metric(
-                MetricKind(kind),
-                RStr::from(name.as_str()),
-                RStr::from(help.as_str()),
-                RSlice::from_slice(&labels),
-                value,
-            ),
-            Ok(other) => {
-                if events.send(Event::Message(other)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                // A worker that writes garbage is treated as dead; its instance kills it.
-                let _ = events.send(Event::Closed(Some(e.to_string())));
-                return;
-            }
-        }
     }
 }
 

@@ -1,13 +1,13 @@
 //! The worker-process protocol: frames over the Unix socket between a host's proxy and its
 //! worker process.
 //!
-//! A frame is a little-endian `u64` length and that many bytes: a tag byte and the message's
-//! fields. Strings and byte strings are a `u32` length and the bytes; lists a `u32` count and the
+//! A frame is a little-endian `u64` length and that many bytes (the payload): a tag byte and
+//! the message's fields, written with one `write` call. Strings and byte strings are a `u32` length and the bytes; lists a `u32` count and the
 //! items. Nothing is trusted: a frame longer than [`MAX_FRAME`], a truncated field, a string
 //! that is not UTF-8 or an unknown tag is an error, and a frame's bytes are read as they arrive
 //! (a claimed length allocates nothing up front).
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 use abi_stable::std_types::RVec;
 use cresset_plugin_api::{
@@ -15,7 +15,7 @@ use cresset_plugin_api::{
 };
 
 /// The longest frame either side accepts (a request or response body is at most this).
-pub const MAX_FRAME: u64 = 1 << 32;
+pub const MAX_FRAME: u64 = 1 << 30;
 
 /// What the host sends its worker process.
 #[derive(Debug)]
@@ -88,6 +88,9 @@ pub enum ToHost {
 /// A frame that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// The other side closed the socket (between frames).
+    #[error("the worker socket was closed")]
+    Closed,
     /// The socket failed or closed mid-frame.
     #[error("the worker socket failed: {0}")]
     Io(#[from] std::io::Error),
@@ -100,49 +103,78 @@ fn malformed(what: impl Into<String>) -> WireError {
     WireError::Malformed(what.into())
 }
 
-/// Write one frame (the message's bytes, as [`ToWorker::encode`] or [`ToHost::encode`] made
-/// them).
-pub fn write_frame(out: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
-    out.write_all(&(payload.len() as u64).to_le_bytes())?;
-    out.write_all(payload)?;
-    out.flush()
+/// Reads frames from a stream as its bytes arrive, keeping a partial frame across reads, so
+/// that a read timeout on the stream (the host polls for cancelled requests) loses nothing.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
 }
 
-/// Read one frame; `None` at a clean end of stream (between frames).
-pub fn read_frame(input: &mut impl Read) -> Result<Option<Vec<u8>>, WireError> {
-    let mut len = [0u8; 8];
-    let mut got = 0;
-    while got < len.len() {
-        match input.read(&mut len[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(malformed("the stream ended inside a frame's length")),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+impl FrameReader {
+    /// The next frame's payload: `Ok(None)` when the stream's read timed out first, `Err`
+    /// ([`WireError::Closed`]) at a clean end between frames.
+    pub fn next(&mut self, input: &mut impl Read) -> Result<Option<Vec<u8>>, WireError> {
+        loop {
+            if let Some(frame) = self.complete()? {
+                return Ok(Some(frame));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match input.read(&mut chunk) {
+                Ok(0) if self.buf.is_empty() => return Err(WireError::Closed),
+                Ok(0) => {
+                    return Err(malformed(format!(
+                        "the stream ended inside a frame ({} bytes of it)",
+                        self.buf.len()
+                    )))
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
-    let len = u64::from_le_bytes(len);
-    if len > MAX_FRAME {
-        return Err(malformed(format!(
-            "a frame of {len} bytes is over the limit of {MAX_FRAME}"
-        )));
+
+    /// A whole frame's payload from the front of the buffer, if there is one.
+    fn complete(&mut self) -> Result<Option<Vec<u8>>, WireError> {
+        let Some(head) = self.buf.first_chunk::<8>() else {
+            return Ok(None);
+        };
+        let len = u64::from_le_bytes(*head);
+        if len > MAX_FRAME {
+            return Err(malformed(format!(
+                "a frame of {len} bytes is over the limit of {MAX_FRAME}"
+            )));
+        }
+        let end = 8 + len as usize;
+        if self.buf.len() < end {
+            return Ok(None);
+        }
+        let payload = self.buf[8..end].to_vec();
+        self.buf.drain(..end);
+        Ok(Some(payload))
     }
-    let mut payload = Vec::new();
-    input.take(len).read_to_end(&mut payload)?;
-    if payload.len() as u64 != len {
-        return Err(malformed(format!(
-            "the stream ended after {} of a frame's {len} bytes",
-            payload.len()
-        )));
-    }
-    Ok(Some(payload))
 }
 
-/// Builds a frame's payload.
-#[derive(Default)]
+/// Builds a frame: its length (filled in by [`Enc::finish`]) and its payload.
 struct Enc(Vec<u8>);
 
 impl Enc {
+    fn frame() -> Self {
+        Self(vec![0; 8])
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = (self.0.len() - 8) as u64;
+        self.0[..8].copy_from_slice(&len.to_le_bytes());
+        self.0
+    }
     fn u8(&mut self, v: u8) -> &mut Self {
         self.0.push(v);
         self
@@ -288,10 +320,10 @@ impl<'a> Dec<'a> {
     }
 }
 
-/// The payload of [`ToWorker::Execute`], from borrowed requests (bodies are copied once, into
+/// The frame of [`ToWorker::Execute`], from borrowed requests (bodies are copied once, into
 /// the frame).
 pub fn encode_execute(explain: bool, requests: &[Request]) -> Vec<u8> {
-    let mut e = Enc::default();
+    let mut e = Enc::frame();
     e.u8(2).u8(u8::from(explain)).len(requests.len());
     for r in requests {
         e.str(&r.id)
@@ -300,13 +332,13 @@ pub fn encode_execute(explain: bool, requests: &[Request]) -> Vec<u8> {
             .pairs(&r.headers)
             .pairs(&r.params);
     }
-    e.0
+    e.finish()
 }
 
 impl ToWorker {
-    /// The frame's payload.
+    /// The whole frame (its length, then the payload [`Self::decode`] reads).
     pub fn encode(&self) -> Vec<u8> {
-        let mut e = Enc::default();
+        let mut e = Enc::frame();
         match self {
             Self::Init(init) => {
                 let (spec, a) = (&init.spec, &init.assignment);
@@ -330,10 +362,10 @@ impl ToWorker {
                 e.u8(3).u64(*index);
             }
         }
-        e.0
+        e.finish()
     }
 
-    /// Read a payload.
+    /// Read a frame's payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut d = Dec { buf };
         let message = match d.u8("a tag")? {
@@ -390,9 +422,9 @@ impl ToWorker {
 }
 
 impl ToHost {
-    /// The frame's payload.
+    /// The whole frame (its length, then the payload [`Self::decode`] reads).
     pub fn encode(&self) -> Vec<u8> {
-        let mut e = Enc::default();
+        let mut e = Enc::frame();
         match self {
             Self::Ready(metadata) => {
                 e.u8(1).str(metadata);
@@ -434,10 +466,10 @@ impl ToHost {
                     .u64(value.to_bits());
             }
         }
-        e.0
+        e.finish()
     }
 
-    /// Read a payload.
+    /// Read a frame's payload.
     pub fn decode(buf: &[u8]) -> Result<Self, WireError> {
         let mut d = Dec { buf };
         let message = match d.u8("a tag")? {
@@ -473,6 +505,13 @@ impl ToHost {
 mod tests {
     use super::*;
 
+    /// A frame's payload (what `decode` reads), checking its length prefix.
+    fn payload(frame: Vec<u8>) -> Vec<u8> {
+        let len = u64::from_le_bytes(frame[..8].try_into().expect("8 bytes"));
+        assert_eq!(len as usize, frame.len() - 8);
+        frame[8..].to_vec()
+    }
+
     fn request(id: &str, body: &[u8]) -> Request {
         Request {
             id: id.into(),
@@ -502,7 +541,7 @@ mod tests {
             },
             log_level: 2,
         });
-        let ToWorker::Init(back) = ToWorker::decode(&init.encode()).expect("init") else {
+        let ToWorker::Init(back) = ToWorker::decode(&payload(init.encode())).expect("init") else {
             panic!("not init");
         };
         assert_eq!(back.library, "/run/abc-libx.so");
@@ -517,7 +556,7 @@ mod tests {
             requests: vec![request("a", &body), request("b", b"")],
         };
         let ToWorker::Execute { explain, requests } =
-            ToWorker::decode(&execute.encode()).expect("execute")
+            ToWorker::decode(&payload(execute.encode())).expect("execute")
         else {
             panic!("not execute");
         };
@@ -526,7 +565,7 @@ mod tests {
         assert_eq!(requests[0].body.as_slice(), body.as_slice());
         assert_eq!(requests[1].param("topk"), Some("5"));
         assert!(matches!(
-            ToWorker::decode(&ToWorker::Cancel(7).encode()),
+            ToWorker::decode(&payload(ToWorker::Cancel(7).encode())),
             Ok(ToWorker::Cancel(7))
         ));
 
@@ -556,42 +595,71 @@ mod tests {
             },
         ];
         for message in messages {
-            let back = ToHost::decode(&message.encode()).expect("decodes");
+            let back = ToHost::decode(&payload(message.encode())).expect("decodes");
             assert_eq!(format!("{message:?}"), format!("{back:?}"));
         }
     }
 
     #[test]
-    fn frames_cross_a_stream_and_a_clean_end_is_none() {
-        let mut stream = Vec::new();
-        write_frame(&mut stream, &ToWorker::Cancel(1).encode()).expect("write");
-        write_frame(&mut stream, &ToHost::Done(Ok(())).encode()).expect("write");
-        let mut input = stream.as_slice();
-        let a = read_frame(&mut input).expect("read").expect("a frame");
-        assert!(matches!(ToWorker::decode(&a), Ok(ToWorker::Cancel(1))));
-        let b = read_frame(&mut input).expect("read").expect("a frame");
-        assert!(matches!(ToHost::decode(&b), Ok(ToHost::Done(Ok(())))));
-        assert!(read_frame(&mut input).expect("clean end").is_none());
+    fn frames_cross_a_stream_in_pieces_and_a_clean_end_is_closed() {
+        let mut stream = ToWorker::Cancel(1).encode();
+        stream.extend(ToHost::Done(Ok(())).encode());
+        // A reader that gives a few bytes per read, then times out, as a slow socket does.
+        struct Trickle<'a>(&'a [u8], bool);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                self.1 = !self.1;
+                if self.1 && !self.0.is_empty() {
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                let n = self.0.len().min(out.len()).min(3);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut input = Trickle(&stream, false);
+        let mut reader = FrameReader::default();
+        let mut frames = Vec::new();
+        let mut timeouts = 0;
+        loop {
+            match reader.next(&mut input) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => timeouts += 1,
+                Err(WireError::Closed) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(timeouts > 0);
+        assert_eq!(frames.len(), 2);
+        assert!(matches!(
+            ToWorker::decode(&frames[0]),
+            Ok(ToWorker::Cancel(1))
+        ));
+        assert!(matches!(
+            ToHost::decode(&frames[1]),
+            Ok(ToHost::Done(Ok(())))
+        ));
     }
 
     #[test]
     fn hostile_frames_are_errors_that_allocate_nothing() {
-        // A length over the cap, and one the stream never delivers.
-        let huge = (MAX_FRAME + 1).to_le_bytes();
-        assert!(read_frame(&mut huge.as_slice()).is_err());
+        // A length over the cap, one the stream never delivers, and a cut length.
+        let next = |bytes: &[u8]| FrameReader::default().next(&mut &bytes[..]);
+        assert!(matches!(
+            next(&(MAX_FRAME + 1).to_le_bytes()),
+            Err(WireError::Malformed(_))
+        ));
         let mut short = 1000u64.to_le_bytes().to_vec();
         short.extend_from_slice(b"abc");
-        assert!(read_frame(&mut short.as_slice()).is_err());
-        assert!(
-            read_frame(&mut [1u8, 0].as_slice()).is_err(),
-            "a cut length"
-        );
+        assert!(matches!(next(&short), Err(WireError::Malformed(_))));
+        assert!(matches!(next(&[1u8, 0]), Err(WireError::Malformed(_))));
         // A list that claims four billion items, a truncated field, bad UTF-8, stray bytes,
         // an unknown tag, a status past u16.
         let mut many = vec![2u8, 0];
         many.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(ToWorker::decode(&many).is_err());
-        let full = ToHost::Chunk(1, Response::ok("text/plain", "body")).encode();
+        let full = payload(ToHost::Chunk(1, Response::ok("text/plain", "body")).encode());
         for cut in 0..full.len() {
             assert!(ToHost::decode(&full[..cut]).is_err(), "cut at {cut}");
         }
@@ -599,7 +667,7 @@ mod tests {
         bad.extend_from_slice(&2u32.to_le_bytes());
         bad.extend_from_slice(&[0xff, 0xfe]);
         assert!(ToHost::decode(&bad).is_err());
-        let mut extra = ToHost::Done(Ok(())).encode();
+        let mut extra = payload(ToHost::Done(Ok(())).encode());
         extra.push(0);
         assert!(ToHost::decode(&extra).is_err());
         assert!(ToHost::decode(&[99]).is_err());

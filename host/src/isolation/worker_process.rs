@@ -1,11 +1,12 @@
 //! The worker process (`cresset worker`): loads one plugin instance and serves its host's proxy
 //! over the socket it inherits, until the host closes it.
 //!
-//! Two threads: the main one runs the plugin (`load_model`, `new_instance`, then one
-//! `execute`/`explain` call per message); a reader takes the host's messages, queues calls for
-//! the main thread and records cancellations at once, so that a plugin that polls
-//! `is_cancelled` in the middle of a call sees them. Everything the plugin reports (chunks,
-//! final responses, logs, metrics) is written to the socket as it happens.
+//! Two sockets: calls and everything the worker reports on [`SOCKET_FD`], cancellations on
+//! [`CANCEL_FD`]. The main thread reads its calls straight from the first and runs the plugin
+//! (`load_model`, `new_instance`, then one `execute`/`explain` per call), so that a call costs
+//! one wake-up on each side; a second thread records cancellations as they come, so that a
+//! plugin that polls `is_cancelled` in the middle of a call sees them. Everything the plugin
+//! reports (chunks, final responses, logs, metrics) is written to the socket as it happens.
 
 use std::collections::HashSet;
 use std::os::unix::net::UnixStream;
@@ -18,10 +19,12 @@ use cresset_plugin_api::{
     SinkRef,
 };
 
-use super::wire::{read_frame, write_frame, Init, ToHost, ToWorker};
+use super::wire::{FrameReader, Init, ToHost, ToWorker};
 
-/// The file descriptor the host passes the socket on.
+/// The file descriptor the host passes the calls socket on.
 pub const SOCKET_FD: i32 = 3;
+/// The file descriptor the host passes the cancellations socket on.
+pub const CANCEL_FD: i32 = 4;
 
 /// Exit status when the host's end of the socket failed (the host is gone).
 const HOST_GONE: i32 = 3;
@@ -32,9 +35,14 @@ struct Writer(Arc<Mutex<UnixStream>>);
 
 impl Writer {
     fn send(&self, message: &ToHost) {
-        let payload = message.encode();
+        self.write(&message.encode());
+    }
+
+    /// Write whole frames in one call.
+    fn write(&self, frames: &[u8]) {
+        use std::io::Write;
         let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if write_frame(&mut *stream, &payload).is_err() {
+        if stream.write_all(frames).is_err() {
             // Nobody is listening any more: there is nothing left to serve.
             std::process::exit(HOST_GONE);
         }
@@ -50,9 +58,14 @@ pub fn run() -> i32 {
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     }
-    // SAFETY: the host starts this mode with the socket on SOCKET_FD, and nothing else in this
-    // process owns that descriptor.
-    let stream = unsafe { UnixStream::from_raw_fd(SOCKET_FD) };
+    // SAFETY: the host starts this mode with its sockets on SOCKET_FD and CANCEL_FD, and
+    // nothing else in this process owns those descriptors.
+    let (stream, mut cancels) = unsafe {
+        (
+            UnixStream::from_raw_fd(SOCKET_FD),
+            UnixStream::from_raw_fd(CANCEL_FD),
+        )
+    };
     let mut reader = match stream.try_clone() {
         Ok(reader) => reader,
         Err(e) => {
@@ -60,11 +73,25 @@ pub fn run() -> i32 {
             return 2;
         }
     };
+    let mut frames = FrameReader::default();
+    let mut next_call = move || -> Option<ToWorker> {
+        match frames.next(&mut reader) {
+            Ok(Some(frame)) => match ToWorker::decode(&frame) {
+                Ok(message) => Some(message),
+                Err(e) => {
+                    eprintln!("cresset worker: {e}");
+                    None
+                }
+            },
+            // The host closed the socket (or it failed): nothing more to serve.
+            _ => None,
+        }
+    };
     let writer = Writer(Arc::new(Mutex::new(stream)));
-    let init = match read_frame(&mut reader).map(|f| f.map(|f| ToWorker::decode(&f))) {
-        Ok(Some(Ok(ToWorker::Init(init)))) => init,
-        Ok(None) => return 0,
-        other => {
+    let init = match next_call() {
+        Some(ToWorker::Init(init)) => init,
+        None => return 0,
+        Some(other) => {
             eprintln!("cresset worker: expected the host's init message, got {other:?}");
             return 2;
         }
@@ -83,39 +110,26 @@ pub fn run() -> i32 {
     writer.send(&ToHost::Ready(model.metadata_json().into()));
 
     let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    let (calls_tx, calls) = crossbeam_channel::unbounded();
     let seen = cancelled.clone();
     let spawned = std::thread::Builder::new()
-        .name("cresset-worker-reader".into())
-        .spawn(move || loop {
-            let message = match read_frame(&mut reader) {
-                Ok(Some(frame)) => ToWorker::decode(&frame),
-                // The host closed the socket: stop after the current call.
-                Ok(None) | Err(_) => return,
-            };
-            match message {
-                Ok(ToWorker::Cancel(index)) => {
+        .name("cresset-worker-cancels".into())
+        .spawn(move || {
+            let mut frames = FrameReader::default();
+            while let Ok(Some(frame)) = frames.next(&mut cancels) {
+                if let Ok(ToWorker::Cancel(index)) = ToWorker::decode(&frame) {
                     seen.lock().unwrap_or_else(|p| p.into_inner()).insert(index);
-                }
-                Ok(call @ ToWorker::Execute { .. }) => {
-                    if calls_tx.send(call).is_err() {
-                        return;
-                    }
-                }
-                Ok(ToWorker::Init(_)) | Err(_) => {
-                    eprintln!("cresset worker: an unexpected message from the host");
-                    return;
                 }
             }
         });
     if let Err(e) = spawned {
-        eprintln!("cresset worker: cannot start the reader thread: {e}");
+        eprintln!("cresset worker: cannot start the cancellation thread: {e}");
         return 2;
     }
-    while let Ok(ToWorker::Execute { explain, requests }) = calls.recv() {
+    while let Some(ToWorker::Execute { explain, requests }) = next_call() {
         let mut sink = WorkerSink {
             writer: writer.clone(),
             cancelled: cancelled.clone(),
+            finals: Vec::new(),
         };
         let outcome = {
             let sink_ref: SinkRef<'_> = SinkRef::from_ptr(&mut sink, TD_Opaque);
@@ -126,7 +140,11 @@ pub fn run() -> i32 {
                 instance.execute(requests, sink_ref)
             }
         };
-        writer.send(&ToHost::Done(outcome.into()));
+        // The call's last final responses and its end in one write: the host answers them
+        // with one wake-up.
+        let mut frames = std::mem::take(&mut sink.finals);
+        frames.extend(ToHost::Done(outcome.into()).encode());
+        writer.write(&frames);
     }
     // Finalisation in the plugin's order: the instance, then the model.
     drop(instance);
@@ -159,10 +177,13 @@ fn load(
     Ok((model, instance))
 }
 
-/// The sink of one call: everything goes to the host at once.
+/// The sink of one call. Chunks go to the host at once; final responses go with the next
+/// chunk or with the call's end (plugins send them at the end of a batch or of a step, and one
+/// write for them all and the end saves the host a wake-up per call).
 struct WorkerSink {
     writer: Writer,
     cancelled: Arc<Mutex<HashSet<u64>>>,
+    finals: Vec<u8>,
 }
 
 impl WorkerSink {
@@ -179,7 +200,9 @@ impl ResponseSink for WorkerSink {
         if self.is_cancelled_now(index) {
             return false;
         }
-        self.writer.send(&ToHost::Chunk(index as u64, chunk));
+        self.finals
+            .extend(ToHost::Chunk(index as u64, chunk).encode());
+        self.writer.write(&std::mem::take(&mut self.finals));
         true
     }
 
@@ -188,8 +211,8 @@ impl ResponseSink for WorkerSink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(index as u64));
-        self.writer
-            .send(&ToHost::Final(index as u64, result.into()));
+        self.finals
+            .extend(ToHost::Final(index as u64, result.into()).encode());
     }
 
     fn is_cancelled(&self, index: usize) -> bool {

@@ -172,7 +172,7 @@ fn in_process(store: &Path, w: &Workload, settings: &Settings) -> (f64, f64) {
         model_config_json: "{}".into(),
     };
     let host = PluginServices::handle("inproc", "1.0", Arc::new(Metrics::new()));
-    let model = (library.module.load_model())(&spec, host)
+    let model = (library.module.expect("opened in this process").load_model())(&spec, host)
         .into_result()
         .expect("load_model");
     let threads = std::thread::available_parallelism()

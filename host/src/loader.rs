@@ -111,8 +111,10 @@ pub struct PluginLibrary {
     pub runtime_path: PathBuf,
     /// The sha256 of the library, hex.
     pub sha256: String,
-    /// The root module.
-    pub module: PluginModRef,
+    /// The root module; `None` for a library only worker processes open (process isolation:
+    /// the host has its description from a worker that opened it, see
+    /// [`crate::isolation::probe`]).
+    pub module: Option<PluginModRef>,
     /// What the plugin says about itself.
     pub description: PluginDescription,
 }
@@ -176,11 +178,27 @@ impl PluginLoader {
             source: path.to_owned(),
             runtime_path,
             sha256: sha256.clone(),
-            module,
+            module: Some(module),
             description,
         });
         loaded.insert(sha256, library.clone());
         Ok(library)
+    }
+
+    /// Stage `path` in the runtime folder without opening it: `(sha256, staged copy)`, for a
+    /// library that worker processes open.
+    pub fn stage_only(&self, path: &Path) -> Result<(String, PathBuf), LoadError> {
+        if !path.is_file() {
+            return Err(LoadError::Missing {
+                path: path.to_owned(),
+                host_abi: ABI_VERSION,
+            });
+        }
+        let _serialised = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        self.stage(path).map_err(|source| LoadError::Io {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Copy `path` into the runtime folder, hash the copy (not the source, which could change

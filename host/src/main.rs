@@ -19,10 +19,13 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(args),
         Command::Archive(args) => archive(args),
         Command::Plan(args) => cresset::plan::run(args),
-        Command::Worker => {
+        Command::Worker { describe } => {
             // The plugin's libraries, as `serve` finds them.
             preload_distribution_libraries();
-            let status = cresset::isolation::worker_process::run();
+            let status = match describe {
+                Some(library) => cresset::isolation::probe::run(&library),
+                None => cresset::isolation::worker_process::run(),
+            };
             return std::process::ExitCode::from(u8::try_from(status).unwrap_or(2));
         }
     };

@@ -340,3 +340,38 @@ fn a_hot_swap_between_process_isolated_versions_fails_no_request() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn in_process_mode_even_opening_the_library_happens_in_a_worker() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let steady = panicky(store.path(), "steady", "");
+    for (name, fixture) in [
+        ("deadly", "fixture_abort_on_load"),
+        ("mismatch", "fixture_abi_mismatch"),
+    ] {
+        bundled_archive(store.path(), name, &library(fixture), PROCESS);
+    }
+    let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        &steady,
+    ]);
+    server.wait_healthy();
+    // A library whose initialiser aborts kills only the worker that opened it.
+    let r = server.manage("POST", "/models?url=deadly&synchronous=true", "", b"");
+    assert_eq!(r.status, 500, "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("SIGABRT"), "{message}");
+    assert!(message.contains("the server is unaffected"), "{message}");
+    // A library built for another ABI is the archive's fault, as in thread mode.
+    let r = server.manage("POST", "/models?url=mismatch&synchronous=true", "", b"");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("plugin ABI"), "{}", r.text());
+    assert_eq!(
+        server
+            .post("/predictions/steady", "text/plain", b"x")
+            .text(),
+        "ok"
+    );
+}

@@ -34,7 +34,11 @@ pub enum Command {
     /// A worker process of process isolation: started by the server, never by hand (it serves
     /// one plugin instance over the socket it inherits).
     #[command(hide = true)]
-    Worker,
+    Worker {
+        /// Only open this (staged) plugin library and print its description as JSON.
+        #[arg(long)]
+        describe: Option<std::path::PathBuf>,
+    },
 }
 
 /// Log output format.

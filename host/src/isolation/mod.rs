@@ -5,9 +5,11 @@
 //!
 //! - [`wire`]: the frames the host and a worker exchange over their Unix socket.
 //! - [`worker_process`]: the worker's side (`cresset worker`).
+//! - [`probe`]: a worker that only opens a library, for its description.
 //! - [`proxy`]: the host's side, a model and instances that implement the plugin contract, so
 //!   that the registry and the worker threads drive them as they drive an in-process plugin.
 
+pub mod probe;
 pub mod proxy;
 pub mod wire;
 pub mod worker_process;

@@ -77,6 +77,9 @@ pub enum LoadError {
     /// The host failed (a thread, a file).
     #[error("{0}")]
     Host(String),
+    /// A worker process failed to open the library or died opening it (process isolation).
+    #[error("{}", .0.message)]
+    Worker(LoadFailure),
 }
 
 fn plugin_kind(code: ErrorCode) -> FailureKind {
@@ -109,6 +112,7 @@ impl LoadError {
             },
             Self::Model { error, .. } | Self::Instance(error) => plugin_kind(error.code),
             Self::Host(_) => FailureKind::Internal,
+            Self::Worker(failure) => failure.kind,
         }
     }
 
@@ -175,7 +179,12 @@ pub fn load_model(
     let library = ctx.loader.load(path)?;
     let spec = model_spec(name, version, model_dir, config, serialized_file);
     let host = PluginServices::handle(name, version, ctx.metrics.clone());
-    match (library.module.load_model())(&spec, host) {
+    let Some(module) = library.module else {
+        return Err(LoadError::Host(
+            "the plugin library was opened only in worker processes: this is a bug".into(),
+        ));
+    };
+    match (module.load_model())(&spec, host) {
         RResult::ROk(model) => Ok((library, model)),
         RResult::RErr(error) => Err(LoadError::Model {
             plugin: library.description.name.to_string(),

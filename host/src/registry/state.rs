@@ -29,6 +29,22 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Every kind.
+    pub const ALL: [FailureKind; 7] = [
+        Self::BadArchive,
+        Self::NotFound,
+        Self::BadModel,
+        Self::PluginFault,
+        Self::MissingPlugin,
+        Self::Crashed,
+        Self::Internal,
+    ];
+
+    /// The kind [`FailureKind::name`] names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
     /// A short name for describe output.
     pub fn name(self) -> &'static str {
         match self {

@@ -339,12 +339,28 @@ impl ModelVersion {
                 serialized_file,
             )?,
             Isolation::Process => {
-                // The host opens the library for its description and ABI check; the model and
-                // its instances are loaded by the worker processes.
-                let library = ctx.loader.load(&path)?;
+                // No plugin code runs in the server: a worker process opens the library for
+                // its description, and the workers load the model and its instances.
                 let exe = std::env::current_exe().map_err(|e| {
                     LoadError::Host(format!("cannot find the server's binary for workers: {e}"))
                 })?;
+                let (sha256, runtime_path) = ctx.loader.stage_only(&path)?;
+                let description = crate::isolation::probe::describe(&exe, &runtime_path, &path)?;
+                tracing::info!(
+                    plugin = %description.name,
+                    plugin_version = %description.plugin_version,
+                    plugin_abi = %description.abi_version,
+                    capabilities = ?description.capabilities.names(),
+                    source = %path.display(),
+                    "plugin library opened in a worker process"
+                );
+                let library = Arc::new(crate::loader::PluginLibrary {
+                    source: path.clone(),
+                    runtime_path,
+                    sha256,
+                    module: None,
+                    description,
+                });
                 let settings = ProcessSettings {
                     exe,
                     library: library.runtime_path.clone(),

@@ -2,7 +2,6 @@
 //! RSS, a streamed completion, and writing one section of `BENCHMARKS.md` without touching the
 //! others.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,15 +47,7 @@ pub fn stream_completion(url: &str, body: &serde_json::Value) -> Streamed {
         .send(body.to_string())
         .expect("stream");
     let (mut first, mut last, mut tokens) = (None, started.elapsed(), 0u64);
-    for line in std::io::BufReader::new(response.into_body().into_reader()).lines() {
-        let Ok(line) = line else { break };
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let event: serde_json::Value = serde_json::from_str(data).expect("event");
+    for event in cresset_e2e::sse_events(response.into_body().into_reader()) {
         if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
             tokens = n;
         }

@@ -372,12 +372,24 @@ impl Server {
 
     /// POST a body with a content type.
     pub fn post(&self, path: &str, content_type: &str, body: &[u8]) -> Reply {
-        let response = agent()
+        self.post_with(path, content_type, &[], body)
+    }
+
+    /// POST a body with a content type and further headers.
+    pub fn post_with(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        let mut request = agent()
             .post(format!("{}{path}", self.inference))
-            .header("content-type", content_type)
-            .send(body)
-            .expect("POST");
-        into_reply(response)
+            .header("content-type", content_type);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        into_reply(request.send(body).expect("POST"))
     }
 
     /// Call the management API: `method` on `path` (with its query), with an optional body.
@@ -637,4 +649,15 @@ pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The JSON events of a server-sent event stream (`data: {...}` lines), read as they arrive,
+/// up to `data: [DONE]` or the end.
+pub fn sse_events(reader: impl Read) -> impl Iterator<Item = serde_json::Value> {
+    BufReader::new(reader)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| line.strip_prefix("data: ").map(str::to_owned))
+        .take_while(|data| data != "[DONE]")
+        .map(|data| serde_json::from_str(&data).expect("an event's JSON"))
 }

@@ -149,17 +149,8 @@ fn read_events(
     reader: impl std::io::Read,
     started: std::time::Instant,
 ) -> Vec<(String, std::time::Duration)> {
-    use std::io::BufRead;
     let mut events = Vec::new();
-    for line in std::io::BufReader::new(reader).lines() {
-        let Ok(line) = line else { break };
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let value: Value = serde_json::from_str(data).expect("event JSON");
+    for value in cresset_e2e::sse_events(reader) {
         let piece = value["choices"][0]["text"]
             .as_str()
             .unwrap_or_default()

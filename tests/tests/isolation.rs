@@ -33,6 +33,36 @@ fn kill(pid: u32) {
     assert!(status.success());
 }
 
+/// Wait until `pid` has died, every thread of it (a zombie, or gone): SIGKILL takes effect
+/// only once each thread leaves an uninterruptible sleep (a page fault on a mapped model, on
+/// a loaded machine), and until the last one has, the server cannot see the death.
+fn wait_dead(pid: u32) {
+    let state = |stat: &str| {
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|t| t.path())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let living = threads.iter().any(|t| {
+            let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+            state(&stat).is_some_and(|s| s != 'Z' && s != 'X')
+        });
+        if !living {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pid} did not die");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -105,7 +135,7 @@ fn a_crashing_worker_process_costs_its_own_request_only() {
     pid = worker_pid(&server, "crashy");
     // Killed while idle: no request is lost, the next one waits for the new process.
     kill(pid);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_dead(pid);
     let reply = server.post("/predictions/crashy", "text/plain", b"x");
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(server.get("/ping").status, 200);
@@ -374,4 +404,88 @@ fn in_process_mode_even_opening_the_library_happens_in_a_worker() {
             .text(),
         "ok"
     );
+}
+
+/// Greedy text of a streamed completion (the SSE events' pieces, joined).
+fn streamed(server: &Server, prompt: &str, max_tokens: u32) -> String {
+    let url = format!("{}/v1/completions", server.inference);
+    let body = serde_json::json!({"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true});
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("stream starts");
+    if response.status() != 200 {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        panic!(
+            "{}: {text}\nserver log:\n{}",
+            response.status(),
+            server.log()
+        );
+    }
+    cresset_e2e::sse_events(response.into_body().into_reader())
+        .map(|event| {
+            event["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The `gpt` plugin batches continuously (request numbers run on across calls, and a new
+/// worker process numbers its own from 0): in process isolation, two streams that overlap give
+/// their solo runs' tokens, before and after the worker is killed.
+#[test]
+fn continuous_batching_streams_cross_the_process_boundary_and_survive_a_restart() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let src = cresset_e2e::repo_root().join("model_store/smollm2");
+    let dir = store.path().join("smollm2");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for file in ["MANIFEST.toml", "SmolLM2-135M-Instruct.Q4_1.gguf"] {
+        if std::fs::hard_link(src.join(file), dir.join(file)).is_err() {
+            std::fs::copy(src.join(file), dir.join(file)).expect("copy");
+        }
+    }
+    let config = std::fs::read_to_string(src.join("model-config.toml")).expect("config");
+    std::fs::write(
+        dir.join("model-config.toml"),
+        format!("isolation = \"process\"\n{config}"),
+    )
+    .expect("config");
+    let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        "smollm2",
+    ]);
+    server.wait_healthy();
+    let (long, short) = (
+        "Once upon a time, in a small village,",
+        "The three primary colors are",
+    );
+    let long_solo = streamed(&server, long, 24);
+    let short_solo = streamed(&server, short, 8);
+    assert!(!long_solo.is_empty() && !short_solo.is_empty());
+    let together = || {
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| streamed(&server, short, 8));
+            let first = streamed(&server, long, 24);
+            (first, other.join().expect("second stream"))
+        })
+    };
+    assert_eq!(together(), (long_solo.clone(), short_solo.clone()));
+    let pid = describe(&server, "smollm2")["workers"][0]["pid"]
+        .as_u64()
+        .expect("a worker pid") as u32;
+    kill(pid);
+    wait_dead(pid);
+    assert_eq!(together(), (long_solo, short_solo));
+    let d = describe(&server, "smollm2");
+    assert_eq!(d["workers"][0]["restarts"], 1, "{d}");
+    assert_ne!(d["workers"][0]["pid"], pid, "{d}");
 }

@@ -2,7 +2,7 @@
 //! the test venv) in its `default` (`.mar`), `tgz` and `no-archive` formats, with a
 //! `model-config.yaml` in TorchServe's keys, register from the store, by URL and by upload and
 //! answer as the same model in a Cresset archive does (the default store's `iris`). What
-//! Cresset cannot run (a Python handler, a TorchServe handler it lacks, packages to install) is a
+//! Cresset cannot run (a TorchServe handler it lacks, packages to install) is a
 //! 400 that says so, naming the file.
 
 use std::path::{Path, PathBuf};
@@ -180,18 +180,8 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
     let work = tempfile::tempdir().expect("tempdir");
     let store = tempfile::tempdir().expect("tempdir");
     inputs(work.path());
-    std::fs::write(
-        work.path().join("my_handler.py"),
-        "from ts.torch_handler.base_handler import BaseHandler\n\nclass MyHandler(BaseHandler):\n    pass\n",
-    )
-    .expect("write handler");
     std::fs::write(work.path().join("requirements.txt"), "numpy\n").expect("write");
-    let cases: [(&str, &[&str], &str); 3] = [
-        (
-            "py",
-            &["--handler", "my_handler.py"],
-            "Python handlers are not supported yet",
-        ),
+    let cases: [(&str, &[&str], &str); 2] = [
         (
             "base",
             &["--handler", "base_handler"],

@@ -17,6 +17,8 @@ use super::{Manifest, ManifestModel, ModelConfig};
 
 /// Where a `.mar` keeps its manifest.
 pub const MAR_MANIFEST_FILE: &str = "MAR-INF/MANIFEST.json";
+/// The built-in plugin that runs Python handlers.
+pub const PYTHON_PLUGIN: &str = "python";
 /// The model config a `.mar` (or a Cresset archive without `model-config.toml`) may carry.
 pub const MODEL_CONFIG_YAML: &str = "model-config.yaml";
 /// The most bytes of a manifest or config read (real ones are a few hundred).
@@ -82,13 +84,14 @@ pub fn manifest(mar: &MarManifest, dir: &Path) -> Result<Manifest, String> {
              handler needs into the server's image and archive the model without it"
         ));
     }
-    if let Some(code) = model.model_file.as_deref() {
+    let handler = handler(&mar.runtime, model.handler.trim(), dir)?;
+    if let (Some(code), false) = (model.model_file.as_deref(), handler == PYTHON_PLUGIN) {
         return Err(format!(
-            "`modelFile` ({code}) is Python model code, which Cresset does not run: export the \
-             model to TorchScript (torch.jit.save) or a safetensors checkpoint"
+            "`modelFile` ({code}) is Python model code, which only a Python handler runs: \
+             archive it with a `.py` handler, or export the model to TorchScript \
+             (torch.jit.save) or a safetensors checkpoint"
         ));
     }
-    let handler = handler(&mar.runtime, model.handler.trim(), dir)?;
     let version = model
         .model_version
         .clone()
@@ -157,11 +160,14 @@ fn handler(runtime: &str, handler: &str, dir: &Path) -> Result<String, String> {
         format!("{base}.py")
     };
     if base.ends_with(".py") || dir.join(&python_file).is_file() {
-        return Err(format!(
-            "`{python_file}` is a Python handler: Python handlers are not supported yet. Serve \
-             the model with a built-in plugin (torchscript, vision, text, nlp, gpt, accelerate: name \
-             it as the handler) or a Cresset plugin library"
-        ));
+        // TorchServe's own kind of handler: the python plugin runs it (it reads the entry
+        // point from MAR-INF/MANIFEST.json).
+        if !dir.join(&python_file).is_file() {
+            return Err(format!(
+                "handler `{handler}`: the archive holds no `{python_file}`"
+            ));
+        }
+        return Ok(PYTHON_PLUGIN.to_owned());
     }
     if base.is_empty() || base.contains('/') {
         return Err(format!("`handler` {handler:?} names no handler"));
@@ -467,6 +473,10 @@ mod tests {
         assert_eq!(h("python", "image_segmenter").as_deref(), Ok("vision"));
         assert_eq!(h("python", "object_detector").as_deref(), Ok("vision"));
         assert_eq!(h("python", "text_classifier").as_deref(), Ok("text"));
+        // A handler of the archive's own Python: the python plugin, in each of its spellings.
+        for name in ["my_handler", "my_handler.py", "my_handler:handle"] {
+            assert_eq!(h("python", name).as_deref(), Ok(PYTHON_PLUGIN), "{name}");
+        }
         assert_eq!(h("LSP", "libmine").as_deref(), Ok("libmine.so"));
         assert_eq!(h("LSP", "libmine:Handler").as_deref(), Ok("libmine.so"));
         for (runtime, name, says) in [
@@ -475,17 +485,7 @@ mod tests {
                 "base_handler",
                 "`base_handler` has no Cresset counterpart",
             ),
-            (
-                "python",
-                "my_handler",
-                "`my_handler.py` is a Python handler",
-            ),
-            (
-                "python",
-                "my_handler.py",
-                "Python handlers are not supported yet",
-            ),
-            ("python", "my_handler:handle", "`my_handler.py`"),
+            ("python", "other.py", "the archive holds no `other.py`"),
             ("LSP", "BaseHandler", "BaseHandler"),
             ("LSP", "libother", "no `libother.so`"),
         ] {

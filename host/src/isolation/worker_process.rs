@@ -26,6 +26,9 @@ pub const SOCKET_FD: i32 = 3;
 /// The file descriptor the host passes the cancellations socket on.
 pub const CANCEL_FD: i32 = 4;
 
+/// How long a worker whose host closed its sockets may take to finish before it exits.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Exit status when the host's end of the socket failed (the host is gone).
 const HOST_GONE: i32 = 3;
 
@@ -52,12 +55,6 @@ impl Writer {
 /// Run the worker on the socket at [`SOCKET_FD`]; returns the process's exit status.
 pub fn run() -> i32 {
     use std::os::fd::FromRawFd;
-    // Ends this process when the thread that started it (the host's worker thread) ends, so
-    // that no worker outlives a host that was killed.
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and has no other effect.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
     // SAFETY: the host starts this mode with its sockets on SOCKET_FD and CANCEL_FD, and
     // nothing else in this process owns those descriptors.
     let (stream, mut cancels) = unsafe {
@@ -120,6 +117,11 @@ pub fn run() -> i32 {
                     seen.lock().unwrap_or_else(|p| p.into_inner()).insert(index);
                 }
             }
+            // The host closed its end: it stopped this worker (which then ends on its own, once
+            // its call returns) or it died. Either way, no worker outlives it for long, even one
+            // stuck in a plugin call.
+            std::thread::sleep(ORPHAN_GRACE);
+            std::process::exit(0);
         });
     if let Err(e) = spawned {
         eprintln!("cresset worker: cannot start the cancellation thread: {e}");

@@ -85,6 +85,12 @@ impl ModelVersion {
         let name = name.unwrap_or_else(|| archive.manifest.model.name.clone());
         let version = archive.manifest.model.version.clone();
         let handler = archive.manifest.model.handler.clone();
+        let mut config = config;
+        if handler == crate::archive::torchserve::PYTHON_PLUGIN {
+            // One interpreter per worker process: workers share no GIL, and a handler that
+            // crashes its interpreter costs its own requests.
+            config.isolation = Isolation::Process;
+        }
         Self::new(
             name,
             version,

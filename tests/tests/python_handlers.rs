@@ -1,0 +1,294 @@
+//! TorchServe handlers (`handler.py`) run unchanged by the `python` plugin: handlers written as
+//! TorchServe users write them (tests/fixtures/ts_handlers), archived with the real
+//! `torch-model-archiver` 0.12.0, registered by upload, answer over HTTP as the same handler
+//! answers when TorchServe's own `ts` package runs it (tests/ts_reference.py, in the TorchServe
+//! venv, on the same requests). They run in process isolation: a handler that aborts costs its
+//! own request, and its worker comes back.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use cresset_e2e::{metric_value, repo_root, torch_model_archiver, Server};
+use serde_json::{json, Value};
+
+fn venv_python() -> PathBuf {
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    Path::new(&venv).join("bin/python")
+}
+
+/// The TorchServe venv's Python (TorchServe 0.12.0 and its `ts` package).
+fn torchserve_python() -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/setup-torchserve.sh"))
+        .output()
+        .expect("run setup-torchserve.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
+}
+
+fn run_python(python: &Path, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(python)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("python output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `handler` and its files archived as `name`.mar by torch-model-archiver 0.12.0, also
+/// unpacked (for the reference run): (the .mar's bytes, the unpacked folder).
+fn mar(work: &Path, name: &str, handler: &str, extra: &[&str]) -> (Vec<u8>, PathBuf) {
+    let fixtures = repo_root().join("tests/fixtures/ts_handlers");
+    let mut args = vec![
+        "--model-name",
+        name,
+        "--version",
+        "1.0",
+        "--handler",
+        handler,
+    ];
+    // The fixtures' files beside what the test made in `work` (the model file).
+    for file in std::iter::once(&handler).chain(extra) {
+        if fixtures.join(file).is_file() {
+            std::fs::copy(fixtures.join(file), work.join(file))
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+    let files: Vec<&str> = extra
+        .iter()
+        .copied()
+        .filter(|f| *f != "model.pt" && !f.ends_with(".yaml"))
+        .collect();
+    let joined = files.join(",");
+    if !files.is_empty() {
+        args.extend(["--extra-files", &joined]);
+    }
+    if extra.contains(&"model.pt") {
+        args.extend(["--serialized-file", "model.pt"]);
+    }
+    if let Some(config) = extra.iter().find(|f| f.ends_with(".yaml")) {
+        args.extend(["--config-file", config]);
+    }
+    let export = work.join("export");
+    std::fs::create_dir_all(&export).expect("mkdir");
+    torch_model_archiver(work, &args, &export);
+    let path = export.join(format!("{name}.mar"));
+    let unpacked = work.join(format!("{name}-unpacked"));
+    run_python(
+        &venv_python(),
+        &[
+            "-c",
+            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])",
+            path.to_str().expect("utf-8"),
+            unpacked.to_str().expect("utf-8"),
+        ],
+        "",
+    );
+    (std::fs::read(&path).expect("read the .mar"), unpacked)
+}
+
+/// What TorchServe's own `ts` runs the handler in `model_dir` to, on these requests.
+fn reference(model_dir: &Path, requests: Value) -> Value {
+    let spec = json!({"model_dir": model_dir, "requests": requests});
+    let out = run_python(
+        &torchserve_python(),
+        &[repo_root()
+            .join("tests/ts_reference.py")
+            .to_str()
+            .expect("utf-8")],
+        &spec.to_string(),
+    );
+    serde_json::from_str(out.lines().last().unwrap_or_default()).expect("reference JSON")
+}
+
+fn upload(server: &Server, name: &str, bytes: &[u8]) {
+    let reply = server.manage(
+        "POST",
+        &format!("/models?model_name={name}&synchronous=true"),
+        "application/octet-stream",
+        bytes,
+    );
+    assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+}
+
+fn post(
+    server: &Server,
+    model: &str,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> cresset_e2e::Reply {
+    server.post_with(
+        &format!("/predictions/{model}"),
+        content_type,
+        headers,
+        body.as_bytes(),
+    )
+}
+
+#[test]
+fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let w = work.path();
+    // The classifier's TorchScript file, made by torch in the test venv.
+    run_python(
+        &venv_python(),
+        &["-c", "import sys, torch\ntorch.manual_seed(0)\nm = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\ntorch.jit.script(m).save(sys.argv[1])", w.join("model.pt").to_str().expect("utf-8")],
+        "",
+    );
+    let (mlp, mlp_dir) = mar(
+        w,
+        "mlp",
+        "mlp_handler.py",
+        &["model.pt", "index_to_name.json"],
+    );
+    let (stream, stream_dir) = mar(w, "stream", "stream_handler.py", &[]);
+    let (ctx, ctx_dir) = mar(w, "ctx", "context_handler.py", &["context-config.yaml"]);
+    // A transformers checkpoint from the fixtures, for the text classifier.
+    let bert = repo_root().join("tests/fixtures/generated/nlp/bert-seq");
+    let checkpoint = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+    ];
+    for file in checkpoint {
+        std::fs::copy(bert.join(file), w.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    let (text, text_dir) = mar(w, "text", "text_handler.py", &checkpoint);
+
+    let store = tempfile::tempdir().expect("tempdir");
+    let python = venv_python();
+    let server = Server::start_with_env(
+        &["--model-store", store.path().to_str().expect("utf-8")],
+        &[("CRESSET_PYTHON", python.to_str().expect("utf-8"))],
+    );
+    server.wait_healthy();
+    for (name, bytes) in [
+        ("mlp", &mlp),
+        ("stream", &stream),
+        ("ctx", &ctx),
+        ("text", &text),
+    ] {
+        upload(&server, name, bytes);
+    }
+    let d = server.manage("GET", "/models/mlp", "", b"").json();
+    assert_eq!(d[0]["plugin"]["name"], "python", "{d}");
+    assert_eq!(d[0]["isolation"], "process", "always, for Python");
+
+    // A BaseHandler subclass: TorchScript, its own preprocess and postprocess, label names.
+    for body in [
+        "{\"inputs\": [0.1, -1.5, 2.0, 0.3]}",
+        "[3.0, 0.5, -0.25, 1.0]",
+    ] {
+        let want = reference(
+            &mlp_dir,
+            json!([{"content_type": "application/json", "body": body, "headers": {}}]),
+        );
+        let got = post(&server, "mlp", "application/json", &[], body);
+        assert_eq!(got.status, 200, "{}", got.text());
+        let (got, want) = (got.json(), &want["answers"][0]["body"]);
+        let labels: Vec<&String> = got.as_object().expect("labels").keys().collect();
+        assert_eq!(labels, ["setosa", "versicolor", "virginica"], "{got}");
+        for (label, p) in want.as_object().expect("reference labels") {
+            let diff = (got[label].as_f64().unwrap_or(f64::NAN) - p.as_f64().unwrap_or(0.0)).abs();
+            assert!(diff <= 1e-7, "{label}: {got} vs {want}");
+        }
+    }
+
+    // A transformers text classifier with its own preprocess and postprocess.
+    for body in ["what a wonderful day", "this is the worst film I have seen"] {
+        let want = reference(
+            &text_dir,
+            json!([{"content_type": "text/plain", "body": body, "headers": {}}]),
+        );
+        let got = post(&server, "text", "text/plain", &[], body);
+        assert_eq!(got.status, 200, "{}", got.text());
+        let (got, want) = (got.json(), &want["answers"][0]["body"]);
+        assert_eq!(
+            got.as_object().map(|o| o.keys().collect::<Vec<_>>()),
+            want.as_object().map(|o| o.keys().collect::<Vec<_>>()),
+            "{got} vs {want}"
+        );
+        for (label, p) in want.as_object().expect("reference labels") {
+            let diff = (got[label].as_f64().unwrap_or(f64::NAN) - p.as_f64().unwrap_or(0.0)).abs();
+            assert!(diff <= 1e-7, "{label}: {got} vs {want}");
+        }
+    }
+
+    // Streaming with send_intermediate_predict_response: the chunks, then the final answer.
+    let want = reference(
+        &stream_dir,
+        json!([{"content_type": "text/plain", "body": "alpha", "headers": {}}]),
+    );
+    let mut expected: String = want["chunks"][0]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    expected.push_str(want["answers"][0]["body"].as_str().expect("final"));
+    assert_eq!(expected, "alpha-0;alpha-1;alpha-2;alpha-done");
+    let got = post(&server, "stream", "text/plain", &[], "alpha");
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), expected);
+    assert_eq!(got.header("transfer-encoding"), Some("chunked"));
+
+    // model_yaml_config, request headers, a response status and header, a metric.
+    let want = reference(
+        &ctx_dir,
+        json!([{"content_type": "text/plain", "body": "hi", "headers": {"x-caller": "tester"}}]),
+    );
+    let got = post(
+        &server,
+        "ctx",
+        "text/plain",
+        &[("x-caller", "tester")],
+        "hi",
+    );
+    assert_eq!(
+        u64::from(got.status),
+        want["answers"][0]["status"].as_u64().unwrap_or(0)
+    );
+    assert_eq!(got.status, 201);
+    assert_eq!(got.header("x-greeted"), Some("tester"));
+    assert_eq!(got.json(), want["answers"][0]["body"], "{}", got.text());
+    let metrics = server.metrics_text();
+    assert_eq!(
+        metric_value(&metrics, "cresset_ts_Greetings{model=\"ctx\""),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(server.log().contains("TorchServe handler initialised"));
+
+    // os.abort() in the handler: that request fails naming the signal, the other models
+    // answer, and the next request gets a new interpreter.
+    let got = post(&server, "ctx", "text/plain", &[], "abort");
+    assert_eq!(got.status, 500, "{}", got.text());
+    assert!(got.text().contains("SIGABRT"), "{}", got.text());
+    let got = post(&server, "mlp", "application/json", &[], "[0, 0, 0, 0]");
+    assert_eq!(got.status, 200, "{}", got.text());
+    let got = post(&server, "ctx", "text/plain", &[("x-caller", "again")], "hi");
+    assert_eq!(got.status, 201, "{}", got.text());
+    assert_eq!(got.json()["caller"], "again");
+}

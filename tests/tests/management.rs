@@ -610,9 +610,10 @@ fn scaling_to_zero_finishes_queued_work_and_a_version_without_workers_cannot_be_
     let requests: Vec<_> = (0..3)
         .map(|_| post_in_background(format!("{}/predictions/z", server.inference), b"sleep:300"))
         .collect();
-    // One request running, two queued behind it.
+    // One request running, two queued behind it (two queued alone could be two of the three
+    // before the worker took any, on a loaded machine: the third would come after the scaling).
     wait_for(&server, "/models/z/1.0", "busy with two queued", |v| {
-        v["queueDepth"] == 2
+        v["queueDepth"] == 2 && v["workers"][0]["status"] == "BUSY"
     });
     assert_eq!(
         server

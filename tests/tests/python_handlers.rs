@@ -216,6 +216,37 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
         }
     }
 
+    // Explanations: the explanations route reaches BaseHandler.explain_handle and the
+    // handler's get_insights, as TorchServe's `explain` header does.
+    let body = "[0.5, -1.0, 2.0, 0.25]";
+    let want = reference(
+        &mlp_dir,
+        json!([{"content_type": "application/json", "body": body, "headers": {"explain": "True"}}]),
+    );
+    let got = server.post_with(
+        "/explanations/mlp",
+        "application/json",
+        &[],
+        body.as_bytes(),
+    );
+    assert_eq!(got.status, 200, "{}", got.text());
+    let (got, want) = (got.json(), &want["answers"][0]["body"]);
+    let pairs: Vec<(f64, f64)> = got
+        .as_array()
+        .zip(want.as_array())
+        .map(|(g, w)| {
+            g.iter()
+                .zip(w)
+                .map(|(a, b)| (a.as_f64().unwrap_or(f64::NAN), b.as_f64().unwrap_or(0.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(pairs.len(), 4, "{got} vs {want}");
+    assert!(
+        pairs.iter().all(|(a, b)| (a - b).abs() <= 1e-6),
+        "{got} vs {want}"
+    );
+
     // A transformers text classifier with its own preprocess and postprocess.
     for body in ["what a wonderful day", "this is the worst film I have seen"] {
         let want = reference(
@@ -280,6 +311,25 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
         "{metrics}"
     );
     assert!(server.log().contains("TorchServe handler initialised"));
+
+    // A Cresset archive with `handler = "python"`: `handler.py` by default, and without a YAML
+    // config the handler's `model_yaml_config` is the `[handler]` table.
+    let dir = cresset_e2e::dir_archive(
+        store.path(),
+        "pyarchive",
+        "python",
+        "[handler]\nparts = 2\n",
+        &[(
+            "handler.py",
+            &std::fs::read(repo_root().join("tests/fixtures/ts_handlers/stream_handler.py"))
+                .expect("fixture"),
+        )],
+    );
+    assert!(dir.is_dir());
+    server.register("url=pyarchive&synchronous=true");
+    let got = post(&server, "pyarchive", "text/plain", &[], "x");
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.text(), "x-0;x-1;x-done");
 
     // os.abort() in the handler: that request fails naming the signal, the other models
     // answer, and the next request gets a new interpreter.

@@ -2,11 +2,12 @@
 `ts` package (the TorchServe venv of scripts/setup-torchserve.sh): the reference that Cresset's
 python plugin is checked against (tests/tests/python_handlers.rs).
 
-Reads JSON on stdin: {"model_dir": an unpacked .mar, "requests": [{"content_type", "body",
-"headers"}]}, one batch. Prints JSON: {"answers": [{"status", "headers", "body"}], "chunks":
+Reads JSON on stdin: {"model_dir": an unpacked .mar, "requests": [{"content_type", "body" (or
+"body_base64"), "headers"}]}, one batch. Prints JSON: {"answers": [{"status", "headers", "body"}], "chunks":
 [[chunks of request 0], ...]}. Bodies are the handler's values: strings as they are, anything
 else as JSON values."""
 
+import base64
 import importlib
 import json
 import os
@@ -41,8 +42,12 @@ def main():
         manifest["model"]["modelName"], model_dir, manifest, len(requests), None, "0.12.0",
         metrics=NoMetrics(), model_yaml_config=yaml_config,
     )
-    module_name = manifest["model"]["handler"][: -len(".py")]
-    module = importlib.import_module(module_name)
+    handler = manifest["model"]["handler"]
+    if handler.endswith(".py"):
+        module = importlib.import_module(handler[: -len(".py")])
+    else:
+        # A built-in handler, by name, as TorchServe's model loader finds it.
+        module = importlib.import_module("ts.torch_handler." + handler)
     chunks = [[] for _ in requests]
 
     def record(ret, req_id_map, message, code, context=None):
@@ -58,7 +63,7 @@ def main():
 
     data, processors = [], []
     for r in requests:
-        body = r["body"].encode("utf-8")
+        body = base64.b64decode(r["body_base64"]) if "body_base64" in r else r["body"].encode("utf-8")
         if r["content_type"] == "application/json":
             value = json.loads(body)
         elif r["content_type"].startswith("text/"):

@@ -65,9 +65,9 @@ fn mar(work: &Path, name: &str, handler: &str, extra: &[&str]) -> (Vec<u8>, Path
         "--handler",
         handler,
     ];
-    // The fixtures' files beside what the test made in `work` (the model file).
+    // The fixtures' files beside what the test put in `work` (which wins).
     for file in std::iter::once(&handler).chain(extra) {
-        if fixtures.join(file).is_file() {
+        if fixtures.join(file).is_file() && !work.join(file).is_file() {
             std::fs::copy(fixtures.join(file), work.join(file))
                 .unwrap_or_else(|e| panic!("{file}: {e}"));
         }
@@ -117,6 +117,12 @@ fn reference(model_dir: &Path, requests: Value) -> Value {
         &spec.to_string(),
     );
     serde_json::from_str(out.lines().last().unwrap_or_default()).expect("reference JSON")
+}
+
+/// Standard base64, for the reference's binary bodies.
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn upload(server: &Server, name: &str, bytes: &[u8]) {
@@ -330,6 +336,44 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
     let got = post(&server, "pyarchive", "text/plain", &[], "x");
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.text(), "x-0;x-1;x-done");
+
+    // A built-in handler's Python version, by choice: TorchServe's image_classifier on a
+    // TorchScript resnet18 and real photographs (JPEG and PNG), as TorchServe runs it.
+    let vision = repo_root().join("tests/fixtures/generated/vision");
+    for file in ["model.pt", "index_to_name.json"] {
+        std::fs::copy(vision.join("resnet18").join(file), w.join(file)).expect("copy");
+    }
+    std::fs::write(w.join("opt-in.yaml"), "python_builtin_handlers: true\n").expect("yaml");
+    let (classifier, classifier_dir) = mar(
+        w,
+        "classifier",
+        "image_classifier",
+        &["model.pt", "index_to_name.json", "opt-in.yaml"],
+    );
+    upload(&server, "classifier", &classifier);
+    let d = server.manage("GET", "/models/classifier", "", b"").json();
+    assert_eq!(d[0]["plugin"]["name"], "python", "{d}");
+    for photo in ["chelsea.jpg", "coffee.png"] {
+        let bytes = std::fs::read(vision.join("photos").join(photo)).expect("photo");
+        let want = reference(
+            &classifier_dir,
+            json!([{"content_type": "application/octet-stream", "body_base64": base64(&bytes), "headers": {}}]),
+        );
+        let got = server.post(
+            "/predictions/classifier",
+            "application/octet-stream",
+            &bytes,
+        );
+        assert_eq!(got.status, 200, "{photo}: {}", got.text());
+        let (got, want) = (got.json(), &want["answers"][0]["body"]);
+        let names = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(names(&got), names(want), "{photo}");
+        assert_eq!(names(&got).map(|n| n.len()), Some(5), "{photo}: the top 5");
+        for (label, p) in want.as_object().expect("labels") {
+            let diff = (got[label].as_f64().unwrap_or(f64::NAN) - p.as_f64().unwrap_or(0.0)).abs();
+            assert!(diff <= 1e-7, "{photo} {label}: {got} vs {want}");
+        }
+    }
 
     // os.abort() in the handler: that request fails naming the signal, the other models
     // answer, and the next request gets a new interpreter.

@@ -184,8 +184,8 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
     let cases: [(&str, &[&str], &str); 2] = [
         (
             "base",
-            &["--handler", "base_handler"],
-            "`base_handler` has no Cresset counterpart",
+            &["--handler", "vllm_handler"],
+            "`vllm_handler` has no Cresset counterpart",
         ),
         (
             "reqs",

@@ -217,7 +217,9 @@ impl OpenedArchive {
                 };
                 let mar: torchserve::MarManifest = serde_json::from_str(&text)
                     .map_err(|e| bad(torchserve::MAR_MANIFEST_FILE, e.to_string()))?;
-                let manifest = torchserve::manifest(&mar, &dir)
+                // The config says whether a built-in handler's name means its Python version.
+                let config = read_config(source, &dir, mar.model.config_file.as_deref())?;
+                let manifest = torchserve::manifest(&mar, &dir, config.python_builtin_handlers)
                     .map_err(|m| bad(torchserve::MAR_MANIFEST_FILE, m))?;
                 (manifest, mar.model.config_file)
             }

@@ -47,6 +47,11 @@ pub struct ModelConfig {
     /// Process isolation: the window, in seconds, over which `max_crashes` is counted.
     #[serde(default = "default_crash_window")]
     pub crash_window_s: u64,
+    /// A `.mar` naming one of TorchServe's built-in image handlers (`image_classifier`,
+    /// `image_segmenter`, `object_detector`) runs TorchServe's own Python version of it (the
+    /// python plugin's `ts` package) instead of Cresset's `vision` plugin.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub python_builtin_handlers: bool,
     /// Free-form configuration passed to the plugin as JSON.
     #[serde(default)]
     pub handler: toml::Table,

@@ -69,14 +69,18 @@ const TORCHSERVE_BUILT_INS: [(&str, Option<&str>); 8] = [
     ("image_segmenter", Some("vision")),
     ("object_detector", Some("vision")),
     ("text_classifier", Some("text")),
-    ("base_handler", None),
+    ("base_handler", Some(PYTHON_PLUGIN)),
     ("dali_image_classifier", None),
     ("vllm_handler", None),
     ("trt_llm_handler", None),
 ];
 
 /// A `.mar`'s manifest as a Cresset manifest, for the archive unpacked in `dir`.
-pub fn manifest(mar: &MarManifest, dir: &Path) -> Result<Manifest, String> {
+/// The built-in handlers whose Python versions the python plugin's `ts` package has: a `.mar`
+/// naming one runs that version with `python_builtin_handlers` (else Cresset's own plugin).
+const PYTHON_BUILT_INS: [&str; 3] = ["image_classifier", "image_segmenter", "object_detector"];
+
+pub fn manifest(mar: &MarManifest, dir: &Path, python_builtins: bool) -> Result<Manifest, String> {
     let model = &mar.model;
     if let Some(req) = model.requirements_file.as_deref() {
         return Err(format!(
@@ -84,7 +88,18 @@ pub fn manifest(mar: &MarManifest, dir: &Path) -> Result<Manifest, String> {
              handler needs into the server's image and archive the model without it"
         ));
     }
-    let handler = handler(&mar.runtime, model.handler.trim(), dir)?;
+    let named = model.handler.trim();
+    let handler = if python_builtins && PYTHON_BUILT_INS.contains(&named) {
+        PYTHON_PLUGIN.to_owned()
+    } else if python_builtins && TORCHSERVE_BUILT_INS.iter().any(|(b, _)| *b == named) {
+        return Err(format!(
+            "`python_builtin_handlers`: the python plugin has no Python version of `{named}`; \
+             it has {}",
+            PYTHON_BUILT_INS.join(", ")
+        ));
+    } else {
+        handler(&mar.runtime, named, dir)?
+    };
     if let (Some(code), false) = (model.model_file.as_deref(), handler == PYTHON_PLUGIN) {
         return Err(format!(
             "`modelFile` ({code}) is Python model code, which only a Python handler runs: \
@@ -474,6 +489,7 @@ mod tests {
         assert_eq!(h("python", "object_detector").as_deref(), Ok("vision"));
         assert_eq!(h("python", "text_classifier").as_deref(), Ok("text"));
         // A handler of the archive's own Python: the python plugin, in each of its spellings.
+        assert_eq!(h("python", "base_handler").as_deref(), Ok(PYTHON_PLUGIN));
         for name in ["my_handler", "my_handler.py", "my_handler:handle"] {
             assert_eq!(h("python", name).as_deref(), Ok(PYTHON_PLUGIN), "{name}");
         }
@@ -482,8 +498,8 @@ mod tests {
         for (runtime, name, says) in [
             (
                 "python",
-                "base_handler",
-                "`base_handler` has no Cresset counterpart",
+                "vllm_handler",
+                "`vllm_handler` has no Cresset counterpart",
             ),
             ("python", "other.py", "the archive holds no `other.py`"),
             ("LSP", "BaseHandler", "BaseHandler"),
@@ -497,10 +513,11 @@ mod tests {
     #[test]
     fn mar_manifests_map_name_version_and_files_and_refuse_what_needs_python() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let read = |json: &str| {
+        let read_with = |json: &str, python_builtins: bool| {
             let mar: MarManifest = serde_json::from_str(json).expect("json");
-            manifest(&mar, dir.path())
+            manifest(&mar, dir.path(), python_builtins)
         };
+        let read = |json: &str| read_with(json, false);
         let m = read(
             r#"{"createdOn": "01/01/2026 00:00:00", "runtime": "LSP", "archiverVersion": "0.12.0",
                 "model": {"modelName": "iris", "serializedFile": "iris.pt",
@@ -531,5 +548,18 @@ mod tests {
         )
         .expect_err("model code");
         assert!(err.contains("model.py"), "{err}");
+        // A built-in image handler's Python version, when the config asks for it; a built-in
+        // without one is refused then, naming those there are.
+        let classifier =
+            r#"{"runtime": "python", "model": {"modelName": "m", "handler": "image_classifier"}}"#;
+        assert_eq!(read(classifier).expect("maps").model.handler, "vision");
+        assert_eq!(
+            read_with(classifier, true).expect("maps").model.handler,
+            PYTHON_PLUGIN
+        );
+        let text =
+            r#"{"runtime": "python", "model": {"modelName": "m", "handler": "text_classifier"}}"#;
+        let err = read_with(text, true).expect_err("no Python text_classifier");
+        assert!(err.contains("image_classifier"), "{err}");
     }
 }

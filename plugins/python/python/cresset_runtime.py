@@ -97,7 +97,11 @@ class Runtime:
         module_name = os.path.basename(module_name)
         if module_name.endswith(".py"):
             module_name = module_name[:-3]
-        module = importlib.import_module(module_name)
+        if os.path.isfile(os.path.join(model_dir, module_name + ".py")):
+            module = importlib.import_module(module_name)
+        else:
+            # One of TorchServe's built-in handlers, by its name (`image_classifier`, ...).
+            module = importlib.import_module("ts.torch_handler." + module_name)
         if function:
             # A module-level function: TorchServe calls it once with no data to initialise.
             self._entry = getattr(module, function)

@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 use serde_json::Value;
 
 /// The Python files the plugin ships: the `ts` package and the bridge.
-const FILES: [(&str, &str); 9] = [
+const FILES: [(&str, &str); 13] = [
     (
         "cresset_runtime.py",
         include_str!("../python/cresset_runtime.py"),
@@ -48,6 +48,22 @@ const FILES: [(&str, &str); 9] = [
     (
         "ts/torch_handler/base_handler.py",
         include_str!("../python/ts/torch_handler/base_handler.py"),
+    ),
+    (
+        "ts/torch_handler/vision_handler.py",
+        include_str!("../python/ts/torch_handler/vision_handler.py"),
+    ),
+    (
+        "ts/torch_handler/image_classifier.py",
+        include_str!("../python/ts/torch_handler/image_classifier.py"),
+    ),
+    (
+        "ts/torch_handler/image_segmenter.py",
+        include_str!("../python/ts/torch_handler/image_segmenter.py"),
+    ),
+    (
+        "ts/torch_handler/object_detector.py",
+        include_str!("../python/ts/torch_handler/object_detector.py"),
     ),
 ];
 

@@ -44,6 +44,9 @@ def load_label_mapping(mapping_file_path):
         mapping = json.load(f)
     if not isinstance(mapping, dict):
         raise Exception('index -> name JSON mapping should be in "class": "label" format.')
+    # An older layout: the names as a list under "object_type_names".
+    if isinstance(mapping.get("object_type_names"), list):
+        return {str(k): v for k, v in enumerate(mapping["object_type_names"])}
     new_mapping = {}
     for key, value in mapping.items():
         new_value = value

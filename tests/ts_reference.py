@@ -3,7 +3,7 @@
 python plugin is checked against (tests/tests/python_handlers.rs).
 
 Reads JSON on stdin: {"model_dir": an unpacked .mar, "requests": [{"content_type", "body" (or
-"body_base64"), "headers"}]}, one batch. Prints JSON: {"answers": [{"status", "headers", "body"}], "chunks":
+"body_base64"), "headers", and "field": the form field, "body" by default}]}, one batch. Prints JSON: {"answers": [{"status", "headers", "body"}], "chunks":
 [[chunks of request 0], ...]}. Bodies are the handler's values: strings as they are, anything
 else as JSON values."""
 
@@ -70,7 +70,7 @@ def main():
             value = body.decode("utf-8")
         else:
             value = bytearray(body)
-        data.append({"body": value})
+        data.append({r.get("field", "body"): value})
         processors.append(RequestProcessor(r["headers"]))
     context.request_ids = {i: f"r{i}" for i in range(len(requests))}
     context.request_processor = processors

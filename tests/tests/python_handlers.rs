@@ -317,6 +317,20 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
         "{metrics}"
     );
     assert!(server.log().contains("TorchServe handler initialised"));
+    // A multipart form: the handler finds the `data` field under its name (this one reads
+    // `body`, which such a request lacks in TorchServe too), the other fields beside it.
+    let want = reference(
+        &ctx_dir,
+        json!([{"content_type": "text/plain", "body": "hi", "headers": {}, "field": "data"}]),
+    );
+    let (status, text) = cresset_e2e::curl(
+        &["-F", "data=hi;type=text/plain"],
+        &format!("{}/predictions/ctx", server.inference),
+    );
+    assert_eq!(status, 201, "{text}");
+    let got: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(got, want["answers"][0]["body"]);
+    assert_eq!(got["body"], Value::Null);
 
     // A Cresset archive with `handler = "python"`: `handler.py` by default, and without a YAML
     // config the handler's `model_yaml_config` is the `[handler]` table.

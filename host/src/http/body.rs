@@ -13,6 +13,11 @@ use futures_util::{FutureExt, Stream, StreamExt};
 
 use super::ApiError;
 
+/// Parameters whose names start with this are the server's to give (a client's are dropped).
+pub const RESERVED_PREFIX: &str = "cresset-";
+/// The parameter naming the multipart field that became the body (`data` or `body`).
+pub const BODY_FIELD: &str = "cresset-body-field";
+
 /// Whether the request is a `multipart/form-data` form.
 pub fn is_multipart(req: &HttpRequest) -> bool {
     req.headers()
@@ -120,6 +125,11 @@ where
         }
         if (name == "data" || name == "body") && data.is_none() {
             data = Some((field_type, bytes));
+            // Which of the two it was, for handlers that look it up by name (TorchServe's).
+            params.push(KeyValue::new(BODY_FIELD, name));
+        } else if name.starts_with(RESERVED_PREFIX) {
+            // The server's own parameters are not the client's to give.
+            continue;
         } else {
             params.push(KeyValue::new(
                 name,
@@ -138,6 +148,15 @@ mod tests {
     use actix_web::http::header::{HeaderValue, CONTENT_TYPE};
 
     fn read(boundary: &str, body: &'static [u8], chunk: usize) -> Result<Vec<u8>, ApiError> {
+        read_all(boundary, body, chunk).map(|(body, _)| body)
+    }
+
+    /// The body and the parameters of a form.
+    fn read_all(
+        boundary: &str,
+        body: &'static [u8],
+        chunk: usize,
+    ) -> Result<(Vec<u8>, Vec<KeyValue>), ApiError> {
         let mut headers = HeaderMap::new();
         headers.insert(
             CONTENT_TYPE,
@@ -160,7 +179,7 @@ mod tests {
                 Duration::from_secs(5),
             )
             .await
-            .map(|(_, body, _)| body)
+            .map(|(_, body, params)| (body, params))
         })
     }
 
@@ -197,5 +216,19 @@ mod tests {
         let body: &[u8] =
             b"--XyZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nhello\r\n--XyZ--\r\n";
         assert_eq!(read("XyZ", body, 5).expect("a form"), b"hello");
+    }
+
+    #[test]
+    fn other_fields_are_parameters_the_body_field_is_named_and_reserved_names_are_dropped() {
+        let body: &[u8] = b"--XyZ\r\nContent-Disposition: form-data; name=\"topk\"\r\n\r\n3\r\n\
+            --XyZ\r\nContent-Disposition: form-data; name=\"cresset-protocol\"\r\n\r\nkserve\r\n\
+            --XyZ\r\nContent-Disposition: form-data; name=\"body\"\r\n\r\nhello\r\n--XyZ--\r\n";
+        let (data, params) = read_all("XyZ", body, 7).expect("a form");
+        assert_eq!(data, b"hello");
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.as_str()))
+            .collect();
+        assert_eq!(params, [("topk", "3"), (BODY_FIELD, "body")]);
     }
 }

@@ -271,16 +271,17 @@ async fn read_request(
         state.config.body_idle_timeout,
     )
     .await?;
+    // The server's own parameters (`cresset-protocol`, ...) are the host's to say: a client's
+    // own are dropped.
     if let Ok(query) = web::Query::<Vec<(String, String)>>::from_query(req.query_string()) {
         params.extend(
             query
                 .into_inner()
                 .into_iter()
+                .filter(|(k, _)| !k.starts_with(super::body::RESERVED_PREFIX))
                 .map(|(k, v)| KeyValue::new(k, v)),
         );
     }
-    // The protocol is the host's to say: a client's own `cresset-protocol` is dropped.
-    params.retain(|kv| kv.key.as_str() != "cresset-protocol");
     params.push(KeyValue::new("cresset-protocol", protocol.name()));
     let headers = req
         .headers()

@@ -131,9 +131,11 @@ class Runtime:
                     header["explain"] = "True"
                 ids[i] = rid
                 processors.append(RequestProcessor(header))
-                # The query parameters, as TorchServe passes them (but the server's own).
-                row = {k: v for k, v in params if k != "cresset-protocol"}
-                row["body"] = decode(content_type, body)
+                # The query parameters and other form fields, as TorchServe passes them (but
+                # the server's own), and the body under its form field's name.
+                row = {k: v for k, v in params if not k.startswith("cresset-")}
+                field = dict(params).get("cresset-body-field", "body")
+                row[field] = decode(content_type, body)
                 batch.append(row)
             ctx.request_ids, ctx.request_processor = ids, processors
             ctx.metrics.request_ids = ids

@@ -84,7 +84,8 @@ struct Probe {
 
 fn probe(python: &str) -> Result<Probe, String> {
     let out = Command::new(python)
-        .args(["-I", "-c", PROBE])
+        // Not isolated (`-I`): the operator's PYTHONPATH and user site belong to its path.
+        .args(["-c", PROBE])
         .output()
         .map_err(|e| format!("cannot run the Python `{python}`: {e}"))?;
     if !out.status.success() {

@@ -484,8 +484,31 @@ fn continuous_batching_streams_cross_the_process_boundary_and_survive_a_restart(
         .expect("a worker pid") as u32;
     kill(pid);
     wait_dead(pid);
-    assert_eq!(together(), (long_solo, short_solo));
+    assert_eq!(together(), (long_solo.clone(), short_solo.clone()));
     let d = describe(&server, "smollm2");
     assert_eq!(d["workers"][0]["restarts"], 1, "{d}");
     assert_ne!(d["workers"][0]["pid"], pid, "{d}");
+    // Killed in the middle of a stream: that stream is cut short, and the next requests (whose
+    // numbers run on in the server while the new process numbers its own from 0) are whole.
+    let pid = d["workers"][0]["pid"].as_u64().expect("a worker pid") as u32;
+    let cut = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let body = serde_json::json!({"model": "smollm2", "prompt": long, "max_tokens": 400, "temperature": 0, "stream": true});
+            agent
+                .post(format!("{}/v1/completions", server.inference))
+                .header("content-type", "application/json")
+                .send(body.to_string())
+                .map(|r| cresset_e2e::sse_events(r.into_body().into_reader()).count())
+                .unwrap_or(0)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        kill(pid);
+        stream.join().expect("stream")
+    });
+    assert!(cut < 400, "the stream went on: {cut} events");
+    assert_eq!(together(), (long_solo, short_solo));
 }

@@ -389,6 +389,15 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
         }
     }
 
+    // An exception in the handler answers the batch with 503, as TorchServe does, naming it.
+    let got = post(&server, "ctx", "text/plain", &[], "raise");
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert!(
+        got.text().contains("ValueError: asked to fail"),
+        "{}",
+        got.text()
+    );
+
     // os.abort() in the handler: that request fails naming the signal, the other models
     // answer, and the next request gets a new interpreter.
     let got = post(&server, "ctx", "text/plain", &[], "abort");

@@ -1,6 +1,7 @@
 //! `cresset-bench-vision`: resnet18 image classification, Cresset's `vision` plugin against
 //! TorchServe 0.12.0 with its own `image_classifier` handler, on the same TorchScript file
-//! (`.mar` made by `torch-model-archiver`) and the same JPEG bodies, in one run.
+//! (`.mar` made by `torch-model-archiver`) and the same JPEG bodies, in one run; and the same
+//! Python handler in Cresset's `python` plugin (`python_builtin_handlers`).
 //!
 //! Each server gets one worker with every core, batch size 1 and then 8 (`max_batch_delay`
 //! 5 ms), and is measured with 1 client (latency: p50, p99) and 32 concurrent clients
@@ -214,14 +215,24 @@ fn unregister(management: &str, name: &str) {
     let _ = agent().delete(format!("{management}/models/{name}")).call();
 }
 
-/// The `.mar` of the vision fixtures' resnet18 with TorchServe's `image_classifier` handler.
-fn make_mar(store: &Path) {
+/// The `.mar` of the vision fixtures' resnet18 with TorchServe's `image_classifier` handler,
+/// as `name`.mar; with `config` as its `model-config.yaml`.
+fn make_mar(store: &Path, name: &str, config: Option<&str>) {
     let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV (run through `make bench`)");
     let src = repo_root().join("tests/fixtures/generated/vision/resnet18");
     assert!(src.join("model.pt").is_file(), "run `make models` first");
-    let out = Command::new(Path::new(&venv).join("bin/torch-model-archiver"))
-        .current_dir(&src)
-        .args(["--model-name", "resnet18", "--version", "1.0"])
+    let work = tempfile::tempdir().expect("tempdir");
+    for file in ["model.pt", "index_to_name.json"] {
+        cresset_bench::link_or_copy(&src.join(file), &work.path().join(file));
+    }
+    let mut command = Command::new(Path::new(&venv).join("bin/torch-model-archiver"));
+    if let Some(config) = config {
+        std::fs::write(work.path().join("model-config.yaml"), config).expect("config");
+        command.args(["--config-file", "model-config.yaml"]);
+    }
+    let out = command
+        .current_dir(work.path())
+        .args(["--model-name", name, "--version", "1.0"])
         .args([
             "--serialized-file",
             "model.pt",
@@ -252,7 +263,15 @@ fn main() {
     let photo = repo_root().join("tests/fixtures/generated/vision/photos/chelsea.jpg");
     let body = Arc::new(std::fs::read(&photo).expect("run `make models` first"));
     let store = tempfile::tempdir().expect("tempdir");
-    make_mar(store.path());
+    make_mar(store.path(), "resnet18", None);
+    // The same handler's Python version, as TorchServe runs it, in Cresset's python plugin.
+    make_mar(
+        store.path(),
+        "resnet18py",
+        Some("python_builtin_handlers: true\n"),
+    );
+    let python =
+        Path::new(&std::env::var("CRESSET_VENV").expect("CRESSET_VENV")).join("bin/python");
 
     // (server, batch, clients) -> measured. The servers run side by side (idle while another
     // is measured), and each case is measured on one right after the other, so that the
@@ -261,32 +280,38 @@ fn main() {
     // to f32 (`CRESSET_CPU_BF16=0` makes `auto` f32), TorchServe's arithmetic.
     let mut results: Vec<(&str, u32, usize, Measured)> = Vec::new();
     let store_arg = store.path().to_str().expect("utf-8");
-    let server = Server::start(&["--model-store", store_arg]);
+    let server = Server::start_with_env(
+        &["--model-store", store_arg],
+        &[("CRESSET_PYTHON", python.to_str().expect("utf-8"))],
+    );
     server.wait_healthy();
     let f32_server =
         Server::start_with_env(&["--model-store", store_arg], &[("CRESSET_CPU_BF16", "0")]);
     f32_server.wait_healthy();
     let ts = TorchServe::start(&venv, store.path());
-    const SERVERS: [&str; 3] = ["Cresset", "Cresset f32", "TorchServe"];
+    const SERVERS: [&str; 4] = ["Cresset", "Cresset f32", "TorchServe", "Cresset python"];
     for batch in [1, 8] {
-        let name = format!("resnet18_b{batch}");
         let servers = [
-            (&server.management, &server.inference),
-            (&f32_server.management, &f32_server.inference),
-            (&ts.management, &ts.inference),
+            (&server.management, &server.inference, "resnet18"),
+            (&f32_server.management, &f32_server.inference, "resnet18"),
+            (&ts.management, &ts.inference, "resnet18"),
+            (&server.management, &server.inference, "resnet18py"),
         ];
-        for (management, _) in servers {
-            register(management, "resnet18.mar", &name, batch);
+        let name = |mar: &str| format!("{mar}_b{batch}");
+        for (management, _, mar) in servers {
+            register(management, &format!("{mar}.mar"), &name(mar), batch);
         }
         for clients in [1, 32] {
-            let mut measured: [Measured; 3] = Default::default();
+            let mut measured: [Measured; 4] = Default::default();
             for round in 0..ROUNDS {
-                for ((label, (_, inference)), m) in SERVERS.iter().zip(servers).zip(&mut measured) {
+                for ((label, (_, inference, mar)), m) in
+                    SERVERS.iter().zip(servers).zip(&mut measured)
+                {
                     eprintln!(
                         "bench-vision: {label}, batch {batch}, {clients} clients, round {}",
                         round + 1
                     );
-                    let url = format!("{inference}/predictions/{name}");
+                    let url = format!("{inference}/predictions/{}", name(mar));
                     m.add(load(&url, &body, clients, seconds / ROUNDS as f64));
                 }
             }
@@ -294,8 +319,8 @@ fn main() {
                 results.push((label, batch, clients, m));
             }
         }
-        for (management, _) in servers {
-            unregister(management, &name);
+        for (management, _, mar) in servers {
+            unregister(management, &name(mar));
         }
     }
     drop(ts);
@@ -313,9 +338,13 @@ fn main() {
         "| batch size | clients | Cresset req/s | Cresset f32 req/s | TorchServe req/s | Cresset ÷ TorchServe | Cresset f32 ÷ TorchServe | p50 / p99 ms: Cresset | Cresset f32 | TorchServe | p50 ÷ TorchServe's: Cresset | Cresset f32 |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
+    let mut python_table = String::from(
+        "| batch size | clients | Cresset python req/s | TorchServe req/s | ÷ TorchServe | p50 / p99 ms: Cresset python | TorchServe |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
     for batch in [1, 8] {
         for clients in [1, 32] {
-            let [c, f, t] = SERVERS.map(|s| find(s, batch, clients));
+            let [c, f, t, py] = SERVERS.map(|s| find(s, batch, clients));
             table.push_str(&format!(
                 "| {batch} | {clients} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.2}× | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2}× | {:.2}× |\n",
                 c.rps(),
@@ -331,6 +360,16 @@ fn main() {
                 t.p(99.0),
                 c.p(50.0) / t.p(50.0),
                 f.p(50.0) / t.p(50.0),
+            ));
+            python_table.push_str(&format!(
+                "| {batch} | {clients} | {:.1} | {:.1} | {:.2}× | {:.1} / {:.1} | {:.1} / {:.1} |\n",
+                py.rps(),
+                t.rps(),
+                py.rps() / t.rps(),
+                py.p(50.0),
+                py.p(99.0),
+                t.p(50.0),
+                t.p(99.0),
             ));
         }
     }
@@ -362,7 +401,11 @@ fn main() {
          code as PIL does, and preprocesses a batch's images in parallel.\n\n\
          Best throughput at 32 clients: Cresset {:.1} req/s, Cresset f32 {:.1} req/s, \
          TorchServe {:.1} req/s ({:.2}× and {:.2}×; target ≥ 1.5×). p50 at 1 client, batch 1: \
-         {:.2}× TorchServe's, f32 {:.2}× (target ≤ 0.7×).\n",
+         {:.2}× TorchServe's, f32 {:.2}× (target ≤ 0.7×).\n\n\
+         TorchServe's own Python `image_classifier` in Cresset's `python` plugin (the same \
+         `.mar` with `python_builtin_handlers: true`: PIL and torchvision preprocessing, eager \
+         TorchScript, f32, in one worker process), against TorchServe running the same \
+         handler, in the same rounds:\n\n{python_table}",
         machine(),
         threads(),
         body.len(),

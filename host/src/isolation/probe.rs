@@ -54,6 +54,17 @@ pub fn describe(exe: &Path, staged: &Path, source: &Path) -> Result<PluginDescri
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| LoadError::Host(format!("cannot start a worker process: {e}")))?;
+    // Read while it runs: a library that prints much would otherwise block on a full pipe.
+    let reader = child.stdout.take().map(|mut stdout| {
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            // One line of JSON; what a library prints beside it is kept up to a bound, and
+            // the rest drained.
+            let _ = (&mut stdout).take(1 << 20).read_to_string(&mut out);
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+            out
+        })
+    });
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -73,11 +84,7 @@ pub fn describe(exe: &Path, staged: &Path, source: &Path) -> Result<PluginDescri
             }
         }
     };
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        // One line of JSON; a library that prints more is cut off at a bound.
-        let _ = (&mut stdout).take(1 << 20).read_to_string(&mut out);
-    }
+    let out = reader.and_then(|r| r.join().ok()).unwrap_or_default();
     if !status.success() {
         return Err(fail(
             FailureKind::PluginFault,

@@ -214,8 +214,9 @@ struct Child {
     cancels: UnixStream,
     ready: bool,
     /// The host's index of the worker's request 0 (continuous batching: the worker numbers
-    /// its requests from 0, the host's worker thread across every process it has had).
-    base: usize,
+    /// its requests from 0, the host's worker thread across every process it has had); set
+    /// when its first requests go to it.
+    base: Option<usize>,
 }
 
 impl Child {
@@ -223,49 +224,62 @@ impl Child {
         self.socket.write_all(frame)
     }
 
-    fn cancel(&mut self, index: u64) {
+    fn cancel(&mut self, key: u64, index: u64) {
         // A worker that is gone shows on the calls socket.
-        let _ = self.cancels.write_all(&ToWorker::Cancel(index).encode());
+        let _ = self
+            .cancels
+            .write_all(&ToWorker::Cancel { key, index }.encode());
     }
 
-    /// The next message, recording logs and metrics on the way.
+    /// The next message; a log record or metric is recorded and counts as quiet (so that a
+    /// chatty plugin does not hold off the cancellation poll). A process that has ended is
+    /// closed even if something it started still holds its socket open.
     fn next(&mut self, services: &HostHandle) -> Event {
-        loop {
-            let message = match self.frames.next(&mut self.reader) {
-                Ok(Some(frame)) => ToHost::decode(&frame),
-                Ok(None) => return Event::Quiet,
-                Err(WireError::Closed) => return Event::Closed(None),
-                Err(e) => return Event::Closed(Some(e.to_string())),
-            };
-            match message {
-                Ok(ToHost::Log {
-                    level,
-                    target,
-                    message,
-                    fields,
-                }) => services.log(
+        let message = match self.frames.next(&mut self.reader) {
+            Ok(Some(frame)) => ToHost::decode(&frame),
+            Ok(None) => {
+                return match self.process.try_wait() {
+                    Ok(Some(_)) => Event::Closed(None),
+                    _ => Event::Quiet,
+                }
+            }
+            Err(WireError::Closed) => return Event::Closed(None),
+            Err(e) => return Event::Closed(Some(e.to_string())),
+        };
+        match message {
+            Ok(ToHost::Log {
+                level,
+                target,
+                message,
+                fields,
+            }) => {
+                services.log(
                     LogLevel(level),
                     RStr::from(target.as_str()),
                     RStr::from(message.as_str()),
                     RSlice::from_slice(&fields),
-                ),
-                Ok(ToHost::Metric {
-                    kind,
-                    name,
-                    help,
-                    labels,
-                    value,
-                }) => services.metric(
+                );
+                Event::Quiet
+            }
+            Ok(ToHost::Metric {
+                kind,
+                name,
+                help,
+                labels,
+                value,
+            }) => {
+                services.metric(
                     MetricKind(kind),
                     RStr::from(name.as_str()),
                     RStr::from(help.as_str()),
                     RSlice::from_slice(&labels),
                     value,
-                ),
-                Ok(other) => return Event::Message(other),
-                // A worker that writes garbage is treated as dead; its instance kills it.
-                Err(e) => return Event::Closed(Some(e.to_string())),
+                );
+                Event::Quiet
             }
+            Ok(other) => Event::Message(other),
+            // A worker that writes garbage is treated as dead; its instance kills it.
+            Err(e) => Event::Closed(Some(e.to_string())),
         }
     }
 
@@ -340,6 +354,10 @@ pub struct ProcessInstance {
     next_index: usize,
     open: BTreeSet<usize>,
     told: HashSet<usize>,
+    /// Calls so far: a batch's key for its cancellations.
+    calls: u64,
+    /// The process this instance started last (its entry in the shared table).
+    pid: Option<u32>,
 }
 
 impl ProcessInstance {
@@ -358,6 +376,8 @@ impl ProcessInstance {
             next_index: 0,
             open: BTreeSet::new(),
             told: HashSet::new(),
+            calls: 0,
+            pid: None,
         };
         loop {
             let mut child = instance.spawn()?;
@@ -423,11 +443,21 @@ impl ProcessInstance {
                 Ok(())
             });
         }
-        let process = command.spawn().map_err(failed)?;
+        let mut process = command.spawn().map_err(failed)?;
         drop((worker_end, worker_cancels));
         let pid = process.id();
-        let reader = host_end.try_clone().map_err(failed)?;
-        reader.set_read_timeout(Some(CANCEL_POLL)).map_err(failed)?;
+        let reader = match host_end
+            .try_clone()
+            .and_then(|r| r.set_read_timeout(Some(CANCEL_POLL)).map(|()| r))
+        {
+            Ok(reader) => reader,
+            Err(e) => {
+                let _ = process.kill();
+                let _ = process.wait();
+                return Err(failed(e));
+            }
+        };
+        self.pid = Some(pid);
         let mut child = Child {
             process,
             socket: host_end,
@@ -435,7 +465,7 @@ impl ProcessInstance {
             frames: FrameReader::default(),
             cancels,
             ready: false,
-            base: self.next_index,
+            base: None,
         };
         let init = ToWorker::Init(Init {
             library: settings.library.to_string_lossy().into_owned(),
@@ -510,8 +540,9 @@ impl ProcessInstance {
     }
 
     /// A running, ready worker process, or why there is none now.
-    fn ensure_child(&mut self) -> Result<(), PluginError> {
-        // Killed while idle: nobody's request was lost; start another before this call.
+    /// Returns whether the process died since the last call (and was replaced).
+    fn ensure_child(&mut self) -> Result<bool, PluginError> {
+        // Killed between calls: start another before this call.
         let exited = match self.child.as_mut() {
             Some(child) => matches!(child.process.try_wait(), Ok(Some(_))),
             None => false,
@@ -543,12 +574,12 @@ impl ProcessInstance {
         };
         if child.ready {
             self.child = Some(child);
-            return Ok(());
+            return Ok(exited);
         }
         match self.wait_ready(&mut child) {
             Ok(()) => {
                 self.child = Some(child);
-                Ok(())
+                Ok(exited)
             }
             Err(NotReady::Refused(e)) => {
                 let what = self.lost(child, Some(format!("its plugin refused to load: {e}")));
@@ -573,23 +604,64 @@ impl ProcessInstance {
         requests: RSlice<'_, Request>,
         mut sink: SinkRef<'_>,
     ) -> RResult<(), PluginError> {
-        if let Err(e) = self.ensure_child() {
-            return RResult::RErr(e);
-        }
         let continuous = self.shared.settings.continuous && !explain;
         let n = requests.len();
+        self.calls += 1;
+        let key = if continuous {
+            wire::CONTINUOUS
+        } else {
+            self.calls
+        };
+        // The host's worker thread numbers a continuous call's requests whatever happens to
+        // it: so does this, and a call that fails fails every open request (the host answers
+        // them all with its error).
+        let first = self.next_index;
+        if continuous {
+            self.next_index += n;
+        }
+        let fail_open = |this: &mut Self, e: PluginError| {
+            if continuous {
+                this.open.clear();
+                this.told.clear();
+            }
+            RResult::RErr(e)
+        };
+        let had_open = continuous && !self.open.is_empty();
+        match self.ensure_child() {
+            Err(e) => return fail_open(self, e),
+            // Open sequences died with their process: the host must fail them.
+            Ok(true) if had_open => {
+                let e = PluginError::internal(format!(
+                    "the worker process running model `{}` died between steps; its open requests are lost",
+                    self.shared.settings.spec.name
+                ));
+                return fail_open(self, e);
+            }
+            Ok(_) => {}
+        }
         let mut call_open: BTreeSet<usize> = (0..n).collect();
         if continuous {
-            self.open.extend(self.next_index..self.next_index + n);
-            self.next_index += n;
+            self.open.extend(first..first + n);
             call_open.clear();
+        }
+        let message = wire::encode_execute(explain, key, requests.as_slice());
+        if message.len() as u64 > wire::MAX_FRAME + 8 {
+            let e = PluginError::invalid_input(format!(
+                "the batch is {} bytes, over the {} a worker process takes",
+                message.len(),
+                wire::MAX_FRAME
+            ));
+            return fail_open(self, e);
         }
         let Some(mut child) = self.child.take() else {
             return RResult::RErr(PluginError::internal("no worker process: this is a bug"));
         };
-        let base = if continuous { child.base } else { 0 };
+        let base = if continuous {
+            *child.base.get_or_insert(first)
+        } else {
+            0
+        };
         let to_host = |index: u64| usize::try_from(index).ok()?.checked_add(base);
-        let message = wire::encode_execute(explain, requests.as_slice());
         let mut closed: Option<Option<String>> = None;
         let mut outcome = None;
         if let Err(e) = child.send(&message) {
@@ -603,7 +675,7 @@ impl ProcessInstance {
                         continue;
                     };
                     if !sink.send_chunk(host_index, chunk) && self.told.insert(host_index) {
-                        child.cancel(index);
+                        child.cancel(key, index);
                     }
                 }
                 Event::Message(ToHost::Final(index, result)) => {
@@ -637,7 +709,7 @@ impl ProcessInstance {
                 for index in gone {
                     self.told.insert(index);
                     if let Some(worker_index) = index.checked_sub(base) {
-                        child.cancel(worker_index as u64);
+                        child.cancel(key, worker_index as u64);
                     }
                 }
             }
@@ -694,11 +766,18 @@ impl Drop for ProcessInstance {
                 let _ = child.process.wait();
             }
         }
-        self.shared
+        // Only its own entry: a new instance may have the same index already.
+        let mut table = self
+            .shared
             .processes
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.assignment.index);
+            .unwrap_or_else(|p| p.into_inner());
+        let ours = table
+            .get(&self.assignment.index)
+            .is_some_and(|p| p.pid.is_none() || p.pid == self.pid);
+        if ours {
+            table.remove(&self.assignment.index);
+        }
     }
 }
 

@@ -26,12 +26,27 @@ pub enum ToWorker {
     Execute {
         /// `explain` instead of `execute`.
         explain: bool,
+        /// The call's key for cancellations: its sequence number when its requests are
+        /// numbered from 0 (a batch), or [`CONTINUOUS`] when request numbers run on across
+        /// calls (continuous batching).
+        key: u64,
         /// The requests.
         requests: Vec<Request>,
     },
-    /// The client of the request at this index (as the worker numbers them) went away.
-    Cancel(u64),
+    /// The client of the request at `index` of the call with `key` went away.
+    Cancel {
+        /// The call's key (see [`ToWorker::Execute`]).
+        key: u64,
+        /// The request's number.
+        index: u64,
+    },
 }
+
+/// The call key of continuous batching, whose request numbers run on across calls.
+pub const CONTINUOUS: u64 = 0;
+
+/// The most items a list in a frame may hold (headers, parameters, labels, log fields).
+pub const MAX_ITEMS: usize = 4096;
 
 /// What a worker process loads.
 #[derive(Debug, Clone)]
@@ -159,6 +174,10 @@ impl FrameReader {
         }
         let payload = self.buf[8..end].to_vec();
         self.buf.drain(..end);
+        // A large frame's room is not kept for the small ones that follow.
+        if self.buf.capacity() > 1 << 20 && self.buf.len() < 1 << 16 {
+            self.buf.shrink_to(1 << 16);
+        }
         Ok(Some(payload))
     }
 }
@@ -279,6 +298,9 @@ impl<'a> Dec<'a> {
     }
     fn pairs(&mut self, what: &str) -> Result<Vec<KeyValue>, WireError> {
         let n = self.count(8, what)?;
+        if n > MAX_ITEMS {
+            return Err(malformed(format!("{what}: {n} items, over {MAX_ITEMS}")));
+        }
         (0..n)
             .map(|_| Ok(KeyValue::new(self.string(what)?, self.string(what)?)))
             .collect()
@@ -322,9 +344,9 @@ impl<'a> Dec<'a> {
 
 /// The frame of [`ToWorker::Execute`], from borrowed requests (bodies are copied once, into
 /// the frame).
-pub fn encode_execute(explain: bool, requests: &[Request]) -> Vec<u8> {
+pub fn encode_execute(explain: bool, key: u64, requests: &[Request]) -> Vec<u8> {
     let mut e = Enc::frame();
-    e.u8(2).u8(u8::from(explain)).len(requests.len());
+    e.u8(2).u8(u8::from(explain)).u64(key).len(requests.len());
     for r in requests {
         e.str(&r.id)
             .str(&r.content_type)
@@ -357,9 +379,13 @@ impl ToWorker {
                 }
                 e.u32(a.intra_op_threads).u8(init.log_level);
             }
-            Self::Execute { explain, requests } => return encode_execute(*explain, requests),
-            Self::Cancel(index) => {
-                e.u8(3).u64(*index);
+            Self::Execute {
+                explain,
+                key,
+                requests,
+            } => return encode_execute(*explain, *key, requests),
+            Self::Cancel { key, index } => {
+                e.u8(3).u64(*key).u64(*index);
             }
         }
         e.finish()
@@ -400,6 +426,7 @@ impl ToWorker {
             }
             2 => {
                 let explain = d.u8("the call kind")? == 1;
+                let key = d.u64("the call key")?;
                 let n = d.count(20, "requests")?;
                 let mut requests = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -411,9 +438,16 @@ impl ToWorker {
                         params: d.pairs("request parameters")?.into(),
                     });
                 }
-                Self::Execute { explain, requests }
+                Self::Execute {
+                    explain,
+                    key,
+                    requests,
+                }
             }
-            3 => Self::Cancel(d.u64("an index")?),
+            3 => Self::Cancel {
+                key: d.u64("a call key")?,
+                index: d.u64("an index")?,
+            },
             t => return Err(malformed(format!("unknown message tag {t} from the host"))),
         };
         d.end()?;
@@ -553,20 +587,25 @@ mod tests {
         let body: Vec<u8> = (0..=255u8).collect();
         let execute = ToWorker::Execute {
             explain: true,
+            key: 9,
             requests: vec![request("a", &body), request("b", b"")],
         };
-        let ToWorker::Execute { explain, requests } =
-            ToWorker::decode(&payload(execute.encode())).expect("execute")
+        let ToWorker::Execute {
+            explain,
+            key,
+            requests,
+        } = ToWorker::decode(&payload(execute.encode())).expect("execute")
         else {
             panic!("not execute");
         };
         assert!(explain);
+        assert_eq!(key, 9);
         assert_eq!(requests.len(), 2);
         assert_eq!(requests[0].body.as_slice(), body.as_slice());
         assert_eq!(requests[1].param("topk"), Some("5"));
         assert!(matches!(
-            ToWorker::decode(&payload(ToWorker::Cancel(7).encode())),
-            Ok(ToWorker::Cancel(7))
+            ToWorker::decode(&payload(ToWorker::Cancel { key: 3, index: 7 }.encode())),
+            Ok(ToWorker::Cancel { key: 3, index: 7 })
         ));
 
         let mut response = Response::ok("text/plain", "hi");
@@ -602,7 +641,7 @@ mod tests {
 
     #[test]
     fn frames_cross_a_stream_in_pieces_and_a_clean_end_is_closed() {
-        let mut stream = ToWorker::Cancel(1).encode();
+        let mut stream = ToWorker::Cancel { key: 0, index: 1 }.encode();
         stream.extend(ToHost::Done(Ok(())).encode());
         // A reader that gives a few bytes per read, then times out, as a slow socket does.
         struct Trickle<'a>(&'a [u8], bool);
@@ -634,7 +673,7 @@ mod tests {
         assert_eq!(frames.len(), 2);
         assert!(matches!(
             ToWorker::decode(&frames[0]),
-            Ok(ToWorker::Cancel(1))
+            Ok(ToWorker::Cancel { key: 0, index: 1 })
         ));
         assert!(matches!(
             ToHost::decode(&frames[1]),

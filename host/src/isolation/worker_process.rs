@@ -19,7 +19,7 @@ use cresset_plugin_api::{
     SinkRef,
 };
 
-use super::wire::{FrameReader, Init, ToHost, ToWorker};
+use super::wire::{FrameReader, Init, ToHost, ToWorker, CONTINUOUS, MAX_FRAME};
 
 /// The file descriptor the host passes the calls socket on.
 pub const SOCKET_FD: i32 = 3;
@@ -47,14 +47,57 @@ impl Writer {
         let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if stream.write_all(frames).is_err() {
             // Nobody is listening any more: there is nothing left to serve.
-            std::process::exit(HOST_GONE);
+            leave(HOST_GONE);
         }
+    }
+}
+
+/// End this process now, from any thread: no exit handlers or static destructors (libtorch's,
+/// CUDA's) run under a plugin call that may still be going on another thread.
+fn leave(status: i32) -> ! {
+    // SAFETY: _exit ends the process; nothing is left to observe a broken invariant.
+    unsafe { libc::_exit(status) }
+}
+
+/// The cancelled requests, by call key and number (see [`ToWorker::Execute`]).
+#[derive(Default)]
+struct Cancelled {
+    /// The running call's key.
+    key: u64,
+    set: HashSet<(u64, u64)>,
+}
+
+impl Cancelled {
+    /// A new call: cancellations of earlier batches no longer apply (their numbers are
+    /// reused); those of continuous batching stay while their requests are open.
+    fn begin(&mut self, key: u64) {
+        self.key = key;
+        self.set.retain(|(k, _)| *k == CONTINUOUS || *k >= key);
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.set.contains(&(self.key, index as u64))
+    }
+
+    fn finish(&mut self, index: usize) {
+        self.set.remove(&(self.key, index as u64));
     }
 }
 
 /// Run the worker on the socket at [`SOCKET_FD`]; returns the process's exit status.
 pub fn run() -> i32 {
     use std::os::fd::FromRawFd;
+    // Not inherited by what a plugin starts (a forked helper holding the calls socket would
+    // hide this worker's death from the host).
+    for fd in [SOCKET_FD, CANCEL_FD] {
+        // SAFETY: fcntl on descriptors this process was started with.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
     // SAFETY: the host starts this mode with its sockets on SOCKET_FD and CANCEL_FD, and
     // nothing else in this process owns those descriptors.
     let (stream, mut cancels) = unsafe {
@@ -106,28 +149,41 @@ pub fn run() -> i32 {
     };
     writer.send(&ToHost::Ready(model.metadata_json().into()));
 
-    let cancelled: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let cancelled: Arc<Mutex<Cancelled>> = Arc::default();
     let seen = cancelled.clone();
     let spawned = std::thread::Builder::new()
         .name("cresset-worker-cancels".into())
         .spawn(move || {
             let mut frames = FrameReader::default();
             while let Ok(Some(frame)) = frames.next(&mut cancels) {
-                if let Ok(ToWorker::Cancel(index)) = ToWorker::decode(&frame) {
-                    seen.lock().unwrap_or_else(|p| p.into_inner()).insert(index);
+                if let Ok(ToWorker::Cancel { key, index }) = ToWorker::decode(&frame) {
+                    let mut cancelled = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    // A late one for a batch that already ended is dropped.
+                    if key == CONTINUOUS || key >= cancelled.key {
+                        cancelled.set.insert((key, index));
+                    }
                 }
             }
             // The host closed its end: it stopped this worker (which then ends on its own, once
             // its call returns) or it died. Either way, no worker outlives it for long, even one
             // stuck in a plugin call.
             std::thread::sleep(ORPHAN_GRACE);
-            std::process::exit(0);
+            leave(0);
         });
     if let Err(e) = spawned {
         eprintln!("cresset worker: cannot start the cancellation thread: {e}");
         return 2;
     }
-    while let Some(ToWorker::Execute { explain, requests }) = next_call() {
+    while let Some(ToWorker::Execute {
+        explain,
+        key,
+        requests,
+    }) = next_call()
+    {
+        cancelled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin(key);
         let mut sink = WorkerSink {
             writer: writer.clone(),
             cancelled: cancelled.clone(),
@@ -184,7 +240,7 @@ fn load(
 /// write for them all and the end saves the host a wake-up per call).
 struct WorkerSink {
     writer: Writer,
-    cancelled: Arc<Mutex<HashSet<u64>>>,
+    cancelled: Arc<Mutex<Cancelled>>,
     finals: Vec<u8>,
 }
 
@@ -193,8 +249,26 @@ impl WorkerSink {
         self.cancelled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&(index as u64))
+            .contains(index)
     }
+}
+
+/// A message's frame, or, past the frame limit, the frame of an error in its place (a chunk
+/// becomes the request's failure), so that an answer too large fails its request, not the
+/// worker.
+fn bounded(index: usize, message: ToHost) -> Vec<u8> {
+    let frame = message.encode();
+    if (frame.len() as u64) <= MAX_FRAME + 8 {
+        return frame;
+    }
+    ToHost::Final(
+        index as u64,
+        Err(PluginError::internal(format!(
+            "the answer is {} bytes, over the {MAX_FRAME} a worker process may send",
+            frame.len()
+        ))),
+    )
+    .encode()
 }
 
 impl ResponseSink for WorkerSink {
@@ -203,7 +277,7 @@ impl ResponseSink for WorkerSink {
             return false;
         }
         self.finals
-            .extend(ToHost::Chunk(index as u64, chunk).encode());
+            .extend(bounded(index, ToHost::Chunk(index as u64, chunk)));
         self.writer.write(&std::mem::take(&mut self.finals));
         true
     }
@@ -212,9 +286,9 @@ impl ResponseSink for WorkerSink {
         self.cancelled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(index as u64));
+            .finish(index);
         self.finals
-            .extend(ToHost::Final(index as u64, result.into()).encode());
+            .extend(bounded(index, ToHost::Final(index as u64, result.into())));
     }
 
     fn is_cancelled(&self, index: usize) -> bool {
@@ -272,5 +346,32 @@ impl HostServices for WorkerServices {
             labels: pairs(labels),
             value,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batchs_cancellations_end_with_it_and_continuous_ones_stay() {
+        let mut c = Cancelled::default();
+        c.begin(5);
+        c.set.insert((5, 0));
+        c.set.insert((CONTINUOUS, 7));
+        assert!(c.contains(0));
+        // The next batch numbers its requests from 0 again: request 0 is someone else now.
+        c.begin(6);
+        assert!(!c.contains(0));
+        // A late cancellation of batch 5 arrives after batch 6 began: dropped by the reader
+        // (its key is older), and gone at the next begin in any case.
+        c.set.insert((5, 1));
+        c.begin(7);
+        assert!(!c.set.contains(&(5, 1)));
+        // Continuous batching numbers across calls: its cancellations stay until finished.
+        c.begin(CONTINUOUS);
+        assert!(c.contains(7));
+        c.finish(7);
+        assert!(!c.contains(7));
     }
 }

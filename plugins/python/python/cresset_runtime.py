@@ -42,19 +42,24 @@ def encode(value, content_type):
 
 def decode(content_type, body):
     """A request body as TorchServe hands it to handlers: JSON parsed, text decoded, anything
-    else a bytearray."""
+    else (and JSON or text that does not parse, as TorchServe does) a bytearray."""
     kind = (content_type or "").split(";")[0].strip().lower()
     if kind == "application/json" and body:
         try:
             return json.loads(body.decode("utf-8"))
         except ValueError as e:
-            raise PredictionException(f"the request body is not JSON: {e}", 400)
-    if kind.startswith("text/"):
+            logging.getLogger(__name__).warning("a JSON body did not parse (%s): passed as bytes", e)
+    elif kind.startswith("text/"):
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise PredictionException(f"the request body is not UTF-8 text: {e}", 400)
+            logging.getLogger(__name__).warning("a text body is not UTF-8 (%s): passed as bytes", e)
     return bytearray(body)
+
+
+def _failed(code, kind, message, n):
+    body = json.dumps({"code": code, "type": kind, "message": message}).encode("utf-8")
+    return [(code, "application/json", [], body)] * n
 
 
 _runtime = None
@@ -141,11 +146,19 @@ class Runtime:
             ctx.metrics.request_ids = ids
             results = self._entry(batch, ctx)
         except PredictionException as e:
-            message = json.dumps({"code": e.error_code, "type": "PredictionException", "message": e.message})
-            return [(int(e.error_code), "application/json", [], message.encode("utf-8"))] * len(requests)
+            return _failed(int(e.error_code), "PredictionException", e.message, len(requests))
+        except Exception as e:
+            # As TorchServe answers: 507 when out of memory, else 503; the traceback is logged.
+            logging.getLogger(__name__).exception("the handler failed")
+            out_of_memory = isinstance(e, MemoryError) or "out of memory" in str(e)
+            code = 507 if out_of_memory else 503
+            message = f"Prediction failed: {type(e).__name__}: {e}"
+            return _failed(code, "InternalServerException", message, len(requests))
         if not isinstance(results, (list, tuple)) or len(results) != len(requests):
             got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
-            raise RuntimeError(f"the handler answered {got} for a batch of {len(requests)} requests: it must return one answer per request")
+            message = f"the handler answered {got} for a batch of {len(requests)} requests: it must return one answer per request"
+            logging.getLogger(__name__).error(message)
+            return _failed(503, "InternalServerException", message, len(requests))
         answers = []
         for i, value in enumerate(results):
             body, content_type = encode(value, ctx.get_response_content_type(i))

@@ -6,8 +6,8 @@
 //! its version, home and module path, starts the embedded interpreter with the same home
 //! (`[handler] python_home` overrides it) and path, and refuses a Python whose version differs
 //! from the libpython the plugin was built against. The `ts` compatibility package and the
-//! runtime bridge ship inside the plugin and are written to a private folder that leads the
-//! path.
+//! runtime bridge ship inside the plugin and are written once, to a folder named by a hash of
+//! their contents in the temporary folder, which leads the path.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -71,9 +71,9 @@ const FILES: [(&str, &str); 13] = [
 const PROBE: &str = "import json, sys; print(json.dumps({'version': list(sys.version_info[:2]), \
                      'home': sys.base_prefix, 'path': [p for p in sys.path if p]}))";
 
-/// The started interpreter: its files' folder (kept for the process's life), or why it could
-/// not start (every later model in this process gets the same answer).
-static STARTED: OnceLock<Result<tempfile::TempDir, String>> = OnceLock::new();
+/// Whether the interpreter started, or why not (every later model in this process gets the
+/// same answer).
+static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// What the operator's Python reported.
 struct Probe {
@@ -125,19 +125,43 @@ pub fn start(python: &str, python_home: Option<&str>) -> Result<(), PluginError>
     }
 }
 
-fn start_once(python: &str, python_home: Option<&str>) -> Result<tempfile::TempDir, String> {
-    let probe = probe(python)?;
-    let files = tempfile::Builder::new()
-        .prefix("cresset-python-")
+/// The shipped Python files, in a folder of the temporary folder named by a hash of them:
+/// written once (by whichever worker comes first, renamed into place whole), then reused.
+fn install_files() -> Result<PathBuf, String> {
+    // FNV-1a over names and contents: a new plugin build with other files gets another folder.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, text) in FILES {
+        for byte in name.bytes().chain([0]).chain(text.bytes()).chain([0]) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("cresset-python-{hash:016x}"));
+    if dir.join("cresset_runtime.py").is_file() {
+        return Ok(dir);
+    }
+    let fail = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    let staging = tempfile::Builder::new()
+        .prefix("cresset-python-staging-")
         .tempdir()
         .map_err(|e| format!("cannot make a folder for the ts package: {e}"))?;
     for (name, text) in FILES {
-        let path = files.path().join(name);
+        let path = staging.path().join(name);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|e| fail(parent, e))?;
         }
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, text).map_err(|e| fail(&path, e))?;
     }
+    match std::fs::rename(staging.path(), &dir) {
+        Ok(()) => Ok(dir),
+        // Another worker put the same files there first.
+        Err(_) if dir.join("cresset_runtime.py").is_file() => Ok(dir),
+        Err(e) => Err(fail(&dir, e)),
+    }
+}
+
+fn start_once(python: &str, python_home: Option<&str>) -> Result<(), String> {
+    let probe = probe(python)?;
+    let files = install_files()?;
     // Read by Py_Initialize; this worker process serves this one model, and no other thread
     // of it reads the environment while the interpreter starts.
     std::env::set_var("PYTHONHOME", python_home.unwrap_or(&probe.home));
@@ -153,14 +177,14 @@ fn start_once(python: &str, python_home: Option<&str>) -> Result<tempfile::TempD
                 probe.version.0, probe.version.1, info.major, info.minor, info.major, info.minor
             ));
         }
-        let mut path = vec![files.path().to_string_lossy().into_owned()];
+        let mut path = vec![files.to_string_lossy().into_owned()];
         path.extend(probe.path.iter().cloned());
         py.import("sys")
             .and_then(|sys| sys.setattr("path", path))
             .map_err(|e| format!("cannot set the module path: {e}"))
     })?;
     tracing::info!(python, home = %python_home.unwrap_or(&probe.home), "started the embedded Python");
-    Ok(files)
+    Ok(())
 }
 
 /// Make libpython's symbols global. It came in as this plugin's dependency, and the host opens

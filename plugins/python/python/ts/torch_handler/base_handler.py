@@ -45,6 +45,7 @@ class BaseHandler(abc.ABC):
             self.map_location = "cpu"
             self.device = torch.device("cpu")
         self.manifest = context.manifest
+        self.model_yaml_config = context.model_yaml_config
         model_dir = properties.get("model_dir")
         model = self.manifest.get("model", {})
         serialized_file = model.get("serializedFile")

@@ -644,8 +644,17 @@ impl ProcessInstance {
             self.open.extend(first..first + n);
             call_open.clear();
         }
+        let Some(mut child) = self.child.take() else {
+            return RResult::RErr(PluginError::internal("no worker process: this is a bug"));
+        };
         let message = wire::encode_execute(explain, key, requests.as_slice());
         if message.len() as u64 > wire::MAX_FRAME + 8 {
+            // The worker never sees these requests: its numbers skip none of them, so the
+            // host's, which do, move its base on.
+            if let (true, Some(base)) = (continuous, child.base.as_mut()) {
+                *base += n;
+            }
+            self.child = Some(child);
             let e = PluginError::invalid_input(format!(
                 "the batch is {} bytes, over the {} a worker process takes",
                 message.len(),
@@ -653,9 +662,6 @@ impl ProcessInstance {
             ));
             return fail_open(self, e);
         }
-        let Some(mut child) = self.child.take() else {
-            return RResult::RErr(PluginError::internal("no worker process: this is a bug"));
-        };
         let base = if continuous {
             *child.base.get_or_insert(first)
         } else {

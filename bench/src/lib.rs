@@ -3,7 +3,64 @@
 //! others.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Sentences the MiniLM benchmarks embed.
+pub const SENTENCES: [&str; 8] = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse across the open field near the old farm house.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods while the rain kept falling on them.",
+    "A man is riding a white horse on an enclosed ground.",
+    "A monkey is playing drums.",
+];
+
+/// Requests per second from one client per body, each sending its body to `url` one request
+/// after another, for `seconds` (after a second of warm-up).
+pub fn throughput(url: &str, bodies: &[String], seconds: f64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = bodies
+        .iter()
+        .map(|body| {
+            let (stop, count, failed, url, body) = (
+                stop.clone(),
+                count.clone(),
+                failed.clone(),
+                url.to_owned(),
+                body.clone(),
+            );
+            std::thread::spawn(move || {
+                let http = agent();
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(body.as_str())
+                        .is_ok_and(|r| r.status().as_u16() == 200);
+                    if ok { &count } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = count.load(Ordering::Relaxed);
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let done = (count.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "{failed} requests to {url} failed");
+    done
+}
 
 /// `f(0)`, ..., `f(n - 1)` on `n` threads at once (clients of a server): their results, and the
 /// wall time from the start to the last one's end.

@@ -605,6 +605,11 @@ pub fn torch_model_archiver(dir: &Path, args: &[&str], export: &Path) {
 /// Two classifier answers (`{"class": probability, ...}`) name the same classes with the same
 /// probabilities, to 1e-6.
 pub fn assert_same_classes(a: &serde_json::Value, b: &serde_json::Value) {
+    assert_same_classes_within(a, b, 1e-6);
+}
+
+/// Two classifier answers name the same classes with the same probabilities, to `tolerance`.
+pub fn assert_same_classes_within(a: &serde_json::Value, b: &serde_json::Value, tolerance: f64) {
     let (a, b) = (
         a.as_object().expect("object"),
         b.as_object().expect("object"),
@@ -613,7 +618,7 @@ pub fn assert_same_classes(a: &serde_json::Value, b: &serde_json::Value) {
     for (label, p) in a {
         let q = b.get(label).and_then(serde_json::Value::as_f64);
         assert!(
-            q.is_some_and(|q| (p.as_f64().unwrap_or(f64::NAN) - q).abs() <= 1e-6),
+            q.is_some_and(|q| (p.as_f64().unwrap_or(f64::NAN) - q).abs() <= tolerance),
             "{label}: {p} vs {q:?}"
         );
     }
@@ -660,4 +665,34 @@ pub fn sse_events(reader: impl Read) -> impl Iterator<Item = serde_json::Value> 
         .filter_map(|line| line.strip_prefix("data: ").map(str::to_owned))
         .take_while(|data| data != "[DONE]")
         .map(|data| serde_json::from_str(&data).expect("an event's JSON"))
+}
+
+/// `clients` clients posting `body` (text) to `url` one request after another until `stop` is
+/// set (a hot swap under load): each one's answers, as (status, `X-Model-Version`, body).
+pub fn keep_posting(
+    url: &str,
+    body: &'static [u8],
+    clients: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<(u16, String, String)>>> {
+    (0..clients)
+        .map(|_| {
+            let (url, stop) = (url.to_owned(), stop.clone());
+            std::thread::spawn(move || {
+                let agent = agent();
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = agent
+                        .post(&url)
+                        .header("content-type", "text/plain")
+                        .send(body)
+                        .expect("POST");
+                    let reply = into_reply(r);
+                    let version = reply.header("x-model-version").unwrap_or("").to_owned();
+                    answers.push((reply.status, version, reply.text()));
+                }
+                answers
+            })
+        })
+        .collect()
 }

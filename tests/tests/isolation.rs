@@ -312,35 +312,12 @@ fn a_hot_swap_between_process_isolated_versions_fails_no_request() {
     assert_eq!(old_pids.len(), 2);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let url = format!("{}/predictions/swap", server.inference);
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
-                let mut answers = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let mut r = agent
-                        .post(&url)
-                        .header("content-type", "text/plain")
-                        .send(&b"x"[..])
-                        .expect("POST");
-                    let version = r
-                        .headers()
-                        .get("x-model-version")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    let body = r.body_mut().read_to_string().unwrap_or_default();
-                    answers.push((r.status().as_u16(), version, body));
-                }
-                answers
-            })
-        })
-        .collect();
+    let clients = cresset_e2e::keep_posting(
+        &format!("{}/predictions/swap", server.inference),
+        b"x",
+        3,
+        &stop,
+    );
     std::thread::sleep(Duration::from_millis(300));
     server.register("url=swap-v2&synchronous=true&initial_workers=2");
     let r = server.manage("PUT", "/models/swap/2.0/set-default", "", b"");

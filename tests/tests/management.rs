@@ -437,36 +437,12 @@ fn a_hot_swap_under_load_fails_no_request_and_frees_the_old_version() {
     server.register(&format!("url={v1}&synchronous=true&initial_workers=2"));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            let url = format!("{}/predictions/swap", server.inference);
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .build()
-                    .into();
-                let mut answers = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let mut r = agent
-                        .post(&url)
-                        .header("content-type", "text/plain")
-                        .send(&b"abc"[..])
-                        .expect("POST");
-                    let version = r
-                        .headers()
-                        .get("x-model-version")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    let status = r.status().as_u16();
-                    let body = r.body_mut().read_to_string().unwrap_or_default();
-                    answers.push((status, version, body));
-                }
-                answers
-            })
-        })
-        .collect();
+    let clients = cresset_e2e::keep_posting(
+        &format!("{}/predictions/swap", server.inference),
+        b"abc",
+        3,
+        &stop,
+    );
 
     std::thread::sleep(Duration::from_millis(300));
     let r = server.manage(

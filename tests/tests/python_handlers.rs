@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cresset_e2e::{metric_value, repo_root, torch_model_archiver, Server};
+use cresset_e2e::{
+    assert_same_classes_within, metric_value, repo_root, torch_model_archiver, Server,
+};
 use serde_json::{json, Value};
 
 fn venv_python() -> PathBuf {
@@ -216,10 +218,7 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
         let (got, want) = (got.json(), &want["answers"][0]["body"]);
         let labels: Vec<&String> = got.as_object().expect("labels").keys().collect();
         assert_eq!(labels, ["setosa", "versicolor", "virginica"], "{got}");
-        for (label, p) in want.as_object().expect("reference labels") {
-            let diff = (got[label].as_f64().unwrap_or(f64::NAN) - p.as_f64().unwrap_or(0.0)).abs();
-            assert!(diff <= 1e-7, "{label}: {got} vs {want}");
-        }
+        assert_same_classes_within(&got, want, 1e-7);
     }
 
     // Explanations: the explanations route reaches BaseHandler.explain_handle and the
@@ -267,10 +266,7 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
             want.as_object().map(|o| o.keys().collect::<Vec<_>>()),
             "{got} vs {want}"
         );
-        for (label, p) in want.as_object().expect("reference labels") {
-            let diff = (got[label].as_f64().unwrap_or(f64::NAN) - p.as_f64().unwrap_or(0.0)).abs();
-            assert!(diff <= 1e-7, "{label}: {got} vs {want}");
-        }
+        assert_same_classes_within(&got, want, 1e-7);
     }
 
     // Streaming with send_intermediate_predict_response: the chunks, then the final answer.
@@ -383,10 +379,7 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
         let names = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
         assert_eq!(names(&got), names(want), "{photo}");
         assert_eq!(names(&got).map(|n| n.len()), Some(5), "{photo}: the top 5");
-        for (label, p) in want.as_object().expect("labels") {
-            let diff = (got[label].as_f64().unwrap_or(f64::NAN) - p.as_f64().unwrap_or(0.0)).abs();
-            assert!(diff <= 1e-7, "{photo} {label}: {got} vs {want}");
-        }
+        assert_same_classes_within(&got, want, 1e-7);
     }
 
     // An exception in the handler answers the batch with 503, as TorchServe does, naming it.

@@ -9,23 +9,12 @@
 //! Targets: echo p50 at most 100 µs above thread mode; MiniLM batched throughput at least 95%
 //! of thread mode. Results go to the `isolation` section of `BENCHMARKS.md`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use cresset_bench::{agent, cached, cli, machine, percentile, write_section};
+use cresset_bench::{
+    agent, cached, cli, machine, percentile, throughput, write_section, SENTENCES,
+};
 use cresset_e2e::{dir_archive, Server};
-
-const SENTENCES: [&str; 8] = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse across the open field near the old farm house.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods while the rain kept falling on them.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-];
 
 const MODES: [(&str, &str); 2] = [("thread", ""), ("process", "isolation = \"process\"\n")];
 
@@ -50,40 +39,17 @@ fn echo_latency(server: &Server, model: &str, n: usize) -> (f64, f64) {
     (percentile(&samples, 50.0), percentile(&samples, 99.0))
 }
 
-/// Sentences per second from 8 clients, one sentence per request, for `seconds` after a
-/// quarter of that in warm-up.
+/// Sentences per second from 8 clients, one sentence per request.
 fn minilm_rate(server: &Server, model: &str, seconds: f64) -> f64 {
-    let url = format!("{}/predictions/{model}", server.inference);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = SENTENCES
+    let bodies: Vec<String> = SENTENCES
         .iter()
-        .map(|s| {
-            let body = serde_json::json!({ "text": s }).to_string();
-            let (url, stop, done) = (url.clone(), stop.clone(), done.clone());
-            std::thread::spawn(move || {
-                let http = agent();
-                while !stop.load(Ordering::Relaxed) {
-                    let r = http
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .send(body.as_str())
-                        .expect("embedding");
-                    assert_eq!(r.status().as_u16(), 200);
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
+        .map(|s| serde_json::json!({ "text": s }).to_string())
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(seconds / 4.0));
-    let (before, start) = (done.load(Ordering::Relaxed), Instant::now());
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let rate = (done.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().expect("client");
-    }
-    rate
+    throughput(
+        &format!("{}/predictions/{model}", server.inference),
+        &bodies,
+        seconds,
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -169,7 +135,7 @@ fn main() {
          One server holds each workload twice, thread-isolated and process-isolated, one worker\n\
          each; the two are measured in {rounds} alternating rounds (medians shown). Echo: {requests}\n\
          sequential 16-byte requests per round. MiniLM: 8 clients sending one sentence each,\n\
-         batched by the server (`batch_size` 8), {seconds} s per round.\n\n\
+         batched by the server (`batch_size` 8), {seconds} s per round after 1 s of warm-up.\n\n\
          | workload | thread | process | process − thread |\n\
          | --- | ---: | ---: | ---: |\n\
          | echo p50, c=1 | {t50:.0} µs | {p50v:.0} µs | {overhead:+.0} µs |\n\

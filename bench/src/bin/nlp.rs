@@ -14,26 +14,14 @@ mod cold_start;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cresset_bench::{
-    agent, cached, cli, machine, peak_rss_mib, threads, venv_python, write_section,
+    agent, cached, cli, machine, peak_rss_mib, threads, throughput, venv_python, write_section,
+    SENTENCES,
 };
 use cresset_e2e::{dir_archive, repo_root, Server};
 use serde_json::{json, Value};
-
-const SENTENCES: [&str; 8] = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse across the open field near the old farm house.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods while the rain kept falling on them.",
-    "A man is riding a white horse on an enclosed ground.",
-    "A monkey is playing drums.",
-];
 
 fn rate(seconds: f64, mut call: impl FnMut() -> usize) -> f64 {
     for _ in 0..3 {
@@ -109,44 +97,6 @@ fn serve(
     );
     server.wait_healthy();
     (store, server)
-}
-
-/// Requests per second from one client per body, each sending its body to `url` one request
-/// after another, for `seconds` (after a second of warm-up).
-fn throughput(url: &str, bodies: &[String], seconds: f64) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = bodies
-        .iter()
-        .map(|body| {
-            let (stop, count, url, body) =
-                (stop.clone(), count.clone(), url.to_owned(), body.clone());
-            std::thread::spawn(move || {
-                let http = agent();
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(r) = http
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .send(body.as_str())
-                    {
-                        if r.status().as_u16() == 200 {
-                            count.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(1));
-    let before = count.load(Ordering::Relaxed);
-    let start = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let done = (count.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    done
 }
 
 /// Another process keeping one core busy while it lives (the co-tenant case).

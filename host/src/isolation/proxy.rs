@@ -393,12 +393,7 @@ impl ProcessInstance {
                 Err(NotReady::Died(why)) => {
                     let why = Some(why).filter(|w| !w.is_empty());
                     let what = format!("{} while loading", child.reap(why));
-                    tracing::error!(index = instance.assignment.index, "a worker process {what}");
-                    instance.shared.update(instance.assignment.index, |p| {
-                        p.pid = None;
-                        p.last_exit = Some(what.clone());
-                    });
-                    match instance.shared.record_crash(&what) {
+                    match instance.died(&what) {
                         Verdict::Restart(pause) => std::thread::sleep(pause),
                         Verdict::GiveUp(reason) => {
                             return Err(PluginError::internal(format!(
@@ -508,20 +503,25 @@ impl ProcessInstance {
         }
     }
 
+    /// A death, as the log, the describe table and the crash count see it: what to do next.
+    fn died(&self, what: &str) -> Verdict {
+        tracing::error!(index = self.assignment.index, "a worker process {what}");
+        self.shared.update(self.assignment.index, |p| {
+            p.pid = None;
+            p.last_exit = Some(what.to_owned());
+        });
+        self.shared.record_crash(what)
+    }
+
     /// The worker process is gone (`child` taken out): count it, and start the next one now,
     /// or note when. Returns how it ended.
     fn lost(&mut self, child: Child, why: Option<String>) -> String {
         let pid = child.process.id();
         let what = child.reap(why.filter(|w| !w.is_empty()));
         let what = format!("(pid {pid}) {what}");
-        tracing::error!(index = self.assignment.index, "a worker process {what}");
         self.open.clear();
         self.told.clear();
-        self.shared.update(self.assignment.index, |p| {
-            p.pid = None;
-            p.last_exit = Some(what.clone());
-        });
-        match self.shared.record_crash(&what) {
+        match self.died(&what) {
             Verdict::Restart(pause) if pause.is_zero() => {
                 self.shared
                     .update(self.assignment.index, |p| p.restarts += 1);

@@ -6,12 +6,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use abi_stable::std_types::RResult;
-use cresset_plugin_api::{plugin_file_name, ErrorCode, ModelBox, ModelSpec, PluginError};
+use cresset_plugin_api::{
+    plugin_file_name, Capabilities, ErrorCode, ModelBox, ModelSpec, PluginError,
+};
 
 use super::state::{FailureKind, LoadFailure};
 use crate::archive::{ArchiveError, ExtractLimits, HandlerRef, ModelConfig, OpenedArchive};
+use crate::isolation::proxy::ProcessSettings;
 use crate::loader::{self, PluginLibrary, PluginLoader};
 use crate::metrics::Metrics;
 use crate::services::PluginServices;
@@ -166,31 +170,70 @@ pub fn model_spec(
     }
 }
 
-/// Load the plugin library at `path` and, through it, the model in `model_dir`.
+/// Load the plugin library at `path` and, through it, the model `spec` names.
 pub fn load_model(
     ctx: &LoadContext,
     path: &Path,
-    name: &str,
-    version: &str,
-    model_dir: &Path,
-    config: &ModelConfig,
-    serialized_file: Option<&str>,
+    spec: &ModelSpec,
 ) -> Result<(Arc<PluginLibrary>, ModelBox), LoadError> {
     let library = ctx.loader.load(path)?;
-    let spec = model_spec(name, version, model_dir, config, serialized_file);
-    let host = PluginServices::handle(name, version, ctx.metrics.clone());
+    let host = PluginServices::handle(&spec.name, &spec.version, ctx.metrics.clone());
     let Some(module) = library.module else {
         return Err(LoadError::Host(
             "the plugin library was opened only in worker processes: this is a bug".into(),
         ));
     };
-    match (module.load_model())(&spec, host) {
+    match (module.load_model())(spec, host) {
         RResult::ROk(model) => Ok((library, model)),
         RResult::RErr(error) => Err(LoadError::Model {
             plugin: library.description.name.to_string(),
             error,
         }),
     }
+}
+
+/// Process isolation: the library's description from a worker process that opens it (no
+/// plugin code runs in the server), and what the version's worker processes share.
+pub fn isolated(
+    ctx: &LoadContext,
+    path: &Path,
+    spec: ModelSpec,
+    config: &ModelConfig,
+) -> Result<(Arc<PluginLibrary>, ProcessSettings), LoadError> {
+    let exe = std::env::current_exe().map_err(|e| {
+        LoadError::Host(format!("cannot find the server's binary for workers: {e}"))
+    })?;
+    let (sha256, runtime_path) = ctx.loader.stage_only(path)?;
+    let description = crate::isolation::probe::describe(&exe, &runtime_path, path)?;
+    tracing::info!(
+        plugin = %description.name,
+        plugin_version = %description.plugin_version,
+        plugin_abi = %description.abi_version,
+        capabilities = ?description.capabilities.names(),
+        source = %path.display(),
+        "plugin library opened in a worker process"
+    );
+    let services = PluginServices::handle(&spec.name, &spec.version, ctx.metrics.clone());
+    let settings = ProcessSettings {
+        exe,
+        library: runtime_path.clone(),
+        spec,
+        continuous: description
+            .capabilities
+            .contains(Capabilities::CONTINUOUS_BATCHING),
+        max_crashes: config.max_crashes,
+        crash_window: Duration::from_secs(config.crash_window_s),
+        metrics: ctx.metrics.clone(),
+        services,
+    };
+    let library = Arc::new(PluginLibrary {
+        source: path.to_owned(),
+        runtime_path,
+        sha256,
+        module: None,
+        description,
+    });
+    Ok((library, settings))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::load::{self, LoadContext, LoadError};
 use super::pool::{self, PoolSpec, WorkerInfo, WorkerPool};
 use super::state::{FailureKind, LoadFailure, ModelState, StateCell};
 use crate::archive::{ConfigOverrides, Isolation, ModelConfig, OpenedArchive};
-use crate::isolation::proxy::{ProcessModel, ProcessSettings, ProcessShared, WorkerProcess};
+use crate::isolation::proxy::{ProcessModel, ProcessShared, WorkerProcess};
 use crate::loader::PluginLibrary;
 use crate::worker::Job;
 
@@ -333,63 +333,17 @@ impl ModelVersion {
             .as_ref()
             .ok_or_else(|| LoadError::Host("the archive is not open: this is a bug".into()))?;
         let path = load::plugin_path(ctx, archive)?;
-        let serialized_file = archive.manifest.model.serialized_file.as_deref();
+        let spec = load::model_spec(
+            &self.name,
+            &self.version,
+            &archive.dir,
+            &self.config,
+            archive.manifest.model.serialized_file.as_deref(),
+        );
         let (library, model) = match self.config.isolation {
-            Isolation::Thread => load::load_model(
-                ctx,
-                &path,
-                &self.name,
-                &self.version,
-                &archive.dir,
-                &self.config,
-                serialized_file,
-            )?,
+            Isolation::Thread => load::load_model(ctx, &path, &spec)?,
             Isolation::Process => {
-                // No plugin code runs in the server: a worker process opens the library for
-                // its description, and the workers load the model and its instances.
-                let exe = std::env::current_exe().map_err(|e| {
-                    LoadError::Host(format!("cannot find the server's binary for workers: {e}"))
-                })?;
-                let (sha256, runtime_path) = ctx.loader.stage_only(&path)?;
-                let description = crate::isolation::probe::describe(&exe, &runtime_path, &path)?;
-                tracing::info!(
-                    plugin = %description.name,
-                    plugin_version = %description.plugin_version,
-                    plugin_abi = %description.abi_version,
-                    capabilities = ?description.capabilities.names(),
-                    source = %path.display(),
-                    "plugin library opened in a worker process"
-                );
-                let library = Arc::new(crate::loader::PluginLibrary {
-                    source: path.clone(),
-                    runtime_path,
-                    sha256,
-                    module: None,
-                    description,
-                });
-                let settings = ProcessSettings {
-                    exe,
-                    library: library.runtime_path.clone(),
-                    spec: load::model_spec(
-                        &self.name,
-                        &self.version,
-                        &archive.dir,
-                        &self.config,
-                        serialized_file,
-                    ),
-                    continuous: library
-                        .description
-                        .capabilities
-                        .contains(Capabilities::CONTINUOUS_BATCHING),
-                    max_crashes: self.config.max_crashes,
-                    crash_window: Duration::from_secs(self.config.crash_window_s),
-                    metrics: ctx.metrics.clone(),
-                    services: crate::services::PluginServices::handle(
-                        &self.name,
-                        &self.version,
-                        ctx.metrics.clone(),
-                    ),
-                };
+                let (library, settings) = load::isolated(ctx, &path, spec, &self.config)?;
                 let state = self.state.clone();
                 let (name, version) = (self.name.clone(), self.version.clone());
                 let on_fail = Box::new(move |reason: String| {

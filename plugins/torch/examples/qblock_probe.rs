@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use cresset_torch::gguf::GgmlType;
+use cresset_torch::quant::blocks::KernelPath;
 use cresset_torch::quant::{BlockWeight, QuantizedWeight};
 use cresset_torch::tch::{self, Device, Kind, Tensor};
 
@@ -62,7 +63,9 @@ fn main() {
         "vectorized block kernel: {}",
         cresset_torch::quant::blocks::vectorized()
     );
-    println!("weights | shape (out×in) | rows | blocks ms | libtorch ms | libtorch ÷ blocks");
+    println!(
+        "weights | shape (out×in) | rows | blocks ms | blocks, float path ms | libtorch ms | libtorch ÷ blocks"
+    );
     let shapes = [
         (GgmlType::Q4_1, 960, 576),
         (GgmlType::Q4_1, 576, 576),
@@ -88,11 +91,14 @@ fn main() {
             let a = median_ms(|| {
                 let _ = blocks.forward(&x);
             });
+            let f = median_ms(|| {
+                let _ = blocks.forward_on(&x, KernelPath::Float);
+            });
             let b = median_ms(|| {
                 let _ = int4.forward(&x);
             });
             println!(
-                "{kind:?} | {out}×{inp} | {rows} | {a:.3} | {b:.3} | {:.2}",
+                "{kind:?} | {out}×{inp} | {rows} | {a:.3} | {f:.3} | {b:.3} | {:.2}",
                 b / a
             );
         }

@@ -35,7 +35,7 @@ extern "C" {
         n: i64,
         bits: i32,
         out: *mut f32,
-        scalar_only: i32,
+        path: i32,
     ) -> i32;
     fn cresset_qblock_dequantize(
         q: *const u8,
@@ -49,6 +49,22 @@ extern "C" {
 
 /// Values per block.
 pub const BLOCK: i64 = 32;
+
+/// Which loop of the block kernel computes a product.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum KernelPath {
+    /// The fastest for the CPU and the row count: with AVX2 and up to eight rows, each row of
+    /// `x` rounded to int16 per block of 32 (`dx = max|x| / 32767`: a value moves by at most
+    /// about `max|x| / 65534` of its block) and multiplied with the weights' integers in integer
+    /// lanes, the zeros' share taken from `x` itself; with more rows, the float path.
+    Auto = 0,
+    /// The scalar loop (what a CPU without AVX2 runs).
+    Scalar = 1,
+    /// The vectorized float path whatever the row count (the weights decoded to f32).
+    Float = 2,
+}
 
 /// Whether the block kernel's vectorized path runs on this CPU (AVX2, FMA and F16C), and so
 /// GGUF files load into blocks; `CRESSET_BLOCK_KERNEL=0` says no (libtorch's kernels then),
@@ -328,18 +344,17 @@ impl BlockWeight {
         .dequantize()
     }
 
-    /// `x · Wᵀ` for `x` of shape `[..., in]`, in `x`'s dtype (computed in f32).
+    /// `x · Wᵀ` for `x` of shape `[..., in]`, in `x`'s dtype (computed in f32; where the
+    /// vectorized path runs with up to eight rows, each row's values rounded to int16 per block
+    /// of 32 first: see [`KernelPath::Auto`]).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_on(x, false)
+        self.forward_on(x, KernelPath::Auto)
     }
 
-    /// [`Self::forward`] on the scalar loop, whatever the CPU (for tests of that path).
+    /// [`Self::forward`] on the given path, whatever the CPU and row count (for tests and
+    /// probes of each path).
     #[doc(hidden)]
-    pub fn forward_scalar(&self, x: &Tensor) -> Tensor {
-        self.forward_on(x, true)
-    }
-
-    fn forward_on(&self, x: &Tensor, scalar_only: bool) -> Tensor {
+    pub fn forward_on(&self, x: &Tensor, path: KernelPath) -> Tensor {
         let kind = x.kind();
         let mut shape = x.size();
         let [out, inp] = self.shape();
@@ -368,7 +383,7 @@ impl BlockWeight {
                 out,
                 i32::from(self.bits),
                 y.data_ptr() as *mut f32,
-                i32::from(scalar_only),
+                path as i32,
             )
         };
         assert_eq!(
@@ -482,20 +497,43 @@ mod tests {
 
     /// The kernel's result against the dequantized weight in f64, within what f32 summation
     /// can lose: a sum of K products computed in f32 (each rounded, then accumulated) is within
-    /// (K + 1)·2⁻²⁴·Σ|x·w| of the exact sum (Higham's γ bound, first order).
-    fn check_against_dense(w: &BlockWeight, x: &Tensor, y: &Tensor, what: &str) {
+    /// (K + 1)·2⁻²⁴·Σ|x·w| of the exact sum (Higham's γ bound, first order). Where the path
+    /// rounds x to int16 per block (`int16`), each x moves by at most 0.504·dx (half a step, and
+    /// the f32 rounding of x/dx, at most 32767·2⁻²³ of a step) with dx = max|x_block| / 32767:
+    /// under max|x_block| / 65000; times Σ|q·s| of the block (the zeros' share uses x itself).
+    fn check_against_dense(w: &BlockWeight, x: &Tensor, y: &Tensor, int16: bool, what: &str) {
         let dense = w.dequantize().to_kind(Kind::Double);
         let x64 = x.to_kind(Kind::Double);
         let want = x64.matmul(&dense.tr());
         let magnitude = x64.abs().matmul(&dense.abs().tr());
         let k = w.shape()[1] as f64;
-        let bound = magnitude * ((k + 1.0) * 2f64.powi(-24)) + 1e-30;
+        let mut bound = magnitude * ((k + 1.0) * 2f64.powi(-24)) + 1e-30;
+        if int16 {
+            let [out, inp] = w.shape();
+            let rows = x.size()[0];
+            let zeros = w
+                .scale_zeros
+                .to_kind(Kind::Double)
+                .select(2, 1)
+                .unsqueeze(-1)
+                .expand([out, inp / BLOCK, BLOCK], false)
+                .reshape([out, inp]);
+            let scaled = (&dense - zeros).abs();
+            let step = x64
+                .abs()
+                .view([rows, inp / BLOCK, BLOCK])
+                .amax([-1i64].as_slice(), true)
+                .expand([rows, inp / BLOCK, BLOCK], false)
+                .reshape([rows, inp])
+                / 65000.0;
+            bound += step.matmul(&scaled.tr());
+        }
         let excess = ((y.to_kind(Kind::Double) - &want).abs() - &bound)
             .max()
             .double_value(&[]);
         assert!(
             excess <= 0.0,
-            "{what}: the kernel is off by more than f32 summation allows"
+            "{what}: the kernel is off by more than its rounding allows"
         );
     }
 
@@ -503,7 +541,7 @@ mod tests {
     fn the_kernel_equals_a_dense_matmul_on_every_path_and_row_count() {
         let _guard = tch::no_grad_guard();
         // 512 inputs are whole groups of four blocks; 544 (17 blocks) and 96 leave a tail that
-        // the vectorized path reads block by block.
+        // the vectorized paths read block by block.
         for (kind, inp) in [
             (GgmlType::Q4_1, 512i64),
             (GgmlType::Q8_0, 512),
@@ -522,20 +560,66 @@ mod tests {
                 if kind == GgmlType::Q8_0 { 8 } else { 4 },
             )
             .expect("loads");
-            // 1 to 8 rows run in one pass; 9 to 17 in passes of up to eight.
+            // 1 to 8 rows take the int16 path where the CPU has it, and run in one pass of
+            // the float path; 9 to 17 rows run in passes of up to eight.
             for rows in [1i64, 2, 3, 5, 8, 9, 17] {
-                let x = Tensor::randn([rows, inp], (Kind::Float, Device::Cpu));
-                let y = w.forward(&x);
-                assert_eq!(y.size(), [rows, out]);
-                check_against_dense(&w, &x, &y, &format!("{kind:?}, {rows} rows"));
-                let scalar = w.forward_scalar(&x);
-                check_against_dense(&w, &x, &scalar, &format!("{kind:?}, {rows} rows, scalar"));
+                // Blocks of very different sizes within a row, and a block of zeros.
+                let x = Tensor::randn([rows, inp], (Kind::Float, Device::Cpu))
+                    * Tensor::logspace(-3.0, 3.0, inp, 10.0, (Kind::Float, Device::Cpu));
+                let _ = x.narrow(1, 32, 32).fill_(0.0);
+                for path in [KernelPath::Auto, KernelPath::Scalar, KernelPath::Float] {
+                    let y = w.forward_on(&x, path);
+                    assert_eq!(y.size(), [rows, out]);
+                    let int16 = path == KernelPath::Auto && vectorized() && rows <= 8;
+                    check_against_dense(
+                        &w,
+                        &x,
+                        &y,
+                        int16,
+                        &format!("{kind:?}, {rows} rows, {path:?}"),
+                    );
+                }
             }
             // Leading dimensions and the input's dtype carry through.
             let x = Tensor::randn([2, 3, inp], (Kind::BFloat16, Device::Cpu));
             let y = w.forward(&x);
             assert_eq!((y.size(), y.kind()), (vec![2, 3, out], Kind::BFloat16));
         }
+    }
+
+    #[test]
+    fn the_int16_path_is_tighter_than_its_bound_says() {
+        // The bound above is a worst case; on random data the int16 path lands far inside it
+        // (and within a few f32 rounding steps of the float path), so a wrong scale or a lost
+        // zero cannot hide under it.
+        if !vectorized() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let raw = gguf_blocks(GgmlType::Q4_1, 64, 576, 9);
+        let w = BlockWeight::from_gguf(GgmlType::Q4_1, &raw, 64, 576, None, 4).expect("loads");
+        let x = Tensor::randn([1, 576], (Kind::Float, Device::Cpu));
+        let want = x
+            .to_kind(Kind::Double)
+            .matmul(&w.dequantize().to_kind(Kind::Double).tr());
+        let scale = want.abs().max().double_value(&[]);
+        let off = |y: &Tensor| {
+            (y.to_kind(Kind::Double) - &want)
+                .abs()
+                .max()
+                .double_value(&[])
+                / scale
+        };
+        let int16 = off(&w.forward(&x));
+        let float = off(&w.forward_on(&x, KernelPath::Float));
+        assert!(
+            int16 < 1e-4,
+            "int16 path off by {int16:e} of the largest output"
+        );
+        assert!(
+            float < 1e-5,
+            "float path off by {float:e} of the largest output"
+        );
     }
 
     #[test]

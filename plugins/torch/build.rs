@@ -3,7 +3,8 @@
 // the linker drops libtorch_cuda, so CUDA is never found on a GPU machine. See ARCHITECTURE.md,
 // "libtorch". This crate also compiles a small C++ shim for libtorch's InferenceMode,
 // torch.jit.optimize_for_inference, torchvision's `nms` and `roi_align` operators and
-// AOTInductor's package loader, and the block-quantized matmul (`qblock.cpp`). Where libtorch
+// AOTInductor's package loader, the block-quantized matmul (`qblock.cpp`) and a CPU decode
+// step's attention in one call (`decode_attention.cpp`). Where libtorch
 // has its CUDA libraries and the CUDA headers are at hand (the PyPI wheels ship both), it also
 // builds `libcresset_cuda_graph.so` from `cuda_graph.cpp`: CUDA graphs and the CUDA switches,
 // loaded at run time only when a model is on a GPU (src/cuda_graph.rs).
@@ -15,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/torchvision_ops.cpp");
     println!("cargo:rerun-if-changed=src/aoti.cpp");
     println!("cargo:rerun-if-changed=src/qblock.cpp");
+    println!("cargo:rerun-if-changed=src/decode_attention.cpp");
     println!("cargo:rerun-if-changed=src/mapped_tensor.cpp");
     println!("cargo:rerun-if-changed=src/cuda_graph.cpp");
     println!("cargo:rerun-if-changed=src/shim_error.h");
@@ -47,6 +49,7 @@ fn main() {
         .file("src/torchvision_ops.cpp")
         .file("src/aoti.cpp")
         .file("src/qblock.cpp")
+        .file("src/decode_attention.cpp")
         .file("src/mapped_tensor.cpp")
         .include(include.join("torch/csrc/api/include"))
         .include(&include)

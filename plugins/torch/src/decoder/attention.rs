@@ -3,6 +3,8 @@
 //! attention shares about one forward pass (the rows' places in the cache, the causal mask, the
 //! rotary tables at the rows' positions).
 
+use std::sync::OnceLock;
+
 use tch::{Device, Kind, Tensor};
 
 use super::cache::{KvPart, Rows};
@@ -25,6 +27,31 @@ pub(super) struct Attention {
     pub o_proj: Linear,
     /// ALiBi: the slopes of these heads (f32, on the part's device).
     pub alibi: Option<Tensor>,
+}
+
+extern "C" {
+    fn cresset_decode_attention(
+        qkv: *mut f32,
+        cos: *const f32,
+        sin: *const f32,
+        positions: *const i64,
+        slots: *const i64,
+        keys: *mut f32,
+        values: *mut f32,
+        rows: i64,
+        heads: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        capacity: i64,
+        out: *mut f32,
+    ) -> i32;
+}
+
+/// Whether a CPU decode step's attention runs as one call (`decode_attention.cpp`);
+/// `CRESSET_FUSED_DECODE=0` says no, for probes that compare the two.
+fn fused_decode_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CRESSET_FUSED_DECODE").map_or(true, |v| v != "0"))
 }
 
 /// What every layer's attention shares about one forward pass.
@@ -97,6 +124,9 @@ impl Attention {
         let (rows, s) = (step.rows.slots.len() as i64, step.rows.len);
         let device = x.device();
         let qkv = self.qkv.forward(x);
+        if let Some(attn) = self.decode_on_cpu(&qkv, step, kv) {
+            return self.o_proj.forward(&attn);
+        }
         // RoPE on the query and key heads together.
         let qk = qkv
             .narrow(-1, 0, (h + kvh) * hd)
@@ -133,5 +163,81 @@ impl Attention {
         );
         let attn = attn.transpose(1, 2).contiguous().view([rows, s, h * hd]);
         self.o_proj.forward(&attn)
+    }
+
+    /// A CPU decode step (one new position per row, f32, rotary or learned positions) in one
+    /// call: rotary, the cache write and the attention (see `decode_attention.cpp`). `None`
+    /// where the step is not one (a prompt, another device or dtype, ALiBi, a step whose
+    /// positions are known on the device only): the op-by-op path then runs.
+    fn decode_on_cpu(&self, qkv: &Tensor, step: &Step, kv: &KvPart) -> Option<Tensor> {
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let rows = &step.rows;
+        let (keys, values) = kv.tensors();
+        let f32_cpu =
+            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
+        let tables = step.rotary.as_ref().map(RotaryAt::tables);
+        let eligible = fused_decode_enabled()
+            && rows.len == 1
+            && rows.starts_known
+            && self.alibi.is_none()
+            && kvh > 0
+            && h % kvh == 0
+            && hd % 2 == 0
+            && f32_cpu(qkv)
+            && qkv.numel() == rows.slots.len() * ((h + 2 * kvh) * hd) as usize
+            && f32_cpu(keys)
+            && f32_cpu(values)
+            && tables.is_none_or(|(cos, sin)| {
+                f32_cpu(cos) && f32_cpu(sin) && cos.numel() == rows.slots.len() * hd as usize
+            });
+        if !eligible {
+            return None;
+        }
+        let size = keys.size();
+        let (slot_count, capacity) = (size[0], size[2]);
+        if size != [slot_count, kvh, capacity, hd] || values.size() != size {
+            return None;
+        }
+        let slots: Vec<i64> = rows.slots.iter().map(|&s| s as i64).collect();
+        let mut seen = vec![false; slot_count as usize];
+        let in_bounds = slots.iter().zip(&rows.starts).all(|(&slot, &pos)| {
+            let fresh = (0..slot_count).contains(&slot) && !seen[slot as usize];
+            if fresh {
+                seen[slot as usize] = true;
+            }
+            fresh && (0..capacity).contains(&pos)
+        });
+        if !in_bounds {
+            return None;
+        }
+        let n = slots.len() as i64;
+        let out = Tensor::empty([n, 1, h * hd], (Kind::Float, Device::Cpu));
+        let (cos, sin) = tables.map_or((std::ptr::null(), std::ptr::null()), |(c, s)| {
+            (c.data_ptr() as *const f32, s.data_ptr() as *const f32)
+        });
+        // SAFETY: checked above: `qkv` is a contiguous f32 of n rows of (h + 2·kvh)·hd values,
+        // the tables (if any) contiguous f32 of n × hd, the caches contiguous f32
+        // [slot_count, kvh, capacity, hd], every slot distinct and below slot_count, every
+        // position below capacity, h a multiple of kvh, hd even; `out` is fresh, n × h·hd. The
+        // call writes `qkv` (rotated in place: this step's own tensor), the rows' own cache
+        // positions and `out`, nothing else.
+        let status = unsafe {
+            cresset_decode_attention(
+                qkv.data_ptr() as *mut f32,
+                cos,
+                sin,
+                rows.starts.as_ptr(),
+                slots.as_ptr(),
+                keys.data_ptr() as *mut f32,
+                values.data_ptr() as *mut f32,
+                n,
+                h,
+                kvh,
+                hd,
+                capacity,
+                out.data_ptr() as *mut f32,
+            )
+        };
+        (status == 0).then_some(out)
     }
 }

@@ -90,6 +90,9 @@ pub(super) struct Rows {
     pub read: i64,
     /// Whether the slots are `0..rows`, so that their cache reads as a view.
     contiguous: bool,
+    /// Whether `starts` are the rows' real first positions (a step of a captured graph's shape
+    /// knows them on the device only).
+    pub starts_known: bool,
     /// The slots as a tensor (`[rows]`, on the model's device).
     index: Tensor,
     /// The new positions of each row (`[rows, len]`, on the model's device).
@@ -188,6 +191,7 @@ impl SlotCache {
             starts,
             len,
             contiguous: slots.iter().enumerate().all(|(i, &s)| i == s),
+            starts_known: true,
             index,
             positions,
         };
@@ -206,6 +210,7 @@ impl SlotCache {
             len: 1,
             read: self.capacity,
             contiguous: true,
+            starts_known: false,
             index: Tensor::arange(rows, (Kind::Int64, positions.device())),
             positions: positions.shallow_clone(),
         }
@@ -241,6 +246,11 @@ impl SlotCache {
 }
 
 impl KvPart {
+    /// The keys and the values, `[slots, kv_heads, capacity, head_dim]` each.
+    pub(super) fn tensors(&self) -> (&Tensor, &Tensor) {
+        (&self.keys, &self.values)
+    }
+
     /// Write each row's new keys and values (`[rows, kv_heads, len, head_dim]`) into its
     /// slot at its positions, in place: one indexed write per tensor.
     pub fn store(&self, rows: &Rows, k: &Tensor, v: &Tensor) {

@@ -104,6 +104,12 @@ impl Rope {
 }
 
 impl RotaryAt {
+    /// The cos and sin tables at the rows' positions, `[rows, 1, s, head_dim]` each (sin with
+    /// rotate-half's sign folded in: its first half negated).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotate `x` (`[rows, heads, s, head_dim]`, query and key heads together): four ops for
     /// all of them.
     pub fn apply(&self, x: &Tensor) -> Tensor {

@@ -363,16 +363,25 @@ impl BlockWeight {
             Some(inp),
             "a block weight of {inp} inputs was given {shape:?}"
         );
-        let flat = x
-            .reshape([-1, inp])
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Float)
-            .contiguous();
-        let rows = flat.size()[0];
-        let y = Tensor::empty([rows, out], (Kind::Float, Device::Cpu));
-        // SAFETY: `flat` is a contiguous f32 [rows, inp]; `q` and `scale_zeros` are contiguous
-        // (made so at load) with `out` rows of `inp / 32` blocks of `bits`; `y` is a fresh
-        // [rows, out] f32. The kernel reads and writes only within those extents.
+        // A decode step calls this a few times per layer: an input that is already a
+        // contiguous f32 on the CPU is read where it lies, and the output is made in its final
+        // shape (its memory is the same as the kernel's [rows, out]), with no further tensor op.
+        let converted;
+        let flat = if kind == Kind::Float && x.device() == Device::Cpu && x.is_contiguous() {
+            x
+        } else {
+            converted = x.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            &converted
+        };
+        let rows = shape.iter().rev().skip(1).product::<i64>();
+        if let Some(last) = shape.last_mut() {
+            *last = out;
+        }
+        let y = Tensor::empty(shape.as_slice(), (Kind::Float, Device::Cpu));
+        // SAFETY: `flat` is a contiguous f32 holding [rows, inp]; `q` and `scale_zeros` are
+        // contiguous (made so at load) with `out` rows of `inp / 32` blocks of `bits`; `y` is a
+        // fresh contiguous f32 of rows × out values. The kernel reads and writes only within
+        // those extents.
         let status = unsafe {
             cresset_qblock_matmul(
                 flat.data_ptr() as *const f32,
@@ -390,10 +399,11 @@ impl BlockWeight {
             status, 0,
             "the block kernel failed (an exception in its thread pool)"
         );
-        if let Some(last) = shape.last_mut() {
-            *last = out;
+        if kind == Kind::Float {
+            y
+        } else {
+            y.to_kind(kind)
         }
-        y.reshape(shape).to_kind(kind)
     }
 }
 

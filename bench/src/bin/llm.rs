@@ -246,10 +246,12 @@ fn main() {
             panic!("CRESSET_LLAMA_CPP_PYTHON is not set: run through `make bench`, which builds llama-cpp-python (scripts/setup-llama-cpp.sh)")
         });
     eprintln!("bench-llm: llama.cpp baseline");
+    let mut llama_args = args.clone();
+    llama_args.push(runs.to_string());
     let llama = python_json(
         Path::new(&llama_python),
         "bench/llama_cpp_baseline.py",
-        &args,
+        &llama_args,
     )
     .expect("the llama.cpp baseline ran");
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -294,6 +296,22 @@ fn main() {
         spin.aggregate_distinct,
         spin.aggregate_distinct / llama_decode,
     ));
+    // Decode steps op by op (rotary, cache write and attention as some thirty libtorch calls
+    // per layer), as before the fused decode attention.
+    eprintln!("bench-llm: int4 with CRESSET_FUSED_DECODE=0");
+    std::env::set_var("CRESSET_FUSED_DECODE", "0");
+    let op_by_op = measure(&gguf, "", runs);
+    std::env::remove_var("CRESSET_FUSED_DECODE");
+    table.push_str(&format!(
+        "| Cresset int4 with decode steps op by op (`CRESSET_FUSED_DECODE=0`: the default before the fused decode attention) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {:.2}× | | |\n",
+        op_by_op.ttft_ms,
+        op_by_op.decode,
+        op_by_op.decode / llama_decode,
+        op_by_op.aggregate,
+        op_by_op.aggregate / llama_decode,
+        op_by_op.aggregate_distinct,
+        op_by_op.aggregate_distinct / llama_decode,
+    ));
     // The same file on libtorch's int4 (layers) and int8 (head) kernels instead of the block
     // kernel, in the same run.
     eprintln!("bench-llm: int4 with CRESSET_BLOCK_KERNEL=0");
@@ -333,7 +351,7 @@ fn main() {
          (the same weights an f32 safetensors export of it holds). {} threads; greedy; the prompt `{PROMPT}`\n\
          ({} tokens), {NEW_TOKENS} new tokens. Cresset is measured over loopback HTTP with server-sent\n\
          events (time to first token is from sending the request to the first text event), with one\n\
-         instance of 8 KV-cache slots; the baselines in-process. Median of {runs} runs. The aggregate is\n\
+         instance of 8 KV-cache slots; the baselines in-process. Median of {runs} runs (llama.cpp's too). The aggregate is\n\
          the tokens of 8 clients streaming at once over the wall time from the first request to the last\n\
          answer, prefill included: all 8 with the same prompt (the issue's measure: Cresset computes the\n\
          shared prompt once, see README, Scheduling), and 8 different prompts (counting from 1 to 8:\n\

@@ -355,10 +355,10 @@ fn decode_steps_give_the_prompt_passes_logits_at_every_position() {
         let whole = prompt_logits(&model, &prompt);
         let mut cache = model.new_cache(3, 64);
         let other: Vec<i64> = prompt.iter().rev().take(5).copied().collect();
-        model
+        let _ = model
             .forward(&[0], &[other.clone()], &mut cache, true)
             .expect("the other prompt");
-        model
+        let _ = model
             .forward(&[2], &[prompt[..2].to_vec()], &mut cache, true)
             .expect("the first two tokens");
         let mut worst = 0f64;

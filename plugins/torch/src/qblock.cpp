@@ -387,6 +387,9 @@ int cresset_qblock_vectorized() { return cpu_has_avx2() ? 1 : 0; }
 int cresset_qblock_matmul(const float* x, int64_t m, int64_t k, const uint8_t* q,
                           const uint16_t* sz, int64_t n, int bits, float* out, int path) {
   try {
+    if (m <= 0 || n <= 0) {
+      return 0;  // Nothing to compute (and the row dispatch below assumes at least one row).
+    }
     const int64_t kb_count = k / BLOCK;
     const int64_t row_bytes = kb_count * (bits == 4 ? 16 : 32);
     const bool vectorized = path != 1 && cpu_has_avx2();

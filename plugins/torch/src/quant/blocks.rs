@@ -590,6 +590,11 @@ mod tests {
                     );
                 }
             }
+            // No rows: an empty answer on every path.
+            for path in [KernelPath::Auto, KernelPath::Scalar, KernelPath::Float] {
+                let none = w.forward_on(&Tensor::zeros([0, inp], (Kind::Float, Device::Cpu)), path);
+                assert_eq!(none.size(), [0, out]);
+            }
             // Leading dimensions and the input's dtype carry through.
             let x = Tensor::randn([2, 3, inp], (Kind::BFloat16, Device::Cpu));
             let y = w.forward(&x);

@@ -6,12 +6,14 @@
 //   - 8-bit blocks: 32 signed bytes (GGUF's Q8_0 order), q in -128..127.
 // libtorch's int4 kernel tiles rows by four and decodes the weights again for every tile; this
 // one decodes each block once and multiplies it with up to eight rows of `x`, which is what
-// continuous batching needs (a decode step is a handful of rows). Sums are in f32.
+// continuous batching needs (a decode step is a handful of rows).
 //
 // Paths: AVX2 + FMA + F16C where the CPU has them (chosen at run time), a scalar loop elsewhere
-// (or when asked for, to test it). Work is split over output rows with ATen's parallel_for (the
-// same thread pool as every other op). The vectorized path first regroups x so that a block of
-// all the rows of a pass lies in one place (see `pack`).
+// (or when asked for, to test it). With AVX2, up to eight rows of x are rounded to int16 per
+// block and multiplied in integer lanes (see `quantize_i16`); more rows take the float path,
+// which first regroups x so that a block of all the rows of a pass lies in one place (see
+// `pack`) and sums in f32, as the scalar loop does. Work is split over output rows with ATen's
+// parallel_for (the same thread pool as every other op).
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -186,15 +188,18 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_rows(
   }
 }
 
-// The one- and few-row path: each row of x rounded to int16 per block of 32 (x ≈ xq·dx, dx =
-// max|x| / 32767, so each value is off by at most about max|x| / 65534 of its block), and the
-// weights' integers multiplied with it in integer lanes (`madd`: sixteen products a step, where
-// a float multiply-add takes eight, and no conversion of the weights to float):
+// The few-row path: each row of x rounded to int16 per block of 32 (x ≈ xq·dx, dx = max|x| /
+// 32767, so each value moves by at most about max|x| / 64000 of its block: half a step, plus
+// the f32 roundings of 1/dx and of x/dx), and the weights' integers multiplied with it in integer
+// lanes (`madd`: sixteen products a step, where a float multiply-add takes eight, and no
+// conversion of the weights to float):
 //   Σ_j x_j·(q_j·s + z) = s·dx·Σ_j xq_j·q_j + z·Σ_j x_j,
-// the second sum taken from x itself (exact in f32). A block's integer sum is at most
-// 32 · 128 · 32767 < 2³¹. Used for up to eight rows (a decode step): measured on SmolLM2's
-// shapes (examples/qblock_probe) 2-3x the float path at one row, 1.2-1.8x at four, 1.05-1.5x
-// at eight; at 16 and 32 rows (prompts) the float path was faster, and they keep it.
+// the second sum an f32 sum of x itself (untouched by the int16 rounding). Each int32 lane sums
+// four products, at most 4 · 128 · 32767 < 2²⁴, so it also converts to f32 exactly. A block
+// whose largest value is under 1e-30 counts as zeros (1/dx would overflow): a value then moves
+// by under 1e-30. Used for up to eight rows (a decode step, a short prompt): measured on
+// SmolLM2's shapes (examples/qblock_probe) 2-3x the float path at one row, 1.2-1.8x at four,
+// 1.05-1.5x at eight; at 16 and 32 rows (prompts) the float path was faster, and they keep it.
 
 // x [m, k] as int16 per block (xq, [m, k]) with, per row and block, the pair (dx, Σx) (meta,
 // [m, k/32, 2]), laid out to multiply the weights' (scale, zero) pairs lane by lane.
@@ -218,8 +223,9 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_i16(const float* x, int64
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
       const float top = _mm_cvtss_f32(m4);
-      const float dx = top / 32767.0f;
-      const float inv = top > 0.0f ? 32767.0f / top : 0.0f;
+      const bool tiny = !(top >= 1e-30f);  // Also NaN.
+      const float dx = tiny ? 0.0f : top / 32767.0f;
+      const float inv = tiny ? 0.0f : 32767.0f / top;
       const __m256 vinv = _mm256_set1_ps(inv);
       int16_t* qb = xq + r * k + b * BLOCK;
       for (int i = 0; i < 4; i += 2) {

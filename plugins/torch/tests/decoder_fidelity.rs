@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use common::{expected, fixtures, floats, ids, max_abs_diff, prompt_logits, tensor_floats, Case};
 
-use cresset_torch::decoder::{Decoder, KvReads, LayerTarget, LoadOptions};
+use cresset_torch::decoder::{fused_decode_calls, Decoder, KvReads, LayerTarget, LoadOptions};
 use cresset_torch::gguf::{unpermute_qk, Gguf};
 use cresset_torch::layers::HfConfig;
 use cresset_torch::tch::{self, Device, Kind};
@@ -356,12 +356,13 @@ fn decode_steps_give_the_prompt_passes_logits_at_every_position() {
         let mut cache = model.new_cache(3, 64);
         let other: Vec<i64> = prompt.iter().rev().take(5).copied().collect();
         let _ = model
-            .forward(&[0], &[other.clone()], &mut cache, true)
+            .forward(&[0], std::slice::from_ref(&other), &mut cache, true)
             .expect("the other prompt");
         let _ = model
             .forward(&[2], &[prompt[..2].to_vec()], &mut cache, true)
             .expect("the first two tokens");
         let mut worst = 0f64;
+        let fused_before = fused_decode_calls();
         for (i, &token) in prompt.iter().enumerate().skip(2) {
             let logits = model
                 .forward(
@@ -376,6 +377,18 @@ fn decode_steps_give_the_prompt_passes_logits_at_every_position() {
             worst = worst.max(max_abs_diff(&ours, &whole[at..at + vocab as usize]));
         }
         assert_eq!(cache.lens[2], n);
+        // Every layer of every step took the fused call (none with it turned off).
+        let off = std::env::var("CRESSET_FUSED_DECODE").is_ok_and(|v| v == "0");
+        let want = if off {
+            0
+        } else {
+            (n as u64 - 2) * model.config.layers as u64
+        };
+        assert_eq!(
+            fused_decode_calls() - fused_before,
+            want,
+            "{name}: fused attention calls"
+        );
         assert!(
             worst <= 1e-4,
             "{name}: decode steps' logits differ from the prompt's by {worst:e}"

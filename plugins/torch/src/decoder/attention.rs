@@ -54,6 +54,18 @@ fn fused_decode_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("CRESSET_FUSED_DECODE").map_or(true, |v| v != "0"))
 }
 
+thread_local! {
+    /// Layers' attention computed by the fused call on this thread (for tests that must know
+    /// the path ran).
+    static FUSED_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many layers' attention the fused decode call has computed on this thread.
+#[doc(hidden)]
+pub fn fused_decode_calls() -> u64 {
+    FUSED_CALLS.with(std::cell::Cell::get)
+}
+
 /// What every layer's attention shares about one forward pass.
 pub(super) struct Step {
     /// Where the rows sit in the cache.
@@ -188,7 +200,8 @@ impl Attention {
             && f32_cpu(keys)
             && f32_cpu(values)
             && tables.is_none_or(|(cos, sin)| {
-                f32_cpu(cos) && f32_cpu(sin) && cos.numel() == rows.slots.len() * hd as usize
+                let extent = rows.slots.len() * hd as usize;
+                f32_cpu(cos) && f32_cpu(sin) && cos.numel() == extent && sin.numel() == extent
             });
         if !eligible {
             return None;
@@ -238,6 +251,13 @@ impl Attention {
                 out.data_ptr() as *mut f32,
             )
         };
-        (status == 0).then_some(out)
+        // The call rotated `qkv` and wrote the cache before it could fail: the op-by-op path
+        // cannot take over from there.
+        assert_eq!(
+            status, 0,
+            "the fused decode attention failed (an exception in its thread pool)"
+        );
+        FUSED_CALLS.with(|c| c.set(c.get() + 1));
+        Some(out)
     }
 }

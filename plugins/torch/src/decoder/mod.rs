@@ -41,6 +41,7 @@ mod rope;
 use tch::{Device, Kind, Tensor};
 
 pub use crate::generation::GenerationRequest;
+pub use attention::fused_decode_calls;
 pub use cache::{upload, KvReads, SlotCache};
 pub use config::{DecoderConfig, Family, Positions, RopeScaling};
 pub use linear::{Linear, Quantize};

@@ -12,8 +12,8 @@
 //!   normal range; below 2⁻¹⁴ the step is absolute, 2⁻²⁴). Scales or zeros that are not finite
 //!   f16 numbers are refused at load.
 //!
-//! The kernel decodes each block once for up to eight rows of activations and sums in f32:
-//! a decode step of continuous batching is a few rows, where libtorch's int4 kernel (rows in
+//! The kernel decodes each block once for up to eight rows of activations (in f32, or rounded
+//! to int16 per block on AVX2: see [`KernelPath::Auto`]) and sums in f32: a decode step of continuous batching is a few rows, where libtorch's int4 kernel (rows in
 //! tiles of four, the weights decoded again per tile, activations rounded to bf16) pays twice
 //! for eight rows what it pays for four (BENCHMARKS.md, the llm section). It is vectorized for
 //! AVX2 with FMA and F16C; elsewhere a scalar loop runs, and loading keeps libtorch's int4 kernel
@@ -58,7 +58,8 @@ pub enum KernelPath {
     /// The fastest for the CPU and the row count: with AVX2 and up to eight rows, each row of
     /// `x` rounded to int16 per block of 32 (`dx = max|x| / 32767`: a value moves by at most
     /// about `max|x| / 65534` of its block) and multiplied with the weights' integers in integer
-    /// lanes, the zeros' share taken from `x` itself; with more rows, the float path.
+    /// lanes, the zeros' share taken from `x` itself (a block whose largest value is under
+    /// 1e-30 counts as zeros); with more rows, the float path.
     Auto = 0,
     /// The scalar loop (what a CPU without AVX2 runs).
     Scalar = 1,
@@ -505,12 +506,21 @@ mod tests {
         assert!(BlockWeight::from_gguf(GgmlType::Q8_0, &nan, 4, 64, None, 8).is_err());
     }
 
+    /// Whether the kernel's vectorized paths run on this CPU (what the kernel itself checks,
+    /// whatever `CRESSET_BLOCK_KERNEL` says about loading).
+    fn cpu_vectorized() -> bool {
+        // SAFETY: a pure query of the CPU's features.
+        unsafe { cresset_qblock_vectorized() == 1 }
+    }
+
     /// The kernel's result against the dequantized weight in f64, within what f32 summation
     /// can lose: a sum of K products computed in f32 (each rounded, then accumulated) is within
     /// (K + 1)·2⁻²⁴·Σ|x·w| of the exact sum (Higham's γ bound, first order). Where the path
-    /// rounds x to int16 per block (`int16`), each x moves by at most 0.504·dx (half a step, and
-    /// the f32 rounding of x/dx, at most 32767·2⁻²³ of a step) with dx = max|x_block| / 32767:
-    /// under max|x_block| / 65000; times Σ|q·s| of the block (the zeros' share uses x itself).
+    /// rounds x to int16 per block (`int16`), each x moves by at most 0.51·dx (half a step, and
+    /// the f32 roundings of 1/dx, of dx and of x/dx, each at most 32767·2⁻²⁴ of a step) with
+    /// dx = max|x_block| / 32767: under max|x_block| / 64000 (a block under 1e-30 counts as
+    /// zeros: its values move by their own size); times Σ|q·s| of the block (the zeros' share
+    /// uses x itself).
     fn check_against_dense(w: &BlockWeight, x: &Tensor, y: &Tensor, int16: bool, what: &str) {
         let dense = w.dequantize().to_kind(Kind::Double);
         let x64 = x.to_kind(Kind::Double);
@@ -529,13 +539,13 @@ mod tests {
                 .expand([out, inp / BLOCK, BLOCK], false)
                 .reshape([out, inp]);
             let scaled = (&dense - zeros).abs();
-            let step = x64
+            let top = x64
                 .abs()
                 .view([rows, inp / BLOCK, BLOCK])
                 .amax([-1i64].as_slice(), true)
                 .expand([rows, inp / BLOCK, BLOCK], false)
-                .reshape([rows, inp])
-                / 65000.0;
+                .reshape([rows, inp]);
+            let step = (&top / 64000.0).where_self(&top.ge(1e-30), &top);
             bound += step.matmul(&scaled.tr());
         }
         let excess = ((y.to_kind(Kind::Double) - &want).abs() - &bound)
@@ -577,10 +587,12 @@ mod tests {
                 let x = Tensor::randn([rows, inp], (Kind::Float, Device::Cpu))
                     * Tensor::logspace(-3.0, 3.0, inp, 10.0, (Kind::Float, Device::Cpu));
                 let _ = x.narrow(1, 32, 32).fill_(0.0);
+                // And a block too small for int16 steps (it counts as zeros there).
+                let _ = x.narrow(1, 64, 32).g_mul_scalar_(1e-35);
                 for path in [KernelPath::Auto, KernelPath::Scalar, KernelPath::Float] {
                     let y = w.forward_on(&x, path);
                     assert_eq!(y.size(), [rows, out]);
-                    let int16 = path == KernelPath::Auto && vectorized() && rows <= 8;
+                    let int16 = path == KernelPath::Auto && cpu_vectorized() && rows <= 8;
                     check_against_dense(
                         &w,
                         &x,
@@ -607,7 +619,7 @@ mod tests {
         // The bound above is a worst case; on random data the int16 path lands far inside it
         // (and within a few f32 rounding steps of the float path), so a wrong scale or a lost
         // zero cannot hide under it.
-        if !vectorized() {
+        if !cpu_vectorized() {
             return;
         }
         let _guard = tch::no_grad_guard();

@@ -191,6 +191,7 @@ impl Attention {
         let eligible = fused_decode_enabled()
             && rows.len == 1
             && rows.starts_known
+            && rows.starts.len() == rows.slots.len()
             && self.alibi.is_none()
             && kvh > 0
             && h % kvh == 0
@@ -228,12 +229,12 @@ impl Attention {
         let (cos, sin) = tables.map_or((std::ptr::null(), std::ptr::null()), |(c, s)| {
             (c.data_ptr() as *const f32, s.data_ptr() as *const f32)
         });
-        // SAFETY: checked above: `qkv` is a contiguous f32 of n rows of (h + 2·kvh)·hd values,
-        // the tables (if any) contiguous f32 of n × hd, the caches contiguous f32
-        // [slot_count, kvh, capacity, hd], every slot distinct and below slot_count, every
-        // position below capacity, h a multiple of kvh, hd even; `out` is fresh, n × h·hd. The
-        // call writes `qkv` (rotated in place: this step's own tensor), the rows' own cache
-        // positions and `out`, nothing else.
+        // SAFETY: checked above: one start per slot, `qkv` a contiguous f32 of n rows of
+        // (h + 2·kvh)·hd values, the tables (if any) contiguous f32 of n × hd, the caches
+        // contiguous f32 [slot_count, kvh, capacity, hd], every slot distinct and below
+        // slot_count, every position below capacity, h a multiple of kvh, hd even; `out` is
+        // fresh, n × h·hd. The call writes `qkv` (rotated in place: this step's own tensor),
+        // the rows' own cache positions and `out`, nothing else.
         let status = unsafe {
             cresset_decode_attention(
                 qkv.data_ptr() as *mut f32,

@@ -104,6 +104,23 @@ struct Served {
     aggregate_distinct: f64,
 }
 
+impl Served {
+    /// The table row of `label`, the ratios to llama.cpp's `llama` tokens/s, `resident` the
+    /// last two cells (weights resident and its ratio to the file; `" | "` when not measured).
+    fn row(&self, label: &str, llama: f64, resident: &str) -> String {
+        format!(
+            "| {label} | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {:.2}× | {resident} |\n",
+            self.ttft_ms,
+            self.decode,
+            self.decode / llama,
+            self.aggregate,
+            self.aggregate / llama,
+            self.aggregate_distinct,
+            self.aggregate_distinct / llama,
+        )
+    }
+}
+
 fn measure(gguf: &Path, handler: &str, runs: usize) -> Served {
     let store = tempfile::tempdir().expect("tempdir");
     let dir = dir_archive(
@@ -266,17 +283,10 @@ fn main() {
         eprintln!("bench-llm: {}", v.label);
         let (rss, counted) = weights_rss(&gguf, i);
         let served = measure(&gguf, v.handler, runs);
-        table.push_str(&format!(
-            "| {} | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {:.2}× | {rss:.0} MiB ({counted:.0}) | {:.2}× |\n",
+        table.push_str(&served.row(
             v.label,
-            served.ttft_ms,
-            served.decode,
-            served.decode / llama_decode,
-            served.aggregate,
-            served.aggregate / llama_decode,
-            served.aggregate_distinct,
-            served.aggregate_distinct / llama_decode,
-            rss / gguf_mib,
+            llama_decode,
+            &format!("{rss:.0} MiB ({counted:.0}) | {:.2}×", rss / gguf_mib),
         ));
         default.get_or_insert((served, rss));
     }
@@ -286,15 +296,10 @@ fn main() {
     std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
     let spin = measure(&gguf, "", runs);
     std::env::remove_var("OMP_WAIT_POLICY");
-    table.push_str(&format!(
-        "| Cresset int4 with `OMP_WAIT_POLICY=PASSIVE` (the server's default before issue 13) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {:.2}× | | |\n",
-        spin.ttft_ms,
-        spin.decode,
-        spin.decode / llama_decode,
-        spin.aggregate,
-        spin.aggregate / llama_decode,
-        spin.aggregate_distinct,
-        spin.aggregate_distinct / llama_decode,
+    table.push_str(&spin.row(
+        "Cresset int4 with `OMP_WAIT_POLICY=PASSIVE` (the server's default before issue 13)",
+        llama_decode,
+        " | ",
     ));
     // Decode steps op by op (rotary, cache write and attention as some thirty libtorch calls
     // per layer), as before the fused decode attention.
@@ -302,15 +307,10 @@ fn main() {
     std::env::set_var("CRESSET_FUSED_DECODE", "0");
     let op_by_op = measure(&gguf, "", runs);
     std::env::remove_var("CRESSET_FUSED_DECODE");
-    table.push_str(&format!(
-        "| Cresset int4 with decode steps op by op (`CRESSET_FUSED_DECODE=0`: the default before the fused decode attention) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {:.2}× | | |\n",
-        op_by_op.ttft_ms,
-        op_by_op.decode,
-        op_by_op.decode / llama_decode,
-        op_by_op.aggregate,
-        op_by_op.aggregate / llama_decode,
-        op_by_op.aggregate_distinct,
-        op_by_op.aggregate_distinct / llama_decode,
+    table.push_str(&op_by_op.row(
+        "Cresset int4 with decode steps op by op (`CRESSET_FUSED_DECODE=0`: the default before the fused decode attention)",
+        llama_decode,
+        " | ",
     ));
     // The same file on libtorch's int4 (layers) and int8 (head) kernels instead of the block
     // kernel, in the same run.
@@ -319,16 +319,13 @@ fn main() {
     let (torch_rss, torch_counted) = weights_rss(&gguf, 0);
     let torch_kernels = measure(&gguf, "", runs);
     std::env::remove_var("CRESSET_BLOCK_KERNEL");
-    table.push_str(&format!(
-        "| Cresset int4 on libtorch's int4 and int8 kernels (`CRESSET_BLOCK_KERNEL=0`: the default before the block kernel) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | {:.1} | {:.2}× | {torch_rss:.0} MiB ({torch_counted:.0}) | {:.2}× |\n",
-        torch_kernels.ttft_ms,
-        torch_kernels.decode,
-        torch_kernels.decode / llama_decode,
-        torch_kernels.aggregate,
-        torch_kernels.aggregate / llama_decode,
-        torch_kernels.aggregate_distinct,
-        torch_kernels.aggregate_distinct / llama_decode,
-        torch_rss / gguf_mib,
+    table.push_str(&torch_kernels.row(
+        "Cresset int4 on libtorch's int4 and int8 kernels (`CRESSET_BLOCK_KERNEL=0`: the default before the block kernel)",
+        llama_decode,
+        &format!(
+            "{torch_rss:.0} MiB ({torch_counted:.0}) | {:.2}×",
+            torch_rss / gguf_mib
+        ),
     ));
     table.push_str(&format!(
         "| transformers {} `generate()`, f32 dequantized (batch of 8 for the aggregate) | {:.0} ms | {:.1} | {:.2}× | {:.1} | {:.2}× | – | | | |\n",

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 namespace {
 
@@ -334,36 +335,39 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_rows_i16(
   }
 }
 
+// `f(std::integral_constant<int, R>{})` with R = rows (1 to 8; more count as 8): the run-time row
+// count as the kernels' compile-time one.
+template <typename F>
+void by_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 template <int BITS>
 void avx2_dispatch_i16(int64_t rows, const int16_t* xq, const float* meta, int64_t k,
                        int64_t kb_count, const uint8_t* q, int64_t row_bytes, const uint16_t* sz,
                        float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  switch (rows) {
-    case 1: avx2_rows_i16<1, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 2: avx2_rows_i16<2, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 3: avx2_rows_i16<3, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 4: avx2_rows_i16<4, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 5: avx2_rows_i16<5, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 6: avx2_rows_i16<6, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 7: avx2_rows_i16<7, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    default: avx2_rows_i16<8, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-  }
+  by_rows(rows, [&](auto r) {
+    avx2_rows_i16<decltype(r)::value, BITS>(xq, meta, k, kb_count, q, row_bytes, sz, out, ldo,
+                                            n0, n1);
+  });
 }
 
 template <int BITS>
 void avx2_dispatch(int64_t rows, const float* xp, int64_t kb_count, const uint8_t* q,
                    int64_t row_bytes, const uint16_t* sz, float* out, int64_t ldo, int64_t n0,
                    int64_t n1) {
-  switch (rows) {
-    case 1: avx2_rows<1, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 2: avx2_rows<2, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 3: avx2_rows<3, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 4: avx2_rows<4, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 5: avx2_rows<5, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 6: avx2_rows<6, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    case 7: avx2_rows<7, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-    default: avx2_rows<8, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1); break;
-  }
+  by_rows(rows, [&](auto r) {
+    avx2_rows<decltype(r)::value, BITS>(xp, kb_count, q, row_bytes, sz, out, ldo, n0, n1);
+  });
 }
 
 bool cpu_has_avx2() {

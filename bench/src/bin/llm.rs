@@ -121,6 +121,16 @@ impl Served {
     }
 }
 
+/// `run`'s result with `var=value` in this process's environment (which the servers and probes
+/// it starts inherit), the variable removed after.
+fn with_env<T>(var: &str, value: &str, run: impl FnOnce() -> T) -> T {
+    eprintln!("bench-llm: int4 with {var}={value}");
+    std::env::set_var(var, value);
+    let out = run();
+    std::env::remove_var(var);
+    out
+}
+
 fn measure(gguf: &Path, handler: &str, runs: usize) -> Served {
     let store = tempfile::tempdir().expect("tempdir");
     let dir = dir_archive(
@@ -292,10 +302,7 @@ fn main() {
     }
     let (int4, int4_rss) = default.expect("the default variant ran");
     // The OpenMP wait before issue 13: threads sleep between parallel regions.
-    eprintln!("bench-llm: int4 with OMP_WAIT_POLICY=PASSIVE");
-    std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
-    let spin = measure(&gguf, "", runs);
-    std::env::remove_var("OMP_WAIT_POLICY");
+    let spin = with_env("OMP_WAIT_POLICY", "PASSIVE", || measure(&gguf, "", runs));
     table.push_str(&spin.row(
         "Cresset int4 with `OMP_WAIT_POLICY=PASSIVE` (the server's default before issue 13)",
         llama_decode,
@@ -303,10 +310,7 @@ fn main() {
     ));
     // Decode steps op by op (rotary, cache write and attention as some thirty libtorch calls
     // per layer), as before the fused decode attention.
-    eprintln!("bench-llm: int4 with CRESSET_FUSED_DECODE=0");
-    std::env::set_var("CRESSET_FUSED_DECODE", "0");
-    let op_by_op = measure(&gguf, "", runs);
-    std::env::remove_var("CRESSET_FUSED_DECODE");
+    let op_by_op = with_env("CRESSET_FUSED_DECODE", "0", || measure(&gguf, "", runs));
     table.push_str(&op_by_op.row(
         "Cresset int4 with decode steps op by op (`CRESSET_FUSED_DECODE=0`: the default before the fused decode attention)",
         llama_decode,
@@ -314,11 +318,10 @@ fn main() {
     ));
     // The same file on libtorch's int4 (layers) and int8 (head) kernels instead of the block
     // kernel, in the same run.
-    eprintln!("bench-llm: int4 with CRESSET_BLOCK_KERNEL=0");
-    std::env::set_var("CRESSET_BLOCK_KERNEL", "0");
-    let (torch_rss, torch_counted) = weights_rss(&gguf, 0);
-    let torch_kernels = measure(&gguf, "", runs);
-    std::env::remove_var("CRESSET_BLOCK_KERNEL");
+    let (torch_kernels, (torch_rss, torch_counted)) = with_env("CRESSET_BLOCK_KERNEL", "0", || {
+        let rss = weights_rss(&gguf, 0);
+        (measure(&gguf, "", runs), rss)
+    });
     table.push_str(&torch_kernels.row(
         "Cresset int4 on libtorch's int4 and int8 kernels (`CRESSET_BLOCK_KERNEL=0`: the default before the block kernel)",
         llama_decode,

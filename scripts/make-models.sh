@@ -75,7 +75,8 @@ fi
 # The text fixtures' reference is TorchServe's own text_classifier handler, run in the
 # TorchServe venv (scripts/setup-torchserve.sh, also the vision benchmark's baseline).
 text_stamp="$root/tests/fixtures/generated/text/expected.json"
-if ! { [ -f "$text_stamp" ] && [ "$text_stamp" -nt "$root/scripts/make_text_fixtures.py" ]; }; then
+if ! { [ -f "$text_stamp" ] && [ "$text_stamp" -nt "$root/scripts/make_text_fixtures.py" ] \
+  && [ "$text_stamp" -nt "$root/tests/fixtures/torchtext/corpus.json" ]; }; then
   ts_venv="$("$root/scripts/setup-torchserve.sh")"
   "$ts_venv/bin/python" "$root/scripts/make_text_fixtures.py" "$root"
 fi

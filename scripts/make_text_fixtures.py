@@ -1,8 +1,8 @@
 """Fixtures for the `text` plugin (TorchServe's `text_classifier`): the model of TorchServe's
 text classification example (an EmbeddingBag over token and bigram ids, then one linear
-layer; random weights, four AG_NEWS classes), a vocabulary built from a small corpus as
-torchtext's `build_vocab_from_iterator` builds it (by frequency, then alphabetically, with
-`<unk>` first as the default index), and what TorchServe 0.12.0's own `TextClassifier`
+layer; random weights, four AG_NEWS classes), a vocabulary built from a small corpus by
+torchtext 0.6's Vocab (by frequency, then alphabetically, with `<unk>` first), saved as the
+example saved it (source_vocab.pt) and as JSON, and what TorchServe 0.12.0's own `TextClassifier`
 handler makes of a set of test texts: the token ids its preprocessing gives (HTML removed,
 lowercased, contractions expanded, accents and punctuation removed, basic_english tokens and
 bigrams) and the probabilities it answers.
@@ -10,7 +10,7 @@ bigrams) and the probabilities it answers.
 Run with the TorchServe venv's python (scripts/setup-torchserve.sh: torchserve 0.12.0 and the
 torch venv's packages): `python scripts/make_text_fixtures.py ROOT`. Writes
 tests/fixtures/generated/text/: model.pt (TorchScript), model.onnx, model.pt2 (AOTInductor),
-vocab.json, index_to_name.json, expected.json.
+source_vocab.pt, source_vocab_legacy.pt, vocab.json, index_to_name.json, expected.json.
 """
 
 import collections
@@ -20,6 +20,7 @@ import sys
 
 import torch
 from torch import nn
+from torchtext.vocab import Vocab
 from ts.handler_utils.text_utils import ngrams_iterator
 from ts.torch_handler.text_classifier import TextClassifier
 
@@ -28,32 +29,24 @@ out = root / "tests/fixtures/generated/text"
 out.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
 
-# The training corpus the vocabulary comes from.
-corpus = [
-    "Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, Wall Street's "
-    "dwindling band of ultra-cynics, are seeing green again.",
-    "Carlyle Looks Toward Commercial Aerospace (Reuters) Reuters - Private investment firm "
-    "Carlyle Group, which has a reputation for making well-timed and occasionally "
-    "controversial plays in the defense industry, has quietly placed its bets on another part "
-    "of the market.",
-    "Oil and Economy Cloud Stocks' Outlook (Reuters) Reuters - Soaring crude prices plus "
-    "worries about the economy and the outlook for earnings are expected to hang over the "
-    "stock market next week during the depth of the summer doldrums.",
-    "Phelps wins the 200m butterfly, his fourth gold medal of the Games; he can't stop and "
-    "doesn't want to.",
-    "The team's coach said they'd play the final at home: I'd like to see the café crowd.",
-    "NASA's new telescope finds water on a distant planet, scientists say it's a first.",
-    "Stocks rally as the central bank holds rates; investors won't wait for the next report.",
-    "The striker scored twice as the home side won the cup final 3-1 on Saturday.",
-]
+# The training corpus the vocabulary comes from (shared with make_torchtext_vocab.py, which
+# makes the same vocabulary with torchtext 0.18).
+corpus = json.loads((root / "tests/fixtures/torchtext/corpus.json").read_text())
 tokenizer = TextClassifier().tokenizer
 counts = collections.Counter()
 for line in corpus:
     counts.update(ngrams_iterator(tokenizer(line), 2))
-# torchtext's build_vocab_from_iterator: specials first, then by frequency (descending),
-# ties alphabetically.
-itos = ["<unk>"] + [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-stoi = {t: i for i, t in enumerate(itos)}
+# The vocabulary as TorchServe's text classification example made it: torchtext's (legacy,
+# before 0.12) Vocab of the counts, `<unk>` first, then by frequency (descending), ties
+# alphabetically; saved by torch.save as source_vocab.pt, in the zip format and, as torch
+# before 1.6 saved it, in the legacy one.
+vocab = Vocab(counts, specials=["<unk>"])
+itos = vocab.itos
+assert itos[0] == "<unk>" and itos[1:] == [
+    t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+]
+torch.save(vocab, out / "source_vocab.pt")
+torch.save(vocab, out / "source_vocab_legacy.pt", _use_new_zipfile_serialization=False)
 (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
 labels = {"0": "World", "1": "Sports", "2": "Business", "3": "Sci/Tech"}
 (out / "index_to_name.json").write_text(json.dumps(labels))
@@ -103,7 +96,8 @@ torch._inductor.aoti_compile_and_package(
 
 # TorchServe's own handler on the test texts: its preprocessing's ids and its answer.
 handler = TextClassifier()
-handler.source_vocab = collections.defaultdict(int, stoi)  # <unk> (0) is the default index
+# As its initialize loads it (torch.load before torch 2.6, whose default became weights_only).
+handler.source_vocab = torch.load(out / "source_vocab.pt", weights_only=False)
 handler.model = model
 handler.device = torch.device("cpu")
 handler.mapping = labels
@@ -133,7 +127,7 @@ with torch.inference_mode():
 expected = {
     "cases": cases,
     "ngrams": TextClassifier.ngrams,
-    "versions": {"torch": torch.__version__, "torchserve": "0.12.0"},
+    "versions": {"torch": torch.__version__, "torchserve": "0.12.0", "torchtext": "0.6.0"},
 }
 (out / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False))
 print(f"make_text_fixtures: wrote {out}")

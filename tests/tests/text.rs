@@ -3,7 +3,8 @@
 //! vocabulary as `vocab.json`, its class names) registers and answers texts sent as a plain
 //! body (`curl -d`), as JSON and as KServe v1 instances, with TorchServe's own handler's
 //! probabilities (scripts/make_text_fixtures.py); the same archive with the model as ONNX
-//! answers the same.
+//! answers the same; and archives made as TorchServe's text classification example makes them,
+//! with the vocabulary as `source_vocab.pt` from each torchtext, answer the same too.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,12 @@ fn fixtures() -> PathBuf {
         "run `make models` first"
     );
     dir
+}
+
+/// What TorchServe's own handler answered (scripts/make_text_fixtures.py).
+fn expected() -> Value {
+    serde_json::from_slice(&std::fs::read(fixtures().join("expected.json")).expect("read"))
+        .expect("json")
 }
 
 fn mar(file: &str, name: &str, export: &Path) {
@@ -50,10 +57,7 @@ fn text_classifier_archives_answer_as_torchserves_handler() {
         "news=news.mar,news_onnx=news_onnx.mar",
     ]);
     server.wait_healthy();
-    let expected: Value = serde_json::from_slice(
-        &std::fs::read(fixtures().join("expected.json")).expect("expected.json"),
-    )
-    .expect("json");
+    let expected = expected();
     let cases = expected["cases"].as_array().expect("cases");
     for case in cases {
         let text = case["text"].as_str().expect("text");
@@ -104,4 +108,64 @@ fn text_classifier_archives_answer_as_torchserves_handler() {
         &url,
     );
     assert_eq!(code, 200);
+}
+
+/// `torch-model-archiver ... --extra-files "index_to_name.json,source_vocab.pt"`, as TorchServe's
+/// text classification example archives its model: the vocabulary is the pickled torchtext
+/// Vocab that torch.save wrote. Each of torchtext 0.6's (zip and legacy format) and
+/// torchtext 0.18's is read, and the answers are TorchServe's handler's.
+#[test]
+fn torchserves_example_archives_with_source_vocab_pt_answer_as_its_handler() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let vocabs = [
+        ("tt06", fixtures().join("source_vocab.pt")),
+        ("tt06_legacy", fixtures().join("source_vocab_legacy.pt")),
+        (
+            "tt018",
+            repo_root().join("tests/fixtures/torchtext/source_vocab_0.18.pt"),
+        ),
+    ];
+    for (name, vocab) in &vocabs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["model.pt", "index_to_name.json"] {
+            std::fs::copy(fixtures().join(f), dir.path().join(f)).expect("copy");
+        }
+        std::fs::copy(vocab, dir.path().join("source_vocab.pt")).expect("copy");
+        torch_model_archiver(
+            dir.path(),
+            &[
+                "--model-name",
+                name,
+                "--version",
+                "1.0",
+                "--serialized-file",
+                "model.pt",
+                "--handler",
+                "text_classifier",
+                "--extra-files",
+                "index_to_name.json,source_vocab.pt",
+            ],
+            store.path(),
+        );
+    }
+    let server = Server::start(&[
+        "--model-store",
+        store.path().to_str().expect("utf-8"),
+        "--models",
+        "tt06=tt06.mar,tt06_legacy=tt06_legacy.mar,tt018=tt018.mar",
+    ]);
+    server.wait_healthy();
+    let expected = expected();
+    for case in expected["cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        for (name, _) in &vocabs {
+            let url = format!("{}/predictions/{name}", server.inference);
+            let (code, body) = curl(
+                &["--data-binary", text, "-H", "Content-Type: text/plain"],
+                &url,
+            );
+            assert_eq!(code, 200, "{name}: {body}");
+            assert_same_classes(&serde_json::from_str(&body).expect("json"), &case["answer"]);
+        }
+    }
 }

@@ -14,13 +14,14 @@
 //!
 //! `[handler]` keys: `model_file` (default: the archive's serialized file, else `model.pt`),
 //! `format` (`"auto"`: told by the file; `"torchscript"`, `"aoti"`, `"onnx"`), `vocab_file`
-//! (default `vocab.json`, else `vocab.txt`), `unk_token` (`"<unk>"`: the index of unknown
-//! tokens), `ngrams` (2), `labels_file` (`index_to_name.json`), `topk` (default: every class).
+//! (default `vocab.json`, else `vocab.txt`, else `source_vocab.pt`), `unk_token` (`"<unk>"`:
+//! the index of unknown tokens), `ngrams` (2), `labels_file` (`index_to_name.json`), `topk`
+//! (default: every class).
 //!
 //! The vocabulary is a JSON list of tokens (the index is the position, as torchtext's
 //! `get_itos()` gives it), a JSON object of token to index (`get_stoi()`), or a text file of
-//! one token per line. TorchServe's `source_vocab.pt` is a pickled torchtext object, which is
-//! not read (a pickle runs code); the error says how to write `vocab.json` from it.
+//! one token per line, or TorchServe's `source_vocab.pt`: a torchtext vocabulary that
+//! `torch.save` wrote, read without running pickle code ([`cresset_plan::pickle::read_vocab`]).
 
 pub mod contractions;
 pub mod normalize;

@@ -18,7 +18,8 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// The archive's vocabulary: `vocab_file`, else `vocab.json`, else `vocab.txt`.
+    /// The archive's vocabulary: `vocab_file`, else `vocab.json`, else `vocab.txt`, else
+    /// `source_vocab.pt`.
     pub fn from_archive(
         ctx: &InitContext,
         vocab_file: Option<&str>,
@@ -26,33 +27,28 @@ impl Vocab {
     ) -> Result<Self, PluginError> {
         let path = match vocab_file {
             Some(file) => settings::path_inside(&ctx.model_dir, "vocab_file", file)?,
-            None => ["vocab.json", "vocab.txt"]
+            None => ["vocab.json", "vocab.txt", "source_vocab.pt"]
                 .iter()
                 .map(|f| ctx.model_dir.join(f))
                 .find(|p| p.is_file())
                 .ok_or_else(|| {
-                    if ctx.model_dir.join("source_vocab.pt").is_file() {
-                        PluginError::invalid_input(
-                            "the archive's vocabulary is TorchServe's source_vocab.pt, a pickled \
-                             torchtext object, which is not read (loading a pickle runs code). \
-                             Write it as JSON and archive that instead: python -c \"import \
-                             json, torch; json.dump(torch.load('source_vocab.pt', \
-                             weights_only=False).get_itos(), open('vocab.json', 'w'))\"",
-                        )
-                    } else {
-                        PluginError::invalid_input(
-                            "the archive has no vocabulary: add vocab.json (a list of tokens, or \
-                             an object of token to index) or vocab.txt (one token per line), or \
-                             name it with `handler.vocab_file`",
-                        )
-                    }
+                    PluginError::invalid_input(
+                        "the archive has no vocabulary: add vocab.json (a list of tokens, or an \
+                         object of token to index), vocab.txt (one token per line) or \
+                         TorchServe's source_vocab.pt (a torchtext Vocab that torch.save \
+                         wrote), or name it with `handler.vocab_file`",
+                    )
                 })?,
         };
         Self::read(&path, unk_token)
     }
 
-    /// Read a vocabulary file: a JSON list or object, or one token per line.
+    /// Read a vocabulary file: a JSON list or object, one token per line, or one that
+    /// `torch.save` wrote (told by its first bytes).
     pub fn read(path: &Path, unk_token: &str) -> Result<Self, PluginError> {
+        if cresset_plan::pickle::magic(path).is_some() {
+            return Self::read_pickle(path, unk_token);
+        }
         let bad = |m: String| PluginError::invalid_input(format!("{}: {m}", path.display()));
         let len = std::fs::metadata(path)
             .map_err(|e| bad(e.to_string()))?
@@ -101,6 +97,30 @@ impl Vocab {
         }
         Ok(Self {
             unknown: index.get(unk_token).copied(),
+            index,
+            unk_token: unk_token.to_owned(),
+        })
+    }
+
+    /// A vocabulary that `torch.save` wrote (TorchServe's `source_vocab.pt`), read without
+    /// running pickle code. Unknown tokens take the default index the vocabulary names
+    /// (torchtext 0.12+'s `set_default_index`), else `unk_token`'s index, as torchtext's
+    /// older `Vocab` looks up `<unk>`.
+    fn read_pickle(path: &Path, unk_token: &str) -> Result<Self, PluginError> {
+        let vocab = cresset_plan::pickle::read_vocab(path)
+            .map_err(|e| PluginError::invalid_input(e.to_string()))?;
+        if vocab.tokens.is_empty() {
+            return Err(PluginError::invalid_input(format!(
+                "{}: the vocabulary ({}) is empty",
+                path.display(),
+                vocab.held
+            )));
+        }
+        let index: HashMap<String, i64> = vocab.tokens.into_iter().collect();
+        Ok(Self {
+            unknown: vocab
+                .default_index
+                .or_else(|| index.get(unk_token).copied()),
             index,
             unk_token: unk_token.to_owned(),
         })

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use cresset_plugin_api::sdk::{testing, Handler};
 use cresset_plugin_api::ErrorCode;
-use cresset_plugin_text::{normalize, TextHandler};
+use cresset_plugin_text::{normalize, TextHandler, Vocab};
 use serde_json::{json, Value};
 
 fn fixtures() -> PathBuf {
@@ -176,8 +176,13 @@ fn archives_without_a_readable_vocabulary_or_a_text_model_are_refused() {
             .unwrap_or_default()
     };
     assert!(load(json!({})).contains("no vocabulary"));
-    std::fs::write(dir.path().join("source_vocab.pt"), b"PK").expect("write");
-    assert!(load(json!({})).contains("get_itos()"));
+    std::fs::write(dir.path().join("source_vocab.pt"), b"PK\x03\x04").expect("write");
+    let err = load(json!({}));
+    assert!(
+        err.contains("source_vocab.pt: not a torch.save zip"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("source_vocab.pt")).expect("remove");
     std::fs::write(dir.path().join("vocab.json"), b"{\"a\": -1}").expect("write");
     assert!(load(json!({})).contains("not an index"));
     std::fs::write(dir.path().join("vocab.json"), b"[\"<unk>\", \"a\"]").expect("write");
@@ -201,4 +206,66 @@ fn archives_without_a_readable_vocabulary_or_a_text_model_are_refused() {
     let resnet = fixtures().join("../vision/resnet18/model.pt");
     std::fs::copy(resnet, dir.path().join("model.pt")).expect("copy");
     assert!(load(json!({})).contains("as a text classifier"));
+}
+
+/// TorchServe's `source_vocab.pt` as each torchtext saved it, read without running pickle code:
+/// the legacy `Vocab` of TorchServe's example (torchtext 0.6, by torch.save's zip and legacy
+/// formats; scripts/make_text_fixtures.py) and torchtext 0.18's (committed, with what torchtext
+/// itself answered: scripts/make_torchtext_vocab.py). Each holds the tokens of vocab.json at
+/// the same indices, and an unknown token takes `<unk>`'s index (0), as `vocab[token]` does.
+#[test]
+fn torchserves_source_vocab_is_read_from_every_torchtext() {
+    let itos: Vec<String> =
+        serde_json::from_slice(&std::fs::read(fixtures().join("vocab.json")).expect("vocab.json"))
+            .expect("json");
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/torchtext");
+    let torchtext: Value = serde_json::from_slice(
+        &std::fs::read(committed.join("lookups.json")).expect("lookups.json"),
+    )
+    .expect("json");
+    assert_eq!(
+        torchtext["itos"],
+        json!(itos),
+        "the same corpus, the same vocabulary"
+    );
+    for path in [
+        fixtures().join("source_vocab.pt"),
+        fixtures().join("source_vocab_legacy.pt"),
+        committed.join("source_vocab_0.18.pt"),
+    ] {
+        // An `unk_token` the vocabulary lacks: the legacy Vocab then has no index for unknown
+        // tokens, torchtext 0.18's still its default index.
+        for unk in ["<unk>", "<none>"] {
+            let vocab = Vocab::read(&path, unk).unwrap_or_else(|e| panic!("{}", e.message));
+            assert_eq!(vocab.len(), itos.len(), "{}", path.display());
+            for (i, token) in itos.iter().enumerate() {
+                assert_eq!(vocab.index(token).expect("known"), i as i64, "{token:?}");
+            }
+            let unknown = vocab.index("zebra").ok();
+            let has_default = path.ends_with("source_vocab_0.18.pt");
+            match (unk, has_default) {
+                ("<unk>", _) | (_, true) => assert_eq!(unknown, Some(0), "{}", path.display()),
+                _ => assert_eq!(unknown, None, "{}", path.display()),
+            }
+        }
+    }
+    let vocab = Vocab::read(&committed.join("source_vocab_0.18.pt"), "<unk>").expect("read");
+    for (token, index) in torchtext["lookups"].as_object().expect("lookups") {
+        assert_eq!(vocab.index(token).ok(), index.as_i64(), "{token:?}");
+    }
+    // A text classifier archive with only source_vocab.pt answers as TorchServe's handler.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["model.pt", "index_to_name.json", "source_vocab.pt"] {
+        std::fs::copy(fixtures().join(f), dir.path().join(f)).expect("copy");
+    }
+    let mut h = TextHandler::initialize(&testing::init_context(dir.path(), json!({})))
+        .unwrap_or_else(|e| panic!("{}", e.message));
+    let expected = expected();
+    let case = &expected["cases"][0];
+    let text = case["text"].as_str().expect("text");
+    let run = testing::run(
+        &mut h,
+        &[testing::request("text/plain", text.as_bytes().to_vec())],
+    );
+    assert!(worst(&body(&run, 0), &case["answer"]) < 1e-6);
 }

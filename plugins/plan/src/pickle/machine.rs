@@ -1,72 +1,48 @@
-//! PyTorch's `torch.save` checkpoints (`pytorch_model.bin`, `.pth`, `.pt`) read without running
-//! pickle code.
-//!
-//! Since torch 1.6 such a file is a zip: `<archive>/data.pkl` is a pickle of the state dict in
-//! which every tensor is a call of `torch._utils._rebuild_tensor_v2` on a storage that the
-//! pickle names by a persistent id, and `<archive>/data/<key>` holds that storage's bytes,
-//! stored uncompressed. A pickle is a program for a stack machine whose `GLOBAL` and `REDUCE`
-//! opcodes import and call any Python function, which is how a hostile checkpoint runs code in
-//! `torch.load`. This reader is its own stack machine: it knows the opcodes of plain values and
-//! containers, the handful of globals a state dict uses (`collections.OrderedDict`, the tensor
-//! and parameter rebuild functions, the typed storage classes) and nothing else; any other
-//! global is refused by name before anything is called. It never reads tensor bytes: the
-//! result is a safetensors-like [`Header`] whose byte ranges point into the zip's stored
-//! entries, so loading and planning read a pickled checkpoint as they read safetensors.
-//!
-//! Memory is bounded by the size of `data.pkl` (every opcode adds at most one value, and
-//! values are shared by index, never copied: about 40 bytes a value), and `data.pkl` is capped
-//! at [`MAX_PICKLE`]; strings at [`MAX_STRING`], a dict's entries at [`MAX_TENSORS`], a call's
-//! arguments at 8, so that no opcode's work grows with what the memo holds.
+//! The pickle machine: a stack machine for the opcodes of plain values and containers, and for
+//! the globals that what is read allows ([`Allow`]); any other global is refused by name.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::Read;
+use std::collections::HashMap;
 use std::path::Path;
 
-use crate::safetensors::{dtype_size, CheckpointError, Header, TensorInfo, MAX_DIMS, MAX_TENSORS};
+use super::{invalid, MAX_STRING};
+use crate::safetensors::{dtype_size, CheckpointError, TensorInfo, MAX_DIMS};
 
-/// The largest `data.pkl` accepted. A state dict's pickle takes about 150 bytes a tensor:
-/// GPT-2's is 26 KB, a 70B Llama's (723 tensors) about 110 KB; even DeepSeek-V3's 92,000
-/// tensors would take about 14 MB. 16 MiB bounds the reader's memory at about 700 MB for a
-/// pickle of one-byte opcodes.
-pub const MAX_PICKLE: u64 = 16 << 20;
-
-/// The longest string read: tensor names and storage keys are well under 1 KiB.
-pub const MAX_STRING: usize = 4 << 10;
-
-/// The deepest nesting of containers walked when looking for tensors.
-const MAX_DEPTH: usize = 32;
-
-fn invalid(path: &Path, message: impl std::fmt::Display) -> CheckpointError {
-    CheckpointError(format!("{}: {message}", path.display()))
-}
-
-/// What a `torch.save` file starts with.
+/// What a file is read for, and so which globals its pickle may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Magic {
-    /// A zip: the format of `torch.save` since torch 1.6.
-    Zip,
-    /// The pickled magic number (protocol 2, a 10-byte LONG1) that `torch.save` wrote first
-    /// before torch 1.6.
-    LegacyPickle,
+pub(super) enum Allow {
+    /// A state dict: tensors in (ordered) dicts.
+    StateDict,
+    /// A vocabulary: torchtext's `Vocab` objects, `Counter`s and sets besides.
+    Vocab,
 }
 
-/// The format a file's first bytes show, if it is one of `torch.save`'s.
-pub fn magic(path: &Path) -> Option<Magic> {
-    let mut head = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .ok()?;
-    match head {
-        [b'P', b'K', 3, 4] => Some(Magic::Zip),
-        [0x80, 0x02, 0x8a, 0x0a] => Some(Magic::LegacyPickle),
-        _ => None,
+impl Allow {
+    fn what(self) -> &'static str {
+        match self {
+            Allow::StateDict => "a checkpoint may hold tensors and plain containers only",
+            Allow::Vocab => {
+                "a vocabulary may hold torchtext's Vocab, tensors and plain containers only"
+            }
+        }
     }
+}
+
+/// A class whose objects the reader keeps as the state their pickle gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Class {
+    /// `torchtext.vocab.Vocab` before torchtext 0.12: `itos`, `stoi`, `freqs`, ... attributes.
+    LegacyVocab,
+    /// `torchtext.vocab.vocab.Vocab` (torchtext 0.12 to 0.18): an `nn.Module` whose `vocab`
+    /// attribute is the C++ vocabulary.
+    VocabModule,
+    /// `torchtext._torchtext.Vocab`, the C++ vocabulary: its state is `(version, [default
+    /// index], itos, [])`.
+    VocabPybind,
 }
 
 /// A global the reader knows. Anything else in a `GLOBAL` opcode is refused.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Global {
+pub(super) enum Global {
     OrderedDict,
     RebuildTensor,
     RebuildParameter,
@@ -74,9 +50,15 @@ enum Global {
     Size,
     /// A typed storage class, as its safetensors dtype.
     Storage(&'static str),
+    /// `collections.Counter`: a dict.
+    Counter,
+    /// `set`: kept as a list.
+    Set,
+    Class(Class),
 }
 
-fn global(module: &str, name: &str) -> Option<Global> {
+fn global(module: &str, name: &str, allow: Allow) -> Option<Global> {
+    let vocab = allow == Allow::Vocab;
     Some(match (module, name) {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensor,
@@ -95,13 +77,18 @@ fn global(module: &str, name: &str) -> Option<Global> {
             "BoolStorage" => "BOOL",
             _ => return None,
         }),
+        ("collections", "Counter") if vocab => Global::Counter,
+        ("builtins" | "__builtin__", "set") if vocab => Global::Set,
+        ("torchtext.vocab", "Vocab") if vocab => Global::Class(Class::LegacyVocab),
+        ("torchtext.vocab.vocab", "Vocab") if vocab => Global::Class(Class::VocabModule),
+        ("torchtext._torchtext", "Vocab") if vocab => Global::Class(Class::VocabPybind),
         _ => return None,
     })
 }
 
 /// A storage named by a persistent id: its dtype, its element count and where its bytes are.
 #[derive(Debug, Clone)]
-struct Storage {
+pub(super) struct Storage {
     dtype: &'static str,
     numel: u64,
     /// Absolute byte offset of the stored zip entry's data, and its length.
@@ -112,7 +99,7 @@ struct Storage {
 /// A value of the pickle machine. Containers hold indices into the arena, so a value fetched
 /// from the memo again and again costs nothing.
 #[derive(Debug)]
-enum Value {
+pub(super) enum Value {
     None,
     Bool(bool),
     Int(i64),
@@ -123,19 +110,29 @@ enum Value {
     List(Vec<usize>),
     Dict(Vec<(usize, usize)>),
     Global(Global),
-    Storage(Storage),
+    Storage(Box<Storage>),
     Tensor(Box<TensorInfo>),
+    /// An object of a known class (`NEWOBJ`), and the state `BUILD` gave it.
+    Object {
+        class: Class,
+        state: Option<usize>,
+    },
 }
 
 /// The pickle machine's state.
-struct Machine<'a> {
-    path: &'a Path,
-    arena: Vec<Value>,
+pub(super) struct Machine<'a> {
+    pub(super) path: &'a Path,
+    pub(super) arena: Vec<Value>,
     stack: Vec<usize>,
     marks: Vec<usize>,
     memo: HashMap<u32, usize>,
     /// Storages by key, looked up in the zip once each.
     storages: &'a HashMap<String, (u64, u64)>,
+    allow: Allow,
+    /// The most opcodes run: each adds at most one value or reference.
+    max_ops: usize,
+    /// What the error messages call the pickle (`data.pkl`).
+    part: &'static str,
 }
 
 /// Reads through the pickle's bytes.
@@ -162,9 +159,31 @@ impl<'a> Cursor<'a> {
     }
 }
 
-impl Machine<'_> {
-    fn err(&self, message: impl std::fmt::Display) -> CheckpointError {
-        invalid(self.path, format!("data.pkl: {message}"))
+impl<'a> Machine<'a> {
+    /// A machine for one pickle of `path` (`part` names it in errors), whose persistent ids
+    /// name `storages`, which runs at most `max_ops` opcodes.
+    pub(super) fn new(
+        path: &'a Path,
+        part: &'static str,
+        storages: &'a HashMap<String, (u64, u64)>,
+        allow: Allow,
+        max_ops: usize,
+    ) -> Self {
+        Machine {
+            path,
+            arena: Vec::new(),
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            storages,
+            allow,
+            max_ops,
+            part,
+        }
+    }
+
+    pub(super) fn err(&self, message: impl std::fmt::Display) -> CheckpointError {
+        invalid(self.path, format!("{}: {message}", self.part))
     }
 
     fn push(&mut self, value: Value) {
@@ -217,7 +236,7 @@ impl Machine<'_> {
         }
     }
 
-    fn str_of(&self, id: usize) -> Option<&str> {
+    pub(super) fn str_of(&self, id: usize) -> Option<&str> {
         match &self.arena[id] {
             Value::Str(s) => Some(s),
             _ => None,
@@ -273,12 +292,12 @@ impl Machine<'_> {
                 "storage {key} holds {len} bytes, not {numel} elements of {dtype}"
             )));
         }
-        Ok(Value::Storage(Storage {
+        Ok(Value::Storage(Box::new(Storage {
             dtype,
             numel,
             start,
             len,
-        }))
+        })))
     }
 
     /// `_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, hooks, ...)`.
@@ -359,15 +378,44 @@ impl Machine<'_> {
             Global::RebuildParameter | Global::Size if !args.is_empty() => {
                 self.stack.push(args[0]);
             }
+            // `Counter()` or `Counter({token: count})`: the dict.
+            Global::Counter if args.is_empty() => self.push(Value::Dict(Vec::new())),
+            Global::Counter if matches!(self.arena[args[0]], Value::Dict(_)) => {
+                self.stack.push(args[0]);
+            }
+            // `set()` or `set([items])`: the list.
+            Global::Set if args.is_empty() => self.push(Value::List(Vec::new())),
+            Global::Set if matches!(self.arena[args[0]], Value::List(_)) => {
+                self.stack.push(args[0]);
+            }
             other => return Err(self.err(format!("{other:?} is called with {args:?}"))),
         }
         Ok(())
     }
 
-    fn run(&mut self, bytes: &[u8]) -> Result<usize, CheckpointError> {
-        let mut c = Cursor { bytes, pos: 0 };
+    /// `NEWOBJ`: `cls.__new__(cls, *args)` for a known class and no arguments, an object
+    /// without state.
+    fn new_object(&mut self, cls: usize, args: usize) -> Result<(), CheckpointError> {
+        match (&self.arena[cls], &self.arena[args]) {
+            (&Value::Global(Global::Class(class)), Value::Tuple(a)) if a.is_empty() => {
+                self.push(Value::Object { class, state: None });
+                Ok(())
+            }
+            (Value::Global(g), _) => Err(self.err(format!("NEWOBJ of {g:?}"))),
+            _ => Err(self.err("NEWOBJ of a value that is not a known class")),
+        }
+    }
+
+    /// Run the pickle that starts at byte `start` of `bytes` to its `STOP`: its value, and the
+    /// byte after it.
+    pub(super) fn run_from(
+        &mut self,
+        bytes: &[u8],
+        start: usize,
+    ) -> Result<(usize, usize), CheckpointError> {
+        let mut c = Cursor { bytes, pos: start };
         let short = |m: &Self| m.err("truncated");
-        loop {
+        for _ in 0..self.max_ops {
             let op = c.array::<1>().ok_or_else(|| short(self))?[0];
             match op {
                 0x80 => {
@@ -381,7 +429,7 @@ impl Machine<'_> {
                     // FRAME: a length hint only.
                     c.array::<8>().ok_or_else(|| short(self))?;
                 }
-                b'.' => return self.pop(), // STOP
+                b'.' => return Ok((self.pop()?, c.pos)), // STOP
                 b'(' => self.marks.push(self.stack.len()),
                 b'0' => {
                     self.pop()?;
@@ -551,10 +599,10 @@ impl Machine<'_> {
                             _ => return Err(self.err("STACK_GLOBAL names are not strings")),
                         }
                     };
-                    let g = global(&module, &name).ok_or_else(|| {
+                    let g = global(&module, &name, self.allow).ok_or_else(|| {
                         self.err(format!(
-                            "refuses the global `{module}.{name}`: a checkpoint may hold \
-                             tensors and plain containers only"
+                            "refuses the global `{module}.{name}`: {}",
+                            self.allow.what()
                         ))
                     })?;
                     self.push(Value::Global(g));
@@ -566,352 +614,67 @@ impl Machine<'_> {
                     let storage = self.persistent(pid)?;
                     self.push(storage);
                 }
+                0x81 => {
+                    // NEWOBJ
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    self.new_object(cls, args)?;
+                }
+                0x92 => {
+                    // NEWOBJ_EX: keyword arguments are refused as positional ones are.
+                    let kwargs = self.pop()?;
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    if !matches!(&self.arena[kwargs], Value::Dict(d) if d.is_empty()) {
+                        return Err(self.err("NEWOBJ_EX with keyword arguments"));
+                    }
+                    self.new_object(cls, args)?;
+                }
+                0x8f => self.push(Value::List(Vec::new())), // EMPTY_SET, kept as a list
+                0x90 => {
+                    // ADDITEMS
+                    let items = self.pop_mark()?;
+                    let set = self.top()?;
+                    self.list_mut(set)?.extend(items);
+                }
+                0x91 => {
+                    // FROZENSET
+                    let items = self.pop_mark()?;
+                    self.push(Value::List(items));
+                }
                 b'b' => {
-                    // BUILD: a state dict's `_metadata` attribute; ignored.
+                    // BUILD: an object's state, or a state dict's `_metadata` attribute
+                    // (ignored).
                     let state = self.pop()?;
                     let target = self.top()?;
-                    if !matches!(self.arena[target], Value::Dict(_))
-                        || !matches!(self.arena[state], Value::Dict(_) | Value::None)
-                    {
-                        return Err(self.err("BUILD sets state on a value that is not a dict"));
+                    match self.arena[target] {
+                        Value::Object { state: None, class } => {
+                            self.arena[target] = Value::Object {
+                                class,
+                                state: Some(state),
+                            };
+                        }
+                        Value::Dict(_)
+                            if matches!(self.arena[state], Value::Dict(_) | Value::None) => {}
+                        _ => {
+                            return Err(self.err(
+                                "BUILD sets state on a value that is neither a dict nor a new \
+                                 object",
+                            ))
+                        }
                     }
                 }
                 other => {
                     return Err(self.err(format!(
-                        "opcode 0x{other:02x} at byte {} is not one a state dict uses",
+                        "opcode 0x{other:02x} at byte {} is not one this reader knows",
                         c.pos - 1
                     )))
                 }
             }
         }
-    }
-
-    /// The tensors of the result: a dict of names to tensors, or one nested under
-    /// `state_dict`/`model` (training checkpoints). Entries that are not tensors are skipped.
-    fn tensors(
-        &self,
-        root: usize,
-        depth: usize,
-    ) -> Result<BTreeMap<String, TensorInfo>, CheckpointError> {
-        if depth > MAX_DEPTH {
-            return Err(self.err("dicts nest too deeply"));
-        }
-        let Value::Dict(items) = &self.arena[root] else {
-            return Err(self.err("the checkpoint is not a dict of tensors"));
-        };
-        if items.len() > MAX_TENSORS {
-            return Err(self.err(format!(
-                "a dict of {} entries, more than the {MAX_TENSORS} tensors this reader accepts",
-                items.len()
-            )));
-        }
-        let mut out = BTreeMap::new();
-        for &(k, v) in items {
-            if let (Some(name), Value::Tensor(info)) = (self.str_of(k), &self.arena[v]) {
-                out.insert(name.to_owned(), TensorInfo::clone(info));
-            }
-        }
-        if out.is_empty() {
-            for &(k, v) in items {
-                if matches!(self.str_of(k), Some("state_dict" | "model"))
-                    && matches!(self.arena[v], Value::Dict(_))
-                {
-                    return self.tensors(v, depth + 1);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Read a `torch.save` zip's tensors: names, dtypes, shapes and absolute byte ranges.
-pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
-    let file = File::open(path).map_err(|e| invalid(path, e))?;
-    let file_len = file.metadata().map_err(|e| invalid(path, e))?.len();
-    let mut zip = zip::ZipArchive::new(file)
-        .map_err(|e| invalid(path, format!("not a torch.save zip: {e}")))?;
-    let pickle_name = zip
-        .file_names()
-        .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            invalid(
-                path,
-                "a zip without <archive>/data.pkl is not a torch.save checkpoint",
-            )
-        })?;
-    let prefix = pickle_name.trim_end_matches("data.pkl").to_owned();
-    if let Ok(mut order) = zip.by_name(&format!("{prefix}byteorder")) {
-        let mut text = String::new();
-        (&mut order)
-            .take(16)
-            .read_to_string(&mut text)
-            .map_err(|e| invalid(path, e))?;
-        if text.trim() != "little" {
-            return Err(invalid(
-                path,
-                format!("byte order {:?} is not little-endian", text.trim()),
-            ));
-        }
-    }
-    let mut storages = HashMap::new();
-    let data_prefix = format!("{prefix}data/");
-    for i in 0..zip.len() {
-        let entry = zip.by_index_raw(i).map_err(|e| invalid(path, e))?;
-        let Some(key) = entry.name().strip_prefix(&data_prefix) else {
-            continue;
-        };
-        if entry.compression() != zip::CompressionMethod::Stored {
-            return Err(invalid(
-                path,
-                format!("storage {key} is compressed; torch.save stores storages uncompressed"),
-            ));
-        }
-        let start = entry.data_start();
-        if start
-            .checked_add(entry.size())
-            .is_none_or(|end| end > file_len)
-        {
-            return Err(invalid(
-                path,
-                format!("storage {key} lies outside the file ({file_len} bytes)"),
-            ));
-        }
-        storages.insert(key.to_owned(), (start, entry.size()));
-    }
-    let pickle = {
-        let entry = zip.by_name(&pickle_name).map_err(|e| invalid(path, e))?;
-        if entry.size() > MAX_PICKLE {
-            return Err(invalid(
-                path,
-                format!(
-                    "data.pkl is {} bytes, more than the {MAX_PICKLE} this reader accepts",
-                    entry.size()
-                ),
-            ));
-        }
-        let mut bytes = Vec::new();
-        entry
-            .take(MAX_PICKLE)
-            .read_to_end(&mut bytes)
-            .map_err(|e| invalid(path, format!("data.pkl: {e}")))?;
-        bytes
-    };
-    let mut machine = Machine {
-        path,
-        arena: Vec::new(),
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-        storages: &storages,
-    };
-    let root = machine.run(&pickle)?;
-    let tensors = machine.tensors(root, 0)?;
-    Ok(Header {
-        tensors,
-        data_start: 0,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    /// A `torch.save`-shaped zip: `archive/data.pkl` and stored `archive/data/<key>` entries.
-    fn zip_with(
-        pickle: &[u8],
-        storages: &[(&str, &[u8])],
-        method: zip::CompressionMethod,
-    ) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().expect("temp");
-        let mut w = zip::ZipWriter::new(file.reopen().expect("reopen"));
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored);
-        w.start_file("archive/data.pkl", opts).expect("start");
-        w.write_all(pickle).expect("write");
-        w.start_file("archive/byteorder", opts).expect("start");
-        w.write_all(b"little").expect("write");
-        for (key, bytes) in storages {
-            w.start_file(
-                format!("archive/data/{key}"),
-                opts.compression_method(method),
-            )
-            .expect("start");
-            w.write_all(bytes).expect("write");
-        }
-        w.finish().expect("finish");
-        file
-    }
-
-    /// The pickle `torch.save({"w": t})` writes (protocol 2) for a float tensor of `size` and
-    /// `stride` at `offset` in a FloatStorage `"0"` of `numel` elements.
-    fn state_dict_pickle(size: &[u8], stride: &[u8], offset: u8, numel: u8) -> Vec<u8> {
-        let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00wq\x02ctorch._utils\n_rebuild_tensor_v2\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch\nFloatStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K".to_vec();
-        p.push(numel);
-        p.extend_from_slice(b"tq\x08QK");
-        p.push(offset);
-        p.push(b'(');
-        for &d in size {
-            p.extend_from_slice(&[b'K', d]);
-        }
-        p.extend_from_slice(b"t(");
-        for &s in stride {
-            p.extend_from_slice(&[b'K', s]);
-        }
-        p.extend_from_slice(
-            b"t\x89h\x00)Rq\x09tq\x0aRq\x0bs}q\x0cX\x09\x00\x00\x00_metadataq\x0d}sb.",
-        );
-        p
-    }
-
-    #[test]
-    fn reads_a_state_dict_and_its_byte_ranges() {
-        let data: Vec<u8> = (0..8u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let file = zip_with(
-            &state_dict_pickle(&[2, 3], &[3, 1], 2, 8),
-            &[("0", &data)],
-            zip::CompressionMethod::Stored,
-        );
-        let header = read_header(file.path()).expect("read");
-        let w = &header.tensors["w"];
-        assert_eq!((w.dtype.as_str(), &w.shape[..]), ("F32", &[2i64, 3][..]));
-        let bytes = std::fs::read(file.path()).expect("read");
-        let [a, b] = w.data_offsets;
-        assert_eq!(&bytes[a as usize..b as usize], &data[8..32]);
-        assert_eq!(magic(file.path()), Some(Magic::Zip));
-    }
-
-    #[test]
-    fn hostile_checkpoints_are_refused_by_name() {
-        let data = vec![0u8; 32];
-        let stored: &[(&str, &[u8])] = &[("0", &data)];
-        type Case<'a> = (
-            Vec<u8>,
-            &'a [(&'a str, &'a [u8])],
-            zip::CompressionMethod,
-            &'a str,
-        );
-        let cases: Vec<Case> = vec![
-            (
-                b"\x80\x02cposix\nsystem\nX\x05\x00\x00\x00touchR.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "refuses the global `posix.system`",
-            ),
-            (
-                b"\x80\x02\x8c\x08builtins\x8c\x04eval\x93.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "refuses the global `builtins.eval`",
-            ),
-            (
-                state_dict_pickle(&[2, 3], &[1, 2], 0, 8),
-                stored,
-                zip::CompressionMethod::Stored,
-                "non-contiguous",
-            ),
-            (
-                state_dict_pickle(&[2, 3], &[3, 1], 4, 8),
-                stored,
-                zip::CompressionMethod::Stored,
-                "outside its storage",
-            ),
-            (
-                state_dict_pickle(&[2, 3], &[3, 1], 0, 9),
-                stored,
-                zip::CompressionMethod::Stored,
-                "not 9 elements",
-            ),
-            (
-                state_dict_pickle(&[2, 3], &[3, 1], 0, 8),
-                &[],
-                zip::CompressionMethod::Stored,
-                "no data/0 entry",
-            ),
-            (
-                state_dict_pickle(&[2, 3], &[3, 1], 0, 8),
-                stored,
-                zip::CompressionMethod::Deflated,
-                "compressed",
-            ),
-            (
-                b"\x80\x02}q\x00".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "truncated",
-            ),
-            (
-                b"\x80\x02s.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "underflow",
-            ),
-            (
-                b"\x80\x02h\x07.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "memo key 7",
-            ),
-            (
-                b"\x80\x02K\x01(\x85.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "underflow",
-            ),
-            (
-                b"\x80\x02]K\x01.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "not a dict",
-            ),
-            (
-                b"\x80\x02\x81.".to_vec(),
-                &[],
-                zip::CompressionMethod::Stored,
-                "opcode 0x81",
-            ),
-        ];
-        for (pickle, storages, method, needle) in cases {
-            let file = zip_with(&pickle, storages, method);
-            let err = read_header(file.path()).expect_err("refused");
-            assert!(err.to_string().contains(needle), "{needle}: {err}");
-        }
-    }
-
-    #[test]
-    fn memo_references_share_values_instead_of_copying_them() {
-        // A list appended to itself through the memo 100,000 times: each BINGET pushes an
-        // index, so this costs one arena entry an opcode, not a copy of the list.
-        let mut p = b"\x80\x02]q\x00".to_vec();
-        for _ in 0..100_000 {
-            p.extend_from_slice(b"h\x00a");
-        }
-        p.extend_from_slice(b"0}.");
-        let file = zip_with(&p, &[], zip::CompressionMethod::Stored);
-        let header = read_header(file.path()).expect("read");
-        assert!(header.tensors.is_empty());
-        let storages = HashMap::new();
-        let mut machine = Machine {
-            path: file.path(),
-            arena: Vec::new(),
-            stack: Vec::new(),
-            marks: Vec::new(),
-            memo: HashMap::new(),
-            storages: &storages,
-        };
-        machine.run(&p).expect("run");
-        assert_eq!(
-            machine.arena.len(),
-            2,
-            "one list and one dict, nothing copied"
-        );
-        // A call with a long memoized argument tuple is refused, not copied call after call.
-        let mut q = b"\x80\x02ccollections\nOrderedDict\n(".to_vec();
-        q.extend(std::iter::repeat_n(b'N', 100));
-        q.extend_from_slice(b"tR.");
-        let file = zip_with(&q, &[], zip::CompressionMethod::Stored);
-        let err = read_header(file.path()).expect_err("refused");
-        assert!(err.to_string().contains("100 arguments"), "{err}");
+        Err(self.err(format!(
+            "more than {} opcodes, the most this reader runs",
+            self.max_ops
+        )))
     }
 }

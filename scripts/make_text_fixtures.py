@@ -10,7 +10,7 @@ bigrams) and the probabilities it answers.
 Run with the TorchServe venv's python (scripts/setup-torchserve.sh: torchserve 0.12.0 and the
 torch venv's packages): `python scripts/make_text_fixtures.py ROOT`. Writes
 tests/fixtures/generated/text/: model.pt (TorchScript), model.onnx, model.pt2 (AOTInductor),
-source_vocab.pt, source_vocab_legacy.pt, vocab.json, index_to_name.json, expected.json.
+source_vocab.pt, source_vocab_legacy.pt, source_vocab_dict.pt, vocab.json, index_to_name.json, expected.json.
 """
 
 import collections
@@ -36,8 +36,8 @@ tokenizer = TextClassifier().tokenizer
 counts = collections.Counter()
 for line in corpus:
     counts.update(ngrams_iterator(tokenizer(line), 2))
-# The vocabulary as TorchServe's text classification example made it: torchtext's (legacy,
-# before 0.12) Vocab of the counts, `<unk>` first, then by frequency (descending), ties
+# The vocabulary as TorchServe's text classification example made it: torchtext's Python Vocab
+# (torchtext.vocab.Vocab up to 0.9) of the counts, `<unk>` first, then by frequency (descending), ties
 # alphabetically; saved by torch.save as source_vocab.pt, in the zip format and, as torch
 # before 1.6 saved it, in the legacy one.
 vocab = Vocab(counts, specials=["<unk>"])
@@ -47,6 +47,8 @@ assert itos[0] == "<unk>" and itos[1:] == [
 ]
 torch.save(vocab, out / "source_vocab.pt")
 torch.save(vocab, out / "source_vocab_legacy.pt", _use_new_zipfile_serialization=False)
+# A plain dict of token to index, as `vocab.stoi` saved alone.
+torch.save(dict(vocab.stoi), out / "source_vocab_dict.pt")
 (out / "vocab.json").write_text(json.dumps(itos, ensure_ascii=False))
 labels = {"0": "World", "1": "Sports", "2": "Business", "3": "Sci/Tech"}
 (out / "index_to_name.json").write_text(json.dumps(labels))

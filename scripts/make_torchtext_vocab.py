@@ -1,9 +1,10 @@
 """The committed torchtext 0.18 vocabulary fixture (tests/fixtures/torchtext/): the vocabulary
 of the text fixtures' corpus (corpus.json) as torchtext 0.12 to 0.18 make and save it,
-`build_vocab_from_iterator` over basic_english tokens and their bigrams with `<unk>` first as
-the default index, then `torch.save(vocab, "source_vocab.pt")`. Since 0.12 that object is an
-nn.Module around torchtext's C++ vocabulary, pickled differently from the older Vocab that
-scripts/make_text_fixtures.py saves.
+`build_vocab_from_iterator` over basic_english tokens and their bigrams with `<unk>` first,
+then `torch.save(vocab, ...)`: source_vocab_0.18_no_default.pt as it is, source_vocab_0.18.pt
+after `set_default_index(0)`. Since 0.10 that object is an nn.Module around torchtext's C++
+vocabulary, pickled differently from the Python Vocab that scripts/make_text_fixtures.py
+saves.
 
 torchtext 0.18 (the last release) runs only on torch 2.3, which the test venv is not, so the
 file is made once and committed; scripts/make-torchtext-vocab.sh makes it again in a venv of
@@ -28,6 +29,8 @@ tokenizer = get_tokenizer("basic_english")
 vocab = build_vocab_from_iterator(
     (ngrams_iterator(tokenizer(line), 2) for line in corpus), specials=["<unk>"]
 )
+# Without a default index first: an unknown token is then an error in torchtext.
+torch.save(vocab, out / "source_vocab_0.18_no_default.pt")
 vocab.set_default_index(vocab["<unk>"])
 torch.save(vocab, out / "source_vocab_0.18.pt")
 probe = ["the", "reuters", "wall st", "stocks", "zebra", "<unk>", "final"]

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use cresset_plan::pickle::{read_vocab, Unknown};
 use cresset_plugin_api::sdk::{settings, InitContext};
 use cresset_plugin_api::PluginError;
 
@@ -14,7 +15,13 @@ const MAX_VOCAB_FILE: u64 = 256 << 20;
 pub struct Vocab {
     index: HashMap<String, i64>,
     unknown: Option<i64>,
-    unk_token: String,
+    /// Why there is no index for unknown tokens, where there is none (for the error).
+    no_unknown: String,
+}
+
+/// The reason an unknown token has no index, where `unk_token` would give it one.
+fn no_unk_token(unk_token: &str) -> String {
+    format!("has no {unk_token:?} for unknown tokens (`handler.unk_token`)")
 }
 
 impl Vocab {
@@ -98,17 +105,18 @@ impl Vocab {
         Ok(Self {
             unknown: index.get(unk_token).copied(),
             index,
-            unk_token: unk_token.to_owned(),
+            no_unknown: no_unk_token(unk_token),
         })
     }
 
     /// A vocabulary that `torch.save` wrote (TorchServe's `source_vocab.pt`), read without
-    /// running pickle code. Unknown tokens take the default index the vocabulary names
-    /// (torchtext 0.12+'s `set_default_index`), else `unk_token`'s index, as torchtext's
-    /// older `Vocab` looks up `<unk>`.
+    /// running pickle code. An unknown token is what `vocab[token]` gives in torchtext: for its
+    /// C++ vocabulary (torchtext 0.10+) the default index it names, for its Python one the
+    /// index of `<unk>` (whatever `unk_token` says), and for a plain dict or list `unk_token`'s
+    /// index; where that is none, a request with an unknown token fails, as it does in
+    /// TorchServe.
     fn read_pickle(path: &Path, unk_token: &str) -> Result<Self, PluginError> {
-        let vocab = cresset_plan::pickle::read_vocab(path)
-            .map_err(|e| PluginError::invalid_input(e.to_string()))?;
+        let vocab = read_vocab(path).map_err(|e| PluginError::invalid_input(e.to_string()))?;
         if vocab.tokens.is_empty() {
             return Err(PluginError::invalid_input(format!(
                 "{}: the vocabulary ({}) is empty",
@@ -117,12 +125,28 @@ impl Vocab {
             )));
         }
         let index: HashMap<String, i64> = vocab.tokens.into_iter().collect();
+        let (unknown, no_unknown) = match vocab.unknown {
+            Unknown::DefaultIndex(i) => (
+                i,
+                format!(
+                    "({}) names no default index for unknown tokens (torchtext's \
+                     set_default_index)",
+                    vocab.held
+                ),
+            ),
+            Unknown::UnkToken => (
+                index.get("<unk>").copied(),
+                format!(
+                    "({}) has no \"<unk>\", which it looks unknown tokens up as",
+                    vocab.held
+                ),
+            ),
+            Unknown::Unsaid => (index.get(unk_token).copied(), no_unk_token(unk_token)),
+        };
         Ok(Self {
-            unknown: vocab
-                .default_index
-                .or_else(|| index.get(unk_token).copied()),
+            unknown,
             index,
-            unk_token: unk_token.to_owned(),
+            no_unknown,
         })
     }
 
@@ -134,9 +158,8 @@ impl Vocab {
             .or(self.unknown)
             .ok_or_else(|| {
                 PluginError::invalid_input(format!(
-                    "the token {token:?} is not in the vocabulary, which has no {:?} for \
-                     unknown tokens (`handler.unk_token`)",
-                    self.unk_token
+                    "the token {token:?} is not in the vocabulary, which {}",
+                    self.no_unknown
                 ))
             })
     }

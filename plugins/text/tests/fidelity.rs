@@ -209,10 +209,10 @@ fn archives_without_a_readable_vocabulary_or_a_text_model_are_refused() {
 }
 
 /// TorchServe's `source_vocab.pt` as each torchtext saved it, read without running pickle code:
-/// the legacy `Vocab` of TorchServe's example (torchtext 0.6, by torch.save's zip and legacy
-/// formats; scripts/make_text_fixtures.py) and torchtext 0.18's (committed, with what torchtext
-/// itself answered: scripts/make_torchtext_vocab.py). Each holds the tokens of vocab.json at
-/// the same indices, and an unknown token takes `<unk>`'s index (0), as `vocab[token]` does.
+/// the Python `Vocab` of TorchServe's example (torchtext 0.6, by torch.save's zip and legacy
+/// formats), a plain dict (scripts/make_text_fixtures.py) and torchtext 0.18's (committed, with
+/// what torchtext itself answered: scripts/make_torchtext_vocab.py). Each holds the tokens of
+/// vocab.json at the same indices, and an unknown token takes the index `vocab[token]` gives.
 #[test]
 fn torchserves_source_vocab_is_read_from_every_torchtext() {
     let itos: Vec<String> =
@@ -228,27 +228,43 @@ fn torchserves_source_vocab_is_read_from_every_torchtext() {
         json!(itos),
         "the same corpus, the same vocabulary"
     );
-    for path in [
-        fixtures().join("source_vocab.pt"),
-        fixtures().join("source_vocab_legacy.pt"),
-        committed.join("source_vocab_0.18.pt"),
+    // Each kind keeps its own rule for unknown tokens, whatever `unk_token` says: torchtext's
+    // Python Vocab looks them up as "<unk>", its C++ one takes its default index (or fails),
+    // and only a plain dict is the handler's to say.
+    let no_default = committed.join("source_vocab_0.18_no_default.pt");
+    for (path, unknown) in [
+        (fixtures().join("source_vocab.pt"), [Some(0), Some(0)]),
+        (
+            fixtures().join("source_vocab_legacy.pt"),
+            [Some(0), Some(0)],
+        ),
+        (committed.join("source_vocab_0.18.pt"), [Some(0), Some(0)]),
+        (no_default.clone(), [None, None]),
+        (fixtures().join("source_vocab_dict.pt"), [Some(0), None]),
     ] {
-        // An `unk_token` the vocabulary lacks: the legacy Vocab then has no index for unknown
-        // tokens, torchtext 0.18's still its default index.
-        for unk in ["<unk>", "<none>"] {
+        for (unk, expect) in ["<unk>", "<none>"].into_iter().zip(unknown) {
             let vocab = Vocab::read(&path, unk).unwrap_or_else(|e| panic!("{}", e.message));
             assert_eq!(vocab.len(), itos.len(), "{}", path.display());
             for (i, token) in itos.iter().enumerate() {
                 assert_eq!(vocab.index(token).expect("known"), i as i64, "{token:?}");
             }
-            let unknown = vocab.index("zebra").ok();
-            let has_default = path.ends_with("source_vocab_0.18.pt");
-            match (unk, has_default) {
-                ("<unk>", _) | (_, true) => assert_eq!(unknown, Some(0), "{}", path.display()),
-                _ => assert_eq!(unknown, None, "{}", path.display()),
-            }
+            assert_eq!(
+                vocab.index("zebra").ok(),
+                expect,
+                "{} {unk}",
+                path.display()
+            );
         }
     }
+    let err = Vocab::read(&no_default, "<unk>")
+        .expect("read")
+        .index("zebra")
+        .expect_err("unknown");
+    assert!(
+        err.message.contains("names no default index"),
+        "{}",
+        err.message
+    );
     let vocab = Vocab::read(&committed.join("source_vocab_0.18.pt"), "<unk>").expect("read");
     for (token, index) in torchtext["lookups"].as_object().expect("lookups") {
         assert_eq!(vocab.index(token).ok(), index.as_i64(), "{token:?}");

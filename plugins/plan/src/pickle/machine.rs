@@ -17,6 +17,14 @@ pub(super) enum Allow {
 }
 
 impl Allow {
+    /// What is read, for messages.
+    fn read(self) -> &'static str {
+        match self {
+            Allow::StateDict => "a state dict",
+            Allow::Vocab => "a vocabulary",
+        }
+    }
+
     fn what(self) -> &'static str {
         match self {
             Allow::StateDict => "a checkpoint may hold tensors and plain containers only",
@@ -30,9 +38,11 @@ impl Allow {
 /// A class whose objects the reader keeps as the state their pickle gives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Class {
-    /// `torchtext.vocab.Vocab` before torchtext 0.12: `itos`, `stoi`, `freqs`, ... attributes.
+    /// `torchtext.vocab.Vocab`: up to torchtext 0.9 the Python vocabulary (`itos`, `stoi`,
+    /// `freqs`, ... attributes), in 0.10 the `nn.Module` that 0.11 moved (below); or
+    /// `torchtext.legacy.vocab.Vocab`, the Python one in 0.10 and 0.11.
     LegacyVocab,
-    /// `torchtext.vocab.vocab.Vocab` (torchtext 0.12 to 0.18): an `nn.Module` whose `vocab`
+    /// `torchtext.vocab.vocab.Vocab` (torchtext 0.11 to 0.18): an `nn.Module` whose `vocab`
     /// attribute is the C++ vocabulary.
     VocabModule,
     /// `torchtext._torchtext.Vocab`, the C++ vocabulary: its state is `(version, [default
@@ -79,7 +89,9 @@ fn global(module: &str, name: &str, allow: Allow) -> Option<Global> {
         }),
         ("collections", "Counter") if vocab => Global::Counter,
         ("builtins" | "__builtin__", "set") if vocab => Global::Set,
-        ("torchtext.vocab", "Vocab") if vocab => Global::Class(Class::LegacyVocab),
+        ("torchtext.vocab" | "torchtext.legacy.vocab", "Vocab") if vocab => {
+            Global::Class(Class::LegacyVocab)
+        }
         ("torchtext.vocab.vocab", "Vocab") if vocab => Global::Class(Class::VocabModule),
         ("torchtext._torchtext", "Vocab") if vocab => Global::Class(Class::VocabPybind),
         _ => return None,
@@ -263,6 +275,20 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// In a vocabulary, `('module', cls, source_file, source)`: how torch.save's legacy format
+    /// names the class of an `nn.Module` it saves (torchtext's `Vocab` module), read as `cls`
+    /// (a global, checked as any other); the source is never looked at.
+    fn module_class(&self, pid: usize) -> Option<usize> {
+        match &self.arena[pid] {
+            Value::Tuple(items) if self.allow == Allow::Vocab && items.len() == 4 => {
+                (self.str_of(items[0]) == Some("module")
+                    && matches!(self.arena[items[1]], Value::Global(Global::Class(_))))
+                .then_some(items[1])
+            }
+            _ => None,
+        }
+    }
+
     /// `('storage', storage_type, key, location, numel)`: a storage of the zip.
     fn persistent(&mut self, pid: usize) -> Result<Value, CheckpointError> {
         let Value::Tuple(items) = &self.arena[pid] else {
@@ -393,6 +419,13 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
+    fn unknown_opcode(&self, op: u8, at: usize) -> CheckpointError {
+        self.err(format!(
+            "opcode 0x{op:02x} at byte {at} is not one {} uses",
+            self.allow.read()
+        ))
+    }
+
     /// `NEWOBJ`: `cls.__new__(cls, *args)` for a known class and no arguments, an object
     /// without state.
     fn new_object(&mut self, cls: usize, args: usize) -> Result<(), CheckpointError> {
@@ -417,7 +450,12 @@ impl<'a> Machine<'a> {
         let short = |m: &Self| m.err("truncated");
         for _ in 0..self.max_ops {
             let op = c.array::<1>().ok_or_else(|| short(self))?[0];
+            // Objects and sets are a vocabulary's only: a state dict reads as it always has.
+            let objects = matches!(op, 0x81 | 0x92 | 0x8f..=0x91);
             match op {
+                _ if objects && self.allow != Allow::Vocab => {
+                    return Err(self.unknown_opcode(op, c.pos - 1))
+                }
                 0x80 => {
                     // PROTO
                     let v = c.array::<1>().ok_or_else(|| short(self))?[0];
@@ -600,8 +638,12 @@ impl<'a> Machine<'a> {
                         }
                     };
                     let g = global(&module, &name, self.allow).ok_or_else(|| {
+                        // A name is short; a hostile one is cut to keep the message so.
+                        let full = format!("{module}.{name}");
+                        let cut: String = full.chars().take(200).collect();
+                        let more = if cut.len() < full.len() { "..." } else { "" };
                         self.err(format!(
-                            "refuses the global `{module}.{name}`: {}",
+                            "refuses the global `{cut}{more}`: {}",
                             self.allow.what()
                         ))
                     })?;
@@ -611,8 +653,12 @@ impl<'a> Machine<'a> {
                 b'Q' => {
                     // BINPERSID
                     let pid = self.pop()?;
-                    let storage = self.persistent(pid)?;
-                    self.push(storage);
+                    if let Some(class) = self.module_class(pid) {
+                        self.stack.push(class);
+                    } else {
+                        let storage = self.persistent(pid)?;
+                        self.push(storage);
+                    }
                 }
                 0x81 => {
                     // NEWOBJ
@@ -664,12 +710,7 @@ impl<'a> Machine<'a> {
                         }
                     }
                 }
-                other => {
-                    return Err(self.err(format!(
-                        "opcode 0x{other:02x} at byte {} is not one this reader knows",
-                        c.pos - 1
-                    )))
-                }
+                other => return Err(self.unknown_opcode(other, c.pos - 1)),
             }
         }
         Err(self.err(format!(

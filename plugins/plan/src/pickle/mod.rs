@@ -9,18 +9,19 @@
 //! information, the object, storage keys) followed by the storages. A pickle is a program for
 //! a stack machine whose `GLOBAL` and `REDUCE` opcodes import and call any Python function,
 //! which is how a hostile checkpoint runs code in `torch.load`. This reader is its own stack
-//! machine ([`machine`]): it knows the opcodes of plain values and containers and a short list
+//! machine (`machine.rs`): it knows the opcodes of plain values and containers and a short list
 //! of globals, given by what is read (a state dict's: `collections.OrderedDict`, the tensor
 //! and parameter rebuild functions, the typed storage classes; a vocabulary's adds torchtext's
-//! three `Vocab` classes, `collections.Counter` and `set`), and nothing else; any other global
-//! is refused by name before anything is called. Classes are never instantiated: an object is
+//! `Vocab` classes, `collections.Counter` and `set`, and the opcodes that make objects and
+//! sets), and nothing else; any other global is refused by name before anything is called. Classes are never instantiated: an object is
 //! its class's name and the state the pickle gives it, which the reader then interprets. It
 //! never reads tensor bytes: a state dict's result is a safetensors-like
 //! [`Header`](crate::safetensors::Header) whose byte ranges point into the zip's stored
 //! entries, so loading and planning read a pickled checkpoint as they read safetensors.
 //!
 //! Memory is bounded by the pickle's size and opcode count: every opcode adds at most one value
-//! or one reference (values are shared by index, never copied: about 40 bytes a value). Strings
+//! or one reference (values are shared by index, never copied: about 40 bytes a value), and
+//! what is copied out of the machine is copied once per value (see `vocab.rs`). Strings
 //! are capped at [`MAX_STRING`], a dict's entries at
 //! [`MAX_TENSORS`](crate::safetensors::MAX_TENSORS) where tensors are looked for, a call's
 //! arguments at 8, so that no opcode's work grows with what the memo holds.
@@ -37,7 +38,7 @@ use std::path::Path;
 use crate::safetensors::CheckpointError;
 
 pub use state_dict::read_header;
-pub use vocab::{read_vocab, PickledVocab, MAX_VOCAB_PICKLE};
+pub use vocab::{read_vocab, PickledVocab, Unknown, MAX_VOCAB_PICKLE};
 
 /// The largest state dict `data.pkl` accepted. A state dict's pickle takes about 150 bytes a
 /// tensor: GPT-2's is 26 KB, a 70B Llama's (723 tensors) about 110 KB; even DeepSeek-V3's

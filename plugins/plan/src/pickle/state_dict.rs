@@ -220,6 +220,12 @@ pub(super) mod tests {
                 "not a dict",
             ),
             (
+                b"\x80\x02\x81.".to_vec(),
+                &[],
+                zip::CompressionMethod::Stored,
+                "opcode 0x81 at byte 2 is not one a state dict uses",
+            ),
+            (
                 b"\x80\x02\x82\x01.".to_vec(),
                 &[],
                 zip::CompressionMethod::Stored,

@@ -2,17 +2,27 @@
 //!
 //! TorchServe's `text_classifier` loads it with `torch.load` and looks every token up with
 //! `vocab[token]`. What it holds depends on the torchtext that made it:
-//! - torchtext before 0.12 (TorchServe's text classification example): a `torchtext.vocab.Vocab`
-//!   object with `itos`, `stoi` and `freqs` attributes. An unknown token is `stoi['<unk>']`.
-//! - torchtext 0.12 to 0.18 (the last): a `torchtext.vocab.vocab.Vocab` module around the C++
-//!   `torchtext._torchtext.Vocab`, whose pickled state is `(version, [default index], itos,
-//!   [])`. An unknown token is the default index, if one was set.
-//! - a plain dict of token to index, or a list of tokens, saved as they are.
+//! - torchtext's Python vocabulary (TorchServe's text classification example): an object with
+//!   `itos`, `stoi` and `freqs` attributes, `torchtext.vocab.Vocab` up to torchtext 0.9 and
+//!   `torchtext.legacy.vocab.Vocab` in 0.10 and 0.11. An unknown token is `stoi['<unk>']`
+//!   (its `__getitem__` names `<unk>` itself); with no `<unk>`, the lookup fails.
+//! - torchtext 0.10 to 0.18 (the last): an `nn.Module` (`torchtext.vocab.Vocab` in 0.10,
+//!   `torchtext.vocab.vocab.Vocab` since) around the C++ `torchtext._torchtext.Vocab`, whose
+//!   pickled state is `(version, [default index], itos, [])`. An unknown token is the default
+//!   index; with none set, the lookup fails. Its tokens are distinct (torchtext refuses a
+//!   vocabulary that repeats one).
+//! - a plain dict of token to index, or a list of tokens, saved as they are: an unknown token
+//!   is the handler's to choose.
 //!
 //! Both of `torch.save`'s formats are read: the zip (since torch 1.6) and the run of pickles
-//! before it.
+//! before it, where a module's class is a persistent id (`('module', cls, file, source)`).
+//!
+//! A container's entries are copied out as owned strings, so each must be its own value: an
+//! entry that refers again to a value the same container already holds is refused (a real
+//! vocabulary never does that, and a hostile one would make a small pickle copy one long
+//! string millions of times).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
@@ -36,22 +46,35 @@ const LEGACY_HEAD: [u8; 21] = [
     0x02, b'M', 0xe9, 0x03, b'.',
 ];
 
+/// What an unknown token is, by the kind of vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unknown {
+    /// The default index a C++ vocabulary names (`set_default_index`); `None`: the lookup
+    /// fails.
+    DefaultIndex(Option<i64>),
+    /// The index of the token `<unk>`, as the Python vocabulary looks it up; the lookup fails
+    /// where it has none.
+    UnkToken,
+    /// Not the vocabulary's to say (a plain dict or list).
+    Unsaid,
+}
+
 /// A vocabulary read from a pickle.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PickledVocab {
     /// Each token and its index.
     pub tokens: Vec<(String, i64)>,
-    /// The index of unknown tokens the vocabulary itself names (torchtext 0.12+'s
-    /// `set_default_index`), if any.
-    pub default_index: Option<i64>,
-    /// What the file held, for messages: `torchtext.vocab.Vocab (before torchtext 0.12)`, ...
+    /// What an unknown token is.
+    pub unknown: Unknown,
+    /// What the file held, for messages: `torchtext's Python Vocab`, ...
     pub held: &'static str,
 }
 
 /// Read a vocabulary that `torch.save` wrote, running no pickle code.
 pub fn read_vocab(path: &Path) -> Result<PickledVocab, CheckpointError> {
     let no_storages = HashMap::new();
-    let (bytes, storages, part) = match magic(path) {
+    let format = magic(path);
+    let (bytes, storages, part) = match format {
         Some(Magic::Zip) => {
             let zip = open_zip(path, MAX_VOCAB_PICKLE)?;
             (zip.pickle, zip.storages, "data.pkl")
@@ -84,7 +107,7 @@ pub fn read_vocab(path: &Path) -> Result<PickledVocab, CheckpointError> {
         }
     };
     let mut machine = Machine::new(path, part, &storages, Allow::Vocab, MAX_VOCAB_OPS);
-    let root = if part == "data.pkl" {
+    let root = if format == Some(Magic::Zip) {
         machine.run_from(&bytes, 0)?.0
     } else {
         // The system information's pickle, then the object's.
@@ -106,20 +129,39 @@ fn entry(m: &Machine, id: usize, key: &str) -> Option<usize> {
     }
 }
 
+/// Refuses an entry of `what` that is a value the container already holds (see the module's
+/// docs): `seen` holds those met so far.
+fn own(
+    m: &Machine,
+    seen: &mut HashSet<usize>,
+    id: usize,
+    what: &str,
+) -> Result<(), CheckpointError> {
+    if seen.insert(id) {
+        Ok(())
+    } else {
+        Err(m.err(format!("{what} holds one value twice (by reference)")))
+    }
+}
+
 /// A list of tokens: each one's index is its position.
 fn itos(m: &Machine, id: usize, what: &str) -> Result<Vec<(String, i64)>, CheckpointError> {
     let Value::List(items) = &m.arena[id] else {
         return Err(m.err(format!("{what} is not a list of tokens")));
     };
+    let mut seen = HashSet::with_capacity(items.len());
     items
         .iter()
         .enumerate()
-        .map(|(i, &t)| match m.str_of(t) {
-            Some(t) => Ok((t.to_owned(), i as i64)),
-            None => Err(m.err(format!(
-                "{what}[{i}] is not a token (a string of at most {} bytes)",
-                super::MAX_STRING
-            ))),
+        .map(|(i, &t)| {
+            own(m, &mut seen, t, what)?;
+            match m.str_of(t) {
+                Some(t) => Ok((t.to_owned(), i as i64)),
+                None => Err(m.err(format!(
+                    "{what}[{i}] is not a token (a string of at most {} bytes)",
+                    super::MAX_STRING
+                ))),
+            }
         })
         .collect()
 }
@@ -129,9 +171,11 @@ fn stoi(m: &Machine, id: usize, what: &str) -> Result<Vec<(String, i64)>, Checkp
     let Value::Dict(items) = &m.arena[id] else {
         return Err(m.err(format!("{what} is not a dict of token to index")));
     };
+    let mut seen = HashSet::with_capacity(items.len());
     items
         .iter()
         .map(|&(k, v)| {
+            own(m, &mut seen, k, what)?;
             let token = m
                 .str_of(k)
                 .ok_or_else(|| m.err(format!("a key of {what} is not a token")))?;
@@ -155,22 +199,30 @@ fn vocab_of(m: &Machine, root: usize) -> Result<PickledVocab, CheckpointError> {
     };
     if let Some(state) = object(Class::LegacyVocab) {
         // `Vocab.__getstate__` keeps `itos` and `stoi` (as a plain dict); `__getitem__` looks
-        // up `stoi`, unknown tokens as '<unk>'.
-        let held = "torchtext.vocab.Vocab (before torchtext 0.12)";
-        let tokens = match (entry(m, state, "stoi"), entry(m, state, "itos")) {
-            (Some(d), _) => stoi(m, d, "Vocab.stoi")?,
-            (None, Some(l)) => itos(m, l, "Vocab.itos")?,
-            (None, None) => return Err(m.err(format!("a {held} without stoi or itos"))),
+        // up `stoi`, unknown tokens as '<unk>'. torchtext 0.10's module of this name holds the
+        // C++ vocabulary instead.
+        let held = "torchtext's Python Vocab";
+        let tokens = match (
+            entry(m, state, "stoi"),
+            entry(m, state, "itos"),
+            entry(m, state, "vocab"),
+        ) {
+            (Some(d), _, _) => stoi(m, d, "Vocab.stoi")?,
+            (None, Some(l), _) => itos(m, l, "Vocab.itos")?,
+            (None, None, Some(inner)) => return pybind_vocab(m, inner),
+            (None, None, None) => {
+                return Err(m.err(format!("a {held} without stoi, itos or vocab")))
+            }
         };
         return Ok(PickledVocab {
             tokens,
-            default_index: None,
+            unknown: Unknown::UnkToken,
             held,
         });
     }
     if let Some(state) = object(Class::VocabModule) {
         let inner = entry(m, state, "vocab").ok_or_else(|| {
-            m.err("a torchtext.vocab.vocab.Vocab without its C++ vocabulary (`vocab`)")
+            m.err("a torchtext Vocab module without its C++ vocabulary (`vocab`)")
         })?;
         return pybind_vocab(m, inner);
     }
@@ -180,12 +232,12 @@ fn vocab_of(m: &Machine, root: usize) -> Result<PickledVocab, CheckpointError> {
     match &m.arena[root] {
         Value::Dict(_) => Ok(PickledVocab {
             tokens: stoi(m, root, "the dict")?,
-            default_index: None,
+            unknown: Unknown::Unsaid,
             held: "a dict of token to index",
         }),
         Value::List(_) => Ok(PickledVocab {
             tokens: itos(m, root, "the list")?,
-            default_index: None,
+            unknown: Unknown::Unsaid,
             held: "a list of tokens",
         }),
         Value::Object { class, state: None } => Err(m.err(format!(
@@ -201,7 +253,7 @@ fn vocab_of(m: &Machine, root: usize) -> Result<PickledVocab, CheckpointError> {
 
 /// `torchtext._torchtext.Vocab`: its state is `(version, [default index], itos, tensors)`.
 fn pybind_vocab(m: &Machine, id: usize) -> Result<PickledVocab, CheckpointError> {
-    let held = "torchtext.vocab.vocab.Vocab (torchtext 0.12 to 0.18)";
+    let held = "torchtext's C++ Vocab (torchtext 0.10 to 0.18)";
     let state = match m.arena[id] {
         Value::Object {
             class: Class::VocabPybind,
@@ -212,11 +264,14 @@ fn pybind_vocab(m: &Machine, id: usize) -> Result<PickledVocab, CheckpointError>
     let Value::Tuple(parts) = &m.arena[state] else {
         return Err(m.err(format!("the state of a {held} is not a tuple")));
     };
-    let [_version, integers, strings, ..] = parts[..] else {
+    let [version, integers, strings, ..] = parts[..] else {
         return Err(m.err(format!(
             "the state of a {held} is not (version, integers, tokens, tensors)"
         )));
     };
+    if m.str_of(version).is_none() {
+        return Err(m.err(format!("the state of a {held} has no version string")));
+    }
     let default_index = match &m.arena[integers] {
         Value::List(ints) => match ints.first().map(|&i| &m.arena[i]) {
             None => None,
@@ -225,9 +280,15 @@ fn pybind_vocab(m: &Machine, id: usize) -> Result<PickledVocab, CheckpointError>
         },
         _ => return Err(m.err(format!("the integers of a {held} are not a list"))),
     };
+    let tokens = itos(m, strings, "the tokens")?;
+    // torchtext refuses a vocabulary that repeats a token.
+    let mut distinct = HashSet::with_capacity(tokens.len());
+    if let Some((token, _)) = tokens.iter().find(|(t, _)| !distinct.insert(t.as_str())) {
+        return Err(m.err(format!("the {held} repeats the token {token:?}")));
+    }
     Ok(PickledVocab {
-        tokens: itos(m, strings, "the tokens")?,
-        default_index,
+        tokens,
+        unknown: Unknown::DefaultIndex(default_index),
         held,
     })
 }
@@ -268,7 +329,74 @@ mod tests {
             .expect("dict");
         assert_eq!(list.tokens, dict.tokens);
         assert_eq!(list.tokens, vec![("<unk>".into(), 0), ("a".into(), 1)]);
-        assert_eq!(list.default_index, None);
+        assert_eq!(list.unknown, Unknown::Unsaid);
+    }
+
+    /// `(version, [default index], itos, [])`, BUILT onto a C++ vocabulary.
+    const CPP_VOCAB: &[u8] = b"ctorchtext._torchtext\nVocab\n)\x81(X\x05\x00\x00\x000.0.2]K\x00a](X\x05\x00\x00\x00<unk>X\x01\x00\x00\x00ae]tb";
+
+    #[test]
+    fn every_torchtexts_vocab_class_is_read() {
+        let expect = |v: PickledVocab, unknown: Unknown| {
+            assert_eq!(v.tokens, vec![("<unk>".into(), 0), ("a".into(), 1)]);
+            assert_eq!(v.unknown, unknown);
+        };
+        // torchtext 0.11 to 0.18: the module; 0.10: the module under the old class name.
+        for class in [&b"torchtext.vocab.vocab"[..], b"torchtext.vocab"] {
+            let mut p = b"\x80\x02c".to_vec();
+            p.extend_from_slice(class);
+            p.extend_from_slice(b"\nVocab\n)\x81}(X\x05\x00\x00\x00vocab");
+            p.extend_from_slice(CPP_VOCAB);
+            p.extend_from_slice(b"ub.");
+            expect(read(&p).expect("module"), Unknown::DefaultIndex(Some(0)));
+        }
+        // torchtext 0.10 and 0.11's Python vocabulary.
+        let p = b"\x80\x02ctorchtext.legacy.vocab\nVocab\n)\x81}(X\x04\x00\x00\x00itos](X\x05\x00\x00\x00<unk>X\x01\x00\x00\x00aeub.";
+        expect(read(p).expect("legacy"), Unknown::UnkToken);
+        // torch.save's legacy format names a module's class by a persistent id.
+        let mut legacy = LEGACY_HEAD.to_vec();
+        legacy.extend_from_slice(b"\x80\x02}.\x80\x02(X\x06\x00\x00\x00modulectorchtext.vocab.vocab\nVocab\nX\x01\x00\x00\x00fX\x01\x00\x00\x00stQ)\x81}(X\x05\x00\x00\x00vocab");
+        legacy.extend_from_slice(CPP_VOCAB);
+        legacy.extend_from_slice(b"ub.\x80\x02].");
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        std::fs::write(file.path(), &legacy).expect("write");
+        expect(
+            read_vocab(file.path()).expect("legacy format"),
+            Unknown::DefaultIndex(Some(0)),
+        );
+        // A persistent id naming a module of any other class is refused as its global is.
+        let mut other = legacy.clone();
+        let at = other
+            .windows(21)
+            .position(|w| w == b"torchtext.vocab.vocab")
+            .expect("class");
+        other[at..at + 21].copy_from_slice(b"os.path.posix.vocab.v");
+        std::fs::write(file.path(), &other).expect("write");
+        let err = read_vocab(file.path()).expect_err("refused").to_string();
+        assert!(
+            err.contains("refuses the global `os.path.posix.vocab.v.Vocab`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn values_repeated_by_reference_or_repeated_tokens_are_refused() {
+        // One 4 KiB string appended a million times by reference: a 1 MB pickle that would
+        // copy out as 4 GB of tokens.
+        let mut p = b"\x80\x02](X\x00\x10\x00\x00".to_vec();
+        p.extend(std::iter::repeat_n(b'x', 4096));
+        p.extend(std::iter::repeat_n(b'2', 1 << 20));
+        p.extend_from_slice(b"e.");
+        let err = read(&p).expect_err("refused");
+        assert!(err.contains("the list holds one value twice"), "{err}");
+        // The same as the keys of a dict.
+        let p = b"\x80\x02}(X\x01\x00\x00\x00aq\x00K\x00h\x00K\x01u.";
+        let err = read(p).expect_err("refused");
+        assert!(err.contains("the dict holds one value twice"), "{err}");
+        // A C++ vocabulary that repeats a token, as torchtext refuses it.
+        let p = b"\x80\x02ctorchtext._torchtext\nVocab\n)\x81(X\x05\x00\x00\x000.0.2]](X\x01\x00\x00\x00aX\x01\x00\x00\x00ae]tb.";
+        let err = read(p).expect_err("refused");
+        assert!(err.contains("repeats the token \"a\""), "{err}");
     }
 
     #[test]
@@ -288,7 +416,7 @@ mod tests {
             (b"\x80\x02ctorchtext.vocab\nVocab\n)\x81.", "without state"),
             (
                 b"\x80\x02ctorchtext.vocab\nVocab\n)\x81}b.",
-                "without stoi or itos",
+                "without stoi, itos or vocab",
             ),
             (b"\x80\x02]K\x01a.", "the list[0] is not a token"),
             (

@@ -22,8 +22,10 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
 TRANSFORMERS_VERSION=5.23.0
-# What the fixture scripts, the OpenAI-client test and the TorchServe-archive test need, pinned.
-PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0 torch-model-archiver==0.12.0 sentencepiece==0.2.1 torchvision==0.26.0 pillow==13.0.0 onnx==1.23.2 efficientnet-lite-pytorch==0.1.0 tritonclient[http,grpc]==2.73.0"
+# What the fixture scripts, the OpenAI-client test, the TorchServe-archive test and the
+# TorchServe gRPC test (grpcio-tools compiles TorchServe's protos) need, pinned; setuptools
+# as torch 2.11 requires it (<82), which grpcio-tools would otherwise move past.
+PY_TEST_DEPS="transformers==$TRANSFORMERS_VERSION gguf==0.19.0 accelerate==1.15.0 openai==3.54.0 torch-model-archiver==0.12.0 sentencepiece==0.2.1 torchvision==0.26.0 pillow==13.0.0 onnx==1.23.2 efficientnet-lite-pytorch==0.1.0 tritonclient[http,grpc]==2.73.0 grpcio-tools==1.85.4 setuptools==81.0.0"
 
 "$root/scripts/fetch-assets.sh"
 minilm="$CRESSET_CACHE/assets/all-minilm-l6-v2"

@@ -230,15 +230,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let grpc_state = state.clone();
         let (server, mut addresses) =
             http::bind(state).context("cannot bind the HTTP listeners")?;
-        let mut grpc = None;
+        let mut grpc = Vec::new();
         if let Some(address) = config.grpc_address {
             let listener = std::net::TcpListener::bind(address)
                 .with_context(|| format!("cannot bind the gRPC listener on {address}"))?;
             addresses.push(("grpc", listener.local_addr()?));
-            let stopped = grpc_state.stopped();
-            grpc = Some(actix_web::rt::spawn(async move {
-                if let Err(e) = cresset::grpc::serve(grpc_state, listener, stopped).await {
+            let (state, stopped) = (grpc_state.clone(), grpc_state.stopped());
+            grpc.push(actix_web::rt::spawn(async move {
+                if let Err(e) = cresset::grpc::serve(state, listener, stopped).await {
                     tracing::error!("the gRPC server failed: {e:#}");
+                }
+            }));
+        }
+        if let Some(address) = config.grpc_management_address {
+            let listener = std::net::TcpListener::bind(address).with_context(|| {
+                format!("cannot bind the gRPC management listener on {address}")
+            })?;
+            addresses.push(("grpc_management", listener.local_addr()?));
+            let (state, stopped) = (grpc_state.clone(), grpc_state.stopped());
+            grpc.push(actix_web::rt::spawn(async move {
+                if let Err(e) = cresset::grpc::serve_management(state, listener, stopped).await {
+                    tracing::error!("the gRPC management server failed: {e:#}");
                 }
             }));
         }
@@ -262,8 +274,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         let served = server.await.context("the HTTP server failed");
         // The gRPC server stops with the HTTP ones: let it finish writing its last answers.
-        if let Some(grpc) = grpc {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await;
+        for server in grpc {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
         }
         served
     })?;

@@ -158,6 +158,9 @@ pub struct Server {
     pub management: String,
     /// `127.0.0.1:PORT` of the gRPC listener, when the test asked for one (`--grpc-address`).
     pub grpc: Option<String>,
+    /// `127.0.0.1:PORT` of the gRPC management listener, when the test asked for one
+    /// (`--grpc-management-address`).
+    pub grpc_management: Option<String>,
     log: Arc<Mutex<String>>,
     _work: tempfile::TempDir,
 }
@@ -255,12 +258,15 @@ impl Server {
         });
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (mut inference, mut metrics, mut management, mut grpc) = (None, None, None, None);
+        let (mut inference, mut metrics, mut management) = (None, None, None);
+        let (mut grpc, mut grpc_management) = (None, None);
         let want_grpc = args.contains(&"--grpc-address");
+        let want_grpc_management = args.contains(&"--grpc-management-address");
         while inference.is_none()
             || metrics.is_none()
             || management.is_none()
             || (want_grpc && grpc.is_none())
+            || (want_grpc_management && grpc_management.is_none())
         {
             let line = match lines.next() {
                 Some(Ok(line)) => line,
@@ -279,6 +285,9 @@ impl Server {
                 Some("metrics") => metrics = Some(address),
                 Some("management") => management = Some(address),
                 Some("grpc") => grpc = event["address"].as_str().map(str::to_owned),
+                Some("grpc_management") => {
+                    grpc_management = event["address"].as_str().map(str::to_owned)
+                }
                 _ => {}
             }
         }
@@ -289,6 +298,7 @@ impl Server {
             metrics: metrics.expect("metrics address"),
             management: management.expect("management address"),
             grpc,
+            grpc_management,
             log,
             _work: work,
         }
@@ -583,6 +593,20 @@ pub fn curl(args: &[&str], url: &str) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The TorchServe venv (TorchServe 0.12.0, its `ts` package and frontend jar), made once by
+/// scripts/setup-torchserve.sh.
+pub fn torchserve_venv() -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/setup-torchserve.sh"))
+        .output()
+        .expect("run setup-torchserve.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 /// `torch-model-archiver` (the test venv's), run in `dir` with `args`, writing into `export`.

@@ -20,15 +20,7 @@ fn venv_python() -> PathBuf {
 
 /// The TorchServe venv's Python (TorchServe 0.12.0 and its `ts` package).
 fn torchserve_python() -> PathBuf {
-    let out = Command::new(repo_root().join("scripts/setup-torchserve.sh"))
-        .output()
-        .expect("run setup-torchserve.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Path::new(String::from_utf8_lossy(&out.stdout).trim()).join("bin/python")
+    cresset_e2e::torchserve_venv().join("bin/python")
 }
 
 fn run_python(python: &Path, args: &[&str], stdin: &str) -> String {

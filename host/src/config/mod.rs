@@ -23,6 +23,8 @@ pub struct Cli {
 
 /// Sub-commands.
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up: the size of `ServeArgs` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the server.
     Serve(ServeArgs),
@@ -99,9 +101,13 @@ pub struct ServeArgs {
     /// Metrics API address (`/metrics`). [default: 127.0.0.1:8082]
     #[arg(long, env = "CRESSET_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
-    /// Open Inference Protocol gRPC address (`inference.GRPCInferenceService`). [default: off]
+    /// gRPC inference address: the Open Inference Protocol's `inference.GRPCInferenceService`
+    /// and TorchServe's `InferenceAPIsService`. [default: off]
     #[arg(long, env = "CRESSET_GRPC_ADDRESS")]
     pub grpc_address: Option<String>,
+    /// gRPC management address: TorchServe's `ManagementAPIsService`. [default: off]
+    #[arg(long, env = "CRESSET_GRPC_MANAGEMENT_ADDRESS")]
+    pub grpc_management_address: Option<String>,
     /// Seconds that in-flight requests (streams included) get to finish after SIGTERM or
     /// SIGINT, while new ones are refused and readiness says not ready; then the server exits.
     /// [default: 30]
@@ -212,6 +218,7 @@ struct FileConfig {
     management_address: Option<String>,
     metrics_address: Option<String>,
     grpc_address: Option<String>,
+    grpc_management_address: Option<String>,
     shutdown_grace: Option<u64>,
     #[serde(default)]
     allowed_urls: Vec<String>,
@@ -256,8 +263,10 @@ pub struct ServerConfig {
     pub inference_address: SocketAddr,
     /// `--model` and `--model-name`: one model served from where it lies.
     pub direct_model: Option<(PathBuf, Option<String>)>,
-    /// The Open Inference Protocol's gRPC address, if it is served.
+    /// The gRPC inference address (the Open Inference Protocol's and TorchServe's), if served.
     pub grpc_address: Option<SocketAddr>,
+    /// TorchServe's gRPC management address, if it is served.
+    pub grpc_management_address: Option<SocketAddr>,
     /// How long in-flight requests get to finish after SIGTERM or SIGINT.
     pub shutdown_grace: std::time::Duration,
     /// Management API address.
@@ -400,6 +409,11 @@ impl ServerConfig {
             .grpc_address
             .or(file.grpc_address)
             .map(|a| parse_address("grpc_address", &a))
+            .transpose()?;
+        let grpc_management_address = args
+            .grpc_management_address
+            .or(file.grpc_management_address)
+            .map(|a| parse_address("grpc_management_address", &a))
             .transpose()?;
         let shutdown_grace = args.shutdown_grace.or(file.shutdown_grace).unwrap_or(30);
         if shutdown_grace > 86_400 {
@@ -577,6 +591,7 @@ impl ServerConfig {
             inference_address,
             direct_model,
             grpc_address,
+            grpc_management_address,
             shutdown_grace: std::time::Duration::from_secs(shutdown_grace),
             management_address,
             metrics_address,

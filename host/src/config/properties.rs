@@ -1,7 +1,9 @@
 //! TorchServe's `config.properties`, read by `cresset serve --ts-config FILE`: the keys with a
 //! meaning here become the same settings as in `cresset.toml`; TorchServe keys Cresset does not
-//! use are logged as warnings at start-up; TLS settings are refused (Cresset serves plain HTTP:
-//! silently dropping TLS would be worse than stopping).
+//! use are logged as warnings at start-up; TLS settings are refused (Cresset serves plain HTTP
+//! and gRPC: silently dropping TLS would be worse than stopping). TorchServe's gRPC keys
+//! (`grpc_inference_address`/`_port`, `grpc_management_address`/`_port`) open Cresset's gRPC
+//! listeners; without them, those stay off (TorchServe opens 7070 and 7071 by default).
 
 use super::FileConfig;
 
@@ -26,6 +28,8 @@ pub(super) fn read(text: &str) -> Result<(FileConfig, Vec<String>), String> {
     }
     let mut file = FileConfig::default();
     let mut warnings = Vec::new();
+    // TorchServe's gRPC listeners: an address and a port each, put together below.
+    let mut grpc: [(Option<String>, Option<u16>); 2] = Default::default();
     for (key, value) in entries(text)? {
         let value = value.trim();
         let int = |what: &str| -> Result<u64, String> {
@@ -45,6 +49,22 @@ pub(super) fn read(text: &str) -> Result<(FileConfig, Vec<String>), String> {
             "inference_address" => file.inference_address = Some(address(&key, value)?),
             "management_address" => file.management_address = Some(address(&key, value)?),
             "metrics_address" => file.metrics_address = Some(address(&key, value)?),
+            "grpc_inference_address" => grpc[0].0 = Some(value.to_owned()),
+            "grpc_management_address" => grpc[1].0 = Some(value.to_owned()),
+            "grpc_inference_port" | "grpc_management_port" => {
+                let port = u16::try_from(int("a port")?)
+                    .map_err(|_| format!("`{key}` must be a port. Given: {value:?}"))?;
+                grpc[usize::from(key == "grpc_management_port")].1 = Some(port);
+            }
+            "enable_grpc_ssl" => {
+                if boolean()? {
+                    return Err(
+                        "`enable_grpc_ssl`: Cresset serves plain gRPC; terminate TLS in front of \
+                         it and leave the key out"
+                            .into(),
+                    );
+                }
+            }
             "model_store" => file.model_store = Some(value.into()),
             "load_models" => {
                 file.models = value
@@ -97,6 +117,26 @@ pub(super) fn read(text: &str) -> Result<(FileConfig, Vec<String>), String> {
             _ => warnings.push(format!(
                 "`{key}` (config.properties) is not used by Cresset and has no effect"
             )),
+        }
+    }
+    // A listener TorchServe's keys mention is served, with TorchServe's defaults for the half
+    // not given (127.0.0.1, ports 7070 and 7071); one they do not mention stays off.
+    for (i, (host, port)) in grpc.into_iter().enumerate() {
+        if host.is_none() && port.is_none() {
+            continue;
+        }
+        let host = host.unwrap_or_else(|| "127.0.0.1".into());
+        let port = port.unwrap_or(if i == 0 { 7070 } else { 7071 });
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let at = Some(format!("{bracketed}:{port}"));
+        if i == 0 {
+            file.grpc_address = at;
+        } else {
+            file.grpc_management_address = at;
         }
     }
     Ok((file, warnings))
@@ -227,6 +267,9 @@ mod tests {
              number_of_netty_threads=4\n\
              allowed_urls=https://models\\\\.example\\\\.com/.*,https://s3.amazonaws.com/.*\n\
              disable_token_auth=true\n\
+             grpc_inference_port=7075\n\
+             grpc_management_address=0.0.0.0\n\
+             enable_grpc_ssl=false\n\
              enable_metrics_api=true\n\
              service_envelope=kserve\n\
              ! a comment\n",
@@ -253,6 +296,11 @@ mod tests {
             ]
         );
         assert!(file.disable_token_auth);
+        assert_eq!(file.grpc_address.as_deref(), Some("127.0.0.1:7075"));
+        assert_eq!(
+            file.grpc_management_address.as_deref(),
+            Some("0.0.0.0:7071")
+        );
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("`enable_metrics_api`"));
         assert!(warnings[1].contains("`service_envelope`"));
@@ -271,6 +319,11 @@ mod tests {
             ("disable_token_auth=yes\n", "`disable_token_auth`"),
             ("inference_address=https://0.0.0.0:8443\n", "plain HTTP"),
             ("private_key_file=key.pem\n", "`private_key_file`"),
+            ("enable_grpc_ssl=true\n", "plain gRPC"),
+            (
+                "grpc_inference_port=70000\n",
+                "`grpc_inference_port` must be a port",
+            ),
             ("job_queue_size=1\njob_queue_size=2\n", "given twice"),
             ("a=\\uZZZZ\n", "bad escape"),
         ] {

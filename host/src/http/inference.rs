@@ -35,14 +35,21 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Healthy when no model that should have workers is still coming up (failed ones are listed
 /// but do not hold it).
 pub(super) async fn ping(state: web::Data<AppState>) -> HttpResponse {
-    let (ready, details) = readiness(&state);
-    let mut body = serde_json::json!({ "status": if ready { "Healthy" } else { "Unhealthy" } });
-    merge(&mut body, details);
+    let (ready, body) = health(&state);
     if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::InternalServerError().json(body)
     }
+}
+
+/// Whether the server is ready, and `/ping`'s body: `{"status": "Healthy"}` (or `Unhealthy`)
+/// with what [`readiness`] may say.
+pub(crate) fn health(state: &AppState) -> (bool, serde_json::Value) {
+    let (ready, details) = readiness(state);
+    let mut body = serde_json::json!({ "status": if ready { "Healthy" } else { "Unhealthy" } });
+    merge(&mut body, details);
+    (ready, body)
 }
 
 /// Whether the server is ready, and what health routes (which need no token) may say about the

@@ -6,7 +6,7 @@ pub mod error;
 mod guard;
 mod inference;
 mod kserve;
-mod management;
+pub(crate) mod management;
 mod oip;
 mod openai;
 mod openapi;
@@ -15,7 +15,7 @@ mod peer;
 pub(crate) use auth::check_bearer;
 pub use auth::ApiKeys;
 pub use error::ApiError;
-pub(crate) use inference::{acquire, readiness};
+pub(crate) use inference::{acquire, await_answer, health, readiness, Answered};
 pub(crate) use kserve::{model_is_ready, model_metadata, run_v2};
 pub(crate) use oip::check_v2;
 

@@ -1,10 +1,14 @@
 //! TorchServe's management API: register (`register`: from the store, a URL or an upload),
-//! list, describe, scale, set-default, unregister.
+//! list, describe, scale, set-default, unregister. Each call's work is a function of the
+//! server's state and its parameters, answering an [`Answer`], which the REST routes here and
+//! TorchServe's gRPC management service (`crate::grpc::management`) both send.
 
 mod register;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use actix_web::http::StatusCode;
 use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -41,8 +45,35 @@ fn persist(state: &AppState) -> Result<(), ApiError> {
         .map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))
 }
 
-fn status(code: actix_web::http::StatusCode, message: String) -> HttpResponse {
-    HttpResponse::build(code).json(json!({ "status": message }))
+pub use register::{register_url, RegisterParams};
+
+/// What a management call answers: REST's status and JSON body (gRPC's `msg`).
+pub struct Answer {
+    pub code: StatusCode,
+    pub body: Value,
+}
+
+impl Answer {
+    /// `{"status": message}`, TorchServe's shape for a change.
+    fn status(code: StatusCode, message: String) -> Self {
+        Self {
+            code,
+            body: json!({ "status": message }),
+        }
+    }
+
+    fn ok(body: Value) -> Self {
+        Self {
+            code: StatusCode::OK,
+            body,
+        }
+    }
+}
+
+impl From<Answer> for HttpResponse {
+    fn from(a: Answer) -> Self {
+        HttpResponse::build(a.code).json(a.body)
+    }
 }
 
 fn query<T: serde::de::DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
@@ -60,13 +91,22 @@ struct ListParams {
 
 async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let params: ListParams = query(&req)?;
-    let limit = params.limit.unwrap_or(100);
+    list_models(&state, params.limit, params.next_page_token.as_deref()).map(HttpResponse::from)
+}
+
+/// A page of the registered models: at most `limit` (100 when not given) from `token` on.
+pub fn list_models(
+    state: &AppState,
+    limit: Option<usize>,
+    token: Option<&str>,
+) -> Result<Answer, ApiError> {
+    let limit = limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
             "`limit` must be between 1 and 1000. Given: {limit}"
         )));
     }
-    let offset = match params.next_page_token.as_deref() {
+    let offset = match token {
         None | Some("") => 0,
         Some(token) => token.parse::<usize>().map_err(|_| {
             ApiError::BadRequest(format!(
@@ -84,7 +124,7 @@ async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespon
     if next < total {
         body["nextPageToken"] = json!(next.to_string());
     }
-    Ok(HttpResponse::Ok().json(body))
+    Ok(Answer::ok(body))
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -169,6 +209,15 @@ fn describe_version(v: &ModelVersion, default: &str) -> Value {
 
 async fn describe(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let model = req.match_info().get("model").unwrap_or_default();
+    describe_model(&state, model, req.match_info().get("version")).map(HttpResponse::from)
+}
+
+/// A model's versions: the default (`version` not given), one, or `all`.
+pub fn describe_model(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Answer, ApiError> {
     let draining = state.registry.draining(model);
     let (versions, default) = match state.registry.versions(model) {
         Ok(found) => found,
@@ -176,7 +225,7 @@ async fn describe(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         Err(e) if draining.is_empty() => return Err(e.into()),
         Err(_) => (Vec::new(), String::new()),
     };
-    let body: Vec<Value> = match req.match_info().get("version") {
+    let body: Vec<Value> = match version {
         Some("all") => versions
             .iter()
             .chain(&draining)
@@ -203,24 +252,43 @@ async fn describe(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
             &default,
         )],
     };
-    Ok(HttpResponse::Ok().json(body))
+    Ok(Answer::ok(json!(body)))
 }
 
-#[derive(Debug, Deserialize)]
+/// `PUT /models/{m}[/{v}]` parameters (TorchServe's names).
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ScaleParams {
-    min_worker: Option<u32>,
-    max_worker: Option<u32>,
-    synchronous: Option<bool>,
+pub struct ScaleParams {
+    pub min_worker: Option<u32>,
+    pub max_worker: Option<u32>,
+    pub synchronous: Option<bool>,
     /// TorchServe's: seconds a stopping worker may take over its pending requests (-1: as long
     /// as they need, TorchServe's default and what Cresset's workers always do).
-    timeout: Option<i64>,
+    pub timeout: Option<i64>,
     /// TorchServe's GPUs per worker (legacy): 0 is the only value with a meaning here.
-    number_gpu: Option<u32>,
+    pub number_gpu: Option<u32>,
 }
 
 async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let params: ScaleParams = query(&req)?;
+    let model = req.match_info().get("model").unwrap_or_default();
+    scale_workers(
+        state.into_inner(),
+        model,
+        req.match_info().get("version"),
+        params,
+    )
+    .await
+    .map(HttpResponse::from)
+}
+
+/// Scale a version's workers (synchronously, or answering 202 at once).
+pub async fn scale_workers(
+    state: Arc<AppState>,
+    model: &str,
+    version: Option<&str>,
+    params: ScaleParams,
+) -> Result<Answer, ApiError> {
     if params.timeout.is_some_and(|t| t != -1) {
         return Err(ApiError::BadRequest(
             "`timeout`: Cresset's workers always finish the requests they hold before they stop (TorchServe's -1); other values are not supported".into(),
@@ -231,8 +299,7 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
             "`number_gpu`: a model's GPUs come from its config (`deviceType`, `deviceIds`); give 0 or leave it out".into(),
         ));
     }
-    let model = req.match_info().get("model").unwrap_or_default();
-    let version = state.registry.get(model, req.match_info().get("version"))?;
+    let version = state.registry.get(model, version)?;
     // A version still loading (registered without `synchronous`) is scaled once it is loaded.
     let now = match version.state() {
         ModelState::Loading => version.settled().await,
@@ -268,7 +335,7 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
             let _one_at_a_time = version.scale_lock.lock().await;
             let ctx = state.registrar.ctx.clone();
             let scaling = version.clone();
-            web::block(move || scaling.scale(&ctx, min))
+            tokio::task::spawn_blocking(move || scaling.scale(&ctx, min))
                 .await
                 .map_err(|e| ApiError::Internal(format!("the scaler stopped: {e}")))?
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -277,19 +344,19 @@ async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
         }
     };
     if !params.synchronous.unwrap_or(false) {
-        actix_web::rt::spawn(async move {
+        tokio::spawn(async move {
             if let Err(e) = apply.await {
                 tracing::error!("scaling failed: {e}");
             }
         });
-        return Ok(status(
-            actix_web::http::StatusCode::ACCEPTED,
+        return Ok(Answer::status(
+            StatusCode::ACCEPTED,
             "Processing worker updates...".into(),
         ));
     }
     apply.await?;
-    Ok(status(
-        actix_web::http::StatusCode::OK,
+    Ok(Answer::status(
+        StatusCode::OK,
         format!(
             "Workers scaled to {min} for model: {}, version: {}",
             version.name, version.version
@@ -303,11 +370,20 @@ async fn set_default(
 ) -> Result<HttpResponse, ApiError> {
     let model = req.match_info().get("model").unwrap_or_default();
     let version = req.match_info().get("version").unwrap_or_default();
+    set_default_version(&state, model, version).map(HttpResponse::from)
+}
+
+/// Make `version` the model's default.
+pub fn set_default_version(
+    state: &AppState,
+    model: &str,
+    version: &str,
+) -> Result<Answer, ApiError> {
     state.registry.set_default(model, version)?;
-    persist(&state)?;
+    persist(state)?;
     tracing::info!(%model, %version, "default version changed");
-    Ok(status(
-        actix_web::http::StatusCode::OK,
+    Ok(Answer::status(
+        StatusCode::OK,
         format!("Default version successfully updated for model \"{model}\" to \"{version}\""),
     ))
 }
@@ -320,9 +396,18 @@ async fn unregister(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let model = req.match_info().get("model").unwrap_or_default();
-    let done = state
-        .registrar
-        .unregister(model, req.match_info().get("version"))?;
+    unregister_model(&state, model, req.match_info().get("version"))
+        .await
+        .map(HttpResponse::from)
+}
+
+/// Unregister a version (the default one when `version` is not given).
+pub async fn unregister_model(
+    state: &AppState,
+    model: &str,
+    version: Option<&str>,
+) -> Result<Answer, ApiError> {
+    let done = state.registrar.unregister(model, version)?;
     let (name, version) = done.which;
     tracing::info!(model = %name, %version, "unregistered; draining");
     // As TorchServe does, answer once the workers have stopped, unless requests are still in
@@ -332,8 +417,8 @@ async fn unregister(
     }
     done.persisted
         .map_err(|e| ApiError::Internal(format!("cannot write the snapshot: {e}")))?;
-    Ok(status(
-        actix_web::http::StatusCode::OK,
+    Ok(Answer::status(
+        StatusCode::OK,
         format!("Model \"{name}\" unregistered"),
     ))
 }

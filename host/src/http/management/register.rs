@@ -10,23 +10,24 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::super::{ApiError, AppState};
-use super::{query, status};
+use super::{query, Answer};
 use crate::archive::{resolve_in_store, ConfigOverrides, OpenedArchive};
 use crate::registry::registrar::RegisterError;
 use crate::registry::store::{Incoming, IncomingError};
 use crate::registry::{LoadError, ModelState, ModelVersion, Origin};
+use actix_web::http::StatusCode;
 
 /// `POST /models` parameters (TorchServe's names).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RegisterParams {
-    url: Option<String>,
-    model_name: Option<String>,
-    batch_size: Option<u32>,
-    max_batch_delay: Option<u64>,
-    initial_workers: Option<u32>,
-    synchronous: Option<bool>,
-    response_timeout: Option<u64>,
+pub struct RegisterParams {
+    pub url: Option<String>,
+    pub model_name: Option<String>,
+    pub batch_size: Option<u32>,
+    pub max_batch_delay: Option<u64>,
+    pub initial_workers: Option<u32>,
+    pub synchronous: Option<bool>,
+    pub response_timeout: Option<u64>,
 }
 
 impl RegisterParams {
@@ -128,26 +129,8 @@ pub(super) async fn register(
             ));
         }
     }
-    let store = state.config.model_store.clone();
     let (path, url) = match params.url.as_deref().map(str::trim) {
-        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-            let parsed = state
-                .config
-                .allowed_urls
-                .check(url)
-                .map_err(ApiError::Forbidden)?;
-            (download(&state, parsed).await?, url.to_owned())
-        }
-        Some(url) if Path::new(url).is_absolute() => {
-            return Err(ApiError::Forbidden(format!(
-                "`url` must be an archive name in the model store or an allowed http(s) URL, not a path. Given: {url:?}"
-            )));
-        }
-        Some(url) if !url.is_empty() => {
-            let path = resolve_in_store(&store, url)
-                .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
-            (path, url.to_owned())
-        }
+        Some(url) if !url.is_empty() => locate(&state, url).await?,
         _ => {
             let payload = payload.ok_or_else(|| {
                 ApiError::BadRequest("`url` is empty and the body was read as JSON".into())
@@ -160,6 +143,50 @@ pub(super) async fn register(
             (path, name)
         }
     };
+    register_archive(&state, params, path, url)
+        .await
+        .map(HttpResponse::from)
+}
+
+/// Register the archive `params.url` names (an archive in the store or an allowed http(s)
+/// URL): `POST /models?url=...` without its REST parts (an upload, a JSON body).
+pub async fn register_url(
+    state: Arc<AppState>,
+    params: RegisterParams,
+) -> Result<Answer, ApiError> {
+    let url = params.url.clone().unwrap_or_default();
+    let (path, url) = locate(&state, url.trim()).await?;
+    register_archive(&state, params, path, url).await
+}
+
+/// The archive file `url` names: downloaded from an allowed http(s) URL into the store, or an
+/// archive of the store.
+async fn locate(state: &AppState, url: &str) -> Result<(PathBuf, String), ApiError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let parsed = state
+            .config
+            .allowed_urls
+            .check(url)
+            .map_err(ApiError::Forbidden)?;
+        return Ok((download(state, parsed).await?, url.to_owned()));
+    }
+    if Path::new(url).is_absolute() {
+        return Err(ApiError::Forbidden(format!(
+            "`url` must be an archive name in the model store or an allowed http(s) URL, not a path. Given: {url:?}"
+        )));
+    }
+    let path = resolve_in_store(&state.config.model_store, url)
+        .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
+    Ok((path, url.to_owned()))
+}
+
+/// Register the archive at `path` (named `url` in answers and the snapshot).
+async fn register_archive(
+    state: &AppState,
+    params: RegisterParams,
+    path: PathBuf,
+    url: String,
+) -> Result<Answer, ApiError> {
     let archive_file = state.registrar.archive_name(&path);
     // An archive the server kept (an upload, a download) that is refused is not kept.
     let refused = |e: ApiError| {
@@ -219,8 +246,8 @@ pub(super) async fn register(
         })?;
     // TorchServe's words: a registration with no workers to start is answered at once.
     let no_workers = || {
-        status(
-            actix_web::http::StatusCode::OK,
+        Answer::status(
+            StatusCode::OK,
             format!(
                 "Model \"{}\" Version: {} registered with 0 initial workers. Use scale workers API to add workers for the model.",
                 version.name, version.version
@@ -231,8 +258,8 @@ pub(super) async fn register(
         if version.config.min_workers == Some(0) {
             return Ok(no_workers());
         }
-        return Ok(status(
-            actix_web::http::StatusCode::ACCEPTED,
+        return Ok(Answer::status(
+            StatusCode::ACCEPTED,
             "Processing worker updates...".into(),
         ));
     }
@@ -251,8 +278,8 @@ pub(super) async fn register(
             version.name, version.version
         ))),
         _ if version.worker_bounds().0 == 0 => Ok(no_workers()),
-        _ => Ok(status(
-            actix_web::http::StatusCode::OK,
+        _ => Ok(Answer::status(
+            StatusCode::OK,
             format!(
                 "Model \"{}\" Version: {} registered with {} initial workers",
                 version.name,

@@ -1,5 +1,5 @@
 //! The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, from
-//! `proto/grpc_predict_v2.proto`) on its own listener (`grpc_address`; off unless set).
+//! `proto/grpc_predict_v2.proto`) on the gRPC listener (`grpc_address`; off unless set).
 //!
 //! It is the REST protocol's twin: the same readiness, the same metadata, and `ModelInfer` goes
 //! through the same path as `POST /v2/models/{m}/infer` (the request becomes the v2 JSON body,
@@ -15,16 +15,14 @@ use std::sync::Arc;
 
 use cresset_plugin_api::{KeyValue, Request};
 use serde_json::{json, Map, Value};
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::http::{ApiError, AppState};
 use crate::tensor_wire;
 
-/// The messages and the service trait generated from the `.proto`.
-pub mod proto {
-    tonic::include_proto!("inference");
-}
+pub use super::proto::inference as proto;
 
+use super::{authorize, code_for, status, Key};
 use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 use proto::infer_parameter::ParameterChoice;
 use proto::model_infer_response::InferOutputTensor;
@@ -43,66 +41,7 @@ pub fn service(state: Arc<AppState>) -> GrpcInferenceServiceServer<Service> {
         .max_encoding_message_size(usize::MAX)
 }
 
-/// Serve the service on `listener` until `shutdown` resolves.
-pub async fn serve(
-    state: Arc<AppState>,
-    listener: std::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    listener.set_nonblocking(true)?;
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(tokio::net::TcpListener::from_std(listener)?);
-    // Messages are read whole before a call runs: bound how many one connection may have in
-    // flight (the calls themselves are bounded by the server's body slots).
-    tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(16))
-        .concurrency_limit_per_connection(16)
-        .add_service(service(state))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
-}
-
-/// The gRPC status for an API error: its code by the HTTP status REST would give, its message
-/// as REST's body says it.
-fn status(e: &ApiError) -> Status {
-    let http = actix_web::ResponseError::status_code(e).as_u16();
-    Status::new(code_for(http), crate::http::error::redact(&e.to_string()))
-}
-
-/// The gRPC code for an HTTP status.
-fn code_for(http: u16) -> Code {
-    match http {
-        400 | 413 | 431 => Code::InvalidArgument,
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        404 => Code::NotFound,
-        408 | 504 => Code::DeadlineExceeded,
-        429 => Code::ResourceExhausted,
-        499 => Code::Cancelled,
-        503 => Code::Unavailable,
-        _ => Code::Internal,
-    }
-}
-
 impl Service {
-    /// Check the inference token, when the inference API needs one.
-    fn authorize<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
-        let Some(key) = self
-            .state
-            .keys
-            .as_ref()
-            .filter(|_| self.state.config.inference_token_auth)
-        else {
-            return Ok(());
-        };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        crate::http::check_bearer(given, &key.inference).map_err(Status::unauthenticated)
-    }
-
     fn version(
         &self,
         name: &str,
@@ -138,7 +77,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: tonic::Request<ModelReadyRequest>,
     ) -> Result<tonic::Response<ModelReadyResponse>, Status> {
-        self.authorize(&request)?;
+        authorize(&self.state, &request, Key::Inference)?;
         let asked = request.get_ref();
         let v = self.version(&asked.name, &asked.version)?;
         let ready = crate::http::model_is_ready(&self.state, &v);
@@ -149,7 +88,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: tonic::Request<ServerMetadataRequest>,
     ) -> Result<tonic::Response<ServerMetadataResponse>, Status> {
-        self.authorize(&request)?;
+        authorize(&self.state, &request, Key::Inference)?;
         Ok(tonic::Response::new(ServerMetadataResponse {
             name: "cresset".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -161,7 +100,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: tonic::Request<ModelMetadataRequest>,
     ) -> Result<tonic::Response<ModelMetadataResponse>, Status> {
-        self.authorize(&request)?;
+        authorize(&self.state, &request, Key::Inference)?;
         let asked = request.get_ref();
         let version = (!asked.version.is_empty()).then_some(asked.version.as_str());
         let (versions, platform) = crate::http::model_metadata(&self.state, &asked.name, version)
@@ -179,7 +118,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: tonic::Request<ModelInferRequest>,
     ) -> Result<tonic::Response<ModelInferResponse>, Status> {
-        self.authorize(&request)?;
+        authorize(&self.state, &request, Key::Inference)?;
         let state = &self.state;
         // A body slot, as a REST body takes while it arrives, held until the answer is made:
         // it bounds the calls being converted at once, and a shutdown counts this call from

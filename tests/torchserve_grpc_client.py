@@ -19,6 +19,7 @@ import json
 import pathlib
 import sys
 import tempfile
+import time
 import zipfile
 
 import grpc
@@ -26,7 +27,8 @@ from grpc_tools import protoc
 
 jar, inference_addr, management_addr, mar_url = sys.argv[1:5]
 keys = json.loads(pathlib.Path(sys.argv[5]).read_text()) if len(sys.argv) > 5 else None
-out = pathlib.Path(tempfile.mkdtemp())
+scratch = tempfile.TemporaryDirectory()
+out = pathlib.Path(scratch.name)
 with zipfile.ZipFile(jar) as z:
     for name in ["proto/inference.proto", "proto/management.proto", "google/rpc/status.proto"]:
         target = out / "src" / name.removeprefix("proto/")
@@ -93,24 +95,20 @@ health = json.loads(raw_inference.Ping(empty_pb2.Empty()).health)
 assert health["status"] == "Healthy", health
 seen["ping"] = health
 
+# A change answers its status as text, a description or list as JSON, as TorchServe's does.
 reply = management.RegisterModel(
     management_pb2.RegisterModelRequest(url=mar_url, initial_workers=1, synchronous=True)
 )
-seen["register"] = json.loads(reply.msg)
+seen["register"] = reply.msg
 listed = json.loads(management.ListModels(management_pb2.ListModelsRequest(limit=10)).msg)
 assert [m["modelName"] for m in listed["models"]] == ["faulty"], listed
 described = json.loads(
     management.DescribeModel(management_pb2.DescribeModelRequest(model_name="faulty")).msg
 )
 assert described[0]["modelName"] == "faulty" and described[0]["minWorkers"] == 1, described
-scaled = json.loads(
-    management.ScaleWorker(
-        management_pb2.ScaleWorkerRequest(
-            model_name="faulty", min_worker=2, max_worker=2, synchronous=True
-        )
-    ).msg
-)
-seen["scale"] = scaled
+seen["scale"] = management.ScaleWorker(
+    management_pb2.ScaleWorkerRequest(model_name="faulty", min_worker=2, synchronous=True)
+).msg
 described = json.loads(
     management.DescribeModel(management_pb2.DescribeModelRequest(model_name="faulty")).msg
 )
@@ -145,7 +143,10 @@ def requests():
         model_name="nobody", input={"data": b"x"}, sequence_id="seq-b"
     )
     yield inference_pb2.PredictionsRequest(
-        model_name="faulty", input={"data": b"x"}, sequence_id="seq-c"
+        model_name="faulty", input={"data": b"panic"}, sequence_id="seq-c"
+    )
+    yield inference_pb2.PredictionsRequest(
+        model_name="faulty", input={"data": b"x"}, sequence_id="seq-d"
     )
 
 
@@ -159,9 +160,36 @@ for r in inference.StreamPredictions2(requests()):
         }
     )
 seen["bidi"] = bidi
-assert [b["sequence_id"] for b in bidi] == ["seq-a", "seq-a", "seq-a", "seq-b", "seq-c"], bidi
+assert [b["sequence_id"] for b in bidi] == [
+    "seq-a", "seq-a", "seq-a", "seq-b", "seq-c", "seq-d"
+], bidi
+assert [b["prediction"] for b in bidi] == ["chunk-0\n", "chunk-1\n", "done", "", "", "ok"], bidi
 assert bidi[3]["code"] == grpc.StatusCode.NOT_FOUND.value[0], bidi
-assert bidi[4]["prediction"] == "ok", bidi
+assert bidi[4]["code"] == grpc.StatusCode.INTERNAL.value[0], bidi
+
+# A stream whose client goes away while its answer is being made gives its in-flight permit
+# back at once (the server allows one request in flight): the next call is taken (and waits for
+# the worker), not refused with RESOURCE_EXHAUSTED for the seconds the first one had left.
+call = inference.StreamPredictions(
+    inference_pb2.PredictionsRequest(model_name="faulty", input={"data": b"sleep:3000"})
+)
+time.sleep(0.3)
+call.cancel()
+started = time.monotonic()
+for attempt in range(50):
+    try:
+        answer = inference.Predictions(
+            inference_pb2.PredictionsRequest(model_name="faulty", input={"data": b"x"})
+        )
+        break
+    except grpc.RpcError as e:
+        # The cancel reaches the server a moment later.
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
+        time.sleep(0.02)
+else:
+    raise AssertionError("a cancelled stream kept its permit")
+assert answer.prediction == b"ok", answer
+seen["cancelled_stream_released_after"] = attempt
 
 # Errors carry gRPC codes.
 for request, code in [
@@ -177,16 +205,12 @@ for request, code in [
         assert e.code() == code, (e.code(), e.details())
         seen.setdefault("errors", []).append([e.code().name, e.details()])
 
-seen["set_default"] = json.loads(
-    management.SetDefault(
-        management_pb2.SetDefaultRequest(model_name="faulty", model_version="1.0")
-    ).msg
-)
-seen["unregister"] = json.loads(
-    management.UnregisterModel(
-        management_pb2.UnregisterModelRequest(model_name="faulty", model_version="1.0")
-    ).msg
-)
+seen["set_default"] = management.SetDefault(
+    management_pb2.SetDefaultRequest(model_name="faulty", model_version="1.0")
+).msg
+seen["unregister"] = management.UnregisterModel(
+    management_pb2.UnregisterModelRequest(model_name="faulty", model_version="1.0")
+).msg
 try:
     inference.Predictions(inference_pb2.PredictionsRequest(model_name="faulty", input={"data": b"x"}))
     raise AssertionError("an unregistered model answered")

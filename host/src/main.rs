@@ -274,9 +274,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         let served = server.await.context("the HTTP server failed");
         // The gRPC server stops with the HTTP ones: let it finish writing its last answers.
-        for server in grpc {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
-        }
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            futures_util::future::join_all(grpc),
+        )
+        .await;
         served
     })?;
     // A clean stop: loads still under way were not the cause, and are loaded again next time.

@@ -127,7 +127,7 @@ pub(super) fn read(text: &str) -> Result<(FileConfig, Vec<String>), String> {
         }
         let host = host.unwrap_or_else(|| "127.0.0.1".into());
         let port = port.unwrap_or(if i == 0 { 7070 } else { 7071 });
-        let bracketed = if host.contains(':') {
+        let bracketed = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]")
         } else {
             host

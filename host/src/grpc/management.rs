@@ -3,11 +3,14 @@
 //! (`grpc_management_address`; off unless set) with the management token, as TorchServe keeps
 //! it on its own port (7071).
 //!
-//! Each call runs the REST management API's own code and answers its JSON body as `msg`, or its
-//! error as the gRPC code for REST's status. proto3 cannot tell a number left out from 0, so 0
-//! means "not given" where REST has a default (`limit`, `batch_size`, `max_batch_delay`,
-//! `response_timeout`, `max_worker`; `timeout` 0 is TorchServe's default, waiting as -1 does)
-//! and itself where it is a count (`initial_workers`, `min_worker`).
+//! Each call runs the REST management API's own code and answers as TorchServe's gRPC does: a
+//! change's status text, or a description or list as JSON, as `msg`; an error as the gRPC code
+//! for REST's status. Changes run in a task of their own, so a cancelled call does not leave one
+//! half made. proto3 cannot tell a number left out from 0, so 0 (or less) means "not given",
+//! as TorchServe reads its gRPC numbers (`limit`, `batch_size`, `max_batch_delay`,
+//! `response_timeout`, `initial_workers`, `min_worker`, `max_worker`), and REST's default
+//! applies; `timeout` 0 is the proto's default, taken as REST's -1 (workers finish what they
+//! hold).
 
 use std::sync::Arc;
 
@@ -31,14 +34,34 @@ pub fn service(state: Arc<AppState>) -> ManagementApIsServiceServer<Management> 
     ManagementApIsServiceServer::new(Management { state }).max_decoding_message_size(64 << 10)
 }
 
+/// REST's answer as `msg`: a change's status as its text (`{"status": "..."}`'s), as
+/// TorchServe's gRPC answers it, and a description or list as JSON.
 fn answer(result: Result<Answer, ApiError>) -> Result<tonic::Response<ManagementResponse>, Status> {
-    result
-        .map(|a| {
-            tonic::Response::new(ManagementResponse {
-                msg: serde_json::to_string_pretty(&a.body).unwrap_or_default(),
-            })
-        })
-        .map_err(|e| status(&e))
+    let answer = result.map_err(|e| status(&e))?;
+    let msg = match answer.body.as_object().map(|o| (o.len(), o.get("status"))) {
+        Some((1, Some(serde_json::Value::String(text)))) => text.clone(),
+        _ => serde_json::to_string_pretty(&answer.body).unwrap_or_default(),
+    };
+    Ok(tonic::Response::new(ManagementResponse { msg }))
+}
+
+/// A model name the call needs.
+fn named(name: &str) -> Result<&str, Status> {
+    if name.is_empty() {
+        Err(Status::invalid_argument("`model_name` is required"))
+    } else {
+        Ok(name)
+    }
+}
+
+/// Run a change in a task of its own and wait for it: a client that cancels the call (a
+/// deadline) does not leave the change half made.
+async fn whole<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the change stopped: {e}")))?
 }
 
 /// `model_version` as REST's optional path segment.
@@ -46,13 +69,13 @@ fn version(v: &str) -> Option<&str> {
     (!v.is_empty()).then_some(v)
 }
 
-/// A proto3 number where 0 means "not given".
+/// A proto3 number where 0 (or less) means "not given", as TorchServe reads them.
 fn given<T: TryFrom<i32>>(name: &str, n: i32) -> Result<Option<T>, Status> {
     match n {
-        0 => Ok(None),
-        n => T::try_from(n).map(Some).map_err(|_| {
-            Status::invalid_argument(format!("`{name}` must be positive. Given: {n}"))
-        }),
+        ..=0 => Ok(None),
+        n => T::try_from(n)
+            .map(Some)
+            .map_err(|_| Status::invalid_argument(format!("`{name}` is too large. Given: {n}"))),
     }
 }
 
@@ -77,7 +100,7 @@ impl ManagementApIsService for Management {
         }
         answer(ops::describe_model(
             &self.state,
-            &asked.model_name,
+            named(&asked.model_name)?,
             version(&asked.model_version),
         ))
     }
@@ -127,11 +150,11 @@ impl ManagementApIsService for Management {
             model_name: (!asked.model_name.is_empty()).then_some(asked.model_name),
             batch_size: given("batch_size", asked.batch_size)?,
             max_batch_delay: given("max_batch_delay", asked.max_batch_delay)?,
-            initial_workers: Some(count("initial_workers", asked.initial_workers)?),
+            initial_workers: given("initial_workers", asked.initial_workers)?,
             synchronous: Some(asked.synchronous),
             response_timeout: given("response_timeout", asked.response_timeout)?,
         };
-        answer(ops::register_url(self.state.clone(), params).await)
+        answer(whole(ops::register_url(self.state.clone(), params)).await)
     }
 
     async fn scale_worker(
@@ -141,20 +164,18 @@ impl ManagementApIsService for Management {
         authorize(&self.state, &request, Key::Management)?;
         let asked = request.into_inner();
         let params = ScaleParams {
-            min_worker: Some(count("min_worker", asked.min_worker)?),
+            min_worker: given("min_worker", asked.min_worker)?,
             max_worker: given("max_worker", asked.max_worker)?,
             synchronous: Some(asked.synchronous),
             timeout: (asked.timeout != 0).then_some(i64::from(asked.timeout)),
             number_gpu: Some(count("number_gpu", asked.number_gpu)?),
         };
+        let state = self.state.clone();
+        let model = named(&asked.model_name)?.to_owned();
+        let at = version(&asked.model_version).map(str::to_owned);
         answer(
-            ops::scale_workers(
-                self.state.clone(),
-                &asked.model_name,
-                version(&asked.model_version),
-                params,
-            )
-            .await,
+            whole(async move { ops::scale_workers(state, &model, at.as_deref(), params).await })
+                .await,
         )
     }
 
@@ -166,7 +187,7 @@ impl ManagementApIsService for Management {
         let asked = request.into_inner();
         answer(ops::set_default_version(
             &self.state,
-            &asked.model_name,
+            named(&asked.model_name)?,
             &asked.model_version,
         ))
     }
@@ -177,13 +198,11 @@ impl ManagementApIsService for Management {
     ) -> Result<tonic::Response<ManagementResponse>, Status> {
         authorize(&self.state, &request, Key::Management)?;
         let asked = request.into_inner();
+        let state = self.state.clone();
+        let model = named(&asked.model_name)?.to_owned();
+        let at = version(&asked.model_version).map(str::to_owned);
         answer(
-            ops::unregister_model(
-                &self.state,
-                &asked.model_name,
-                version(&asked.model_version),
-            )
-            .await,
+            whole(async move { ops::unregister_model(&state, &model, at.as_deref()).await }).await,
         )
     }
 }

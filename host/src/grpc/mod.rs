@@ -63,10 +63,14 @@ async fn serve_on(
 
 /// A server that bounds what one connection may have in flight: messages are read whole before
 /// a call runs (the calls themselves are bounded by the server's body slots).
+/// Keepalive pings find connections whose client has gone.
 fn builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(16))
         .concurrency_limit_per_connection(16)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
 }
 
 /// Serve the inference services (the Open Inference Protocol's and TorchServe's) on
@@ -97,24 +101,31 @@ pub async fn serve_management(
 }
 
 /// The gRPC status for an API error: its code by the HTTP status REST would give, its message
-/// as REST's body says it.
+/// as REST's body says it (a plugin's error: its own message).
 fn status(e: &ApiError) -> Status {
     let http = actix_web::ResponseError::status_code(e).as_u16();
-    Status::new(code_for(http), crate::http::error::redact(&e.to_string()))
+    let message = match e {
+        ApiError::Plugin(p) => p.message.to_string(),
+        other => other.to_string(),
+    };
+    Status::new(code_for(http), crate::http::error::redact(&message))
 }
 
-/// The gRPC code for an HTTP status.
+/// The gRPC code for an HTTP status (TorchServe's mapping where it has one).
 fn code_for(http: u16) -> Code {
     match http {
-        400 | 413 | 431 => Code::InvalidArgument,
+        200..=299 => Code::Ok,
+        400 | 431 => Code::InvalidArgument,
         401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
         404 => Code::NotFound,
         408 | 504 => Code::DeadlineExceeded,
-        409 => Code::FailedPrecondition,
-        429 => Code::ResourceExhausted,
+        409 => Code::Aborted,
+        413 | 429 => Code::ResourceExhausted,
         499 => Code::Cancelled,
+        501 => Code::Unimplemented,
         503 => Code::Unavailable,
+        400..=499 => Code::FailedPrecondition,
         _ => Code::Internal,
     }
 }

@@ -6,10 +6,13 @@
 //! REST: `data` (or `body`) is the body, the others are parameters; it then runs as
 //! `POST /predictions/{model}[/{version}]` does, and the answer's bytes are `prediction`.
 //! `Predictions` answers once (a streamed answer's chunks joined, as a REST client reads the
-//! chunked body); `StreamPredictions` sends each chunk as it comes; `StreamPredictions2` runs
-//! the requests of a bidirectional stream one after another, each answer (or its error, as
-//! `status`) tagged with the request's `sequence_id`, and the stream goes on after an error.
-//! `Ping` needs no token, as `GET /ping` does not, and answers its JSON as `health`.
+//! chunked body, up to [`MAX_JOINED`]); `StreamPredictions` sends each chunk as it comes;
+//! `StreamPredictions2` runs the requests of a bidirectional stream one after another, each
+//! answer (or its error, as `status`) tagged with the request's `sequence_id`, and the stream
+//! goes on after an error (it ends when the client stops sending, goes quiet for
+//! `body_idle_timeout`, or the server shuts down). A call whose client has gone is dropped with
+//! its job, as REST's is. `Ping` needs no token, as `GET /ping` does not, and answers its JSON
+//! as `health`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,6 +51,10 @@ pub fn service(state: Arc<AppState>) -> InferenceApIsServiceServer<Inference> {
 
 /// The most answers a stream buffers for a client that reads slowly.
 const STREAM_BUFFER: usize = 16;
+
+/// The largest answer `Predictions` joins from a streamed one; past it, StreamPredictions is
+/// the call to make.
+pub const MAX_JOINED: usize = 256 << 20;
 
 type Answers = Pin<Box<dyn Stream<Item = Result<PredictionResponse, Status>> + Send>>;
 
@@ -105,7 +112,7 @@ fn prepare(state: &AppState, asked: PredictionsRequest) -> Result<Prepared, Stat
 /// Submit a prepared request with a body slot and an in-flight permit, as a REST request
 /// holds them; refused once the server is shutting down.
 async fn submit(state: &AppState, prepared: Prepared) -> Result<Answered, ApiError> {
-    let _slot = state
+    let slot = state
         .in_transit
         .clone()
         .try_acquire_owned()
@@ -114,6 +121,8 @@ async fn submit(state: &AppState, prepared: Prepared) -> Result<Answered, ApiErr
         return Err(ApiError::shutting_down());
     }
     let permit = acquire(state, &prepared.target)?;
+    // The message has arrived: from here the request is counted by its permit, as REST's.
+    drop(slot);
     await_answer(
         &prepared.target,
         JobKind::Predict,
@@ -135,33 +144,40 @@ fn refused(response: &Response) -> Status {
 /// Send an answer's parts to `tx` as they come: the first, each chunk, then the final one,
 /// each made into a message by `message`. A chunk that does not come within the model's
 /// response timeout ends the stream with DEADLINE_EXCEEDED; an error of the plugin's ends it
-/// with its status. Returns the HTTP status REST would have recorded.
+/// with its status; a client that takes no message for that long is let go. Returns the status
+/// to count: the error's, or 200 for an answer (a stream's error after its first part counts
+/// as REST's does not, 500 or 504), or 499 for a client gone.
 async fn relay(
     target: &ModelVersion,
     answered: Result<Answered, ApiError>,
     tx: &mpsc::Sender<Result<PredictionResponse, Status>>,
     message: impl Fn(Result<Vec<u8>, Status>) -> Result<PredictionResponse, Status>,
 ) -> u16 {
-    let send = |m| async { tx.send(message(m)).await.is_ok() };
+    let idle = Duration::from_secs(target.config.response_timeout_s);
+    let send = |m| async {
+        matches!(
+            tokio::time::timeout(idle, tx.send(message(m))).await,
+            Ok(Ok(()))
+        )
+    };
     let (first, mut rx, _permit) = match answered {
         Err(e) => {
             send(Err(status(&e))).await;
             return actix_web::ResponseError::status_code(&e).as_u16();
         }
-        Ok(Answered::Whole(response)) if response.status != 200 => {
+        Ok(Answered::Whole(response)) if !(200..300).contains(&response.status) => {
             send(Err(refused(&response))).await;
             return response.status;
         }
         Ok(Answered::Whole(response)) => {
             send(Ok(response.body.into_vec())).await;
-            return 200;
+            return response.status;
         }
         Ok(Answered::Stream(first, rx, permit)) => (first, rx, permit),
     };
     if !send(Ok(first.body.into_vec())).await {
         return 499;
     }
-    let idle = Duration::from_secs(target.config.response_timeout_s);
     loop {
         match tokio::time::timeout(idle, rx.recv()).await {
             Ok(Some(Reply::Chunk(c))) => {
@@ -204,6 +220,11 @@ async fn run_one(
     };
     let target = prepared.target.clone();
     let answered = submit(state, prepared).await;
+    // A request refused for want of a permit was counted when it was refused.
+    if matches!(answered, Err(ApiError::TooManyRequests(_))) {
+        let _ = relay(&target, answered, tx, message).await;
+        return;
+    }
     let code = relay(&target, answered, tx, message).await;
     state.metrics.record_request(
         &target.name,
@@ -246,7 +267,14 @@ impl InferenceApIsService for Inference {
         let collect = async {
             let mut whole = Vec::new();
             while let Some(part) = rx.recv().await {
-                whole.extend_from_slice(&part?.prediction);
+                let part = part?.prediction;
+                if whole.len() + part.len() > MAX_JOINED {
+                    return Err(Status::resource_exhausted(format!(
+                        "the answer is longer than the {MAX_JOINED} bytes Predictions joins; \
+                         call StreamPredictions for it"
+                    )));
+                }
+                whole.extend_from_slice(&part);
             }
             Ok(whole)
         };
@@ -264,7 +292,13 @@ impl InferenceApIsService for Inference {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
         let asked = request.into_inner();
-        tokio::spawn(async move { run_one(&state, asked, &tx, |m| m.map(prediction)).await });
+        tokio::spawn(async move {
+            // A client that goes away drops the call, and so its job.
+            tokio::select! {
+                () = run_one(&state, asked, &tx, |m| m.map(prediction)) => {}
+                () = tx.closed() => {}
+            }
+        });
         Ok(tonic::Response::new(answers(rx)))
     }
 
@@ -278,16 +312,34 @@ impl InferenceApIsService for Inference {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
         let mut incoming = request.into_inner();
+        let idle = self.state.config.body_idle_timeout;
         tokio::spawn(async move {
             loop {
-                let asked = match incoming.message().await {
-                    Ok(Some(asked)) => asked,
-                    Ok(None) => break,
-                    Err(e) => {
+                let next = tokio::select! {
+                    next = tokio::time::timeout(idle, incoming.message()) => next,
+                    () = tx.closed() => break,
+                };
+                let asked = match next {
+                    Ok(Ok(Some(asked))) => asked,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => {
                         let _ = tx.send(Err(e)).await;
                         break;
                     }
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(format!(
+                                "no request for {} s (body_idle_timeout)",
+                                idle.as_secs()
+                            ))))
+                            .await;
+                        break;
+                    }
                 };
+                if state.is_draining() {
+                    let _ = tx.send(Err(status(&ApiError::shutting_down()))).await;
+                    break;
+                }
                 // Each answer carries its request's sequence; an error is its `status`, and
                 // the stream goes on.
                 let sequence = asked.sequence_id.clone();
@@ -309,9 +361,9 @@ impl InferenceApIsService for Inference {
                         },
                     })
                 };
-                run_one(&state, asked, &tx, message).await;
-                if tx.is_closed() {
-                    break;
+                tokio::select! {
+                    () = run_one(&state, asked, &tx, message) => {}
+                    () = tx.closed() => break,
                 }
             }
         });

@@ -86,6 +86,15 @@ if keys:
                 raise AssertionError(f"{call} answered with {metadata}")
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
+    # The key is checked before the message is read: a call past the server's message cap
+    # (1 MiB in the test) without a key is refused as unauthenticated, not as too large.
+    try:
+        raw_inference.Predictions(
+            inference_pb2.PredictionsRequest(model_name="x", input={"data": b"x" * (2 << 20)})
+        )
+        raise AssertionError("a 2 MiB call without a key answered")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED, (e.code(), e.details())
     seen["unauthenticated"] = True
 inference = Keyed(raw_inference, keys and keys["inference"])
 management = Keyed(raw_management, keys and keys["management"])

@@ -41,6 +41,9 @@ fn torchserves_grpc_clients_work_unchanged() {
         // One request in flight: a cancelled stream must give its permit back.
         "--max-concurrent-requests",
         "1",
+        // A 1 MiB message cap: a larger call without a key must be refused for the key.
+        "--max-request-size",
+        "1048576",
     ]);
     server.wait_healthy();
     let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");

@@ -2,15 +2,19 @@
 //! Inference Protocol's `inference.GRPCInferenceService` ([`oip`]) and TorchServe's own
 //! inference API ([`torchserve`]); on the gRPC management listener (`grpc_management_address`;
 //! off unless set) TorchServe's management API ([`management`]). Each runs the same code as its
-//! REST twin, takes the same token (`authorization: Bearer <key>` metadata), the same caps and
-//! permits, and refuses inference during a shutdown as REST does.
+//! REST twin, takes the same token (`authorization: Bearer <key>` metadata, checked by
+//! [`KeyCheck`] from the call's path before its message is read, as REST checks the header
+//! before the body), the same caps and permits, and refuses inference during a shutdown as REST
+//! does.
 
 pub mod management;
 pub mod oip;
 pub mod torchserve;
 
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use tonic::codegen::http;
 use tonic::{Code, Status};
 
 use crate::http::{ApiError, AppState};
@@ -47,8 +51,11 @@ pub mod proto {
 }
 
 /// Serve `router`'s services on `listener` until `shutdown` resolves.
+/// The layers every gRPC server has.
+type Layers = tower::layer::util::Stack<KeyCheckLayer, tower::layer::util::Identity>;
+
 async fn serve_on(
-    router: tonic::transport::server::Router,
+    router: tonic::transport::server::Router<Layers>,
     listener: std::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -61,11 +68,13 @@ async fn serve_on(
     Ok(())
 }
 
-/// A server that bounds what one connection may have in flight: messages are read whole before
-/// a call runs (the calls themselves are bounded by the server's body slots).
-/// Keepalive pings find connections whose client has gone.
-fn builder() -> tonic::transport::Server {
+/// A server that checks each call's key before reading its message ([`KeyCheck`]) and bounds
+/// what one connection may have in flight: messages are read whole before a call runs (the
+/// calls themselves are bounded by the server's body slots). Keepalive pings find connections
+/// whose client has gone.
+fn builder(state: Arc<AppState>) -> tonic::transport::Server<Layers> {
     tonic::transport::Server::builder()
+        .layer(KeyCheckLayer { state })
         .max_concurrent_streams(Some(16))
         .concurrency_limit_per_connection(16)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -80,7 +89,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let router = builder()
+    let router = builder(state.clone())
         .add_service(oip::service(state.clone()))
         .add_service(torchserve::service(state));
     serve_on(router, listener, shutdown).await
@@ -93,7 +102,7 @@ pub async fn serve_management(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     serve_on(
-        builder().add_service(management::service(state)),
+        builder(state.clone()).add_service(management::service(state)),
         listener,
         shutdown,
     )
@@ -139,8 +148,24 @@ enum Key {
     Management,
 }
 
-/// Check the call's `authorization` metadata against the token it needs.
-fn authorize<T>(state: &AppState, request: &tonic::Request<T>, key: Key) -> Result<(), Status> {
+/// The key a call needs, by its path (`/package.Service/Method`): none for health
+/// (`ServerLive`, `ServerReady`, TorchServe's `Ping`, as REST's health routes), the inference
+/// key for the inference services, the management key for the management service. A path of
+/// no service needs none: tonic answers it UNIMPLEMENTED without reading it.
+fn key_for(path: &str) -> Option<Key> {
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    match (service, method) {
+        ("inference.GRPCInferenceService", "ServerLive" | "ServerReady")
+        | ("org.pytorch.serve.grpc.inference.InferenceAPIsService", "Ping") => None,
+        ("inference.GRPCInferenceService", _)
+        | ("org.pytorch.serve.grpc.inference.InferenceAPIsService", _) => Some(Key::Inference),
+        ("org.pytorch.serve.grpc.management.ManagementAPIsService", _) => Some(Key::Management),
+        _ => None,
+    }
+}
+
+/// Check a call's `authorization` header against the token it needs.
+fn authorize(state: &AppState, headers: &http::HeaderMap, key: Key) -> Result<(), Status> {
     let Some(keys) = state.keys.as_ref() else {
         return Ok(());
     };
@@ -149,9 +174,86 @@ fn authorize<T>(state: &AppState, request: &tonic::Request<T>, key: Key) -> Resu
         Key::Inference => &keys.inference,
         Key::Management => &keys.management,
     };
-    let given = request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok());
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok());
     crate::http::check_bearer(given, wanted).map_err(Status::unauthenticated)
+}
+
+/// The layer of [`KeyCheck`].
+#[derive(Clone)]
+pub struct KeyCheckLayer {
+    state: Arc<AppState>,
+}
+
+impl<S> tower::Layer<S> for KeyCheckLayer {
+    type Service = KeyCheck<S>;
+
+    fn layer(&self, inner: S) -> KeyCheck<S> {
+        KeyCheck {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// Answers UNAUTHENTICATED, before the call's message is read, to a call without the key its
+/// path needs ([`key_for`]); passes the others on.
+#[derive(Clone)]
+pub struct KeyCheck<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for KeyCheck<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<Self::Response, S::Error>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let checked = key_for(request.uri().path())
+            .map_or(Ok(()), |key| authorize(&self.state, request.headers(), key));
+        match checked {
+            Ok(()) => futures_util::future::Either::Left(self.inner.call(request)),
+            Err(refused) => {
+                futures_util::future::Either::Right(std::future::ready(Ok(refused.into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_but_health_needs_its_apis_key() {
+        assert_eq!(key_for("/inference.GRPCInferenceService/ServerLive"), None);
+        assert_eq!(
+            key_for("/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping"),
+            None
+        );
+        assert_eq!(
+            key_for("/inference.GRPCInferenceService/ModelInfer"),
+            Some(Key::Inference)
+        );
+        assert_eq!(
+            key_for("/org.pytorch.serve.grpc.inference.InferenceAPIsService/StreamPredictions2"),
+            Some(Key::Inference)
+        );
+        assert_eq!(
+            key_for("/org.pytorch.serve.grpc.management.ManagementAPIsService/RegisterModel"),
+            Some(Key::Management)
+        );
+        assert_eq!(key_for("/other.Service/Call"), None);
+        assert_eq!(key_for("/"), None);
+    }
 }

@@ -30,7 +30,7 @@ use super::proto::org::pytorch::serve::grpc::inference::inference_ap_is_service_
 use super::proto::org::pytorch::serve::grpc::inference::{
     PredictionResponse, PredictionsRequest, TorchServeHealthResponse,
 };
-use super::{authorize, code_for, status, Key};
+use super::{code_for, status};
 use crate::http::body::{BODY_FIELD, RESERVED_PREFIX};
 use crate::http::{acquire, await_answer, Answered, ApiError, AppState};
 use crate::registry::ModelVersion;
@@ -258,7 +258,6 @@ impl InferenceApIsService for Inference {
         &self,
         request: tonic::Request<PredictionsRequest>,
     ) -> Result<tonic::Response<PredictionResponse>, Status> {
-        authorize(&self.state, &request, Key::Inference)?;
         let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
         let asked = request.into_inner();
@@ -288,7 +287,6 @@ impl InferenceApIsService for Inference {
         &self,
         request: tonic::Request<PredictionsRequest>,
     ) -> Result<tonic::Response<Self::StreamPredictionsStream>, Status> {
-        authorize(&self.state, &request, Key::Inference)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
         let asked = request.into_inner();
@@ -308,7 +306,6 @@ impl InferenceApIsService for Inference {
         &self,
         request: tonic::Request<tonic::Streaming<PredictionsRequest>>,
     ) -> Result<tonic::Response<Self::StreamPredictions2Stream>, Status> {
-        authorize(&self.state, &request, Key::Inference)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
         let mut incoming = request.into_inner();

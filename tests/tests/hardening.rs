@@ -1091,8 +1091,15 @@ fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests() {
     let (mut server, _dir, mut curl, lines) = streaming("20", "stream:12:300");
     let signalled = Instant::now();
     server.terminate();
-    // Not ready at once (ping and the v2 readiness), and new requests are refused.
-    let ping = server.get("/ping");
+    // Not ready at once (ping and the v2 readiness), and new requests are refused. `kill`
+    // returns before the server has seen the signal: the first ping may still come first.
+    let ping = loop {
+        let ping = server.get("/ping");
+        if ping.status != 200 || signalled.elapsed() > Duration::from_millis(500) {
+            break ping;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(ping.status, 500, "{}", ping.text());
     assert_eq!(ping.json()["draining"], true, "{}", ping.text());
     assert_eq!(server.get("/v2/health/ready").status, 503);

@@ -21,7 +21,7 @@ use super::proto::org::pytorch::serve::grpc::management::management_ap_is_servic
 };
 use super::proto::org::pytorch::serve::grpc::management::*;
 use super::status;
-use crate::http::management::{self as ops, Answer, RegisterParams, ScaleParams};
+use crate::http::management::{self as ops, whole, Answer, RegisterParams, ScaleParams};
 use crate::http::{ApiError, AppState};
 
 /// The service, over the server's state.
@@ -52,16 +52,6 @@ fn named(name: &str) -> Result<&str, Status> {
     } else {
         Ok(name)
     }
-}
-
-/// Run a change in a task of its own and wait for it: a client that cancels the call (a
-/// deadline) does not leave the change half made.
-async fn whole<T: Send + 'static>(
-    change: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::spawn(change)
-        .await
-        .map_err(|e| ApiError::Internal(format!("the change stopped: {e}")))?
 }
 
 /// `model_version` as REST's optional path segment.

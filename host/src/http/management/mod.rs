@@ -47,6 +47,17 @@ fn persist(state: &AppState) -> Result<(), ApiError> {
 
 pub use register::{register_url, RegisterParams};
 
+/// Run a change in a task of its own and wait for it: a client that goes away (a closed
+/// connection, a gRPC deadline) does not leave the change half made (workers started but not
+/// recorded, an archive downloaded but not registered).
+pub async fn whole<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the change stopped: {e}")))?
+}
+
 /// What a management call answers: REST's status and JSON body (gRPC's `msg`).
 pub struct Answer {
     pub code: StatusCode,
@@ -271,15 +282,12 @@ pub struct ScaleParams {
 
 async fn scale(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let params: ScaleParams = query(&req)?;
-    let model = req.match_info().get("model").unwrap_or_default();
-    scale_workers(
-        state.into_inner(),
-        model,
-        req.match_info().get("version"),
-        params,
-    )
-    .await
-    .map(HttpResponse::from)
+    let model = req.match_info().get("model").unwrap_or_default().to_owned();
+    let version = req.match_info().get("version").map(str::to_owned);
+    let state = state.into_inner();
+    whole(async move { scale_workers(state, &model, version.as_deref(), params).await })
+        .await
+        .map(HttpResponse::from)
 }
 
 /// Scale a version's workers (synchronously, or answering 202 at once).
@@ -395,8 +403,10 @@ async fn unregister(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let model = req.match_info().get("model").unwrap_or_default();
-    unregister_model(&state, model, req.match_info().get("version"))
+    let model = req.match_info().get("model").unwrap_or_default().to_owned();
+    let version = req.match_info().get("version").map(str::to_owned);
+    let state = state.into_inner();
+    whole(async move { unregister_model(&state, &model, version.as_deref()).await })
         .await
         .map(HttpResponse::from)
 }

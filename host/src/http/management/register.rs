@@ -143,7 +143,8 @@ pub(super) async fn register(
             (path, name)
         }
     };
-    register_archive(&state, params, path, url)
+    let state = state.into_inner();
+    super::whole(async move { register_archive(&state, params, path, url).await })
         .await
         .map(HttpResponse::from)
 }

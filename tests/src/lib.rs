@@ -595,6 +595,12 @@ pub fn curl(args: &[&str], url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
+/// A program of the test venv (`python`, `torch-model-archiver`), which `make models` fills.
+pub fn venv_bin(name: &str) -> PathBuf {
+    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
+    Path::new(&venv).join("bin").join(name)
+}
+
 /// The TorchServe venv (TorchServe 0.12.0, its `ts` package and frontend jar), made once by
 /// scripts/setup-torchserve.sh.
 pub fn torchserve_venv() -> PathBuf {
@@ -611,8 +617,7 @@ pub fn torchserve_venv() -> PathBuf {
 
 /// `torch-model-archiver` (the test venv's), run in `dir` with `args`, writing into `export`.
 pub fn torch_model_archiver(dir: &Path, args: &[&str], export: &Path) {
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let out = std::process::Command::new(Path::new(&venv).join("bin/torch-model-archiver"))
+    let out = std::process::Command::new(venv_bin("torch-model-archiver"))
         .current_dir(dir)
         .args(args)
         .arg("--export-path")

@@ -111,8 +111,7 @@ fn a_model_zip_in_the_archive_is_unpacked_as_the_model_folder() {
     // The reference ships the checkpoint as model.zip (files at its root), zipped here with
     // Python's zipfile.
     let zipped = work.path().join("model.zip");
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let status = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+    let status = std::process::Command::new(cresset_e2e::venv_bin("python"))
         .arg("-c")
         .arg(
             "import os, sys, zipfile\n\

@@ -1128,8 +1128,7 @@ except InferenceServerException as e:
     assert "UNAVAILABLE" in str(e.status()), e
 print("ok")
 "#;
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let out = std::process::Command::new(Path::new(&venv).join("bin/python"))
+    let out = std::process::Command::new(cresset_e2e::venv_bin("python"))
         .args(["-c", script])
         .arg(server.grpc.as_deref().expect("grpc address"))
         .output()

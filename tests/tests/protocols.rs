@@ -295,8 +295,7 @@ fn tritonclient_drives_the_open_inference_protocol_over_http_and_grpc() {
         .filter_map(Value::as_f64)
         .collect();
     assert_eq!(rest_out.len(), 6);
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let out = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+    let out = std::process::Command::new(cresset_e2e::venv_bin("python"))
         .arg(cresset_e2e::repo_root().join("tests/triton_client.py"))
         .arg(server.inference.trim_start_matches("http://"))
         .arg(server.grpc.as_deref().expect("grpc address"))

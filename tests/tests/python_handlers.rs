@@ -13,11 +13,6 @@ use cresset_e2e::{
 };
 use serde_json::{json, Value};
 
-fn venv_python() -> PathBuf {
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    Path::new(&venv).join("bin/python")
-}
-
 /// The TorchServe venv's Python (TorchServe 0.12.0 and its `ts` package).
 fn torchserve_python() -> PathBuf {
     cresset_e2e::torchserve_venv().join("bin/python")
@@ -87,7 +82,7 @@ fn mar(work: &Path, name: &str, handler: &str, extra: &[&str]) -> (Vec<u8>, Path
     let path = export.join(format!("{name}.mar"));
     let unpacked = work.join(format!("{name}-unpacked"));
     run_python(
-        &venv_python(),
+        &cresset_e2e::venv_bin("python"),
         &[
             "-c",
             "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])",
@@ -150,7 +145,7 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
     let w = work.path();
     // The classifier's TorchScript file, made by torch in the test venv.
     run_python(
-        &venv_python(),
+        &cresset_e2e::venv_bin("python"),
         &["-c", "import sys, torch\ntorch.manual_seed(0)\nm = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\ntorch.jit.script(m).save(sys.argv[1])", w.join("model.pt").to_str().expect("utf-8")],
         "",
     );
@@ -178,7 +173,7 @@ fn torchserve_handlers_answer_as_under_torchserve_and_an_abort_costs_one_request
     let (text, text_dir) = mar(w, "text", "text_handler.py", &checkpoint);
 
     let store = tempfile::tempdir().expect("tempdir");
-    let python = venv_python();
+    let python = cresset_e2e::venv_bin("python");
     let server = Server::start_with_env(
         &["--model-store", store.path().to_str().expect("utf-8")],
         &[("CRESSET_PYTHON", python.to_str().expect("utf-8"))],

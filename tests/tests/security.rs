@@ -144,8 +144,7 @@ assert c.is_model_ready("echo", headers={"authorization": "Bearer " + inference}
 assert c.is_server_live(headers={"authorization": "bearer " + inference})
 print("ok")
 "#;
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let out = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+    let out = std::process::Command::new(cresset_e2e::venv_bin("python"))
         .args(["-c", script])
         .arg(server.grpc.as_deref().expect("grpc address"))
         .arg(keys["inference"].as_str().expect("key"))

@@ -26,6 +26,19 @@ fn expected() -> Value {
         .expect("json")
 }
 
+/// `model` answers `case`'s text, sent as curl sends it (`--data-binary`, as TorchServe users
+/// send text), with TorchServe's handler's answer.
+fn curl_answers_as_torchserve(server: &Server, model: &str, case: &Value) {
+    let text = case["text"].as_str().expect("text");
+    let url = format!("{}/predictions/{model}", server.inference);
+    let (code, body) = curl(
+        &["--data-binary", text, "-H", "Content-Type: text/plain"],
+        &url,
+    );
+    assert_eq!(code, 200, "{model}: {body}");
+    assert_same_classes(&serde_json::from_str(&body).expect("json"), &case["answer"]);
+}
+
 fn mar(file: &str, name: &str, export: &Path) {
     torch_model_archiver(
         &fixtures(),
@@ -62,14 +75,7 @@ fn text_classifier_archives_answer_as_torchserves_handler() {
     for case in cases {
         let text = case["text"].as_str().expect("text");
         for model in ["news", "news_onnx"] {
-            let url = format!("{}/predictions/{model}", server.inference);
-            // `curl -d` sends the text as a form body; TorchServe users send it so.
-            let (code, body) = curl(
-                &["--data-binary", text, "-H", "Content-Type: text/plain"],
-                &url,
-            );
-            assert_eq!(code, 200, "{model}: {body}");
-            assert_same_classes(&serde_json::from_str(&body).expect("json"), &case["answer"]);
+            curl_answers_as_torchserve(&server, model, case);
             let reply =
                 server.post_json(&format!("/predictions/{model}"), &json!({ "data": text }));
             assert_eq!(reply.status, 200, "{}", reply.text());
@@ -157,15 +163,8 @@ fn torchserves_example_archives_with_source_vocab_pt_answer_as_its_handler() {
     server.wait_healthy();
     let expected = expected();
     for case in expected["cases"].as_array().expect("cases") {
-        let text = case["text"].as_str().expect("text");
         for (name, _) in &vocabs {
-            let url = format!("{}/predictions/{name}", server.inference);
-            let (code, body) = curl(
-                &["--data-binary", text, "-H", "Content-Type: text/plain"],
-                &url,
-            );
-            assert_eq!(code, 200, "{name}: {body}");
-            assert_same_classes(&serde_json::from_str(&body).expect("json"), &case["answer"]);
+            curl_answers_as_torchserve(&server, name, case);
         }
     }
 }

@@ -13,8 +13,7 @@ use serde_json::{json, Value};
 
 /// `torch-model-archiver` from the test venv.
 fn archiver() -> PathBuf {
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let path = Path::new(&venv).join("bin/torch-model-archiver");
+    let path = cresset_e2e::venv_bin("torch-model-archiver");
     assert!(
         path.is_file(),
         "{} is missing: run `make models`",
@@ -233,7 +232,6 @@ fn what_cresset_cannot_run_is_refused_naming_the_handler_or_file() {
 /// Each archive's `MAR-INF/MANIFEST.json`, file names and whether every entry is stored
 /// uncompressed, as Python's `zipfile` reads them.
 fn read_with_python_zipfile(paths: &[PathBuf]) -> Value {
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
     let script = "import json, sys, zipfile\n\
         out = {}\n\
         for path in sys.argv[1:]:\n\
@@ -244,7 +242,7 @@ fn read_with_python_zipfile(paths: &[PathBuf]) -> Value {
         \x20       'stored': all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist()),\n\
         \x20   }\n\
         print(json.dumps(out))\n";
-    let out = Command::new(Path::new(&venv).join("bin/python"))
+    let out = Command::new(cresset_e2e::venv_bin("python"))
         .arg("-c")
         .arg(script)
         .args(paths)

@@ -46,8 +46,7 @@ fn torchserves_grpc_clients_work_unchanged() {
         "1048576",
     ]);
     server.wait_healthy();
-    let venv = std::env::var("CRESSET_VENV").expect("CRESSET_VENV is set by scripts/env.sh");
-    let out = std::process::Command::new(std::path::Path::new(&venv).join("bin/python"))
+    let out = std::process::Command::new(cresset_e2e::venv_bin("python"))
         .arg(repo_root().join("tests/torchserve_grpc_client.py"))
         .arg(torchserve_jar())
         .arg(server.grpc.as_deref().expect("grpc address"))
